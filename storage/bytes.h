@@ -1,0 +1,41 @@
+// bytes.h: an owned, uninitialised byte buffer that moves but never copies.
+//
+// Write payloads travel from the NBD socket to the group log in one of these: the socket reads
+// straight into it, the log hands it to RocksDB's WriteBatch (the one copy on the write path we
+// accept), and nobody zero-fills it first.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string_view>
+
+namespace tvilling::storage {
+
+class Bytes {
+ public:
+  Bytes() = default;
+  static Bytes Allocate(size_t size) {
+    Bytes b;
+    b.data_ = std::make_unique_for_overwrite<char[]>(size);
+    b.size_ = size;
+    return b;
+  }
+  static Bytes Copy(std::string_view s) {
+    Bytes b = Allocate(s.size());
+    std::char_traits<char>::copy(b.data(), s.data(), s.size());
+    return b;
+  }
+  Bytes(Bytes&&) noexcept = default;
+  Bytes& operator=(Bytes&&) noexcept = default;
+
+  char* data() { return data_.get(); }
+  const char* data() const { return data_.get(); }
+  size_t size() const { return size_; }
+  std::string_view view() const { return {data_.get(), size_}; }
+
+ private:
+  std::unique_ptr<char[]> data_;
+  size_t size_ = 0;
+};
+
+}  // namespace tvilling::storage

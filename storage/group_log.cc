@@ -1,0 +1,674 @@
+// group_log.cc: the group log on RocksDB: group commit, range reads, metadata, retention.
+//
+// Key space (one RocksDB, default column family; docs/log-format.md):
+//   'G' name                    -> group id (u32 LE)                       group registry
+//   'L' gid(BE32) lsn(BE64)     -> record (log_record.h)                   the log
+//   'M' gid(BE32) 'h' epoch(BE64) -> first LSN of the epoch (u64 LE)       epoch history
+//   'M' gid(BE32) 'a'           -> applied LSN (u64 LE)                    volume checkpoint
+//   'M' gid(BE32) 'f'           -> first LSN kept after truncation (u64 LE)
+//   'M' gid(BE32) 'p' peer      -> peer position (4 x u64 LE)
+//   'M' gid(BE32) 's' first(BE64) -> closed segment (last, bytes, first_ts, last_ts: 4 x u64 LE)
+#include "storage/group_log.h"
+
+#include <fmt/format.h>
+#include <rocksdb/db.h>
+#include <rocksdb/iterator.h>
+#include <rocksdb/options.h>
+#include <rocksdb/slice.h>
+#include <rocksdb/write_batch.h>
+#include <time.h>
+
+#include <algorithm>
+#include <cassert>
+#include <cstring>
+
+namespace tvilling::storage {
+namespace {
+
+constexpr size_t kMetaPrefixSize = 6;  // 'M' + gid + tag
+
+void AppendBE32(std::string* s, uint32_t v) {
+  for (int i = 3; i >= 0; --i) s->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+void AppendBE64(std::string* s, uint64_t v) {
+  for (int i = 7; i >= 0; --i) s->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+uint64_t ReadBE64(const char* p) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v = (v << 8) | static_cast<uint8_t>(p[i]);
+  return v;
+}
+std::string U64s(std::initializer_list<uint64_t> values) {
+  std::string s;
+  for (uint64_t v : values) s.append(reinterpret_cast<const char*>(&v), sizeof v);
+  return s;
+}
+uint64_t U64At(std::string_view s, size_t i) {
+  uint64_t v = 0;
+  if (s.size() >= (i + 1) * 8) std::memcpy(&v, s.data() + i * 8, 8);
+  return v;
+}
+
+std::string MetaKey(uint32_t gid, char tag) {
+  std::string k = "M";
+  AppendBE32(&k, gid);
+  k.push_back(tag);
+  return k;
+}
+std::string MetaKey(uint32_t gid, char tag, uint64_t n) {
+  std::string k = MetaKey(gid, tag);
+  AppendBE64(&k, n);
+  return k;
+}
+std::string MetaKey(uint32_t gid, char tag, std::string_view name) {
+  std::string k = MetaKey(gid, tag);
+  k.append(name);
+  return k;
+}
+
+uint64_t NowNs() {
+  timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+absl::Status FromRocks(const rocksdb::Status& s, std::string_view context) {
+  if (s.ok()) return absl::OkStatus();
+  std::string msg = fmt::format("{}: {}", context, s.ToString());
+  if (s.IsCorruption()) return absl::DataLossError(msg);
+  if (s.IsNoSpace()) return absl::ResourceExhaustedError(msg);
+  if (s.IsIOError()) return absl::UnavailableError(msg);
+  if (s.IsShutdownInProgress()) return absl::UnavailableError(msg);
+  return absl::InternalError(msg);
+}
+
+// Visits every key with `prefix`, in order.
+absl::Status ScanPrefix(
+    rocksdb::DB* db, const std::string& prefix,
+    const std::function<void(std::string_view key, std::string_view value)>& fn) {
+  rocksdb::ReadOptions ro;
+  std::string upper = prefix;
+  upper.back() = static_cast<char>(upper.back() + 1);
+  rocksdb::Slice ub(upper);
+  ro.iterate_upper_bound = &ub;
+  std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(ro));
+  for (it->Seek(prefix); it->Valid(); it->Next()) {
+    fn(std::string_view(it->key().data(), it->key().size()),
+       std::string_view(it->value().data(), it->value().size()));
+  }
+  return FromRocks(it->status(), fmt::format("scanning metadata"));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------
+// LogStore
+
+absl::StatusOr<std::unique_ptr<LogStore>> LogStore::Open(const LogStoreOptions& options) {
+  std::error_code ec;
+  std::filesystem::create_directories(options.dir, ec);
+  if (ec) {
+    return absl::FailedPreconditionError(
+        fmt::format("cannot create log directory {}: {}", options.dir.string(), ec.message()));
+  }
+  rocksdb::Options o;
+  o.create_if_missing = true;
+  o.write_buffer_size = options.write_buffer_bytes;
+  o.max_write_buffer_number = options.max_write_buffers;
+  o.compression = rocksdb::kNoCompression;
+  o.paranoid_checks = true;
+  o.wal_recovery_mode = rocksdb::WALRecoveryMode::kPointInTimeRecovery;
+  o.max_background_jobs = 2;
+  o.info_log_level = rocksdb::InfoLogLevel::WARN_LEVEL;
+  o.keep_log_file_num = 4;
+  if (options.env != nullptr) o.env = options.env;
+  rocksdb::DB* raw = nullptr;
+  rocksdb::Status s = rocksdb::DB::Open(o, options.dir.string(), &raw);
+  if (!s.ok()) return FromRocks(s, fmt::format("opening log store {}", options.dir.string()));
+  auto store = std::unique_ptr<LogStore>(new LogStore());
+  store->dir_ = options.dir;
+  store->db_.reset(raw);
+  // Whatever survived a crash in the WAL's page cache is made durable now, so durable_lsn can start
+  // at last_lsn.
+  s = raw->FlushWAL(/*sync=*/true);
+  if (!s.ok()) return FromRocks(s, fmt::format("syncing log store {}", options.dir.string()));
+  return store;
+}
+
+LogStore::~LogStore() {
+  for (auto& [name, log] : groups_) log->Stop();
+  groups_.clear();
+  if (db_) {
+    db_->FlushWAL(true).PermitUncheckedError();
+    db_->Close().PermitUncheckedError();
+  }
+}
+
+absl::StatusOr<GroupLog*> LogStore::OpenGroup(const std::string& group,
+                                              const GroupLogOptions& options) {
+  std::lock_guard lock(mu_);
+  if (groups_.count(group)) return absl::AlreadyExistsError(fmt::format("group {} is open", group));
+  const std::string reg_key = "G" + group;
+  std::string value;
+  uint32_t gid = 0;
+  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), reg_key, &value);
+  if (s.ok() && value.size() == 4) {
+    std::memcpy(&gid, value.data(), 4);
+  } else if (s.IsNotFound()) {
+    uint32_t max_gid = 0;
+    absl::Status st = ScanPrefix(db_.get(), "G", [&](std::string_view, std::string_view v) {
+      uint32_t id = 0;
+      if (v.size() == 4) std::memcpy(&id, v.data(), 4);
+      max_gid = std::max(max_gid, id);
+    });
+    if (!st.ok()) return st;
+    gid = max_gid + 1;
+    value.assign(reinterpret_cast<const char*>(&gid), 4);
+    rocksdb::WriteOptions wo;
+    wo.sync = true;
+    s = db_->Put(wo, reg_key, value);
+    if (!s.ok()) return FromRocks(s, fmt::format("registering group {}", group));
+  } else {
+    return FromRocks(s.ok() ? rocksdb::Status::Corruption("bad group id") : s,
+                     fmt::format("looking up group {}", group));
+  }
+  auto log = std::unique_ptr<GroupLog>(new GroupLog(db_.get(), group, gid, options));
+  if (absl::Status st = log->Load(); !st.ok()) return st;
+  log->committer_ = std::thread([l = log.get()] { l->CommitterLoop(); });
+  GroupLog* out = log.get();
+  groups_.emplace(group, std::move(log));
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// GroupLog: opening
+
+GroupLog::GroupLog(rocksdb::DB* db, std::string name, uint32_t group_id, GroupLogOptions options)
+    : db_(db), name_(std::move(name)), group_id_(group_id), options_(std::move(options)) {}
+
+GroupLog::~GroupLog() { Stop(); }
+
+absl::Status GroupLog::Load() {
+  const std::string ctx = fmt::format("group {}: loading log", name_);
+  std::string v;
+  // History.
+  absl::Status st =
+      ScanPrefix(db_, MetaKey(group_id_, 'h'), [&](std::string_view k, std::string_view val) {
+        if (k.size() != kMetaPrefixSize + 8) return;
+        history_.push_back({ReadBE64(k.data() + kMetaPrefixSize), U64At(val, 0)});
+      });
+  if (!st.ok()) return st;
+  if (!history_.empty()) current_epoch_ = history_.back().epoch;
+  // Applied LSN and truncation point.
+  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), MetaKey(group_id_, 'a'), &v);
+  if (s.ok()) applied_lsn_ = U64At(v, 0);
+  uint64_t truncated_to = 1;
+  s = db_->Get(rocksdb::ReadOptions(), MetaKey(group_id_, 'f'), &v);
+  if (s.ok()) truncated_to = U64At(v, 0);
+  // Peers.
+  st = ScanPrefix(db_, MetaKey(group_id_, 'p'), [&](std::string_view k, std::string_view val) {
+    PeerPosition p;
+    p.peer = std::string(k.substr(kMetaPrefixSize));
+    p.received_lsn = U64At(val, 0);
+    p.durable_lsn = U64At(val, 1);
+    p.applied_lsn = U64At(val, 2);
+    p.needs_full_copy = U64At(val, 3) != 0;
+    peers_[p.peer] = p;
+  });
+  if (!st.ok()) return st;
+  // Closed segments.
+  st = ScanPrefix(db_, MetaKey(group_id_, 's'), [&](std::string_view k, std::string_view val) {
+    if (k.size() != kMetaPrefixSize + 8) return;
+    Segment seg{ReadBE64(k.data() + kMetaPrefixSize), U64At(val, 0), U64At(val, 1), U64At(val, 2),
+                U64At(val, 3)};
+    segments_.push_back(seg);
+  });
+  if (!st.ok()) return st;
+
+  // First and last LSN from the keys.
+  rocksdb::ReadOptions ro;
+  std::string lower = EncodeLogKey(group_id_, 0), upper = EncodeLogKey(group_id_, UINT64_MAX);
+  rocksdb::Slice lb(lower), ub(upper);
+  ro.iterate_lower_bound = &lb;
+  ro.iterate_upper_bound = &ub;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro));
+  uint32_t gid = 0;
+  uint64_t first = 0, last = 0;
+  it->SeekToFirst();
+  if (it->Valid()) {
+    DecodeLogKey(std::string_view(it->key().data(), it->key().size()), &gid, &first);
+    it->SeekToLast();
+    if (it->Valid())
+      DecodeLogKey(std::string_view(it->key().data(), it->key().size()), &gid, &last);
+  }
+  if (!it->status().ok()) return FromRocks(it->status(), ctx);
+  if (first == 0) {  // empty: everything below the truncation point is gone
+    first_lsn_ = std::max<uint64_t>(truncated_to, applied_lsn_ + 1);
+    last = first_lsn_ - 1;
+  } else {
+    first_lsn_ = std::max(first, truncated_to);
+  }
+  if (last < applied_lsn_) {
+    return absl::DataLossError(fmt::format(
+        "group {}: the log ends at LSN {} but the volumes were checkpointed at LSN {}; records "
+        "that were applied are missing from the log store (lost WAL data?) -- refusing to continue",
+        name_, last, applied_lsn_));
+  }
+  // Segments already truncated away are forgotten; the open segment is rebuilt by a scan.
+  while (!segments_.empty() && segments_.front().last_lsn < first_lsn_) segments_.pop_front();
+  const uint64_t open_from = segments_.empty() ? first_lsn_ : segments_.back().last_lsn + 1;
+  for (const Segment& seg : segments_) bytes_ += seg.bytes;
+  Segment open{open_from, open_from - 1, 0, 0, 0};
+  if (open_from <= last) {
+    st = ReadRange(open_from, last, [&](const LogRecordView& r) {
+      open.last_lsn = r.lsn;
+      open.bytes += kRecordHeaderSize + r.payload.size();
+      if (open.first_timestamp_ns == 0) open.first_timestamp_ns = r.header.timestamp_ns;
+      open.last_timestamp_ns = r.header.timestamp_ns;
+      return absl::OkStatus();
+    });
+    if (!st.ok()) return st;
+  }
+  bytes_ += open.bytes;
+  segments_.push_back(open);
+  next_lsn_ = last + 1;
+  last_lsn_.store(last, std::memory_order_release);
+  durable_lsn_.store(last, std::memory_order_release);  // LogStore::Open synced the WAL
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// GroupLog: appending
+
+void GroupLog::Append(AppendRequest req, AppendDone done) {
+  std::unique_lock lock(mu_);
+  if (!failed_.ok() || stopping_) {
+    absl::Status st = !failed_.ok()
+                          ? failed_
+                          : absl::UnavailableError(fmt::format("group {}: log is stopping", name_));
+    lock.unlock();
+    std::move(done)(st);
+    return;
+  }
+  Pending p;
+  p.lsn = next_lsn_++;
+  if (pending_epoch_) {
+    current_epoch_ = *pending_epoch_;
+    pending_epoch_.reset();
+    p.starts_epoch = true;
+  }
+  p.epoch = current_epoch_;
+  if (req.timestamp_ns == 0) req.timestamp_ns = NowNs();
+  queued_bytes_ += req.payload.size() + kRecordHeaderSize;
+  p.req = std::move(req);
+  p.done = std::move(done);
+  queue_.push_back(std::move(p));
+  lock.unlock();
+  cv_.notify_one();
+}
+
+void GroupLog::Sync(SyncDone done) {
+  std::unique_lock lock(mu_);
+  if (!failed_.ok()) {
+    absl::Status st = failed_;
+    lock.unlock();
+    std::move(done)(st);
+    return;
+  }
+  const uint64_t target = next_lsn_ - 1;
+  if (target <= durable_lsn_.load(std::memory_order_acquire) && !meta_dirty_) {
+    lock.unlock();
+    std::move(done)(absl::OkStatus());
+    return;
+  }
+  sync_waiters_.push_back({target, std::move(done)});
+  lock.unlock();
+  cv_.notify_one();
+}
+
+void GroupLog::CommitterLoop() {
+  std::vector<Pending> batch;
+  std::vector<SyncWaiter> syncs;
+  for (;;) {
+    bool write_meta = false;
+    {
+      std::unique_lock lock(mu_);
+      cv_.wait(lock, [&] {
+        return stopping_ || !queue_.empty() || !sync_waiters_.empty() || meta_dirty_;
+      });
+      if (stopping_ && queue_.empty() && sync_waiters_.empty() && !meta_dirty_) return;
+      uint64_t bytes = 0;
+      while (!queue_.empty() && batch.size() < options_.max_batch_records &&
+             (batch.empty() ||
+              bytes + queue_.front().req.payload.size() <= options_.max_batch_bytes)) {
+        bytes += queue_.front().req.payload.size() + kRecordHeaderSize;
+        batch.push_back(std::move(queue_.front()));
+        queue_.pop_front();
+      }
+      queued_bytes_ -= bytes;
+      // Waiters whose records are all written by the end of this batch are served by it.
+      const uint64_t batch_last = batch.empty() ? last_lsn_.load() : batch.back().lsn;
+      auto covered =
+          std::partition(sync_waiters_.begin(), sync_waiters_.end(),
+                         [&](const SyncWaiter& w) { return w.target_lsn <= batch_last; });
+      for (auto i = sync_waiters_.begin(); i != covered; ++i) syncs.push_back(std::move(*i));
+      sync_waiters_.erase(sync_waiters_.begin(), covered);
+      write_meta = meta_dirty_;
+    }
+    Commit(batch, syncs, write_meta);
+    batch.clear();
+    syncs.clear();
+  }
+}
+
+void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& syncs,
+                      bool write_meta) {
+  rocksdb::WriteBatch wb(batch.size() * (kLogKeySize + kRecordHeaderSize + 32) + (1 << 10));
+  std::vector<LogRecordView> views;
+  views.reserve(batch.size());
+  std::vector<std::array<char, kRecordHeaderSize>> headers(batch.size());
+  bool need_sync = !syncs.empty();
+  absl::Status st;
+  {
+    std::lock_guard lock(mu_);
+    for (size_t i = 0; i < batch.size(); ++i) {
+      Pending& p = batch[i];
+      char key[kLogKeySize];
+      EncodeLogKeyTo(group_id_, p.lsn, key);
+      RecordHeader h;
+      h.type = p.req.type;
+      h.flags = p.req.flags;
+      h.volume = p.req.volume;
+      h.epoch = p.epoch;
+      h.offset = p.req.offset;
+      h.length = p.req.length;
+      h.timestamp_ns = p.req.timestamp_ns;
+      EncodeRecordHeader(group_id_, p.lsn, h, p.req.payload.view(), headers[i].data());
+      rocksdb::Slice key_slice(key, kLogKeySize);
+      rocksdb::Slice value_parts[2] = {rocksdb::Slice(headers[i].data(), kRecordHeaderSize),
+                                       rocksdb::Slice(p.req.payload.data(), p.req.payload.size())};
+      wb.Put(rocksdb::SliceParts(&key_slice, 1), rocksdb::SliceParts(value_parts, 2));
+      views.push_back({p.lsn, h, p.req.payload.view()});
+      if (p.starts_epoch) {
+        history_.push_back({p.epoch, p.lsn});
+        wb.Put(MetaKey(group_id_, 'h', p.epoch), U64s({p.lsn}));
+      }
+      need_sync |= p.req.sync;
+      // Segment bookkeeping: the open segment is the last one.
+      Segment& seg = segments_.back();
+      const uint64_t rec_bytes = kRecordHeaderSize + p.req.payload.size();
+      if (seg.last_lsn < seg.first_lsn) seg.first_timestamp_ns = h.timestamp_ns;
+      seg.last_lsn = p.lsn;
+      seg.bytes += rec_bytes;
+      seg.last_timestamp_ns = h.timestamp_ns;
+      bytes_ += rec_bytes;
+      if (seg.bytes >= options_.segment_bytes ||
+          seg.last_lsn - seg.first_lsn + 1 >= options_.segment_records) {
+        wb.Put(MetaKey(group_id_, 's', seg.first_lsn),
+               U64s({seg.last_lsn, seg.bytes, seg.first_timestamp_ns, seg.last_timestamp_ns}));
+        segments_.push_back(Segment{p.lsn + 1, p.lsn, 0, 0, 0});
+      }
+    }
+    if (write_meta || meta_dirty_) {
+      st = WriteMetaLocked(&wb);
+      meta_dirty_ = false;
+    }
+    if (!failed_.ok()) st = failed_;
+  }
+
+  if (st.ok()) {
+    rocksdb::WriteOptions wo;
+    wo.sync = need_sync;
+    rocksdb::Status s;
+    if (wb.Count() > 0) {
+      s = db_->Write(wo, &wb);
+    } else if (need_sync) {
+      s = db_->FlushWAL(/*sync=*/true);
+    }
+    if (!s.ok()) {
+      const uint64_t at = batch.empty() ? last_lsn_.load() + 1 : batch.front().lsn;
+      st = FromRocks(s, fmt::format("group {}: writing log at LSN {}", name_, at));
+      FailQueued(st);
+    }
+  }
+  if (st.ok() && !batch.empty()) {
+    last_lsn_.store(batch.back().lsn, std::memory_order_release);
+    if (options_.on_batch_written) st = options_.on_batch_written(views);
+  }
+  if (st.ok() && need_sync) {
+    // A synced write makes everything before it in the WAL durable too.
+    durable_lsn_.store(last_lsn_.load(std::memory_order_acquire), std::memory_order_release);
+  }
+  for (Pending& p : batch) {
+    if (st.ok()) {
+      std::move(p.done)(p.lsn);
+    } else {
+      std::move(p.done)(st);
+    }
+  }
+  for (SyncWaiter& w : syncs) std::move(w.done)(st);
+}
+
+absl::Status GroupLog::WriteMetaLocked(void* write_batch) {
+  auto* wb = static_cast<rocksdb::WriteBatch*>(write_batch);
+  wb->Put(MetaKey(group_id_, 'a'), U64s({applied_lsn_}));
+  for (const auto& [peer, p] : peers_) {
+    wb->Put(MetaKey(group_id_, 'p', peer),
+            U64s({p.received_lsn, p.durable_lsn, p.applied_lsn, p.needs_full_copy ? 1u : 0u}));
+  }
+  return absl::OkStatus();
+}
+
+void GroupLog::FailQueued(absl::Status status) {
+  std::deque<Pending> queue;
+  std::vector<SyncWaiter> waiters;
+  {
+    std::lock_guard lock(mu_);
+    if (failed_.ok()) failed_ = std::move(status);
+    status = failed_;
+    // Everything still queued fails too: the log cannot hold records after a gap.
+    queue.swap(queue_);
+    waiters.swap(sync_waiters_);
+  }
+  for (Pending& p : queue) std::move(p.done)(status);
+  for (SyncWaiter& w : waiters) std::move(w.done)(status);
+}
+
+void GroupLog::Stop() {
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (committer_.joinable()) committer_.join();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// GroupLog: state, reading, verification
+
+GroupLogState GroupLog::State() const {
+  std::lock_guard lock(mu_);
+  GroupLogState s;
+  s.group_id = group_id_;
+  s.first_lsn = first_lsn_;
+  s.last_lsn = last_lsn_.load(std::memory_order_acquire);
+  s.durable_lsn = durable_lsn_.load(std::memory_order_acquire);
+  s.applied_lsn = applied_lsn_;
+  s.current_epoch = current_epoch_;
+  s.bytes = bytes_;
+  s.history = history_;
+  for (const auto& [name, p] : peers_) s.peers.push_back(p);
+  return s;
+}
+
+absl::Status GroupLog::ReadRange(
+    uint64_t from_lsn, uint64_t to_lsn,
+    const std::function<absl::Status(const LogRecordView&)>& fn) const {
+  if (from_lsn > to_lsn) return absl::OkStatus();
+  rocksdb::ReadOptions ro;
+  ro.verify_checksums = true;
+  std::string lower = EncodeLogKey(group_id_, from_lsn);
+  std::string upper = EncodeLogKey(group_id_, to_lsn == UINT64_MAX ? to_lsn : to_lsn + 1);
+  rocksdb::Slice lb(lower), ub(upper);
+  ro.iterate_lower_bound = &lb;
+  ro.iterate_upper_bound = &ub;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro));
+  uint64_t expect = from_lsn;
+  for (it->Seek(lower); it->Valid(); it->Next()) {
+    uint32_t gid = 0;
+    uint64_t lsn = 0;
+    if (!DecodeLogKey(std::string_view(it->key().data(), it->key().size()), &gid, &lsn) ||
+        gid != group_id_) {
+      return absl::DataLossError(
+          fmt::format("group {}: malformed log key near LSN {}", name_, expect));
+    }
+    if (lsn != expect) {
+      return absl::DataLossError(fmt::format(
+          "group {}: log record LSN {} is missing (next record is LSN {})", name_, expect, lsn));
+    }
+    auto rec =
+        DecodeRecord(group_id_, lsn, std::string_view(it->value().data(), it->value().size()));
+    if (!rec.ok()) {
+      return absl::DataLossError(
+          fmt::format("group {}: {}", name_, std::string(rec.status().message())));
+    }
+    if (absl::Status st = fn(*rec); !st.ok()) return st;
+    ++expect;
+  }
+  if (!it->status().ok()) {
+    return FromRocks(it->status(),
+                     fmt::format("group {}: reading log record LSN {}", name_, expect));
+  }
+  if (expect <= to_lsn && to_lsn != UINT64_MAX) {
+    return absl::DataLossError(fmt::format(
+        "group {}: log record LSN {} is missing (log should reach LSN {})", name_, expect, to_lsn));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GroupLog::Verify() const {
+  const GroupLogState s = State();
+  size_t h = 0;  // index of the epoch a record must belong to
+  return ReadRange(s.first_lsn, s.last_lsn, [&](const LogRecordView& r) {
+    while (h + 1 < s.history.size() && s.history[h + 1].first_lsn <= r.lsn) ++h;
+    const uint64_t want =
+        s.history.empty() || s.history[0].first_lsn > r.lsn ? 0 : s.history[h].epoch;
+    if (r.header.epoch != want) {
+      return absl::DataLossError(
+          fmt::format("group {}: record LSN {} has epoch {} but the history puts it in epoch {}",
+                      name_, r.lsn, r.header.epoch, want));
+    }
+    return absl::OkStatus();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// GroupLog: metadata, retention
+
+absl::Status GroupLog::BeginEpoch(uint64_t epoch) {
+  std::lock_guard lock(mu_);
+  const uint64_t newest = pending_epoch_.value_or(current_epoch_);
+  if (epoch <= newest) {
+    return absl::FailedPreconditionError(
+        fmt::format("group {}: epoch {} is not newer than epoch {}", name_, epoch, newest));
+  }
+  pending_epoch_ = epoch;
+  return absl::OkStatus();
+}
+
+absl::Status GroupLog::SetAppliedLsn(uint64_t lsn) {
+  {
+    std::lock_guard lock(mu_);
+    if (lsn > last_lsn_.load()) {
+      return absl::InvalidArgumentError(fmt::format(
+          "group {}: applied LSN {} is beyond the last LSN {}", name_, lsn, last_lsn_.load()));
+    }
+    if (lsn <= applied_lsn_) return absl::OkStatus();
+    applied_lsn_ = lsn;
+    meta_dirty_ = true;
+  }
+  cv_.notify_one();
+  return absl::OkStatus();
+}
+
+absl::Status GroupLog::SetPeerPosition(const PeerPosition& position) {
+  {
+    std::lock_guard lock(mu_);
+    peers_[position.peer] = position;
+    meta_dirty_ = true;
+  }
+  cv_.notify_one();
+  return absl::OkStatus();
+}
+
+absl::Status GroupLog::RemovePeer(const std::string& peer) {
+  std::lock_guard lock(mu_);
+  if (peers_.erase(peer) == 0) return absl::OkStatus();
+  rocksdb::Status s = db_->Delete(rocksdb::WriteOptions(), MetaKey(group_id_, 'p', peer));
+  return FromRocks(s, fmt::format("group {}: removing peer {}", name_, peer));
+}
+
+absl::StatusOr<uint64_t> GroupLog::EnforceRetention(uint64_t now_ns) {
+  uint64_t truncate_to = 0;
+  {
+    std::lock_guard lock(mu_);
+    const RetentionOptions& r = options_.retention;
+    uint64_t needed_by_peers = UINT64_MAX;
+    for (const auto& [name, p] : peers_) {
+      if (!p.needs_full_copy) needed_by_peers = std::min(needed_by_peers, p.durable_lsn + 1);
+    }
+    const uint64_t applied_floor = applied_lsn_ + 1;
+    uint64_t remaining = bytes_;
+    size_t drop = 0;
+    // Closed segments only (the open one is last), oldest first.
+    for (size_t i = 0; i + 1 < segments_.size(); ++i) {
+      const Segment& seg = segments_[i];
+      if (seg.last_lsn >= applied_floor) break;  // never drop what the volumes do not hold yet
+      const bool over_cap = r.hard_cap_bytes != 0 && remaining > r.hard_cap_bytes;
+      const bool peers_done = seg.last_lsn < needed_by_peers;
+      const bool kept_by_size = r.keep_bytes != 0 && remaining - seg.bytes < r.keep_bytes;
+      const bool kept_by_age =
+          r.keep_seconds != 0 && seg.last_timestamp_ns + r.keep_seconds * 1000000000ull > now_ns;
+      if (!over_cap && (!peers_done || kept_by_size || kept_by_age)) break;
+      remaining -= seg.bytes;
+      drop = i + 1;
+    }
+    if (drop == 0) return first_lsn_;
+    truncate_to = segments_[drop - 1].last_lsn + 1;
+    for (auto& [name, p] : peers_) {
+      if (!p.needs_full_copy && p.durable_lsn + 1 < truncate_to) {
+        p.needs_full_copy = true;  // persisted with the truncation below
+        meta_dirty_ = true;
+      }
+    }
+  }
+  if (absl::Status st = TruncateBefore(truncate_to); !st.ok()) return st;
+  return truncate_to;
+}
+
+absl::Status GroupLog::TruncateBefore(uint64_t lsn) {
+  std::lock_guard lock(mu_);
+  if (lsn <= first_lsn_) return absl::OkStatus();
+  if (lsn > applied_lsn_ + 1) {
+    return absl::FailedPreconditionError(fmt::format(
+        "group {}: truncating below LSN {} would drop records not yet applied (applied LSN {})",
+        name_, lsn, applied_lsn_));
+  }
+  rocksdb::WriteBatch wb;
+  wb.DeleteRange(EncodeLogKey(group_id_, first_lsn_), EncodeLogKey(group_id_, lsn));
+  wb.Put(MetaKey(group_id_, 'f'), U64s({lsn}));
+  while (segments_.size() > 1 && segments_.front().last_lsn < lsn) {
+    wb.Delete(MetaKey(group_id_, 's', segments_.front().first_lsn));
+    bytes_ -= segments_.front().bytes;
+    segments_.pop_front();
+  }
+  // The applied LSN goes with the truncation, so the log never starts above an older checkpoint.
+  (void)WriteMetaLocked(&wb);
+  meta_dirty_ = false;
+  rocksdb::Status s = db_->Write(rocksdb::WriteOptions(), &wb);
+  if (!s.ok()) return FromRocks(s, fmt::format("group {}: truncating below LSN {}", name_, lsn));
+  first_lsn_ = lsn;
+  return absl::OkStatus();
+}
+
+}  // namespace tvilling::storage

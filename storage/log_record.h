@@ -1,0 +1,67 @@
+// log_record.h: the on-disk format of one group-log record and its key (docs/log-format.md).
+//
+// A record is one block operation of a group, in LSN order: a WRITE (with its payload), a TRIM or a
+// WRITE_ZEROES (no payload). The checksum covers the group id, the LSN, the header and the payload,
+// so a record that is damaged, truncated or stored under the wrong key is detected when it is read.
+#pragma once
+
+#include <absl/status/status.h>
+#include <absl/status/statusor.h>
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace tvilling::storage {
+
+enum class RecordType : uint8_t {
+  kWrite = 1,
+  kTrim = 2,
+  kWriteZeroes = 3,
+};
+const char* RecordTypeName(RecordType t);
+
+// Record flags (persisted).
+inline constexpr uint16_t kRecordFlagFua = 1u << 0;     // the client asked for FUA
+inline constexpr uint16_t kRecordFlagNoHole = 1u << 1;  // WRITE_ZEROES must allocate
+
+inline constexpr uint8_t kRecordFormatVersion = 1;
+inline constexpr size_t kRecordHeaderSize = 48;
+inline constexpr size_t kLogKeySize = 13;  // 'L' + group id (u32 BE) + LSN (u64 BE)
+inline constexpr uint32_t kMaxRecordPayload = 32u << 20;
+
+// Fixed-size header, little-endian on disk (layout in docs/log-format.md).
+struct RecordHeader {
+  uint8_t version = kRecordFormatVersion;
+  RecordType type = RecordType::kWrite;
+  uint16_t flags = 0;
+  uint32_t volume = 0;        // index of the volume within its group
+  uint64_t epoch = 0;         // epoch the record was written in
+  uint64_t offset = 0;        // byte offset in the volume
+  uint32_t length = 0;        // bytes of the volume the operation covers
+  uint32_t payload_size = 0;  // == length for kWrite, 0 otherwise
+  uint64_t timestamp_ns = 0;  // CLOCK_REALTIME when the primary captured the write
+  uint64_t checksum = 0;      // XXH3-64 over group id, LSN, header bytes [0, 40) and payload
+};
+
+// A decoded record that points into memory owned by someone else (an iterator, a batch).
+struct LogRecordView {
+  uint64_t lsn = 0;
+  RecordHeader header;
+  std::string_view payload;
+};
+
+// Keys.
+std::string EncodeLogKey(uint32_t group_id, uint64_t lsn);
+void EncodeLogKeyTo(uint32_t group_id, uint64_t lsn, char out[kLogKeySize]);
+// Returns false if `key` is not a log key.
+bool DecodeLogKey(std::string_view key, uint32_t* group_id, uint64_t* lsn);
+
+// Fills header.checksum and writes the 48 header bytes to `out`.
+void EncodeRecordHeader(uint32_t group_id, uint64_t lsn, RecordHeader& header,
+                        std::string_view payload, char out[kRecordHeaderSize]);
+
+// Parses and verifies a stored value. Errors are DataLoss and name the group id and LSN.
+absl::StatusOr<LogRecordView> DecodeRecord(uint32_t group_id, uint64_t lsn, std::string_view value);
+
+}  // namespace tvilling::storage

@@ -1,0 +1,381 @@
+// group_log_test.cc: the group log on a real RocksDB in a temp directory: group commit, durability
+// bookkeeping, reopen, corruption and gap detection, epochs, retention.
+#include "storage/group_log.h"
+
+#include <gtest/gtest.h>
+#include <rocksdb/db.h>
+#include <rocksdb/write_batch.h>
+
+#include <atomic>
+#include <future>
+#include <random>
+#include <thread>
+
+#include "tests/unit/storage/temp_dir.h"
+
+namespace tvilling::storage {
+namespace {
+
+AppendRequest WriteReq(uint64_t offset, std::string data, bool sync = false) {
+  AppendRequest r;
+  r.type = RecordType::kWrite;
+  r.offset = offset;
+  r.length = static_cast<uint32_t>(data.size());
+  r.payload = Bytes::Copy(data);
+  r.sync = sync;
+  return r;
+}
+
+// Appends and waits for the LSN.
+absl::StatusOr<uint64_t> AppendWait(GroupLog* log, AppendRequest req) {
+  std::promise<absl::StatusOr<uint64_t>> p;
+  auto f = p.get_future();
+  log->Append(std::move(req), [&p](absl::StatusOr<uint64_t> lsn) { p.set_value(lsn); });
+  return f.get();
+}
+
+absl::Status SyncWait(GroupLog* log) {
+  std::promise<absl::Status> p;
+  auto f = p.get_future();
+  log->Sync([&p](absl::Status s) { p.set_value(s); });
+  return f.get();
+}
+
+std::vector<LogRecordView> ReadAll(GroupLog* log, std::vector<std::string>* payloads) {
+  std::vector<LogRecordView> out;
+  auto st = log->State();
+  EXPECT_TRUE(log->ReadRange(st.first_lsn, st.last_lsn,
+                             [&](const LogRecordView& r) {
+                               payloads->emplace_back(r.payload);
+                               out.push_back(r);
+                               return absl::OkStatus();
+                             })
+                  .ok());
+  return out;
+}
+
+class GroupLogTest : public ::testing::Test {
+ protected:
+  void Open(GroupLogOptions opts = {}) {
+    log_ = nullptr;
+    store_.reset();
+    auto s = LogStore::Open({.dir = dir_.path() / "log"});
+    ASSERT_TRUE(s.ok()) << s.status();
+    store_ = std::move(*s);
+    auto l = store_->OpenGroup("g0", opts);
+    ASSERT_TRUE(l.ok()) << l.status();
+    log_ = *l;
+  }
+  void Close() {
+    log_ = nullptr;
+    store_.reset();
+  }
+  TempDir dir_;
+  std::unique_ptr<LogStore> store_;
+  GroupLog* log_ = nullptr;
+};
+
+TEST_F(GroupLogTest, DenseLsnsFromManyThreadsAndReadBack) {
+  Open();
+  constexpr int kThreads = 4, kPerThread = 500;
+  std::vector<std::thread> threads;
+  std::atomic<int> done{0};
+  std::mutex mu;
+  std::set<uint64_t> lsns;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kPerThread; ++i) {
+        std::string data(512, static_cast<char>('a' + t));
+        data += std::to_string(i);
+        log_->Append(WriteReq(4096ull * i, data), [&](absl::StatusOr<uint64_t> lsn) {
+          ASSERT_TRUE(lsn.ok()) << lsn.status();
+          std::lock_guard l(mu);
+          EXPECT_TRUE(lsns.insert(*lsn).second) << "LSN handed out twice: " << *lsn;
+          done.fetch_add(1);
+        });
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  ASSERT_TRUE(SyncWait(log_).ok());
+  EXPECT_EQ(done.load(), kThreads * kPerThread);
+  EXPECT_EQ(*lsns.begin(), 1u);
+  EXPECT_EQ(*lsns.rbegin(), uint64_t{kThreads * kPerThread});
+  EXPECT_EQ(log_->last_lsn(), uint64_t{kThreads * kPerThread});
+  EXPECT_EQ(log_->durable_lsn(), log_->last_lsn());
+  std::vector<std::string> payloads;
+  auto recs = ReadAll(log_, &payloads);
+  ASSERT_EQ(recs.size(), size_t{kThreads * kPerThread});
+  for (size_t i = 0; i < recs.size(); ++i) EXPECT_EQ(recs[i].lsn, i + 1);
+  EXPECT_TRUE(log_->Verify().ok());
+}
+
+TEST_F(GroupLogTest, DurableLsnAdvancesOnlyWithSync) {
+  Open();
+  ASSERT_TRUE(AppendWait(log_, WriteReq(0, "x")).ok());
+  ASSERT_TRUE(AppendWait(log_, WriteReq(0, "y")).ok());
+  EXPECT_EQ(log_->last_lsn(), 2u);
+  EXPECT_EQ(log_->durable_lsn(), 0u) << "no fsync was asked for";
+  ASSERT_TRUE(SyncWait(log_).ok());
+  EXPECT_EQ(log_->durable_lsn(), 2u);
+  // FUA: the append completes only when durable.
+  auto lsn = AppendWait(log_, WriteReq(0, "z", /*sync=*/true));
+  ASSERT_TRUE(lsn.ok());
+  EXPECT_GE(log_->durable_lsn(), *lsn);
+}
+
+TEST_F(GroupLogTest, GroupCommitBatchesConcurrentAppends) {
+  std::atomic<int> batches{0};
+  std::atomic<size_t> max_batch{0};
+  GroupLogOptions o;
+  o.max_batch_records = 64;
+  o.on_batch_written = [&](std::span<const LogRecordView> recs) {
+    batches.fetch_add(1);
+    size_t m = max_batch.load();
+    while (recs.size() > m && !max_batch.compare_exchange_weak(m, recs.size())) {
+    }
+    EXPECT_LE(recs.size(), 64u);
+    for (size_t i = 1; i < recs.size(); ++i) EXPECT_EQ(recs[i].lsn, recs[i - 1].lsn + 1);
+    return absl::OkStatus();
+  };
+  Open(o);
+  std::atomic<int> completed{0};
+  for (int i = 0; i < 2000; ++i) {
+    log_->Append(WriteReq(0, std::string(100, 'q')), [&](absl::StatusOr<uint64_t> l) {
+      EXPECT_TRUE(l.ok());
+      completed.fetch_add(1);
+    });
+  }
+  ASSERT_TRUE(SyncWait(log_).ok());
+  EXPECT_EQ(completed.load(), 2000);
+  EXPECT_LT(batches.load(), 2000) << "every append got its own batch: no group commit";
+  EXPECT_GT(max_batch.load(), 1u);
+}
+
+TEST_F(GroupLogTest, ApplyHookRunsBeforeCompletionAndItsErrorFailsTheBatch) {
+  std::atomic<uint64_t> applied{0};
+  std::atomic<bool> fail{false};
+  GroupLogOptions o;
+  o.on_batch_written = [&](std::span<const LogRecordView> recs) {
+    if (fail.load()) return absl::DataLossError("volume broke");
+    applied.store(recs.back().lsn);
+    return absl::OkStatus();
+  };
+  Open(o);
+  auto lsn = AppendWait(log_, WriteReq(0, "a"));
+  ASSERT_TRUE(lsn.ok());
+  EXPECT_EQ(applied.load(), *lsn) << "completion before apply";
+  fail = true;
+  auto bad = AppendWait(log_, WriteReq(0, "b"));
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kDataLoss);
+}
+
+TEST_F(GroupLogTest, ReopenKeepsRecordsAndContinuesNumbering) {
+  Open();
+  for (int i = 0; i < 10; ++i)
+    ASSERT_TRUE(AppendWait(log_, WriteReq(i, "r" + std::to_string(i))).ok());
+  ASSERT_TRUE(SyncWait(log_).ok());
+  Open();
+  EXPECT_EQ(log_->last_lsn(), 10u);
+  EXPECT_EQ(log_->durable_lsn(), 10u);
+  auto lsn = AppendWait(log_, WriteReq(0, "next"));
+  ASSERT_TRUE(lsn.ok());
+  EXPECT_EQ(*lsn, 11u);
+  std::vector<std::string> payloads;
+  ReadAll(log_, &payloads);
+  ASSERT_EQ(payloads.size(), 11u);
+  EXPECT_EQ(payloads[3], "r3");
+}
+
+TEST_F(GroupLogTest, GroupsAreIndependent) {
+  Open();
+  auto other = store_->OpenGroup("g1", {});
+  ASSERT_TRUE(other.ok());
+  ASSERT_TRUE(AppendWait(log_, WriteReq(0, "a")).ok());
+  ASSERT_TRUE(AppendWait(*other, WriteReq(0, "b")).ok());
+  ASSERT_TRUE(AppendWait(*other, WriteReq(0, "c")).ok());
+  EXPECT_EQ(log_->last_lsn(), 1u);
+  EXPECT_EQ((*other)->last_lsn(), 2u);
+  EXPECT_NE(log_->group_id(), (*other)->group_id());
+  EXPECT_EQ(store_->OpenGroup("g1", {}).status().code(), absl::StatusCode::kAlreadyExists);
+}
+
+TEST_F(GroupLogTest, CorruptRecordIsReportedWithItsLsn) {
+  Open();
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(AppendWait(log_, WriteReq(0, "payload")).ok());
+  ASSERT_TRUE(SyncWait(log_).ok());
+  // Flip one payload byte of LSN 3 behind the log's back.
+  std::string key = EncodeLogKey(log_->group_id(), 3), value;
+  ASSERT_TRUE(store_->db()->Get({}, key, &value).ok());
+  value[kRecordHeaderSize + 2] ^= 0x20;
+  ASSERT_TRUE(store_->db()->Put({}, key, value).ok());
+  absl::Status st = log_->Verify();
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(st.message().find("LSN 3"), absl::string_view::npos) << st;
+  EXPECT_NE(st.message().find("checksum mismatch"), absl::string_view::npos) << st;
+  // Records before it are delivered, the corrupt one never is.
+  std::vector<uint64_t> seen;
+  st = log_->ReadRange(1, 5, [&](const LogRecordView& r) {
+    seen.push_back(r.lsn);
+    return absl::OkStatus();
+  });
+  EXPECT_FALSE(st.ok());
+  EXPECT_EQ(seen, (std::vector<uint64_t>{1, 2}));
+}
+
+TEST_F(GroupLogTest, TruncatedRecordAndRecordUnderWrongKeyAreDetected) {
+  Open();
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(AppendWait(log_, WriteReq(0, "abcdefgh")).ok());
+  std::string v2;
+  ASSERT_TRUE(store_->db()->Get({}, EncodeLogKey(log_->group_id(), 2), &v2).ok());
+  // LSN 2's bytes copied under LSN 3: the checksum binds a record to its LSN.
+  ASSERT_TRUE(store_->db()->Put({}, EncodeLogKey(log_->group_id(), 3), v2).ok());
+  EXPECT_NE(log_->Verify().message().find("LSN 3"), absl::string_view::npos);
+  ASSERT_TRUE(store_->db()->Put({}, EncodeLogKey(log_->group_id(), 2), v2.substr(0, 20)).ok());
+  absl::Status st = log_->Verify();
+  EXPECT_NE(st.message().find("LSN 2"), absl::string_view::npos) << st;
+  EXPECT_NE(st.message().find("truncated"), absl::string_view::npos) << st;
+}
+
+TEST_F(GroupLogTest, GapIsDetected) {
+  Open();
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(AppendWait(log_, WriteReq(0, "x")).ok());
+  ASSERT_TRUE(store_->db()->Delete({}, EncodeLogKey(log_->group_id(), 2)).ok());
+  absl::Status st = log_->Verify();
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(st.message().find("LSN 2 is missing"), absl::string_view::npos) << st;
+  // Missing at the end of a requested range too.
+  ASSERT_TRUE(store_->db()->Delete({}, EncodeLogKey(log_->group_id(), 4)).ok());
+  st = log_->ReadRange(3, 4, [](const LogRecordView&) { return absl::OkStatus(); });
+  EXPECT_NE(st.message().find("LSN 4 is missing"), absl::string_view::npos) << st;
+}
+
+TEST_F(GroupLogTest, EpochHistoryIsPersistedWithTheFirstRecordOfTheEpoch) {
+  Open();
+  ASSERT_TRUE(AppendWait(log_, WriteReq(0, "e0")).ok());
+  ASSERT_TRUE(log_->BeginEpoch(7).ok());
+  EXPECT_EQ(log_->BeginEpoch(7).code(), absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(AppendWait(log_, WriteReq(0, "e7a")).ok());
+  ASSERT_TRUE(AppendWait(log_, WriteReq(0, "e7b")).ok());
+  ASSERT_TRUE(log_->BeginEpoch(9).ok());
+  ASSERT_TRUE(AppendWait(log_, WriteReq(0, "e9")).ok());
+  ASSERT_TRUE(SyncWait(log_).ok());
+  Open();
+  auto st = log_->State();
+  EXPECT_EQ(st.current_epoch, 9u);
+  ASSERT_EQ(st.history.size(), 2u);
+  EXPECT_EQ(st.history[0], (EpochStart{7, 2}));
+  EXPECT_EQ(st.history[1], (EpochStart{9, 4}));
+  std::vector<uint64_t> epochs;
+  ASSERT_TRUE(log_->ReadRange(1, 4,
+                              [&](const LogRecordView& r) {
+                                epochs.push_back(r.header.epoch);
+                                return absl::OkStatus();
+                              })
+                  .ok());
+  EXPECT_EQ(epochs, (std::vector<uint64_t>{0, 7, 7, 9}));
+  EXPECT_TRUE(log_->Verify().ok());
+}
+
+// Retention: segments of 10 records of 1000 payload bytes.
+class RetentionTest : public GroupLogTest {
+ protected:
+  GroupLogOptions Opts(RetentionOptions r) {
+    GroupLogOptions o;
+    o.segment_records = 10;
+    o.segment_bytes = 1 << 30;
+    o.retention = r;
+    return o;
+  }
+  void Fill(int n) {
+    for (int i = 0; i < n; ++i)
+      ASSERT_TRUE(AppendWait(log_, WriteReq(0, std::string(1000, 'r'))).ok());
+    ASSERT_TRUE(SyncWait(log_).ok());
+  }
+};
+
+TEST_F(RetentionTest, NeverDropsUnappliedRecordsAndDropsWholeSegments) {
+  Open(Opts({}));
+  Fill(35);
+  auto first = log_->EnforceRetention(0);
+  ASSERT_TRUE(first.ok());
+  EXPECT_EQ(*first, 1u) << "nothing is applied yet";
+  ASSERT_TRUE(log_->SetAppliedLsn(25).ok());
+  first = log_->EnforceRetention(0);
+  ASSERT_TRUE(first.ok());
+  EXPECT_EQ(*first, 21u) << "segments [1,10] and [11,20] are applied; [21,30] is not all applied";
+  EXPECT_EQ(log_->TruncateBefore(30).code(), absl::StatusCode::kFailedPrecondition);
+  // Survives reopen, and numbering continues.
+  ASSERT_TRUE(SyncWait(log_).ok());
+  Open(Opts({}));
+  auto st = log_->State();
+  EXPECT_EQ(st.first_lsn, 21u);
+  EXPECT_EQ(st.last_lsn, 35u);
+  EXPECT_EQ(st.applied_lsn, 25u);
+  EXPECT_EQ(st.bytes, 15u * (1000 + kRecordHeaderSize));
+  EXPECT_TRUE(log_->Verify().ok());
+}
+
+TEST_F(RetentionTest, KeepsWhatAPeerNeedsUntilTheHardCap) {
+  Open(Opts({.hard_cap_bytes = 25 * (1000 + kRecordHeaderSize)}));
+  ASSERT_TRUE(log_->SetPeerPosition({.peer = "sun-2", .durable_lsn = 5}).ok());
+  Fill(20);
+  ASSERT_TRUE(log_->SetAppliedLsn(20).ok());
+  auto first = log_->EnforceRetention(0);
+  ASSERT_TRUE(first.ok());
+  EXPECT_EQ(*first, 1u) << "sun-2 still needs LSN 6..";
+  Fill(20);  // 40 records, over the 25-record cap
+  ASSERT_TRUE(log_->SetAppliedLsn(40).ok());
+  first = log_->EnforceRetention(0);
+  ASSERT_TRUE(first.ok());
+  EXPECT_EQ(*first, 21u) << "the cap forces out two segments";
+  auto st = log_->State();
+  ASSERT_EQ(st.peers.size(), 1u);
+  EXPECT_TRUE(st.peers[0].needs_full_copy);
+  ASSERT_TRUE(SyncWait(log_).ok());
+  Open(Opts({}));
+  EXPECT_TRUE(log_->State().peers[0].needs_full_copy) << "the mark is persisted";
+}
+
+TEST_F(RetentionTest, KeepBytesAndKeepSeconds) {
+  Open(Opts({.keep_bytes = 15 * (1000 + kRecordHeaderSize)}));
+  Fill(40);
+  ASSERT_TRUE(log_->SetAppliedLsn(40).ok());
+  auto first = log_->EnforceRetention(0);
+  ASSERT_TRUE(first.ok());
+  EXPECT_EQ(*first, 21u) << "keeps >= 15 records: segments [21,30], [31,40] stay";
+  Open(Opts({.keep_seconds = 3600}));
+  const uint64_t now =
+      static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                std::chrono::system_clock::now().time_since_epoch())
+                                .count());
+  first = log_->EnforceRetention(now);
+  ASSERT_TRUE(first.ok());
+  EXPECT_EQ(*first, 21u) << "everything is younger than an hour";
+  first = log_->EnforceRetention(now + 7200ull * 1000000000ull);
+  ASSERT_TRUE(first.ok());
+  EXPECT_EQ(*first, 41u) << "two hours later both closed segments may go; the open one stays";
+}
+
+TEST_F(RetentionTest, FullyTruncatedLogKeepsItsPosition) {
+  Open(Opts({}));
+  Fill(20);
+  ASSERT_TRUE(log_->SetAppliedLsn(20).ok());
+  ASSERT_TRUE(log_->TruncateBefore(21).ok());
+  ASSERT_TRUE(SyncWait(log_).ok());
+  Open(Opts({}));
+  EXPECT_EQ(log_->last_lsn(), 20u);
+  auto lsn = AppendWait(log_, WriteReq(0, "after"));
+  ASSERT_TRUE(lsn.ok());
+  EXPECT_EQ(*lsn, 21u);
+}
+
+TEST_F(GroupLogTest, AppendAfterStopFails) {
+  Open();
+  log_->Stop();
+  auto r = AppendWait(log_, WriteReq(0, "late"));
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
+}
+
+}  // namespace
+}  // namespace tvilling::storage
