@@ -139,7 +139,7 @@ LogStore::~LogStore() {
   for (auto& [name, log] : groups_) log->Stop();
   groups_.clear();
   if (db_) {
-    db_->FlushWAL(true).PermitUncheckedError();
+    if (health_.status().ok()) db_->FlushWAL(true).PermitUncheckedError();
     db_->Close().PermitUncheckedError();
   }
 }
@@ -172,7 +172,7 @@ absl::StatusOr<GroupLog*> LogStore::OpenGroup(const std::string& group,
     return FromRocks(s.ok() ? rocksdb::Status::Corruption("bad group id") : s,
                      fmt::format("looking up group {}", group));
   }
-  auto log = std::unique_ptr<GroupLog>(new GroupLog(db_.get(), group, gid, options));
+  auto log = std::unique_ptr<GroupLog>(new GroupLog(db_.get(), &health_, group, gid, options));
   if (absl::Status st = log->Load(); !st.ok()) return st;
   log->committer_ = std::thread([l = log.get()] { l->CommitterLoop(); });
   GroupLog* out = log.get();
@@ -183,8 +183,13 @@ absl::StatusOr<GroupLog*> LogStore::OpenGroup(const std::string& group,
 // ---------------------------------------------------------------------------------------------------
 // GroupLog: opening
 
-GroupLog::GroupLog(rocksdb::DB* db, std::string name, uint32_t group_id, GroupLogOptions options)
-    : db_(db), name_(std::move(name)), group_id_(group_id), options_(std::move(options)) {}
+GroupLog::GroupLog(rocksdb::DB* db, StoreHealth* health, std::string name, uint32_t group_id,
+                   GroupLogOptions options)
+    : db_(db),
+      health_(health),
+      name_(std::move(name)),
+      group_id_(group_id),
+      options_(std::move(options)) {}
 
 GroupLog::~GroupLog() { Stop(); }
 
@@ -415,6 +420,13 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
     }
     if (!failed_.ok()) st = failed_;
   }
+  if (st.ok()) {
+    if (absl::Status h = health_->status(); !h.ok()) {
+      st = absl::Status(h.code(), fmt::format("group {}: log store failed earlier: {}", name_,
+                                              std::string(h.message())));
+      FailQueued(st);
+    }
+  }
 
   if (st.ok()) {
     rocksdb::WriteOptions wo;
@@ -428,6 +440,7 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
     if (!s.ok()) {
       const uint64_t at = batch.empty() ? last_lsn_.load() + 1 : batch.front().lsn;
       st = FromRocks(s, fmt::format("group {}: writing log at LSN {}", name_, at));
+      health_->Fail(st);
       FailQueued(st);
     }
   }
@@ -604,6 +617,7 @@ absl::Status GroupLog::SetPeerPosition(const PeerPosition& position) {
 absl::Status GroupLog::RemovePeer(const std::string& peer) {
   std::lock_guard lock(mu_);
   if (peers_.erase(peer) == 0) return absl::OkStatus();
+  if (absl::Status h = health_->status(); !h.ok()) return h;
   rocksdb::Status s = db_->Delete(rocksdb::WriteOptions(), MetaKey(group_id_, 'p', peer));
   return FromRocks(s, fmt::format("group {}: removing peer {}", name_, peer));
 }
@@ -665,8 +679,13 @@ absl::Status GroupLog::TruncateBefore(uint64_t lsn) {
   // The applied LSN goes with the truncation, so the log never starts above an older checkpoint.
   (void)WriteMetaLocked(&wb);
   meta_dirty_ = false;
+  if (absl::Status h = health_->status(); !h.ok()) return h;
   rocksdb::Status s = db_->Write(rocksdb::WriteOptions(), &wb);
-  if (!s.ok()) return FromRocks(s, fmt::format("group {}: truncating below LSN {}", name_, lsn));
+  if (!s.ok()) {
+    absl::Status st = FromRocks(s, fmt::format("group {}: truncating below LSN {}", name_, lsn));
+    health_->Fail(st);
+    return st;
+  }
   first_lsn_ = lsn;
   return absl::OkStatus();
 }

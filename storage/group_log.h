@@ -46,6 +46,25 @@ namespace tvilling::storage {
 class GroupLog;
 struct GroupLogOptions;
 
+// The first write error of a RocksDB instance. RocksDB refuses (and, in Debian's build with
+// assertions on, aborts on) WAL writes and syncs after a failed one, so once any group's write
+// fails, no group of the store writes or syncs again until the agent restarts.
+class StoreHealth {
+ public:
+  absl::Status status() const {
+    std::lock_guard lock(mu_);
+    return failed_;
+  }
+  void Fail(const absl::Status& s) {
+    std::lock_guard lock(mu_);
+    if (failed_.ok()) failed_ = s;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  absl::Status failed_;
+};
+
 struct LogStoreOptions {
   std::filesystem::path dir;  // the RocksDB directory; created if missing
   // Memtable size. Records that are applied and truncated before their memtable is flushed are
@@ -75,6 +94,7 @@ class LogStore {
   LogStore() = default;
   std::filesystem::path dir_;
   std::unique_ptr<rocksdb::DB> db_;
+  StoreHealth health_;
   std::mutex mu_;
   std::map<std::string, std::unique_ptr<GroupLog>> groups_;
 };
@@ -211,7 +231,8 @@ class GroupLog {
     uint64_t last_timestamp_ns = 0;
   };
 
-  GroupLog(rocksdb::DB* db, std::string name, uint32_t group_id, GroupLogOptions options);
+  GroupLog(rocksdb::DB* db, StoreHealth* health, std::string name, uint32_t group_id,
+           GroupLogOptions options);
   absl::Status Load();
   struct SyncWaiter {
     uint64_t target_lsn;
@@ -226,6 +247,7 @@ class GroupLog {
   void FailQueued(absl::Status status);
 
   rocksdb::DB* const db_;
+  StoreHealth* const health_;
   const std::string name_;
   const uint32_t group_id_;
   const GroupLogOptions options_;
