@@ -77,7 +77,7 @@ absl::Status FromRocks(const rocksdb::Status& s, std::string_view context) {
   std::string msg = fmt::format("{}: {}", context, s.ToString());
   if (s.IsCorruption()) return absl::DataLossError(msg);
   if (s.IsNoSpace()) return absl::ResourceExhaustedError(msg);
-  if (s.IsIOError()) return absl::UnavailableError(msg);
+  if (s.IsIOError()) return absl::InternalError(msg);
   if (s.IsShutdownInProgress()) return absl::UnavailableError(msg);
   return absl::InternalError(msg);
 }
