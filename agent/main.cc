@@ -1,0 +1,269 @@
+// main.cc: tvillingd, the tvilling agent. Wires the config, the group-log store, the groups (log +
+// volumes + applier) and the NBD frontend together, and runs until SIGTERM/SIGINT.
+//
+//   tvillingd --config FILE [--state-dir DIR] [--log-level L] [--log-format text|json]
+//   tvillingd --config FILE --check-config     validate the config and exit
+//   tvillingd --config FILE --verify-log       check every group's log (checksums, gaps) and exit
+//
+// Exit codes: 0 clean shutdown / check passed; 1 runtime failure (storage, corrupt log, listener);
+// 2 usage or configuration error.
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "agent/nbd/frontend.h"
+#include "agent/node/group_runtime.h"
+#include "agent/ops/config.h"
+#include "agent/ops/logging.h"
+#include "storage/group_log.h"
+
+#ifndef TVILLING_VERSION
+#define TVILLING_VERSION "0.0.0"
+#endif
+
+namespace tvilling {
+namespace {
+
+constexpr int kExitRuntime = 1;
+constexpr int kExitConfig = 2;
+
+std::string Msg(const absl::Status& s) { return std::string(s.message()); }
+
+// Holds an exclusive lock on <state_dir>/tvillingd.lock for the life of the process: two agents on
+// the same state directory would corrupt each other's log and volumes.
+class StateDirLock {
+ public:
+  absl::Status Acquire(const std::filesystem::path& state_dir) {
+    const auto path = state_dir / "tvillingd.lock";
+    fd_ = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd_ < 0) {
+      return absl::FailedPreconditionError(
+          fmt::format("cannot open lock file {}: {}", path.string(), strerror(errno)));
+    }
+    if (flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      return absl::FailedPreconditionError(
+          fmt::format("state directory {} is in use by another tvillingd (lock {} is held)",
+                      state_dir.string(), path.string()));
+    }
+    const std::string pid = std::to_string(getpid()) + "\n";
+    if (ftruncate(fd_, 0) == 0) (void)!pwrite(fd_, pid.data(), pid.size(), 0);
+    return absl::OkStatus();
+  }
+  ~StateDirLock() {
+    if (fd_ >= 0) close(fd_);
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+storage::GroupLogOptions LogOptions(const ops::LogConfig& c) {
+  storage::GroupLogOptions o;
+  o.max_batch_bytes = c.max_batch_bytes;
+  o.max_batch_records = c.max_batch_records;
+  o.retention.keep_bytes = c.retention_bytes;
+  o.retention.keep_seconds = c.retention_seconds;
+  o.retention.hard_cap_bytes = c.hard_cap_bytes;
+  return o;
+}
+
+node::GroupRuntimeOptions GroupOptions(const ops::Config& config, const ops::GroupConfig& g) {
+  node::GroupRuntimeOptions o;
+  o.name = g.name;
+  o.log = LogOptions(config.log);
+  o.checkpoint_interval_ms = config.log.checkpoint_interval_ms;
+  for (const ops::VolumeConfig& v : g.volumes) {
+    node::VolumeSpec spec;
+    spec.name = v.name;
+    spec.export_name = v.export_name;
+    spec.volume.path = v.path;
+    spec.volume.size_bytes = v.size_bytes;
+    spec.volume.create = true;
+    spec.volume.read_only = v.read_only;
+    spec.volume.direct_io = v.direct_io;
+    o.volumes.push_back(std::move(spec));
+  }
+  return o;
+}
+
+absl::StatusOr<std::unique_ptr<storage::LogStore>> OpenStore(const ops::Config& config) {
+  storage::LogStoreOptions o;
+  o.dir = config.log.dir;
+  o.write_buffer_bytes = config.log.write_buffer_bytes;
+  return storage::LogStore::Open(o);
+}
+
+int VerifyLogs(const ops::Config& config) {
+  auto store = OpenStore(config);
+  if (!store.ok()) {
+    spdlog::error("{}", Msg(store.status()));
+    return kExitRuntime;
+  }
+  int rc = 0;
+  for (const ops::GroupConfig& g : config.groups) {
+    auto log = (*store)->OpenGroup(g.name, LogOptions(config.log));
+    if (!log.ok()) {
+      spdlog::error("{}", Msg(log.status()));
+      rc = kExitRuntime;
+      continue;
+    }
+    const storage::GroupLogState s = (*log)->State();
+    absl::Status st = (*log)->Verify();
+    if (!st.ok()) {
+      spdlog::error("group {}: log verification failed: {}", g.name, Msg(st));
+      rc = kExitRuntime;
+    } else {
+      fmt::print("group {}: log OK: LSN {}..{} ({} bytes), applied LSN {}, epoch {}\n", g.name,
+                 s.first_lsn, s.last_lsn, s.bytes, s.applied_lsn, s.current_epoch);
+    }
+  }
+  return rc;
+}
+
+int Run(const ops::Config& config) {
+  std::error_code ec;
+  std::filesystem::create_directories(config.agent.state_dir, ec);
+  if (ec) {
+    spdlog::error("cannot create state directory {}: {}", config.agent.state_dir.string(),
+                  ec.message());
+    return kExitRuntime;
+  }
+  StateDirLock lock;
+  if (absl::Status st = lock.Acquire(config.agent.state_dir); !st.ok()) {
+    spdlog::error("{}", Msg(st));
+    return kExitRuntime;
+  }
+  for (const ops::GroupConfig& g : config.groups) {
+    for (const ops::VolumeConfig& v : g.volumes) {
+      std::filesystem::create_directories(v.path.parent_path(), ec);
+    }
+  }
+
+  auto store = OpenStore(config);
+  if (!store.ok()) {
+    spdlog::error("{}", Msg(store.status()));
+    return kExitRuntime;
+  }
+  std::vector<std::unique_ptr<node::GroupRuntime>> groups;
+  for (const ops::GroupConfig& g : config.groups) {
+    auto group = node::GroupRuntime::Open(**store, GroupOptions(config, g));
+    if (!group.ok()) {
+      spdlog::error("{}", Msg(group.status()));
+      return kExitRuntime;
+    }
+    const auto s = (*group)->log().State();
+    spdlog::info(
+        "group {}: log LSN {}..{}, applied {}, epoch {}, {} volume(s), replayed {} record(s)",
+        g.name, s.first_lsn, s.last_lsn, s.applied_lsn, s.current_epoch, g.volumes.size(),
+        (*group)->Stats().replayed_records);
+    groups.push_back(std::move(*group));
+  }
+
+  boost::asio::io_context io(static_cast<int>(config.nbd.threads));
+  // Signal handlers go in before the listeners (and before READY): a SIGTERM that arrives right
+  // after start must take the clean path, not the default action.
+  boost::asio::signal_set signals(io, SIGINT, SIGTERM);
+
+  nbd::FrontendOptions so;
+  for (const ops::ListenAddress& a : config.nbd.listen) so.tcp_listen.push_back(a.ToString());
+  for (const auto& p : config.nbd.unix_sockets) so.unix_sockets.push_back(p.string());
+  so.max_inflight_requests = config.nbd.max_inflight_requests;
+  so.max_inflight_bytes = config.nbd.max_inflight_bytes;
+  nbd::Frontend server(io, so);
+  for (const auto& g : groups) {
+    for (const auto& e : g->exports()) server.AddExport(e);
+  }
+  if (absl::Status st = server.Start(); !st.ok()) {
+    spdlog::error("nbd: {}", Msg(st));
+    return kExitRuntime;
+  }
+  signals.async_wait([&](const boost::system::error_code& err, int signo) {
+    if (err) return;
+    spdlog::info("signal {}: shutting down (answering in-flight requests, flushing the log)",
+                 signo);
+    server.Stop();
+  });
+  spdlog::info("tvillingd {} site {} serving {} group(s); state in {}", TVILLING_VERSION,
+               config.agent.site, groups.size(), config.agent.state_dir.string());
+
+  std::vector<std::thread> threads;
+  for (uint32_t i = 1; i < config.nbd.threads; ++i) threads.emplace_back([&io] { io.run(); });
+  io.run();
+  for (auto& t : threads) t.join();
+
+  int rc = 0;
+  for (auto& g : groups) {
+    if (absl::Status st = g->Stop(); !st.ok()) {
+      spdlog::error("group {}: shutdown: {}", g->name(), Msg(st));
+      rc = kExitRuntime;
+    }
+  }
+  groups.clear();
+  store->reset();
+  spdlog::info("tvillingd stopped");
+  return rc;
+}
+
+}  // namespace
+}  // namespace tvilling
+
+int main(int argc, char** argv) {
+  using namespace tvilling;
+  CLI::App app{"tvillingd: mirrors block volumes between datacenters"};
+  std::string config_file, state_dir, log_level = "info", log_format = "text";
+  bool check_config = false, verify_log = false, version = false;
+  app.add_option("-c,--config", config_file, "the TOML config file");
+  app.add_option("--state-dir", state_dir,
+                 "where the agent keeps its data (overrides agent.state_dir)");
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error or critical");
+  app.add_option("--log-format", log_format, "text or json");
+  app.add_flag("--check-config", check_config, "validate the config and exit");
+  app.add_flag("--verify-log", verify_log, "verify every group's log (checksums, gaps) and exit");
+  app.add_flag("--version", version, "print the version and exit");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+  if (version) {
+    fmt::print("tvillingd {}\n", TVILLING_VERSION);
+    return 0;
+  }
+  auto level = ops::ParseLogLevel(log_level);
+  auto format = ops::ParseLogFormat(log_format);
+  if (!level.ok() || !format.ok()) {
+    fmt::print(stderr, "tvillingd: {}\n",
+               std::string((level.ok() ? format.status() : level.status()).message()));
+    return 2;
+  }
+  ops::SetupLogging({.level = *level, .format = *format});
+  if (config_file.empty()) {
+    fmt::print(stderr, "tvillingd: --config FILE is required\n");
+    return 2;
+  }
+  std::optional<std::filesystem::path> sd;
+  if (!state_dir.empty()) sd = state_dir;
+  auto config = ops::LoadConfig(config_file, sd);
+  if (!config.ok()) {
+    fmt::print(stderr, "tvillingd: invalid configuration:\n{}\n",
+               std::string(config.status().message()));
+    return 2;
+  }
+  if (check_config) {
+    fmt::print("{}: OK ({} group(s))\n", config_file, config->groups.size());
+    return 0;
+  }
+  if (verify_log) return VerifyLogs(*config);
+  return Run(*config);
+}

@@ -1,0 +1,63 @@
+// frontend.h: the NBD server of an agent: TCP and unix-socket listeners, one connection per client,
+// pipelined requests answered as they complete (out of order), over Boost.Asio.
+//
+// Threading: the caller runs the io_context (on one or more threads); every connection lives on its
+// own strand. Export completions may arrive on any thread and are posted back to the connection.
+// Back-pressure: a connection stops reading requests while it has max_inflight_requests or
+// max_inflight_bytes outstanding, so a fast client slows down instead of growing our queues.
+#pragma once
+
+#include <absl/status/status.h>
+
+#include <atomic>
+#include <boost/asio/io_context.hpp>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "agent/nbd/export.h"
+
+namespace tvilling::nbd {
+
+struct FrontendOptions {
+  std::vector<std::string> tcp_listen;    // "127.0.0.1:10809", "[::1]:10809"; port 0 = any
+  std::vector<std::string> unix_sockets;  // paths; a stale socket file is replaced
+  uint32_t max_inflight_requests = 256;   // per connection
+  uint64_t max_inflight_bytes = 128ull << 20;
+};
+
+struct FrontendStats {
+  std::atomic<uint64_t> connections{0};
+  std::atomic<uint64_t> handshakes_refused{0};  // malformed or aborted handshakes
+  std::atomic<uint64_t> requests{0};
+  std::atomic<uint64_t> request_errors{0};  // requests answered with an NBD error
+  std::atomic<uint64_t> bytes_read{0};      // READ payload sent to clients
+  std::atomic<uint64_t> bytes_written{0};   // WRITE payload received
+};
+
+class Frontend {
+ public:
+  Frontend(boost::asio::io_context& io, FrontendOptions options);
+  ~Frontend();
+  Frontend(const Frontend&) = delete;
+  Frontend& operator=(const Frontend&) = delete;
+
+  // Before Start. Export names must be unique; the first export is the default ("" name).
+  void AddExport(std::shared_ptr<Export> e);
+  // Binds every listener; an error names the address. Nothing is served until this succeeds.
+  absl::Status Start();
+  // The bound TCP ports, in tcp_listen order (useful with port 0).
+  std::vector<uint16_t> tcp_ports() const;
+  // Stops accepting and stops reading new requests; requests already read are answered, then each
+  // connection closes. The io_context runs out of work once all of that is done. Thread-safe.
+  void Stop();
+  const FrontendStats& stats() const;
+
+  struct Impl;
+
+ private:
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace tvilling::nbd

@@ -1,0 +1,261 @@
+// group_runtime.cc: applier, checkpointer, replay, and the NBD exports of a group.
+#include "agent/node/group_runtime.h"
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+#include <time.h>
+
+#include <chrono>
+#include <future>
+
+namespace tvilling::node {
+namespace {
+
+uint64_t NowNs() {
+  timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+// One volume of a group, served over NBD. Writes go through the group log; reads come from the
+// volume, which holds every completed write (the applier runs before a write completes).
+class VolumeExport final : public nbd::Export {
+ public:
+  VolumeExport(storage::GroupLog* log, storage::Volume* volume, uint32_t index,
+               nbd::ExportInfo info)
+      : log_(log), volume_(volume), index_(index), info_(std::move(info)) {}
+
+  const nbd::ExportInfo& info() const override { return info_; }
+
+  void Read(uint64_t offset, uint32_t length, char* out, Done done) override {
+    std::move(done)(volume_->Read(offset, std::span<char>(out, length)));
+  }
+
+  void Write(uint64_t offset, storage::Bytes data, bool fua, Done done) override {
+    storage::AppendRequest req;
+    req.type = storage::RecordType::kWrite;
+    req.flags = fua ? storage::kRecordFlagFua : 0;
+    req.volume = index_;
+    req.offset = offset;
+    req.length = static_cast<uint32_t>(data.size());
+    req.payload = std::move(data);
+    req.sync = fua;
+    Append(std::move(req), std::move(done));
+  }
+
+  void Flush(Done done) override {
+    log_->Sync([done = std::move(done)](absl::Status st) mutable { std::move(done)(st); });
+  }
+
+  void Trim(uint64_t offset, uint32_t length, bool fua, Done done) override {
+    storage::AppendRequest req;
+    req.type = storage::RecordType::kTrim;
+    req.flags = fua ? storage::kRecordFlagFua : 0;
+    req.volume = index_;
+    req.offset = offset;
+    req.length = length;
+    req.sync = fua;
+    Append(std::move(req), std::move(done));
+  }
+
+  void WriteZeroes(uint64_t offset, uint32_t length, bool fua, bool no_hole, Done done) override {
+    storage::AppendRequest req;
+    req.type = storage::RecordType::kWriteZeroes;
+    req.flags = static_cast<uint16_t>((fua ? storage::kRecordFlagFua : 0) |
+                                      (no_hole ? storage::kRecordFlagNoHole : 0));
+    req.volume = index_;
+    req.offset = offset;
+    req.length = length;
+    req.sync = fua;
+    Append(std::move(req), std::move(done));
+  }
+
+ private:
+  void Append(storage::AppendRequest req, Done done) {
+    log_->Append(std::move(req), [done = std::move(done)](absl::StatusOr<uint64_t> lsn) mutable {
+      std::move(done)(lsn.status());
+    });
+  }
+
+  storage::GroupLog* const log_;
+  storage::Volume* const volume_;
+  const uint32_t index_;
+  const nbd::ExportInfo info_;
+};
+
+}  // namespace
+
+GroupRuntime::GroupRuntime(GroupRuntimeOptions options) : options_(std::move(options)) {}
+
+GroupRuntime::~GroupRuntime() { (void)Stop(); }
+
+absl::StatusOr<std::unique_ptr<GroupRuntime>> GroupRuntime::Open(storage::LogStore& store,
+                                                                 GroupRuntimeOptions options) {
+  auto g = std::unique_ptr<GroupRuntime>(new GroupRuntime(std::move(options)));
+  const std::string& group = g->options_.name;
+  for (const VolumeSpec& spec : g->options_.volumes) {
+    auto vol = storage::Volume::Open(spec.volume);
+    if (!vol.ok()) {
+      return absl::Status(vol.status().code(),
+                          fmt::format("group {}: volume {}: {}", group, spec.name,
+                                      std::string(vol.status().message())));
+    }
+    g->volumes_.push_back(std::move(*vol));
+  }
+
+  storage::GroupLogOptions log_options = g->options_.log;
+  log_options.on_batch_written = [gp = g.get()](std::span<const storage::LogRecordView> records) {
+    return gp->Apply(records);
+  };
+  auto log = store.OpenGroup(group, log_options);
+  if (!log.ok()) {
+    if (log.status().code() != absl::StatusCode::kDataLoss) return log.status();
+    return absl::DataLossError(
+        fmt::format("{}; refusing to serve stale data", std::string(log.status().message())));
+  }
+  g->log_ = *log;
+
+  // Replay what the volumes may not hold yet. New appends cannot arrive: no export serves yet.
+  const storage::GroupLogState state = g->log_->State();
+  const uint64_t from = std::max(state.applied_lsn + 1, state.first_lsn);
+  g->applied_lsn_ = state.applied_lsn;
+  g->checkpointed_lsn_ = state.applied_lsn;
+  if (from <= state.last_lsn) {
+    spdlog::info("group {}: replaying log LSN {}..{} into {} volume(s)", group, from,
+                 state.last_lsn, g->volumes_.size());
+    absl::Status st =
+        g->log_->ReadRange(from, state.last_lsn, [&](const storage::LogRecordView& r) {
+          ++g->replayed_records_;
+          return g->ApplyOne(r);
+        });
+    if (!st.ok()) {
+      return absl::Status(
+          st.code(), fmt::format("{}; refusing to serve stale data", std::string(st.message())));
+    }
+    g->applied_lsn_ = state.last_lsn;
+    if (absl::Status cst = g->Checkpoint(); !cst.ok()) return cst;
+  }
+
+  for (size_t i = 0; i < g->volumes_.size(); ++i) {
+    const VolumeSpec& spec = g->options_.volumes[i];
+    nbd::ExportInfo info;
+    info.name = spec.export_name.empty() ? spec.name : spec.export_name;
+    info.description = fmt::format("tvilling group {} volume {}", group, spec.name);
+    info.size_bytes = g->volumes_[i]->size();
+    info.read_only = spec.volume.read_only;
+    g->exports_.push_back(std::make_shared<VolumeExport>(g->log_, g->volumes_[i].get(),
+                                                         static_cast<uint32_t>(i), info));
+  }
+  g->checkpointer_ = std::thread([gp = g.get()] { gp->CheckpointerLoop(); });
+  return g;
+}
+
+absl::Status GroupRuntime::Apply(std::span<const storage::LogRecordView> records) {
+  if (!apply_failed_.ok()) return apply_failed_;
+  uint64_t bytes = 0;
+  for (const storage::LogRecordView& r : records) {
+    if (absl::Status st = ApplyOne(r); !st.ok()) {
+      // The volume no longer follows the log; stop accepting writes until an operator intervenes.
+      apply_failed_ = absl::Status(
+          st.code(), fmt::format("group {}: applying LSN {} failed, writes suspended: {}",
+                                 options_.name, r.lsn, std::string(st.message())));
+      spdlog::error("{}", std::string(apply_failed_.message()));
+      return apply_failed_;
+    }
+    bytes += r.header.length;
+  }
+  if (!records.empty()) applied_lsn_.store(records.back().lsn, std::memory_order_release);
+  if (applied_bytes_since_checkpoint_.fetch_add(bytes) + bytes >= options_.checkpoint_bytes) {
+    cv_.notify_one();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GroupRuntime::ApplyOne(const storage::LogRecordView& r) {
+  const storage::RecordHeader& h = r.header;
+  if (h.volume >= volumes_.size()) {
+    return absl::DataLossError(
+        fmt::format("group {}: record LSN {} names volume {} but the group has {}", options_.name,
+                    r.lsn, h.volume, volumes_.size()));
+  }
+  storage::Volume& v = *volumes_[h.volume];
+  if (h.offset > v.size() || h.length > v.size() - h.offset) {
+    return absl::DataLossError(fmt::format(
+        "group {}: record LSN {} ({} {}+{}) is beyond volume {} of {} bytes", options_.name, r.lsn,
+        storage::RecordTypeName(h.type), h.offset, h.length, h.volume, v.size()));
+  }
+  switch (h.type) {
+    case storage::RecordType::kWrite:
+      return v.Write(h.offset, r.payload);
+    case storage::RecordType::kTrim:
+      return v.Trim(h.offset, h.length);
+    case storage::RecordType::kWriteZeroes:
+      return v.WriteZeroes(h.offset, h.length, (h.flags & storage::kRecordFlagNoHole) == 0);
+  }
+  return absl::DataLossError(
+      fmt::format("group {}: record LSN {} has unknown type", options_.name, r.lsn));
+}
+
+absl::Status GroupRuntime::Checkpoint() {
+  std::lock_guard lock(checkpoint_mu_);
+  const uint64_t target = applied_lsn_.load(std::memory_order_acquire);
+  if (target > checkpointed_lsn_.load()) {
+    applied_bytes_since_checkpoint_.store(0);
+    for (auto& v : volumes_) {
+      if (absl::Status st = v->Flush(); !st.ok()) {
+        return absl::Status(st.code(), fmt::format("group {}: checkpoint: {}", options_.name,
+                                                   std::string(st.message())));
+      }
+    }
+    if (absl::Status st = log_->SetAppliedLsn(target); !st.ok()) return st;
+    checkpointed_lsn_.store(target);
+    checkpoints_.fetch_add(1);
+  }
+  auto first = log_->EnforceRetention(NowNs());
+  return first.status();
+}
+
+void GroupRuntime::CheckpointerLoop() {
+  std::unique_lock lock(mu_);
+  while (!stopping_) {
+    cv_.wait_for(lock, std::chrono::milliseconds(options_.checkpoint_interval_ms), [&] {
+      return stopping_ || applied_bytes_since_checkpoint_.load() >= options_.checkpoint_bytes;
+    });
+    if (stopping_) break;
+    lock.unlock();
+    if (absl::Status st = Checkpoint(); !st.ok()) {
+      spdlog::error("group {}: checkpoint failed (will retry): {}", options_.name,
+                    std::string(st.message()));
+    }
+    lock.lock();
+  }
+}
+
+absl::Status GroupRuntime::Stop() {
+  {
+    std::lock_guard lock(mu_);
+    if (stopping_) return absl::OkStatus();
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (checkpointer_.joinable()) checkpointer_.join();
+  if (log_ == nullptr) return absl::OkStatus();
+  absl::Status st = Checkpoint();
+  // Make the checkpoint record (and everything before it) durable.
+  std::promise<absl::Status> synced;
+  auto fut = synced.get_future();
+  log_->Sync([&synced](absl::Status s) { synced.set_value(s); });
+  absl::Status sync_st = fut.get();
+  return st.ok() ? sync_st : st;
+}
+
+GroupRuntimeStats GroupRuntime::Stats() const {
+  GroupRuntimeStats s;
+  s.replayed_records = replayed_records_;
+  s.checkpoints = checkpoints_.load();
+  s.applied_lsn = applied_lsn_.load();
+  s.checkpointed_lsn = checkpointed_lsn_.load();
+  return s;
+}
+
+}  // namespace tvilling::node

@@ -1,0 +1,189 @@
+// group_runtime_test.cc: a group on a real RocksDB and real volume files: writes through the export
+// land in the log and the volume, replay after a crash, refusal to serve when the replay range is
+// corrupt, checkpoints and truncation.
+#include "agent/node/group_runtime.h"
+
+#include <gtest/gtest.h>
+#include <rocksdb/db.h>
+
+#include <future>
+
+#include "tests/unit/storage/temp_dir.h"
+
+namespace tvilling::node {
+namespace {
+
+using storage::Bytes;
+
+absl::Status Wait(const std::function<void(nbd::Export::Done)>& op) {
+  std::promise<absl::Status> p;
+  auto f = p.get_future();
+  op([&p](absl::Status s) { p.set_value(s); });
+  return f.get();
+}
+
+class GroupRuntimeTest : public ::testing::Test {
+ protected:
+  GroupRuntimeOptions Options() {
+    GroupRuntimeOptions o;
+    o.name = "g0";
+    o.checkpoint_interval_ms = 3600 * 1000;  // checkpoints only when the test asks
+    o.log.segment_records = 16;
+    for (const char* name : {"vol0", "vol1"}) {
+      VolumeSpec v;
+      v.name = name;
+      v.volume.path = dir_.path() / (std::string(name) + ".img");
+      v.volume.size_bytes = 8 << 20;
+      o.volumes.push_back(v);
+    }
+    return o;
+  }
+  void OpenStore() {
+    auto s = storage::LogStore::Open({.dir = dir_.path() / "log"});
+    ASSERT_TRUE(s.ok()) << s.status();
+    store_ = std::move(*s);
+  }
+  absl::StatusOr<std::unique_ptr<GroupRuntime>> OpenGroup() {
+    return GroupRuntime::Open(*store_, Options());
+  }
+  std::string ReadVolumeFile(const char* name, uint64_t offset, size_t n) {
+    auto v = storage::Volume::Open({.path = dir_.path() / (std::string(name) + ".img"),
+                                    .size_bytes = 8 << 20,
+                                    .create = false,
+                                    .read_only = true});
+    EXPECT_TRUE(v.ok()) << v.status();
+    std::string out(n, '\0');
+    EXPECT_TRUE((*v)->Read(offset, std::span<char>(out.data(), n)).ok());
+    return out;
+  }
+  TempDir dir_;
+  std::unique_ptr<storage::LogStore> store_;
+};
+
+TEST_F(GroupRuntimeTest, WritesGoThroughTheLogAndAreVisibleWhenComplete) {
+  OpenStore();
+  auto g = OpenGroup();
+  ASSERT_TRUE(g.ok()) << g.status();
+  auto& exports = (*g)->exports();
+  ASSERT_EQ(exports.size(), 2u);
+  EXPECT_EQ(exports[0]->info().name, "vol0");
+  EXPECT_EQ(exports[0]->info().size_bytes, 8u << 20);
+  ASSERT_TRUE(Wait([&](auto d) {
+                exports[1]->Write(4096, Bytes::Copy(std::string(4096, 'b')), false, std::move(d));
+              }).ok());
+  ASSERT_TRUE(
+      Wait([&](auto d) { exports[0]->Write(0, Bytes::Copy("hello"), true, std::move(d)); }).ok());
+  EXPECT_EQ((*g)->log().last_lsn(), 2u);
+  EXPECT_GE((*g)->log().durable_lsn(), 2u) << "FUA completes only when durable";
+  std::string buf(5, '\0');
+  ASSERT_TRUE(Wait([&](auto d) { exports[0]->Read(0, 5, buf.data(), std::move(d)); }).ok());
+  EXPECT_EQ(buf, "hello");
+  ASSERT_TRUE(Wait([&](auto d) { exports[1]->Trim(4096, 2048, false, std::move(d)); }).ok());
+  ASSERT_TRUE(
+      Wait([&](auto d) { exports[1]->WriteZeroes(6144, 1024, false, true, std::move(d)); }).ok());
+  ASSERT_TRUE(Wait([&](auto d) { exports[1]->Flush(std::move(d)); }).ok());
+  std::string v1(4096, '\0');
+  ASSERT_TRUE(Wait([&](auto d) { exports[1]->Read(4096, 4096, v1.data(), std::move(d)); }).ok());
+  EXPECT_EQ(v1, std::string(3072, '\0') + std::string(1024, 'b'));
+  auto st = (*g)->log().State();
+  EXPECT_EQ(st.last_lsn, 4u);
+  EXPECT_EQ(st.durable_lsn, 4u);
+}
+
+TEST_F(GroupRuntimeTest, ReplaysRecordsTheVolumesDoNotHold) {
+  // Records reach the log, but the process dies before the volume saw them: append with no applier.
+  OpenStore();
+  {
+    auto log = store_->OpenGroup("g0", {});
+    ASSERT_TRUE(log.ok());
+    for (int i = 0; i < 20; ++i) {
+      storage::AppendRequest r;
+      r.volume = i % 2;
+      r.offset = 512ull * i;
+      r.length = 512;
+      r.payload = Bytes::Copy(std::string(512, static_cast<char>('A' + i)));
+      std::promise<void> p;
+      (*log)->Append(std::move(r), [&](absl::StatusOr<uint64_t> l) {
+        EXPECT_TRUE(l.ok());
+        p.set_value();
+      });
+      p.get_future().wait();
+    }
+  }
+  store_.reset();
+  OpenStore();
+  auto g = OpenGroup();
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_EQ((*g)->Stats().replayed_records, 20u);
+  EXPECT_EQ((*g)->log().State().applied_lsn, 20u) << "replay ends with a checkpoint";
+  ASSERT_TRUE((*g)->Stop().ok());
+  g->reset();
+  EXPECT_EQ(ReadVolumeFile("vol0", 512 * 4, 512), std::string(512, 'E'));
+  EXPECT_EQ(ReadVolumeFile("vol1", 512 * 19, 512), std::string(512, 'T'));
+  // A second start has nothing to replay.
+  store_.reset();
+  OpenStore();
+  auto g2 = OpenGroup();
+  ASSERT_TRUE(g2.ok());
+  EXPECT_EQ((*g2)->Stats().replayed_records, 0u);
+}
+
+TEST_F(GroupRuntimeTest, RefusesToServeWhenTheReplayRangeIsCorrupt) {
+  OpenStore();
+  uint32_t gid = 0;
+  {
+    auto log = store_->OpenGroup("g0", {});
+    ASSERT_TRUE(log.ok());
+    gid = (*log)->group_id();
+    for (int i = 0; i < 5; ++i) {
+      storage::AppendRequest r;
+      r.length = 8;
+      r.payload = Bytes::Copy("abcdefgh");
+      std::promise<void> p;
+      (*log)->Append(std::move(r), [&](absl::StatusOr<uint64_t>) { p.set_value(); });
+      p.get_future().wait();
+    }
+  }
+  std::string key = storage::EncodeLogKey(gid, 4), value;
+  ASSERT_TRUE(store_->db()->Get({}, key, &value).ok());
+  value.back() ^= 1;
+  ASSERT_TRUE(store_->db()->Put({}, key, value).ok());
+  store_.reset();
+  OpenStore();
+  auto g = OpenGroup();
+  ASSERT_FALSE(g.ok());
+  EXPECT_EQ(g.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(g.status().message().find("LSN 4"), absl::string_view::npos) << g.status();
+  EXPECT_NE(g.status().message().find("refusing to serve"), absl::string_view::npos) << g.status();
+}
+
+TEST_F(GroupRuntimeTest, CheckpointRecordsAppliedLsnAndTruncatesAppliedSegments) {
+  OpenStore();
+  auto g = OpenGroup();
+  ASSERT_TRUE(g.ok());
+  auto e = (*g)->exports()[0];
+  for (int i = 0; i < 40; ++i) {
+    ASSERT_TRUE(Wait([&](auto d) {
+                  e->Write(4096ull * i, Bytes::Copy(std::string(4096, 'c')), false, std::move(d));
+                }).ok());
+  }
+  ASSERT_TRUE((*g)->Checkpoint().ok());
+  auto st = (*g)->log().State();
+  EXPECT_EQ(st.applied_lsn, 40u);
+  EXPECT_EQ(st.first_lsn, 33u) << "segments of 16 records: [1,16] and [17,32] go, [33,40] is open";
+  EXPECT_EQ((*g)->Stats().checkpoints, 1u);
+}
+
+TEST_F(GroupRuntimeTest, VolumeErrorsNameTheGroupAndVolume) {
+  OpenStore();
+  auto o = Options();
+  o.volumes[1].volume.path = dir_.path() / "missing-dir" / "vol1.img";
+  o.volumes[1].volume.create = false;
+  auto g = GroupRuntime::Open(*store_, o);
+  ASSERT_FALSE(g.ok());
+  EXPECT_NE(g.status().message().find("group g0: volume vol1"), absl::string_view::npos)
+      << g.status();
+}
+
+}  // namespace
+}  // namespace tvilling::node
