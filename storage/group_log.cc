@@ -121,6 +121,9 @@ absl::StatusOr<std::unique_ptr<LogStore>> LogStore::Open(const LogStoreOptions& 
   o.max_background_jobs = 2;
   o.info_log_level = rocksdb::InfoLogLevel::WARN_LEVEL;
   o.keep_log_file_num = 4;
+  o.recycle_log_file_num = options.recycle_wal_files;
+  o.allow_fallocate = false;
+
   if (options.env != nullptr) o.env = options.env;
   rocksdb::DB* raw = nullptr;
   rocksdb::Status s = rocksdb::DB::Open(o, options.dir.string(), &raw);
@@ -326,9 +329,32 @@ void GroupLog::Sync(SyncDone done) {
     std::move(done)(absl::OkStatus());
     return;
   }
+  if (options_.sync_inline_when_idle && queue_.empty() && !committing_ && !meta_dirty_ &&
+      sync_waiters_.empty() && !stopping_) {
+    // Everything up to `target` is written (nothing queued, no batch in flight): only the fsync is
+    // missing, and this thread can do it.
+    lock.unlock();
+    std::move(done)(SyncWritten(target));
+    return;
+  }
   sync_waiters_.push_back({target, std::move(done)});
   lock.unlock();
   cv_.notify_one();
+}
+
+absl::Status GroupLog::SyncWritten(uint64_t target) {
+  if (absl::Status h = health_->status(); !h.ok()) return h;
+  rocksdb::Status s = db_->FlushWAL(/*sync=*/true);
+  if (!s.ok()) {
+    absl::Status st = FromRocks(s, fmt::format("group {}: syncing log at LSN {}", name_, target));
+    health_->Fail(st);
+    FailQueued(st);
+    return st;
+  }
+  uint64_t d = durable_lsn_.load(std::memory_order_acquire);
+  while (d < target && !durable_lsn_.compare_exchange_weak(d, target, std::memory_order_acq_rel)) {
+  }
+  return absl::OkStatus();
 }
 
 void GroupLog::CommitterLoop() {
@@ -359,10 +385,13 @@ void GroupLog::CommitterLoop() {
       for (auto i = sync_waiters_.begin(); i != covered; ++i) syncs.push_back(std::move(*i));
       sync_waiters_.erase(sync_waiters_.begin(), covered);
       write_meta = meta_dirty_;
+      committing_ = true;
     }
     Commit(batch, syncs, write_meta);
     batch.clear();
     syncs.clear();
+    std::lock_guard lock(mu_);
+    committing_ = false;
   }
 }
 
@@ -450,7 +479,11 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
   }
   if (st.ok() && need_sync) {
     // A synced write makes everything before it in the WAL durable too.
-    durable_lsn_.store(last_lsn_.load(std::memory_order_acquire), std::memory_order_release);
+    const uint64_t target = last_lsn_.load(std::memory_order_acquire);
+    uint64_t d = durable_lsn_.load(std::memory_order_acquire);
+    while (d < target &&
+           !durable_lsn_.compare_exchange_weak(d, target, std::memory_order_acq_rel)) {
+    }
   }
   for (Pending& p : batch) {
     if (st.ok()) {

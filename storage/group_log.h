@@ -71,6 +71,10 @@ struct LogStoreOptions {
   // never written to an SST, so the log costs one write (the WAL) per byte when peers keep up.
   uint64_t write_buffer_bytes = 256ull << 20;
   int max_write_buffers = 3;
+  // WAL files reused after their memtable is flushed: appends then overwrite blocks that are
+  // already allocated (and often cached) instead of growing a new file, which makes buffered WAL
+  // writes several times faster and fsyncs cheaper (no size change to journal). 0 = off.
+  int recycle_wal_files = 4;
   // For tests: an Env that can drop unsynced data. nullptr = rocksdb::Env::Default().
   rocksdb::Env* env = nullptr;
 };
@@ -116,6 +120,10 @@ struct GroupLogOptions {
   // Segments are the unit of retention: truncation removes whole segments with one range delete.
   uint64_t segment_bytes = 64ull << 20;
   uint32_t segment_records = 65536;
+  // A Sync() that finds the log idle (nothing queued, no batch being written) fsyncs on the
+  // caller's thread, saving two thread hand-offs on a FLUSH at queue depth 1; otherwise the
+  // committer does it.
+  bool sync_inline_when_idle = true;
   RetentionOptions retention;
   // Called on the committer thread after a batch is in the log (written, maybe not yet fsynced),
   // with the batch's records in LSN order, before any append callback of the batch runs. The
@@ -239,6 +247,8 @@ class GroupLog {
     SyncDone done;
   };
   void CommitterLoop();
+  // Fsyncs the WAL now and advances durable_lsn to `target` (already written). Any thread.
+  absl::Status SyncWritten(uint64_t target);
   // Writes one batch (records, metadata, fsync if asked); completes what it covers.
   void Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& syncs, bool write_meta);
   absl::Status WriteMetaLocked(
@@ -263,6 +273,7 @@ class GroupLog {
   absl::Status failed_;  // sticky: once the log cannot be written, every later append fails with it
   uint64_t next_lsn_ = 1;  // assigned at enqueue, so the queue is in LSN order
   bool stopping_ = false;
+  bool committing_ = false;  // the committer is between taking a batch and completing it
   bool meta_dirty_ = false;
   uint64_t first_lsn_ = 1;
   uint64_t applied_lsn_ = 0;
