@@ -16,6 +16,7 @@
 #include <boost/asio/strand.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
+#include <cstring>
 #include <deque>
 #include <filesystem>
 #include <map>
@@ -154,7 +155,7 @@ class Connection : public std::enable_shared_from_this<Connection<Socket>> {
         co_await WaitForWake();
         if (write_failed_) co_return;
       }
-      co_await asio::async_read(socket_, asio::buffer(raw), use_awaitable);
+      co_await ReadExact(raw, sizeof raw);
       wire::RequestHeader h;
       if (!wire::ParseRequestHeader(raw, &h)) {
         spdlog::warn("nbd: closing connection from {}: bad request magic", peer_);
@@ -186,19 +187,15 @@ class Connection : public std::enable_shared_from_this<Connection<Socket>> {
           auto self = this->shared_from_this();
           const uint64_t cookie = h.cookie;
           const uint32_t length = h.length;
-          export_->Read(h.offset, h.length, out,
-                        [self, cookie, length, buf](absl::Status st) mutable {
-                          asio::post(self->socket_.get_executor(), [self, cookie, length, buf, st] {
-                            self->inflight_bytes_ -= length;
-                            self->Finish(cookie, st, std::move(*buf));
-                          });
-                        });
+          export_->Read(h.offset, h.length, out, [self, cookie, length, buf](absl::Status st) {
+            self->Deliver({cookie, std::move(st), length, std::move(*buf)});
+          });
           break;
         }
         case wire::kCmdWrite: {
           storage::Bytes payload = storage::Bytes::Allocate(h.length);
           inflight_bytes_ += h.length;
-          co_await asio::async_read(socket_, asio::buffer(payload.data(), h.length), use_awaitable);
+          co_await ReadExact(payload.data(), h.length);
           fe_->stats.bytes_written.fetch_add(h.length);
           export_->Write(h.offset, std::move(payload), fua, std::move(done));
           break;
@@ -221,11 +218,63 @@ class Connection : public std::enable_shared_from_this<Connection<Socket>> {
   Export::Done Completion(uint64_t cookie, uint32_t payload_bytes) {
     auto self = this->shared_from_this();
     return [self, cookie, payload_bytes](absl::Status st) {
-      asio::post(self->socket_.get_executor(), [self, cookie, payload_bytes, st] {
-        self->inflight_bytes_ -= payload_bytes;
-        self->Finish(cookie, st, {});
-      });
+      self->Deliver({cookie, std::move(st), payload_bytes, {}});
     };
+  }
+
+  // Completions arrive on other threads (a group's committer finishes a whole batch at once); they
+  // are collected here and handed to the strand with one post per burst, not one per request.
+  struct Done {
+    uint64_t cookie;
+    absl::Status status;
+    uint32_t held_bytes;  // in-flight bytes released by this completion
+    storage::Bytes data;  // READ data
+  };
+  void Deliver(Done d) {
+    {
+      std::lock_guard lock(inbox_mu_);
+      inbox_.push_back(std::move(d));
+      if (inbox_posted_) return;
+      inbox_posted_ = true;
+    }
+    asio::post(socket_.get_executor(), [self = this->shared_from_this()] { self->DrainInbox(); });
+  }
+  void DrainInbox() {
+    std::vector<Done> batch;
+    {
+      std::lock_guard lock(inbox_mu_);
+      batch.swap(inbox_);
+      inbox_posted_ = false;
+    }
+    for (Done& d : batch) {
+      inflight_bytes_ -= d.held_bytes;
+      Finish(d.cookie, d.status, std::move(d.data));
+    }
+  }
+
+  // Reads exactly n bytes through a read-ahead buffer, so one recv serves many pipelined requests;
+  // large payloads go straight to their destination.
+  awaitable<void> ReadExact(char* dst, size_t n) {
+    const size_t have = rend_ - rpos_;
+    if (have >= n) {
+      std::memcpy(dst, rbuf_.data() + rpos_, n);
+      rpos_ += n;
+      co_return;
+    }
+    std::memcpy(dst, rbuf_.data() + rpos_, have);
+    dst += have;
+    n -= have;
+    rpos_ = rend_ = 0;
+    if (n >= rbuf_.size() / 2) {
+      co_await asio::async_read(socket_, asio::buffer(dst, n), use_awaitable);
+      co_return;
+    }
+    while (rend_ < n) {
+      rend_ += co_await socket_.async_read_some(
+          asio::buffer(rbuf_.data() + rend_, rbuf_.size() - rend_), use_awaitable);
+    }
+    std::memcpy(dst, rbuf_.data(), n);
+    rpos_ = n;
   }
 
   // On the strand.
@@ -281,7 +330,7 @@ class Connection : public std::enable_shared_from_this<Connection<Socket>> {
     std::vector<char> scratch(std::min<uint32_t>(length, 64u << 10));
     while (length > 0) {
       const uint32_t n = std::min<uint32_t>(length, static_cast<uint32_t>(scratch.size()));
-      co_await asio::async_read(socket_, asio::buffer(scratch.data(), n), use_awaitable);
+      co_await ReadExact(scratch.data(), n);
       length -= n;
     }
   }
@@ -300,6 +349,11 @@ class Connection : public std::enable_shared_from_this<Connection<Socket>> {
   std::shared_ptr<Export> export_;
   uint32_t inflight_requests_ = 0;
   uint64_t inflight_bytes_ = 0;
+  std::vector<char> rbuf_ = std::vector<char>(256u << 10);
+  size_t rpos_ = 0, rend_ = 0;
+  std::mutex inbox_mu_;
+  std::vector<Done> inbox_;
+  bool inbox_posted_ = false;
   std::deque<Reply> replies_;  // deque: elements keep their address while others come and go
   std::vector<asio::const_buffer> buffers_;
   bool writing_ = false;
