@@ -16,8 +16,11 @@
 #include <CLI/CLI.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -131,7 +134,48 @@ int VerifyLogs(const ops::Config& config) {
   return rc;
 }
 
-int Run(const ops::Config& config) {
+// Logs one line per group every `interval` while something changed: what an operator watches.
+class StatusReporter {
+ public:
+  StatusReporter(boost::asio::io_context& io, std::chrono::seconds interval,
+                 const std::vector<std::unique_ptr<node::GroupRuntime>>& groups,
+                 const nbd::Frontend& frontend)
+      : timer_(io), interval_(interval), groups_(groups), frontend_(frontend) {}
+  void Start() {
+    if (interval_.count() == 0) return;
+    timer_.expires_after(interval_);
+    timer_.async_wait([this](const boost::system::error_code& ec) {
+      if (ec) return;
+      Report();
+      Start();
+    });
+  }
+  void Stop() { timer_.cancel(); }
+
+ private:
+  void Report() {
+    const nbd::FrontendStats& n = frontend_.stats();
+    for (const auto& g : groups_) {
+      const storage::GroupLogState s = g->log().State();
+      const node::GroupRuntimeStats r = g->Stats();
+      if (s.last_lsn == last_reported_[g->name()]) continue;
+      last_reported_[g->name()] = s.last_lsn;
+      spdlog::info(
+          "group {}: LSN last {} durable {} applied {} checkpointed {}; log holds LSN {}..{} ({} "
+          "bytes); nbd: {} connection(s) so far, {} request(s), {} error(s), {} bytes written",
+          g->name(), s.last_lsn, s.durable_lsn, r.applied_lsn, r.checkpointed_lsn, s.first_lsn,
+          s.last_lsn, s.bytes, n.connections.load(), n.requests.load(), n.request_errors.load(),
+          n.bytes_written.load());
+    }
+  }
+  boost::asio::steady_timer timer_;
+  const std::chrono::seconds interval_;
+  const std::vector<std::unique_ptr<node::GroupRuntime>>& groups_;
+  const nbd::Frontend& frontend_;
+  std::map<std::string, uint64_t> last_reported_;
+};
+
+int Run(const ops::Config& config, std::chrono::seconds status_interval) {
   std::error_code ec;
   std::filesystem::create_directories(config.agent.state_dir, ec);
   if (ec) {
@@ -188,10 +232,13 @@ int Run(const ops::Config& config) {
     spdlog::error("nbd: {}", Msg(st));
     return kExitRuntime;
   }
+  StatusReporter status(io, status_interval, groups, server);
+  status.Start();
   signals.async_wait([&](const boost::system::error_code& err, int signo) {
     if (err) return;
     spdlog::info("signal {}: shutting down (answering in-flight requests, flushing the log)",
                  signo);
+    status.Stop();
     server.Stop();
   });
   spdlog::info("tvillingd {} site {} serving {} group(s); state in {}", TVILLING_VERSION,
@@ -223,6 +270,7 @@ int main(int argc, char** argv) {
   CLI::App app{"tvillingd: mirrors block volumes between datacenters"};
   std::string config_file, state_dir, log_level = "info", log_format = "text";
   bool check_config = false, verify_log = false, version = false;
+  unsigned status_seconds = 10;
   app.add_option("-c,--config", config_file, "the TOML config file");
   app.add_option("--state-dir", state_dir,
                  "where the agent keeps its data (overrides agent.state_dir)");
@@ -231,6 +279,8 @@ int main(int argc, char** argv) {
   app.add_flag("--check-config", check_config, "validate the config and exit");
   app.add_flag("--verify-log", verify_log, "verify every group's log (checksums, gaps) and exit");
   app.add_flag("--version", version, "print the version and exit");
+  app.add_option("--status-interval", status_seconds,
+                 "seconds between status lines in the log while writes happen (0 = none)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -265,5 +315,5 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (verify_log) return VerifyLogs(*config);
-  return Run(*config);
+  return Run(*config, std::chrono::seconds(status_seconds));
 }

@@ -20,7 +20,7 @@ if [ -f "$STATE/tvillingd.pid" ] && kill -0 "$(cat "$STATE/tvillingd.pid")" 2>/d
 fi
 mkdir -p "$STATE"
 build/agent/tvillingd --check-config --config deploy/examples/single-node.toml --state-dir "$STATE"
-nohup build/agent/tvillingd --config deploy/examples/single-node.toml --state-dir "$STATE" \
+nohup build/agent/tvillingd --config deploy/examples/single-node.toml --state-dir "$STATE" --status-interval 2 \
   >"$STATE/tvillingd.log" 2>&1 &
 echo $! >"$STATE/tvillingd.pid"
 for _ in $(seq 100); do nbdinfo "$URI" >/dev/null 2>&1 && break; sleep 0.1; done
