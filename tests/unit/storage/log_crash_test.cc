@@ -81,8 +81,15 @@ TEST(LogCrashTest, SigkillMidAppendLosesNothingReportedDurableAndLeavesNoGap) {
   for (int round = 0; round < kRounds; ++round) {
     Child c = Spawn(log_dir, base_seed + round);
     std::string rest;
-    const int run_ms = 100 + static_cast<int>(rng() % 400);
-    const uint64_t durable = ReadDurable(c.out, run_ms, &rest);
+    // The kill comes at a random moment after the writer is up and appending (a sanitizer build
+    // may take long to start), so every round interrupts real work.
+    uint64_t durable = 0;
+    for (int waited_ms = 0; durable == 0 && waited_ms < 20000; waited_ms += 50) {
+      durable = ReadDurable(c.out, 50, &rest);
+    }
+    ASSERT_GT(durable, 0u) << "round " << round << ": the writer never reported anything durable";
+    const int run_ms = static_cast<int>(rng() % 400);
+    durable = std::max(durable, ReadDurable(c.out, run_ms, &rest));
     ASSERT_EQ(kill(c.pid, SIGKILL), 0);
     int status = 0;
     ASSERT_EQ(waitpid(c.pid, &status, 0), c.pid);
@@ -119,8 +126,6 @@ TEST(LogCrashTest, SigkillMidAppendLosesNothingReportedDurableAndLeavesNoGap) {
     EXPECT_EQ(count, st.last_lsn) << "gap";
     EXPECT_TRUE((*log)->Verify().ok());
     prev_last = st.last_lsn;
-    ASSERT_GT(reported, 0u) << "round " << round << ": the writer reported nothing durable in "
-                            << run_ms << " ms";
   }
   RecordProperty("records", std::to_string(prev_last));
 }
