@@ -104,14 +104,8 @@ absl::Status ScanPrefix(
 // ---------------------------------------------------------------------------------------------------
 // LogStore
 
-absl::StatusOr<std::unique_ptr<LogStore>> LogStore::Open(const LogStoreOptions& options) {
-  std::error_code ec;
-  std::filesystem::create_directories(options.dir, ec);
-  if (ec) {
-    return absl::FailedPreconditionError(
-        fmt::format("cannot create log directory {}: {}", options.dir.string(), ec.message()));
-  }
-  rocksdb::Options o;
+void ConfigureRocksOptions(const LogStoreOptions& options, rocksdb::Options* out) {
+  rocksdb::Options& o = *out;
   o.create_if_missing = true;
   o.write_buffer_size = options.write_buffer_bytes;
   o.max_write_buffer_number = options.max_write_buffers;
@@ -125,6 +119,17 @@ absl::StatusOr<std::unique_ptr<LogStore>> LogStore::Open(const LogStoreOptions& 
   o.allow_fallocate = false;
 
   if (options.env != nullptr) o.env = options.env;
+}
+
+absl::StatusOr<std::unique_ptr<LogStore>> LogStore::Open(const LogStoreOptions& options) {
+  std::error_code ec;
+  std::filesystem::create_directories(options.dir, ec);
+  if (ec) {
+    return absl::FailedPreconditionError(
+        fmt::format("cannot create log directory {}: {}", options.dir.string(), ec.message()));
+  }
+  rocksdb::Options o;
+  ConfigureRocksOptions(options, &o);
   rocksdb::DB* raw = nullptr;
   rocksdb::Status s = rocksdb::DB::Open(o, options.dir.string(), &raw);
   if (!s.ok()) return FromRocks(s, fmt::format("opening log store {}", options.dir.string()));

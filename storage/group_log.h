@@ -39,6 +39,7 @@
 namespace rocksdb {
 class DB;
 class Env;
+struct Options;
 }  // namespace rocksdb
 
 namespace tvilling::storage {
@@ -78,6 +79,9 @@ struct LogStoreOptions {
   // For tests: an Env that can drop unsynced data. nullptr = rocksdb::Env::Default().
   rocksdb::Env* env = nullptr;
 };
+
+// The RocksDB options the log store runs with (also the baseline of bench/log_append_bench).
+void ConfigureRocksOptions(const LogStoreOptions& options, rocksdb::Options* out);
 
 class LogStore {
  public:
