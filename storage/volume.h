@@ -50,6 +50,11 @@ class Volume {
   absl::Status WriteZeroes(uint64_t offset, uint64_t length, bool may_trim);
   // fdatasync: everything written before the call is durable when it returns OK.
   absl::Status Flush();
+  // Drops the volume's clean pages from the page cache (after a Flush, that is all of them). The
+  // applier calls it after each checkpoint: the group log holds everything newer, the client caches
+  // what it reads, and cached pages grow into large folios that turn each later 4 KiB write into a
+  // whole-folio writeback (17x the bytes in a measured random-write run).
+  void DropCleanCache();
 
  private:
   Volume(std::filesystem::path path, int fd, uint64_t size, bool block_device, bool direct_io);

@@ -207,6 +207,7 @@ absl::Status GroupRuntime::Checkpoint() {
                                                    std::string(st.message())));
       }
     }
+    for (auto& v : volumes_) v->DropCleanCache();
     if (absl::Status st = log_->SetAppliedLsn(target); !st.ok()) return st;
     checkpointed_lsn_.store(target);
     checkpoints_.fetch_add(1);

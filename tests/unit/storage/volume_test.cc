@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -155,6 +156,32 @@ TEST_F(VolumeFileTest, ReopenKeepsDataAndSizeZeroMeansWholeFile) {
   auto whole = Volume::Open({.path = Path(), .size_bytes = 0, .create = false});
   ASSERT_TRUE(whole.ok()) << whole.status();
   EXPECT_EQ((*whole)->size(), kMiB);
+}
+
+// Pages resident in the page cache for the first `bytes` of `path`.
+size_t ResidentPages(const fs::path& path, size_t bytes) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  void* m = ::mmap(nullptr, bytes, PROT_READ, MAP_SHARED, fd, 0);
+  std::vector<unsigned char> vec((bytes + 4095) / 4096);
+  ::mincore(m, bytes, vec.data());
+  ::munmap(m, bytes);
+  ::close(fd);
+  size_t n = 0;
+  for (unsigned char c : vec) n += c & 1;
+  return n;
+}
+
+TEST_F(VolumeFileTest, DropCleanCacheEvictsFlushedPagesAndKeepsData) {
+  auto v = Volume::Open({.path = Path(), .size_bytes = 4 * kMiB});
+  ASSERT_TRUE(v.ok());
+  ASSERT_TRUE((*v)->Write(0, std::string(2 * kMiB, 'd')).ok());
+  ASSERT_GT(ResidentPages(Path(), 2 * kMiB), 256u) << "written pages should be cached";
+  ASSERT_TRUE((*v)->Flush().ok());
+  (*v)->DropCleanCache();
+  EXPECT_LT(ResidentPages(Path(), 2 * kMiB), 16u) << "flushed pages were not dropped";
+  std::string back(2 * kMiB, '\0');
+  ASSERT_TRUE((*v)->Read(0, std::span<char>(back.data(), back.size())).ok());
+  EXPECT_EQ(back, std::string(2 * kMiB, 'd'));
 }
 
 TEST_F(VolumeFileTest, LargerExistingFileIsAnErrorNamingBothSizes) {
