@@ -294,6 +294,9 @@ absl::Status GroupLog::Load() {
 // GroupLog: appending
 
 void GroupLog::Append(AppendRequest req, AppendDone done) {
+  // The expensive part of the checksum, on the caller's thread and outside the lock.
+  const uint64_t payload_hash = PayloadHash(req.payload.view());
+  if (req.timestamp_ns == 0) req.timestamp_ns = NowNs();
   std::unique_lock lock(mu_);
   if (!failed_.ok() || stopping_) {
     absl::Status st = !failed_.ok()
@@ -310,8 +313,16 @@ void GroupLog::Append(AppendRequest req, AppendDone done) {
     pending_epoch_.reset();
     p.starts_epoch = true;
   }
-  p.epoch = current_epoch_;
-  if (req.timestamp_ns == 0) req.timestamp_ns = NowNs();
+  RecordHeader& h = p.header;
+  h.type = req.type;
+  h.flags = req.flags;
+  h.volume = req.volume;
+  h.epoch = current_epoch_;
+  h.offset = req.offset;
+  h.length = req.length;
+  h.timestamp_ns = req.timestamp_ns;
+  EncodeRecordHeader(group_id_, p.lsn, h, static_cast<uint32_t>(req.payload.size()), payload_hash,
+                     p.encoded.data());
   queued_bytes_ += req.payload.size() + kRecordHeaderSize;
   p.req = std::move(req);
   p.done = std::move(done);
@@ -405,34 +416,28 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
   rocksdb::WriteBatch wb(batch.size() * (kLogKeySize + kRecordHeaderSize + 32) + (1 << 10));
   std::vector<LogRecordView> views;
   views.reserve(batch.size());
-  std::vector<std::array<char, kRecordHeaderSize>> headers(batch.size());
   bool need_sync = !syncs.empty();
   absl::Status st;
+  // The records (payload copies included) go into the batch without the lock: the batch is ours.
+  for (Pending& p : batch) {
+    char key[kLogKeySize];
+    EncodeLogKeyTo(group_id_, p.lsn, key);
+    rocksdb::Slice key_slice(key, kLogKeySize);
+    rocksdb::Slice value_parts[2] = {rocksdb::Slice(p.encoded.data(), kRecordHeaderSize),
+                                     rocksdb::Slice(p.req.payload.data(), p.req.payload.size())};
+    wb.Put(rocksdb::SliceParts(&key_slice, 1), rocksdb::SliceParts(value_parts, 2));
+    views.push_back({p.lsn, p.header, p.req.payload.view()});
+    need_sync |= p.req.sync;
+  }
   {
+    // Metadata that describes these records goes into the same batch.
     std::lock_guard lock(mu_);
-    for (size_t i = 0; i < batch.size(); ++i) {
-      Pending& p = batch[i];
-      char key[kLogKeySize];
-      EncodeLogKeyTo(group_id_, p.lsn, key);
-      RecordHeader h;
-      h.type = p.req.type;
-      h.flags = p.req.flags;
-      h.volume = p.req.volume;
-      h.epoch = p.epoch;
-      h.offset = p.req.offset;
-      h.length = p.req.length;
-      h.timestamp_ns = p.req.timestamp_ns;
-      EncodeRecordHeader(group_id_, p.lsn, h, p.req.payload.view(), headers[i].data());
-      rocksdb::Slice key_slice(key, kLogKeySize);
-      rocksdb::Slice value_parts[2] = {rocksdb::Slice(headers[i].data(), kRecordHeaderSize),
-                                       rocksdb::Slice(p.req.payload.data(), p.req.payload.size())};
-      wb.Put(rocksdb::SliceParts(&key_slice, 1), rocksdb::SliceParts(value_parts, 2));
-      views.push_back({p.lsn, h, p.req.payload.view()});
+    for (const Pending& p : batch) {
+      const RecordHeader& h = p.header;
       if (p.starts_epoch) {
-        history_.push_back({p.epoch, p.lsn});
-        wb.Put(MetaKey(group_id_, 'h', p.epoch), U64s({p.lsn}));
+        history_.push_back({h.epoch, p.lsn});
+        wb.Put(MetaKey(group_id_, 'h', h.epoch), U64s({p.lsn}));
       }
-      need_sync |= p.req.sync;
       // Segment bookkeeping: the open segment is the last one.
       Segment& seg = segments_.back();
       const uint64_t rec_bytes = kRecordHeaderSize + p.req.payload.size();

@@ -18,6 +18,7 @@
 #include <absl/status/status.h>
 #include <absl/status/statusor.h>
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -230,8 +231,9 @@ class GroupLog {
   friend class LogStore;
   struct Pending {
     uint64_t lsn = 0;
-    uint64_t epoch = 0;
     bool starts_epoch = false;
+    RecordHeader header;  // encoded by Append, with its checksum
+    std::array<char, kRecordHeaderSize> encoded;
     AppendRequest req;
     AppendDone done;
   };

@@ -40,18 +40,15 @@ T GetLE(const char* p) {
   return v;
 }
 
-// The checksum binds the record to its place: group id and LSN are hashed with the header and
-// payload.
-uint64_t Checksum(uint32_t group_id, uint64_t lsn, const char* header40, std::string_view payload) {
-  XXH3_state_t state;
-  XXH3_64bits_reset(&state);
-  char place[12];
-  PutBE32(place, group_id);
-  PutBE64(place + 4, lsn);
-  XXH3_64bits_update(&state, place, sizeof place);
-  XXH3_64bits_update(&state, header40, 40);
-  XXH3_64bits_update(&state, payload.data(), payload.size());
-  return XXH3_64bits_digest(&state);
+// The checksum binds a record to its place: group id and LSN are hashed with the header and the
+// payload's own hash (computed apart, so a writer can hash its payload before it has an LSN).
+uint64_t Checksum(uint32_t group_id, uint64_t lsn, const char* header40, uint64_t payload_hash) {
+  char buf[12 + 40 + 8];
+  PutBE32(buf, group_id);
+  PutBE64(buf + 4, lsn);
+  std::memcpy(buf + 12, header40, 40);
+  std::memcpy(buf + 52, &payload_hash, 8);
+  return XXH3_64bits(buf, sizeof buf);
 }
 
 }  // namespace
@@ -87,9 +84,19 @@ bool DecodeLogKey(std::string_view key, uint32_t* group_id, uint64_t* lsn) {
   return true;
 }
 
+uint64_t PayloadHash(std::string_view payload) {
+  return XXH3_64bits(payload.data(), payload.size());
+}
+
 void EncodeRecordHeader(uint32_t group_id, uint64_t lsn, RecordHeader& h, std::string_view payload,
                         char out[kRecordHeaderSize]) {
-  h.payload_size = static_cast<uint32_t>(payload.size());
+  EncodeRecordHeader(group_id, lsn, h, static_cast<uint32_t>(payload.size()), PayloadHash(payload),
+                     out);
+}
+
+void EncodeRecordHeader(uint32_t group_id, uint64_t lsn, RecordHeader& h, uint32_t payload_size,
+                        uint64_t payload_hash, char out[kRecordHeaderSize]) {
+  h.payload_size = payload_size;
   out[0] = static_cast<char>(h.version);
   out[1] = static_cast<char>(h.type);
   PutLE<uint16_t>(out + 2, h.flags);
@@ -99,7 +106,7 @@ void EncodeRecordHeader(uint32_t group_id, uint64_t lsn, RecordHeader& h, std::s
   PutLE<uint32_t>(out + 24, h.length);
   PutLE<uint32_t>(out + 28, h.payload_size);
   PutLE<uint64_t>(out + 32, h.timestamp_ns);
-  h.checksum = Checksum(group_id, lsn, out, payload);
+  h.checksum = Checksum(group_id, lsn, out, payload_hash);
   PutLE<uint64_t>(out + 40, h.checksum);
 }
 
@@ -132,7 +139,7 @@ absl::StatusOr<LogRecordView> DecodeRecord(uint32_t group_id, uint64_t lsn,
                                value.size() - kRecordHeaderSize, h.payload_size));
   }
   r.payload = value.substr(kRecordHeaderSize);
-  const uint64_t want = Checksum(group_id, lsn, p, r.payload);
+  const uint64_t want = Checksum(group_id, lsn, p, PayloadHash(r.payload));
   if (want != h.checksum) {
     return corrupt(
         fmt::format("checksum mismatch (stored {:#x}, computed {:#x})", h.checksum, want));

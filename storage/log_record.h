@@ -41,7 +41,7 @@ struct RecordHeader {
   uint32_t length = 0;        // bytes of the volume the operation covers
   uint32_t payload_size = 0;  // == length for kWrite, 0 otherwise
   uint64_t timestamp_ns = 0;  // CLOCK_REALTIME when the primary captured the write
-  uint64_t checksum = 0;      // XXH3-64 over group id, LSN, header bytes [0, 40) and payload
+  uint64_t checksum = 0;      // XXH3-64 over group id, LSN, header bytes [0, 40), XXH3-64(payload)
 };
 
 // A decoded record that points into memory owned by someone else (an iterator, a batch).
@@ -57,9 +57,16 @@ void EncodeLogKeyTo(uint32_t group_id, uint64_t lsn, char out[kLogKeySize]);
 // Returns false if `key` is not a log key.
 bool DecodeLogKey(std::string_view key, uint32_t* group_id, uint64_t* lsn);
 
+// XXH3-64 of a payload: the part of the checksum that does not depend on the record's place, so
+// writers compute it before they take the log's lock.
+uint64_t PayloadHash(std::string_view payload);
+
 // Fills header.checksum and writes the 48 header bytes to `out`.
 void EncodeRecordHeader(uint32_t group_id, uint64_t lsn, RecordHeader& header,
                         std::string_view payload, char out[kRecordHeaderSize]);
+// The same with the payload's size and PayloadHash() given.
+void EncodeRecordHeader(uint32_t group_id, uint64_t lsn, RecordHeader& header,
+                        uint32_t payload_size, uint64_t payload_hash, char out[kRecordHeaderSize]);
 
 // Parses and verifies a stored value. Errors are DataLoss and name the group id and LSN.
 absl::StatusOr<LogRecordView> DecodeRecord(uint32_t group_id, uint64_t lsn, std::string_view value);
