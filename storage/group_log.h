@@ -123,7 +123,7 @@ struct GroupLogOptions {
   uint64_t max_batch_bytes = 8ull << 20;
   uint32_t max_batch_records = 4096;
   // Segments are the unit of retention: truncation removes whole segments with one range delete.
-  uint64_t segment_bytes = 64ull << 20;
+  uint64_t segment_bytes = 16ull << 20;
   uint32_t segment_records = 65536;
   // A Sync() that finds the log idle (nothing queued, no batch being written) fsyncs on the
   // caller's thread, saving two thread hand-offs on a FLUSH at queue depth 1; otherwise the

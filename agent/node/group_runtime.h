@@ -40,7 +40,7 @@ struct GroupRuntimeOptions {
   // The checkpointer fsyncs the volumes and records the applied LSN this often, or sooner once this
   // many bytes were applied since the last checkpoint.
   uint64_t checkpoint_interval_ms = 1000;
-  uint64_t checkpoint_bytes = 64ull << 20;
+  uint64_t checkpoint_bytes = 32ull << 20;
 };
 
 struct GroupRuntimeStats {
