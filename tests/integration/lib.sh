@@ -18,6 +18,7 @@
 #   qemu-io -f raw -c ... "$(tv_uri)"
 #   tv_stop                 # SIGTERM, wait (bounded), fail if the agent exited non-zero
 #   tv_pass
+# shellcheck shell=bash
 set -euo pipefail
 
 TV_SERVER="${TV_SERVER:-tvillingd}"
@@ -169,8 +170,7 @@ _tv_kill_bounded() {
 
 # Starts the server in the background and waits until nbdinfo gets an answer.
 tv_start() {
-  local attempt
-  for attempt in 1 2 3; do
+  for _ in 1 2 3; do
     TV_STARTS=$((TV_STARTS + 1))
     echo "==== start #$TV_STARTS ($TV_SERVER, port $TV_PORT) ====" >> "$TV_TMP/server.log"
     case "$TV_SERVER" in
