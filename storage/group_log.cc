@@ -367,10 +367,14 @@ absl::Status GroupLog::SyncWritten(uint64_t target) {
     FailQueued(st);
     return st;
   }
-  uint64_t d = durable_lsn_.load(std::memory_order_acquire);
-  while (d < target && !durable_lsn_.compare_exchange_weak(d, target, std::memory_order_acq_rel)) {
-  }
+  AdvanceDurable(target);
   return absl::OkStatus();
+}
+
+void GroupLog::AdvanceDurable(uint64_t lsn) {
+  uint64_t d = durable_lsn_.load(std::memory_order_acquire);
+  while (d < lsn && !durable_lsn_.compare_exchange_weak(d, lsn, std::memory_order_acq_rel)) {
+  }
 }
 
 void GroupLog::CommitterLoop() {
@@ -489,11 +493,7 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
   }
   if (st.ok() && need_sync) {
     // A synced write makes everything before it in the WAL durable too.
-    const uint64_t target = last_lsn_.load(std::memory_order_acquire);
-    uint64_t d = durable_lsn_.load(std::memory_order_acquire);
-    while (d < target &&
-           !durable_lsn_.compare_exchange_weak(d, target, std::memory_order_acq_rel)) {
-    }
+    AdvanceDurable(last_lsn_.load(std::memory_order_acquire));
   }
   for (Pending& p : batch) {
     if (st.ok()) {

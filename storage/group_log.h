@@ -255,6 +255,8 @@ class GroupLog {
   void CommitterLoop();
   // Fsyncs the WAL now and advances durable_lsn to `target` (already written). Any thread.
   absl::Status SyncWritten(uint64_t target);
+  // durable_lsn = max(durable_lsn, lsn): the committer and an inline Sync() may both advance it.
+  void AdvanceDurable(uint64_t lsn);
   // Writes one batch (records, metadata, fsync if asked); completes what it covers.
   void Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& syncs, bool write_meta);
   absl::Status WriteMetaLocked(
