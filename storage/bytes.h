@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <memory>
 #include <string_view>
+#include <utility>
 
 namespace tvilling::storage {
 
@@ -25,8 +26,14 @@ class Bytes {
     std::char_traits<char>::copy(b.data(), s.data(), s.size());
     return b;
   }
-  Bytes(Bytes&&) noexcept = default;
-  Bytes& operator=(Bytes&&) noexcept = default;
+  // A moved-from Bytes is empty (size 0), not a size with no data behind it.
+  Bytes(Bytes&& other) noexcept
+      : data_(std::move(other.data_)), size_(std::exchange(other.size_, 0)) {}
+  Bytes& operator=(Bytes&& other) noexcept {
+    data_ = std::move(other.data_);
+    size_ = std::exchange(other.size_, 0);
+    return *this;
+  }
 
   char* data() { return data_.get(); }
   const char* data() const { return data_.get(); }
