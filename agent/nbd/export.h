@@ -1,10 +1,11 @@
 // export.h: what the NBD server serves. The node implements Export for each volume it exposes; the
-// server (server.h) speaks the protocol and calls these methods, never touching storage itself.
+// server (frontend.h) speaks the protocol and calls these methods, never touching storage itself.
 //
-// Completion callbacks may run on any thread (the group's committer, an I/O thread); the server
-// hands the reply back to the connection's executor. Errors are absl::Status and map to NBD errors:
-// InvalidArgument/OutOfRange -> EINVAL, ResourceExhausted -> ENOSPC,
-// PermissionDenied/FailedPrecondition
+// Every Done must be called exactly once (a connection waits for all of them before it closes, and
+// Stop() waits for the connections). Completion callbacks may run on any thread (the group's
+// committer, an I/O thread); the server hands the reply back to the connection's executor. Errors
+// are absl::Status and map to NBD errors: InvalidArgument/OutOfRange -> EINVAL, ResourceExhausted
+// -> ENOSPC, PermissionDenied/FailedPrecondition
 // -> EPERM, Unavailable -> ESHUTDOWN, Unimplemented -> ENOTSUP, anything else -> EIO.
 #pragma once
 

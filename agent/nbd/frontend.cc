@@ -1,10 +1,18 @@
 // frontend.cc: listeners and connections of the NBD server (see frontend.h, wire.h).
+//
+// A connection is one coroutine on its strand that reads requests and hands them to the Export,
+// plus completions that come back from any thread through an inbox (one strand post per burst),
+// plus a writer that sends every reply ready at that moment in one gathered write. Per request the
+// only heap allocation is the payload (WRITE data, READ buffer): the completion callback fits in
+// AnyInvocable's inline storage (connection pointer + slot index), and slots, the inbox and the
+// reply queues keep their capacity.
 #include "agent/nbd/frontend.h"
 
 #include <absl/status/statusor.h>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include <array>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -17,10 +25,9 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
 #include <cstring>
-#include <deque>
 #include <filesystem>
-#include <map>
 #include <mutex>
+#include <unordered_map>
 
 #include "agent/nbd/wire.h"
 
@@ -32,10 +39,22 @@ using asio::use_awaitable;
 using tcp = asio::ip::tcp;
 using unix_proto = asio::local::stream_protocol;
 
-struct Frontend::Impl : std::enable_shared_from_this<Frontend::Impl> {
+namespace {
+
+// What Frontend::Impl needs from a connection of either socket type.
+class ConnectionBase {
+ public:
+  virtual ~ConnectionBase() = default;
+  // Stop reading requests, answer those already read, close. Any thread.
+  virtual void RequestStop() = 0;
+};
+
+}  // namespace
+
+struct Frontend::Impl {
   Impl(asio::io_context& io_, FrontendOptions options_) : io(io_), options(std::move(options_)) {}
 
-  std::shared_ptr<Export> Lookup(std::string_view name) {
+  std::shared_ptr<Export> Lookup(std::string_view name) const {
     if (name.empty()) return exports.empty() ? nullptr : exports.front();
     for (const auto& e : exports) {
       if (e->info().name == name) return e;
@@ -43,28 +62,56 @@ struct Frontend::Impl : std::enable_shared_from_this<Frontend::Impl> {
     return nullptr;
   }
 
+  // Returns 0 if the server is stopping (the caller closes the connection).
+  uint64_t Register(std::weak_ptr<ConnectionBase> c) {
+    std::lock_guard lock(mu);
+    if (stopping) return 0;
+    live.emplace(++next_id, std::move(c));
+    return next_id;
+  }
+  void Unregister(uint64_t id) {
+    std::lock_guard lock(mu);
+    live.erase(id);
+  }
+
   asio::io_context& io;
   const FrontendOptions options;
-  std::vector<std::shared_ptr<Export>> exports;
+  std::vector<std::shared_ptr<Export>> exports;  // fixed once Start() ran
   std::vector<std::unique_ptr<tcp::acceptor>> tcp_acceptors;
   std::vector<std::unique_ptr<unix_proto::acceptor>> unix_acceptors;
   FrontendStats stats;
-  std::atomic<bool> stopping{false};
-  std::mutex mu;  // guards connections
-  std::vector<std::weak_ptr<void>> connections;
-  std::vector<std::function<void()>> shutdown_hooks;  // one per live connection, by index
 
-  void Register(std::function<void()> shutdown) {
-    std::lock_guard lock(mu);
-    shutdown_hooks.push_back(std::move(shutdown));
-  }
+  std::mutex mu;
+  bool stopping = false;                                             // GUARDED_BY(mu)
+  uint64_t next_id = 0;                                              // GUARDED_BY(mu)
+  std::unordered_map<uint64_t, std::weak_ptr<ConnectionBase>> live;  // GUARDED_BY(mu)
 };
 
 namespace {
 
+// A buffer sequence over buffers the connection keeps; async_write copies its sequence argument,
+// and copying a std::vector would allocate once per gathered write.
+struct BufferView {
+  using value_type = asio::const_buffer;
+  using const_iterator = const asio::const_buffer*;
+  const asio::const_buffer* first;
+  const asio::const_buffer* last;
+  const_iterator begin() const { return first; }
+  const_iterator end() const { return last; }
+};
+
+// Per-connection counters, touched only on the connection's strand.
+struct ConnectionStats {
+  uint64_t requests = 0;
+  uint64_t request_errors = 0;
+  uint64_t bytes_read = 0;
+  uint64_t bytes_written = 0;
+};
+
 // One client connection. Socket is tcp::socket or unix_proto::socket, bound to a strand.
 template <typename Socket>
-class Connection : public std::enable_shared_from_this<Connection<Socket>> {
+class Connection final : public ConnectionBase,
+                         public std::enable_shared_from_this<Connection<Socket>> {
  public:
   Connection(std::shared_ptr<Frontend::Impl> fe, Socket socket, std::string peer)
       : fe_(std::move(fe)),
@@ -74,45 +121,86 @@ class Connection : public std::enable_shared_from_this<Connection<Socket>> {
 
   void Start() {
     auto self = this->shared_from_this();
-    std::weak_ptr<Connection> weak = self;
-    fe_->Register([weak] {
-      if (auto c = weak.lock()) asio::post(c->socket_.get_executor(), [c] { c->StopReading(); });
-    });
+    id_ = fe_->Register(std::weak_ptr<ConnectionBase>(self));
+    if (id_ == 0) return;  // Stop() ran meanwhile: closing the socket is all there is to do
+    fe_->stats.connections_open.fetch_add(1);
     asio::co_spawn(
         socket_.get_executor(), [self]() { return self->Run(); }, asio::detached);
   }
 
+  void RequestStop() override {
+    asio::post(socket_.get_executor(), [self = this->shared_from_this()] {
+      self->stop_reading_ = true;
+      boost::system::error_code ec;
+      // A pending read ends with EOF; requests already read are still answered.
+      self->socket_.shutdown(asio::socket_base::shutdown_receive, ec);
+      self->wake_.cancel();
+    });
+  }
+
  private:
+  static constexpr size_t kReadAheadBytes = 256u << 10;
+
+  // A request handed to the Export, waiting for its completion.
+  struct Slot {
+    uint64_t cookie = 0;
+    uint32_t held_bytes = 0;  // counted in outstanding_bytes_ until the reply is written
+    storage::Bytes data;      // READ buffer
+  };
+  struct Completion {
+    uint32_t slot;
+    absl::Status status;
+  };
   struct Reply {
     char header[wire::kSimpleReplyBytes];
     storage::Bytes data;
+    uint32_t held_bytes = 0;
   };
 
-  void StopReading() {
-    stop_reading_ = true;
-    boost::system::error_code ec;
-    socket_.shutdown(asio::socket_base::shutdown_receive, ec);  // the pending read ends with EOF
-  }
-
   awaitable<void> Run() {
+    const char* phase = "handshake";
     try {
-      if (!co_await Handshake()) co_return;
-      co_await Transmission();
-    } catch (const boost::system::system_error& e) {
-      if (e.code() != asio::error::eof && e.code() != asio::error::connection_reset &&
-          e.code() != asio::error::operation_aborted && e.code() != asio::error::broken_pipe) {
-        spdlog::warn("nbd: connection {}: {}", peer_, e.what());
+      if (co_await Handshake()) {
+        phase = "transmission";
+        co_await Transmission();
       }
+    } catch (const boost::system::system_error& e) {
+      LogIoError(phase, e.code());
+    } catch (const std::exception& e) {
+      // bad_alloc for a payload, or a bug: this connection ends, the agent goes on.
+      spdlog::warn("nbd: closing connection from {} ({}): {}", peer_, phase, e.what());
     }
-    // Answer everything already read before closing.
-    reading_done_ = true;
-    while (inflight_requests_ > 0 || writing_ || !replies_.empty()) {
-      if (write_failed_) break;
+    // Answer everything already read, and wait for every operation the Export still holds: slots
+    // and completions refer to this connection until then.
+    while (pending_ops_ > 0 || (!write_failed_ && (writing_ || !queued_.empty()))) {
       co_await WaitForWake();
     }
     boost::system::error_code ec;
     socket_.shutdown(asio::socket_base::shutdown_both, ec);
     socket_.close(ec);
+    fe_->Unregister(id_);
+    fe_->stats.connections_open.fetch_sub(1);
+    if (export_) {
+      spdlog::debug("nbd: {} closed: {} requests ({} errors), {} bytes read, {} bytes written",
+                    peer_, cstats_.requests, cstats_.request_errors, cstats_.bytes_read,
+                    cstats_.bytes_written);
+    }
+  }
+
+  void LogIoError(const char* phase, const boost::system::error_code& code) {
+    const bool ordinary_end = code == asio::error::eof || code == asio::error::connection_reset ||
+                              code == asio::error::operation_aborted ||
+                              code == asio::error::broken_pipe;
+    if (export_ == nullptr) {
+      // The handshake did not finish: exactly one line, unless we closed it (Stop()).
+      fe_->stats.handshakes_refused.fetch_add(1);
+      if (stop_reading_) return;
+      spdlog::warn(
+          "nbd: closing connection from {}: malformed handshake: {}", peer_,
+          ordinary_end ? "client closed the connection before choosing an export" : code.message());
+      return;
+    }
+    if (!ordinary_end) spdlog::warn("nbd: connection {} ({}): {}", peer_, phase, code.message());
   }
 
   awaitable<bool> Handshake() {
@@ -122,13 +210,15 @@ class Connection : public std::enable_shared_from_this<Connection<Socket>> {
                        [fe = fe_] { return fe->exports; });
     std::string in;
     for (;;) {
-      in.resize(hs.Need());
+      in.resize(hs.Need());  // bounded by wire::kMaxOptionBytes
       co_await asio::async_read(socket_, asio::buffer(in), use_awaitable);
       wire::Handshake::Step step = hs.Feed(in);
-      if (!step.out.empty()) {
-        co_await asio::async_write(socket_, asio::buffer(step.out), use_awaitable);
-      }
       if (step.next == wire::Handshake::Next::kClose) {
+        if (!step.out.empty()) {  // ABORT's ACK; the client may already be gone
+          boost::system::error_code ec;
+          co_await asio::async_write(socket_, asio::buffer(step.out),
+                                     asio::redirect_error(use_awaitable, ec));
+        }
         fe_->stats.handshakes_refused.fetch_add(1);
         if (step.reason == "client aborted") {
           spdlog::debug("nbd: {} aborted the handshake", peer_);
@@ -138,6 +228,9 @@ class Connection : public std::enable_shared_from_this<Connection<Socket>> {
         }
         co_return false;
       }
+      if (!step.out.empty()) {
+        co_await asio::async_write(socket_, asio::buffer(step.out), use_awaitable);
+      }
       if (step.next == wire::Handshake::Next::kTransmission) {
         export_ = hs.chosen();
         spdlog::debug("nbd: {} uses export {}", peer_, export_->info().name);
@@ -146,247 +239,344 @@ class Connection : public std::enable_shared_from_this<Connection<Socket>> {
     }
   }
 
+  bool OverLimit() const {
+    return outstanding_requests_ >= fe_->options.max_inflight_requests ||
+           outstanding_bytes_ >= fe_->options.max_inflight_bytes;
+  }
+
   awaitable<void> Transmission() {
     const ExportInfo& info = export_->info();
     char raw[wire::kRequestHeaderBytes];
-    while (!stop_reading_) {
-      while (inflight_requests_ >= fe_->options.max_inflight_requests ||
-             inflight_bytes_ >= fe_->options.max_inflight_bytes) {
-        co_await WaitForWake();
-        if (write_failed_) co_return;
+    for (;;) {
+      if (OverLimit() && !stop_reading_ && !write_failed_) {
+        fe_->stats.backpressure_waits.fetch_add(1);
+        while (OverLimit() && !stop_reading_ && !write_failed_) co_await WaitForWake();
       }
-      co_await ReadExact(raw, sizeof raw);
+      if (stop_reading_ || write_failed_) co_return;
+      if (!TakeBuffered(raw, sizeof raw)) co_await ReadExact(raw, sizeof raw);
       wire::RequestHeader h;
       if (!wire::ParseRequestHeader(raw, &h)) {
         spdlog::warn("nbd: closing connection from {}: bad request magic", peer_);
         co_return;
       }
+      if (h.type == wire::kCmdDisc) co_return;  // after answering what was read (Run)
+      ++cstats_.requests;
       fe_->stats.requests.fetch_add(1);
-      wire::Verdict v = wire::ValidateRequest(h, info);
+      const wire::Verdict v = wire::ValidateRequest(h, info);
       if (v.error != 0) {
-        fe_->stats.request_errors.fetch_add(1);
+        CountError();
+        fe_->stats.requests_refused.fetch_add(1);
         if (v.close) {
           spdlog::warn("nbd: closing connection from {}: {} (payload too large to skip)", peer_,
                        v.reason);
           co_return;
         }
-        if (v.payload_follows) co_await Discard(h.length);
         spdlog::debug("nbd: {}: refused: {}", peer_, v.reason);
-        QueueReply(h.cookie, v.error, {});
+        if (v.payload_follows) co_await Discard(h.length);
+        Answer(h.cookie, v.error, {}, 0);
         continue;
       }
-      if (h.type == wire::kCmdDisc) co_return;
-      const bool fua = (h.flags & wire::kCmdFlagFua) != 0;
-      ++inflight_requests_;
-      auto done = Completion(h.cookie, h.type == wire::kCmdWrite ? h.length : 0);
-      switch (h.type) {
-        case wire::kCmdRead: {
-          inflight_bytes_ += h.length;
-          auto buf = std::make_shared<storage::Bytes>(storage::Bytes::Allocate(h.length));
-          char* out = buf->data();
-          auto self = this->shared_from_this();
-          const uint64_t cookie = h.cookie;
-          const uint32_t length = h.length;
-          export_->Read(h.offset, h.length, out, [self, cookie, length, buf](absl::Status st) {
-            self->Deliver({cookie, std::move(st), length, std::move(*buf)});
-          });
-          break;
-        }
-        case wire::kCmdWrite: {
-          storage::Bytes payload = storage::Bytes::Allocate(h.length);
-          inflight_bytes_ += h.length;
-          co_await ReadExact(payload.data(), h.length);
-          fe_->stats.bytes_written.fetch_add(h.length);
-          export_->Write(h.offset, std::move(payload), fua, std::move(done));
-          break;
-        }
-        case wire::kCmdFlush:
-          export_->Flush(std::move(done));
-          break;
-        case wire::kCmdTrim:
-          export_->Trim(h.offset, h.length, fua, std::move(done));
-          break;
-        case wire::kCmdWriteZeroes:
-          export_->WriteZeroes(h.offset, h.length, fua, (h.flags & wire::kCmdFlagNoHole) != 0,
-                               std::move(done));
-          break;
+      if (h.length == 0 && h.type != wire::kCmdFlush) {
+        Answer(h.cookie, 0, {}, 0);  // nothing to read, write or zero: don't bother the Export
+        continue;
       }
+      storage::Bytes payload;
+      if (h.type == wire::kCmdWrite) {
+        // Straight into its own buffer, uninitialised. It counts against max_inflight_bytes from
+        // Dispatch on, so a connection holds at most the limit plus one payload (32 MiB).
+        payload = storage::Bytes::Allocate(h.length);
+        if (!TakeBuffered(payload.data(), h.length)) co_await ReadExact(payload.data(), h.length);
+        cstats_.bytes_written += h.length;
+        fe_->stats.bytes_written.fetch_add(h.length);
+      }
+      Dispatch(h, std::move(payload));
     }
   }
 
-  // A completion for a request without read data; `payload_bytes` is released when it runs.
-  Export::Done Completion(uint64_t cookie, uint32_t payload_bytes) {
-    auto self = this->shared_from_this();
-    return [self, cookie, payload_bytes](absl::Status st) {
-      self->Deliver({cookie, std::move(st), payload_bytes, {}});
-    };
+  // Hands a valid request to the Export (a WRITE with its payload).
+  void Dispatch(const wire::RequestHeader& h, storage::Bytes payload) {
+    const bool fua = (h.flags & wire::kCmdFlagFua) != 0;
+    const bool carries_data = h.type == wire::kCmdRead || h.type == wire::kCmdWrite;
+    const uint32_t slot = AcquireSlot(h.cookie, carries_data ? h.length : 0);
+    ++outstanding_requests_;
+    switch (h.type) {
+      case wire::kCmdRead: {
+        Slot& s = slots_[slot];
+        s.data = storage::Bytes::Allocate(h.length);
+        ++pending_ops_;
+        export_->Read(h.offset, h.length, s.data.data(), MakeDone(slot));
+        break;
+      }
+      case wire::kCmdWrite:
+        ++pending_ops_;
+        export_->Write(h.offset, std::move(payload), fua, MakeDone(slot));
+        break;
+      case wire::kCmdFlush:
+        ++pending_ops_;
+        export_->Flush(MakeDone(slot));
+        break;
+      case wire::kCmdTrim:
+        ++pending_ops_;
+        export_->Trim(h.offset, h.length, fua, MakeDone(slot));
+        break;
+      case wire::kCmdWriteZeroes:
+        ++pending_ops_;
+        export_->WriteZeroes(h.offset, h.length, fua, (h.flags & wire::kCmdFlagNoHole) != 0,
+                             MakeDone(slot));
+        break;
+    }
   }
+
+  uint32_t AcquireSlot(uint64_t cookie, uint32_t held_bytes) {
+    uint32_t i;
+    if (!free_slots_.empty()) {
+      i = free_slots_.back();
+      free_slots_.pop_back();
+    } else {
+      i = static_cast<uint32_t>(slots_.size());
+      slots_.emplace_back();  // at most max_inflight_requests of them
+    }
+    slots_[i].cookie = cookie;
+    slots_[i].held_bytes = held_bytes;
+    outstanding_bytes_ += held_bytes;
+    return i;
+  }
+
+  // The callback an Export runs (on any thread). Small enough for AnyInvocable's inline storage
+  // (two pointers), so no heap allocation. The connection outlives it because Run() waits for
+  // pending_ops_ to reach zero.
+  struct DoneFn {
+    Connection* c;
+    uint32_t slot;
+    void operator()(absl::Status st) && { c->Deliver(slot, std::move(st)); }
+  };
+  static_assert(sizeof(DoneFn) <= 2 * sizeof(void*) &&
+                std::is_nothrow_move_constructible_v<DoneFn>);
+  Export::Done MakeDone(uint32_t slot) { return DoneFn{this, slot}; }
 
   // Completions arrive on other threads (a group's committer finishes a whole batch at once); they
   // are collected here and handed to the strand with one post per burst, not one per request.
-  struct Done {
-    uint64_t cookie;
-    absl::Status status;
-    uint32_t held_bytes;  // in-flight bytes released by this completion
-    storage::Bytes data;  // READ data
-  };
-  void Deliver(Done d) {
+  void Deliver(uint32_t slot, absl::Status st) {
+    std::shared_ptr<Connection> self;
     {
       std::lock_guard lock(inbox_mu_);
-      inbox_.push_back(std::move(d));
+      inbox_.push_back({slot, std::move(st)});
       if (inbox_posted_) return;
       inbox_posted_ = true;
+      self = this->shared_from_this();
     }
-    asio::post(socket_.get_executor(), [self = this->shared_from_this()] { self->DrainInbox(); });
+    asio::post(socket_.get_executor(), [self = std::move(self)] { self->DrainInbox(); });
   }
+
   void DrainInbox() {
-    std::vector<Done> batch;
     {
       std::lock_guard lock(inbox_mu_);
-      batch.swap(inbox_);
+      draining_.swap(inbox_);
       inbox_posted_ = false;
     }
-    for (Done& d : batch) {
-      inflight_bytes_ -= d.held_bytes;
-      Finish(d.cookie, d.status, std::move(d.data));
+    for (Completion& c : draining_) {
+      Slot& s = slots_[c.slot];
+      --pending_ops_;
+      const uint32_t error = wire::ErrorFromStatus(c.status);
+      // exchange, not move: a moved-from Bytes keeps its size (storage/bytes.h), and the slot is
+      // reused.
+      storage::Bytes data = std::exchange(s.data, storage::Bytes());
+      if (error != 0) {
+        CountError();
+        spdlog::warn("nbd: {}: request failed: {}", peer_, std::string(c.status.message()));
+        data = {};  // a simple reply carries no data after an error
+      } else if (data.size() > 0) {
+        cstats_.bytes_read += data.size();
+        fe_->stats.bytes_read.fetch_add(data.size());
+      }
+      Queue(s.cookie, error, std::move(data), s.held_bytes);
+      free_slots_.push_back(c.slot);
     }
-  }
-
-  // Reads exactly n bytes through a read-ahead buffer, so one recv serves many pipelined requests;
-  // large payloads go straight to their destination.
-  awaitable<void> ReadExact(char* dst, size_t n) {
-    const size_t have = rend_ - rpos_;
-    if (have >= n) {
-      std::memcpy(dst, rbuf_.data() + rpos_, n);
-      rpos_ += n;
-      co_return;
-    }
-    std::memcpy(dst, rbuf_.data() + rpos_, have);
-    dst += have;
-    n -= have;
-    rpos_ = rend_ = 0;
-    if (n >= rbuf_.size() / 2) {
-      co_await asio::async_read(socket_, asio::buffer(dst, n), use_awaitable);
-      co_return;
-    }
-    while (rend_ < n) {
-      rend_ += co_await socket_.async_read_some(
-          asio::buffer(rbuf_.data() + rend_, rbuf_.size() - rend_), use_awaitable);
-    }
-    std::memcpy(dst, rbuf_.data(), n);
-    rpos_ = n;
-  }
-
-  // On the strand.
-  void Finish(uint64_t cookie, const absl::Status& st, storage::Bytes data) {
-    --inflight_requests_;
-    const uint32_t error = wire::ErrorFromStatus(st);
-    if (error != 0) {
-      fe_->stats.request_errors.fetch_add(1);
-      spdlog::warn("nbd: {}: request failed: {}", peer_, std::string(st.message()));
-      data = {};
-    } else {
-      fe_->stats.bytes_read.fetch_add(data.size());
-    }
-    QueueReply(cookie, error, std::move(data));
+    draining_.clear();  // keeps its capacity for the next burst
+    Pump();
     wake_.cancel();
   }
 
-  void QueueReply(uint64_t cookie, uint32_t error, storage::Bytes data) {
-    Reply& r = replies_.emplace_back();
-    wire::EncodeSimpleReply(error, cookie, r.header);
-    r.data = std::move(data);
+  void CountError() {
+    ++cstats_.request_errors;
+    fe_->stats.request_errors.fetch_add(1);
+  }
+
+  // A reply for a request that never reached the Export.
+  void Answer(uint64_t cookie, uint32_t error, storage::Bytes data, uint32_t held_bytes) {
+    ++outstanding_requests_;
+    outstanding_bytes_ += held_bytes;
+    Queue(cookie, error, std::move(data), held_bytes);
     Pump();
   }
 
-  // Writes queued replies, up to 64 per gathered write.
-  void Pump() {
-    if (writing_ || replies_.empty() || write_failed_) return;
-    writing_ = true;
-    buffers_.clear();
-    const size_t n = std::min<size_t>(replies_.size(), 64);
-    for (size_t i = 0; i < n; ++i) {
-      buffers_.push_back(asio::buffer(replies_[i].header, wire::kSimpleReplyBytes));
-      if (replies_[i].data.size() > 0) {
-        buffers_.push_back(asio::buffer(replies_[i].data.data(), replies_[i].data.size()));
-      }
-    }
-    auto self = this->shared_from_this();
-    asio::async_write(socket_, buffers_, [self, n](boost::system::error_code ec, size_t) {
-      self->writing_ = false;
-      if (ec) {
-        self->write_failed_ = true;  // the client went away; nothing more to answer
-        self->replies_.clear();
-        self->wake_.cancel();
-        return;
-      }
-      for (size_t i = 0; i < n; ++i) self->replies_.pop_front();
-      self->Pump();
-      if (!self->writing_) self->wake_.cancel();
-    });
+  void Queue(uint64_t cookie, uint32_t error, storage::Bytes data, uint32_t held_bytes) {
+    Reply& r = queued_.emplace_back();
+    wire::EncodeSimpleReply(error, cookie, r.header);
+    r.data = std::move(data);
+    r.held_bytes = held_bytes;
   }
 
+  // Sends every queued reply in one gathered write; replies completed meanwhile go in the next.
+  void Pump() {
+    if (writing_ || queued_.empty() || write_failed_) return;
+    writing_ = true;
+    sending_.swap(queued_);
+    buffers_.clear();
+    for (const Reply& r : sending_) {
+      buffers_.push_back(asio::buffer(r.header, wire::kSimpleReplyBytes));
+      if (r.data.size() > 0) buffers_.push_back(asio::buffer(r.data.data(), r.data.size()));
+    }
+    asio::async_write(socket_, BufferView{buffers_.data(), buffers_.data() + buffers_.size()},
+                      [self = this->shared_from_this()](boost::system::error_code ec, size_t) {
+                        self->OnWritten(ec);
+                      });
+  }
+
+  void OnWritten(const boost::system::error_code& ec) {
+    writing_ = false;
+    for (const Reply& r : sending_) {
+      --outstanding_requests_;
+      outstanding_bytes_ -= r.held_bytes;
+    }
+    sending_.clear();
+    if (ec) {
+      // The client went away: nothing more can be answered. Stop the reader too.
+      write_failed_ = true;
+      for (const Reply& r : queued_) {
+        --outstanding_requests_;
+        outstanding_bytes_ -= r.held_bytes;
+      }
+      queued_.clear();
+      boost::system::error_code ignored;
+      socket_.shutdown(asio::socket_base::shutdown_both, ignored);
+    } else {
+      Pump();
+    }
+    wake_.cancel();
+  }
+
+  // Copies n bytes from the read-ahead buffer if it holds them all (no coroutine frame needed).
+  bool TakeBuffered(char* dst, size_t n) {
+    if (rend_ - rpos_ < n) return false;
+    std::memcpy(dst, rbuf_.get() + rpos_, n);
+    rpos_ += n;
+    return true;
+  }
+
+  // Reads exactly n bytes. Whatever the read-ahead buffer holds is used first; then each recv is a
+  // scatter read into the destination and, behind it, the read-ahead buffer, so a WRITE payload
+  // lands in its Bytes without a copy while the headers that follow it are picked up by the same
+  // syscall.
+  awaitable<void> ReadExact(char* dst, size_t n) {
+    const size_t take = std::min(n, rend_ - rpos_);
+    std::memcpy(dst, rbuf_.get() + rpos_, take);
+    rpos_ += take;
+    dst += take;
+    n -= take;
+    if (n == 0) co_return;
+    rpos_ = rend_ = 0;
+    while (n > 0) {
+      const std::array<asio::mutable_buffer, 2> bufs{asio::buffer(dst, n),
+                                                     asio::buffer(rbuf_.get(), kReadAheadBytes)};
+      const size_t got = co_await socket_.async_read_some(bufs, use_awaitable);
+      if (got <= n) {
+        dst += got;
+        n -= got;
+      } else {
+        rend_ = got - n;
+        n = 0;
+      }
+    }
+  }
+
+  // Skips a refused WRITE's payload (at most wire::kMaxDiscardBytes) to stay in sync.
   awaitable<void> Discard(uint32_t length) {
-    std::vector<char> scratch(std::min<uint32_t>(length, 64u << 10));
+    auto scratch = std::make_unique_for_overwrite<char[]>(64u << 10);
     while (length > 0) {
-      const uint32_t n = std::min<uint32_t>(length, static_cast<uint32_t>(scratch.size()));
-      co_await ReadExact(scratch.data(), n);
+      const uint32_t n = std::min<uint32_t>(length, 64u << 10);
+      co_await ReadExact(scratch.get(), n);
       length -= n;
     }
   }
 
-  // Sleeps until a completion or a finished write cancels the timer.
+  // Sleeps until a completion, a finished write or RequestStop cancels the timer.
   awaitable<void> WaitForWake() {
     wake_.expires_at(asio::steady_timer::time_point::max());
     boost::system::error_code ec;
     co_await wake_.async_wait(asio::redirect_error(use_awaitable, ec));
   }
 
-  std::shared_ptr<Frontend::Impl> fe_;
+  const std::shared_ptr<Frontend::Impl> fe_;
   Socket socket_;
   const std::string peer_;
   asio::steady_timer wake_;
+  uint64_t id_ = 0;
   std::shared_ptr<Export> export_;
-  uint32_t inflight_requests_ = 0;
-  uint64_t inflight_bytes_ = 0;
-  std::vector<char> rbuf_ = std::vector<char>(256u << 10);
+  ConnectionStats cstats_;
+
+  // Read side.
+  std::unique_ptr<char[]> rbuf_ = std::make_unique_for_overwrite<char[]>(kReadAheadBytes);
   size_t rpos_ = 0, rend_ = 0;
+  bool stop_reading_ = false;
+
+  // Accounting: outstanding = read and not yet answered on the socket (back-pressure);
+  // pending = handed to the Export and not yet completed (drain before the connection goes).
+  uint32_t outstanding_requests_ = 0;
+  uint64_t outstanding_bytes_ = 0;
+  uint32_t pending_ops_ = 0;
+  std::vector<Slot> slots_;
+  std::vector<uint32_t> free_slots_;
+
+  // Completions from other threads.
   std::mutex inbox_mu_;
-  std::vector<Done> inbox_;
-  bool inbox_posted_ = false;
-  std::deque<Reply> replies_;  // deque: elements keep their address while others come and go
+  std::vector<Completion> inbox_;  // GUARDED_BY(inbox_mu_)
+  bool inbox_posted_ = false;      // GUARDED_BY(inbox_mu_)
+  std::vector<Completion> draining_;
+
+  // Write side: replies waiting, and those in the async_write under way.
+  std::vector<Reply> queued_;
+  std::vector<Reply> sending_;
   std::vector<asio::const_buffer> buffers_;
   bool writing_ = false;
   bool write_failed_ = false;
-  bool reading_done_ = false;
-  bool stop_reading_ = false;
 };
 
 template <typename Acceptor, typename Socket>
 void Accept(std::shared_ptr<Frontend::Impl> fe, Acceptor* acceptor, std::string where) {
-  acceptor->async_accept(asio::make_strand(fe->io),
-                         [fe, acceptor, where](boost::system::error_code ec, Socket s) {
-                           if (ec) {
-                             if (ec != asio::error::operation_aborted) {
-                               spdlog::warn("nbd: accept on {}: {}", where, ec.message());
-                             }
-                             if (fe->stopping) return;
-                           } else if (fe->stopping) {
-                             return;
-                           } else {
-                             std::string peer = where;
-                             if constexpr (std::is_same_v<Socket, tcp::socket>) {
-                               boost::system::error_code e2;
-                               s.set_option(tcp::no_delay(true), e2);
-                               auto ep = s.remote_endpoint(e2);
-                               if (!e2)
-                                 peer = fmt::format("{}:{}", ep.address().to_string(), ep.port());
-                             }
-                             fe->stats.connections.fetch_add(1);
-                             std::make_shared<Connection<Socket>>(fe, std::move(s), peer)->Start();
-                           }
-                           Accept<Acceptor, Socket>(fe, acceptor, where);
-                         });
+  acceptor->async_accept(
+      asio::make_strand(fe->io), [fe, acceptor, where](boost::system::error_code ec, Socket s) {
+        if (ec == asio::error::operation_aborted) return;  // closed by Stop()
+        if (ec) {
+          // EMFILE and friends: log, and try again a little later rather than spin.
+          spdlog::warn("nbd: accept on {}: {}", where, ec.message());
+          auto timer = std::make_shared<asio::steady_timer>(acceptor->get_executor(),
+                                                            std::chrono::milliseconds(100));
+          timer->async_wait([fe, acceptor, where, timer](boost::system::error_code) {
+            {
+              std::lock_guard lock(fe->mu);
+              if (fe->stopping) return;
+            }
+            Accept<Acceptor, Socket>(fe, acceptor, where);
+          });
+          return;
+        } else {
+          std::string peer = where;
+          if constexpr (std::is_same_v<Socket, tcp::socket>) {
+            boost::system::error_code e2;
+            s.set_option(tcp::no_delay(true), e2);
+            auto ep = s.remote_endpoint(e2);
+            if (!e2) peer = fmt::format("{}:{}", ep.address().to_string(), ep.port());
+          }
+          fe->stats.connections.fetch_add(1);
+          std::make_shared<Connection<Socket>>(fe, std::move(s), peer)->Start();
+        }
+        {
+          std::lock_guard lock(fe->mu);
+          if (fe->stopping) return;
+        }
+        Accept<Acceptor, Socket>(fe, acceptor, where);
+      });
 }
 
 absl::StatusOr<tcp::endpoint> ParseEndpoint(const std::string& hostport) {
@@ -395,18 +585,20 @@ absl::StatusOr<tcp::endpoint> ParseEndpoint(const std::string& hostport) {
     return absl::InvalidArgumentError(fmt::format("listen address '{}' has no port", hostport));
   }
   std::string host = hostport.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']')
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
     host = host.substr(1, host.size() - 2);
+  }
   boost::system::error_code ec;
   auto addr = asio::ip::make_address(host, ec);
-  if (ec)
+  if (ec) {
     return absl::InvalidArgumentError(
         fmt::format("listen address '{}': {}", hostport, ec.message()));
-  int port = 0;
-  try {
-    port = std::stoi(hostport.substr(colon + 1));
-  } catch (...) {
-    port = -1;
+  }
+  const std::string port_text = hostport.substr(colon + 1);
+  int port = -1;
+  if (!port_text.empty() && port_text.size() <= 5 &&
+      port_text.find_first_not_of("0123456789") == std::string::npos) {
+    port = std::stoi(port_text);
   }
   if (port < 0 || port > 65535) {
     return absl::InvalidArgumentError(fmt::format("listen address '{}': bad port", hostport));
@@ -445,9 +637,10 @@ absl::Status Frontend::Start() {
     acc->open(unix_proto(), ec);
     if (!ec) acc->bind(unix_proto::endpoint(path), ec);
     if (!ec) acc->listen(asio::socket_base::max_listen_connections, ec);
-    if (ec)
+    if (ec) {
       return absl::UnavailableError(
           fmt::format("cannot listen on unix socket {}: {}", path, ec.message()));
+    }
     fe.unix_acceptors.push_back(std::move(acc));
   }
   for (size_t i = 0; i < fe.tcp_acceptors.size(); ++i) {
@@ -474,7 +667,13 @@ std::vector<uint16_t> Frontend::tcp_ports() const {
 
 void Frontend::Stop() {
   auto fe = impl_;
-  if (fe->stopping.exchange(true)) return;
+  std::vector<std::weak_ptr<ConnectionBase>> live;
+  {
+    std::lock_guard lock(fe->mu);
+    if (fe->stopping) return;
+    fe->stopping = true;  // from here on Register() refuses new connections
+    for (auto& [id, c] : fe->live) live.push_back(c);
+  }
   // Acceptors are closed on their strands; connections stop reading and drain on theirs.
   for (auto& a : fe->tcp_acceptors) {
     asio::post(a->get_executor(), [fe, acc = a.get()] {
@@ -488,12 +687,9 @@ void Frontend::Stop() {
       acc->close(ec);
     });
   }
-  std::vector<std::function<void()>> hooks;
-  {
-    std::lock_guard lock(fe->mu);
-    hooks.swap(fe->shutdown_hooks);
+  for (auto& w : live) {
+    if (auto c = w.lock()) c->RequestStop();
   }
-  for (auto& h : hooks) h();
 }
 
 const FrontendStats& Frontend::stats() const { return impl_->stats; }

@@ -4,7 +4,11 @@
 // Threading: the caller runs the io_context (on one or more threads); every connection lives on its
 // own strand. Export completions may arrive on any thread and are posted back to the connection.
 // Back-pressure: a connection stops reading requests while it has max_inflight_requests or
-// max_inflight_bytes outstanding, so a fast client slows down instead of growing our queues.
+// max_inflight_bytes outstanding (read but not yet answered on the socket: WRITE payloads and READ
+// data both count until their reply is written), so a fast client, or one that does not read its
+// replies, slows down instead of growing our queues.
+//
+// The protocol itself is in wire.h (the brief's "protocol.h"); this is the brief's "server.h".
 #pragma once
 
 #include <absl/status/status.h>
@@ -27,13 +31,18 @@ struct FrontendOptions {
   uint64_t max_inflight_bytes = 128ull << 20;
 };
 
+// Server-wide counters (monotonic unless noted). Each connection keeps the same counts for itself
+// and logs them when it closes (debug level).
 struct FrontendStats {
-  std::atomic<uint64_t> connections{0};
-  std::atomic<uint64_t> handshakes_refused{0};  // malformed or aborted handshakes
-  std::atomic<uint64_t> requests{0};
-  std::atomic<uint64_t> request_errors{0};  // requests answered with an NBD error
-  std::atomic<uint64_t> bytes_read{0};      // READ payload sent to clients
-  std::atomic<uint64_t> bytes_written{0};   // WRITE payload received
+  std::atomic<uint64_t> connections{0};         // accepted so far
+  std::atomic<uint64_t> connections_open{0};    // gauge
+  std::atomic<uint64_t> handshakes_refused{0};  // malformed, truncated or aborted handshakes
+  std::atomic<uint64_t> requests{0};            // transmission requests read (DISC excluded)
+  std::atomic<uint64_t> request_errors{0};      // requests answered with an NBD error
+  std::atomic<uint64_t> requests_refused{0};    // of those, refused by validation (client bugs)
+  std::atomic<uint64_t> bytes_read{0};          // READ payload sent to clients
+  std::atomic<uint64_t> bytes_written{0};       // WRITE payload received
+  std::atomic<uint64_t> backpressure_waits{0};  // times a connection paused reading at its limit
 };
 
 class Frontend {
@@ -50,7 +59,8 @@ class Frontend {
   // The bound TCP ports, in tcp_listen order (useful with port 0).
   std::vector<uint16_t> tcp_ports() const;
   // Stops accepting and stops reading new requests; requests already read are answered, then each
-  // connection closes. The io_context runs out of work once all of that is done. Thread-safe.
+  // connection closes. The io_context runs out of work once all of that is done. Thread-safe,
+  // idempotent; a connection accepted concurrently with Stop() is closed too.
   void Stop();
   const FrontendStats& stats() const;
 

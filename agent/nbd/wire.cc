@@ -22,6 +22,8 @@ uint64_t Get(const char* p, int n) {
   return v;
 }
 
+}  // namespace
+
 const char* OptionName(uint32_t o) {
   switch (o) {
     case kOptExportName:
@@ -38,12 +40,16 @@ const char* OptionName(uint32_t o) {
       return "GO";
     case kOptStructuredReply:
       return "STRUCTURED_REPLY";
+    case kOptListMetaContext:
+      return "LIST_META_CONTEXT";
+    case kOptSetMetaContext:
+      return "SET_META_CONTEXT";
+    case kOptExtendedHeaders:
+      return "EXTENDED_HEADERS";
     default:
       return "unknown";
   }
 }
-
-}  // namespace
 
 const char* CommandName(uint16_t type) {
   switch (type) {
@@ -59,6 +65,10 @@ const char* CommandName(uint16_t type) {
       return "TRIM";
     case kCmdWriteZeroes:
       return "WRITE_ZEROES";
+    case kCmdCache:
+      return "CACHE";
+    case kCmdBlockStatus:
+      return "BLOCK_STATUS";
     default:
       return "unknown";
   }
@@ -86,6 +96,76 @@ std::string EncodeOptionReply(uint32_t option, uint32_t type, std::string_view d
   Put32(&s, static_cast<uint32_t>(data.size()));
   s.append(data);
   return s;
+}
+
+std::string ParseInfoRequest(std::string_view data, InfoRequest* out) {
+  if (data.size() < 6) return "INFO/GO data shorter than 6 bytes";
+  const uint64_t name_len = Get(data.data(), 4);
+  if (name_len > data.size() - 6) return "INFO/GO name length does not fit the option";
+  if (name_len > kMaxStringBytes) return "INFO/GO name longer than 4096 bytes";
+  out->name = data.substr(4, name_len);
+  const size_t at = 4 + name_len;
+  const uint64_t n = Get(data.data() + at, 2);
+  if (data.size() != at + 2 + 2 * n) {
+    return "INFO/GO information request count does not fit the option";
+  }
+  out->requests.clear();
+  for (uint64_t i = 0; i < n; ++i) {
+    const auto r = static_cast<uint16_t>(Get(data.data() + at + 2 + 2 * i, 2));
+    // The client MUST NOT repeat one; if it does, answer once (this also bounds the reply).
+    bool seen = false;
+    for (uint16_t x : out->requests) seen = seen || x == r;
+    if (!seen && out->requests.size() < 16) out->requests.push_back(r);
+  }
+  return {};
+}
+
+std::string EncodeInfoReplies(uint32_t option, const ExportInfo& info,
+                              const std::vector<uint16_t>& requests) {
+  std::string out, d;
+  Put16(&d, kInfoExport);
+  Put64(&d, info.size_bytes);
+  Put16(&d, TransmissionFlags(info));
+  out += EncodeOptionReply(option, kRepInfo, d);
+  for (uint16_t r : requests) {
+    d.clear();
+    switch (r) {
+      case kInfoName:
+        Put16(&d, kInfoName);
+        d += info.name;
+        break;
+      case kInfoDescription:
+        Put16(&d, kInfoDescription);
+        d += info.description;
+        break;
+      case kInfoBlockSize:
+        Put16(&d, kInfoBlockSize);
+        Put32(&d, info.min_block_bytes);
+        Put32(&d, info.preferred_block_bytes);
+        Put32(&d, info.max_payload_bytes);
+        break;
+      default:
+        continue;  // unknown, or EXPORT (already sent): ignored, as the spec says
+    }
+    out += EncodeOptionReply(option, kRepInfo, d);
+  }
+  return out;
+}
+
+std::string EncodeExportNameReply(const ExportInfo& info, bool no_zeroes) {
+  std::string s;
+  Put64(&s, info.size_bytes);
+  Put16(&s, TransmissionFlags(info));
+  if (!no_zeroes) s.append(124, '\0');
+  return s;
+}
+
+std::string EncodeListReply(const ExportInfo& info) {
+  std::string d;
+  Put32(&d, static_cast<uint32_t>(info.name.size()));
+  d += info.name;
+  d += info.description;
+  return EncodeOptionReply(kOptList, kRepServer, d);
 }
 
 Handshake::Handshake(ExportLookup lookup, ExportList list)
@@ -167,10 +247,7 @@ Handshake::Step Handshake::OnOption(std::string_view data) {
                                   data.substr(0, std::min<size_t>(data.size(), 64)));
         return step;
       }
-      const ExportInfo& info = chosen_->info();
-      Put64(&step.out, info.size_bytes);
-      Put16(&step.out, TransmissionFlags(info));
-      if (!no_zeroes_) step.out.append(124, '\0');
+      step.out = EncodeExportNameReply(chosen_->info(), no_zeroes_);
       step.next = Next::kTransmission;
       state_ = State::kDone;
       need_ = 0;
@@ -186,13 +263,7 @@ Handshake::Step Handshake::OnOption(std::string_view data) {
         step.out = EncodeOptionReply(option_, kRepErrInvalid, "LIST takes no data");
         return step;
       }
-      for (const auto& e : list_()) {
-        std::string d;
-        Put32(&d, static_cast<uint32_t>(e->info().name.size()));
-        d += e->info().name;
-        d += e->info().description;
-        step.out += EncodeOptionReply(option_, kRepServer, d);
-      }
+      for (const auto& e : list_()) step.out += EncodeListReply(e->info());
       step.out += EncodeOptionReply(option_, kRepAck, {});
       return step;
     }
@@ -212,73 +283,26 @@ Handshake::Step Handshake::OnOption(std::string_view data) {
 
 Handshake::Step Handshake::InfoOrGo(std::string_view data, bool go) {
   Step step;
-  auto invalid = [&](std::string_view why) {
+  InfoRequest req;
+  if (std::string why = ParseInfoRequest(data, &req); !why.empty()) {
     step.out = EncodeOptionReply(option_, kRepErrInvalid, why);
     return step;
-  };
-  if (data.size() < 6) return invalid("INFO/GO data too short");
-  const uint32_t name_len = static_cast<uint32_t>(Get(data.data(), 4));
-  if (name_len > kMaxStringBytes || data.size() < 4ull + name_len + 2) {
-    return invalid("INFO/GO name length does not fit the option");
   }
-  const std::string_view name = data.substr(4, name_len);
-  const uint16_t n = static_cast<uint16_t>(Get(data.data() + 4 + name_len, 2));
-  if (data.size() != 4ull + name_len + 2 + 2ull * n) {
-    return invalid("INFO/GO information request count does not fit the option");
-  }
-  std::vector<uint16_t> requested;
-  for (uint16_t i = 0; i < n; ++i) {
-    requested.push_back(static_cast<uint16_t>(Get(data.data() + 6 + name_len + 2 * i, 2)));
-  }
-  std::shared_ptr<Export> e = lookup_(name);
+  std::shared_ptr<Export> e = lookup_(req.name);
   if (!e) {
     step.out =
-        EncodeOptionReply(option_, kRepErrUnknown, fmt::format("no export named '{}'", name));
+        EncodeOptionReply(option_, kRepErrUnknown, fmt::format("no export named '{}'", req.name));
     return step;
   }
-  chosen_ = e;
-  step.out = InfoReplies(requested);
+  step.out = EncodeInfoReplies(option_, e->info(), req.requests);
   step.out += EncodeOptionReply(option_, kRepAck, {});
   if (go) {
+    chosen_ = std::move(e);
     step.next = Next::kTransmission;
     state_ = State::kDone;
     need_ = 0;
-  } else {
-    chosen_.reset();
   }
   return step;
-}
-
-std::string Handshake::InfoReplies(const std::vector<uint16_t>& requested) const {
-  const ExportInfo& info = chosen_->info();
-  std::string out, d;
-  Put16(&d, kInfoExport);
-  Put64(&d, info.size_bytes);
-  Put16(&d, TransmissionFlags(info));
-  out += EncodeOptionReply(option_, kRepInfo, d);
-  for (uint16_t r : requested) {
-    d.clear();
-    switch (r) {
-      case kInfoName:
-        Put16(&d, kInfoName);
-        d += info.name;
-        break;
-      case kInfoDescription:
-        Put16(&d, kInfoDescription);
-        d += info.description;
-        break;
-      case kInfoBlockSize:
-        Put16(&d, kInfoBlockSize);
-        Put32(&d, info.min_block_bytes);
-        Put32(&d, info.preferred_block_bytes);
-        Put32(&d, info.max_payload_bytes);
-        break;
-      default:
-        continue;  // unknown or already sent (EXPORT): ignored, as the spec says
-    }
-    out += EncodeOptionReply(option_, kRepInfo, d);
-  }
-  return out;
 }
 
 bool ParseRequestHeader(const char in[kRequestHeaderBytes], RequestHeader* out) {
@@ -295,39 +319,34 @@ Verdict ValidateRequest(const RequestHeader& h, const ExportInfo& info) {
   Verdict v;
   const bool is_write = h.type == kCmdWrite;
   v.payload_follows = is_write;
+  if (h.type == kCmdDisc) return v;  // no reply exists to carry an error: just disconnect
   auto refuse = [&](uint32_t error, std::string reason) {
     v.error = error;
     v.reason = std::move(reason);
     if (is_write && h.length > kMaxDiscardBytes) v.close = true;
     return v;
   };
-  uint16_t allowed = 0;
+  // FUA is valid on every command once advertised (the spec: the server MUST accept it). A
+  // read-only export does not advertise it, but a WRITE+FUA there deserves EPERM, not EINVAL.
+  uint16_t allowed = info.can_fua ? kCmdFlagFua : 0;
   switch (h.type) {
     case kCmdRead:
     case kCmdFlush:
-    case kCmdDisc:
-      break;
     case kCmdWrite:
     case kCmdTrim:
-      allowed = kCmdFlagFua;
       break;
     case kCmdWriteZeroes:
-      allowed = kCmdFlagFua | kCmdFlagNoHole;
+      allowed |= kCmdFlagNoHole;
       break;
     default:
       return refuse(kEinval, fmt::format("unknown command {}", h.type));
   }
   if ((h.flags & ~allowed) != 0) {
-    return refuse(kEinval,
-                  fmt::format("flags {:#x} not allowed on {}", h.flags, CommandName(h.type)));
+    return refuse(kEinval, fmt::format("flags {:#x} not allowed on {}", h.flags & ~allowed,
+                                       CommandName(h.type)));
   }
-  if ((h.flags & kCmdFlagFua) && !info.can_fua) {
-    return refuse(kEinval, "FUA was not advertised");
-  }
-  if (h.type == kCmdFlush || h.type == kCmdDisc) {
-    if (h.offset != 0 || h.length != 0) {
-      return refuse(kEinval, fmt::format("{} with offset/length", CommandName(h.type)));
-    }
+  if (h.type == kCmdFlush) {
+    if (h.offset != 0 || h.length != 0) return refuse(kEinval, "FLUSH with offset/length");
     return v;
   }
   const bool mutates = h.type != kCmdRead;
@@ -343,9 +362,15 @@ Verdict ValidateRequest(const RequestHeader& h, const ExportInfo& info) {
                                        CommandName(h.type), h.length, info.max_payload_bytes));
   }
   if (h.offset > info.size_bytes || h.length > info.size_bytes - h.offset) {
-    return refuse(mutates ? kEnospc : kEinval,
+    const bool enospc = is_write || h.type == kCmdWriteZeroes;
+    return refuse(enospc ? kEnospc : kEinval,
                   fmt::format("{} {}+{} is beyond the end of export {} ({} bytes)",
                               CommandName(h.type), h.offset, h.length, info.name, info.size_bytes));
+  }
+  if (info.min_block_bytes > 1 &&
+      (h.offset % info.min_block_bytes != 0 || h.length % info.min_block_bytes != 0)) {
+    return refuse(kEinval, fmt::format("{} {}+{} is not aligned to {} bytes", CommandName(h.type),
+                                       h.offset, h.length, info.min_block_bytes));
   }
   return v;
 }

@@ -3,8 +3,8 @@
 //
 // Handshake is a state machine fed exactly the bytes it asks for (Need()), which returns what to
 // send and what happens next; RequestHeader/ValidateRequest judge one transmission request. The
-// Asio connection (connection.cc) only moves bytes, and the fuzzer (tests/fuzz) drives these
-// directly.
+// Asio connection (frontend.cc) only moves bytes, and the fuzzer (tests/fuzz) and the unit tests
+// (tests/unit/nbd/wire_test.cc) drive these directly. Every number on the wire is big-endian.
 #pragma once
 
 #include <absl/status/status.h>
@@ -40,6 +40,9 @@ inline constexpr uint32_t kOptStartTls = 5;
 inline constexpr uint32_t kOptInfo = 6;
 inline constexpr uint32_t kOptGo = 7;
 inline constexpr uint32_t kOptStructuredReply = 8;
+inline constexpr uint32_t kOptListMetaContext = 9;
+inline constexpr uint32_t kOptSetMetaContext = 10;
+inline constexpr uint32_t kOptExtendedHeaders = 11;
 
 // Option replies.
 inline constexpr uint32_t kRepAck = 1;
@@ -49,6 +52,7 @@ inline constexpr uint32_t kRepErrUnsup = 0x80000001u;
 inline constexpr uint32_t kRepErrPolicy = 0x80000002u;
 inline constexpr uint32_t kRepErrInvalid = 0x80000003u;
 inline constexpr uint32_t kRepErrUnknown = 0x80000006u;
+inline constexpr uint32_t kRepErrShutdown = 0x80000007u;
 inline constexpr uint32_t kRepErrTooBig = 0x80000009u;
 
 // NBD_INFO_* for NBD_REP_INFO.
@@ -72,9 +76,13 @@ inline constexpr uint16_t kCmdWrite = 1;
 inline constexpr uint16_t kCmdDisc = 2;
 inline constexpr uint16_t kCmdFlush = 3;
 inline constexpr uint16_t kCmdTrim = 4;
+inline constexpr uint16_t kCmdCache = 5;  // not offered: EINVAL
 inline constexpr uint16_t kCmdWriteZeroes = 6;
+inline constexpr uint16_t kCmdBlockStatus = 7;  // needs structured replies: EINVAL
 inline constexpr uint16_t kCmdFlagFua = 1u << 0;
 inline constexpr uint16_t kCmdFlagNoHole = 1u << 1;
+inline constexpr uint16_t kCmdFlagDf = 1u << 2;        // structured replies only: EINVAL
+inline constexpr uint16_t kCmdFlagFastZero = 1u << 4;  // not advertised: EINVAL
 
 // Errors.
 inline constexpr uint32_t kEperm = 1;
@@ -127,7 +135,6 @@ class Handshake {
   enum class State { kClientFlags, kOptionHeader, kOptionData, kDone };
   Step OnOption(std::string_view data);
   Step InfoOrGo(std::string_view data, bool go);
-  std::string InfoReplies(const std::vector<uint16_t>& requested) const;
 
   ExportLookup lookup_;
   ExportList list_;
@@ -140,6 +147,23 @@ class Handshake {
 };
 
 std::string EncodeOptionReply(uint32_t option, uint32_t type, std::string_view data);
+
+// The data of NBD_OPT_INFO / NBD_OPT_GO: a name and the NBD_INFO_* items the client asks for.
+struct InfoRequest {
+  std::string_view name;           // points into the option data
+  std::vector<uint16_t> requests;  // as sent, duplicates removed (at most 65,535 distinct anyway)
+};
+// Returns an empty string on success, else why the data is malformed (for NBD_REP_ERR_INVALID).
+std::string ParseInfoRequest(std::string_view data, InfoRequest* out);
+// NBD_REP_INFO replies for `info`: NBD_INFO_EXPORT always (the spec requires it), then NAME,
+// DESCRIPTION and BLOCK_SIZE only when asked for; unknown requests are ignored. No final ACK.
+std::string EncodeInfoReplies(uint32_t option, const ExportInfo& info,
+                              const std::vector<uint16_t>& requests);
+// The answer to NBD_OPT_EXPORT_NAME: size, transmission flags and (unless NO_ZEROES) 124 zeroes.
+std::string EncodeExportNameReply(const ExportInfo& info, bool no_zeroes);
+// NBD_REP_SERVER for NBD_OPT_LIST: name length, name, description.
+std::string EncodeListReply(const ExportInfo& info);
+const char* OptionName(uint32_t option);
 
 struct RequestHeader {
   uint16_t flags = 0;
@@ -160,9 +184,19 @@ struct Verdict {
   bool payload_follows = false;
   bool close = false;
 };
-// Checks a request against the export per the spec: known command, allowed flags, range within the
-// export (ENOSPC for writes past the end, EINVAL otherwise), READ/WRITE length within the maximum
-// payload, writes to a read-only export (EPERM).
+// Checks a request against the export per the spec ("Error values", "Block size constraints"):
+// - unknown command (CACHE, BLOCK_STATUS included: not offered) or a flag not documented for the
+//   command: EINVAL. FUA is accepted on every command once SEND_FUA was advertised (the spec says
+//   the server MUST, since clients set it on READ/FLUSH), and ignored where nothing is written;
+// - WRITE, TRIM, WRITE_ZEROES on a read-only export: EPERM; TRIM/WRITE_ZEROES not advertised:
+// EINVAL;
+// - READ/WRITE longer than max_payload_bytes: EINVAL (a WRITE's payload is still on the wire;
+//   above kMaxDiscardBytes the verdict is close);
+// - beyond the end: ENOSPC for WRITE and WRITE_ZEROES, EINVAL for READ and TRIM;
+// - offset or length not a multiple of min_block_bytes: EINVAL;
+// - FLUSH with offset or length: EINVAL. DISC is always accepted (it has no reply to carry an
+// error). TRIM and WRITE_ZEROES may exceed max_payload_bytes: they carry no payload, and clients
+// (the Linux kernel) send large ones.
 Verdict ValidateRequest(const RequestHeader& h, const ExportInfo& info);
 
 void EncodeSimpleReply(uint32_t error, uint64_t cookie, char out[kSimpleReplyBytes]);

@@ -1,7 +1,9 @@
 // nbd_fuzz.cc: libFuzzer target over the NBD protocol code a connection runs: the input is what a
 // client sends, byte for byte. It goes through the handshake machine exactly as the server feeds it
 // (Need() bytes at a time) and, once in transmission, through request parsing and validation,
-// skipping WRITE payloads the way the server does. Checks invariants a connection relies on.
+// skipping WRITE payloads the way the server does. Checks invariants a connection relies on: reads
+// are bounded, replies stay small, an accepted request lies within the export and obeys its
+// limits, a read-only export accepts nothing that writes. Seeds: tests/fuzz/make_nbd_corpus.py.
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
@@ -53,7 +55,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (in.size() < need) return 0;
     wire::Handshake::Step step = hs.Feed(in.substr(0, need));
     in.remove_prefix(need);
-    if (step.out.size() > (1u << 20)) std::abort();  // a reply never balloons
+    if (step.out.size() > (64u << 10)) std::abort();  // a reply never balloons
     if (step.next == wire::Handshake::Next::kClose) return 0;
     if (step.next == wire::Handshake::Next::kTransmission) {
       if (!hs.chosen()) std::abort();
@@ -80,9 +82,18 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           h.type != wire::kCmdDisc) {
         std::abort();
       }
+      const uint16_t known = wire::kCmdFlagFua | wire::kCmdFlagNoHole;
+      if (h.type != wire::kCmdDisc && (h.flags & ~known) != 0) std::abort();
+      if (h.type != wire::kCmdWriteZeroes && h.type != wire::kCmdDisc &&
+          (h.flags & wire::kCmdFlagNoHole) != 0) {
+        std::abort();
+      }
       if (h.type == wire::kCmdDisc) return 0;
     } else if (v.close) {
+      if (h.type != wire::kCmdWrite || h.length <= wire::kMaxDiscardBytes) std::abort();
       return 0;
+    } else if (v.reason.empty()) {
+      std::abort();  // every refusal says why (it is logged)
     }
     if (v.payload_follows) {
       if (in.size() < h.length) return 0;

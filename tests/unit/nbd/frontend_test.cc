@@ -1,9 +1,16 @@
-// frontend_test.cc: the NBD server over real sockets on 127.0.0.1: handshake variants, the
-// malformed-request suite (each answered as the protocol prescribes, none crashing the server),
-// pipelining with out-of-order completion, back-pressure, and draining on Stop().
+// frontend_test.cc: the NBD server over real sockets on 127.0.0.1 and a unix socket: handshake
+// variants, the malformed-request suite (each answered as the protocol prescribes, none crashing
+// the server), pipelining with out-of-order completion, FUA/FLUSH routing, back-pressure, draining
+// on Stop(), and real clients (nbdinfo, qemu-io) when they are installed.
 #include "agent/nbd/frontend.h"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
+#include <spdlog/spdlog.h>
+#include <stdlib.h>
+
+#include <filesystem>
+#include <random>
 
 #include "tests/unit/nbd/nbd_test_client.h"
 
@@ -195,13 +202,15 @@ TEST_F(FrontendTest, MalformedRequestsGetTheProtocolsErrors) {
   const Case cases[] = {
       {"unknown command", 42, 0, 0, 0, kEinval, false},
       {"unknown flag on READ", kCmdRead, 0x80, 0, 512, kEinval, false},
-      {"FUA on READ", kCmdRead, kCmdFlagFua, 0, 512, kEinval, false},
+      {"DF on READ (no structured replies)", kCmdRead, kCmdFlagDf, 0, 512, kEinval, false},
+      {"FAST_ZERO (not advertised)", kCmdWriteZeroes, kCmdFlagFastZero, 0, 512, kEinval, false},
+      {"BLOCK_STATUS without meta context", kCmdBlockStatus, 0, 0, 512, kEinval, false},
       {"NO_HOLE on WRITE", kCmdWrite, kCmdFlagNoHole, 0, 16, kEinval, true},
       {"READ beyond the end", kCmdRead, 0, kSize - 512, 1024, kEinval, false},
       {"READ at an offset past the end", kCmdRead, 0, kSize * 4, 1, kEinval, false},
       {"READ with offset+length overflowing", kCmdRead, 0, UINT64_MAX - 10, 512, kEinval, false},
       {"WRITE beyond the end", kCmdWrite, 0, kSize - 8, 16, kEnospc, true},
-      {"TRIM beyond the end", kCmdTrim, 0, kSize, 1, kEnospc, false},
+      {"TRIM beyond the end", kCmdTrim, 0, kSize, 1, kEinval, false},
       {"WRITE_ZEROES beyond the end", kCmdWriteZeroes, 0, 0, kSize + 1, kEnospc, false},
       {"FLUSH with a length", kCmdFlush, 0, 0, 5, kEinval, false},
       {"READ over the maximum payload", kCmdRead, 0, 0, (32u << 20) + 1, kEinval, false},
@@ -222,20 +231,139 @@ TEST_F(FrontendTest, MalformedRequestsGetTheProtocolsErrors) {
   EXPECT_EQ(r.cookie, 555u);
   EXPECT_EQ(r.error, kEinval);
   EXPECT_EQ(vol_->writes.load(), 0) << "no refused write reached the export";
-  // Zero-length requests are valid.
+  // Zero-length requests are valid (and never bother the export).
   c.Request(kCmdRead, 0, 600, 10, 0);
   EXPECT_EQ(c.ReadReply().error, 0u);
   c.Request(kCmdWrite, 0, 601, 10, 0);
   EXPECT_EQ(c.ReadReply().error, 0u);
-  // A write that fits goes through.
-  c.Request(kCmdWrite, kCmdFlagFua, 602, 4096, 5, "hello");
+  c.Request(kCmdTrim, 0, 602, kSize, 0);
   EXPECT_EQ(c.ReadReply().error, 0u);
-  EXPECT_EQ(vol_->data().substr(4096, 5), "hello");
+  c.Request(kCmdWriteZeroes, 0, 603, 0, 0);
+  EXPECT_EQ(c.ReadReply().error, 0u);
+  EXPECT_EQ(vol_->reads.load() + vol_->writes.load() + vol_->trims.load() + vol_->zeroes.load(), 0);
+  // A write that fits goes through.
+  c.Request(kCmdWrite, kCmdFlagFua, 604, 4096, 5, "hello");
+  EXPECT_EQ(c.ReadReply().error, 0u);
+  EXPECT_EQ(vol_->DataAt(4096, 5), "hello");
   EXPECT_EQ(vol_->fua_writes.load(), 1);
   // A bad magic cannot be resynchronised: the connection closes.
   c.Request(kCmdRead, 0, 700, 0, 512, {}, 0xdeadbeef);
   EXPECT_TRUE(c.Closed());
+  EXPECT_EQ(s.frontend().stats().requests_refused.load(), std::size(cases) + 1);
   ExpectServerHealthy(s.port());
+}
+
+TEST_F(FrontendTest, RequestsSplitAcrossManySegmentsAreReassembled) {
+  TestServer s({vol_});
+  RawClient c(s.port());
+  ASSERT_NE(c.Connect("vol0"), 0);
+  std::string req;
+  testing::Put(&req, kRequestMagic, 4);
+  testing::Put(&req, 0, 2);
+  testing::Put(&req, kCmdWrite, 2);
+  testing::Put(&req, 31, 8);
+  testing::Put(&req, 100, 8);
+  testing::Put(&req, 6, 4);
+  req += "abcdef";
+  for (char ch : req) {  // one byte per send
+    c.Send(std::string(1, ch));
+    usleep(500);
+  }
+  auto r = c.ReadReply();
+  EXPECT_EQ(r.cookie, 31u);
+  EXPECT_EQ(r.error, 0u);
+  EXPECT_EQ(vol_->DataAt(100, 6), "abcdef");
+}
+
+TEST_F(FrontendTest, FuaOnReadIsAcceptedAndIgnored) {
+  TestServer s({vol_});
+  vol_->Fill(0, "data");
+  RawClient c(s.port());
+  ASSERT_NE(c.Connect("vol0"), 0);
+  c.Request(kCmdRead, kCmdFlagFua, 8, 0, 4);
+  auto r = c.ReadReply();
+  EXPECT_EQ(r.error, 0u) << "the spec: FUA is valid on every command once SEND_FUA is set";
+  EXPECT_EQ(c.Recv(4), "data");
+}
+
+TEST_F(FrontendTest, FuaFlushTrimAndZeroesReachTheExportWithTheirFlags) {
+  TestServer s({vol_});
+  RawClient c(s.port());
+  ASSERT_NE(c.Connect("vol0"), 0);
+  vol_->Fill(0, std::string(8192, 'x'));
+  c.Request(kCmdWrite, 0, 1, 0, 3, "abc");
+  c.Request(kCmdWrite, kCmdFlagFua, 2, 3, 3, "def");
+  c.Request(kCmdFlush, 0, 3, 0, 0);
+  c.Request(kCmdTrim, kCmdFlagFua, 4, 4096, 512);
+  c.Request(kCmdTrim, 0, 5, 4608, 512);
+  c.Request(kCmdWriteZeroes, kCmdFlagFua | kCmdFlagNoHole, 6, 5120, 512);
+  c.Request(kCmdWriteZeroes, 0, 7, 5632, 512);
+  for (int i = 0; i < 7; ++i) {
+    auto r = c.ReadReply();
+    ASSERT_TRUE(r.ok);
+    EXPECT_EQ(r.error, 0u) << "cookie " << r.cookie;
+  }
+  EXPECT_EQ(vol_->writes.load(), 2);
+  EXPECT_EQ(vol_->fua_writes.load(), 1);
+  EXPECT_EQ(vol_->flushes.load(), 1);
+  EXPECT_EQ(vol_->trims.load(), 2);
+  EXPECT_EQ(vol_->fua_trims.load(), 1);
+  EXPECT_EQ(vol_->zeroes.load(), 2);
+  EXPECT_EQ(vol_->fua_zeroes.load(), 1);
+  EXPECT_EQ(vol_->no_hole_zeroes.load(), 1);
+  EXPECT_EQ(vol_->DataAt(0, 6), "abcdef");
+  EXPECT_EQ(vol_->DataAt(4096, 2048), std::string(2048, '\0'));
+  EXPECT_EQ(vol_->DataAt(6144, 8), "xxxxxxxx");
+}
+
+TEST_F(FrontendTest, ExportErrorsBecomeNbdErrorsAndReadsCarryNoData) {
+  TestServer s({vol_});
+  RawClient c(s.port());
+  ASSERT_NE(c.Connect("vol0"), 0);
+  vol_->FailNext(absl::ResourceExhaustedError("log full"));
+  c.Request(kCmdWrite, 0, 1, 0, 3, "abc");
+  EXPECT_EQ(c.ReadReply().error, kEnospc);
+  vol_->FailNext(absl::DataLossError("bad sector"));
+  c.Request(kCmdRead, 0, 2, 0, 4096);
+  auto r = c.ReadReply();
+  EXPECT_EQ(r.cookie, 2u);
+  EXPECT_EQ(r.error, kEio);
+  vol_->FailNext(absl::UnavailableError("stopping"));
+  c.Request(kCmdFlush, 0, 3, 0, 0);
+  auto f = c.ReadReply();
+  EXPECT_EQ(f.cookie, 3u) << "no READ payload was sent after the error reply";
+  EXPECT_EQ(f.error, kEshutdown);
+  EXPECT_EQ(s.frontend().stats().request_errors.load(), 3u);
+}
+
+TEST_F(FrontendTest, UnixSocketServesTheSameProtocol) {
+  char dir_template[] = "/tmp/tvilling-nbd-XXXXXX";
+  ASSERT_NE(mkdtemp(dir_template), nullptr);
+  const std::string path = std::string(dir_template) + "/nbd.sock";
+  FrontendOptions o;
+  o.unix_sockets = {path};
+  {
+    TestServer s({vol_}, o);
+    RawClient c(path);
+    ASSERT_NE(c.Connect("vol0"), 0);
+    c.Request(kCmdWrite, 0, 1, 512, 4, "unix");
+    EXPECT_EQ(c.ReadReply().error, 0u);
+    c.Request(kCmdRead, 0, 2, 512, 4);
+    EXPECT_EQ(c.ReadReply().error, 0u);
+    EXPECT_EQ(c.Recv(4), "unix");
+    RawClient bad(path);  // a malformed handshake on the unix socket closes just that one
+    bad.Greeting();
+    bad.ClientFlags(0xffffffffu);
+    EXPECT_TRUE(bad.Closed());
+    c.Request(kCmdFlush, 0, 3, 0, 0);  // reuses the READ's slot: must carry no data
+    auto r = c.ReadReply();
+    EXPECT_EQ(r.cookie, 3u);
+    EXPECT_EQ(r.error, 0u);
+    c.Request(kCmdRead, 0, 4, 512, 4);
+    EXPECT_EQ(c.ReadReply().cookie, 4u);
+    EXPECT_EQ(c.Recv(4), "unix");
+  }
+  std::filesystem::remove_all(dir_template);
 }
 
 TEST_F(FrontendTest, WritesToAReadOnlyExportAreEperm) {
@@ -267,7 +395,7 @@ TEST_F(FrontendTest, WriteTooLargeToSkipClosesTheConnection) {
 
 TEST_F(FrontendTest, PipelinedRequestsAreAnsweredOutOfOrderWithTheirOwnData) {
   TestServer s({vol_});
-  for (int i = 0; i < 8; ++i) vol_->data()[4096 * i] = static_cast<char>('a' + i);
+  for (int i = 0; i < 8; ++i) vol_->Fill(4096 * i, std::string(1, static_cast<char>('a' + i)));
   RawClient c(s.port());
   ASSERT_NE(c.Connect("vol0"), 0);
   vol_->set_hold(true);
@@ -300,6 +428,90 @@ TEST_F(FrontendTest, BackPressureStopsReadingRequestsAtTheLimit) {
   EXPECT_EQ(vol_->flushes.load(), 10);
 }
 
+TEST_F(FrontendTest, AClientThatDoesNotReadRepliesCannotMakeTheServerHoldUnboundedData) {
+  FrontendOptions o;
+  o.max_inflight_bytes = 1 << 20;
+  TestServer s({vol_}, o);
+  RawClient c(s.port());
+  ASSERT_NE(c.Connect("vol0"), 0);
+  constexpr int kReads = 1000;  // 1000 x 64 KiB = 64 MiB of replies, none read for now
+  std::thread sender([&] {
+    for (int i = 0; i < kReads; ++i) c.Request(kCmdRead, 0, i, 0, 65536);
+  });
+  usleep(700000);
+  const int served = vol_->reads.load();
+  // Socket buffers on both sides hold a few MiB; the server itself at most 1 MiB more.
+  EXPECT_LT(served, 300) << "the server kept reading requests while its replies piled up";
+  std::cerr << "reads served while the client did not read: " << served << "\n";
+  EXPECT_GT(s.frontend().stats().backpressure_waits.load(), 0u);
+  for (int i = 0; i < kReads; ++i) {
+    auto r = c.ReadReply();
+    ASSERT_TRUE(r.ok) << i;
+    ASSERT_EQ(r.cookie, static_cast<uint64_t>(i)) << "one connection, in-order completions";
+    ASSERT_EQ(c.Recv(65536).size(), 65536u);
+  }
+  sender.join();
+  EXPECT_EQ(vol_->reads.load(), kReads);
+}
+
+TEST_F(FrontendTest, ManyConnectionsOnSeveralThreadsKeepTheirDataApart) {
+  TestServer s({vol_}, {}, /*threads=*/3);
+  constexpr int kClients = 4, kOps = 300;
+  std::vector<std::thread> clients;
+  std::atomic<int> bad{0};
+  for (int k = 0; k < kClients; ++k) {
+    clients.emplace_back([&, k] {
+      RawClient c(s.port());
+      if (c.Connect("vol0") == 0) {
+        ++bad;
+        return;
+      }
+      std::mt19937 rng(k);
+      // Each client owns a 64 KiB region; pipelined writes then reads of random 4 KiB blocks.
+      const uint64_t base = static_cast<uint64_t>(k) << 16;
+      std::string shadow(65536, '\0');
+      for (int i = 0; i < kOps; ++i) {
+        const uint64_t off = (rng() % 16) * 4096;
+        const std::string block(4096, static_cast<char>('a' + (rng() % 26)));
+        shadow.replace(off, 4096, block);
+        c.Request(kCmdWrite, i % 3 == 0 ? kCmdFlagFua : 0, i, base + off, 4096, block);
+      }
+      for (int i = 0; i < kOps; ++i) {
+        if (c.ReadReply().error != 0) ++bad;
+      }
+      c.Request(kCmdRead, 0, 9999, base, 65536);
+      auto r = c.ReadReply();
+      if (!r.ok || r.error != 0 || c.Recv(65536) != shadow) ++bad;
+      c.Request(kCmdDisc, 0, 0, 0, 0);
+      if (!c.Closed()) ++bad;
+    });
+  }
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(bad.load(), 0);
+  EXPECT_EQ(s.frontend().stats().requests.load(), uint64_t{kClients} * (kOps + 1));
+  for (int i = 0; i < 100 && s.frontend().stats().connections_open.load() != 0; ++i) {
+    usleep(10000);
+  }
+  EXPECT_EQ(s.frontend().stats().connections_open.load(), 0u);
+}
+
+TEST_F(FrontendTest, StopClosesConnectionsStillInTheHandshake) {
+  auto s = std::make_unique<TestServer>(std::vector<std::shared_ptr<Export>>{vol_});
+  RawClient c(s->port());
+  ASSERT_EQ(c.Greeting().size(), 18u);
+  s->frontend().Stop();
+  EXPECT_TRUE(c.Closed());
+  EXPECT_TRUE(s->JoinWithin(5000));
+  // The listener is gone.
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(s->port());
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  EXPECT_NE(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  close(fd);
+}
+
 TEST_F(FrontendTest, StopAnswersRequestsInFlightThenCloses) {
   auto s = std::make_unique<TestServer>(std::vector<std::shared_ptr<Export>>{vol_});
   RawClient c(s->port());
@@ -319,12 +531,69 @@ TEST_F(FrontendTest, StopAnswersRequestsInFlightThenCloses) {
   EXPECT_TRUE(s->JoinWithin(5000)) << "io_context still has work after Stop";
 }
 
-TEST_F(FrontendTest, DiscIsAnsweredByClosing) {
+TEST_F(FrontendTest, DiscAnswersOutstandingRequestsThenCloses) {
   TestServer s({vol_});
   RawClient c(s.port());
   ASSERT_NE(c.Connect("vol0"), 0);
-  c.Request(kCmdDisc, 0, 1, 0, 0);
+  vol_->set_hold(true);
+  c.Request(kCmdWrite, 0, 1, 0, 2, "hi");
+  c.Request(kCmdDisc, 0, 2, 0, 0);
+  for (int i = 0; i < 200 && vol_->held() < 1; ++i) usleep(10000);
+  EXPECT_FALSE(c.Closed(100)) << "closed before the write in flight was answered";
+  vol_->set_hold(false);
+  vol_->ReleaseReversed();
+  auto r = c.ReadReply();
+  EXPECT_EQ(r.cookie, 1u);
+  EXPECT_EQ(r.error, 0u);
   EXPECT_TRUE(c.Closed());
+}
+
+// --- Real clients, when installed. ---
+
+int RunCommand(const std::string& cmd, std::string* out) {
+  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+  if (p == nullptr) return -1;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out->append(buf, n);
+  return pclose(p);
+}
+
+TEST_F(FrontendTest, NbdinfoDescribesTheExport) {
+  if (access("/usr/bin/nbdinfo", X_OK) != 0) GTEST_SKIP() << "nbdinfo is not installed";
+  TestServer s({vol_, ro_});
+  std::string out;
+  const int rc = RunCommand(
+      fmt::format("timeout 30 /usr/bin/nbdinfo --json nbd://127.0.0.1:{}/vol0", s.port()), &out);
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("\"export-size\": 1048576"), std::string::npos) << out;
+  EXPECT_NE(out.find("\"can_multi_conn\": true"), std::string::npos) << out;
+  EXPECT_NE(out.find("\"can_fua\": true"), std::string::npos) << out;
+  EXPECT_NE(out.find("\"description\": \"memory\""), std::string::npos) << out;
+  EXPECT_NE(out.find("\"block_size_maximum\": 33554432"), std::string::npos) << out;
+  out.clear();
+  ASSERT_EQ(RunCommand(fmt::format("timeout 30 /usr/bin/nbdinfo --list --json nbd://127.0.0.1:{}",
+                                   s.port()),
+                       &out),
+            0)
+      << out;
+  EXPECT_NE(out.find("\"ro\""), std::string::npos) << out;
+}
+
+TEST_F(FrontendTest, QemuIoWritesAndReadsAPattern) {
+  if (access("/usr/bin/qemu-io", X_OK) != 0) GTEST_SKIP() << "qemu-io is not installed";
+  TestServer s({vol_});
+  std::string out;
+  const int rc =
+      RunCommand(fmt::format("timeout 60 /usr/bin/qemu-io -f raw -c 'write -P 0xab 0 64k' "
+                             "-c 'write -z 64k 4k' -c 'flush' -c 'read -P 0xab 0 64k' "
+                             "-c 'read -P 0 64k 4k' nbd://127.0.0.1:{}/vol0",
+                             s.port()),
+                 &out);
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_EQ(out.find("fail"), std::string::npos) << out;
+  EXPECT_EQ(vol_->DataAt(0, 65536), std::string(65536, '\xab'));
+  EXPECT_GE(vol_->flushes.load(), 1);
 }
 
 }  // namespace

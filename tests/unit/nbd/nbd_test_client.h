@@ -8,14 +8,18 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <boost/asio/io_context.hpp>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "agent/nbd/export.h"
 #include "agent/nbd/frontend.h"
@@ -63,13 +67,29 @@ class MemoryExport : public Export {
   void Flush(Done done) override {
     Complete([this] { ++flushes; }, std::move(done));
   }
-  void Trim(uint64_t offset, uint32_t length, bool, Done done) override {
-    Complete([this, offset, length] { std::memset(data_.data() + offset, 0, length); },
-             std::move(done));
+  void Trim(uint64_t offset, uint32_t length, bool fua, Done done) override {
+    if (fua) ++fua_trims;
+    Complete(
+        [this, offset, length] {
+          std::memset(data_.data() + offset, 0, length);
+          ++trims;
+        },
+        std::move(done));
   }
-  void WriteZeroes(uint64_t offset, uint32_t length, bool, bool, Done done) override {
-    Complete([this, offset, length] { std::memset(data_.data() + offset, 0, length); },
-             std::move(done));
+  void WriteZeroes(uint64_t offset, uint32_t length, bool fua, bool no_hole, Done done) override {
+    if (fua) ++fua_zeroes;
+    if (no_hole) ++no_hole_zeroes;
+    Complete(
+        [this, offset, length] {
+          std::memset(data_.data() + offset, 0, length);
+          ++zeroes;
+        },
+        std::move(done));
+  }
+  // The next operation completes with this status instead of running.
+  void FailNext(absl::Status st) {
+    std::lock_guard l(mu_);
+    fail_next_ = std::move(st);
   }
 
   void set_hold(bool h) {
@@ -89,18 +109,35 @@ class MemoryExport : public Export {
     }
     for (auto it = h.rbegin(); it != h.rend(); ++it) (*it)();
   }
-  std::string& data() { return data_; }
-  std::atomic<int> reads{0}, writes{0}, flushes{0}, fua_writes{0};
+  // The test's view of the data, under the lock the operations take (TSan cannot see that a reply
+  // on a socket orders the server's write before the test's read).
+  std::string DataAt(size_t offset, size_t length) {
+    std::lock_guard l(data_mu_);
+    return data_.substr(offset, length);
+  }
+  void Fill(size_t offset, std::string_view s) {
+    std::lock_guard l(data_mu_);
+    data_.replace(offset, s.size(), s);
+  }
+  std::atomic<int> reads{0}, writes{0}, flushes{0}, trims{0}, zeroes{0};
+  std::atomic<int> fua_writes{0}, fua_trims{0}, fua_zeroes{0}, no_hole_zeroes{0};
 
  private:
   void Complete(std::function<void()> op, Done done) {
     auto d = std::make_shared<Done>(std::move(done));
-    std::function<void()> run = [op, d] {
-      op();
+    std::function<void()> run = [this, op, d] {
+      {
+        std::lock_guard l(data_mu_);
+        op();
+      }
       std::move (*d)(absl::OkStatus());
     };
     {
       std::lock_guard l(mu_);
+      if (!fail_next_.ok()) {
+        run = [d, st = fail_next_] { std::move (*d)(st); };
+        fail_next_ = absl::OkStatus();
+      }
       if (hold_) {
         held_.push_back(std::move(run));
         return;
@@ -110,25 +147,28 @@ class MemoryExport : public Export {
   }
   ExportInfo info_;
   std::string data_;
+  std::mutex data_mu_;  // guards data_
   std::mutex mu_;
   bool hold_ = false;
+  absl::Status fail_next_;
   std::deque<std::function<void()>> held_;
 };
 
-// A Frontend on 127.0.0.1:0 running on its own thread.
+// A Frontend on 127.0.0.1:0 (plus any unix sockets in `o`) running on `threads` threads.
 class TestServer {
  public:
-  explicit TestServer(std::vector<std::shared_ptr<Export>> exports, FrontendOptions o = {}) {
+  explicit TestServer(std::vector<std::shared_ptr<Export>> exports, FrontendOptions o = {},
+                      int threads = 1) {
     o.tcp_listen = {"127.0.0.1:0"};
     fe_ = std::make_unique<Frontend>(io_, o);
     for (auto& e : exports) fe_->AddExport(e);
     EXPECT_TRUE(fe_->Start().ok());
     port_ = fe_->tcp_ports().at(0);
-    thread_ = std::thread([this] { io_.run(); });
+    for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { io_.run(); });
   }
   ~TestServer() {
     fe_->Stop();
-    thread_.join();
+    for (auto& t : threads_) t.join();
   }
   uint16_t port() const { return port_; }
   Frontend& frontend() { return *fe_; }
@@ -142,7 +182,7 @@ class TestServer {
   boost::asio::io_context io_;
   std::unique_ptr<Frontend> fe_;
   uint16_t port_ = 0;
-  std::thread thread_;
+  std::vector<std::thread> threads_;
 };
 
 class RawClient {
@@ -155,7 +195,18 @@ class RawClient {
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     EXPECT_EQ(connect(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
   }
+  // A client on a unix socket.
+  explicit RawClient(const std::string& unix_path) {
+    fd_ = socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    std::strncpy(a.sun_path, unix_path.c_str(), sizeof a.sun_path - 1);
+    EXPECT_EQ(connect(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << unix_path;
+  }
   ~RawClient() { close(fd_); }
+  RawClient(const RawClient&) = delete;
+  RawClient& operator=(const RawClient&) = delete;
+  int fd() const { return fd_; }
 
   void Send(std::string_view s) {
     size_t off = 0;
