@@ -1,6 +1,7 @@
 // corrupt_record: flips one byte of a stored group-log record, to test that the agent notices.
-// It writes through RocksDB (the record's bytes change, RocksDB's own checksums stay valid), so what
-// is exercised is tvilling's record checksum, as for damage RocksDB cannot see (a bug, a bad copy).
+// It writes through RocksDB (the record's bytes change, RocksDB's own checksums stay valid), so
+// what is exercised is tvilling's record checksum, as for damage RocksDB cannot see (a bug, a bad
+// copy).
 //
 // Usage: corrupt_record LOG_DIR GROUP [LSN]   (default LSN: the last record of the group)
 // Prints the LSN it corrupted.
