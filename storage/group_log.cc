@@ -323,7 +323,6 @@ void GroupLog::Append(AppendRequest req, AppendDone done) {
   h.timestamp_ns = req.timestamp_ns;
   EncodeRecordHeader(group_id_, p.lsn, h, static_cast<uint32_t>(req.payload.size()), payload_hash,
                      p.encoded.data());
-  queued_bytes_ += req.payload.size() + kRecordHeaderSize;
   p.req = std::move(req);
   p.done = std::move(done);
   queue_.push_back(std::move(p));
@@ -396,7 +395,6 @@ void GroupLog::CommitterLoop() {
         batch.push_back(std::move(queue_.front()));
         queue_.pop_front();
       }
-      queued_bytes_ -= bytes;
       // Waiters whose records are all written by the end of this batch are served by it.
       const uint64_t batch_last = batch.empty() ? last_lsn_.load() : batch.back().lsn;
       auto covered =

@@ -276,7 +276,6 @@ class GroupLog {
   mutable std::mutex mu_;  // guards everything below
   std::condition_variable cv_;
   std::deque<Pending> queue_;
-  uint64_t queued_bytes_ = 0;
   std::vector<SyncWaiter> sync_waiters_;
   absl::Status failed_;  // sticky: once the log cannot be written, every later append fails with it
   uint64_t next_lsn_ = 1;  // assigned at enqueue, so the queue is in LSN order
