@@ -220,7 +220,7 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);
 
   nbd::FrontendOptions so;
-  for (const ops::ListenAddress& a : config.nbd.listen) so.tcp_listen.push_back(a.ToString());
+  for (const ops::ListenAddress& a : config.nbd.listen) so.tcp_listen.push_back({a.host, a.port});
   for (const auto& p : config.nbd.unix_sockets) so.unix_sockets.push_back(p.string());
   so.max_inflight_requests = config.nbd.max_inflight_requests;
   so.max_inflight_bytes = config.nbd.max_inflight_bytes;

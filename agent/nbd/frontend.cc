@@ -579,34 +579,22 @@ void Accept(std::shared_ptr<Frontend::Impl> fe, Acceptor* acceptor, std::string 
       });
 }
 
-absl::StatusOr<tcp::endpoint> ParseEndpoint(const std::string& hostport) {
-  const auto colon = hostport.rfind(':');
-  if (colon == std::string::npos) {
-    return absl::InvalidArgumentError(fmt::format("listen address '{}' has no port", hostport));
-  }
-  std::string host = hostport.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
-    host = host.substr(1, host.size() - 2);
-  }
+absl::StatusOr<tcp::endpoint> Endpoint(const TcpListen& l) {
   boost::system::error_code ec;
-  auto addr = asio::ip::make_address(host, ec);
+  auto addr = asio::ip::make_address(l.host, ec);
   if (ec) {
     return absl::InvalidArgumentError(
-        fmt::format("listen address '{}': {}", hostport, ec.message()));
+        fmt::format("listen address '{}': {}", l.ToString(), ec.message()));
   }
-  const std::string port_text = hostport.substr(colon + 1);
-  int port = -1;
-  if (!port_text.empty() && port_text.size() <= 5 &&
-      port_text.find_first_not_of("0123456789") == std::string::npos) {
-    port = std::stoi(port_text);
-  }
-  if (port < 0 || port > 65535) {
-    return absl::InvalidArgumentError(fmt::format("listen address '{}': bad port", hostport));
-  }
-  return tcp::endpoint(addr, static_cast<uint16_t>(port));
+  return tcp::endpoint(addr, l.port);
 }
 
 }  // namespace
+
+std::string TcpListen::ToString() const {
+  return host.find(':') == std::string::npos ? fmt::format("{}:{}", host, port)
+                                             : fmt::format("[{}]:{}", host, port);
+}
 
 Frontend::Frontend(asio::io_context& io, FrontendOptions options)
     : impl_(std::make_shared<Impl>(io, std::move(options))) {}
@@ -617,8 +605,9 @@ void Frontend::AddExport(std::shared_ptr<Export> e) { impl_->exports.push_back(s
 
 absl::Status Frontend::Start() {
   Impl& fe = *impl_;
-  for (const std::string& a : fe.options.tcp_listen) {
-    auto ep = ParseEndpoint(a);
+  for (const TcpListen& l : fe.options.tcp_listen) {
+    const std::string a = l.ToString();
+    auto ep = Endpoint(l);
     if (!ep.ok()) return ep.status();
     auto acc = std::make_unique<tcp::acceptor>(asio::make_strand(fe.io));
     boost::system::error_code ec;
@@ -644,8 +633,9 @@ absl::Status Frontend::Start() {
     fe.unix_acceptors.push_back(std::move(acc));
   }
   for (size_t i = 0; i < fe.tcp_acceptors.size(); ++i) {
-    Accept<tcp::acceptor, tcp::socket>(impl_, fe.tcp_acceptors[i].get(), fe.options.tcp_listen[i]);
-    spdlog::info("nbd: listening on {} ({} export(s))", fe.options.tcp_listen[i],
+    Accept<tcp::acceptor, tcp::socket>(impl_, fe.tcp_acceptors[i].get(),
+                                       fe.options.tcp_listen[i].ToString());
+    spdlog::info("nbd: listening on {} ({} export(s))", fe.options.tcp_listen[i].ToString(),
                  fe.exports.size());
   }
   for (size_t i = 0; i < fe.unix_acceptors.size(); ++i) {

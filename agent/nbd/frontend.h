@@ -24,8 +24,15 @@
 
 namespace tvilling::nbd {
 
+// A TCP listener: an IP literal (the config has parsed and validated it) and a port (0 = any).
+struct TcpListen {
+  std::string host;  // "127.0.0.1", "::1"
+  uint16_t port = 0;
+  std::string ToString() const;  // "127.0.0.1:10809", "[::1]:10809"
+};
+
 struct FrontendOptions {
-  std::vector<std::string> tcp_listen;    // "127.0.0.1:10809", "[::1]:10809"; port 0 = any
+  std::vector<TcpListen> tcp_listen;
   std::vector<std::string> unix_sockets;  // paths; a stale socket file is replaced
   uint32_t max_inflight_requests = 256;   // per connection
   uint64_t max_inflight_bytes = 128ull << 20;

@@ -159,7 +159,7 @@ class TestServer {
  public:
   explicit TestServer(std::vector<std::shared_ptr<Export>> exports, FrontendOptions o = {},
                       int threads = 1) {
-    o.tcp_listen = {"127.0.0.1:0"};
+    o.tcp_listen = {{"127.0.0.1", 0}};
     fe_ = std::make_unique<Frontend>(io_, o);
     for (auto& e : exports) fe_->AddExport(e);
     EXPECT_TRUE(fe_->Start().ok());
