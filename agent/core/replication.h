@@ -1,0 +1,268 @@
+// replication.h: the replication logic of a group as plain state machines (docs/replication.md).
+//
+// No sockets, threads, disk or clock reads: time is an input (`Nanos`, a monotonic clock the
+// caller reads), and every output is a value the caller acts on. agent/node drives these with real
+// logs and gRPC streams; tests/sim drives them with a simulated network, disks and clock.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace tvilling::core {
+
+using Nanos = int64_t;  // monotonic nanoseconds, supplied by the caller
+
+enum class Mode : uint8_t { kAsync, kSync };
+const char* ModeName(Mode m);
+
+struct EpochStart {
+  uint64_t epoch = 0;
+  uint64_t first_lsn = 0;
+  bool operator==(const EpochStart&) const = default;
+};
+// Ordered by epoch and by first_lsn (both strictly increasing... first_lsn non-decreasing).
+using History = std::vector<EpochStart>;
+
+// The epoch of the record at `lsn` under `history`: the epoch of the last entry whose first_lsn <=
+// lsn; 0 if there is none (or lsn == 0).
+uint64_t EpochAt(const History& history, uint64_t lsn);
+
+// The longest common prefix of two logs, given their histories and last LSNs: the largest L <=
+// min(a_last, b_last) such that EpochAt(a, l) == EpochAt(b, l) for every l in [1, L]. (Within one
+// epoch only one site writes, so equal epochs at an LSN mean equal records.)
+uint64_t CommonPrefix(const History& a, uint64_t a_last, const History& b, uint64_t b_last);
+
+// Positions of a replica, as it reports them. received >= durable is not required (a replica
+// may sync a prefix it received); each is monotone on its own.
+struct Positions {
+  uint64_t received = 0;  // in the replica's log (maybe not fsynced)
+  uint64_t durable = 0;   // in the replica's log, fsynced
+  uint64_t applied = 0;   // in the replica's volumes
+  bool operator==(const Positions&) const = default;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Handshake (decided by the replica)
+
+struct PrimaryHello {
+  std::string group;
+  std::string site;  // the sender
+  uint64_t epoch = 0;
+  History history;
+  std::vector<uint64_t> volume_sizes;
+  uint64_t first_lsn = 1;  // oldest record the primary still holds (last_lsn + 1 if none)
+  uint64_t last_lsn = 0;
+};
+
+struct ReplicaView {
+  bool group_known = false;
+  bool is_primary = false;    // this agent is itself configured primary of the group
+  uint64_t newest_epoch = 0;  // newest epoch this agent has seen (persisted)
+  History history;            // of its log
+  uint64_t last_lsn = 0;
+  std::vector<uint64_t> volume_sizes;
+  // Copy state (persisted). A replica that never completed a copy, or whose copy is in
+  // progress, is not consistent.
+  bool consistent = false;
+  bool copy_in_progress = false;
+  uint32_t copy_volume = 0;  // resume point of an interrupted copy
+  uint64_t copy_offset = 0;
+};
+
+enum class RefuseCode : uint8_t {
+  kNone = 0,
+  kUnknownGroup,
+  kNotReplica,
+  kStaleEpoch,
+  kDiverged,
+  kVolumeMismatch,
+  kNotAuthorised,  // decided by the transport's ACL, listed here so every refusal has one code
+  kProtocol,       // a malformed or out-of-order message
+};
+const char* RefuseCodeName(RefuseCode c);
+
+struct HandshakeDecision {
+  enum class Kind : uint8_t { kStreamFrom, kFullCopy, kRefuse };
+  Kind kind = Kind::kRefuse;
+  uint64_t start_lsn = 0;  // kStreamFrom: first LSN to send. kFullCopy resume: the log continues here
+  bool copy_resume = false;  // kFullCopy: resume at (copy_volume, copy_offset) instead of from 0
+  uint32_t copy_volume = 0;
+  uint64_t copy_offset = 0;
+  RefuseCode code = RefuseCode::kNone;
+  std::string reason;  // for an operator, always set (also for kFullCopy: why)
+};
+
+// The replica's answer to a Hello (docs/replication.md, "The stream"). Rules, in order:
+// unknown group -> refuse; is_primary -> refuse kNotReplica; hello.epoch < newest_epoch -> refuse
+// kStaleEpoch; volume count or sizes differ -> refuse kVolumeMismatch; the replica holds records
+// beyond CommonPrefix -> refuse kDiverged (reason names the LSN and both epochs); copy in progress
+// -> full copy resuming at the persisted point, if the primary still holds last_lsn + 1, else a
+// full copy from the start; not consistent -> full copy; last_lsn + 1 < hello.first_lsn -> full
+// copy; else stream from last_lsn + 1.
+HandshakeDecision DecideHandshake(const PrimaryHello& hello, const ReplicaView& view);
+
+// ---------------------------------------------------------------------------------------------
+// Primary side
+
+enum class LinkState : uint8_t {
+  kDisconnected,  // not connected; the transport redials with backoff
+  kHandshake,     // connected, Hello sent, waiting for the decision
+  kCopying,       // full copy in progress (the log streams too)
+  kStreaming,     // the log streams
+  kRefused,       // the peer refused; redialled only after refuse_backoff
+};
+const char* LinkStateName(LinkState s);
+
+struct SenderOptions {
+  Mode mode = Mode::kAsync;
+  uint64_t min_window_bytes = 4ull << 20;
+  uint64_t max_window_bytes = 256ull << 20;
+  uint64_t max_batch_bytes = 4ull << 20;
+  uint32_t max_batch_records = 4096;
+  Nanos max_batch_delay = 1'000'000;  // 1 ms
+  // A sync peer that is not connected (or not keeping up) for this long leaves the sync set
+  // (0 = never: writes wait for it).
+  Nanos sync_degrade_after = 0;
+};
+
+// What the shipper should read from the log and send next.
+struct SendPlan {
+  uint64_t from_lsn = 0;   // first LSN to send
+  uint64_t to_lsn = 0;     // last LSN it may include (<= the local last LSN)
+  uint64_t max_bytes = 0;  // stop after the record that crosses this (window and batch cap)
+  uint32_t max_records = 0;
+};
+
+// The unreplicated range of a peer: what would be lost if the primary site were destroyed now.
+struct Lag {
+  uint64_t lsns = 0;              // last_lsn - durable
+  uint64_t bytes = 0;             // stored bytes of those records
+  uint64_t oldest_timestamp_ns = 0;  // capture time of the oldest unreplicated record (0 if none)
+};
+
+// Everything the primary knows about one peer.
+struct PeerStatus {
+  std::string peer;
+  Mode mode = Mode::kAsync;
+  LinkState state = LinkState::kDisconnected;
+  Positions positions;
+  bool in_sync_set = false;  // sync peers only: writes wait for it
+  bool degraded = false;     // a sync peer that left the sync set
+  uint64_t next_lsn = 0;     // next LSN to send
+  uint64_t inflight_bytes = 0;
+  uint64_t window_bytes = 0;
+  Nanos rtt = 0;             // min RTT over the last 10 s, 0 if unknown
+  uint64_t delivery_rate = 0;  // bytes/s acknowledged as received, recent
+  Lag lag;
+  std::string last_error;  // the last disconnect or refusal reason
+};
+
+// The primary's view of one group: the local log's progress, every peer, and the release points
+// that decide when client I/O may complete.
+class PrimaryGroup {
+ public:
+  PrimaryGroup() = default;
+
+  // Peers (from config). A peer starts kDisconnected, positions from `initial` (persisted).
+  void AddPeer(const std::string& peer, const SenderOptions& options, Positions initial, Nanos now);
+
+  // The local log: records up to `lsn` are in the local log; `bytes` is the stored size of the
+  // record `lsn` and `timestamp_ns` its capture time. Call once per record, in LSN order.
+  void OnLocalAppend(uint64_t lsn, uint64_t bytes, uint64_t timestamp_ns, Nanos now);
+  void OnLocalDurable(uint64_t lsn);
+  // The local log dropped records below `first_lsn` (retention).
+  void OnLocalTruncate(uint64_t first_lsn);
+
+  // Link events.
+  void OnConnected(const std::string& peer, Nanos now);  // Hello sent -> kHandshake
+  // The decision came back. For kStreamFrom the stream continues at d.start_lsn; for kFullCopy
+  // the caller starts a copy at `copy_base_lsn` (its applied LSN) and the log streams from
+  // copy_base_lsn + 1 (or from d.start_lsn when resuming). Returns the LSN to stream from.
+  uint64_t OnDecision(const std::string& peer, const HandshakeDecision& d, uint64_t copy_base_lsn,
+                      Nanos now);
+  void OnCopyDone(const std::string& peer, Nanos now);  // kCopying -> kStreaming
+  void OnDisconnected(const std::string& peer, const std::string& reason, Nanos now);
+  // A position update. Values below what is known are ignored (never go backwards). Returns true
+  // if a release point may have moved.
+  bool OnPosition(const std::string& peer, const Positions& p, Nanos now);
+  void OnRttSample(const std::string& peer, Nanos rtt, Nanos now);
+  // Timers: degrading sync peers, batch delays. Returns true if a release point may have moved.
+  bool OnTick(Nanos now);
+
+  // Sending. NextSend is nullopt when nothing is due (nothing new, window full, or coalescing);
+  // after sending, OnSent with what the batch really held.
+  std::optional<SendPlan> NextSend(const std::string& peer, Nanos now) const;
+  void OnSent(const std::string& peer, uint64_t first_lsn, uint64_t last_lsn, uint64_t bytes,
+              Nanos now);
+  // Earliest time a coalescing peer should be asked again (nullopt: no timer needed).
+  std::optional<Nanos> NextDeadline() const;
+
+  // Release points: client WRITEs with LSN <= write_released() and FLUSH/FUA targets <=
+  // flush_released() may complete. With no sync peer in the sync set these are the local last and
+  // durable LSN.
+  uint64_t write_released() const;
+  uint64_t flush_released() const;
+
+  uint64_t last_lsn() const;
+  uint64_t durable_lsn() const;
+  std::vector<PeerStatus> Status(Nanos now) const;
+  // The smallest durable LSN over all peers (what retention must keep after); last_lsn if none.
+  uint64_t MinPeerDurable() const;
+
+ private:
+  struct Peer;  // defined in replication.cc
+  // Implementation state is up to replication.cc.
+  struct Impl;
+  std::shared_ptr<Impl> impl_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Replica side
+
+class ReplicaReceiver {
+ public:
+  explicit ReplicaReceiver(ReplicaView view);
+
+  // Decides the handshake (DecideHandshake) and, when hello.epoch > newest_epoch, raises it: the
+  // caller persists newest_epoch() BEFORE sending the decision.
+  HandshakeDecision OnHello(const PrimaryHello& hello);
+
+  struct BatchCheck {
+    enum class Verdict : uint8_t { kAppend, kReject } verdict = Verdict::kReject;
+    uint64_t skip_records = 0;  // records at the front already held (a resend): drop them
+    bool begins_epoch = false;  // the batch's epoch is newer than the log's: begin it first
+    std::string reason;         // kReject: for the log and the stream's error
+  };
+  // A batch of `count` records from `first_lsn`, written in `epoch` (all records of one batch
+  // share an epoch).
+  BatchCheck OnBatch(uint64_t epoch, uint64_t first_lsn, uint32_t count);
+  // Full copy: the log is reset to start at log_start_lsn (nothing held yet).
+  void OnCopyBegin(uint64_t epoch, uint64_t log_start_lsn);
+  void OnCopyDone(uint64_t consistent_at_lsn);
+
+  // Progress of the replica's own log and volumes.
+  void OnAppended(uint64_t last_lsn);
+  void OnDurable(uint64_t lsn);
+  void OnApplied(uint64_t lsn);
+
+  // The position to report if it changed since the last TakeAck, else nullopt.
+  std::optional<Positions> TakeAck();
+
+  uint64_t newest_epoch() const;
+  const ReplicaView& view() const;
+  bool consistent() const;  // not copying, and applied >= the copy's consistent-at LSN
+
+ private:
+  ReplicaView view_;
+  Positions pos_;
+  Positions acked_;
+  bool acked_once_ = false;
+  uint64_t consistent_at_ = 0;
+  uint64_t copy_epoch_ = 0;
+};
+
+}  // namespace tvilling::core
