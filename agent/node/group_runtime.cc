@@ -21,9 +21,9 @@ uint64_t NowNs() {
 // volume, which holds every completed write (the applier runs before a write completes).
 class VolumeExport final : public nbd::Export {
  public:
-  VolumeExport(storage::GroupLog* log, storage::Volume* volume, uint32_t index,
+  VolumeExport(GroupRuntime* group, storage::GroupLog* log, storage::Volume* volume, uint32_t index,
                nbd::ExportInfo info)
-      : log_(log), volume_(volume), index_(index), info_(std::move(info)) {}
+      : group_(group), log_(log), volume_(volume), index_(index), info_(std::move(info)) {}
 
   const nbd::ExportInfo& info() const override { return info_; }
 
@@ -44,7 +44,17 @@ class VolumeExport final : public nbd::Export {
   }
 
   void Flush(Done done) override {
-    log_->Sync([done = std::move(done)](absl::Status st) mutable { std::move(done)(st); });
+    CompletionGate* gate = group_->gate();
+    if (gate == nullptr) {
+      log_->Sync([done = std::move(done)](absl::Status st) mutable { std::move(done)(st); });
+      return;
+    }
+    // Every write completed before this FLUSH is in the log, so at or below last_lsn.
+    const uint64_t target = log_->last_lsn();
+    log_->Sync([gate, target, done = std::move(done)](absl::Status st) mutable {
+      if (!st.ok()) return std::move(done)(st);
+      gate->FlushedLocally(target, std::move(done));
+    });
   }
 
   void Trim(uint64_t offset, uint32_t length, bool fua, Done done) override {
@@ -72,11 +82,22 @@ class VolumeExport final : public nbd::Export {
 
  private:
   void Append(storage::AppendRequest req, Done done) {
-    log_->Append(std::move(req), [done = std::move(done)](absl::StatusOr<uint64_t> lsn) mutable {
-      std::move(done)(lsn.status());
-    });
+    CompletionGate* gate = group_->gate();
+    if (gate == nullptr) {
+      log_->Append(std::move(req), [done = std::move(done)](absl::StatusOr<uint64_t> lsn) mutable {
+        std::move(done)(lsn.status());
+      });
+      return;
+    }
+    const bool durable = req.sync;
+    log_->Append(std::move(req),
+                 [gate, durable, done = std::move(done)](absl::StatusOr<uint64_t> lsn) mutable {
+                   if (!lsn.ok()) return std::move(done)(lsn.status());
+                   gate->WriteInLog(*lsn, durable, std::move(done));
+                 });
   }
 
+  GroupRuntime* const group_;
   storage::GroupLog* const log_;
   storage::Volume* const volume_;
   const uint32_t index_;
@@ -114,13 +135,14 @@ absl::StatusOr<std::unique_ptr<GroupRuntime>> GroupRuntime::Open(storage::LogSto
         fmt::format("{}; refusing to serve stale data", std::string(log.status().message())));
   }
   g->log_ = *log;
+  g->apply_paused_ = g->options_.start_apply_paused;
 
   // Replay what the volumes may not hold yet. New appends cannot arrive: no export serves yet.
   const storage::GroupLogState state = g->log_->State();
   const uint64_t from = std::max(state.applied_lsn + 1, state.first_lsn);
   g->applied_lsn_ = state.applied_lsn;
   g->checkpointed_lsn_ = state.applied_lsn;
-  if (from <= state.last_lsn) {
+  if (from <= state.last_lsn && !g->options_.start_apply_paused) {
     spdlog::info("group {}: replaying log LSN {}..{} into {} volume(s)", group, from,
                  state.last_lsn, g->volumes_.size());
     absl::Status st =
@@ -143,7 +165,7 @@ absl::StatusOr<std::unique_ptr<GroupRuntime>> GroupRuntime::Open(storage::LogSto
     info.description = fmt::format("tvilling group {} volume {}", group, spec.name);
     info.size_bytes = g->volumes_[i]->size();
     info.read_only = spec.volume.read_only;
-    g->exports_.push_back(std::make_shared<VolumeExport>(g->log_, g->volumes_[i].get(),
+    g->exports_.push_back(std::make_shared<VolumeExport>(g.get(), g->log_, g->volumes_[i].get(),
                                                          static_cast<uint32_t>(i), info));
   }
   g->checkpointer_ = std::thread([gp = g.get()] { gp->CheckpointerLoop(); });
@@ -151,7 +173,17 @@ absl::StatusOr<std::unique_ptr<GroupRuntime>> GroupRuntime::Open(storage::LogSto
 }
 
 absl::Status GroupRuntime::Apply(std::span<const storage::LogRecordView> records) {
+  {
+    std::lock_guard lock(apply_mu_);
+    if (absl::Status st = ApplyLocked(records); !st.ok()) return st;
+  }
+  if (observer_) observer_(records);
+  return absl::OkStatus();
+}
+
+absl::Status GroupRuntime::ApplyLocked(std::span<const storage::LogRecordView> records) {
   if (!apply_failed_.ok()) return apply_failed_;
+  if (apply_paused_.load(std::memory_order_relaxed)) return absl::OkStatus();
   uint64_t bytes = 0;
   for (const storage::LogRecordView& r : records) {
     if (absl::Status st = ApplyOne(r); !st.ok()) {
@@ -168,6 +200,38 @@ absl::Status GroupRuntime::Apply(std::span<const storage::LogRecordView> records
   if (applied_bytes_since_checkpoint_.fetch_add(bytes) + bytes >= options_.checkpoint_bytes) {
     cv_.notify_one();
   }
+  return absl::OkStatus();
+}
+
+void GroupRuntime::PauseApply() {
+  std::lock_guard lock(apply_mu_);
+  apply_paused_ = true;
+}
+
+void GroupRuntime::ResetAppliedLsn(uint64_t lsn) {
+  std::lock_guard lock(apply_mu_);
+  applied_lsn_ = lsn;
+  checkpointed_lsn_ = lsn;
+}
+
+absl::Status GroupRuntime::ResumeApply() {
+  std::lock_guard lock(apply_mu_);
+  if (!apply_paused_) return absl::OkStatus();
+  // Batches the committer writes meanwhile wait on apply_mu_ and are applied after this catch-up.
+  const storage::GroupLogState state = log_->State();
+  const uint64_t from = std::max(applied_lsn_.load() + 1, state.first_lsn);
+  if (from <= state.last_lsn) {
+    spdlog::info("group {}: applying log LSN {}..{} after the copy", options_.name, from,
+                 state.last_lsn);
+    absl::Status st = log_->ReadRange(from, state.last_lsn,
+                                      [&](const storage::LogRecordView& r) { return ApplyOne(r); });
+    if (!st.ok()) {
+      apply_failed_ = st;
+      return st;
+    }
+    applied_lsn_.store(state.last_lsn, std::memory_order_release);
+  }
+  apply_paused_ = false;
   return absl::OkStatus();
 }
 

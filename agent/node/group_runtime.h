@@ -15,8 +15,10 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -41,6 +43,22 @@ struct GroupRuntimeOptions {
   // many bytes were applied since the last checkpoint.
   uint64_t checkpoint_interval_ms = 1000;
   uint64_t checkpoint_bytes = 32ull << 20;
+  // Start with the applier paused (a replica whose full copy is in progress): records are
+  // appended to the log but not applied, and nothing is replayed at Open.
+  bool start_apply_paused = false;
+};
+
+// Decides when a primary's client I/O may complete beyond the local log: with sync peers a WRITE
+// also waits until every sync peer has it, a FLUSH until they have fsynced it (the replication
+// layer implements this; without one, I/O completes on the local log alone).
+class CompletionGate {
+ public:
+  virtual ~CompletionGate() = default;
+  // The record `lsn` is in the local log (and fsynced, if `durable`). Run `done` once the mode
+  // allows, maybe later on another thread.
+  virtual void WriteInLog(uint64_t lsn, bool durable, nbd::Export::Done done) = 0;
+  // The local log is fsynced through `lsn` for a FLUSH.
+  virtual void FlushedLocally(uint64_t lsn, nbd::Export::Done done) = 0;
 };
 
 struct GroupRuntimeStats {
@@ -64,6 +82,26 @@ class GroupRuntime {
   storage::GroupLog& log() { return *log_; }
   const std::vector<std::shared_ptr<nbd::Export>>& exports() const { return exports_; }
   GroupRuntimeStats Stats() const;
+  // The LSN the volumes hold (page cache; durable after the next checkpoint).
+  uint64_t applied_lsn() const { return applied_lsn_.load(std::memory_order_acquire); }
+  storage::Volume& volume(size_t i) { return *volumes_[i]; }
+  size_t volume_count() const { return volumes_.size(); }
+
+  // Wiring for replication; call before any export serves.
+  void SetCompletionGate(std::shared_ptr<CompletionGate> gate) { gate_ = std::move(gate); }
+  // Called on the committer thread after each batch is in the log and applied, with its records.
+  using RecordsObserver = std::function<void(std::span<const storage::LogRecordView> records)>;
+  void SetRecordsObserver(RecordsObserver fn) { observer_ = std::move(fn); }
+  CompletionGate* gate() const { return gate_.get(); }
+
+  // Full copy on a replica: pause the applier (records keep going into the log), and resume it,
+  // which first applies every record after the applied LSN, in order.
+  void PauseApply();
+  absl::Status ResumeApply();
+  bool apply_paused() const { return apply_paused_.load(std::memory_order_acquire); }
+  // Tells the applier that the log was reset to start after `lsn` (ResetForCopy): the volumes are
+  // as of `lsn` as far as the log is concerned.
+  void ResetAppliedLsn(uint64_t lsn);
 
   // Fsyncs the volumes, records the applied LSN, enforces retention. Also run by the checkpointer.
   absl::Status Checkpoint();
@@ -73,6 +111,7 @@ class GroupRuntime {
  private:
   explicit GroupRuntime(GroupRuntimeOptions options);
   absl::Status Apply(std::span<const storage::LogRecordView> records);
+  absl::Status ApplyLocked(std::span<const storage::LogRecordView> records);
   absl::Status ApplyOne(const storage::LogRecordView& r);
   void CheckpointerLoop();
 
@@ -81,7 +120,12 @@ class GroupRuntime {
   std::vector<std::unique_ptr<storage::Volume>> volumes_;
   std::vector<std::shared_ptr<nbd::Export>> exports_;
 
-  // Applier state: touched only on the committer thread (and by Open before it starts).
+  std::shared_ptr<CompletionGate> gate_;
+  RecordsObserver observer_;
+
+  // Applier state: touched on the committer thread (and by Open / ResumeApply under apply_mu_).
+  std::mutex apply_mu_;
+  std::atomic<bool> apply_paused_{false};
   absl::Status apply_failed_;
   std::atomic<uint64_t> applied_lsn_{0};
   std::atomic<uint64_t> applied_bytes_since_checkpoint_{0};
