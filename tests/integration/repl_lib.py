@@ -1,0 +1,343 @@
+"""repl_lib.py: runs several real tvillingd agents for replication tests (imported, never run).
+
+A Cluster owns a temp dir with a development PKI (deploy/pki/make-dev-pki.sh), and Agents, each
+with its own state dir, config, ports on 127.0.0.1 (or an address inside a network namespace the
+test created), NBD on a unix socket (reachable from any namespace: it lives in the file system) and
+the control socket that `tvillingctl status --json` reads. Everything started is stopped by PID
+when the cluster closes, also when a test fails half-way.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import nbd
+
+START_TIMEOUT_S = 60
+STOP_TIMEOUT_S = 30
+MIB = 1 << 20
+
+
+class TestFailure(Exception):
+    pass
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port(host="127.0.0.1"):
+    s = socket.socket()
+    s.bind((host, 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_for(what, fn, timeout_s, interval_s=0.1):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise TestFailure(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+def u64(v):
+    """proto3 JSON prints 64-bit integers as strings."""
+    return int(v) if v not in (None, "") else 0
+
+
+class Agent:
+    def __init__(self, cluster, site, netns=None, host="127.0.0.1"):
+        self.cluster = cluster
+        self.site = site
+        self.netns = netns
+        self.host = host
+        self.state_dir = os.path.join(cluster.tmp, site)
+        os.makedirs(os.path.join(self.state_dir, "volumes"), exist_ok=True)
+        self.config_path = os.path.join(cluster.tmp, f"{site}.toml")
+        self.log_path = os.path.join(cluster.tmp, f"{site}.log")
+        self.repl_port = free_port() if netns is None else 7300
+        self.nbd_socket = os.path.join(self.state_dir, "nbd.sock")
+        self.control_socket = os.path.join(self.state_dir, "tvillingd.sock")
+        self.proc = None
+        self.cert = site  # which PKI files to use: <cert>.pem / <cert>.key
+        self.ca = "ca.pem"
+        self.tls = True
+        self.extra_log = ""
+
+    @property
+    def address(self):
+        return f"{self.host}:{self.repl_port}"
+
+    def write_config(self, groups, acl=None):
+        """groups: list of dicts {name, primary, size, volumes (list of names), peers: [(agent,
+        mode, extra dict)]}; acl: list of (identity, site, [groups])."""
+        pki = self.cluster.pki
+        lines = [
+            "[agent]",
+            f'site = "{self.site}"',
+            f'state_dir = "{self.state_dir}"',
+            "[log]",
+            "checkpoint_interval_ms = 200",
+            self.extra_log,
+            "[nbd]",
+            f'unix_sockets = ["{self.nbd_socket}"]',
+            "[replication]",
+            f'listen = "{self.host}:{self.repl_port}"',
+            "max_batch_delay_us = 200",
+            "[control]",
+            f'unix_socket = "{self.control_socket}"',
+        ]
+        if self.tls:
+            lines += [
+                "[tls]",
+                f'ca = "{pki}/{self.ca}"',
+                f'cert = "{pki}/{self.cert}.pem"',
+                f'key = "{pki}/{self.cert}.key"',
+            ]
+        else:
+            lines += ["[tls]", "insecure = true"]
+        for g in groups:
+            lines += ["[[group]]", f'name = "{g["name"]}"', f'primary = "{g["primary"]}"']
+            for v in g.get("volumes", ["vol0"]):
+                lines += [
+                    "[[group.volume]]",
+                    f'name = "{v}"',
+                    f'path = "volumes/{v}.img"',
+                    f'size = "{g.get("size", "256MiB")}"',
+                ]
+            for peer, mode, extra in g.get("peers", []):
+                lines += [
+                    "[[group.peer]]",
+                    f'site = "{peer.site}"',
+                    f'address = "{peer.address}"',
+                    f'mode = "{mode}"',
+                ]
+                for k, val in (extra or {}).items():
+                    lines.append(f"{k} = {val}")
+        for identity, site, grps in acl or []:
+            lines += [
+                "[[acl]]",
+                f'identity = "{identity}"',
+                f'site = "{site}"',
+                "groups = [" + ", ".join(f'"{x}"' for x in grps) + "]",
+            ]
+        with open(self.config_path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def start(self, wait=True):
+        cmd = [self.cluster.tvillingd, "--config", self.config_path, "--log-level", "debug"
+               if os.environ.get("TV_DEBUG") else "info"]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns] + cmd
+        with open(self.log_path, "a") as out:
+            out.write(f"==== start {time.strftime('%H:%M:%S')} ====\n")
+            out.flush()
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self):
+        def ready():
+            if self.proc.poll() is not None:
+                raise TestFailure(f"{self.site}: tvillingd exited with {self.proc.returncode} "
+                                  f"while starting\n{self.tail()}")
+            return os.path.exists(self.control_socket) and self.try_status() is not None
+        wait_for(f"{self.site} to serve its control socket", ready, START_TIMEOUT_S)
+
+    def tail(self, n=40):
+        try:
+            with open(self.log_path) as f:
+                lines = f.readlines()
+            return "".join(lines[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log(f"{self.site}: did not stop within {STOP_TIMEOUT_S}s; SIGKILL")
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+    def kill9(self):
+        return self.stop(signal.SIGKILL)
+
+    def pause(self):
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self):
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+    # ---- status --------------------------------------------------------------------------------
+
+    def try_status(self):
+        try:
+            r = subprocess.run([self.cluster.tvillingctl, "--socket", self.control_socket, "status",
+                                "--json"], capture_output=True, text=True, timeout=10)
+        except subprocess.TimeoutExpired:
+            return None
+        if r.returncode != 0:
+            return None
+        try:
+            return json.loads(r.stdout)
+        except json.JSONDecodeError:
+            return None
+
+    def status(self):
+        s = self.try_status()
+        if s is None:
+            raise TestFailure(f"{self.site}: tvillingctl status failed\n{self.tail()}")
+        return s
+
+    def group(self, name="g0"):
+        for g in self.status().get("groups", []):
+            if g.get("name") == name:
+                return g
+        raise TestFailure(f"{self.site}: no group {name} in status")
+
+    def peer(self, peer_site, group="g0"):
+        for p in self.group(group).get("peers", []):
+            if p.get("peer") == peer_site:
+                return p
+        return None
+
+    # ---- NBD -----------------------------------------------------------------------------------
+
+    def uri(self, export="vol0"):
+        return f"nbd+unix:///{export}?socket={self.nbd_socket}"
+
+    def connect(self, export="vol0"):
+        h = nbd.NBD()
+        h.connect_uri(self.uri(export))
+        return h
+
+    def digest(self, export="vol0", chunk=4 * MIB):
+        h = self.connect(export)
+        try:
+            size = h.get_size()
+            d = hashlib.sha256()
+            off = 0
+            while off < size:
+                n = min(chunk, size - off)
+                d.update(h.pread(n, off))
+                off += n
+            return d.hexdigest()
+        finally:
+            h.shutdown()
+
+
+class Cluster:
+    def __init__(self, tvillingd, tvillingctl, pki_script, name="repl"):
+        self.tvillingd = os.path.abspath(tvillingd)
+        self.tvillingctl = os.path.abspath(tvillingctl)
+        self.tmp = tempfile.mkdtemp(prefix=f"tvilling-{name}.")
+        self.pki = os.path.join(self.tmp, "pki")
+        subprocess.run(["bash", pki_script, self.pki], check=True, stdout=subprocess.DEVNULL)
+        self.agents = []
+        self.cleanups = []
+        self.failed = False
+
+    def agent(self, site, **kw):
+        a = Agent(self, site, **kw)
+        self.agents.append(a)
+        return a
+
+    def on_exit(self, fn):
+        self.cleanups.append(fn)
+
+    def close(self):
+        for a in self.agents:
+            if a.proc is not None:
+                if a.proc.poll() is None:
+                    try:
+                        os.killpg(a.proc.pid, signal.SIGCONT)
+                    except ProcessLookupError:
+                        pass
+                a.stop()
+        for fn in reversed(self.cleanups):
+            try:
+                fn()
+            except Exception as e:  # cleanup must go on
+                log(f"cleanup step failed (ignored): {e}")
+        if self.failed and os.environ.get("TV_KEEP_ON_FAILURE"):
+            log(f"keeping {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def dump_logs(self):
+        for a in self.agents:
+            print(f"---- last lines of {a.site}'s log ----\n{a.tail(60)}----", file=sys.stderr)
+
+
+def wait_caught_up(primary, replicas, group="g0", timeout_s=60):
+    """Waits until every replica reports (and the primary sees) applied >= the primary's last LSN
+    and the replica says it is consistent."""
+    def done():
+        last = u64(primary.group(group).get("last_lsn"))
+        for r in replicas:
+            g = r.group(group)
+            if not g.get("consistent") or u64(g.get("applied_lsn")) < last:
+                return None
+            p = primary.peer(r.site, group)
+            if p is None or u64(p.get("applied_lsn")) < last:
+                return None
+        return last
+    return wait_for("replicas to apply the primary's last LSN", done, timeout_s, 0.2)
+
+
+def assert_identical(primary, replicas, export="vol0"):
+    want = primary.digest(export)
+    for r in replicas:
+        got = r.digest(export)
+        if got != want:
+            raise TestFailure(f"{r.site}'s {export} differs from {primary.site}'s "
+                              f"(sha256 {got[:16]} vs {want[:16]})")
+    log(f"{export} identical on {primary.site} and {', '.join(r.site for r in replicas)} "
+        f"(sha256 {want[:16]})")
+
+
+def run_main(scenarios, argv=None):
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tvillingd", required=True)
+    ap.add_argument("--tvillingctl", required=True)
+    ap.add_argument("--pki", required=True, help="deploy/pki/make-dev-pki.sh")
+    ap.add_argument("scenario", choices=sorted(scenarios))
+    args = ap.parse_args(argv)
+    c = Cluster(args.tvillingd, args.tvillingctl, args.pki, args.scenario)
+    try:
+        scenarios[args.scenario](c)
+        log(f"PASS {args.scenario}")
+        return 0
+    except (TestFailure, subprocess.CalledProcessError, nbd.Error) as e:
+        c.failed = True
+        log(f"FAIL {args.scenario}: {e}")
+        c.dump_logs()
+        return 1
+    finally:
+        c.close()

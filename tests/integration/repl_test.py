@@ -1,0 +1,351 @@
+#!/usr/bin/python3
+"""repl_test.py: replication between real tvillingd agents over mutual TLS, one scenario per run.
+
+  /usr/bin/python3 repl_test.py --tvillingd T --tvillingctl C --pki deploy/pki/make-dev-pki.sh SCENARIO
+
+Scenarios (each is a ctest; see tests/integration/CMakeLists.txt):
+  two_sites_sync     A -> B sync over TLS: qemu-io patterns, fio randwrite, flush; B's volume becomes
+                     byte-identical once B reports the LSN applied; B's export is read-only
+  three_sites        A -> B sync and A -> C async; both identical
+  sync_waits_for_peer  a WRITE in sync mode does not complete while the sync peer is stopped
+                     (SIGSTOP), and completes once it runs again; async mode does not wait
+  replica_kill9      kill -9 of the replica mid-stream under load, restart, identical
+  full_copy_new_replica  a replica that joins late (after data was written) gets a full copy while
+                     writes continue, is inconsistent until it completes, then identical
+  behind_retention   a replica that fell behind the primary's hard cap gets a full copy, identical
+  refuse_wrong_ca, refuse_expired_cert, refuse_other_tenant, refuse_stale_epoch,
+  refuse_diverged    each refusal seen with its reason, and no data accepted
+"""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from repl_lib import (MIB, TestFailure, assert_identical, log, run_main, u64,  # noqa: E402
+                      wait_caught_up, wait_for)
+
+
+def qemu_io(agent, *cmds, export="vol0"):
+    args = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        args += ["-c", c]
+    args.append(agent.uri(export))
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    if r.returncode != 0 or "failed" in r.stdout.lower() or "error" in r.stderr.lower():
+        raise TestFailure(f"qemu-io {cmds} on {agent.site}: rc {r.returncode}\n{r.stdout}{r.stderr}")
+    return r.stdout
+
+
+def fio(agent, rw="randwrite", bs="4k", size="64M", iodepth=16, runtime=None, extra=()):
+    args = ["fio", "--name=load", "--ioengine=nbd", f"--uri={agent.uri()}", f"--rw={rw}",
+            f"--bs={bs}", f"--size={size}", f"--iodepth={iodepth}", "--output-format=terse",
+            "--randrepeat=0"]
+    if runtime:
+        args += ["--time_based", f"--runtime={runtime}"]
+    args += list(extra)
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise TestFailure(f"fio on {agent.site} failed: {r.stdout}{r.stderr}")
+
+
+def pair(c, mode="sync", size="256MiB", b_kw=None, a_extra=None):
+    a = c.agent("site-a")
+    b = c.agent("site-b", **(b_kw or {}))
+    g = {"name": "g0", "primary": "site-a", "size": size}
+    a.write_config([dict(g, peers=[(b, mode, a_extra)])], acl=[("site-b", "site-b", ["g0"])])
+    b.write_config([dict(g, peers=[(a, mode, None)])], acl=[("site-a", "site-a", ["g0"])])
+    return a, b
+
+
+def expect_refusal(agent_b, primary, text, timeout_s=30):
+    def refused():
+        p = primary.peer(agent_b.site)
+        err = (p or {}).get("last_error", "")
+        return err if text in err else None
+    err = wait_for(f"{primary.site} to report a refusal containing {text!r}", refused, timeout_s,
+                   0.3)
+    log(f"{primary.site} reports: {err}")
+
+
+# ---- scenarios -----------------------------------------------------------------------------------
+
+
+def two_sites_sync(c):
+    a, b = pair(c, "sync")
+    b.start()
+    a.start()
+    qemu_io(a, "write -P 0xa1 0 1M", "aio_write -P 0xa2 1M 1M", "aio_flush", "write -z 4M 1M",
+            "discard 8M 1M", "write -P 0xa3 100M 64k", "flush")
+    fio(a, size="32M", iodepth=16)
+    qemu_io(a, "flush")
+    wait_caught_up(a, [b])
+    assert_identical(a, [b])
+    qemu_io(b, "read -P 0xa1 0 1M", "read -P 0xa3 100M 64k")
+    # The replica's export is read-only.
+    r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", b.uri()],
+                       capture_output=True, text=True, timeout=60)
+    if "Operation not permitted" not in (r.stdout + r.stderr) and "read-only" not in (
+            r.stdout + r.stderr).lower():
+        raise TestFailure(f"a write to the replica's export was not refused: {r.stdout}{r.stderr}")
+    st = a.peer("site-b")
+    if st.get("mode") != "sync" or st.get("link_state") != "streaming":
+        raise TestFailure(f"unexpected peer status {st}")
+
+
+def three_sites(c):
+    a = c.agent("site-a")
+    b = c.agent("site-b")
+    d = c.agent("site-c")
+    g = {"name": "g0", "primary": "site-a"}
+    a.write_config([dict(g, peers=[(b, "sync", None), (d, "async", None)])])
+    b.write_config([dict(g, peers=[(a, "sync", None)])], acl=[("site-a", "site-a", ["g0"])])
+    d.write_config([dict(g, peers=[(a, "async", None)])], acl=[("site-a", "site-a", ["g0"])])
+    for x in (b, d, a):
+        x.start()
+    fio(a, size="48M", iodepth=16)
+    qemu_io(a, "write -P 0x33 0 2M", "flush")
+    wait_caught_up(a, [b, d])
+    assert_identical(a, [b, d])
+
+
+def sync_waits_for_peer(c):
+    import nbd
+    a, b = pair(c, "sync")
+    b.start()
+    a.start()
+    qemu_io(a, "write -P 0x11 0 64k", "flush")
+    wait_caught_up(a, [b])
+    b.pause()
+    try:
+        h = a.connect()
+        cookie = h.aio_pwrite(b"\x22" * 4096, 0)
+        t_end = time.monotonic() + 3
+        while time.monotonic() < t_end:
+            h.poll(0)
+            if h.aio_command_completed(cookie):
+                raise TestFailure("a sync-mode write completed while the sync peer was stopped")
+            time.sleep(0.05)
+        log("write still pending after 3 s with the sync peer stopped (as it must be)")
+    finally:
+        b.resume()
+    deadline = time.monotonic() + 30
+    while not h.aio_command_completed(cookie):
+        if time.monotonic() > deadline:
+            raise TestFailure("the write did not complete after the sync peer resumed")
+        h.poll(100)
+    log("write completed once the peer resumed")
+    h.shutdown()
+    del nbd
+
+
+def replica_kill9(c):
+    a, b = pair(c, "async")
+    b.start()
+    a.start()
+    load = threading.Thread(target=fio, args=(a,), kwargs={"size": "128M", "runtime": 8})
+    load.start()
+    time.sleep(3)
+    b.kill9()
+    log("replica killed with SIGKILL under load")
+    time.sleep(1)
+    b.start()
+    load.join()
+    qemu_io(a, "flush")
+    wait_caught_up(a, [b])
+    assert_identical(a, [b])
+
+
+def full_copy_new_replica(c):
+    a, b = pair(c, "async")
+    a.start()
+    qemu_io(a, "write -P 0x5a 0 16M", "write -P 0x5b 200M 8M", "flush")
+    load = threading.Thread(target=fio, args=(a,), kwargs={"size": "64M", "runtime": 6})
+    load.start()
+    b.start()
+    saw_inconsistent = False
+    t_end = time.monotonic() + 5
+    while time.monotonic() < t_end:
+        g = b.group()
+        if not g.get("consistent"):
+            saw_inconsistent = True
+            break
+        time.sleep(0.05)
+    load.join()
+    qemu_io(a, "flush")
+    wait_caught_up(a, [b])
+    assert_identical(a, [b])
+    if not saw_inconsistent:
+        raise TestFailure("the new replica never reported itself inconsistent during its copy")
+
+
+def behind_retention(c):
+    a, b = pair(c, "async")
+    a.extra_log = 'hard_cap = "32MiB"\nretention_bytes = "0"'
+    g = {"name": "g0", "primary": "site-a", "size": "256MiB"}
+    a.write_config([dict(g, peers=[(b, "async", None)])], acl=[("site-b", "site-b", ["g0"])])
+    b.start()
+    a.start()
+    qemu_io(a, "write -P 0x01 0 4M", "flush")
+    wait_caught_up(a, [b])
+    b.stop()
+    fio(a, rw="write", bs="1M", size="128M", iodepth=4)
+    qemu_io(a, "flush")
+    time.sleep(1.5)  # a checkpoint lets retention drop what site-b needs
+    b.start()
+    wait_caught_up(a, [b], timeout_s=90)
+    assert_identical(a, [b])
+
+
+def refuse_wrong_ca(c):
+    a, b = pair(c, "async")
+    a.cert = "other-site-a"  # CN site-a, but signed by another CA
+    a.ca = "ca.pem"
+    g = {"name": "g0", "primary": "site-a"}
+    a.write_config([dict(g, peers=[(b, "async", None)])])
+    b.start()
+    a.start()
+    expect_refusal(b, a, "")  # any error
+    time.sleep(2)
+    p = a.peer("site-b")
+    if p.get("link_state") == "streaming" or u64(p.get("received_lsn")):
+        raise TestFailure(f"a certificate from another CA was accepted: {p}")
+    log(f"site-a cannot connect: {p.get('last_error')}")
+
+
+def refuse_expired_cert(c):
+    a, b = pair(c, "async")
+    a.cert = "expired"
+    a.write_config([{"name": "g0", "primary": "site-a", "peers": [(b, "async", None)]}])
+    b.start()
+    r = subprocess.run([c.tvillingd, "--config", a.config_path, "--check-config"],
+                       capture_output=True, text=True, timeout=30)
+    out = r.stdout + r.stderr
+    if r.returncode == 0 or "expired" not in out:
+        raise TestFailure(f"an expired certificate was not reported: rc {r.returncode}: {out}")
+    log(f"expired certificate reported: {out.strip().splitlines()[-1]}")
+
+
+def refuse_other_tenant(c):
+    a, b = pair(c, "async")
+    a.cert = "tenant-b"  # valid certificate from our CA, but not allowed to act as site-a for g0
+    a.write_config([{"name": "g0", "primary": "site-a", "peers": [(b, "async", None)]}])
+    b.start()
+    a.start()
+    expect_refusal(b, a, "tenant-b")
+    if u64(b.group().get("last_lsn")) != 0:
+        raise TestFailure("the replica accepted records from another tenant")
+
+
+def refuse_stale_epoch(c):
+    # A (epoch 1) -> B and C. Then B becomes primary (epoch 2) and streams to C. A comes back still
+    # believing it is primary with epoch 1: C refuses it as stale.
+    a = c.agent("site-a")
+    b = c.agent("site-b")
+    d = c.agent("site-c")
+    acl_all = [("site-a", "site-a", ["g0"]), ("site-b", "site-b", ["g0"])]
+    g = {"name": "g0", "primary": "site-a"}
+    a.write_config([dict(g, peers=[(b, "async", None), (d, "async", None)])], acl=acl_all)
+    b.write_config([dict(g, peers=[(a, "async", None), (d, "async", None)])], acl=acl_all)
+    d.write_config([dict(g, peers=[(a, "async", None), (b, "async", None)])], acl=acl_all)
+    for x in (b, d, a):
+        x.start()
+    qemu_io(a, "write -P 0x61 0 1M", "flush")
+    wait_caught_up(a, [b, d])
+    a.stop()
+    g2 = {"name": "g0", "primary": "site-b"}
+    b.stop()
+    b.write_config([dict(g2, peers=[(d, "async", None)])], acl=acl_all)
+    d.stop()
+    d.write_config([dict(g2, peers=[(b, "async", None)])], acl=acl_all)
+    d.start()
+    b.start()
+    qemu_io(b, "write -P 0x62 0 1M", "flush")
+    wait_caught_up(b, [d])
+    if u64(b.group().get("epoch")) <= 1:
+        raise TestFailure(f"site-b did not begin a new epoch: {b.group()}")
+    a.write_config([dict(g, peers=[(d, "async", None)])], acl=acl_all)
+    a.start()
+    expect_refusal(d, a, "stale epoch")
+    qemu_io(d, "read -P 0x62 0 1M")
+
+
+def refuse_diverged(c):
+    # A -> B async. B stops; A writes more (B misses it). A stops; B becomes primary and writes.
+    # A, now configured as B's replica, holds records B does not have: diverged, refused.
+    a, b = pair(c, "async")
+    acl_all = [("site-a", "site-a", ["g0"]), ("site-b", "site-b", ["g0"])]
+    g = {"name": "g0", "primary": "site-a"}
+    a.write_config([dict(g, peers=[(b, "async", None)])], acl=acl_all)
+    b.write_config([dict(g, peers=[(a, "async", None)])], acl=acl_all)
+    b.start()
+    a.start()
+    qemu_io(a, "write -P 0x71 0 1M", "flush")
+    wait_caught_up(a, [b])
+    b.stop()
+    qemu_io(a, "write -P 0x72 0 1M", "flush")
+    a.stop()
+    g2 = {"name": "g0", "primary": "site-b"}
+    b.write_config([dict(g2, peers=[(a, "async", None)])], acl=acl_all)
+    a.write_config([dict(g2, peers=[(b, "async", None)])], acl=acl_all)
+    b.start()
+    qemu_io(b, "write -P 0x73 0 1M", "flush")
+    a.start()
+    expect_refusal(a, b, "diverged")
+    qemu_io(a, "read -P 0x72 0 1M")  # A kept its own data; nothing was overwritten
+
+
+def link_cut(c):
+    """Agents in two network namespaces joined by a veth pair; the link goes down for 10 s under
+    load and comes back; the replica catches up by itself."""
+    tag = f"{os.getpid() % 100000}"
+    ns_a, ns_b = f"tvA{tag}", f"tvB{tag}"
+    veth_a, veth_b = f"tva{tag}", f"tvb{tag}"
+    sh = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True, timeout=30)  # noqa
+    for ns in (ns_a, ns_b):
+        sh("ip", "netns", "add", ns)
+        c.on_exit(lambda ns=ns: subprocess.run(["ip", "netns", "del", ns], timeout=30))
+    sh("ip", "link", "add", veth_a, "type", "veth", "peer", "name", veth_b)
+    sh("ip", "link", "set", veth_a, "netns", ns_a)
+    sh("ip", "link", "set", veth_b, "netns", ns_b)
+    sh("ip", "-n", ns_a, "addr", "add", "10.211.0.1/24", "dev", veth_a)
+    sh("ip", "-n", ns_b, "addr", "add", "10.211.0.2/24", "dev", veth_b)
+    for ns, dev in ((ns_a, veth_a), (ns_b, veth_b)):
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+    a, b = pair(c, "async", b_kw={"netns": ns_b, "host": "10.211.0.2"})
+    a.netns, a.host, a.repl_port = ns_a, "10.211.0.1", 7300
+    g = {"name": "g0", "primary": "site-a", "size": "256MiB"}
+    a.write_config([dict(g, peers=[(b, "async", None)])], acl=[("site-b", "site-b", ["g0"])])
+    b.write_config([dict(g, peers=[(a, "async", None)])], acl=[("site-a", "site-a", ["g0"])])
+    b.start()
+    a.start()
+    wait_for("the link to stream", lambda: (a.peer("site-b") or {}).get("link_state") ==
+             "streaming", 30)
+    load = threading.Thread(target=fio, args=(a,), kwargs={"size": "128M", "runtime": 18})
+    load.start()
+    time.sleep(3)
+    sh("ip", "-n", ns_a, "link", "set", veth_a, "down")
+    log("link down")
+    time.sleep(10)
+    lag = a.peer("site-b")
+    log(f"during the cut: {lag.get('link_state')}, lag {lag.get('lag_bytes')} bytes")
+    sh("ip", "-n", ns_a, "link", "set", veth_a, "up")
+    log("link up")
+    load.join()
+    qemu_io(a, "flush")
+    wait_caught_up(a, [b], timeout_s=120)
+    assert_identical(a, [b])
+    if u64(lag.get("lag_bytes")) == 0:
+        raise TestFailure("the primary reported no lag while the link was down under load")
+
+
+SCENARIOS = {f.__name__: f for f in (link_cut, 
+    two_sites_sync, three_sites, sync_waits_for_peer, replica_kill9, full_copy_new_replica,
+    behind_retention, refuse_wrong_ca, refuse_expired_cert, refuse_other_tenant,
+    refuse_stale_epoch, refuse_diverged)}
+
+if __name__ == "__main__":
+    sys.exit(run_main(SCENARIOS))
