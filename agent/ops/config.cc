@@ -150,11 +150,19 @@ class Reader {
   Reader(Errors* errors, Positions* positions) : errors_(*errors), positions_(*positions) {}
 
   void ReadRoot(const toml::table& root, Config* config) {
-    CheckKeys(root, "", {"agent", "log", "nbd", "group"});
+    CheckKeys(root, "", {"agent", "log", "nbd", "group", "tls", "replication", "acl", "control"});
     if (const toml::table* t = SubTable(root, "", "agent")) ReadAgent(*t, &config->agent);
     if (const toml::table* t = SubTable(root, "", "log")) ReadLog(*t, &config->log);
     if (const toml::table* t = SubTable(root, "", "nbd")) ReadNbd(*t, &config->nbd);
     ReadGroups(root, &config->groups);
+    if (const toml::table* t = SubTable(root, "", "tls")) ReadTls(*t, &config->tls);
+    if (const toml::table* t = SubTable(root, "", "replication")) {
+      ReadReplication(*t, &config->replication);
+    }
+    ForEachTable(root, "", "acl", [&](const std::string& path, const toml::table& t) {
+      ReadAcl(t, path, &config->acl.emplace_back());
+    });
+    if (const toml::table* t = SubTable(root, "", "control")) ReadControl(*t, &config->control);
   }
 
  private:
@@ -203,12 +211,87 @@ class Reader {
   void ReadGroups(const toml::table& root, std::vector<GroupConfig>* groups) {
     ForEachTable(root, "", "group", [&](const std::string& path, const toml::table& t) {
       GroupConfig& group = groups->emplace_back();
-      CheckKeys(t, path, {"name", "volume"});
+      CheckKeys(t, path, {"name", "volume", "primary", "peer"});
       ReadString(t, path, "name", &group.name);
       ForEachTable(t, path, "volume", [&](const std::string& vpath, const toml::table& v) {
         ReadVolume(v, vpath, &group.volumes.emplace_back());
       });
+      ReadString(t, path, "primary", &group.primary);
+      ForEachTable(t, path, "peer", [&](const std::string& ppath, const toml::table& p) {
+        ReadPeer(p, ppath, &group.peers.emplace_back());
+      });
     });
+  }
+
+  void ReadPeer(const toml::table& t, const std::string& path, PeerConfig* peer) {
+    CheckKeys(t, path,
+              {"site", "address", "tls_name", "mode", "rate_limit", "compression",
+               "sync_degrade_after_ms"});
+    ReadString(t, path, "site", &peer->site);
+    std::string address;
+    if (ReadString(t, path, "address", &address)) {
+      absl::StatusOr<ListenAddress> parsed = ParseDialAddress(address);
+      if (parsed.ok()) {
+        peer->address = *parsed;
+      } else {
+        errors_.Add(JoinKey(path, "address"), std::string(parsed.status().message()));
+      }
+    }
+    ReadString(t, path, "tls_name", &peer->tls_name);
+    ReadChoice(t, path, "mode", {{"async", PeerMode::kAsync}, {"sync", PeerMode::kSync}},
+               &peer->mode);
+    ReadSize(t, path, "rate_limit", &peer->rate_limit_bytes_per_second);
+    ReadChoice(
+        t, path, "compression",
+        {{"none", Compression::kNone}, {"lz4", Compression::kLz4}, {"zstd", Compression::kZstd}},
+        &peer->compression);
+    ReadUint(t, path, "sync_degrade_after_ms", &peer->sync_degrade_after_ms);
+  }
+
+  void ReadTls(const toml::table& t, TlsConfig* tls) {
+    const std::string path = "tls";
+    CheckKeys(t, path, {"ca", "cert", "key", "insecure"});
+    ReadPath(t, path, "ca", &tls->ca);
+    ReadPath(t, path, "cert", &tls->cert);
+    ReadPath(t, path, "key", &tls->key);
+    ReadBool(t, path, "insecure", &tls->insecure);
+  }
+
+  void ReadReplication(const toml::table& t, ReplicationConfig* replication) {
+    const std::string path = "replication";
+    CheckKeys(t, path,
+              {"listen", "max_window", "min_window", "max_batch_bytes", "max_batch_delay_us",
+               "keepalive_ms", "replica_sync_interval_ms"});
+    std::string listen;
+    if (ReadString(t, path, "listen", &listen)) {
+      absl::StatusOr<ListenAddress> parsed = ParseListenAddress(listen);
+      if (parsed.ok()) {
+        replication->listen = *parsed;
+      } else {
+        errors_.Add("replication.listen", std::string(parsed.status().message()));
+      }
+    }
+    ReadSize(t, path, "max_window", &replication->max_window_bytes);
+    ReadSize(t, path, "min_window", &replication->min_window_bytes);
+    ReadSize(t, path, "max_batch_bytes", &replication->max_batch_bytes);
+    ReadUint(t, path, "max_batch_delay_us", &replication->max_batch_delay_us);
+    ReadUint(t, path, "keepalive_ms", &replication->keepalive_ms);
+    ReadUint(t, path, "replica_sync_interval_ms", &replication->replica_sync_interval_ms);
+  }
+
+  void ReadAcl(const toml::table& t, const std::string& path, AclConfig* acl) {
+    CheckKeys(t, path, {"identity", "site", "groups"});
+    ReadString(t, path, "identity", &acl->identity);
+    ReadString(t, path, "site", &acl->site);
+    ForEachString(t, path, "groups", [&](const std::string&, const std::string& value) {
+      acl->groups.push_back(value);
+    });
+  }
+
+  void ReadControl(const toml::table& t, ControlConfig* control) {
+    const std::string path = "control";
+    CheckKeys(t, path, {"unix_socket"});
+    ReadPath(t, path, "unix_socket", &control->unix_socket);
   }
 
   void ReadVolume(const toml::table& t, const std::string& path, VolumeConfig* volume) {
@@ -334,6 +417,23 @@ class Reader {
     return true;
   }
 
+  // A string that must be one of `choices`; the message lists them.
+  template <typename T>
+  void ReadChoice(const toml::table& t, const std::string& path, std::string_view key,
+                  std::initializer_list<std::pair<std::string_view, T>> choices, T* out) {
+    std::string value;
+    if (!ReadString(t, path, key, &value)) return;
+    std::string list;
+    for (const auto& [name, choice] : choices) {
+      if (name == value) {
+        *out = choice;
+        return;
+      }
+      list += fmt::format("{}\"{}\"", list.empty() ? "" : " or ", name);
+    }
+    errors_.Add(JoinKey(path, key), fmt::format("must be {}, got \"{}\"", list, value));
+  }
+
   void ReadPath(const toml::table& t, const std::string& path, std::string_view key,
                 fs::path* out) {
     std::string value;
@@ -444,6 +544,61 @@ bool IsWithin(const fs::path& path, const fs::path& dir) {
 bool IsBlockDevice(const fs::path& path) {
   struct stat st {};
   return ::stat(path.c_str(), &st) == 0 && S_ISBLK(st.st_mode);
+}
+
+enum class PemKind { kCertificate, kPrivateKey };
+
+// Checks that `path` is a readable regular file holding the PEM block `kind`. Returns what is
+// wrong, or "" if nothing. A light check (the transport parses the files): it catches a missing
+// file, a swapped cert and key, and an encrypted key, which tvillingd cannot use.
+std::string CheckPemFile(const fs::path& path, PemKind kind) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return fmt::format("cannot read \"{}\": {}", path.string(), std::strerror(errno));
+  }
+  std::string problem;
+  std::string text;
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    problem = fmt::format("cannot stat \"{}\": {}", path.string(), std::strerror(errno));
+  } else if (!S_ISREG(st.st_mode)) {
+    problem = fmt::format("\"{}\" is not a regular file", path.string());
+  } else {
+    constexpr size_t kMaxPemBytes = 1u << 20;
+    text.resize(kMaxPemBytes);
+    size_t got = 0;
+    while (got < text.size()) {
+      const ssize_t n = ::read(fd, text.data() + got, text.size() - got);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) {
+        problem = fmt::format("cannot read \"{}\": {}", path.string(), std::strerror(errno));
+        break;
+      }
+      if (n == 0) break;
+      got += static_cast<size_t>(n);
+    }
+    text.resize(got);
+  }
+  ::close(fd);
+  if (!problem.empty()) return problem;
+  if (kind == PemKind::kCertificate) {
+    if (text.find("-----BEGIN CERTIFICATE-----") == std::string::npos) {
+      return fmt::format("\"{}\" holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                         path.string());
+    }
+    return "";
+  }
+  if (text.find("-----BEGIN ENCRYPTED PRIVATE KEY-----") != std::string::npos) {
+    return fmt::format(
+        "\"{}\" is an encrypted private key; tvillingd needs it unencrypted "
+        "(readable by tvillingd only)",
+        path.string());
+  }
+  if (text.find("PRIVATE KEY-----") == std::string::npos) {
+    return fmt::format("\"{}\" holds no PEM private key (-----BEGIN PRIVATE KEY-----)",
+                       path.string());
+  }
+  return "";
 }
 
 // Remembers the first key that used each value and reports a repeat.
@@ -614,6 +769,94 @@ void ValidateVolume(VolumeConfig& volume, const std::string& key, const Config& 
   }
 }
 
+bool HasPeer(const GroupConfig& group, std::string_view site) {
+  return std::any_of(group.peers.begin(), group.peers.end(),
+                     [&](const PeerConfig& peer) { return peer.site == site; });
+}
+
+// A DNS name as a certificate may carry it: letters, digits, '-', '.', and a leading "*." label.
+bool IsTlsName(std::string_view name) {
+  if (name.empty() || name.size() > kMaxTlsNameLength) return false;
+  if (name.substr(0, 2) == "*.") name.remove_prefix(2);
+  if (name.empty() || name.front() == '.' || name.back() == '.') return false;
+  return std::all_of(name.begin(), name.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+           c == '.';
+  });
+}
+
+void ValidatePeers(GroupConfig& group, const std::string& key, const std::string& own_site,
+                   Errors& errors) {
+  if (group.peers.size() > kMaxPeersPerGroup) {
+    errors.Add(key + ".peer", fmt::format("at most {} peers per group, got {}", kMaxPeersPerGroup,
+                                          group.peers.size()));
+  }
+  UniqueCheck sites("peer site");
+  std::string peer_list;
+  for (size_t p = 0; p < group.peers.size(); ++p) {
+    PeerConfig& peer = group.peers[p];
+    const std::string peer_key = fmt::format("{}.peer[{}]", key, p);
+    if (peer.site.empty()) {
+      errors.Add(peer_key + ".site", "required (the peer's site, as in its agent.site)");
+    } else if (!IsSiteName(peer.site)) {
+      errors.Add(peer_key + ".site",
+                 fmt::format("must be 1..{} characters of a-z, 0-9 and '-', got \"{}\"",
+                             kMaxNameLength, peer.site));
+    } else if (peer.site == own_site) {
+      errors.Add(peer_key + ".site",
+                 fmt::format("\"{}\" is this agent's own site (agent.site); list only the other "
+                             "sites",
+                             peer.site));
+    } else if (sites.Check(errors, peer_key + ".site", peer.site)) {
+      peer_list += fmt::format("{}\"{}\"", peer_list.empty() ? "" : ", ", peer.site);
+    }
+    if (peer.address.host.empty()) {
+      errors.Add(peer_key + ".address",
+                 "required: \"host:port\" of the peer's replication.listen, e.g. "
+                 "\"192.0.2.10:7301\"");
+    } else {
+      absl::StatusOr<ListenAddress> parsed = ParseDialAddress(peer.address.ToString());
+      if (!parsed.ok()) errors.Add(peer_key + ".address", std::string(parsed.status().message()));
+    }
+    if (peer.tls_name.empty()) peer.tls_name = peer.site;
+    if (!peer.tls_name.empty() && !IsTlsName(peer.tls_name)) {
+      errors.Add(peer_key + ".tls_name",
+                 fmt::format("must be a DNS name (letters, digits, '-', '.'), 1..{} characters, "
+                             "got \"{}\"",
+                             kMaxTlsNameLength, peer.tls_name));
+    }
+    if (peer.sync_degrade_after_ms != 0 && peer.mode != PeerMode::kSync) {
+      errors.Add(peer_key + ".sync_degrade_after_ms",
+                 "applies only to mode = \"sync\" (an async peer never holds a write)");
+    }
+    CheckRange<uint32_t>(errors, peer_key + ".sync_degrade_after_ms", peer.sync_degrade_after_ms, 0,
+                         kMaxSyncDegradeAfterMs, " ms");
+  }
+
+  const std::string primary_key = key + ".primary";
+  if (group.peers.empty()) {
+    if (group.primary.empty()) {
+      group.primary = own_site;
+    } else if (group.primary != own_site) {
+      errors.Add(primary_key,
+                 fmt::format("\"{}\" is not this agent's site (\"{}\") and the group has no "
+                             "[[group.peer]]",
+                             group.primary, own_site));
+    }
+    return;
+  }
+  if (group.primary.empty()) {
+    errors.Add(primary_key,
+               fmt::format("required when the group has peers: \"{}\" (this agent) or one of {}",
+                           own_site, peer_list));
+  } else if (group.primary != own_site && !HasPeer(group, group.primary)) {
+    errors.Add(primary_key,
+               fmt::format("\"{}\" is neither this agent's site (\"{}\") nor a peer of the group "
+                           "({})",
+                           group.primary, own_site, peer_list));
+  }
+}
+
 void ValidateGroups(Config& config, Errors& errors) {
   if (config.groups.empty()) {
     errors.Add("group", "no [[group]]: the agent needs at least one group with one volume");
@@ -643,6 +886,241 @@ void ValidateGroups(Config& config, Errors& errors) {
     for (size_t v = 0; v < group.volumes.size(); ++v) {
       ValidateVolume(group.volumes[v], fmt::format("{}.volume[{}]", key, v), config, names, errors);
     }
+    ValidatePeers(group, key, config.agent.site, errors);
+  }
+}
+
+// TLS: mutual TLS unless the operator explicitly turned it off. Files are checked here so that a
+// typo shows at startup with the key that holds it, not as a handshake failure later.
+void ValidateTls(Config& config, Errors& errors) {
+  TlsConfig& tls = config.tls;
+  const bool any_file = !tls.ca.empty() || !tls.cert.empty() || !tls.key.empty();
+  if (tls.insecure) {
+    if (any_file) {
+      errors.Add("tls.insecure",
+                 "true turns TLS off, but tls.ca, tls.cert or tls.key is set: remove them, or set "
+                 "insecure = false");
+    }
+    return;
+  }
+  if (!any_file) {
+    if (config.HasPeers()) {
+      errors.Add("tls",
+                 "groups have peers but neither TLS nor insecure mode is configured: set tls.ca, "
+                 "tls.cert and tls.key (mutual TLS between agents), or tls.insecure = true (no "
+                 "authentication; tests only)");
+    }
+    return;
+  }
+  const struct {
+    const char* key;
+    fs::path* path;
+    PemKind kind;
+    const char* what;
+  } files[] = {
+      {"tls.ca", &tls.ca, PemKind::kCertificate,
+       "PEM file of the CA that signs the agents' "
+       "certificates"},
+      {"tls.cert", &tls.cert, PemKind::kCertificate, "PEM file of this agent's certificate"},
+      {"tls.key", &tls.key, PemKind::kPrivateKey, "PEM file of this agent's private key"},
+  };
+  for (const auto& file : files) {
+    if (file.path->empty()) {
+      errors.Add(file.key, fmt::format("required with TLS ({})", file.what));
+      continue;
+    }
+    *file.path = Resolve(config.agent.state_dir, *file.path);
+    if (std::string problem = CheckPemFile(*file.path, file.kind); !problem.empty()) {
+      errors.Add(file.key, problem);
+    }
+  }
+}
+
+void ValidateReplication(Config& config, Errors& errors) {
+  ReplicationConfig& r = config.replication;
+  if (!r.listen.has_value()) {
+    if (config.HasPeers()) {
+      errors.Add("replication.listen",
+                 "required when a group has peers: the \"host:port\" where peers connect, e.g. "
+                 "\"0.0.0.0:7301\"");
+    }
+  } else {
+    absl::StatusOr<ListenAddress> parsed = ParseListenAddress(r.listen->ToString());
+    if (!parsed.ok()) errors.Add("replication.listen", std::string(parsed.status().message()));
+    for (size_t i = 0; i < config.nbd.listen.size(); ++i) {
+      if (config.nbd.listen[i] == *r.listen) {
+        errors.Add("replication.listen",
+                   fmt::format("\"{}\" is also nbd.listen[{}]", r.listen->ToString(), i));
+      }
+    }
+  }
+  CheckSizeRange(errors, "replication.max_window", r.max_window_bytes, kMinReplicationWindowBytes,
+                 kMaxReplicationWindowBytes);
+  CheckSizeRange(errors, "replication.min_window", r.min_window_bytes, kMinReplicationWindowBytes,
+                 kMaxReplicationWindowBytes);
+  if (r.min_window_bytes > r.max_window_bytes) {
+    errors.Add("replication.min_window",
+               fmt::format("must not exceed replication.max_window ({}), got {}",
+                           FormatSize(r.max_window_bytes), FormatSize(r.min_window_bytes)));
+  }
+  CheckSizeRange(errors, "replication.max_batch_bytes", r.max_batch_bytes,
+                 kMinReplicationBatchBytes, kMaxReplicationBatchBytes);
+  // A batch larger than the smallest window could find no room when the window shrinks.
+  if (r.max_batch_bytes > r.min_window_bytes) {
+    errors.Add("replication.max_batch_bytes",
+               fmt::format("must not exceed replication.min_window ({}), got {}",
+                           FormatSize(r.min_window_bytes), FormatSize(r.max_batch_bytes)));
+  }
+  CheckRange<uint32_t>(errors, "replication.max_batch_delay_us", r.max_batch_delay_us, 0,
+                       kMaxBatchDelayUs, " us");
+  CheckRange<uint32_t>(errors, "replication.keepalive_ms", r.keepalive_ms, kMinKeepaliveMs,
+                       kMaxKeepaliveMs, " ms");
+  CheckRange<uint32_t>(errors, "replication.replica_sync_interval_ms", r.replica_sync_interval_ms,
+                       1, kMaxReplicaSyncIntervalMs, " ms");
+}
+
+const GroupConfig* FindGroup(const Config& config, std::string_view name) {
+  for (const GroupConfig& group : config.groups) {
+    if (group.name == name) return &group;
+  }
+  return nullptr;
+}
+
+bool AclAllowsGroup(const AclConfig& entry, std::string_view group) {
+  return std::any_of(entry.groups.begin(), entry.groups.end(),
+                     [&](const std::string& g) { return g == kAnyGroup || g == group; });
+}
+
+std::string GroupNames(const Config& config) {
+  std::string names;
+  for (const GroupConfig& group : config.groups) {
+    names += fmt::format("{}{}", names.empty() ? "" : ", ", group.name);
+  }
+  return names;
+}
+
+void ValidateAcl(Config& config, Errors& errors) {
+  if (config.acl.size() > kMaxAclEntries) {
+    errors.Add("acl", fmt::format("at most {} entries, got {}", kMaxAclEntries, config.acl.size()));
+  }
+  std::map<std::string, std::string> named_identities;  // identity -> first key
+  UniqueCheck any_identity_sites("site for identity \"*\"");
+  for (size_t i = 0; i < config.acl.size(); ++i) {
+    const AclConfig& entry = config.acl[i];
+    const std::string key = fmt::format("acl[{}]", i);
+    const std::string identity_key = key + ".identity";
+    if (entry.identity.empty()) {
+      errors.Add(identity_key,
+                 "required (the CN or a DNS SAN of the peer's certificate, or \"*\" with "
+                 "tls.insecure)");
+    } else if (entry.identity == kAnyIdentity) {
+      if (!config.tls.insecure) {
+        errors.Add(identity_key,
+                   "\"*\" (any peer) is accepted only with tls.insecure = true; name the CN or a "
+                   "DNS SAN of the peer's certificate");
+      } else if (!entry.site.empty()) {
+        any_identity_sites.Check(errors, key + ".site", entry.site);
+      }
+    } else if (config.tls.insecure) {
+      errors.Add(identity_key,
+                 fmt::format("\"{}\" can never match: with tls.insecure = true peers have no "
+                             "certificate; use identity = \"*\"",
+                             entry.identity));
+    } else if (!IsExportName(entry.identity)) {
+      errors.Add(identity_key,
+                 fmt::format("must be printable ASCII without spaces, got \"{}\"", entry.identity));
+    } else if (auto [it, inserted] = named_identities.emplace(entry.identity, identity_key);
+               !inserted) {
+      errors.Add(identity_key,
+                 fmt::format("duplicate acl identity \"{}\" (also at {}): an identity acts as "
+                             "exactly one site; list all its groups in one [[acl]] entry",
+                             entry.identity, it->second));
+    }
+
+    const std::string site_key = key + ".site";
+    bool site_ok = false;
+    if (entry.site.empty()) {
+      errors.Add(site_key, "required (the site this identity may act as)");
+    } else if (!IsSiteName(entry.site)) {
+      errors.Add(site_key, fmt::format("must be 1..{} characters of a-z, 0-9 and '-', got \"{}\"",
+                                       kMaxNameLength, entry.site));
+    } else if (entry.site == config.agent.site) {
+      errors.Add(site_key, fmt::format("\"{}\" is this agent's own site", entry.site));
+    } else {
+      site_ok = true;
+    }
+
+    const std::string groups_key = key + ".groups";
+    if (entry.groups.empty()) {
+      errors.Add(groups_key,
+                 "required: the groups this identity may replicate, e.g. [\"g0\"], or [\"*\"]");
+      continue;
+    }
+    for (size_t g = 0; g < entry.groups.size(); ++g) {
+      const std::string& name = entry.groups[g];
+      const std::string element_key = fmt::format("{}[{}]", groups_key, g);
+      if (name == kAnyGroup) {
+        if (entry.groups.size() != 1) {
+          errors.Add(element_key, "\"*\" means every group and must be the only element");
+        } else if (site_ok && !std::any_of(config.groups.begin(), config.groups.end(),
+                                           [&](const GroupConfig& group) {
+                                             return HasPeer(group, entry.site);
+                                           })) {
+          errors.Add(site_key, fmt::format("\"{}\" is not a peer of any group", entry.site));
+        }
+        continue;
+      }
+      const GroupConfig* group = FindGroup(config, name);
+      if (group == nullptr) {
+        errors.Add(element_key, fmt::format("unknown group \"{}\" (groups of this agent: {})", name,
+                                            GroupNames(config)));
+      } else if (site_ok && !HasPeer(*group, entry.site)) {
+        errors.Add(element_key,
+                   fmt::format("site \"{}\" is not a peer of group \"{}\" (add a [[group.peer]] "
+                               "with site = \"{}\" or remove the group here)",
+                               entry.site, name, entry.site));
+      }
+    }
+  }
+
+  // A replica must let its primary in; without an entry every stream would be refused.
+  for (size_t g = 0; g < config.groups.size(); ++g) {
+    const GroupConfig& group = config.groups[g];
+    if (group.peers.empty() || group.primary.empty() || group.primary == config.agent.site ||
+        !HasPeer(group, group.primary)) {
+      continue;
+    }
+    const bool allowed = std::any_of(config.acl.begin(), config.acl.end(), [&](const AclConfig& e) {
+      return e.site == group.primary && AclAllowsGroup(e, group.name);
+    });
+    if (!allowed) {
+      errors.Add(fmt::format("group[{}].primary", g),
+                 fmt::format("this agent is a replica of group \"{}\" but no [[acl]] entry lets "
+                             "site \"{}\" replicate it: add one with identity = <CN of {}'s "
+                             "certificate>, site = \"{}\", groups = [\"{}\"]",
+                             group.name, group.primary, group.primary, group.primary, group.name));
+    }
+  }
+}
+
+void ValidateControl(Config& config, Errors& errors) {
+  ControlConfig& control = config.control;
+  if (control.unix_socket.empty()) {
+    errors.Add("control.unix_socket", "must not be empty");
+    return;
+  }
+  control.unix_socket = Resolve(config.agent.state_dir, control.unix_socket);
+  const std::string& resolved = control.unix_socket.native();
+  if (resolved.size() > kMaxUnixSocketPathBytes) {
+    errors.Add("control.unix_socket",
+               fmt::format("\"{}\" is {} bytes; a unix socket path must be at most {} bytes",
+                           resolved, resolved.size(), kMaxUnixSocketPathBytes));
+  }
+  for (size_t i = 0; i < config.nbd.unix_sockets.size(); ++i) {
+    if (config.nbd.unix_sockets[i] == control.unix_socket) {
+      errors.Add("control.unix_socket",
+                 fmt::format("\"{}\" is also nbd.unix_sockets[{}]", resolved, i));
+    }
   }
 }
 
@@ -651,6 +1129,10 @@ void ValidateInto(Config& config, Errors& errors) {
   ValidateLog(config.log, config.agent.state_dir, errors);
   ValidateNbd(config.nbd, config.agent.state_dir, errors);
   ValidateGroups(config, errors);
+  ValidateTls(config, errors);
+  ValidateReplication(config, errors);
+  ValidateAcl(config, errors);
+  ValidateControl(config, errors);
 }
 
 }  // namespace
@@ -699,6 +1181,111 @@ absl::StatusOr<ListenAddress> ParseListenAddress(std::string_view text) {
   }
   address.port = static_cast<uint16_t>(port_number);
   return address;
+}
+
+absl::StatusOr<ListenAddress> ParseDialAddress(std::string_view text) {
+  absl::StatusOr<ListenAddress> literal = ParseListenAddress(text);
+  if (literal.ok()) return literal;
+  const size_t colon = text.rfind(':');
+  const std::string_view host = text.substr(0, colon == std::string_view::npos ? 0 : colon);
+  // Meant as an IP literal (bracketed, unbracketed IPv6, or digits and dots): the listen-address
+  // message says what is wrong with it.
+  if (colon == std::string_view::npos || text.front() == '[' ||
+      host.find(':') != std::string_view::npos ||
+      host.find_first_not_of("0123456789.") == std::string_view::npos) {
+    return literal.status();
+  }
+  auto fail = [&](std::string_view why) {
+    return absl::InvalidArgumentError(
+        fmt::format("invalid address \"{}\": {} (want host:port, e.g. \"192.0.2.10:7301\", "
+                    "\"[2001:db8::1]:7301\" or \"site-b.example.net:7301\")",
+                    text, why));
+  };
+  const bool name_chars = std::all_of(host.begin(), host.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+           c == '.';
+  });
+  if (!name_chars || host.size() > kMaxTlsNameLength || host.front() == '.' ||
+      host.front() == '-' || host.back() == '.' || host.find("..") != std::string_view::npos) {
+    return fail(fmt::format("\"{}\" is neither an IP address nor a host name", host));
+  }
+  const std::string_view port = text.substr(colon + 1);
+  uint32_t port_number = 0;
+  const auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), port_number);
+  if (port.empty() || ec != std::errc() || end != port.data() + port.size() || port_number == 0 ||
+      port_number > 65535) {
+    return fail(fmt::format("port must be 1..65535, got \"{}\"", port));
+  }
+  return ListenAddress{std::string(host), static_cast<uint16_t>(port_number)};
+}
+
+std::string_view PeerModeName(PeerMode mode) {
+  switch (mode) {
+    case PeerMode::kAsync:
+      return "async";
+    case PeerMode::kSync:
+      return "sync";
+  }
+  return "unknown";
+}
+
+std::string_view CompressionName(Compression compression) {
+  switch (compression) {
+    case Compression::kNone:
+      return "none";
+    case Compression::kLz4:
+      return "lz4";
+    case Compression::kZstd:
+      return "zstd";
+  }
+  return "unknown";
+}
+
+bool Config::HasPeers() const {
+  return std::any_of(groups.begin(), groups.end(),
+                     [](const GroupConfig& group) { return !group.peers.empty(); });
+}
+
+absl::Status AuthorizePeer(const Config& config, const std::vector<std::string>& identities,
+                           std::string_view claimed_site, std::string_view group) {
+  auto matches = [&](const AclConfig& entry) {
+    // "*" is only ever valid without TLS; do not let a Config built in code widen it.
+    if (entry.identity == kAnyIdentity) return config.tls.insecure;
+    return std::find(identities.begin(), identities.end(), entry.identity) != identities.end();
+  };
+  std::string sites_of_identity;
+  std::string groups_of_site;
+  for (const AclConfig& entry : config.acl) {
+    if (!matches(entry)) continue;
+    if (entry.site != claimed_site) {
+      sites_of_identity +=
+          fmt::format("{}\"{}\"", sites_of_identity.empty() ? "" : ", ", entry.site);
+      continue;
+    }
+    if (AclAllowsGroup(entry, group)) return absl::OkStatus();
+    for (const std::string& g : entry.groups) {
+      groups_of_site += fmt::format("{}{}", groups_of_site.empty() ? "" : ", ", g);
+    }
+  }
+  std::string who;
+  for (const std::string& identity : identities) {
+    who += fmt::format("{}\"{}\"", who.empty() ? "" : ", ", identity);
+  }
+  if (who.empty()) who = config.tls.insecure ? "(none: insecure mode)" : "(no certificate)";
+  if (!groups_of_site.empty()) {
+    return absl::PermissionDeniedError(
+        fmt::format("not authorised: site \"{}\" (identity {}) may not replicate group \"{}\" "
+                    "(its [[acl]] allows: {})",
+                    claimed_site, who, group, groups_of_site));
+  }
+  if (!sites_of_identity.empty()) {
+    return absl::PermissionDeniedError(
+        fmt::format("not authorised: identity {} may act as site {} only, not \"{}\"", who,
+                    sites_of_identity, claimed_site));
+  }
+  return absl::PermissionDeniedError(fmt::format(
+      "not authorised: no [[acl]] entry for identity {} (claiming site \"{}\", group \"{}\")", who,
+      claimed_site, group));
 }
 
 absl::StatusOr<uint64_t> ParseSize(std::string_view text) {

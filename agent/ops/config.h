@@ -9,13 +9,21 @@
 //                                       that is --log-level / --log-format, see logging.h)
 //   [nbd]      listeners and limits     the NBD frontend
 //   [[group]]  name, [[group.volume]]   consistency groups and their volumes
+//              primary, [[group.peer]]  ...and the sites that mirror them (docs/replication.md)
+//   [tls]      ca, cert, key, insecure  mutual TLS between the agents' replication endpoints
+//   [replication]  listen, tuning       where peers connect; windows, batching, keepalive
+//   [[acl]]    identity, site, groups   which certificate may act as which site, for which groups
+//   [control]  unix_socket              the control API that tvillingctl talks to
+//
+// docs/configuration.md describes every key for operators.
 //
 // LoadConfig/ParseConfig reject a file with any unknown key, wrong type or broken rule, and report
 // every problem at once, each as `<file>:<line>:<col>: <key path>: <what is wrong>` (e.g.
 // `tvilling.toml:14:8: group[0].volume[1].size: must be a multiple of 512 bytes, got 1000`). A
 // config that loads is complete: defaults are filled in and every path is absolute, so nothing
-// downstream needs to check it again. Later issues add [[peer]], [tls], [etcd] and [metrics] tables
-// next to these; an older agent rejects them as unknown keys rather than silently ignoring them.
+// downstream needs to check it again (TLS files were readable when the config was validated). Later
+// issues add [etcd] and [metrics] tables next to these; an older agent rejects them as unknown keys
+// rather than silently ignoring them. A single-node config needs none of the replication tables.
 #pragma once
 
 #include <absl/status/status.h>
@@ -54,6 +62,24 @@ inline constexpr uint64_t kMinInflightBytes = 32ull << 20;
 inline constexpr uint64_t kMaxInflightBytes = 64ull << 30;
 inline constexpr size_t kMaxUnixSocketPathBytes = 107;  // sizeof(sockaddr_un::sun_path) - 1
 inline constexpr size_t kMaxConfigFileBytes = 1u << 20;
+inline constexpr uint32_t kMaxPeersPerGroup = 16;
+inline constexpr uint32_t kMaxAclEntries = 1024;
+inline constexpr uint32_t kMaxTlsNameLength = 253;  // a DNS name
+// Replication tuning bounds. A batch is at most 64 MiB uncompressed on the wire
+// (docs/replication.md, "Records on the wire").
+inline constexpr uint64_t kMinReplicationWindowBytes = 64ull << 10;
+inline constexpr uint64_t kMaxReplicationWindowBytes = 16ull << 30;
+inline constexpr uint64_t kMinReplicationBatchBytes = 4096;
+inline constexpr uint64_t kMaxReplicationBatchBytes = 64ull << 20;
+inline constexpr uint32_t kMaxBatchDelayUs = 1'000'000;  // 1 s
+inline constexpr uint32_t kMinKeepaliveMs = 100;
+inline constexpr uint32_t kMaxKeepaliveMs = 600'000;  // 10 min
+inline constexpr uint32_t kMaxReplicaSyncIntervalMs = 60'000;
+inline constexpr uint32_t kMaxSyncDegradeAfterMs = 86'400'000;  // 1 day
+// The identity of an [[acl]] entry that matches any peer; accepted only with tls.insecure.
+inline constexpr std::string_view kAnyIdentity = "*";
+// A [[acl]] groups element that means every group of this agent.
+inline constexpr std::string_view kAnyGroup = "*";
 
 // [agent]
 struct AgentConfig {
@@ -102,6 +128,11 @@ struct ListenAddress {
 // Parses "host:port": an IPv4 literal or a bracketed IPv6 literal, and a port 1..65535.
 [[nodiscard]] absl::StatusOr<ListenAddress> ParseListenAddress(std::string_view text);
 
+// Parses the "host:port" of a peer to dial: like ParseListenAddress, but the host may also be a DNS
+// name (letters, digits, '-', '.'; resolved when dialling, not here). ToString() gives the gRPC
+// target ("site-b.example.net:7301", "[::1]:7301").
+[[nodiscard]] absl::StatusOr<ListenAddress> ParseDialAddress(std::string_view text);
+
 // [nbd]: the NBD frontend.
 struct NbdConfig {
   // `listen`: TCP listeners, "host:port" each (e.g. "127.0.0.1:10809", "[::1]:10809"). Default
@@ -136,12 +167,119 @@ struct VolumeConfig {
   bool direct_io = false;
 };
 
+// How a WRITE waits for a peer (docs/ARCHITECTURE.md, "Modes").
+enum class PeerMode {
+  kAsync,  // a write completes in the primary's log; the peer follows
+  kSync,   // a write completes once it is in the peer's log too; a FLUSH once it is durable there
+};
+// "async", "sync".
+[[nodiscard]] std::string_view PeerModeName(PeerMode mode);
+
+// How batches are compressed on the wire (skipped per batch when it does not shrink).
+enum class Compression { kNone, kLz4, kZstd };
+// "none", "lz4", "zstd".
+[[nodiscard]] std::string_view CompressionName(Compression compression);
+
+// [[group.peer]]: another site that holds this group. The settings apply to the link from this
+// agent when it is the group's primary (a replica only answers the stream the primary opens), so
+// each site's config can describe the links it would drive after a switchover.
+struct PeerConfig {
+  // `site`: the peer's site, [a-z0-9-]{1,63}; not this agent's site; unique in the group. Required.
+  std::string site;
+  // `address`: "host:port" of the peer's [replication] listener; the host is an IP literal or a DNS
+  // name. Required.
+  ListenAddress address;
+  // `tls_name`: the name the peer's certificate must carry (CN or DNS SAN). Default: `site`.
+  std::string tls_name;
+  // `mode`: "sync" or "async". Default async.
+  PeerMode mode = PeerMode::kAsync;
+  // `rate_limit`: bytes per second sent to this peer (a size: "100MiB" = 100 MiB/s). 0 (default) =
+  // no limit.
+  uint64_t rate_limit_bytes_per_second = 0;
+  // `compression`: "none", "lz4" or "zstd". Default lz4.
+  Compression compression = Compression::kLz4;
+  // `sync_degrade_after_ms`: a sync peer disconnected this long leaves the sync set and writes
+  // complete without it (reported as degraded) until it catches up again. 0 (default) = never:
+  // writes wait for the peer. Only for mode = "sync".
+  uint32_t sync_degrade_after_ms = 0;
+};
+
 // [[group]]: a consistency group: one ordered log for all its volumes.
 struct GroupConfig {
   // `name`: [A-Za-z0-9_-]{1,63}, unique. Required.
   std::string name;
   // [[group.volume]]: at least one.
   std::vector<VolumeConfig> volumes;
+  // `primary`: the site that writes this group: this agent's site or one of `peers`. Required when
+  // the group has peers; defaults to this agent's site when it has none.
+  std::string primary;
+  // [[group.peer]]: the other sites that hold this group. Default none (a local-only group).
+  std::vector<PeerConfig> peers;
+
+  // Whether this agent is the group's primary (valid after Validate).
+  [[nodiscard]] bool IsPrimary(std::string_view own_site) const { return primary == own_site; }
+};
+
+// [tls]: the certificates of this agent's replication endpoints (server and client side). Required
+// when any group has peers, unless `insecure = true`.
+struct TlsConfig {
+  // `ca`: PEM file of the CA(s) that sign every agent's certificate (relative to state_dir).
+  std::filesystem::path ca;
+  // `cert`: PEM file of this agent's certificate chain; its CN or a DNS SAN is the identity peers
+  // see in their [[acl]] (relative to state_dir).
+  std::filesystem::path cert;
+  // `key`: PEM file of the private key of `cert` (relative to state_dir).
+  std::filesystem::path key;
+  // `insecure`: plain TCP without any authentication between agents. Default false. For tests and
+  // labs only; with it, ca/cert/key must not be set and [[acl]] identities must be "*".
+  bool insecure = false;
+
+  // Whether the replication endpoints use mutual TLS (valid after Validate).
+  [[nodiscard]] bool enabled() const { return !insecure && !ca.empty(); }
+};
+
+// [replication]: this agent's replication endpoint and the flow-control knobs of its outgoing
+// streams (docs/replication.md, "Flow control").
+struct ReplicationConfig {
+  // `listen`: "host:port" (IP literal) where peers connect. Required when any group has peers;
+  // must differ from every nbd.listen.
+  std::optional<ListenAddress> listen;
+  // `max_window` / `min_window`: bounds of the bytes in flight per peer (the window is 2 x rtt x
+  // delivery rate, clamped to them). Defaults 256 MiB and 4 MiB.
+  uint64_t max_window_bytes = 256ull << 20;
+  uint64_t min_window_bytes = 4ull << 20;
+  // `max_batch_bytes`: a batch is cut at this many uncompressed bytes. Default 4 MiB, at most
+  // 64 MiB and at most min_window (a full batch always fits the window).
+  uint64_t max_batch_bytes = 4ull << 20;
+  // `max_batch_delay_us`: while bytes are in flight, wait at most this long to fill a batch.
+  // Default 1000.
+  uint32_t max_batch_delay_us = 1000;
+  // `keepalive_ms`: a link silent this long is cut and redialled; heartbeats go out more often.
+  // Default 10000.
+  uint32_t keepalive_ms = 10000;
+  // `replica_sync_interval_ms`: as a replica, fsync received records at least this often even when
+  // the primary does not ask (async peers). Default 5.
+  uint32_t replica_sync_interval_ms = 5;
+};
+
+// [[acl]]: who may open a replication stream into this agent. A stream is accepted only if an entry
+// has the peer certificate's identity, the site the peer claims in its Hello, and the group.
+struct AclConfig {
+  // `identity`: a certificate CN or DNS SAN; "*" (kAnyIdentity) = any peer, only with
+  // tls.insecure. A named identity appears in one entry only: it maps to exactly one site.
+  // Required.
+  std::string identity;
+  // `site`: the site this identity may act as; a peer of the listed groups. Required.
+  std::string site;
+  // `groups`: the groups it may replicate into this agent, or ["*"] (kAnyGroup) for all of them.
+  // Required, non-empty.
+  std::vector<std::string> groups;
+};
+
+// [control]: the control API (gRPC) that tvillingctl uses.
+struct ControlConfig {
+  // `unix_socket`: its unix socket (relative to state_dir). Default "tvillingd.sock".
+  std::filesystem::path unix_socket = "tvillingd.sock";
 };
 
 struct Config {
@@ -152,12 +290,29 @@ struct Config {
   NbdConfig nbd;
   // [[group]]: at least one.
   std::vector<GroupConfig> groups;
+  TlsConfig tls;
+  ReplicationConfig replication;
+  // [[acl]]: default none (no stream is accepted).
+  std::vector<AclConfig> acl;
+  ControlConfig control;
+
+  // Whether any group has a peer, i.e. this agent replicates at all.
+  [[nodiscard]] bool HasPeers() const;
 };
+
+// Whether a peer may stream `group` into this agent: some [[acl]] entry names one of the peer's
+// certificate `identities` (CN and DNS SANs; none in insecure mode, where only "*" entries match),
+// has site == `claimed_site` (the Hello's sender site) and lists `group` (or "*"). Otherwise
+// PermissionDenied naming the identities, the site and the group.
+[[nodiscard]] absl::Status AuthorizePeer(const Config& config,
+                                         const std::vector<std::string>& identities,
+                                         std::string_view claimed_site, std::string_view group);
 
 // Checks every rule and fills defaults (state_dir, export names) and resolves relative paths
 // against the state directory. Reports every problem, not only the first, as one InvalidArgument.
 // ParseConfig calls this; call it yourself only for a Config built in code. Idempotent. Reads the
-// file system only to tell whether a volume without `size` is a block device.
+// file system only to tell whether a volume without `size` is a block device and whether the TLS
+// files are readable.
 [[nodiscard]] absl::Status Validate(Config& config);
 
 // Parses and validates TOML text. `file_name_for_errors` prefixes every message. A

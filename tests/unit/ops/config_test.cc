@@ -1,6 +1,7 @@
 // config_test.cc: tvillingd's config: every validation rule and its message (file name and key
 // path), sizes, listen addresses, unknown keys, parse errors with line:col, defaults, state-dir
-// resolution, and the example config shipped in deploy/examples.
+// resolution, the replication tables ([tls], [replication], [[group.peer]], [[acl]], [control]),
+// AuthorizePeer, and every example config shipped in deploy/examples.
 #include "agent/ops/config.h"
 
 #include <gmock/gmock.h>
@@ -9,6 +10,7 @@
 #include <unistd.h>
 
 #include <fstream>
+#include <map>
 #include <string>
 
 namespace tvilling::ops {
@@ -258,7 +260,8 @@ TEST(ConfigTest, UnknownKeysAreErrorsWithTheirPath) {
       ErrorOf(Append(kMinimal, "[agents]\n")),
       HasSubstr("test.toml:15:2: agents: unknown key \"agents\" (did you mean \"agent\"?)"));
   EXPECT_THAT(ErrorOf(Replace(kMinimal, "name = \"g0\"", "name = \"g0\"\ncolour = \"blue\"")),
-              HasSubstr("group[0].colour: unknown key \"colour\" (known keys here: name, volume)"));
+              HasSubstr("group[0].colour: unknown key \"colour\" (known keys here: name, volume, "
+                        "primary, peer)"));
   // Tables of later issues are unknown to this agent, not ignored.
   EXPECT_THAT(ErrorOf(Append(kMinimal, "[[peer]]\nsite = \"x\"\n")),
               HasSubstr("test.toml:15:3: peer: unknown key \"peer\""));
@@ -663,6 +666,718 @@ TEST(LoadConfigTest, ErrorsNameTheFile) {
   }
   EXPECT_THAT(std::string(LoadConfig(file).status().message()), HasSubstr("is larger than 1 MiB"));
   std::filesystem::remove_all(dir);
+}
+
+// ---- replication: [tls], [replication], [[group.peer]], [[acl]], [control] ----
+
+// Two sites, this agent (site-a) primary, insecure so that no files are needed. Line numbers
+// matter: tests below point at them.
+constexpr std::string_view kPair = R"([agent]
+site = "site-a"
+state_dir = "/srv/a"
+
+[nbd]
+listen = ["127.0.0.1:10809"]
+
+[tls]
+insecure = true
+
+[replication]
+listen = "127.0.0.1:7301"
+
+[[group]]
+name = "g0"
+primary = "site-a"
+
+[[group.volume]]
+name = "vol0"
+path = "vol0.img"
+size = "1GiB"
+
+[[group.peer]]
+site = "site-b"
+address = "127.0.0.1:7302"
+mode = "sync"
+
+[[acl]]
+identity = "*"
+site = "site-b"
+groups = ["g0"]
+)";
+
+// The same pair seen from this agent as g0's replica.
+std::string Replica() { return Replace(kPair, "primary = \"site-a\"", "primary = \"site-b\""); }
+
+constexpr std::string_view kCertPem =
+    "-----BEGIN CERTIFICATE-----\nMIIBdummy\n-----END CERTIFICATE-----\n";
+constexpr std::string_view kKeyPem =
+    "-----BEGIN PRIVATE KEY-----\nMIGHdummy\n-----END PRIVATE KEY-----\n";
+
+void WriteFile(const std::filesystem::path& file, std::string_view text) {
+  std::filesystem::create_directories(file.parent_path());
+  std::ofstream out(file, std::ios::trunc);
+  out << text;
+  ASSERT_TRUE(out.good()) << file;
+}
+
+// <dir>/pki/ca.pem and <site>.pem / <site>.key for each site, as deploy/pki/make-dev-pki.sh
+// lays them out (the content only needs to look like PEM for Validate).
+void WriteDummyPki(const std::filesystem::path& dir) {
+  WriteFile(dir / "pki/ca.pem", kCertPem);
+  for (std::string_view site : {"site-a", "site-b", "site-c"}) {
+    WriteFile(dir / "pki" / (std::string(site) + ".pem"), kCertPem);
+    WriteFile(dir / "pki" / (std::string(site) + ".key"), kKeyPem);
+  }
+}
+
+// kPair with mutual TLS files under `dir`/pki and the state dir `dir`/site-a.
+std::string WithTls(std::string_view text) {
+  return Replace(Replace(text, "insecure = true",
+                         "ca = \"../pki/ca.pem\"\ncert = \"../pki/site-a.pem\"\n"
+                         "key = \"../pki/site-a.key\""),
+                 "identity = \"*\"", "identity = \"site-b\"");
+}
+
+TEST(ReplicationConfigTest, PairGetsDefaults) {
+  absl::StatusOr<Config> config = Parse(kPair);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_TRUE(config->HasPeers());
+  EXPECT_TRUE(config->tls.insecure);
+  EXPECT_FALSE(config->tls.enabled());
+  ASSERT_TRUE(config->replication.listen.has_value());
+  EXPECT_EQ(*config->replication.listen, (ListenAddress{"127.0.0.1", 7301}));
+  EXPECT_EQ(config->replication.max_window_bytes, 256ull << 20);
+  EXPECT_EQ(config->replication.min_window_bytes, 4ull << 20);
+  EXPECT_EQ(config->replication.max_batch_bytes, 4ull << 20);
+  EXPECT_EQ(config->replication.max_batch_delay_us, 1000u);
+  EXPECT_EQ(config->replication.keepalive_ms, 10000u);
+  EXPECT_EQ(config->replication.replica_sync_interval_ms, 5u);
+  EXPECT_EQ(config->control.unix_socket, "/srv/a/tvillingd.sock");
+  const GroupConfig& group = config->groups[0];
+  EXPECT_EQ(group.primary, "site-a");
+  EXPECT_TRUE(group.IsPrimary("site-a"));
+  ASSERT_EQ(group.peers.size(), 1u);
+  const PeerConfig& peer = group.peers[0];
+  EXPECT_EQ(peer.site, "site-b");
+  EXPECT_EQ(peer.address, (ListenAddress{"127.0.0.1", 7302}));
+  EXPECT_EQ(peer.tls_name, "site-b");  // defaults to the site
+  EXPECT_EQ(peer.mode, PeerMode::kSync);
+  EXPECT_EQ(peer.rate_limit_bytes_per_second, 0u);
+  EXPECT_EQ(peer.compression, Compression::kLz4);
+  EXPECT_EQ(peer.sync_degrade_after_ms, 0u);
+  ASSERT_EQ(config->acl.size(), 1u);
+  EXPECT_EQ(config->acl[0].identity, "*");
+  EXPECT_EQ(config->acl[0].site, "site-b");
+  EXPECT_EQ(config->acl[0].groups, std::vector<std::string>{"g0"});
+  // The peer's mode defaults to async.
+  absl::StatusOr<Config> async = Parse(Replace(kPair, "mode = \"sync\"\n", ""));
+  ASSERT_TRUE(async.ok()) << async.status();
+  EXPECT_EQ(async->groups[0].peers[0].mode, PeerMode::kAsync);
+  EXPECT_EQ(PeerModeName(PeerMode::kSync), "sync");
+  EXPECT_EQ(CompressionName(Compression::kZstd), "zstd");
+}
+
+TEST(ReplicationConfigTest, SingleNodeNeedsNoneOfIt) {
+  absl::StatusOr<Config> config = Parse(kMinimal);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_FALSE(config->HasPeers());
+  EXPECT_FALSE(config->tls.enabled());
+  EXPECT_FALSE(config->tls.insecure);
+  EXPECT_FALSE(config->replication.listen.has_value());
+  EXPECT_TRUE(config->acl.empty());
+  EXPECT_EQ(config->groups[0].primary, "sto-1");  // a local-only group is this agent's
+  EXPECT_EQ(config->control.unix_socket, "/srv/t/tvillingd.sock");
+  // A primary named explicitly must be this agent.
+  EXPECT_TRUE(Parse(Replace(kMinimal, "name = \"g0\"", "name = \"g0\"\nprimary = \"sto-1\"")).ok());
+  EXPECT_THAT(ErrorOf(Replace(kMinimal, "name = \"g0\"", "name = \"g0\"\nprimary = \"sto-2\"")),
+              HasSubstr("test.toml:10:1: group[0].primary: \"sto-2\" is not this agent's site "
+                        "(\"sto-1\") and the group has no [[group.peer]]"));
+}
+
+TEST(ReplicationConfigTest, EveryKeyIsRead) {
+  const std::string dir = MakeTempDir();
+  WriteDummyPki(dir);
+  const std::string text = Append(
+      Replace(Replace(WithTls(kPair), "mode = \"sync\"",
+                      "mode = \"sync\"\ntls_name = \"b.example.net\"\nrate_limit = \"100MiB\"\n"
+                      "compression = \"zstd\"\nsync_degrade_after_ms = 30000"),
+              "listen = \"127.0.0.1:7301\"",
+              "listen = \"[::1]:7301\"\nmax_window = \"1GiB\"\nmin_window = \"8MiB\"\n"
+              "max_batch_bytes = \"2MiB\"\nmax_batch_delay_us = 0\nkeepalive_ms = 3000\n"
+              "replica_sync_interval_ms = 20"),
+      "[control]\nunix_socket = \"run/ctl.sock\"\n");
+  absl::StatusOr<Config> config = ParseConfig(text, "test.toml", dir + "/site-a");
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_TRUE(config->tls.enabled());
+  EXPECT_FALSE(config->tls.insecure);
+  EXPECT_EQ(config->tls.ca, dir + "/pki/ca.pem");  // relative to state_dir, normalized
+  EXPECT_EQ(config->tls.cert, dir + "/pki/site-a.pem");
+  EXPECT_EQ(config->tls.key, dir + "/pki/site-a.key");
+  EXPECT_EQ(config->replication.listen->ToString(), "[::1]:7301");
+  EXPECT_EQ(config->replication.max_window_bytes, 1ull << 30);
+  EXPECT_EQ(config->replication.min_window_bytes, 8ull << 20);
+  EXPECT_EQ(config->replication.max_batch_bytes, 2ull << 20);
+  EXPECT_EQ(config->replication.max_batch_delay_us, 0u);
+  EXPECT_EQ(config->replication.keepalive_ms, 3000u);
+  EXPECT_EQ(config->replication.replica_sync_interval_ms, 20u);
+  EXPECT_EQ(config->control.unix_socket, dir + "/site-a/run/ctl.sock");
+  const PeerConfig& peer = config->groups[0].peers[0];
+  EXPECT_EQ(peer.tls_name, "b.example.net");
+  EXPECT_EQ(peer.rate_limit_bytes_per_second, 100ull << 20);
+  EXPECT_EQ(peer.compression, Compression::kZstd);
+  EXPECT_EQ(peer.sync_degrade_after_ms, 30000u);
+  EXPECT_EQ(config->acl[0].identity, "site-b");
+  // Validate again on the result: idempotent.
+  Config again = *config;
+  ASSERT_TRUE(Validate(again).ok()) << Validate(again);
+  EXPECT_EQ(again.tls.ca, config->tls.ca);
+  EXPECT_EQ(again.control.unix_socket, config->control.unix_socket);
+  EXPECT_EQ(again.groups[0].peers[0].tls_name, "b.example.net");
+  std::filesystem::remove_all(dir);
+}
+
+TEST(ReplicationConfigTest, UnknownKeysInTheNewTables) {
+  EXPECT_THAT(ErrorOf(Replace(kPair, "mode = \"sync\"", "mode = \"sync\"\nmodes = 1")),
+              HasSubstr("test.toml:27:1: group[0].peer[0].modes: unknown key \"modes\" (did you "
+                        "mean \"mode\"?)"));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "insecure = true", "insecure = true\ncafile = \"x\"")),
+              HasSubstr("tls.cafile: unknown key"));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "listen = \"127.0.0.1:7301\"",
+                              "listen = \"127.0.0.1:7301\"\nwindow = \"1MiB\"")),
+              HasSubstr("replication.window: unknown key"));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "groups = [\"g0\"]", "groups = [\"g0\"]\ngroup = \"g0\"")),
+              HasSubstr("acl[0].group: unknown key \"group\" (did you mean \"groups\"?)"));
+  EXPECT_THAT(ErrorOf(Append(kPair, "[control]\nsocket = \"x\"\n")),
+              HasSubstr("control.socket: unknown key"));
+  EXPECT_THAT(ErrorOf(Append(kPair, "[acl]\nidentity = \"x\"\n")), HasSubstr("parse error"));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "[[acl]]", "[acl]")),
+              HasSubstr("acl: expected an array of tables ([[acl]]), got a table"));
+}
+
+TEST(ReplicationConfigTest, WrongTypes) {
+  EXPECT_THAT(ErrorOf(Replace(kPair, "insecure = true", "insecure = \"yes\"")),
+              HasSubstr("test.toml:9:1: tls.insecure: expected a boolean (true or false), got a "
+                        "string"));
+  EXPECT_THAT(
+      ErrorOf(Replace(kPair, "listen = \"127.0.0.1:7301\"", "listen = [\"127.0.0.1:7301\"]")),
+      HasSubstr("replication.listen: expected a string, got an array"));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "groups = [\"g0\"]", "groups = \"g0\"")),
+              HasSubstr("acl[0].groups: expected an array of strings, got a string"));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "mode = \"sync\"", "mode = \"sync\"\nrate_limit = \"1GB\"")),
+              HasSubstr("group[0].peer[0].rate_limit: invalid size \"1GB\""));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "mode = \"sync\"", "mode = \"sync\"\nrate_limit = -1")),
+              HasSubstr("group[0].peer[0].rate_limit: must not be negative"));
+}
+
+// ---- [tls] ----
+
+TEST(ReplicationConfigTest, PeersNeedTlsOrInsecure) {
+  const std::string message = ErrorOf(Replace(kPair, "[tls]\ninsecure = true\n", ""));
+  EXPECT_THAT(message,
+              HasSubstr("test.toml: tls: groups have peers but neither TLS nor insecure mode is "
+                        "configured: set tls.ca, tls.cert and tls.key (mutual TLS between agents), "
+                        "or tls.insecure = true"));
+  // insecure = false is the same as leaving it out.
+  EXPECT_THAT(ErrorOf(Replace(kPair, "insecure = true", "insecure = false")),
+              HasSubstr("test.toml:8:1: tls: groups have peers but neither TLS nor insecure"));
+}
+
+TEST(ReplicationConfigTest, TlsFilesAreResolvedAndChecked) {
+  const std::string dir = MakeTempDir();
+  WriteDummyPki(dir);
+  const std::string state_dir = dir + "/site-a";
+  auto error_of = [&](const std::string& text) {
+    absl::StatusOr<Config> config = ParseConfig(text, "test.toml", state_dir);
+    EXPECT_FALSE(config.ok()) << text;
+    return config.ok() ? std::string() : std::string(config.status().message());
+  };
+  const std::string tls = WithTls(kPair);
+  ASSERT_TRUE(ParseConfig(tls, "test.toml", state_dir).ok());
+
+  std::filesystem::remove(dir + "/pki/site-a.key");
+  EXPECT_THAT(error_of(tls), HasSubstr("test.toml:11:1: tls.key: cannot read \"" + dir +
+                                       "/pki/site-a.key\": No such file or directory"));
+  std::filesystem::create_directory(dir + "/pki/site-a.key");
+  EXPECT_THAT(error_of(tls), HasSubstr("tls.key: \"" + dir +
+                                       "/pki/site-a.key\" is not a regular "
+                                       "file"));
+  std::filesystem::remove(dir + "/pki/site-a.key");
+  // Swapped cert and key.
+  WriteFile(dir + "/pki/site-a.key", kCertPem);
+  WriteFile(dir + "/pki/site-a.pem", kKeyPem);
+  const std::string swapped = error_of(tls);
+  EXPECT_THAT(swapped, HasSubstr("test.toml:10:1: tls.cert: \"" + dir +
+                                 "/pki/site-a.pem\" holds no PEM certificate"));
+  EXPECT_THAT(swapped, HasSubstr("tls.key: \"" + dir +
+                                 "/pki/site-a.key\" holds no PEM private "
+                                 "key"));
+  WriteFile(dir + "/pki/site-a.pem", kCertPem);
+  WriteFile(dir + "/pki/site-a.key",
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nx\n-----END ENCRYPTED PRIVATE KEY-----\n");
+  EXPECT_THAT(error_of(tls), HasSubstr("tls.key: \"" + dir +
+                                       "/pki/site-a.key\" is an encrypted "
+                                       "private key; tvillingd needs it unencrypted"));
+  // Other PEM private key flavours are accepted.
+  WriteFile(dir + "/pki/site-a.key",
+            "-----BEGIN EC PRIVATE KEY-----\nx\n-----END EC PRIVATE KEY-----\n");
+  EXPECT_TRUE(ParseConfig(tls, "test.toml", state_dir).ok());
+
+  // All three are required once one is set.
+  const std::string partial = error_of(Replace(tls, "cert = \"../pki/site-a.pem\"\n", ""));
+  EXPECT_THAT(partial, HasSubstr("test.toml:8:1: tls.cert: required with TLS (PEM file of this "
+                                 "agent's certificate)"));
+  // Given files are checked even without peers.
+  EXPECT_THAT(error_of(Append(kMinimal, "[tls]\nca = \"nope.pem\"\n")),
+              HasSubstr("tls.ca: cannot read \"" + state_dir + "/nope.pem\""));
+  // insecure and files at once is ambiguous.
+  EXPECT_THAT(
+      error_of(Replace(tls, "[tls]", "[tls]\ninsecure = true")),
+      HasSubstr("tls.insecure: true turns TLS off, but tls.ca, tls.cert or tls.key is set"));
+  std::filesystem::remove_all(dir);
+}
+
+// ---- [replication] ----
+
+TEST(ReplicationConfigTest, ListenIsRequiredWithPeers) {
+  EXPECT_THAT(ErrorOf(Replace(kPair, "listen = \"127.0.0.1:7301\"\n", "")),
+              HasSubstr("test.toml:11:1: replication.listen: required when a group has peers: "
+                        "the \"host:port\" where peers connect"));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "\"127.0.0.1:7301\"", "\"localhost:7301\"")),
+              HasSubstr("test.toml:12:1: replication.listen: invalid listen address "
+                        "\"localhost:7301\""));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "\"127.0.0.1:7301\"", "\"127.0.0.1:10809\"")),
+              HasSubstr("replication.listen: \"127.0.0.1:10809\" is also nbd.listen[0]"));
+  // Without peers it may still be set (an agent waiting to be given groups).
+  EXPECT_TRUE(Parse(Append(kMinimal, "[replication]\nlisten = \"0.0.0.0:7301\"\n")).ok());
+}
+
+TEST(ReplicationConfigTest, TuningBounds) {
+  auto with = [](std::string_view more) {
+    return Replace(kPair, "listen = \"127.0.0.1:7301\"",
+                   "listen = \"127.0.0.1:7301\"\n" + std::string(more));
+  };
+  EXPECT_THAT(ErrorOf(with("min_window = \"512MiB\"")),
+              HasSubstr("test.toml:13:1: replication.min_window: must not exceed "
+                        "replication.max_window (256 MiB), got 512 MiB"));
+  EXPECT_THAT(ErrorOf(with("max_window = \"32GiB\"")),
+              HasSubstr("replication.max_window: must be between 64 KiB and 16 GiB, got 32 GiB"));
+  EXPECT_THAT(ErrorOf(with("min_window = 1024")),
+              HasSubstr("replication.min_window: must be between 64 KiB and 16 GiB, got 1 KiB"));
+  EXPECT_THAT(ErrorOf(with("max_batch_bytes = \"8MiB\"")),
+              HasSubstr("replication.max_batch_bytes: must not exceed replication.min_window "
+                        "(4 MiB), got 8 MiB"));
+  EXPECT_THAT(ErrorOf(with("max_batch_bytes = \"128MiB\"\nmin_window = \"256MiB\"")),
+              HasSubstr("replication.max_batch_bytes: must be between 4 KiB and 64 MiB, got "
+                        "128 MiB"));
+  EXPECT_THAT(ErrorOf(with("max_batch_delay_us = 2000000")),
+              HasSubstr("replication.max_batch_delay_us: must be 0..1000000 us, got 2000000"));
+  EXPECT_THAT(ErrorOf(with("keepalive_ms = 10")),
+              HasSubstr("replication.keepalive_ms: must be 100..600000 ms, got 10"));
+  EXPECT_THAT(ErrorOf(with("replica_sync_interval_ms = 0")),
+              HasSubstr("replication.replica_sync_interval_ms: must be 1..60000 ms, got 0"));
+  EXPECT_TRUE(Parse(with("min_window = \"64KiB\"\nmax_batch_bytes = \"64KiB\"")).ok());
+}
+
+// ---- [[group]] primary and [[group.peer]] ----
+
+TEST(ReplicationConfigTest, PrimaryRules) {
+  EXPECT_THAT(ErrorOf(Replace(kPair, "primary = \"site-a\"\n", "")),
+              HasSubstr("test.toml:14:1: group[0].primary: required when the group has peers: "
+                        "\"site-a\" (this agent) or one of \"site-b\""));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "primary = \"site-a\"", "primary = \"site-c\"")),
+              HasSubstr("test.toml:16:1: group[0].primary: \"site-c\" is neither this agent's "
+                        "site (\"site-a\") nor a peer of the group (\"site-b\")"));
+  absl::StatusOr<Config> replica = Parse(Replica());
+  ASSERT_TRUE(replica.ok()) << replica.status();
+  EXPECT_FALSE(replica->groups[0].IsPrimary("site-a"));
+  EXPECT_EQ(replica->groups[0].primary, "site-b");
+}
+
+TEST(ReplicationConfigTest, PeerSiteRules) {
+  EXPECT_THAT(ErrorOf(Replace(kPair, "site = \"site-b\"\naddress", "address")),
+              HasSubstr("test.toml:23:1: group[0].peer[0].site: required (the peer's site, as in "
+                        "its agent.site)"));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "site = \"site-b\"\naddress", "site = \"Site_B\"\naddress")),
+              HasSubstr("test.toml:24:1: group[0].peer[0].site: must be 1..63 characters of a-z, "
+                        "0-9 and '-', got \"Site_B\""));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "site = \"site-b\"\naddress", "site = \"site-a\"\naddress")),
+              HasSubstr("group[0].peer[0].site: \"site-a\" is this agent's own site (agent.site); "
+                        "list only the other sites"));
+  const std::string twice = Replace(
+      kPair, "mode = \"sync\"\n",
+      "mode = \"sync\"\n\n[[group.peer]]\nsite = \"site-b\"\naddress = \"10.0.0.2:7302\"\n");
+  EXPECT_THAT(ErrorOf(twice),
+              HasSubstr("test.toml:29:1: group[0].peer[1].site: duplicate peer site \"site-b\" "
+                        "(also at group[0].peer[0].site)"));
+  // The same site may be a peer of two groups.
+  const std::string two_groups =
+      Append(Replace(kPair, "groups = [\"g0\"]", "groups = [\"*\"]"),
+             "[[group]]\nname = \"g1\"\nprimary = \"site-a\"\n[[group.volume]]\nname = \"vol1\"\n"
+             "path = \"vol1.img\"\nsize = \"1GiB\"\n[[group.peer]]\nsite = \"site-b\"\n"
+             "address = \"127.0.0.1:7302\"\n");
+  EXPECT_TRUE(Parse(two_groups).ok()) << ErrorOf(two_groups);
+}
+
+TEST(ReplicationConfigTest, PeerAddressAndOptions) {
+  auto peer = [](std::string_view from, std::string_view to) { return Replace(kPair, from, to); };
+  EXPECT_THAT(ErrorOf(peer("address = \"127.0.0.1:7302\"\n", "")),
+              HasSubstr("group[0].peer[0].address: required: \"host:port\" of the peer's "
+                        "replication.listen"));
+  EXPECT_THAT(ErrorOf(peer("\"127.0.0.1:7302\"", "\"127.0.0.1\"")),
+              HasSubstr("test.toml:25:1: group[0].peer[0].address: invalid listen address "
+                        "\"127.0.0.1\": missing \":port\""));
+  EXPECT_THAT(ErrorOf(peer("\"127.0.0.1:7302\"", "\"site b:7302\"")),
+              HasSubstr("group[0].peer[0].address: invalid address \"site b:7302\": \"site b\" is "
+                        "neither an IP address nor a host name"));
+  absl::StatusOr<Config> named = Parse(peer("\"127.0.0.1:7302\"", "\"site-b.example.net:7302\""));
+  ASSERT_TRUE(named.ok()) << named.status();
+  EXPECT_EQ(named->groups[0].peers[0].address.ToString(), "site-b.example.net:7302");
+
+  EXPECT_THAT(ErrorOf(peer("mode = \"sync\"", "mode = \"SYNC\"")),
+              HasSubstr("test.toml:26:1: group[0].peer[0].mode: must be \"async\" or \"sync\", got "
+                        "\"SYNC\""));
+  EXPECT_THAT(ErrorOf(peer("mode = \"sync\"", "mode = \"sync\"\ncompression = \"gzip\"")),
+              HasSubstr("group[0].peer[0].compression: must be \"none\" or \"lz4\" or \"zstd\", "
+                        "got \"gzip\""));
+  EXPECT_THAT(ErrorOf(peer("mode = \"sync\"", "mode = \"sync\"\ntls_name = \"b_example\"")),
+              HasSubstr("group[0].peer[0].tls_name: must be a DNS name (letters, digits, '-', "
+                        "'.'), 1..253 characters, got \"b_example\""));
+  EXPECT_TRUE(Parse(peer("mode = \"sync\"", "mode = \"sync\"\ntls_name = \"*.example.net\"")).ok());
+  EXPECT_THAT(ErrorOf(peer("mode = \"sync\"", "mode = \"async\"\nsync_degrade_after_ms = 100")),
+              HasSubstr("group[0].peer[0].sync_degrade_after_ms: applies only to mode = \"sync\""));
+  EXPECT_THAT(
+      ErrorOf(peer("mode = \"sync\"", "mode = \"sync\"\nsync_degrade_after_ms = 100000000")),
+      HasSubstr("group[0].peer[0].sync_degrade_after_ms: must be 0..86400000 ms"));
+  absl::StatusOr<Config> none =
+      Parse(peer("mode = \"sync\"", "mode = \"sync\"\ncompression = \"none\"\nrate_limit = 1000"));
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_EQ(none->groups[0].peers[0].compression, Compression::kNone);
+  EXPECT_EQ(none->groups[0].peers[0].rate_limit_bytes_per_second, 1000u);
+}
+
+TEST(DialAddressTest, ParsesLiteralsAndHostNames) {
+  EXPECT_EQ(*ParseDialAddress("10.1.2.3:7301"), (ListenAddress{"10.1.2.3", 7301}));
+  EXPECT_EQ(*ParseDialAddress("[2001:db8::1]:7301"), (ListenAddress{"2001:db8::1", 7301}));
+  EXPECT_EQ(*ParseDialAddress("localhost:1"), (ListenAddress{"localhost", 1}));
+  EXPECT_EQ(*ParseDialAddress("B-1.example.net:65535"), (ListenAddress{"B-1.example.net", 65535}));
+  for (std::string_view bad : {"", "host", "host:", "host:0", "host:65536", "host:7x", ":7301",
+                               "-host:1", "host.:1", "a..b:1", "a_b:1", "2001:db8::1:7301",
+                               "[2001:db8::1:7301", "300.1.1.1:7301", "1.2.3:7301"}) {
+    EXPECT_FALSE(ParseDialAddress(bad).ok()) << bad;
+  }
+  EXPECT_THAT(std::string(ParseDialAddress("2001:db8::1:7301").status().message()),
+              HasSubstr("an IPv6 address must be in brackets"));
+  EXPECT_THAT(std::string(ParseDialAddress("300.1.1.1:7301").status().message()),
+              HasSubstr("\"300.1.1.1\" is not an IPv4 address"));
+  EXPECT_THAT(std::string(ParseDialAddress("host:0").status().message()),
+              HasSubstr("port must be 1..65535, got \"0\""));
+}
+
+// ---- [[acl]] ----
+
+TEST(AclConfigTest, ReplicaNeedsAnEntryForItsPrimary) {
+  const std::string no_acl = Replica().substr(0, Replica().find("[[acl]]"));
+  EXPECT_THAT(ErrorOf(no_acl),
+              HasSubstr("test.toml:16:1: group[0].primary: this agent is a replica of group "
+                        "\"g0\" but no [[acl]] entry lets site \"site-b\" replicate it: add one "
+                        "with identity = <CN of site-b's certificate>, site = \"site-b\", groups = "
+                        "[\"g0\"]"));
+  // An entry for another group does not count; "*" does.
+  const std::string two_groups =
+      Append(Replace(Replica(), "groups = [\"g0\"]", "groups = [\"g1\"]"),
+             "[[group]]\nname = \"g1\"\nprimary = \"site-a\"\n[[group.volume]]\nname = \"vol1\"\n"
+             "path = \"vol1.img\"\nsize = \"1GiB\"\n[[group.peer]]\nsite = \"site-b\"\n"
+             "address = \"127.0.0.1:7302\"\n");
+  EXPECT_THAT(ErrorOf(two_groups), HasSubstr("this agent is a replica of group \"g0\""));
+  EXPECT_TRUE(Parse(Replace(two_groups, "groups = [\"g1\"]", "groups = [\"*\"]")).ok());
+  // The primary itself needs none.
+  EXPECT_TRUE(Parse(kPair.substr(0, kPair.find("[[acl]]"))).ok());
+}
+
+TEST(AclConfigTest, IdentityRules) {
+  EXPECT_THAT(ErrorOf(Replace(kPair, "identity = \"*\"\n", "")),
+              HasSubstr("test.toml:28:1: acl[0].identity: required (the CN or a DNS SAN of the "
+                        "peer's certificate, or \"*\" with tls.insecure)"));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "identity = \"*\"", "identity = \"site-b\"")),
+              HasSubstr("test.toml:29:1: acl[0].identity: \"site-b\" can never match: with "
+                        "tls.insecure = true peers have no certificate; use identity = \"*\""));
+
+  const std::string dir = MakeTempDir();
+  WriteDummyPki(dir);
+  auto tls_error = [&](const std::string& text) {
+    absl::StatusOr<Config> config = ParseConfig(text, "test.toml", dir + "/site-a");
+    EXPECT_FALSE(config.ok()) << text;
+    return config.ok() ? std::string() : std::string(config.status().message());
+  };
+  const std::string tls = WithTls(kPair);
+  ASSERT_TRUE(ParseConfig(tls, "test.toml", dir + "/site-a").ok());
+  EXPECT_THAT(tls_error(Replace(tls, "identity = \"site-b\"", "identity = \"*\"")),
+              HasSubstr("acl[0].identity: \"*\" (any peer) is accepted only with tls.insecure = "
+                        "true; name the CN or a DNS SAN of the peer's certificate"));
+  EXPECT_THAT(tls_error(Replace(tls, "identity = \"site-b\"", "identity = \"site b\"")),
+              HasSubstr("acl[0].identity: must be printable ASCII without spaces, got \"site b\""));
+  // One identity, one site: a second entry for the same certificate is refused.
+  const std::string again = Append(tls,
+                                   "\n[[acl]]\nidentity = \"site-b\"\nsite = \"site-c\"\n"
+                                   "groups = [\"g0\"]\n");
+  EXPECT_THAT(tls_error(again),
+              HasSubstr("test.toml:36:1: acl[1].identity: duplicate acl identity \"site-b\" (also "
+                        "at acl[0].identity): an identity acts as exactly one site"));
+  std::filesystem::remove_all(dir);
+
+  // Insecure: "*" may appear once per site.
+  const std::string star_twice = Append(kPair,
+                                        "[[acl]]\nidentity = \"*\"\nsite = \"site-b\"\n"
+                                        "groups = [\"g0\"]\n");
+  EXPECT_THAT(ErrorOf(star_twice),
+              HasSubstr("acl[1].site: duplicate site for identity \"*\" \"site-b\" (also at "
+                        "acl[0].site)"));
+}
+
+TEST(AclConfigTest, SiteAndGroupRules) {
+  EXPECT_THAT(ErrorOf(Replace(kPair, "site = \"site-b\"\ngroups", "groups")),
+              HasSubstr("acl[0].site: required (the site this identity may act as)"));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "site = \"site-b\"\ngroups", "site = \"B\"\ngroups")),
+              HasSubstr("test.toml:30:1: acl[0].site: must be 1..63 characters of a-z, 0-9 and "
+                        "'-', got \"B\""));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "site = \"site-b\"\ngroups", "site = \"site-a\"\ngroups")),
+              HasSubstr("acl[0].site: \"site-a\" is this agent's own site"));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "groups = [\"g0\"]\n", "")),
+              HasSubstr("acl[0].groups: required: the groups this identity may replicate, e.g. "
+                        "[\"g0\"], or [\"*\"]"));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "groups = [\"g0\"]", "groups = []")),
+              HasSubstr("test.toml:31:1: acl[0].groups: required"));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "groups = [\"g0\"]", "groups = [\"g0\", \"g9\"]")),
+              HasSubstr("test.toml:31:"));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "groups = [\"g0\"]", "groups = [\"g0\", \"g9\"]")),
+              HasSubstr("acl[0].groups[1]: unknown group \"g9\" (groups of this agent: g0)"));
+  EXPECT_THAT(ErrorOf(Replace(kPair, "groups = [\"g0\"]", "groups = [\"g0\", \"*\"]")),
+              HasSubstr("acl[0].groups[1]: \"*\" means every group and must be the only element"));
+  // The site must be a peer of what it may replicate: a typo in either is caught.
+  EXPECT_THAT(ErrorOf(Replace(kPair, "site = \"site-b\"\ngroups", "site = \"site-x\"\ngroups")),
+              HasSubstr("acl[0].groups[0]: site \"site-x\" is not a peer of group \"g0\""));
+  EXPECT_THAT(
+      ErrorOf(Replace(Replace(kPair, "site = \"site-b\"\ngroups", "site = \"site-x\"\ngroups"),
+                      "[\"g0\"]", "[\"*\"]")),
+      HasSubstr("acl[0].site: \"site-x\" is not a peer of any group"));
+  EXPECT_TRUE(Parse(Replace(kPair, "[\"g0\"]", "[\"*\"]")).ok());
+}
+
+TEST(AclConfigTest, AuthorizePeer) {
+  const std::string dir = MakeTempDir();
+  WriteDummyPki(dir);
+  // site-b (this agent) replica of g0 and g1 from site-a; site-c may replicate g1 only.
+  const std::string text = R"([agent]
+site = "site-b"
+[nbd]
+listen = ["127.0.0.1:10909"]
+[tls]
+ca = "../pki/ca.pem"
+cert = "../pki/site-b.pem"
+key = "../pki/site-b.key"
+[replication]
+listen = "127.0.0.1:7302"
+[[group]]
+name = "g0"
+primary = "site-a"
+[[group.volume]]
+name = "vol0"
+path = "vol0.img"
+size = "1GiB"
+[[group.peer]]
+site = "site-a"
+address = "127.0.0.1:7301"
+[[group]]
+name = "g1"
+primary = "site-c"
+[[group.volume]]
+name = "vol1"
+path = "vol1.img"
+size = "1GiB"
+[[group.peer]]
+site = "site-a"
+address = "127.0.0.1:7301"
+[[group.peer]]
+site = "site-c"
+address = "127.0.0.1:7303"
+[[acl]]
+identity = "site-a.example.net"
+site = "site-a"
+groups = ["*"]
+[[acl]]
+identity = "site-c"
+site = "site-c"
+groups = ["g1"]
+)";
+  absl::StatusOr<Config> config = ParseConfig(text, "test.toml", dir + "/site-b");
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_TRUE(AuthorizePeer(*config, {"site-a.example.net"}, "site-a", "g0").ok());
+  EXPECT_TRUE(AuthorizePeer(*config, {"x", "site-a.example.net"}, "site-a", "g1").ok());
+  EXPECT_TRUE(AuthorizePeer(*config, {"site-c"}, "site-c", "g1").ok());
+
+  // Tenant site-c cannot write g0, nor pose as site-a.
+  absl::Status status = AuthorizePeer(*config, {"site-c"}, "site-c", "g0");
+  EXPECT_EQ(status.code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(std::string(status.message()),
+              HasSubstr("not authorised: site \"site-c\" (identity \"site-c\") may not replicate "
+                        "group \"g0\" (its [[acl]] allows: g1)"));
+  status = AuthorizePeer(*config, {"site-c"}, "site-a", "g0");
+  EXPECT_EQ(status.code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(std::string(status.message()),
+              HasSubstr("not authorised: identity \"site-c\" may act as site \"site-c\" only, not "
+                        "\"site-a\""));
+  status = AuthorizePeer(*config, {"mallory"}, "site-a", "g0");
+  EXPECT_THAT(std::string(status.message()),
+              HasSubstr("not authorised: no [[acl]] entry for identity \"mallory\" (claiming site "
+                        "\"site-a\", group \"g0\")"));
+  EXPECT_THAT(std::string(AuthorizePeer(*config, {}, "site-a", "g0").message()),
+              HasSubstr("identity (no certificate)"));
+
+  // Insecure mode: "*" entries match without a certificate, still bound to their site and groups.
+  absl::StatusOr<Config> insecure = Parse(kPair);
+  ASSERT_TRUE(insecure.ok()) << insecure.status();
+  EXPECT_TRUE(AuthorizePeer(*insecure, {}, "site-b", "g0").ok());
+  EXPECT_FALSE(AuthorizePeer(*insecure, {}, "site-c", "g0").ok());
+  EXPECT_FALSE(AuthorizePeer(*insecure, {}, "site-b", "g1").ok());
+  // A "*" entry built in code never matches with TLS on.
+  Config widened = *config;
+  widened.acl.push_back(AclConfig{"*", "site-c", {"*"}});
+  EXPECT_FALSE(AuthorizePeer(widened, {"anyone"}, "site-c", "g0").ok());
+  std::filesystem::remove_all(dir);
+}
+
+// ---- [control] ----
+
+TEST(ReplicationConfigTest, ControlSocket) {
+  absl::StatusOr<Config> absolute =
+      Parse(Append(kMinimal, "[control]\nunix_socket = \"/run/tvilling/ctl.sock\"\n"));
+  ASSERT_TRUE(absolute.ok()) << absolute.status();
+  EXPECT_EQ(absolute->control.unix_socket, "/run/tvilling/ctl.sock");
+  EXPECT_THAT(ErrorOf(Append(kMinimal, "[control]\nunix_socket = \"\"\n")),
+              HasSubstr("test.toml:16:1: control.unix_socket: must not be empty"));
+  EXPECT_THAT(
+      ErrorOf(Append(kMinimal, "[control]\nunix_socket = \"" + std::string(120, 'x') + "\"\n")),
+      HasSubstr("control.unix_socket: \"/srv/t/xxxx"));
+  EXPECT_THAT(
+      ErrorOf(Append(kMinimal, "[control]\nunix_socket = \"" + std::string(120, 'x') + "\"\n")),
+      HasSubstr("a unix socket path must be at most 107 bytes"));
+  EXPECT_THAT(ErrorOf(Replace(kMinimal, "[nbd]", "[nbd]\nunix_sockets = [\"tvillingd.sock\"]")),
+              HasSubstr("control.unix_socket: \"/srv/t/tvillingd.sock\" is also "
+                        "nbd.unix_sockets[0]"));
+}
+
+// ---- the shipped replication examples ----
+
+// Loads `relative` (under deploy/examples) with the state dir <root>/<site> and the PKI at
+// <root>/pki, as the quick start lays them out.
+absl::StatusOr<Config> LoadExample(const std::string& root, std::string_view relative,
+                                   std::string_view site) {
+  return LoadConfig(std::filesystem::path(TVILLING_SOURCE_DIR) / "deploy/examples" / relative,
+                    std::filesystem::path(root) / site);
+}
+
+TEST(LoadConfigTest, EveryExampleConfigLoads) {
+  const std::string root = MakeTempDir();
+  WriteDummyPki(root);
+  const std::filesystem::path examples =
+      std::filesystem::path(TVILLING_SOURCE_DIR) / "deploy/examples";
+  size_t loaded = 0;
+  for (const auto& entry : std::filesystem::recursive_directory_iterator(examples)) {
+    if (entry.path().extension() != ".toml") continue;
+    // Read the site first, to give each agent its own state dir next to the PKI.
+    absl::StatusOr<Config> config = LoadConfig(entry.path(), root + "/any");
+    if (config.ok()) config = LoadConfig(entry.path(), root + "/" + config->agent.site);
+    EXPECT_TRUE(config.ok()) << entry.path() << ": " << config.status();
+    ++loaded;
+  }
+  EXPECT_GE(loaded, 6u);  // single-node, site-a, site-b, three-sites/{a,b,c}
+  std::filesystem::remove_all(root);
+}
+
+TEST(LoadConfigTest, TwoSiteExamplesMatchEachOther) {
+  const std::string root = MakeTempDir();
+  WriteDummyPki(root);
+  absl::StatusOr<Config> a = LoadExample(root, "site-a.toml", "site-a");
+  absl::StatusOr<Config> b = LoadExample(root, "site-b.toml", "site-b");
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(a->agent.site, "site-a");
+  EXPECT_EQ(b->agent.site, "site-b");
+  EXPECT_TRUE(a->tls.enabled());
+  EXPECT_EQ(a->tls.ca, root + "/pki/ca.pem");
+  EXPECT_EQ(a->tls.cert, root + "/pki/site-a.pem");
+  EXPECT_EQ(b->tls.key, root + "/pki/site-b.key");
+  EXPECT_EQ(a->nbd.listen[0].ToString(), "127.0.0.1:10809");
+  EXPECT_EQ(b->nbd.listen[0].ToString(), "127.0.0.1:10909");
+  EXPECT_EQ(a->replication.listen->ToString(), "127.0.0.1:7301");
+  EXPECT_EQ(b->replication.listen->ToString(), "127.0.0.1:7302");
+  EXPECT_EQ(a->control.unix_socket, root + "/site-a/tvillingd.sock");
+  ASSERT_EQ(a->groups.size(), 1u);
+  ASSERT_EQ(b->groups.size(), 1u);
+  const GroupConfig& ga = a->groups[0];
+  const GroupConfig& gb = b->groups[0];
+  EXPECT_EQ(ga.name, "g0");
+  EXPECT_EQ(gb.name, "g0");
+  EXPECT_TRUE(ga.IsPrimary("site-a"));
+  EXPECT_FALSE(gb.IsPrimary("site-b"));
+  EXPECT_EQ(gb.primary, "site-a");
+  // Same volume on both sides.
+  ASSERT_EQ(ga.volumes.size(), 1u);
+  ASSERT_EQ(gb.volumes.size(), 1u);
+  EXPECT_EQ(ga.volumes[0].name, "vol0");
+  EXPECT_EQ(gb.volumes[0].name, "vol0");
+  EXPECT_EQ(ga.volumes[0].size_bytes, 1ull << 30);
+  EXPECT_EQ(gb.volumes[0].size_bytes, ga.volumes[0].size_bytes);
+  // Each dials the other's listener, in sync mode.
+  ASSERT_EQ(ga.peers.size(), 1u);
+  ASSERT_EQ(gb.peers.size(), 1u);
+  EXPECT_EQ(ga.peers[0].site, "site-b");
+  EXPECT_EQ(ga.peers[0].address, *b->replication.listen);
+  EXPECT_EQ(ga.peers[0].mode, PeerMode::kSync);
+  EXPECT_EQ(gb.peers[0].site, "site-a");
+  EXPECT_EQ(gb.peers[0].address, *a->replication.listen);
+  // site-b lets site-a's certificate (CN site-a) replicate g0; a and b let nothing else in.
+  EXPECT_TRUE(AuthorizePeer(*b, {"site-a"}, "site-a", "g0").ok());
+  EXPECT_FALSE(AuthorizePeer(*b, {"site-c"}, "site-a", "g0").ok());
+  EXPECT_TRUE(AuthorizePeer(*a, {"site-b"}, "site-b", "g0").ok());
+  EXPECT_FALSE(AuthorizePeer(*a, {"site-a"}, "site-a", "g0").ok());
+  std::filesystem::remove_all(root);
+}
+
+TEST(LoadConfigTest, ThreeSiteExamplesMatchEachOther) {
+  const std::string root = MakeTempDir();
+  WriteDummyPki(root);
+  const std::pair<std::string_view, std::string_view> files[] = {{"three-sites/a.toml", "site-a"},
+                                                                 {"three-sites/b.toml", "site-b"},
+                                                                 {"three-sites/c.toml", "site-c"}};
+  std::map<std::string, Config> by_site;
+  for (const auto& [file, site] : files) {
+    absl::StatusOr<Config> config = LoadExample(root, file, site);
+    ASSERT_TRUE(config.ok()) << file << ": " << config.status();
+    EXPECT_EQ(config->agent.site, site);
+    by_site.emplace(std::string(site), *config);
+  }
+  EXPECT_EQ(by_site["site-c"].nbd.listen[0].ToString(), "127.0.0.1:11009");
+  EXPECT_EQ(by_site["site-c"].replication.listen->ToString(), "127.0.0.1:7303");
+  for (const auto& [site, config] : by_site) {
+    ASSERT_EQ(config.groups.size(), 1u);
+    const GroupConfig& group = config.groups[0];
+    EXPECT_EQ(group.primary, "site-a") << site;
+    ASSERT_EQ(group.peers.size(), 2u) << site;
+    for (const PeerConfig& peer : group.peers) {
+      // Every peer address is that site's listener, and every peer is let in.
+      EXPECT_EQ(peer.address, *by_site[peer.site].replication.listen)
+          << site << " -> " << peer.site;
+      EXPECT_TRUE(AuthorizePeer(config, {peer.site}, peer.site, "g0").ok())
+          << site << " <- " << peer.site;
+    }
+  }
+  const GroupConfig& primary = by_site["site-a"].groups[0];
+  EXPECT_EQ(primary.peers[0].site, "site-b");
+  EXPECT_EQ(primary.peers[0].mode, PeerMode::kSync);
+  EXPECT_EQ(primary.peers[1].site, "site-c");
+  EXPECT_EQ(primary.peers[1].mode, PeerMode::kAsync);
+  std::filesystem::remove_all(root);
 }
 
 }  // namespace
