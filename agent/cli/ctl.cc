@@ -1,0 +1,275 @@
+// ctl.cc: tvillingctl's command line (CLI11), its Control client (gRPC on the agent's unix socket)
+// and the human and JSON forms of `status`. Nothing here throws out: CLI11 reports by exception,
+// and every exception is caught in RunTvillingctl.
+#include "agent/cli/ctl.h"
+
+#include <fmt/format.h>
+#include <google/protobuf/util/json_util.h>
+#include <grpcpp/grpcpp.h>
+#include <sys/stat.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <vector>
+
+#include "tvilling/v1/control.grpc.pb.h"
+
+namespace tvilling::cli {
+namespace {
+
+// Left-aligned columns separated by two spaces; trailing spaces trimmed.
+class Table {
+ public:
+  void Add(std::vector<std::string> row) { rows_.push_back(std::move(row)); }
+
+  void Print(std::string& out, std::string_view indent) const {
+    std::vector<size_t> widths;
+    for (const auto& row : rows_) {
+      if (widths.size() < row.size()) widths.resize(row.size(), 0);
+      for (size_t i = 0; i < row.size(); ++i) widths[i] = std::max(widths[i], row[i].size());
+    }
+    for (const auto& row : rows_) {
+      std::string line(indent);
+      for (size_t i = 0; i < row.size(); ++i) {
+        line += row[i];
+        if (i + 1 < row.size()) line.append(widths[i] - row[i].size() + 2, ' ');
+      }
+      while (!line.empty() && line.back() == ' ') line.pop_back();
+      out += line;
+      out += '\n';
+    }
+  }
+
+ private:
+  std::vector<std::vector<std::string>> rows_;
+};
+
+std::string YesNo(bool value) { return value ? "yes" : "no"; }
+
+std::string Or(const std::string& value, std::string_view fallback) {
+  return value.empty() ? std::string(fallback) : value;
+}
+
+std::string PeerState(const v1::PeerStatus& peer) {
+  if (peer.degraded()) return "degraded";
+  if (peer.in_sync_set()) return "in-sync-set";
+  return "-";
+}
+
+std::string CopyProgress(const v1::PeerStatus& peer) {
+  if (peer.copy_total_bytes() == 0) return "-";
+  const uint64_t done = std::min(peer.copy_done_bytes(), peer.copy_total_bytes());
+  return fmt::format(
+      "{:.1f}% ({} of {})",
+      100.0 * static_cast<double>(done) / static_cast<double>(peer.copy_total_bytes()),
+      FormatBytesIec(done), FormatBytesIec(peer.copy_total_bytes()));
+}
+
+// Exit code and message for a socket that is missing or is not a socket, before gRPC tries it
+// (gRPC's own message for these is "connect failed", which says less).
+std::string CheckSocket(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    return fmt::format(
+        "cannot reach tvillingd: no socket at {} ({}); is tvillingd running? "
+        "(--socket PATH or --state-dir DIR selects another agent)",
+        path, std::strerror(errno));
+  }
+  if (!S_ISSOCK(st.st_mode)) {
+    return fmt::format("cannot reach tvillingd: {} is not a unix socket", path);
+  }
+  return "";
+}
+
+int Status(const std::string& socket, std::chrono::milliseconds timeout, bool json,
+           std::ostream& out, std::ostream& err) {
+  if (std::string problem = CheckSocket(socket); !problem.empty()) {
+    err << "tvillingctl: " << problem << '\n';
+    return kExitUnreachable;
+  }
+  std::shared_ptr<grpc::Channel> channel =
+      grpc::CreateChannel("unix:" + socket, grpc::InsecureChannelCredentials());
+  std::unique_ptr<v1::Control::Stub> stub = v1::Control::NewStub(channel);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + timeout);
+  v1::StatusReply reply;
+  const grpc::Status status = stub->Status(&context, v1::StatusRequest(), &reply);
+  if (!status.ok()) {
+    const bool unreachable = status.error_code() == grpc::StatusCode::UNAVAILABLE ||
+                             status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
+    if (unreachable) {
+      err << fmt::format("tvillingctl: cannot reach tvillingd at unix socket {}: {}\n", socket,
+                         status.error_message());
+    } else {
+      err << fmt::format(
+          "tvillingctl: tvillingd at unix socket {} refused Status: {} (gRPC code "
+          "{})\n",
+          socket, status.error_message(), static_cast<int>(status.error_code()));
+    }
+    return kExitUnreachable;
+  }
+  if (json) {
+    absl::StatusOr<std::string> text = FormatStatusJson(reply);
+    if (!text.ok()) {
+      err << "tvillingctl: " << text.status().message() << '\n';
+      return kExitUnreachable;
+    }
+    out << *text << '\n';
+  } else {
+    out << FormatStatusText(reply);
+  }
+  out.flush();
+  return out.good() ? kExitOk : kExitUnreachable;
+}
+
+}  // namespace
+
+std::string FormatBytesIec(uint64_t bytes) {
+  if (bytes < 1024) return fmt::format("{} B", bytes);
+  static constexpr std::string_view kUnits[] = {"KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+  double value = static_cast<double>(bytes) / 1024.0;
+  size_t unit = 0;
+  // Round first, so that 1023.96 KiB prints as 1.0 MiB rather than 1024.0 KiB.
+  while (value * 10.0 + 0.5 >= 1024.0 * 10.0 && unit + 1 < std::size(kUnits)) {
+    value /= 1024.0;
+    ++unit;
+  }
+  return fmt::format("{:.1f} {}", value, kUnits[unit]);
+}
+
+std::string FormatMicros(uint64_t micros) {
+  if (micros < 1000) return fmt::format("{}us", micros);
+  if (micros < 1'000'000) return fmt::format("{:.1f}ms", static_cast<double>(micros) / 1e3);
+  return fmt::format("{:.2f}s", static_cast<double>(micros) / 1e6);
+}
+
+std::string FormatUptime(uint64_t seconds) {
+  const uint64_t days = seconds / 86400;
+  const uint64_t hours = seconds / 3600 % 24;
+  const uint64_t minutes = seconds / 60 % 60;
+  const uint64_t secs = seconds % 60;
+  if (days > 0) return fmt::format("{}d{:02}h{:02}m", days, hours, minutes);
+  if (hours > 0) return fmt::format("{}h{:02}m{:02}s", hours, minutes, secs);
+  if (minutes > 0) return fmt::format("{}m{:02}s", minutes, secs);
+  return fmt::format("{}s", secs);
+}
+
+std::string FormatStatusText(const v1::StatusReply& reply) {
+  std::string out;
+  const v1::AgentInfo& agent = reply.agent();
+  out += fmt::format("agent {}  version {}  up {}\n", Or(agent.site(), "?"),
+                     Or(agent.version(), "?"), FormatUptime(agent.uptime_s()));
+  if (reply.groups().empty()) out += "no groups\n";
+  for (const v1::GroupStatus& group : reply.groups()) {
+    out += fmt::format("\n{} role:{} epoch:{} consistent:{}\n", group.name(), Or(group.role(), "?"),
+                       group.epoch(), YesNo(group.consistent()));
+    Table lsns;
+    lsns.Add({"LAST-LSN", "DURABLE", "APPLIED", "WRITE-RELEASED", "FLUSH-RELEASED"});
+    lsns.Add({std::to_string(group.last_lsn()), std::to_string(group.durable_lsn()),
+              std::to_string(group.applied_lsn()), std::to_string(group.write_released()),
+              std::to_string(group.flush_released())});
+    lsns.Print(out, "  ");
+    if (group.peers().empty()) {
+      out += "  no peers\n";
+      continue;
+    }
+    Table peers;
+    peers.Add({"PEER", "MODE", "LINK", "RECEIVED", "DURABLE", "APPLIED", "STATE", "LAG-LSNS", "LAG",
+               "LAG-S", "RTT", "WINDOW", "IN-FLIGHT", "COPY"});
+    for (const v1::PeerStatus& peer : group.peers()) {
+      peers.Add({peer.peer(), Or(peer.mode(), "?"), Or(peer.link_state(), "?"),
+                 std::to_string(peer.received_lsn()), std::to_string(peer.durable_lsn()),
+                 std::to_string(peer.applied_lsn()), PeerState(peer),
+                 std::to_string(peer.lag_lsns()), FormatBytesIec(peer.lag_bytes()),
+                 fmt::format("{:.3f}", peer.lag_seconds()),
+                 peer.rtt_us() == 0 ? "-" : FormatMicros(peer.rtt_us()),
+                 FormatBytesIec(peer.window_bytes()), FormatBytesIec(peer.inflight_bytes()),
+                 CopyProgress(peer)});
+    }
+    peers.Print(out, "  ");
+    for (const v1::PeerStatus& peer : group.peers()) {
+      if (!peer.last_error().empty()) {
+        out += fmt::format("  {}: last error: {}\n", peer.peer(), peer.last_error());
+      }
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<std::string> FormatStatusJson(const v1::StatusReply& reply) {
+  // `agent` is a message field, which proto3 JSON omits when unset; keep the shape fixed.
+  v1::StatusReply copy = reply;
+  copy.mutable_agent();
+  google::protobuf::util::JsonPrintOptions options;
+  options.preserve_proto_field_names = true;
+  options.always_print_primitive_fields = true;
+  options.add_whitespace = false;
+  std::string text;
+  const auto status = google::protobuf::util::MessageToJsonString(copy, &text, options);
+  if (!status.ok()) {
+    return absl::InternalError(
+        fmt::format("cannot print the status as JSON: {}", std::string(status.message())));
+  }
+  return text;
+}
+
+int RunTvillingctl(int argc, const char* const* argv, std::ostream& out, std::ostream& err) {
+  try {
+    CLI::App app{"tvillingctl: the operator's CLI of a local tvillingd (its control socket).",
+                 "tvillingctl"};
+    std::string socket;
+    std::string state_dir;
+    double timeout_s = 5;
+    CLI::Option* socket_option =
+        app.add_option("--socket", socket,
+                       fmt::format("the agent's control socket ([control] unix_socket); default {}",
+                                   kDefaultSocket))
+            ->type_name("PATH");
+    CLI::Option* state_dir_option =
+        app.add_option("--state-dir", state_dir,
+                       fmt::format("the agent's state directory: use DIR/{}", kSocketName))
+            ->type_name("DIR");
+    socket_option->excludes(state_dir_option);
+    app.add_option("--timeout", timeout_s, "seconds to wait for the agent (default 5)")
+        ->type_name("SECONDS")
+        ->check(CLI::Range(0.001, 3600.0));
+#ifdef TVILLING_VERSION
+    app.set_version_flag("--version", TVILLING_VERSION);
+#endif
+    bool json = false;
+    CLI::App* status = app.add_subcommand("status", "the agent, its groups and their peers");
+    status->add_flag("--json", json, "print JSON (docs/tvillingctl.md) instead of tables");
+    app.require_subcommand(1);
+    try {
+      app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+      const int code = app.exit(e, out, err);
+      return code == 0 ? kExitOk : kExitUsage;
+    }
+
+    std::filesystem::path path;
+    if (!socket.empty()) {
+      path = socket;
+    } else if (!state_dir.empty()) {
+      path = std::filesystem::path(state_dir) / kSocketName;
+    } else {
+      path = kDefaultSocket;
+    }
+    std::error_code ec;
+    std::filesystem::path absolute = std::filesystem::absolute(path, ec);
+    if (!ec) path = absolute.lexically_normal();
+    const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
+    if (status->parsed()) return Status(path.string(), timeout, json, out, err);
+    err << "tvillingctl: no command\n";
+    return kExitUsage;
+  } catch (const std::exception& e) {
+    err << "tvillingctl: " << e.what() << '\n';
+    return kExitUnreachable;
+  }
+}
+
+}  // namespace tvilling::cli

@@ -1,0 +1,308 @@
+// tvillingctl_test.cc: tvillingctl against a tiny in-process Control server on a temporary unix
+// socket that returns a fixed StatusReply: the table form, the JSON form (round trip and exact
+// shape), socket selection (--socket, --state-dir), the exit codes (0 ok, 1 unreachable or
+// refused, 2 usage) and the number formats. The real status comes from the node; this tests the
+// CLI.
+#include <gmock/gmock.h>
+#include <google/protobuf/util/json_util.h>
+#include <google/protobuf/util/message_differencer.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "agent/cli/ctl.h"
+#include "tvilling/v1/control.grpc.pb.h"
+
+namespace tvilling::cli {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+v1::StatusReply FixedReply() {
+  v1::StatusReply reply;
+  v1::AgentInfo* agent = reply.mutable_agent();
+  agent->set_site("site-a");
+  agent->set_version("0.1.0");
+  agent->set_uptime_s(7384);
+
+  v1::GroupStatus* g0 = reply.add_groups();
+  g0->set_name("g0");
+  g0->set_role("primary");
+  g0->set_epoch(3);
+  g0->set_consistent(true);
+  g0->set_last_lsn(1200);
+  g0->set_durable_lsn(1200);
+  g0->set_applied_lsn(1190);
+  g0->set_write_released(1200);
+  g0->set_flush_released(1195);
+  v1::PeerStatus* b = g0->add_peers();
+  b->set_peer("site-b");
+  b->set_mode("sync");
+  b->set_link_state("connected");
+  b->set_received_lsn(1200);
+  b->set_durable_lsn(1198);
+  b->set_applied_lsn(1100);
+  b->set_in_sync_set(true);
+  b->set_lag_lsns(2);
+  b->set_lag_bytes(8192);
+  b->set_lag_seconds(0.003);
+  b->set_rtt_us(250);
+  b->set_window_bytes(4 << 20);
+  b->set_inflight_bytes(65536);
+  v1::PeerStatus* c = g0->add_peers();
+  c->set_peer("site-c");
+  c->set_mode("async");
+  c->set_link_state("copying");
+  c->set_received_lsn(900);
+  c->set_durable_lsn(900);
+  c->set_lag_lsns(300);
+  c->set_lag_bytes(1258291);
+  c->set_lag_seconds(4.2);
+  c->set_rtt_us(12500);
+  c->set_window_bytes(8 << 20);
+  c->set_copy_total_bytes(1ull << 30);
+  c->set_copy_done_bytes(483183821);
+  c->set_last_error("connection reset by peer");
+
+  v1::GroupStatus* g1 = reply.add_groups();
+  g1->set_name("g1");
+  g1->set_role("replica");
+  g1->set_epoch(2);
+  g1->set_last_lsn(50);
+  g1->set_durable_lsn(50);
+  g1->set_applied_lsn(40);
+  return reply;
+}
+
+class FakeControl final : public v1::Control::Service {
+ public:
+  grpc::Status Status(grpc::ServerContext*, const v1::StatusRequest*,
+                      v1::StatusReply* reply) override {
+    ++calls;
+    if (!error.ok()) return error;
+    *reply = FixedReply();
+    return grpc::Status::OK;
+  }
+
+  std::atomic<int> calls{0};
+  grpc::Status error = grpc::Status::OK;
+};
+
+struct Result {
+  int code = -1;
+  std::string out;
+  std::string err;
+};
+
+Result Ctl(std::vector<std::string> args) {
+  args.insert(args.begin(), "tvillingctl");
+  std::vector<const char*> argv;
+  for (const std::string& arg : args) argv.push_back(arg.c_str());
+  std::ostringstream out;
+  std::ostringstream err;
+  Result result;
+  result.code = RunTvillingctl(static_cast<int>(argv.size()), argv.data(), out, err);
+  result.out = out.str();
+  result.err = err.str();
+  return result;
+}
+
+class TvillingctlTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string pattern = ::testing::TempDir() + "/tvillingctl_XXXXXX";
+    ASSERT_NE(::mkdtemp(pattern.data()), nullptr);
+    dir_ = std::filesystem::path(pattern).lexically_normal().string();
+    socket_ = dir_ + "/tvillingd.sock";
+  }
+
+  void TearDown() override {
+    if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    std::filesystem::remove_all(dir_);
+  }
+
+  void StartServer() {
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("unix:" + socket_, grpc::InsecureServerCredentials());
+    builder.RegisterService(&service_);
+    server_ = builder.BuildAndStart();
+    ASSERT_NE(server_, nullptr) << socket_;
+  }
+
+  std::string dir_;
+  std::string socket_;
+  FakeControl service_;
+  std::unique_ptr<grpc::Server> server_;
+};
+
+TEST_F(TvillingctlTest, StatusPrintsTables) {
+  StartServer();
+  const Result r = Ctl({"--socket", socket_, "status"});
+  EXPECT_EQ(r.code, kExitOk) << r.err;
+  EXPECT_EQ(r.err, "");
+  EXPECT_EQ(service_.calls.load(), 1);
+  const std::string want =
+      "agent site-a  version 0.1.0  up 2h03m04s\n"
+      "\n"
+      "g0 role:primary epoch:3 consistent:yes\n"
+      "  LAST-LSN  DURABLE  APPLIED  WRITE-RELEASED  FLUSH-RELEASED\n"
+      "  1200      1200     1190     1200            1195\n"
+      "  PEER    MODE   LINK       RECEIVED  DURABLE  APPLIED  STATE        LAG-LSNS  LAG      "
+      "LAG-S  RTT     WINDOW   IN-FLIGHT  COPY\n"
+      "  site-b  sync   connected  1200      1198     1100     in-sync-set  2         8.0 KiB  "
+      "0.003  250us   4.0 MiB  64.0 KiB   -\n"
+      "  site-c  async  copying    900       900      0        -            300       1.2 MiB  "
+      "4.200  12.5ms  8.0 MiB  0 B        45.0% (460.8 MiB of 1.0 GiB)\n"
+      "  site-c: last error: connection reset by peer\n"
+      "\n"
+      "g1 role:replica epoch:2 consistent:no\n"
+      "  LAST-LSN  DURABLE  APPLIED  WRITE-RELEASED  FLUSH-RELEASED\n"
+      "  50        50       40       0               0\n"
+      "  no peers\n";
+  EXPECT_EQ(r.out, want);
+}
+
+TEST_F(TvillingctlTest, StatusJsonRoundTripsWithEveryField) {
+  StartServer();
+  const Result r = Ctl({"--socket", socket_, "status", "--json"});
+  ASSERT_EQ(r.code, kExitOk) << r.err;
+  // One line, one object.
+  ASSERT_FALSE(r.out.empty());
+  EXPECT_EQ(r.out.back(), '\n');
+  EXPECT_EQ(r.out.find('\n'), r.out.size() - 1);
+  v1::StatusReply parsed;
+  ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(r.out, &parsed).ok()) << r.out;
+  EXPECT_TRUE(google::protobuf::util::MessageDifferencer::Equals(parsed, FixedReply()))
+      << parsed.DebugString();
+  // The documented shape: .proto field names, 64-bit numbers as strings, defaults present.
+  for (std::string_view fragment :
+       {"\"agent\":{\"site\":\"site-a\",\"version\":\"0.1.0\",\"uptime_s\":\"7384\"}",
+        "\"write_released\":\"1200\"", "\"lag_seconds\":0.003", "\"in_sync_set\":true",
+        "\"degraded\":false", "\"applied_lsn\":\"0\"", "\"copy_total_bytes\":\"0\"",
+        "\"last_error\":\"\"", "\"last_error\":\"connection reset by peer\"",
+        "\"consistent\":false", "\"peers\":[]"}) {
+    EXPECT_THAT(r.out, HasSubstr(fragment));
+  }
+  EXPECT_THAT(r.out, Not(HasSubstr("lagSeconds")));
+}
+
+TEST(FormatStatusJsonTest, EmptyReplyHasTheFullShape) {
+  absl::StatusOr<std::string> json = FormatStatusJson(v1::StatusReply());
+  ASSERT_TRUE(json.ok()) << json.status();
+  EXPECT_EQ(*json, "{\"agent\":{\"site\":\"\",\"version\":\"\",\"uptime_s\":\"0\"},\"groups\":[]}");
+  EXPECT_EQ(FormatStatusText(v1::StatusReply()), "agent ?  version ?  up 0s\nno groups\n");
+}
+
+TEST_F(TvillingctlTest, StateDirSelectsItsSocket) {
+  StartServer();
+  const Result r = Ctl({"--state-dir", dir_, "status"});
+  EXPECT_EQ(r.code, kExitOk) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("agent site-a"));
+  // A relative --socket works too (made absolute against the current directory).
+  const std::filesystem::path cwd = std::filesystem::current_path();
+  std::filesystem::current_path(dir_);
+  const Result relative = Ctl({"--socket", "tvillingd.sock", "status"});
+  std::filesystem::current_path(cwd);
+  EXPECT_EQ(relative.code, kExitOk) << relative.err;
+}
+
+TEST_F(TvillingctlTest, MissingSocketIsUnreachable) {
+  const Result r = Ctl({"--socket", socket_, "status"});
+  EXPECT_EQ(r.code, kExitUnreachable);
+  EXPECT_EQ(r.out, "");
+  EXPECT_THAT(r.err, HasSubstr("cannot reach tvillingd: no socket at " + socket_ +
+                               " (No such file or directory); is tvillingd running?"));
+  const Result json = Ctl({"--state-dir", dir_, "status", "--json"});
+  EXPECT_EQ(json.code, kExitUnreachable);
+  EXPECT_EQ(json.out, "");
+  EXPECT_THAT(json.err, HasSubstr("no socket at " + socket_));
+}
+
+TEST_F(TvillingctlTest, SocketWithoutAServerIsUnreachable) {
+  // Bound but not listening: connect() is refused, as after tvillingd died.
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  ASSERT_LT(socket_.size(), sizeof(address.sun_path));
+  std::memcpy(address.sun_path, socket_.c_str(), socket_.size() + 1);
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0);
+  const Result r = Ctl({"--socket", socket_, "--timeout", "2", "status"});
+  ::close(fd);
+  EXPECT_EQ(r.code, kExitUnreachable);
+  EXPECT_THAT(r.err, HasSubstr("cannot reach tvillingd at unix socket " + socket_ + ": "));
+
+  std::filesystem::remove(socket_);
+  { std::ofstream(socket_) << "not a socket"; }
+  const Result file = Ctl({"--socket", socket_, "status"});
+  EXPECT_EQ(file.code, kExitUnreachable);
+  EXPECT_THAT(file.err, HasSubstr(socket_ + " is not a unix socket"));
+}
+
+TEST_F(TvillingctlTest, ServerErrorIsReported) {
+  service_.error = grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no status yet");
+  StartServer();
+  const Result r = Ctl({"--socket", socket_, "status"});
+  EXPECT_EQ(r.code, kExitUnreachable);
+  EXPECT_EQ(r.out, "");
+  EXPECT_THAT(r.err, HasSubstr("tvillingd at unix socket " + socket_ +
+                               " refused Status: no status yet (gRPC code 12)"));
+}
+
+TEST(TvillingctlUsageTest, BadCommandLinesExitWith2) {
+  for (const std::vector<std::string>& args :
+       std::vector<std::vector<std::string>>{{},
+                                             {"stat"},
+                                             {"--bogus", "status"},
+                                             {"status", "--bogus"},
+                                             {"--socket", "a", "--state-dir", "b", "status"},
+                                             {"--timeout", "0", "status"},
+                                             {"--socket"}}) {
+    const Result r = Ctl(args);
+    EXPECT_EQ(r.code, kExitUsage) << ::testing::PrintToString(args);
+    EXPECT_FALSE(r.err.empty()) << ::testing::PrintToString(args);
+    EXPECT_EQ(r.out, "") << ::testing::PrintToString(args);
+  }
+  const Result help = Ctl({"--help"});
+  EXPECT_EQ(help.code, kExitOk);
+  EXPECT_THAT(help.out, HasSubstr("--state-dir"));
+  EXPECT_THAT(help.out, HasSubstr("status"));
+  const Result status_help = Ctl({"status", "--help"});
+  EXPECT_EQ(status_help.code, kExitOk);
+  EXPECT_THAT(status_help.out, HasSubstr("--json"));
+}
+
+TEST(FormatTest, Numbers) {
+  EXPECT_EQ(FormatBytesIec(0), "0 B");
+  EXPECT_EQ(FormatBytesIec(1023), "1023 B");
+  EXPECT_EQ(FormatBytesIec(1024), "1.0 KiB");
+  EXPECT_EQ(FormatBytesIec(1536), "1.5 KiB");
+  EXPECT_EQ(FormatBytesIec((1 << 20) - 1), "1.0 MiB");
+  EXPECT_EQ(FormatBytesIec(1ull << 30), "1.0 GiB");
+  EXPECT_EQ(FormatBytesIec(5ull << 40), "5.0 TiB");
+  EXPECT_EQ(FormatBytesIec(UINT64_MAX), "16.0 EiB");
+  EXPECT_EQ(FormatMicros(0), "0us");
+  EXPECT_EQ(FormatMicros(999), "999us");
+  EXPECT_EQ(FormatMicros(12500), "12.5ms");
+  EXPECT_EQ(FormatMicros(1'200'000), "1.20s");
+  EXPECT_EQ(FormatUptime(0), "0s");
+  EXPECT_EQ(FormatUptime(59), "59s");
+  EXPECT_EQ(FormatUptime(723), "12m03s");
+  EXPECT_EQ(FormatUptime(7384), "2h03m04s");
+  EXPECT_EQ(FormatUptime(3 * 86400 + 4 * 3600 + 5 * 60 + 6), "3d04h05m");
+}
+
+}  // namespace
+}  // namespace tvilling::cli
