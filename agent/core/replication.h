@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <deque>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -88,7 +89,8 @@ const char* RefuseCodeName(RefuseCode c);
 struct HandshakeDecision {
   enum class Kind : uint8_t { kStreamFrom, kFullCopy, kRefuse };
   Kind kind = Kind::kRefuse;
-  uint64_t start_lsn = 0;  // kStreamFrom: first LSN to send. kFullCopy resume: the log continues here
+  uint64_t start_lsn =
+      0;  // kStreamFrom: first LSN to send. kFullCopy resume: the log continues here
   bool copy_resume = false;  // kFullCopy: resume at (copy_volume, copy_offset) instead of from 0
   uint32_t copy_volume = 0;
   uint64_t copy_offset = 0;
@@ -139,8 +141,8 @@ struct SendPlan {
 
 // The unreplicated range of a peer: what would be lost if the primary site were destroyed now.
 struct Lag {
-  uint64_t lsns = 0;              // last_lsn - durable
-  uint64_t bytes = 0;             // stored bytes of those records
+  uint64_t lsns = 0;                 // last_lsn - durable
+  uint64_t bytes = 0;                // stored bytes of those records
   uint64_t oldest_timestamp_ns = 0;  // capture time of the oldest unreplicated record (0 if none)
 };
 
@@ -155,7 +157,7 @@ struct PeerStatus {
   uint64_t next_lsn = 0;     // next LSN to send
   uint64_t inflight_bytes = 0;
   uint64_t window_bytes = 0;
-  Nanos rtt = 0;             // min RTT over the last 10 s, 0 if unknown
+  Nanos rtt = 0;               // min RTT over the last 10 s, 0 if unknown
   uint64_t delivery_rate = 0;  // bytes/s acknowledged as received, recent
   Lag lag;
   std::string last_error;  // the last disconnect or refusal reason
@@ -165,7 +167,7 @@ struct PeerStatus {
 // that decide when client I/O may complete.
 class PrimaryGroup {
  public:
-  PrimaryGroup() = default;
+  PrimaryGroup();
 
   // Peers (from config). A peer starts kDisconnected, positions from `initial` (persisted).
   void AddPeer(const std::string& peer, const SenderOptions& options, Positions initial, Nanos now);
@@ -214,9 +216,7 @@ class PrimaryGroup {
   uint64_t MinPeerDurable() const;
 
  private:
-  struct Peer;  // defined in replication.cc
-  // Implementation state is up to replication.cc.
-  struct Impl;
+  struct Impl;  // defined in replication.cc
   std::shared_ptr<Impl> impl_;
 };
 
@@ -261,8 +261,9 @@ class ReplicaReceiver {
   Positions pos_;
   Positions acked_;
   bool acked_once_ = false;
-  uint64_t consistent_at_ = 0;
-  uint64_t copy_epoch_ = 0;
+  uint64_t consistent_at_ = 0;  // after a copy: consistent once applied reaches it
+  uint64_t accepted_ = 0;       // last LSN of the batches accepted (maybe not yet appended)
+  uint64_t log_epoch_ = 0;      // epoch of the log's newest history entry
 };
 
 }  // namespace tvilling::core

@@ -164,7 +164,7 @@ absl::StatusOr<std::unique_ptr<GroupRuntime>> GroupRuntime::Open(storage::LogSto
     info.name = spec.export_name.empty() ? spec.name : spec.export_name;
     info.description = fmt::format("tvilling group {} volume {}", group, spec.name);
     info.size_bytes = g->volumes_[i]->size();
-    info.read_only = spec.volume.read_only;
+    info.read_only = spec.volume.read_only || g->options_.exports_read_only;
     g->exports_.push_back(std::make_shared<VolumeExport>(g.get(), g->log_, g->volumes_[i].get(),
                                                          static_cast<uint32_t>(i), info));
   }

@@ -46,6 +46,8 @@ struct GroupRuntimeOptions {
   // Start with the applier paused (a replica whose full copy is in progress): records are
   // appended to the log but not applied, and nothing is replayed at Open.
   bool start_apply_paused = false;
+  // Serve every volume read-only whatever its spec says (a replica: only the log writes it).
+  bool exports_read_only = false;
 };
 
 // Decides when a primary's client I/O may complete beyond the local log: with sync peers a WRITE
