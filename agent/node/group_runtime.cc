@@ -135,14 +135,16 @@ absl::StatusOr<std::unique_ptr<GroupRuntime>> GroupRuntime::Open(storage::LogSto
         fmt::format("{}; refusing to serve stale data", std::string(log.status().message())));
   }
   g->log_ = *log;
-  g->apply_paused_ = g->options_.start_apply_paused;
+  // A replica whose full copy was interrupted must not apply anything until the copy completes
+  // (docs/replication.md, "Full copy"): the copied chunks and the log are merged then.
+  g->apply_paused_ = g->options_.start_apply_paused || g->log_->replica_meta().copy_in_progress;
 
   // Replay what the volumes may not hold yet. New appends cannot arrive: no export serves yet.
   const storage::GroupLogState state = g->log_->State();
   const uint64_t from = std::max(state.applied_lsn + 1, state.first_lsn);
   g->applied_lsn_ = state.applied_lsn;
   g->checkpointed_lsn_ = state.applied_lsn;
-  if (from <= state.last_lsn && !g->options_.start_apply_paused) {
+  if (from <= state.last_lsn && !g->apply_paused_) {
     spdlog::info("group {}: replaying log LSN {}..{} into {} volume(s)", group, from,
                  state.last_lsn, g->volumes_.size());
     absl::Status st =

@@ -1,0 +1,37 @@
+// control_service.h: the agent's control API (proto/tvilling/v1/control.proto) on a unix socket,
+// for tvillingctl. Read-only for now (status); mutating calls come with the coordinator.
+//
+// The socket is created mode 0600 in the state directory: whoever can open it is as trusted as the
+// user running the agent, like DRBD's netlink or Ceph's admin socket.
+#pragma once
+
+#include <absl/status/status.h>
+#include <absl/status/statusor.h>
+#include <grpcpp/grpcpp.h>
+
+#include <filesystem>
+#include <functional>
+#include <memory>
+
+#include "tvilling/v1/control.grpc.pb.h"
+
+namespace tvilling::node {
+
+class ControlServer {
+ public:
+  using StatusFn = std::function<void(v1::StatusReply* out)>;
+  // Listens on `socket_path` (an existing stale socket file is replaced).
+  static absl::StatusOr<std::unique_ptr<ControlServer>> Start(
+      const std::filesystem::path& socket_path, StatusFn status);
+  ~ControlServer();
+  void Shutdown();
+
+ private:
+  class Service;
+  ControlServer() = default;
+  std::filesystem::path path_;
+  std::unique_ptr<Service> service_;
+  std::unique_ptr<grpc::Server> server_;
+};
+
+}  // namespace tvilling::node

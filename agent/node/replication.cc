@@ -1,0 +1,1076 @@
+// replication.cc: the primary's replicator and the replica's receiver of a group.
+#include "agent/node/replication.h"
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+#include <time.h>
+#include <xxhash.h>
+
+#include <algorithm>
+#include <future>
+
+#include "agent/transport/codec.h"
+
+namespace tvilling::node {
+namespace {
+
+constexpr core::Nanos kMs = 1'000'000;
+constexpr core::Nanos kSecond = 1'000'000'000;
+constexpr core::Nanos kMinBackoff = 100 * kMs;
+constexpr core::Nanos kMaxBackoff = 5 * kSecond;
+constexpr core::Nanos kRefusedBackoff = 5 * kSecond;
+constexpr core::Nanos kPersistPositionsEvery = kSecond;
+
+// Records of one batch share an epoch; ReadRaw stops at an epoch change with this.
+const absl::Status kEpochBoundary = absl::CancelledError("epoch boundary");
+
+uint64_t LoadLE64(const char* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;  // x86-64 only (docs/ARCHITECTURE.md): little-endian in memory
+}
+
+core::History ToCore(const std::vector<storage::EpochStart>& h) {
+  core::History out;
+  out.reserve(h.size());
+  for (const auto& e : h) out.push_back({e.epoch, e.first_lsn});
+  return out;
+}
+
+absl::Status WaitLogIdle(storage::GroupLog& log) {
+  std::promise<absl::Status> p;
+  auto f = p.get_future();
+  log.Sync([&p](absl::Status st) { p.set_value(st); });
+  return f.get();
+}
+
+v1::Decision ToProto(const core::HandshakeDecision& d, uint64_t epoch) {
+  v1::Decision out;
+  switch (d.kind) {
+    case core::HandshakeDecision::Kind::kStreamFrom:
+      out.set_kind(v1::Decision::STREAM_FROM);
+      break;
+    case core::HandshakeDecision::Kind::kFullCopy:
+      out.set_kind(v1::Decision::FULL_COPY);
+      break;
+    case core::HandshakeDecision::Kind::kRefuse:
+      out.set_kind(v1::Decision::REFUSE);
+      break;
+  }
+  out.set_start_lsn(d.start_lsn);
+  out.set_epoch(epoch);
+  out.set_reason(d.reason);
+  out.set_copy_resume(d.copy_resume);
+  out.set_copy_volume(d.copy_volume);
+  out.set_copy_offset(d.copy_offset);
+  out.set_code(static_cast<v1::RefuseCode>(d.code));
+  return out;
+}
+
+core::HandshakeDecision FromProto(const v1::Decision& d) {
+  core::HandshakeDecision out;
+  switch (d.kind()) {
+    case v1::Decision::STREAM_FROM:
+      out.kind = core::HandshakeDecision::Kind::kStreamFrom;
+      break;
+    case v1::Decision::FULL_COPY:
+      out.kind = core::HandshakeDecision::Kind::kFullCopy;
+      break;
+    default:
+      out.kind = core::HandshakeDecision::Kind::kRefuse;
+      break;
+  }
+  out.start_lsn = d.start_lsn();
+  out.copy_resume = d.copy_resume();
+  out.copy_volume = d.copy_volume();
+  out.copy_offset = d.copy_offset();
+  out.code = static_cast<core::RefuseCode>(d.code());
+  out.reason = d.reason();
+  return out;
+}
+
+}  // namespace
+
+core::Nanos MonotonicNow() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<core::Nanos>(ts.tv_sec) * kSecond + ts.tv_nsec;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Primary
+
+struct PrimaryReplicator::Link {
+  PeerOptions opt;
+  std::shared_ptr<PrimaryStream> stream;
+  uint64_t generation = 0;  // bumped on every dial; callbacks of older streams are ignored
+  core::Nanos redial_at = 0;
+  core::Nanos backoff = kMinBackoff;
+  core::Nanos last_heard = 0;
+  core::Nanos last_heartbeat = 0;
+  core::Nanos rate_wait_until = 0;
+  // Token bucket for rate_limit_bytes_per_s.
+  double tokens = 0;
+  core::Nanos tokens_at = 0;
+  // Full copy.
+  bool copying = false;
+  uint32_t copy_volume = 0;
+  uint64_t copy_offset = 0;
+  uint64_t copy_total = 0;
+  uint64_t copy_done = 0;
+  std::string last_error;
+};
+
+PrimaryReplicator::PrimaryReplicator(GroupRuntime* group, PrimaryOptions options, Dialer* dialer)
+    : group_(group), log_(&group->log()), options_(std::move(options)), dialer_(dialer) {}
+
+absl::StatusOr<std::shared_ptr<PrimaryReplicator>> PrimaryReplicator::Start(
+    GroupRuntime* group, PrimaryOptions options, Dialer* dialer) {
+  auto r = std::shared_ptr<PrimaryReplicator>(
+      new PrimaryReplicator(group, std::move(options), dialer));
+  storage::GroupLog& log = *r->log_;
+
+  // The epoch: keep the one this agent began as primary, unless another was seen since.
+  storage::ReplicaMeta meta = log.replica_meta();
+  const storage::GroupLogState state = log.State();
+  uint64_t epoch = meta.primary_epoch;
+  if (epoch == 0 || epoch < meta.newest_epoch_seen || epoch < state.current_epoch) {
+    epoch = std::max(meta.newest_epoch_seen, state.current_epoch) + 1;
+    spdlog::info("group {}: this site is primary; beginning epoch {}", log.name(), epoch);
+  }
+  meta.primary_epoch = epoch;
+  meta.newest_epoch_seen = std::max(meta.newest_epoch_seen, epoch);
+  // A primary's volumes are the log applied: consistent by definition.
+  meta.consistent = true;
+  meta.copy_in_progress = false;
+  if (absl::Status st = log.SetReplicaMeta(meta); !st.ok()) return st;
+  if (state.current_epoch < epoch) {
+    if (absl::Status st = log.BeginEpoch(epoch); !st.ok()) return st;
+  }
+  r->epoch_ = epoch;
+
+  const core::Nanos now = MonotonicNow();
+  std::map<std::string, storage::PeerPosition> persisted;
+  for (const auto& p : state.peers) persisted[p.peer] = p;
+  for (const PeerOptions& p : r->options_.peers) {
+    core::Positions initial;
+    if (auto it = persisted.find(p.site); it != persisted.end()) {
+      initial = {it->second.received_lsn, it->second.durable_lsn, it->second.applied_lsn};
+    } else {
+      // Register the peer so retention keeps what it will need.
+      storage::PeerPosition pos;
+      pos.peer = p.site;
+      if (absl::Status st = log.SetPeerPosition(pos); !st.ok()) return st;
+    }
+    r->core_.AddPeer(p.site, p.sender, initial, now);
+    if (p.sender.mode == core::Mode::kSync) r->has_sync_peer_ = true;
+    auto link = std::make_unique<Link>();
+    link->opt = p;
+    r->links_.push_back(std::move(link));
+  }
+  // The local log as it is now.
+  if (state.last_lsn >= state.first_lsn) {
+    absl::Status st = log.ReadRange(state.first_lsn, state.last_lsn,
+                                    [&](const storage::LogRecordView& rec) {
+                                      r->core_.OnLocalAppend(
+                                          rec.lsn, storage::kRecordHeaderSize + rec.payload.size(),
+                                          rec.header.timestamp_ns, now);
+                                      return absl::OkStatus();
+                                    });
+    if (!st.ok()) return st;
+  } else if (state.last_lsn > 0) {
+    r->core_.OnLocalTruncate(state.first_lsn);
+  }
+  r->core_.OnLocalDurable(log.durable_lsn());
+
+  std::weak_ptr<PrimaryReplicator> weak = r;
+  group->SetRecordsObserver([weak](std::span<const storage::LogRecordView> records) {
+    if (auto self = weak.lock()) self->OnRecords(records);
+  });
+  if (r->has_sync_peer_) group->SetCompletionGate(r);
+  r->worker_ = std::thread([raw = r.get()] { raw->WorkerLoop(); });
+  return r;
+}
+
+PrimaryReplicator::~PrimaryReplicator() { Stop(); }
+
+void PrimaryReplicator::Stop() {
+  std::vector<std::shared_ptr<PrimaryStream>> streams;
+  std::vector<nbd::Export::Done> waiting;
+  {
+    std::lock_guard lock(mu_);
+    if (stopping_) return;
+    stopping_ = true;
+    for (auto& l : links_) {
+      if (l->stream) streams.push_back(std::move(l->stream));
+      ++l->generation;
+    }
+    for (auto& [lsn, done] : write_waiters_) waiting.push_back(std::move(done));
+    for (auto& [lsn, done] : flush_waiters_) waiting.push_back(std::move(done));
+    write_waiters_.clear();
+    flush_waiters_.clear();
+  }
+  cv_.notify_all();
+  if (worker_.joinable()) worker_.join();
+  for (auto& s : streams) s->Close(absl::CancelledError("agent stopping"));
+  for (auto& d : waiting) {
+    std::move(d)(absl::UnavailableError("agent stopping before the sync peers confirmed"));
+  }
+}
+
+void PrimaryReplicator::OnRecords(std::span<const storage::LogRecordView> records) {
+  const core::Nanos now = MonotonicNow();
+  {
+    std::lock_guard lock(mu_);
+    for (const auto& r : records) {
+      core_.OnLocalAppend(r.lsn, storage::kRecordHeaderSize + r.payload.size(),
+                          r.header.timestamp_ns, now);
+    }
+    work_ = true;
+  }
+  cv_.notify_one();
+}
+
+void PrimaryReplicator::WriteInLog(uint64_t lsn, bool durable, nbd::Export::Done done) {
+  std::unique_lock lock(mu_);
+  if (stopping_) {
+    lock.unlock();
+    return std::move(done)(absl::UnavailableError("agent stopping"));
+  }
+  if (durable) core_.OnLocalDurable(lsn);
+  const uint64_t wr = core_.write_released();
+  const uint64_t fr = core_.flush_released();
+  if (lsn <= wr && (!durable || lsn <= fr)) {
+    lock.unlock();
+    return std::move(done)(absl::OkStatus());
+  }
+  if (durable) {
+    flush_waiters_.emplace(lsn, std::move(done));
+  } else {
+    write_waiters_.emplace(lsn, std::move(done));
+  }
+}
+
+void PrimaryReplicator::FlushedLocally(uint64_t lsn, nbd::Export::Done done) {
+  std::unique_lock lock(mu_);
+  if (stopping_) {
+    lock.unlock();
+    return std::move(done)(absl::UnavailableError("agent stopping"));
+  }
+  core_.OnLocalDurable(std::max(lsn, log_->durable_lsn()));
+  if (lsn <= std::min(core_.flush_released(), core_.write_released())) {
+    lock.unlock();
+    return std::move(done)(absl::OkStatus());
+  }
+  flush_waiters_.emplace(lsn, std::move(done));
+}
+
+void PrimaryReplicator::ReleaseLocked(std::unique_lock<std::mutex>& lock) {
+  const uint64_t wr = core_.write_released();
+  const uint64_t fr = std::min(core_.flush_released(), wr);
+  std::vector<nbd::Export::Done> ready;
+  while (!write_waiters_.empty() && write_waiters_.begin()->first <= wr) {
+    ready.push_back(std::move(write_waiters_.begin()->second));
+    write_waiters_.erase(write_waiters_.begin());
+  }
+  while (!flush_waiters_.empty() && flush_waiters_.begin()->first <= fr) {
+    ready.push_back(std::move(flush_waiters_.begin()->second));
+    flush_waiters_.erase(flush_waiters_.begin());
+  }
+  if (ready.empty()) return;
+  lock.unlock();
+  for (auto& d : ready) std::move(d)(absl::OkStatus());
+  lock.lock();
+}
+
+void PrimaryReplicator::Dial(Link& link, core::Nanos now) {
+  // REQUIRES: mu_ held by the caller (the worker), released around the dial itself.
+  const uint64_t gen = ++link.generation;
+  Dialer::Callbacks cb;
+  std::weak_ptr<PrimaryReplicator> weak = weak_from_this();
+  Link* lp = &link;
+  cb.on_message = [weak, lp, gen](v1::FromReplica msg) {
+    if (auto self = weak.lock()) self->OnMessage(*lp, gen, std::move(msg));
+  };
+  cb.on_closed = [weak, lp, gen](absl::Status st) {
+    if (auto self = weak.lock()) self->OnClosed(*lp, gen, st);
+  };
+  std::shared_ptr<PrimaryStream> stream = dialer_->Dial(link.opt.site, std::move(cb));
+  link.stream = stream;
+  link.last_heard = now;
+  link.last_heartbeat = now;
+  link.copying = false;
+  core_.OnConnected(link.opt.site, now);
+
+  const storage::GroupLogState state = log_->State();
+  v1::ToReplica msg;
+  v1::Hello* h = msg.mutable_hello();
+  h->set_protocol_version(1);
+  h->set_group(log_->name());
+  h->set_sender_site(options_.site);
+  h->set_sender_group_id(log_->group_id());
+  h->set_epoch(epoch_);
+  for (const auto& e : state.history) {
+    auto* pe = h->add_history();
+    pe->set_epoch(e.epoch);
+    pe->set_first_lsn(e.first_lsn);
+  }
+  for (size_t i = 0; i < group_->volume_count(); ++i) {
+    auto* v = h->add_volumes();
+    v->set_name(std::to_string(i));
+    v->set_size_bytes(group_->volume(i).size());
+  }
+  h->set_first_lsn(state.first_lsn);
+  h->set_last_lsn(state.last_lsn);
+  h->set_mode(link.opt.sender.mode == core::Mode::kSync ? v1::MODE_SYNC : v1::MODE_ASYNC);
+  stream->Send(std::move(msg));
+}
+
+void PrimaryReplicator::Disconnect(Link& link, const std::string& reason, core::Nanos now) {
+  if (link.stream) {
+    link.stream->Close(absl::AbortedError(reason));
+    link.stream.reset();
+  }
+  ++link.generation;
+  link.copying = false;
+  link.last_error = reason;
+  core_.OnDisconnected(link.opt.site, reason, now);
+  link.redial_at = now + link.backoff;
+  link.backoff = std::min(link.backoff * 2, kMaxBackoff);
+  work_ = true;
+}
+
+void PrimaryReplicator::OnClosed(Link& link, uint64_t generation, const absl::Status& status) {
+  std::unique_lock lock(mu_);
+  if (generation != link.generation || stopping_) return;
+  const std::string reason = status.ok() ? "stream closed by the peer"
+                                         : fmt::format("stream to {} ended: {}", link.opt.site,
+                                                       std::string(status.message()));
+  spdlog::warn("group {}: {}", log_->name(), reason);
+  link.stream.reset();  // already closed
+  Disconnect(link, reason, MonotonicNow());
+  cv_.notify_one();
+}
+
+void PrimaryReplicator::OnMessage(Link& link, uint64_t generation, v1::FromReplica msg) {
+  std::unique_lock lock(mu_);
+  if (generation != link.generation || stopping_) return;
+  const core::Nanos now = MonotonicNow();
+  link.last_heard = now;
+  switch (msg.msg_case()) {
+    case v1::FromReplica::kDecision: {
+      const core::HandshakeDecision d = FromProto(msg.decision());
+      if (d.kind == core::HandshakeDecision::Kind::kRefuse) {
+        spdlog::error("group {}: peer {} refused the stream: {}", log_->name(), link.opt.site,
+                      d.reason);
+        core_.OnDecision(link.opt.site, d, 0, now);
+        Disconnect(link, fmt::format("refused by {}: {}", link.opt.site, d.reason), now);
+        link.redial_at = now + kRefusedBackoff;
+        break;
+      }
+      link.backoff = kMinBackoff;
+      if (d.kind == core::HandshakeDecision::Kind::kFullCopy) {
+        const uint64_t base = d.copy_resume ? d.start_lsn - 1 : group_->applied_lsn();
+        core_.OnDecision(link.opt.site, d, base, now);
+        link.copying = true;
+        link.copy_volume = d.copy_resume ? d.copy_volume : 0;
+        link.copy_offset = d.copy_resume ? d.copy_offset : 0;
+        link.copy_total = 0;
+        for (size_t i = 0; i < group_->volume_count(); ++i) {
+          link.copy_total += group_->volume(i).size();
+        }
+        link.copy_done = 0;
+        for (uint32_t i = 0; i < link.copy_volume && i < group_->volume_count(); ++i) {
+          link.copy_done += group_->volume(i).size();
+        }
+        link.copy_done += link.copy_offset;
+        spdlog::info("group {}: full copy to {} ({}): {} from volume {} offset {}, log from LSN {}",
+                     log_->name(), link.opt.site, d.reason,
+                     d.copy_resume ? "resuming" : "starting", link.copy_volume, link.copy_offset,
+                     base + 1);
+        // Keep every record after `base` until the peer has it.
+        storage::PeerPosition pos;
+        pos.peer = link.opt.site;
+        pos.durable_lsn = base;
+        (void)log_->SetPeerPosition(pos);
+        if (!d.copy_resume) {
+          v1::ToReplica out;
+          v1::CopyBegin* cb = out.mutable_copy_begin();
+          cb->set_epoch(epoch_);
+          cb->set_log_start_lsn(base + 1);
+          link.stream->Send(std::move(out));
+        }
+      } else {
+        core_.OnDecision(link.opt.site, d, 0, now);
+        spdlog::info("group {}: streaming to {} from LSN {}", log_->name(), link.opt.site,
+                     d.start_lsn);
+      }
+      break;
+    }
+    case v1::FromReplica::kPosition: {
+      const v1::Position& p = msg.position();
+      if (core_.OnPosition(link.opt.site, {p.received_lsn(), p.durable_lsn(), p.applied_lsn()},
+                           now)) {
+        ReleaseLocked(lock);
+      }
+      break;
+    }
+    case v1::FromReplica::kHeartbeat: {
+      const uint64_t echo = msg.heartbeat().echo_unix_ns();
+      if (echo != 0 && static_cast<core::Nanos>(echo) <= now) {
+        core_.OnRttSample(link.opt.site, now - static_cast<core::Nanos>(echo), now);
+      }
+      break;
+    }
+    default:
+      Disconnect(link, fmt::format("peer {} sent an unexpected message", link.opt.site), now);
+      break;
+  }
+  work_ = true;
+  cv_.notify_one();
+}
+
+void PrimaryReplicator::Ship(Link& link, core::Nanos now) {
+  std::unique_lock lock(mu_);
+  while (!stopping_ && link.stream) {
+    std::optional<core::SendPlan> plan = core_.NextSend(link.opt.site, now);
+    if (!plan) return;
+    std::shared_ptr<PrimaryStream> stream = link.stream;
+    if (stream->queued_bytes() >= options_.max_queued_bytes) return;
+    if (link.rate_wait_until > now) return;
+    const uint64_t gen = link.generation;
+    lock.unlock();
+
+    std::string buf;
+    uint64_t first = 0, last = 0, batch_epoch = 0;
+    uint32_t count = 0;
+    absl::Status st = log_->ReadRaw(
+        plan->from_lsn, plan->to_lsn, plan->max_bytes, plan->max_records,
+        [&](uint64_t lsn, std::string_view value) -> absl::Status {
+          const uint64_t e = LoadLE64(value.data() + 8);
+          if (count == 0) {
+            batch_epoch = e;
+            first = lsn;
+          } else if (e != batch_epoch) {
+            return kEpochBoundary;
+          }
+          buf.append(value);
+          last = lsn;
+          ++count;
+          return absl::OkStatus();
+        });
+    if (st == kEpochBoundary) st = absl::OkStatus();
+    v1::ToReplica msg;
+    if (st.ok() && count > 0) {
+      st = transport::EncodeBatch(batch_epoch, first, count, buf, link.opt.codec,
+                                  /*durable_requested=*/true, msg.mutable_batch());
+    }
+    lock.lock();
+    if (gen != link.generation) return;
+    if (!st.ok()) {
+      spdlog::error("group {}: cannot ship to {}: {}", log_->name(), link.opt.site,
+                    std::string(st.message()));
+      Disconnect(link, fmt::format("reading the log for {}: {}", link.opt.site,
+                                   std::string(st.message())),
+                 now);
+      return;
+    }
+    if (count == 0) return;
+    stream->Send(std::move(msg));
+    core_.OnSent(link.opt.site, first, last, buf.size(), now);
+    if (link.opt.rate_limit_bytes_per_s > 0) {
+      const double rate = static_cast<double>(link.opt.rate_limit_bytes_per_s);
+      const double burst = std::max(rate / 10, 4.0 * (1 << 20));
+      link.tokens = std::min(burst, link.tokens + rate * static_cast<double>(now - link.tokens_at) /
+                                                      static_cast<double>(kSecond));
+      link.tokens_at = now;
+      link.tokens -= static_cast<double>(buf.size());
+      if (link.tokens < 0) {
+        link.rate_wait_until =
+            now + static_cast<core::Nanos>(-link.tokens / rate * static_cast<double>(kSecond));
+      }
+    }
+  }
+}
+
+void PrimaryReplicator::CopyStep(Link& link, core::Nanos now) {
+  std::unique_lock lock(mu_);
+  while (!stopping_ && link.stream && link.copying) {
+    std::shared_ptr<PrimaryStream> stream = link.stream;
+    if (stream->queued_bytes() >= options_.max_queued_bytes) return;
+    const uint64_t gen = link.generation;
+    const uint32_t vi = link.copy_volume;
+    const uint64_t off = link.copy_offset;
+    lock.unlock();
+
+    v1::ToReplica msg;
+    absl::Status st;
+    bool finished = false;
+    uint64_t len = 0;
+    if (vi >= group_->volume_count()) {
+      // Every chunk is read: the copy equals the volumes as of some LSN <= last_lsn now.
+      v1::CopyDone* d = msg.mutable_copy_done();
+      d->set_epoch(epoch_);
+      d->set_lsn(log_->last_lsn());
+      finished = true;
+    } else {
+      storage::Volume& v = group_->volume(vi);
+      len = std::min<uint64_t>(options_.copy_chunk_bytes, v.size() - off);
+      std::string data(len, '\0');
+      st = v.Read(off, std::span<char>(data.data(), data.size()));
+      v1::CopyChunk* c = msg.mutable_copy_chunk();
+      c->set_epoch(epoch_);
+      c->set_volume(vi);
+      c->set_offset(off);
+      c->set_length(static_cast<uint32_t>(len));
+      if (storage::Volume::IsAllZero(data)) {
+        c->set_zero(true);
+      } else {
+        c->set_checksum(XXH3_64bits(data.data(), data.size()));
+        c->set_codec(v1::CODEC_NONE);
+        c->set_data(std::move(data));
+      }
+    }
+    lock.lock();
+    if (gen != link.generation || !link.copying) return;
+    if (!st.ok()) {
+      Disconnect(link, fmt::format("reading volume {} at {} for the copy to {}: {}", vi, off,
+                                   link.opt.site, std::string(st.message())),
+                 now);
+      return;
+    }
+    stream->Send(std::move(msg));
+    if (finished) {
+      link.copying = false;
+      core_.OnCopyDone(link.opt.site, now);
+      spdlog::info("group {}: full copy to {} sent ({} bytes)", log_->name(), link.opt.site,
+                   link.copy_total);
+      return;
+    }
+    link.copy_offset += len;
+    link.copy_done += len;
+    if (link.copy_offset >= group_->volume(vi).size()) {
+      ++link.copy_volume;
+      link.copy_offset = 0;
+    }
+  }
+}
+
+void PrimaryReplicator::PersistPeerPositions() {
+  std::vector<core::PeerStatus> peers;
+  {
+    std::lock_guard lock(mu_);
+    peers = core_.Status(MonotonicNow());
+  }
+  for (const auto& p : peers) {
+    storage::PeerPosition pos;
+    pos.peer = p.peer;
+    pos.received_lsn = p.positions.received;
+    pos.durable_lsn = p.positions.durable;
+    pos.applied_lsn = p.positions.applied;
+    (void)log_->SetPeerPosition(pos);
+  }
+}
+
+void PrimaryReplicator::WorkerLoop() {
+  core::Nanos next_persist = MonotonicNow() + kPersistPositionsEvery;
+  std::unique_lock lock(mu_);
+  while (!stopping_) {
+    core::Nanos now = MonotonicNow();
+    work_ = false;
+    if (core_.OnTick(now)) ReleaseLocked(lock);
+    core::Nanos deadline = now + 100 * kMs;
+    for (auto& lp : links_) {
+      Link& link = *lp;
+      if (!link.stream) {
+        if (link.redial_at <= now) {
+          Dial(link, now);
+        } else {
+          deadline = std::min(deadline, link.redial_at);
+        }
+        continue;
+      }
+      if (now - link.last_heard > options_.link_timeout) {
+        Disconnect(link, fmt::format("no message from {} for {} ms", link.opt.site,
+                                     (now - link.last_heard) / kMs),
+                   now);
+        continue;
+      }
+      if (now - link.last_heartbeat >= options_.heartbeat_interval) {
+        v1::ToReplica hb;
+        hb.mutable_heartbeat()->set_epoch(epoch_);
+        hb.mutable_heartbeat()->set_sent_unix_ns(static_cast<uint64_t>(now));
+        link.stream->Send(std::move(hb));
+        link.last_heartbeat = now;
+      }
+      deadline = std::min(deadline, link.last_heartbeat + options_.heartbeat_interval);
+      if (link.rate_wait_until > now) deadline = std::min(deadline, link.rate_wait_until);
+      lock.unlock();
+      Ship(link, now);
+      CopyStep(link, now);
+      lock.lock();
+    }
+    if (auto d = core_.NextDeadline()) deadline = std::min(deadline, std::max(*d, now));
+    if (now >= next_persist) {
+      lock.unlock();
+      PersistPeerPositions();
+      lock.lock();
+      next_persist = now + kPersistPositionsEvery;
+    }
+    if (work_ || stopping_) continue;
+    const core::Nanos wait = deadline - MonotonicNow();
+    if (wait > 0) cv_.wait_for(lock, std::chrono::nanoseconds(wait));
+  }
+}
+
+void PrimaryReplicator::FillStatus(v1::GroupStatus* out) const {
+  std::lock_guard lock(mu_);
+  const core::Nanos now = MonotonicNow();
+  out->set_role("primary");
+  out->set_epoch(epoch_);
+  out->set_consistent(true);
+  out->set_last_lsn(log_->last_lsn());
+  out->set_durable_lsn(log_->durable_lsn());
+  out->set_applied_lsn(group_->applied_lsn());
+  out->set_write_released(core_.write_released());
+  out->set_flush_released(core_.flush_released());
+  timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  const uint64_t wall = static_cast<uint64_t>(ts.tv_sec) * kSecond + ts.tv_nsec;
+  for (const core::PeerStatus& p : core_.Status(now)) {
+    v1::PeerStatus* ps = out->add_peers();
+    ps->set_peer(p.peer);
+    ps->set_mode(core::ModeName(p.mode));
+    ps->set_link_state(core::LinkStateName(p.state));
+    ps->set_received_lsn(p.positions.received);
+    ps->set_durable_lsn(p.positions.durable);
+    ps->set_applied_lsn(p.positions.applied);
+    ps->set_in_sync_set(p.in_sync_set);
+    ps->set_degraded(p.degraded);
+    ps->set_lag_lsns(p.lag.lsns);
+    ps->set_lag_bytes(p.lag.bytes);
+    ps->set_lag_seconds(p.lag.oldest_timestamp_ns == 0 || p.lag.oldest_timestamp_ns > wall
+                            ? 0.0
+                            : static_cast<double>(wall - p.lag.oldest_timestamp_ns) / 1e9);
+    ps->set_rtt_us(static_cast<uint64_t>(p.rtt / 1000));
+    ps->set_window_bytes(p.window_bytes);
+    ps->set_inflight_bytes(p.inflight_bytes);
+    for (const auto& l : links_) {
+      if (l->opt.site != p.peer) continue;
+      if (l->copying || p.state == core::LinkState::kCopying) {
+        ps->set_copy_total_bytes(l->copy_total);
+        ps->set_copy_done_bytes(l->copy_done);
+      }
+      ps->set_last_error(p.last_error.empty() ? l->last_error : p.last_error);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replica
+
+ReplicaGroup::ReplicaGroup(GroupRuntime* group, ReplicaOptions options)
+    : group_(group), log_(&group->log()), options_(std::move(options)), rx_(BuildView()) {
+  group_->SetRecordsObserver(
+      [this](std::span<const storage::LogRecordView> records) { OnApplied(records); });
+  // Volumes are served read-only by the runtime's exports (the node sets read_only).
+}
+
+ReplicaGroup::~ReplicaGroup() { Stop(); }
+
+void ReplicaGroup::Stop() {
+  std::shared_ptr<Session> s;
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+    s = std::move(active_);
+  }
+  if (s) s->stream().Close(absl::UnavailableError("replica agent stopping"));
+}
+
+core::ReplicaView ReplicaGroup::BuildView() const {
+  const storage::GroupLogState state = log_->State();
+  const storage::ReplicaMeta meta = log_->replica_meta();
+  core::ReplicaView v;
+  v.group_known = true;
+  v.is_primary = false;
+  v.newest_epoch = std::max(meta.newest_epoch_seen, state.current_epoch);
+  v.history = ToCore(state.history);
+  v.last_lsn = state.last_lsn;
+  for (size_t i = 0; i < group_->volume_count(); ++i) {
+    v.volume_sizes.push_back(group_->volume(i).size());
+  }
+  v.consistent = meta.consistent;
+  v.copy_in_progress = meta.copy_in_progress;
+  v.copy_volume = meta.copy_volume;
+  v.copy_offset = meta.copy_offset;
+  return v;
+}
+
+std::shared_ptr<ReplicaGroup::Session> ReplicaGroup::Open(std::shared_ptr<ReplicaStream> stream,
+                                                          std::string peer_description) {
+  return std::make_shared<Session>(this, std::move(stream), std::move(peer_description));
+}
+
+void ReplicaGroup::Session::OnMessage(const v1::ToReplica& msg) {
+  if (closed) return;
+  switch (msg.msg_case()) {
+    case v1::ToReplica::kHello:
+      return group_->HandleHello(*this, msg.hello());
+    case v1::ToReplica::kBatch:
+      return group_->HandleBatch(*this, msg.batch());
+    case v1::ToReplica::kCopyBegin:
+      return group_->HandleCopyBegin(*this, msg.copy_begin());
+    case v1::ToReplica::kCopyChunk:
+      return group_->HandleCopyChunk(*this, msg.copy_chunk());
+    case v1::ToReplica::kCopyDone:
+      return group_->HandleCopyDone(*this, msg.copy_done());
+    case v1::ToReplica::kHeartbeat: {
+      v1::FromReplica out;
+      out.mutable_heartbeat()->set_epoch(msg.heartbeat().epoch());
+      out.mutable_heartbeat()->set_echo_unix_ns(msg.heartbeat().sent_unix_ns());
+      stream_->Send(std::move(out));
+      return;
+    }
+    default:
+      return group_->Fail(*this, absl::InvalidArgumentError(fmt::format(
+                                     "{} sent an empty or unknown message", peer_)));
+  }
+}
+
+void ReplicaGroup::Session::OnClosed(const absl::Status& status) {
+  closed = true;
+  std::lock_guard lock(group_->mu_);
+  if (group_->active_.get() == this) {
+    group_->active_.reset();
+    if (!status.ok()) group_->last_error_ = std::string(status.message());
+  }
+}
+
+void ReplicaGroup::Fail(Session& s, absl::Status status) {
+  spdlog::error("group {}: stream from {}: {}", log_->name(), s.peer(),
+                std::string(status.message()));
+  {
+    std::lock_guard lock(mu_);
+    last_error_ = std::string(status.message());
+    if (active_.get() == &s) active_.reset();
+  }
+  s.closed = true;
+  s.stream().Close(std::move(status));
+}
+
+void ReplicaGroup::HandleHello(Session& s, const v1::Hello& hello) {
+  if (s.accepted) {
+    return Fail(s, absl::InvalidArgumentError(fmt::format("{} sent a second Hello", s.peer())));
+  }
+  // Appends of an earlier stream may still be queued: let them land so the view is exact.
+  if (absl::Status st = WaitLogIdle(*log_); !st.ok()) return Fail(s, st);
+
+  core::PrimaryHello ph;
+  ph.group = hello.group();
+  ph.site = hello.sender_site();
+  ph.epoch = hello.epoch();
+  for (const auto& e : hello.history()) ph.history.push_back({e.epoch(), e.first_lsn()});
+  for (const auto& v : hello.volumes()) ph.volume_sizes.push_back(v.size_bytes());
+  ph.first_lsn = hello.first_lsn();
+  ph.last_lsn = hello.last_lsn();
+
+  std::shared_ptr<Session> previous;
+  v1::FromReplica out;
+  core::HandshakeDecision d;
+  {
+    std::lock_guard lock(mu_);
+    if (stopping_) return;
+    rx_ = core::ReplicaReceiver(BuildView());
+    d = rx_.OnHello(ph);
+    storage::ReplicaMeta meta = log_->replica_meta();
+    if (rx_.newest_epoch() > meta.newest_epoch_seen) {
+      meta.newest_epoch_seen = rx_.newest_epoch();
+      if (absl::Status st = log_->SetReplicaMeta(meta); !st.ok()) {
+        d.kind = core::HandshakeDecision::Kind::kRefuse;
+        d.code = core::RefuseCode::kProtocol;
+        d.reason = fmt::format("cannot persist epoch {}: {}", rx_.newest_epoch(),
+                               std::string(st.message()));
+      }
+    }
+    if (d.kind != core::HandshakeDecision::Kind::kRefuse) {
+      if (active_ && active_.get() != &s) previous = std::move(active_);
+      active_ = s.shared_from_this();
+      active_peer_ = hello.sender_site();
+      sender_group_id_ = hello.sender_group_id();
+      epoch_ = hello.epoch();
+      s.accepted = true;
+      last_error_.clear();
+    } else {
+      last_error_ = d.reason;
+    }
+    *out.mutable_decision() = ToProto(d, rx_.newest_epoch());
+  }
+  if (previous) {
+    previous->closed = true;
+    previous->stream().Close(
+        absl::AbortedError(fmt::format("superseded by a new stream from {}", s.peer())));
+  }
+  if (d.kind == core::HandshakeDecision::Kind::kRefuse) {
+    spdlog::error("group {}: refusing the stream from {} ({}): {}", log_->name(), s.peer(),
+                  core::RefuseCodeName(d.code), d.reason);
+    s.stream().Send(std::move(out));
+    s.closed = true;
+    s.stream().Close(absl::FailedPreconditionError(d.reason));
+    return;
+  }
+  spdlog::info("group {}: accepted the stream from {} (epoch {}): {}", log_->name(), s.peer(),
+               hello.epoch(), d.reason);
+  s.stream().Send(std::move(out));
+  SendAck();
+}
+
+void ReplicaGroup::HandleBatch(Session& s, const v1::Batch& batch) {
+  if (!s.accepted) {
+    return Fail(s, absl::InvalidArgumentError(
+                       fmt::format("{} sent a batch before its Hello was accepted", s.peer())));
+  }
+  auto buf = std::make_shared<std::string>();
+  if (absl::Status st = transport::DecodeBatch(batch, buf.get()); !st.ok()) {
+    return Fail(s, absl::InvalidArgumentError(fmt::format(
+                       "batch from LSN {}: {}", batch.first_lsn(), std::string(st.message()))));
+  }
+  std::vector<std::string_view> records;
+  if (absl::Status st = transport::SplitRecords(*buf, batch.record_count(), &records); !st.ok()) {
+    return Fail(s, absl::InvalidArgumentError(fmt::format(
+                       "batch from LSN {}: {}", batch.first_lsn(), std::string(st.message()))));
+  }
+  core::ReplicaReceiver::BatchCheck check;
+  uint32_t gid = 0;
+  {
+    std::lock_guard lock(mu_);
+    check = rx_.OnBatch(batch.epoch(), batch.first_lsn(), batch.record_count());
+    gid = sender_group_id_;
+  }
+  if (check.verdict == core::ReplicaReceiver::BatchCheck::Verdict::kReject) {
+    return Fail(s, absl::FailedPreconditionError(check.reason));
+  }
+  if (check.skip_records >= records.size()) return;
+  records.erase(records.begin(), records.begin() + static_cast<ptrdiff_t>(check.skip_records));
+  const uint64_t first = batch.first_lsn() + check.skip_records;
+  log_->AppendReplicated(
+      gid, first, std::move(records), buf, /*sync=*/true,
+      [this, first](absl::StatusOr<uint64_t> last) {
+        if (!last.ok()) {
+          std::shared_ptr<Session> a;
+          {
+            std::lock_guard lock(mu_);
+            a = active_;
+          }
+          spdlog::error("group {}: appending replicated records from LSN {}: {}", log_->name(),
+                        first, std::string(last.status().message()));
+          if (a) Fail(*a, last.status());
+          return;
+        }
+        {
+          std::lock_guard lock(mu_);
+          rx_.OnAppended(*last);
+          rx_.OnDurable(*last);
+        }
+        SendAck();
+      });
+}
+
+void ReplicaGroup::HandleCopyBegin(Session& s, const v1::CopyBegin& m) {
+  if (!s.accepted) {
+    return Fail(s, absl::InvalidArgumentError(fmt::format("{}: copy before Hello", s.peer())));
+  }
+  if (m.log_start_lsn() == 0) {
+    return Fail(s, absl::InvalidArgumentError("CopyBegin with log_start_lsn 0"));
+  }
+  if (absl::Status st = WaitLogIdle(*log_); !st.ok()) return Fail(s, st);
+  group_->PauseApply();
+  if (absl::Status st = log_->ResetForCopy(m.log_start_lsn(), m.epoch()); !st.ok()) {
+    return Fail(s, st);
+  }
+  group_->ResetAppliedLsn(m.log_start_lsn() - 1);
+  storage::ReplicaMeta meta = log_->replica_meta();
+  meta.copy_in_progress = true;
+  meta.copy_volume = 0;
+  meta.copy_offset = 0;
+  meta.copy_base_lsn = m.log_start_lsn() - 1;
+  meta.consistent = false;
+  meta.consistent_at_lsn = 0;
+  if (absl::Status st = log_->SetReplicaMeta(meta); !st.ok()) return Fail(s, st);
+  {
+    std::lock_guard lock(mu_);
+    rx_.OnCopyBegin(m.epoch(), m.log_start_lsn());
+    copy_bytes_since_checkpoint_ = 0;
+    copy_done_bytes_ = 0;
+    copy_total_bytes_ = 0;
+    for (size_t i = 0; i < group_->volume_count(); ++i) {
+      copy_total_bytes_ += group_->volume(i).size();
+    }
+  }
+  spdlog::info("group {}: full copy from {} begins; log restarts at LSN {}; inconsistent until "
+               "it completes",
+               log_->name(), s.peer(), m.log_start_lsn());
+}
+
+void ReplicaGroup::HandleCopyChunk(Session& s, const v1::CopyChunk& m) {
+  if (!s.accepted || !log_->replica_meta().copy_in_progress) {
+    return Fail(s, absl::InvalidArgumentError(
+                       fmt::format("{} sent a copy chunk while no copy is in progress", s.peer())));
+  }
+  if (m.volume() >= group_->volume_count()) {
+    return Fail(s, absl::InvalidArgumentError(fmt::format(
+                       "copy chunk for volume {}, the group has {}", m.volume(),
+                       group_->volume_count())));
+  }
+  storage::Volume& v = group_->volume(m.volume());
+  if (m.offset() > v.size() || m.length() > v.size() - m.offset() || m.length() == 0) {
+    return Fail(s, absl::InvalidArgumentError(
+                       fmt::format("copy chunk {}+{} is outside volume {} of {} bytes", m.offset(),
+                                   m.length(), m.volume(), v.size())));
+  }
+  absl::Status st;
+  if (m.zero()) {
+    st = v.WriteZeroes(m.offset(), m.length(), /*may_trim=*/true);
+  } else {
+    if (m.codec() != v1::CODEC_NONE || m.data().size() != m.length() ||
+        XXH3_64bits(m.data().data(), m.data().size()) != m.checksum()) {
+      return Fail(s, absl::DataLossError(fmt::format(
+                         "copy chunk volume {} offset {}: size or checksum mismatch", m.volume(),
+                         m.offset())));
+    }
+    st = v.Write(m.offset(), m.data());
+  }
+  if (!st.ok()) return Fail(s, st);
+  bool checkpoint = false;
+  {
+    std::lock_guard lock(mu_);
+    copy_done_bytes_ += m.length();
+    copy_bytes_since_checkpoint_ += m.length();
+    if (copy_bytes_since_checkpoint_ >= options_.copy_checkpoint_bytes) {
+      copy_bytes_since_checkpoint_ = 0;
+      checkpoint = true;
+    }
+  }
+  if (checkpoint) {
+    // The resume point is persisted only after the chunks before it are durable.
+    for (size_t i = 0; i < group_->volume_count(); ++i) {
+      if (absl::Status fst = group_->volume(i).Flush(); !fst.ok()) return Fail(s, fst);
+    }
+    storage::ReplicaMeta meta = log_->replica_meta();
+    meta.copy_volume = m.volume();
+    meta.copy_offset = m.offset() + m.length();
+    if (meta.copy_offset >= v.size()) {
+      ++meta.copy_volume;
+      meta.copy_offset = 0;
+    }
+    if (absl::Status mst = log_->SetReplicaMeta(meta); !mst.ok()) return Fail(s, mst);
+  }
+  SendAck();
+}
+
+void ReplicaGroup::HandleCopyDone(Session& s, const v1::CopyDone& m) {
+  if (!s.accepted || !log_->replica_meta().copy_in_progress) {
+    return Fail(s, absl::InvalidArgumentError(
+                       fmt::format("{} sent CopyDone while no copy is in progress", s.peer())));
+  }
+  for (size_t i = 0; i < group_->volume_count(); ++i) {
+    if (absl::Status st = group_->volume(i).Flush(); !st.ok()) return Fail(s, st);
+  }
+  storage::ReplicaMeta meta = log_->replica_meta();
+  meta.copy_in_progress = false;
+  meta.consistent_at_lsn = m.lsn();
+  meta.consistent = false;
+  if (absl::Status st = log_->SetReplicaMeta(meta); !st.ok()) return Fail(s, st);
+  {
+    std::lock_guard lock(mu_);
+    rx_.OnCopyDone(m.lsn());
+  }
+  spdlog::info("group {}: full copy from {} received; consistent once LSN {} is applied",
+               log_->name(), s.peer(), m.lsn());
+  if (absl::Status st = group_->ResumeApply(); !st.ok()) return Fail(s, st);
+  // Records applied by the catch-up did not pass through the observer.
+  const uint64_t applied = group_->applied_lsn();
+  bool now_consistent = false;
+  {
+    std::lock_guard lock(mu_);
+    rx_.OnApplied(applied);
+    now_consistent = applied >= m.lsn();
+  }
+  if (now_consistent) {
+    meta.consistent = true;
+    (void)log_->SetReplicaMeta(meta);
+    spdlog::info("group {}: replica is consistent at LSN {}", log_->name(), applied);
+  }
+  SendAck();
+}
+
+void ReplicaGroup::OnApplied(std::span<const storage::LogRecordView> records) {
+  if (records.empty() || group_->apply_paused()) return;
+  const uint64_t applied = records.back().lsn;
+  bool became_consistent = false;
+  {
+    std::lock_guard lock(mu_);
+    rx_.OnApplied(applied);
+    if (!rx_.consistent()) {
+    } else {
+      storage::ReplicaMeta meta = log_->replica_meta();
+      if (!meta.consistent && !meta.copy_in_progress && applied >= meta.consistent_at_lsn) {
+        became_consistent = true;
+      }
+    }
+  }
+  if (became_consistent) {
+    storage::ReplicaMeta meta = log_->replica_meta();
+    meta.consistent = true;
+    (void)log_->SetReplicaMeta(meta);
+    spdlog::info("group {}: replica is consistent at LSN {}", log_->name(), applied);
+  }
+  SendAck();
+}
+
+void ReplicaGroup::SendAck() {
+  std::shared_ptr<Session> s;
+  std::optional<core::Positions> p;
+  uint64_t epoch = 0, copied = 0;
+  {
+    std::lock_guard lock(mu_);
+    if (!active_) return;
+    p = rx_.TakeAck();
+    if (!p) return;
+    s = active_;
+    epoch = rx_.newest_epoch();
+    copied = copy_done_bytes_;
+  }
+  v1::FromReplica out;
+  v1::Position* pos = out.mutable_position();
+  pos->set_epoch(epoch);
+  pos->set_received_lsn(p->received);
+  pos->set_durable_lsn(p->durable);
+  pos->set_applied_lsn(p->applied);
+  pos->set_copied_bytes(copied);
+  s->stream().Send(std::move(out));
+}
+
+void ReplicaGroup::FillStatus(v1::GroupStatus* out) const {
+  std::lock_guard lock(mu_);
+  const storage::ReplicaMeta meta = log_->replica_meta();
+  out->set_role("replica");
+  out->set_epoch(rx_.newest_epoch());
+  out->set_consistent(meta.consistent && !meta.copy_in_progress);
+  out->set_last_lsn(log_->last_lsn());
+  out->set_durable_lsn(log_->durable_lsn());
+  out->set_applied_lsn(group_->applied_lsn());
+  v1::PeerStatus* ps = out->add_peers();
+  ps->set_peer(active_peer_);
+  ps->set_link_state(active_ ? (meta.copy_in_progress ? "copying" : "streaming") : "disconnected");
+  ps->set_received_lsn(log_->last_lsn());
+  ps->set_durable_lsn(log_->durable_lsn());
+  ps->set_applied_lsn(group_->applied_lsn());
+  if (meta.copy_in_progress) {
+    ps->set_copy_total_bytes(copy_total_bytes_);
+    ps->set_copy_done_bytes(copy_done_bytes_);
+  }
+  ps->set_last_error(last_error_);
+}
+
+}  // namespace tvilling::node

@@ -1,0 +1,203 @@
+// replication.h: a running group's replication, on both ends (docs/replication.md).
+//
+// PrimaryReplicator runs on the group's primary: it keeps core::PrimaryGroup fed with the local
+// log's progress and the peers' positions, holds back client I/O as the peers' modes demand (it is
+// the group's CompletionGate), and drives one outgoing stream per peer from a single worker thread:
+// dial with backoff, Hello, ship batches read from the log (or, for a new peer, copy the volumes
+// while the log streams), heartbeats.
+//
+// ReplicaGroup runs on a replica: it answers a primary's Hello with core::ReplicaReceiver's
+// decision, appends batches to its own log (the runtime's applier then writes the volumes), takes
+// full copies, and reports its positions.
+//
+// Neither class knows gRPC: a stream is a pair of functions (send a message, close with a status)
+// so the transport shim in agent/node/replication_service.cc is the only place that touches it.
+#pragma once
+
+#include <absl/status/status.h>
+#include <absl/status/statusor.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "agent/core/replication.h"
+#include "agent/node/group_runtime.h"
+#include "tvilling/v1/control.pb.h"
+#include "tvilling/v1/replication.pb.h"
+
+namespace tvilling::node {
+
+core::Nanos MonotonicNow();
+
+// A stream as the replication logic sees it. Send queues a message (never blocks); queued_bytes is
+// what is queued and not yet written to the socket (backpressure); Close ends the stream.
+template <class Out>
+class Stream {
+ public:
+  virtual ~Stream() = default;
+  virtual void Send(Out msg) = 0;
+  virtual uint64_t queued_bytes() const = 0;
+  virtual void Close(absl::Status status) = 0;
+};
+using PrimaryStream = Stream<v1::ToReplica>;    // the primary's end
+using ReplicaStream = Stream<v1::FromReplica>;  // the replica's end
+
+// Opens outgoing streams (the transport implements it). The events of the stream arrive through
+// the callbacks; after on_closed nothing more arrives.
+class Dialer {
+ public:
+  struct Callbacks {
+    std::function<void(v1::FromReplica msg)> on_message;
+    std::function<void(absl::Status)> on_closed;
+  };
+  virtual ~Dialer() = default;
+  virtual std::shared_ptr<PrimaryStream> Dial(const std::string& peer_site, Callbacks callbacks) = 0;
+};
+
+struct PeerOptions {
+  std::string site;
+  core::SenderOptions sender;
+  v1::Codec codec = v1::CODEC_LZ4;
+  uint64_t rate_limit_bytes_per_s = 0;  // 0 = none
+};
+
+struct PrimaryOptions {
+  std::string site;  // this agent's site
+  std::vector<PeerOptions> peers;
+  uint64_t copy_chunk_bytes = 1ull << 20;
+  // Stop queueing more on a stream while this much is waiting for the socket.
+  uint64_t max_queued_bytes = 16ull << 20;
+  core::Nanos heartbeat_interval = 1'000'000'000;
+  // A stream silent for this long (no message of any kind) is cut and redialled.
+  core::Nanos link_timeout = 10'000'000'000;
+};
+
+class PrimaryReplicator final : public CompletionGate,
+                                public std::enable_shared_from_this<PrimaryReplicator> {
+ public:
+  // Decides the epoch (docs/replication.md, "Roles and epochs"), wires itself into `group` (gate and
+  // records observer) and starts the worker. `group` must outlive the replicator (Stop first).
+  static absl::StatusOr<std::shared_ptr<PrimaryReplicator>> Start(GroupRuntime* group,
+                                                                  PrimaryOptions options,
+                                                                  Dialer* dialer);
+  ~PrimaryReplicator() override;
+
+  // Closes the streams and joins the worker. Client I/O still waiting is failed with Unavailable.
+  void Stop();
+
+  // CompletionGate
+  void WriteInLog(uint64_t lsn, bool durable, nbd::Export::Done done) override;
+  void FlushedLocally(uint64_t lsn, nbd::Export::Done done) override;
+
+  uint64_t epoch() const { return epoch_; }
+  void FillStatus(v1::GroupStatus* out) const;
+
+ private:
+  struct Link;
+  PrimaryReplicator(GroupRuntime* group, PrimaryOptions options, Dialer* dialer);
+  void OnRecords(std::span<const storage::LogRecordView> records);
+  void WorkerLoop();
+  void Dial(Link& link, core::Nanos now);
+  void OnMessage(Link& link, uint64_t generation, v1::FromReplica msg);
+  void OnClosed(Link& link, uint64_t generation, const absl::Status& status);
+  // Ships what core allows on `link`; returns false if it stopped on an error.
+  void Ship(Link& link, core::Nanos now);
+  void CopyStep(Link& link, core::Nanos now);
+  void Disconnect(Link& link, const std::string& reason, core::Nanos now);  // REQUIRES: mu_
+  // Completes client I/O that the release points now allow. REQUIRES: mu_ held via `lock`; unlocks
+  // it to run the callbacks.
+  void ReleaseLocked(std::unique_lock<std::mutex>& lock);
+  void PersistPeerPositions();
+
+  GroupRuntime* const group_;
+  storage::GroupLog* const log_;
+  const PrimaryOptions options_;
+  Dialer* const dialer_;
+  uint64_t epoch_ = 0;
+  bool has_sync_peer_ = false;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool stopping_ = false;
+  bool work_ = false;  // something happened that the worker should look at
+  core::PrimaryGroup core_;
+  std::vector<std::unique_ptr<Link>> links_;
+  std::multimap<uint64_t, nbd::Export::Done> write_waiters_;  // need write_released >= key
+  std::multimap<uint64_t, nbd::Export::Done> flush_waiters_;  // need flush_released >= key
+  std::thread worker_;
+};
+
+struct ReplicaOptions {
+  std::string site;
+  // Fsync the volumes and persist the copy's resume point after this many copied bytes.
+  uint64_t copy_checkpoint_bytes = 64ull << 20;
+};
+
+class ReplicaGroup {
+ public:
+  ReplicaGroup(GroupRuntime* group, ReplicaOptions options);
+  ~ReplicaGroup();
+
+  // A new stream from a primary. Returns the handler for its messages; `stream` answers.
+  class Session;
+  std::shared_ptr<Session> Open(std::shared_ptr<ReplicaStream> stream, std::string peer_description);
+
+  void FillStatus(v1::GroupStatus* out) const;
+  void Stop();
+
+ private:
+  friend class Session;
+  void HandleHello(Session& s, const v1::Hello& hello);
+  void HandleBatch(Session& s, const v1::Batch& batch);
+  void HandleCopyBegin(Session& s, const v1::CopyBegin& m);
+  void HandleCopyChunk(Session& s, const v1::CopyChunk& m);
+  void HandleCopyDone(Session& s, const v1::CopyDone& m);
+  void OnApplied(std::span<const storage::LogRecordView> records);
+  void SendAck();  // REQUIRES: not mu_
+  void Fail(Session& s, absl::Status status);
+  core::ReplicaView BuildView() const;
+
+  GroupRuntime* const group_;
+  storage::GroupLog* const log_;
+  const ReplicaOptions options_;
+
+  mutable std::mutex mu_;
+  core::ReplicaReceiver rx_;
+  std::shared_ptr<Session> active_;  // the accepted stream, if any
+  std::string active_peer_;
+  uint32_t sender_group_id_ = 0;
+  uint64_t epoch_ = 0;
+  uint64_t copy_bytes_since_checkpoint_ = 0;
+  uint64_t copy_done_bytes_ = 0;
+  uint64_t copy_total_bytes_ = 0;
+  std::string last_error_;
+  bool stopping_ = false;
+};
+
+class ReplicaGroup::Session : public std::enable_shared_from_this<ReplicaGroup::Session> {
+ public:
+  Session(ReplicaGroup* group, std::shared_ptr<ReplicaStream> stream, std::string peer)
+      : group_(group), stream_(std::move(stream)), peer_(std::move(peer)) {}
+  // One message from the primary (the transport delivers them one at a time, in order).
+  void OnMessage(const v1::ToReplica& msg);
+  void OnClosed(const absl::Status& status);
+  ReplicaStream& stream() { return *stream_; }
+  const std::string& peer() const { return peer_; }
+  bool accepted = false;  // the Hello was accepted
+  bool closed = false;
+
+ private:
+  ReplicaGroup* const group_;
+  std::shared_ptr<ReplicaStream> stream_;
+  const std::string peer_;
+};
+
+}  // namespace tvilling::node

@@ -1,0 +1,49 @@
+// replication_service.h: wires a group's replication (replication.h) to the transport
+// (agent/transport): TLS from the config, the listener that accepts primaries' streams and checks
+// their certificate identity against [[acl]], and the dialer for this agent's own primaries.
+#pragma once
+
+#include <absl/status/status.h>
+#include <absl/status/statusor.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+
+#include "agent/node/replication.h"
+#include "agent/ops/config.h"
+
+namespace tvilling::transport {
+class ReplicationServer;
+}
+
+namespace tvilling::node {
+
+// Loads and checks the TLS files of `config` (expiry, key match, CA), if TLS is on.
+absl::Status CheckTls(const ops::Config& config);
+
+// The replicator options of a group this agent is primary of.
+PrimaryOptions PrimaryOptionsFor(const ops::Config& config, const ops::GroupConfig& group);
+
+class ReplicationService {
+ public:
+  static absl::StatusOr<std::unique_ptr<ReplicationService>> Create(const ops::Config& config);
+  ~ReplicationService();
+
+  Dialer* dialer();
+  // Groups this agent holds: streams for them are accepted (replicas) or refused (primaries).
+  void AddReplica(const std::string& group, ReplicaGroup* replica);
+  void AddPrimaryGroup(const std::string& group);
+  // Starts listening on [replication] listen.
+  absl::Status Start();
+  void Shutdown();
+
+ private:
+  class Impl;
+  explicit ReplicationService(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tvilling::node

@@ -1,0 +1,203 @@
+#!/usr/bin/python3
+"""repl_bench.py: replication benchmarks on loopback, each a ratio to a baseline measured in the same run.
+
+  /usr/bin/python3 bench/repl_bench.py --tvillingd build/agent/tvillingd \
+      --tvillingctl build/agent/cli/tvillingctl --pki deploy/pki/make-dev-pki.sh [--quick] [--reps N]
+
+What it measures (issue 4; docs/benchmarks.md records the results):
+  throughput  fio nbd 64 KiB sequential writes, QD8, against a single-node tvillingd (baseline) and
+              against a primary with one async peer over TLS. "Replicated throughput" counts the time
+              until the peer has the last byte durable, not only until fio finished.   goal >= 0.8
+  sync_lat    fio nbd 4 KiB randwrite QD1 latency p50: single node (baseline), sync peer without TLS,
+              sync peer with TLS. Reported as the difference in us.   goals <= 150 us / <= 200 us
+  lag         fio at 50 % of the async throughput just measured, with the peer's lag (age of the
+              oldest record not yet durable at the peer) sampled every 20 ms; p50/p99/max.
+              goal p99 <= 10 ms
+  cost        CPU seconds per replicated GiB on each side, and each agent's peak RSS.
+Repetitions are interleaved (baseline, candidate, baseline, ...) and medians reported, because this
+machine is shared and noisy.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
+                                "integration"))
+from repl_lib import Cluster, u64, wait_caught_up  # noqa: E402
+
+GIB = 1 << 30
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def peak_rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_fio(uri, rw, bs, iodepth, size=None, runtime=None, rate=None):
+    args = ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+            f"--iodepth={iodepth}", "--output-format=json", "--randrepeat=0"]
+    if size:
+        args.append(f"--size={size}")
+    if runtime:
+        args += ["--time_based", f"--runtime={runtime}", "--size=1G"]
+    if rate:
+        args.append(f"--rate={rate}")
+    r = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        raise RuntimeError(f"fio failed: {r.stderr}")
+    out = r.stdout[r.stdout.index("{"):]
+    job = json.loads(out)["jobs"][0]["write"]
+    return {
+        "bw_bytes": job["bw_bytes"],
+        "iops": job["iops"],
+        "p50_us": job["clat_ns"]["percentile"]["50.000000"] / 1000,
+        "p99_us": job["clat_ns"]["percentile"]["99.000000"] / 1000,
+        "bytes": job["io_bytes"],
+    }
+
+
+class Setup:
+    """A single agent, or a primary plus one peer, fresh for each measurement."""
+
+    def __init__(self, args, kind, mode="async", tls=True):
+        self.c = Cluster(args.tvillingd, args.tvillingctl, args.pki, f"bench-{kind}")
+        self.a = self.c.agent("site-a")
+        self.b = None
+        g = {"name": "g0", "primary": "site-a", "size": "2GiB"}
+        if kind == "single":
+            self.a.write_config([g])
+        else:
+            self.b = self.c.agent("site-b")
+            self.a.tls = self.b.tls = tls
+            acl_b = [("site-a" if tls else "*", "site-a", ["g0"])]
+            acl_a = [("site-b" if tls else "*", "site-b", ["g0"])]
+            self.a.write_config([dict(g, peers=[(self.b, mode, None)])], acl=acl_a)
+            self.b.write_config([dict(g, peers=[(self.a, mode, None)])], acl=acl_b)
+            self.b.start()
+        self.a.start()
+        if self.b:
+            # Let the initial full copy of the (empty, sparse) volume finish first.
+            wait_caught_up(self.a, [self.b], timeout_s=300)
+
+    def close(self):
+        self.c.close()
+
+
+def bench_throughput(args, reps):
+    size = "512M" if args.quick else "2G"
+    single, repl, cost = [], [], []
+    for _ in range(reps):
+        s = Setup(args, "single")
+        try:
+            r = run_fio(s.a.uri(), "write", "64k", 8, size=size)
+            single.append(r["bw_bytes"])
+        finally:
+            s.close()
+        s = Setup(args, "pair", "async", tls=True)
+        try:
+            cpu_a0, cpu_b0 = cpu_seconds(s.a.proc.pid), cpu_seconds(s.b.proc.pid)
+            t0 = time.monotonic()
+            r = run_fio(s.a.uri(), "write", "64k", 8, size=size)
+            wait_caught_up(s.a, [s.b], timeout_s=600)
+            elapsed = time.monotonic() - t0
+            repl.append(r["bytes"] / elapsed)
+            gib = r["bytes"] / GIB
+            cost.append({
+                "primary_cpu_s_per_gib": (cpu_seconds(s.a.proc.pid) - cpu_a0) / gib,
+                "replica_cpu_s_per_gib": (cpu_seconds(s.b.proc.pid) - cpu_b0) / gib,
+                "primary_peak_rss_mib": peak_rss_mib(s.a.proc.pid),
+                "replica_peak_rss_mib": peak_rss_mib(s.b.proc.pid),
+            })
+        finally:
+            s.close()
+    med_s, med_r = statistics.median(single), statistics.median(repl)
+    print(f"throughput 64k QD8: single {med_s / 2**20:.0f} MiB/s, replicated async+TLS "
+          f"{med_r / 2**20:.0f} MiB/s, ratio {med_r / med_s:.2f} (goal >= 0.8)")
+    for k in cost[0]:
+        print(f"  {k}: {statistics.median(c[k] for c in cost):.2f}")
+    return med_r
+
+
+def bench_sync_latency(args, reps):
+    runtime = 5 if args.quick else 10
+    res = {"single": [], "sync": [], "sync_tls": []}
+    for _ in range(reps):
+        for name, kind, tls in (("single", "single", True), ("sync", "pair", False),
+                                ("sync_tls", "pair", True)):
+            s = Setup(args, kind, "sync", tls=tls)
+            try:
+                res[name].append(run_fio(s.a.uri(), "randwrite", "4k", 1, runtime=runtime)["p50_us"])
+            finally:
+                s.close()
+    med = {k: statistics.median(v) for k, v in res.items()}
+    print(f"sync 4k QD1 write p50: single {med['single']:.0f} us, sync {med['sync']:.0f} us "
+          f"(+{med['sync'] - med['single']:.0f} us, goal <= 150), sync+TLS {med['sync_tls']:.0f} us "
+          f"(+{med['sync_tls'] - med['single']:.0f} us, goal <= 200)")
+
+
+def bench_lag(args, max_bw):
+    runtime = 8 if args.quick else 20
+    rate = int(max_bw / 2)
+    s = Setup(args, "pair", "async", tls=True)
+    samples = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            p = s.a.peer("site-b")
+            if p is not None:
+                samples.append(float(p.get("lag_seconds", 0.0)))
+            time.sleep(0.02)
+
+    try:
+        t = threading.Thread(target=sample)
+        t.start()
+        run_fio(s.a.uri(), "write", "64k", 8, runtime=runtime, rate=f"{rate}")
+        stop.set()
+        t.join()
+    finally:
+        s.close()
+    samples.sort()
+    p = lambda q: samples[min(len(samples) - 1, int(q * len(samples)))] * 1000  # noqa: E731
+    print(f"async lag at {rate / 2**20:.0f} MiB/s (50 % of max), {len(samples)} samples: "
+          f"p50 {p(0.5):.2f} ms, p99 {p(0.99):.2f} ms (goal <= 10), max {samples[-1] * 1000:.2f} ms")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tvillingd", required=True)
+    ap.add_argument("--tvillingctl", required=True)
+    ap.add_argument("--pki", required=True)
+    ap.add_argument("--quick", action="store_true", help="one short repetition (smoke test)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", choices=["throughput", "sync_lat", "lag"])
+    args = ap.parse_args()
+    reps = 1 if args.quick else args.reps
+    max_bw = None
+    if args.only in (None, "throughput", "lag"):
+        max_bw = bench_throughput(args, reps)
+    if args.only in (None, "sync_lat"):
+        bench_sync_latency(args, reps)
+    if args.only in (None, "lag"):
+        bench_lag(args, max_bw)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
