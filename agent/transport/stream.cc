@@ -1,0 +1,455 @@
+// stream.cc: callback-API reactors for Replication.Stream (see stream.h).
+//
+// Both reactors are owned by a shared_ptr: the user's (ServerStream / ClientStream) and a self
+// reference that gRPC's side holds until OnDone, so neither outlives nor undercuts the other. gRPC
+// calls (StartWrite, Finish, TryCancel) are made outside our mutex because a reaction may run
+// inline.
+#include "agent/transport/stream.h"
+
+#include <chrono>
+#include <deque>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <utility>
+
+#include "agent/transport/tls.h"
+#include "fmt/format.h"
+#include "tvilling/v1/replication.grpc.pb.h"
+
+namespace tvilling::transport {
+
+namespace {
+
+grpc::Status ToGrpc(const absl::Status& s) {
+  return grpc::Status(static_cast<grpc::StatusCode>(static_cast<int>(s.code())),
+                      std::string(s.message()));
+}
+
+absl::Status FromGrpc(const grpc::Status& s) {
+  return absl::Status(static_cast<absl::StatusCode>(static_cast<int>(s.error_code())),
+                      s.error_message());
+}
+
+class ServerImpl;
+
+class ServerReactor final : public grpc::ServerBidiReactor<v1::ToReplica, v1::FromReplica>,
+                            public ServerStream,
+                            public std::enable_shared_from_this<ServerReactor> {
+ public:
+  ServerReactor(grpc::CallbackServerContext* ctx, ServerImpl* server)
+      : ctx_(ctx), server_(server) {}
+
+  // Runs inside the method handler, before gRPC binds the reactor (operations started here are
+  // queued by gRPC until then).
+  void Begin(StreamAcceptor* acceptor);
+
+  void Send(v1::FromReplica msg) override {
+    const v1::FromReplica* to_write = nullptr;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (done_ || closing_) return;
+      queued_bytes_ += msg.ByteSizeLong();
+      queue_.push_back(std::move(msg));
+      if (writing_) return;
+      writing_ = true;
+      to_write = &queue_.front();  // deque::push_back keeps references to elements valid
+    }
+    StartWrite(to_write);
+  }
+
+  uint64_t queued_bytes() const override {
+    std::lock_guard<std::mutex> l(mu_);
+    return queued_bytes_;
+  }
+
+  void Close(absl::Status status) override {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (done_ || closing_) return;
+      closing_ = true;
+      final_ = status;
+      if (writing_) return;  // OnWriteDone finishes once the queue is written
+      finished_ = true;
+    }
+    Finish(ToGrpc(status));
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      // The client half-closed or the call is over: end it normally if nobody chose a status yet.
+      Close(absl::OkStatus());
+      return;
+    }
+    if (handler_) handler_->OnMessage(in_);
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (finished_) return;
+    }
+    StartRead(&in_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    const v1::FromReplica* next = nullptr;
+    bool finish = false;
+    absl::Status status;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (!ok) {
+        queue_.clear();
+        queued_bytes_ = 0;
+      } else {
+        queued_bytes_ -= queue_.front().ByteSizeLong();
+        queue_.pop_front();
+      }
+      if (!queue_.empty()) {
+        next = &queue_.front();
+      } else {
+        writing_ = false;
+        if (closing_ && !finished_) {
+          finished_ = true;
+          finish = true;
+          status = final_;
+        }
+      }
+    }
+    if (next != nullptr) {
+      StartWrite(next);
+    } else if (finish) {
+      Finish(ToGrpc(status));
+    }
+  }
+
+  void OnCancel() override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!closing_) final_ = absl::CancelledError("stream cancelled (peer gone or server shutdown)");
+    cancelled_ = true;
+  }
+
+  void OnDone() override;
+
+  // Cancels the call if it is still running. ctx_ is valid until OnDone returns, and OnDone takes
+  // ctx_mu_ first; recursive in case gRPC ran OnDone inline inside TryCancel. Not under mu_, as
+  // OnCancel takes that.
+  void Cancel() {
+    std::lock_guard<std::recursive_mutex> l(ctx_mu_);
+    if (!ctx_done_) ctx_->TryCancel();
+  }
+
+ private:
+  grpc::CallbackServerContext* ctx_;
+  ServerImpl* server_;
+  std::recursive_mutex ctx_mu_;
+  bool ctx_done_ = false;
+  std::unique_ptr<ServerStreamHandler> handler_;
+  std::shared_ptr<ServerReactor> self_;
+  v1::ToReplica in_;
+
+  mutable std::mutex mu_;
+  std::deque<v1::FromReplica> queue_;
+  uint64_t queued_bytes_ = 0;
+  bool writing_ = false;
+  bool closing_ = false;   // Close called: no more Sends, Finish after the queue drains
+  bool finished_ = false;  // Finish called
+  bool cancelled_ = false;
+  bool done_ = false;
+  absl::Status final_;
+};
+
+class Service final : public v1::Replication::CallbackService {
+ public:
+  Service(ServerImpl* server, StreamAcceptor* acceptor) : server_(server), acceptor_(acceptor) {}
+  grpc::ServerBidiReactor<v1::ToReplica, v1::FromReplica>* Stream(
+      grpc::CallbackServerContext* ctx) override;
+
+ private:
+  ServerImpl* server_;
+  StreamAcceptor* acceptor_;
+};
+
+class ServerImpl final : public ReplicationServer {
+ public:
+  explicit ServerImpl(StreamAcceptor* acceptor) : service_(this, acceptor) {}
+  ~ServerImpl() override { Shutdown(); }
+
+  absl::Status Listen(const std::string& listen, std::shared_ptr<grpc::ServerCredentials> creds) {
+    grpc::ServerBuilder b;
+    b.AddListeningPort(listen, std::move(creds), &port_);
+    b.RegisterService(&service_);
+    b.SetMaxReceiveMessageSize(kMaxMessageBytes);
+    b.SetMaxSendMessageSize(kMaxMessageBytes);
+    // Accept the clients' keepalive pings (every 10 s, also while idle) without a GOAWAY.
+    b.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+    b.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 5000);
+    b.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
+    b.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);
+    b.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 5000);
+    server_ = b.BuildAndStart();
+    if (!server_ || port_ == 0) {
+      server_.reset();
+      return absl::UnavailableError(fmt::format(
+          "replication server: cannot listen on {} (address in use or invalid?)", listen));
+    }
+    return absl::OkStatus();
+  }
+
+  int port() const override { return port_; }
+
+  void Shutdown() override {
+    std::vector<std::shared_ptr<ServerReactor>> open;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (shut_ || !server_) return;
+      shut_ = true;
+      for (auto& w : streams_) {
+        if (auto s = w.lock()) open.push_back(std::move(s));
+      }
+    }
+    for (auto& s : open) s->Cancel();
+    open.clear();
+    // Calls still running after the deadline are cancelled by gRPC; Shutdown waits for them.
+    server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(1000));
+    server_->Wait();
+  }
+
+  void Add(const std::shared_ptr<ServerReactor>& r) {
+    std::lock_guard<std::mutex> l(mu_);
+    streams_.insert(r);
+  }
+  void Remove(ServerReactor* r) {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto it = streams_.begin(); it != streams_.end();) {
+      auto s = it->lock();
+      if (!s || s.get() == r) {
+        it = streams_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  bool shut() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return shut_;
+  }
+
+ private:
+  Service service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  mutable std::mutex mu_;
+  bool shut_ = false;
+  std::set<std::weak_ptr<ServerReactor>, std::owner_less<std::weak_ptr<ServerReactor>>> streams_;
+};
+
+void ServerReactor::Begin(StreamAcceptor* acceptor) {
+  self_ = shared_from_this();
+  server_->Add(self_);
+  std::vector<std::string> ids;
+  if (auto auth = ctx_->auth_context()) ids = PeerIdentities(*auth);
+  handler_ = acceptor->Accept(self_, std::move(ids), ctx_->peer());
+  if (!handler_) {
+    Close(absl::PermissionDeniedError("stream refused by the replica"));
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (finished_) return;
+  }
+  StartRead(&in_);
+}
+
+void ServerReactor::OnDone() {
+  {
+    std::lock_guard<std::recursive_mutex> l(ctx_mu_);
+    ctx_done_ = true;
+  }
+  absl::Status status;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    done_ = true;
+    status = final_;
+    if (cancelled_ && status.ok()) {
+      status = absl::CancelledError("stream cancelled (peer gone or server shutdown)");
+    }
+    queue_.clear();
+    queued_bytes_ = 0;
+  }
+  if (handler_) {
+    handler_->OnClosed(status);
+    handler_.reset();
+  }
+  server_->Remove(this);
+  auto keep = std::move(self_);  // may destroy *this when `keep` goes out of scope
+}
+
+grpc::ServerBidiReactor<v1::ToReplica, v1::FromReplica>* Service::Stream(
+    grpc::CallbackServerContext* ctx) {
+  auto r = std::make_shared<ServerReactor>(ctx, server_);
+  r->Begin(acceptor_);
+  return r.get();
+}
+
+class ClientReactor final : public grpc::ClientBidiReactor<v1::ToReplica, v1::FromReplica>,
+                            public ClientStream,
+                            public std::enable_shared_from_this<ClientReactor> {
+ public:
+  ClientReactor(std::function<void(v1::FromReplica)> on_message,
+                std::function<void(absl::Status)> on_closed)
+      : on_message_(std::move(on_message)), on_closed_(std::move(on_closed)) {}
+
+  void Begin(std::shared_ptr<grpc::Channel> channel) {
+    self_ = shared_from_this();
+    stub_ = std::make_unique<v1::Replication::Stub>(std::move(channel));
+    stub_->async()->Stream(&ctx_, this);
+    StartRead(&in_);
+    StartCall();
+  }
+
+  void Send(v1::ToReplica msg) override {
+    const v1::ToReplica* to_write = nullptr;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (ended_) return;
+      queued_bytes_ += msg.ByteSizeLong();
+      queue_.push_back(std::move(msg));
+      if (writing_) return;
+      writing_ = true;
+      to_write = &queue_.front();
+    }
+    StartWrite(to_write);
+  }
+
+  uint64_t queued_bytes() const override {
+    std::lock_guard<std::mutex> l(mu_);
+    return queued_bytes_;
+  }
+
+  void Close(absl::Status status) override {
+    bool cancel = false;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (!ended_) {
+        ended_ = true;
+        cancel = !done_;
+        // OnDone may win the race to Deliver (on another thread); it reports this status then.
+        close_status_ = status;
+      }
+    }
+    // ctx_ lives as long as *this; TryCancel outside mu_ because reactions may run inline.
+    if (cancel) ctx_.TryCancel();
+    Deliver(std::move(status));
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) return;  // the server ended the stream; OnDone brings its status
+    {
+      std::lock_guard<std::recursive_mutex> cb(cb_mu_);
+      if (!reported_) on_message_(std::move(in_));
+    }
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (ended_) return;
+    }
+    StartRead(&in_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    const v1::ToReplica* next = nullptr;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (!ok) {
+        queue_.clear();
+        queued_bytes_ = 0;
+        writing_ = false;
+        return;
+      }
+      queued_bytes_ -= queue_.front().ByteSizeLong();
+      queue_.pop_front();
+      if (queue_.empty() || ended_) {
+        writing_ = false;
+        return;
+      }
+      next = &queue_.front();
+    }
+    StartWrite(next);
+  }
+
+  void OnDone(const grpc::Status& s) override {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      done_ = true;
+      ended_ = true;
+      queue_.clear();
+      queued_bytes_ = 0;
+    }
+    absl::Status status = FromGrpc(s);
+    if (status.ok()) status = absl::CancelledError("stream ended by the replica");
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (close_status_) status = *close_status_;
+    }
+    Deliver(std::move(status));
+    auto keep = std::move(self_);  // may destroy *this when `keep` goes out of scope
+  }
+
+ private:
+  // Reports the end once; cb_mu_ is recursive so that Close works from inside a callback.
+  void Deliver(absl::Status status) {
+    std::lock_guard<std::recursive_mutex> cb(cb_mu_);
+    if (reported_) return;
+    reported_ = true;
+    if (on_closed_) on_closed_(std::move(status));
+  }
+
+  std::unique_ptr<v1::Replication::Stub> stub_;
+  grpc::ClientContext ctx_;
+  std::function<void(v1::FromReplica)> on_message_;
+  std::function<void(absl::Status)> on_closed_;
+  std::shared_ptr<ClientReactor> self_;
+  v1::FromReplica in_;
+
+  std::recursive_mutex cb_mu_;  // held while a user callback runs
+  bool reported_ = false;       // on_closed was called (under cb_mu_)
+
+  mutable std::mutex mu_;
+  std::deque<v1::ToReplica> queue_;
+  uint64_t queued_bytes_ = 0;
+  bool writing_ = false;
+  bool ended_ = false;                        // Close called or the RPC is over
+  std::optional<absl::Status> close_status_;  // set by Close
+  bool done_ = false;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ReplicationServer>> ReplicationServer::Start(
+    const std::string& listen, std::shared_ptr<grpc::ServerCredentials> creds,
+    StreamAcceptor* acceptor) {
+  auto s = std::make_unique<ServerImpl>(acceptor);
+  if (auto st = s->Listen(listen, std::move(creds)); !st.ok()) return st;
+  return std::unique_ptr<ReplicationServer>(std::move(s));
+}
+
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,
+                                           std::shared_ptr<grpc::ChannelCredentials> creds,
+                                           const std::string& tls_name_override) {
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 5000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  args.SetMaxSendMessageSize(kMaxMessageBytes);
+  args.SetMaxReceiveMessageSize(kMaxMessageBytes);
+  if (!tls_name_override.empty()) args.SetSslTargetNameOverride(tls_name_override);
+  return grpc::CreateCustomChannel(target, std::move(creds), args);
+}
+
+std::shared_ptr<ClientStream> ClientStream::Open(std::shared_ptr<grpc::Channel> channel,
+                                                 std::function<void(v1::FromReplica)> on_message,
+                                                 std::function<void(absl::Status)> on_closed) {
+  auto r = std::make_shared<ClientReactor>(std::move(on_message), std::move(on_closed));
+  r->Begin(std::move(channel));
+  return r;
+}
+
+}  // namespace tvilling::transport

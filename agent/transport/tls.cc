@@ -1,0 +1,181 @@
+// tls.cc: TLS file checks with OpenSSL and gRPC credentials (see tls.h).
+#include "agent/transport/tls.h"
+
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+#include <openssl/x509_vfy.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "fmt/format.h"
+
+namespace tvilling::transport {
+
+namespace {
+
+template <typename T, void (*F)(T*)>
+struct Deleter {
+  void operator()(T* p) const { F(p); }
+};
+using X509Ptr = std::unique_ptr<X509, Deleter<X509, X509_free>>;
+using KeyPtr = std::unique_ptr<EVP_PKEY, Deleter<EVP_PKEY, EVP_PKEY_free>>;
+using BioPtr = std::unique_ptr<BIO, Deleter<BIO, BIO_free_all>>;
+using StorePtr = std::unique_ptr<X509_STORE, Deleter<X509_STORE, X509_STORE_free>>;
+using CtxPtr = std::unique_ptr<X509_STORE_CTX, Deleter<X509_STORE_CTX, X509_STORE_CTX_free>>;
+struct StackDeleter {
+  void operator()(STACK_OF(X509) * s) const { sk_X509_pop_free(s, X509_free); }
+};
+using StackPtr = std::unique_ptr<STACK_OF(X509), StackDeleter>;
+
+std::string OpenSslError() {
+  unsigned long e = ERR_get_error();
+  ERR_clear_error();
+  if (e == 0) return "no PEM data found";
+  char buf[256];
+  ERR_error_string_n(e, buf, sizeof(buf));
+  return buf;
+}
+
+absl::StatusOr<std::string> ReadFile(const std::filesystem::path& path, const char* what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::NotFoundError(fmt::format("TLS {} file {}: cannot be read: {}", what,
+                                           path.string(), std::strerror(errno)));
+  }
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) {
+    return absl::DataLossError(fmt::format("TLS {} file {}: read error", what, path.string()));
+  }
+  return ss.str();
+}
+
+// All certificates in a PEM text, in order.
+absl::StatusOr<std::vector<X509Ptr>> ParseCerts(const std::string& pem,
+                                                const std::filesystem::path& path,
+                                                const char* what) {
+  ERR_clear_error();
+  BioPtr bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+  std::vector<X509Ptr> certs;
+  while (X509* x = PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr)) certs.emplace_back(x);
+  ERR_clear_error();  // the loop ends on "no start line"
+  if (certs.empty()) {
+    return absl::InvalidArgumentError(
+        fmt::format("TLS {} file {}: no PEM certificate in it", what, path.string()));
+  }
+  return certs;
+}
+
+std::string AsnTime(const ASN1_TIME* t) {
+  BioPtr bio(BIO_new(BIO_s_mem()));
+  ASN1_TIME_print(bio.get(), t);
+  char* data = nullptr;
+  long n = BIO_get_mem_data(bio.get(), &data);
+  return std::string(data, static_cast<size_t>(n));
+}
+
+absl::Status CheckValidity(X509* cert, const std::filesystem::path& path) {
+  if (X509_cmp_current_time(X509_get0_notAfter(cert)) <= 0) {
+    return absl::FailedPreconditionError(fmt::format("certificate {} expired on {}", path.string(),
+                                                     AsnTime(X509_get0_notAfter(cert))));
+  }
+  if (X509_cmp_current_time(X509_get0_notBefore(cert)) >= 0) {
+    return absl::FailedPreconditionError(fmt::format("certificate {} is not valid before {}",
+                                                     path.string(),
+                                                     AsnTime(X509_get0_notBefore(cert))));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<TlsMaterial> LoadTls(const TlsFiles& files) {
+  TlsMaterial m;
+  auto ca = ReadFile(files.ca, "CA");
+  if (!ca.ok()) return ca.status();
+  auto cert = ReadFile(files.cert, "certificate");
+  if (!cert.ok()) return cert.status();
+  auto key = ReadFile(files.key, "key");
+  if (!key.ok()) return key.status();
+  m.ca_pem = *std::move(ca);
+  m.cert_pem = *std::move(cert);
+  m.key_pem = *std::move(key);
+
+  auto ca_certs = ParseCerts(m.ca_pem, files.ca, "CA");
+  if (!ca_certs.ok()) return ca_certs.status();
+  auto chain = ParseCerts(m.cert_pem, files.cert, "certificate");
+  if (!chain.ok()) return chain.status();
+
+  ERR_clear_error();
+  BioPtr key_bio(BIO_new_mem_buf(m.key_pem.data(), static_cast<int>(m.key_pem.size())));
+  KeyPtr pkey(PEM_read_bio_PrivateKey(key_bio.get(), nullptr, nullptr, nullptr));
+  if (!pkey) {
+    return absl::InvalidArgumentError(fmt::format("TLS key file {}: not a PEM private key ({})",
+                                                  files.key.string(), OpenSslError()));
+  }
+  X509* leaf = chain->front().get();
+  if (X509_check_private_key(leaf, pkey.get()) != 1) {
+    ERR_clear_error();
+    return absl::InvalidArgumentError(fmt::format("TLS key file {} does not match certificate {}",
+                                                  files.key.string(), files.cert.string()));
+  }
+  for (auto& c : *ca_certs) {
+    if (auto s = CheckValidity(c.get(), files.ca); !s.ok()) return s;
+  }
+  if (auto s = CheckValidity(leaf, files.cert); !s.ok()) return s;
+
+  StorePtr store(X509_STORE_new());
+  for (auto& c : *ca_certs) X509_STORE_add_cert(store.get(), c.get());
+  StackPtr untrusted(sk_X509_new_null());
+  for (size_t i = 1; i < chain->size(); ++i) {
+    X509_up_ref((*chain)[i].get());
+    sk_X509_push(untrusted.get(), (*chain)[i].get());
+  }
+  CtxPtr ctx(X509_STORE_CTX_new());
+  if (!ctx || X509_STORE_CTX_init(ctx.get(), store.get(), leaf, untrusted.get()) != 1) {
+    return absl::InternalError(fmt::format("TLS: cannot set up verification of {}: {}",
+                                           files.cert.string(), OpenSslError()));
+  }
+  if (X509_verify_cert(ctx.get()) != 1) {
+    int err = X509_STORE_CTX_get_error(ctx.get());
+    ERR_clear_error();
+    return absl::InvalidArgumentError(
+        fmt::format("certificate {} does not verify against CA {}: {}", files.cert.string(),
+                    files.ca.string(), X509_verify_cert_error_string(err)));
+  }
+  return m;
+}
+
+std::shared_ptr<grpc::ServerCredentials> ServerCredentials(const TlsMaterial& tls) {
+  grpc::SslServerCredentialsOptions o(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  o.pem_root_certs = tls.ca_pem;
+  o.pem_key_cert_pairs.push_back({tls.key_pem, tls.cert_pem});
+  return grpc::SslServerCredentials(o);
+}
+
+std::shared_ptr<grpc::ChannelCredentials> ChannelCredentials(const TlsMaterial& tls) {
+  grpc::SslCredentialsOptions o;
+  o.pem_root_certs = tls.ca_pem;
+  o.pem_private_key = tls.key_pem;
+  o.pem_cert_chain = tls.cert_pem;
+  return grpc::SslCredentials(o);
+}
+
+std::vector<std::string> PeerIdentities(const grpc::AuthContext& ctx) {
+  std::vector<std::string> out;
+  for (const char* prop : {"x509_common_name", "x509_subject_alternative_name"}) {
+    for (const grpc::string_ref& v : ctx.FindPropertyValues(prop)) {
+      std::string s(v.data(), v.size());
+      if (std::find(out.begin(), out.end(), s) == out.end()) out.push_back(std::move(s));
+    }
+  }
+  return out;
+}
+
+}  // namespace tvilling::transport
