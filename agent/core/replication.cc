@@ -1,0 +1,695 @@
+// replication.cc: the replication state machines of agent/core/replication.h (docs/replication.md).
+//
+// Pure: no clock reads, I/O or threads. Every time is an argument.
+#include "agent/core/replication.h"
+
+#include <algorithm>
+#include <limits>
+
+namespace tvilling::core {
+
+const char* ModeName(Mode m) {
+  switch (m) {
+    case Mode::kAsync:
+      return "async";
+    case Mode::kSync:
+      return "sync";
+  }
+  return "unknown";
+}
+
+const char* RefuseCodeName(RefuseCode c) {
+  switch (c) {
+    case RefuseCode::kNone:
+      return "none";
+    case RefuseCode::kUnknownGroup:
+      return "unknown group";
+    case RefuseCode::kNotReplica:
+      return "not a replica";
+    case RefuseCode::kStaleEpoch:
+      return "stale epoch";
+    case RefuseCode::kDiverged:
+      return "diverged";
+    case RefuseCode::kVolumeMismatch:
+      return "volume mismatch";
+    case RefuseCode::kNotAuthorised:
+      return "not authorised";
+    case RefuseCode::kProtocol:
+      return "protocol error";
+  }
+  return "unknown";
+}
+
+const char* LinkStateName(LinkState s) {
+  switch (s) {
+    case LinkState::kDisconnected:
+      return "disconnected";
+    case LinkState::kHandshake:
+      return "handshake";
+    case LinkState::kCopying:
+      return "copying";
+    case LinkState::kStreaming:
+      return "streaming";
+    case LinkState::kRefused:
+      return "refused";
+  }
+  return "unknown";
+}
+
+uint64_t EpochAt(const History& history, uint64_t lsn) {
+  if (lsn == 0) return 0;
+  uint64_t epoch = 0;
+  for (const EpochStart& e : history) {
+    if (e.first_lsn > lsn) break;
+    epoch = e.epoch;
+  }
+  return epoch;
+}
+
+uint64_t CommonPrefix(const History& a, uint64_t a_last, const History& b, uint64_t b_last) {
+  const uint64_t limit = std::min(a_last, b_last);
+  // EpochAt is piecewise constant, changing only at some history entry's first_lsn; so the first
+  // LSN where the two differ is 1 or one of those boundaries. Check exactly those points.
+  std::vector<uint64_t> points{1};
+  for (const EpochStart& e : a) points.push_back(std::max<uint64_t>(e.first_lsn, 1));
+  for (const EpochStart& e : b) points.push_back(std::max<uint64_t>(e.first_lsn, 1));
+  std::sort(points.begin(), points.end());
+  for (uint64_t l : points) {
+    if (l > limit) break;
+    if (EpochAt(a, l) != EpochAt(b, l)) return l - 1;
+  }
+  return limit;
+}
+
+namespace {
+
+std::string U(uint64_t v) { return std::to_string(v); }
+
+HandshakeDecision Refuse(RefuseCode code, std::string reason) {
+  HandshakeDecision d;
+  d.kind = HandshakeDecision::Kind::kRefuse;
+  d.code = code;
+  d.reason = std::move(reason);
+  return d;
+}
+
+std::string Sizes(const std::vector<uint64_t>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + U(v[i]);
+  return s + "]";
+}
+
+}  // namespace
+
+HandshakeDecision DecideHandshake(const PrimaryHello& hello, const ReplicaView& view) {
+  const std::string from = "primary " + hello.site + " of group " + hello.group;
+  if (!view.group_known) {
+    return Refuse(RefuseCode::kUnknownGroup,
+                  "unknown group: " + from + " but this agent has no group " + hello.group);
+  }
+  if (view.is_primary) {
+    return Refuse(RefuseCode::kNotReplica,
+                  "not a replica: " + from + ", but this agent is configured primary of it");
+  }
+  if (hello.epoch < view.newest_epoch) {
+    return Refuse(RefuseCode::kStaleEpoch, "stale epoch: " + from + " is in epoch " +
+                                               U(hello.epoch) + ", this agent has seen epoch " +
+                                               U(view.newest_epoch));
+  }
+  if (hello.volume_sizes != view.volume_sizes) {
+    return Refuse(RefuseCode::kVolumeMismatch,
+                  "volume mismatch: " + from + " has volume sizes " + Sizes(hello.volume_sizes) +
+                      " (bytes), this replica has " + Sizes(view.volume_sizes));
+  }
+  const uint64_t common = CommonPrefix(hello.history, hello.last_lsn, view.history, view.last_lsn);
+  if (common < view.last_lsn) {
+    const uint64_t split = common + 1;
+    std::string primary_side = split <= hello.last_lsn
+                                   ? "epoch " + U(EpochAt(hello.history, split))
+                                   : "no record (its log ends at " + U(hello.last_lsn) + ")";
+    return Refuse(RefuseCode::kDiverged,
+                  "diverged: the logs split at LSN " + U(split) + ": this replica holds epoch " +
+                      U(EpochAt(view.history, split)) + " there and records up to " +
+                      U(view.last_lsn) + ", " + from + " has " + primary_side +
+                      "; resync the replica (full copy)");
+  }
+  HandshakeDecision d;
+  const bool primary_holds_next = view.last_lsn + 1 >= hello.first_lsn;
+  if (view.copy_in_progress) {
+    d.kind = HandshakeDecision::Kind::kFullCopy;
+    if (primary_holds_next) {
+      d.copy_resume = true;
+      d.start_lsn = view.last_lsn + 1;
+      d.copy_volume = view.copy_volume;
+      d.copy_offset = view.copy_offset;
+      d.reason = "full copy: resuming the interrupted copy at volume " + U(view.copy_volume) +
+                 " offset " + U(view.copy_offset) + ", log from LSN " + U(d.start_lsn);
+    } else {
+      d.reason = "full copy: the interrupted copy cannot resume: its log ends at LSN " +
+                 U(view.last_lsn) + " but " + from + " holds records only from LSN " +
+                 U(hello.first_lsn) + "; starting over";
+    }
+    return d;
+  }
+  if (!view.consistent) {
+    d.kind = HandshakeDecision::Kind::kFullCopy;
+    d.reason = "full copy: this replica never completed a copy (new or resynced)";
+    return d;
+  }
+  if (!primary_holds_next) {
+    d.kind = HandshakeDecision::Kind::kFullCopy;
+    d.reason = "full copy: this replica's log ends at LSN " + U(view.last_lsn) + " but " + from +
+               " holds records only from LSN " + U(hello.first_lsn);
+    return d;
+  }
+  d.kind = HandshakeDecision::Kind::kStreamFrom;
+  d.start_lsn = view.last_lsn + 1;
+  d.reason = "streaming from LSN " + U(d.start_lsn);
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// PrimaryGroup
+
+namespace {
+
+constexpr Nanos kSecond = 1'000'000'000;
+constexpr Nanos kFilterWindow = 10 * kSecond;   // rtt min filter and delivery-rate max filter
+constexpr Nanos kMinRateInterval = 10'000'000;  // 10 ms: shortest delivery-rate sample
+
+bool Connected(LinkState s) { return s == LinkState::kStreaming || s == LinkState::kCopying; }
+
+}  // namespace
+
+struct PrimaryGroup::Impl {
+  struct Rec {
+    uint64_t lsn;
+    uint64_t cum_bytes;  // bytes of every record up to and including this one
+    uint64_t timestamp_ns;
+    Nanos appended_at;  // local time of OnLocalAppend (coalescing and degrade timers)
+  };
+  struct Peer {
+    std::string name;
+    SenderOptions options;
+    LinkState state = LinkState::kDisconnected;
+    Positions pos;
+    bool degraded = false;
+    uint64_t next_lsn = 0;
+    uint64_t sent_last = 0;                               // highest LSN sent on this connection
+    Nanos down_since = 0;                                 // valid while not Connected(state)
+    std::deque<std::pair<Nanos, Nanos>> rtt_samples;      // (time, rtt)
+    std::deque<std::pair<Nanos, uint64_t>> rate_samples;  // (time, bytes/s)
+    Nanos rate_interval_start = -1;
+    uint64_t rate_interval_bytes = 0;
+    std::string last_error;
+  };
+
+  // Records (base_lsn, last_lsn]; the ones at or below base_lsn were pruned.
+  std::deque<Rec> recs;
+  uint64_t base_lsn = 0;
+  uint64_t base_cum = 0;
+  uint64_t last = 0;
+  uint64_t durable = 0;
+  std::map<std::string, Peer> peers;
+
+  uint64_t CumAt(uint64_t lsn) const {
+    if (lsn <= base_lsn || recs.empty()) return base_cum;
+    if (lsn >= last) return recs.back().cum_bytes;
+    return recs[lsn - base_lsn - 1].cum_bytes;
+  }
+  const Rec* RecAt(uint64_t lsn) const {
+    if (lsn <= base_lsn || lsn > last || recs.empty()) return nullptr;
+    return &recs[lsn - base_lsn - 1];
+  }
+  bool InSyncSet(const Peer& p) const { return p.options.mode == Mode::kSync && !p.degraded; }
+
+  Nanos Rtt(const Peer& p) const {
+    // Min over the 10 s before the newest sample, so the figure does not depend on when it is
+    // asked (NextSend, NextDeadline and Status agree).
+    if (p.rtt_samples.empty()) return 0;
+    Nanos newest = p.rtt_samples.back().first, best = std::numeric_limits<Nanos>::max();
+    for (auto& [t, r] : p.rtt_samples)
+      if (t >= newest - kFilterWindow) best = std::min(best, r);
+    return best;
+  }
+  uint64_t Rate(const Peer& p) const {
+    uint64_t best = 0;
+    for (auto& [t, r] : p.rate_samples) best = std::max(best, r);
+    return best;
+  }
+  uint64_t Window(const Peer& p) const {
+    const uint64_t lo = p.options.min_window_bytes;
+    const uint64_t hi = std::max(lo, p.options.max_window_bytes);
+    double bdp2 = 2.0 * static_cast<double>(Rtt(p)) / kSecond * static_cast<double>(Rate(p));
+    if (bdp2 <= static_cast<double>(lo)) return lo;
+    if (bdp2 >= static_cast<double>(hi)) return hi;
+    return static_cast<uint64_t>(bdp2);
+  }
+  uint64_t Inflight(const Peer& p) const {
+    if (p.sent_last <= p.pos.received) return 0;
+    return CumAt(p.sent_last) - CumAt(p.pos.received);
+  }
+  Lag LagOf(const Peer& p) const {
+    Lag lag;
+    if (p.pos.durable >= last) return lag;
+    lag.lsns = last - p.pos.durable;
+    lag.bytes = CumAt(last) - CumAt(p.pos.durable);
+    const Rec* r = RecAt(std::max(p.pos.durable, base_lsn) + 1);
+    lag.oldest_timestamp_ns = r ? r->timestamp_ns : 0;
+    return lag;
+  }
+  // When a due peer's coalescing ends (nullopt if it sends at once or is not sending at all).
+  enum class Due { kNo, kNow, kLater };
+  Due SendDue(const Peer& p, Nanos now, Nanos* deadline) const {
+    if (!Connected(p.state) || p.next_lsn == 0 || p.next_lsn > last) return Due::kNo;
+    const uint64_t inflight = Inflight(p);
+    if (inflight >= Window(p)) return Due::kNo;
+    if (inflight == 0) return Due::kNow;
+    const uint64_t unsent_bytes = CumAt(last) - CumAt(p.next_lsn - 1);
+    const uint64_t unsent_records = last - p.next_lsn + 1;
+    if (unsent_bytes >= p.options.max_batch_bytes ||
+        unsent_records >= std::max<uint32_t>(p.options.max_batch_records, 1))
+      return Due::kNow;
+    const Rec* oldest = RecAt(p.next_lsn);
+    if (oldest == nullptr) return Due::kNow;  // pruned: let the shipper find out it is gone
+    const Nanos due = oldest->appended_at + p.options.max_batch_delay;
+    if (deadline) *deadline = due;
+    return now >= due ? Due::kNow : Due::kLater;
+  }
+  // The time a non-degraded sync peer leaves the sync set if nothing changes (nullopt: never).
+  std::optional<Nanos> DegradeAt(const Peer& p) const {
+    if (p.options.mode != Mode::kSync || p.degraded || p.options.sync_degrade_after <= 0)
+      return std::nullopt;
+    if (!Connected(p.state)) return p.down_since + p.options.sync_degrade_after;
+    const Rec* oldest_unacked = RecAt(p.pos.received + 1);
+    if (oldest_unacked == nullptr) return std::nullopt;
+    return oldest_unacked->appended_at + p.options.sync_degrade_after;
+  }
+  bool MaybeRejoin(Peer& p) {
+    if (!p.degraded || p.pos.durable < last || p.pos.received < last) return false;
+    p.degraded = false;
+    return true;
+  }
+  uint64_t MinPeerDurable() const {
+    if (peers.empty()) return last;
+    uint64_t m = std::numeric_limits<uint64_t>::max();
+    for (auto& [n, p] : peers) m = std::min(m, p.pos.durable);
+    return m;
+  }
+  void PruneTo(uint64_t lsn) {
+    while (!recs.empty() && recs.front().lsn <= lsn) {
+      base_lsn = recs.front().lsn;
+      base_cum = recs.front().cum_bytes;
+      recs.pop_front();
+    }
+  }
+  void Prune() { PruneTo(MinPeerDurable()); }
+};
+
+PrimaryGroup::PrimaryGroup() : impl_(std::make_unique<Impl>()) {}
+PrimaryGroup::~PrimaryGroup() = default;
+PrimaryGroup::PrimaryGroup(PrimaryGroup&&) noexcept = default;
+PrimaryGroup& PrimaryGroup::operator=(PrimaryGroup&&) noexcept = default;
+
+void PrimaryGroup::AddPeer(const std::string& peer, const SenderOptions& options, Positions initial,
+                           Nanos now) {
+  auto [it, inserted] = impl_->peers.try_emplace(peer);
+  Impl::Peer& p = it->second;
+  p.options = options;
+  if (!inserted) return;  // a config reload: keep what is known
+  p.name = peer;
+  p.pos = initial;
+  p.down_since = now;
+}
+
+void PrimaryGroup::OnLocalAppend(uint64_t lsn, uint64_t bytes, uint64_t timestamp_ns, Nanos now) {
+  Impl& s = *impl_;
+  if (lsn <= s.last) return;  // out of order or repeated: the log's order is the truth
+  if (lsn != s.last + 1) {
+    // The first record after opening a log that starts at lsn, or a jump: track from here.
+    s.base_cum = s.CumAt(s.last);
+    s.recs.clear();
+    s.base_lsn = lsn - 1;
+  }
+  const uint64_t cum = (s.recs.empty() ? s.base_cum : s.recs.back().cum_bytes) + bytes;
+  s.recs.push_back(Impl::Rec{lsn, cum, timestamp_ns, now});
+  s.last = lsn;
+}
+
+void PrimaryGroup::OnLocalDurable(uint64_t lsn) {
+  impl_->durable = std::max(impl_->durable, std::min(lsn, impl_->last));
+}
+
+void PrimaryGroup::OnLocalTruncate(uint64_t first_lsn) {
+  if (first_lsn == 0) return;
+  impl_->PruneTo(std::min(first_lsn - 1, impl_->last));
+}
+
+void PrimaryGroup::OnConnected(const std::string& peer, Nanos now) {
+  auto it = impl_->peers.find(peer);
+  if (it == impl_->peers.end()) return;
+  Impl::Peer& p = it->second;
+  if (Connected(p.state)) p.down_since = now;
+  p.state = LinkState::kHandshake;
+}
+
+uint64_t PrimaryGroup::OnDecision(const std::string& peer, const HandshakeDecision& d,
+                                  uint64_t copy_base_lsn, Nanos now) {
+  auto it = impl_->peers.find(peer);
+  if (it == impl_->peers.end()) return 0;
+  Impl::Peer& p = it->second;
+  switch (d.kind) {
+    case HandshakeDecision::Kind::kRefuse:
+      p.state = LinkState::kRefused;
+      p.last_error = std::string("refused (") + RefuseCodeName(d.code) + "): " + d.reason;
+      p.next_lsn = 0;
+      return 0;
+    case HandshakeDecision::Kind::kStreamFrom:
+      p.state = LinkState::kStreaming;
+      p.next_lsn = std::max<uint64_t>(d.start_lsn, 1);
+      break;
+    case HandshakeDecision::Kind::kFullCopy:
+      p.state = LinkState::kCopying;
+      if (d.copy_resume) {
+        p.next_lsn = std::max<uint64_t>(d.start_lsn, 1);
+      } else {
+        // The peer's log is replaced by one starting at copy_base_lsn + 1.
+        p.pos.received = copy_base_lsn;
+        p.pos.durable = copy_base_lsn;
+        p.pos.applied = std::min(p.pos.applied, copy_base_lsn);
+        p.next_lsn = copy_base_lsn + 1;
+      }
+      break;
+  }
+  p.sent_last = p.next_lsn - 1;
+  p.rate_interval_start = -1;
+  p.rate_interval_bytes = 0;
+  (void)now;
+  return p.next_lsn;
+}
+
+void PrimaryGroup::OnCopyDone(const std::string& peer, Nanos now) {
+  (void)now;
+  auto it = impl_->peers.find(peer);
+  if (it != impl_->peers.end() && it->second.state == LinkState::kCopying)
+    it->second.state = LinkState::kStreaming;
+}
+
+void PrimaryGroup::OnDisconnected(const std::string& peer, const std::string& reason, Nanos now) {
+  auto it = impl_->peers.find(peer);
+  if (it == impl_->peers.end()) return;
+  Impl::Peer& p = it->second;
+  if (Connected(p.state)) p.down_since = now;
+  if (p.state == LinkState::kRefused) {
+    // The refusal is the useful reason; keep it and the state until the next dial.
+  } else {
+    p.state = LinkState::kDisconnected;
+    if (!reason.empty()) p.last_error = reason;
+  }
+  p.next_lsn = 0;
+  p.sent_last = 0;
+  p.rate_interval_start = -1;
+  p.rate_interval_bytes = 0;
+}
+
+bool PrimaryGroup::OnPosition(const std::string& peer, const Positions& pos, Nanos now) {
+  Impl& s = *impl_;
+  auto it = s.peers.find(peer);
+  if (it == s.peers.end()) return false;
+  Impl::Peer& p = it->second;
+  bool moved = false;
+  if (pos.received > p.pos.received) {
+    const uint64_t acked = s.CumAt(pos.received) - s.CumAt(p.pos.received);
+    p.pos.received = pos.received;
+    moved = true;
+    // Delivery rate: bytes acknowledged per interval of at least max(rtt, 10 ms); the max of
+    // the samples over 10 s (idle time lowers a sample, it must not shrink the window).
+    if (p.rate_interval_start < 0) {
+      p.rate_interval_start = now;
+      p.rate_interval_bytes = 0;
+    } else {
+      p.rate_interval_bytes += acked;
+      const Nanos dt = now - p.rate_interval_start;
+      if (dt >= std::max(s.Rtt(p), kMinRateInterval)) {
+        const uint64_t rate =
+            static_cast<uint64_t>(static_cast<double>(p.rate_interval_bytes) * kSecond / dt);
+        p.rate_samples.emplace_back(now, rate);
+        while (!p.rate_samples.empty() && p.rate_samples.front().first < now - kFilterWindow)
+          p.rate_samples.pop_front();
+        p.rate_interval_start = now;
+        p.rate_interval_bytes = 0;
+      }
+    }
+  }
+  if (pos.durable > p.pos.durable) {
+    p.pos.durable = pos.durable;
+    moved = true;
+  }
+  p.pos.applied = std::max(p.pos.applied, pos.applied);
+  if (p.sent_last < p.pos.received) p.sent_last = p.pos.received;
+  if (p.next_lsn != 0 && p.next_lsn <= p.pos.received) p.next_lsn = p.pos.received + 1;
+  moved |= s.MaybeRejoin(p);
+  s.Prune();
+  return moved;
+}
+
+void PrimaryGroup::OnRttSample(const std::string& peer, Nanos rtt, Nanos now) {
+  auto it = impl_->peers.find(peer);
+  if (it == impl_->peers.end() || rtt <= 0) return;
+  auto& samples = it->second.rtt_samples;
+  samples.emplace_back(now, rtt);
+  while (samples.size() > 1 && samples.front().first < now - kFilterWindow) samples.pop_front();
+}
+
+bool PrimaryGroup::OnTick(Nanos now) {
+  Impl& s = *impl_;
+  bool moved = false;
+  for (auto& [name, p] : s.peers) {
+    if (s.MaybeRejoin(p)) {
+      moved = true;
+      continue;
+    }
+    std::optional<Nanos> at = s.DegradeAt(p);
+    if (at && now >= *at) {
+      p.degraded = true;
+      p.last_error = std::string("left the sync set: ") +
+                     (Connected(p.state) ? "unacknowledged writes older than the degrade limit"
+                                         : "not connected for the degrade limit");
+      moved = true;
+    }
+  }
+  return moved;
+}
+
+std::optional<SendPlan> PrimaryGroup::NextSend(const std::string& peer, Nanos now) const {
+  const Impl& s = *impl_;
+  auto it = s.peers.find(peer);
+  if (it == s.peers.end()) return std::nullopt;
+  const Impl::Peer& p = it->second;
+  if (s.SendDue(p, now, nullptr) != Impl::Due::kNow) return std::nullopt;
+  const uint32_t max_records = std::max<uint32_t>(p.options.max_batch_records, 1);
+  SendPlan plan;
+  plan.from_lsn = p.next_lsn;
+  plan.to_lsn = std::min(s.last, p.next_lsn + max_records - 1);
+  plan.max_bytes =
+      std::max<uint64_t>(std::min(s.Window(p) - s.Inflight(p), p.options.max_batch_bytes), 1);
+  plan.max_records = max_records;
+  return plan;
+}
+
+void PrimaryGroup::OnSent(const std::string& peer, uint64_t first_lsn, uint64_t last_lsn,
+                          uint64_t bytes, Nanos now) {
+  (void)first_lsn;
+  (void)bytes;  // in-flight bytes come from the per-record sizes, which the batch matches
+  (void)now;
+  auto it = impl_->peers.find(peer);
+  if (it == impl_->peers.end()) return;
+  Impl::Peer& p = it->second;
+  if (!Connected(p.state)) return;
+  p.next_lsn = std::max(p.next_lsn, last_lsn + 1);
+  p.sent_last = std::max(p.sent_last, last_lsn);
+}
+
+std::optional<Nanos> PrimaryGroup::NextDeadline() const {
+  const Impl& s = *impl_;
+  std::optional<Nanos> best;
+  auto take = [&](Nanos t) { best = best ? std::min(*best, t) : t; };
+  for (auto& [name, p] : s.peers) {
+    Nanos due = 0;
+    if (s.SendDue(p, std::numeric_limits<Nanos>::min(), &due) == Impl::Due::kLater) take(due);
+    if (std::optional<Nanos> at = s.DegradeAt(p)) take(*at);
+  }
+  return best;
+}
+
+uint64_t PrimaryGroup::write_released() const {
+  uint64_t r = impl_->last;
+  for (auto& [n, p] : impl_->peers)
+    if (impl_->InSyncSet(p)) r = std::min(r, p.pos.received);
+  return r;
+}
+
+uint64_t PrimaryGroup::flush_released() const {
+  uint64_t r = impl_->durable;
+  for (auto& [n, p] : impl_->peers)
+    if (impl_->InSyncSet(p)) r = std::min(r, p.pos.durable);
+  return r;
+}
+
+uint64_t PrimaryGroup::last_lsn() const { return impl_->last; }
+uint64_t PrimaryGroup::durable_lsn() const { return impl_->durable; }
+uint64_t PrimaryGroup::MinPeerDurable() const { return impl_->MinPeerDurable(); }
+
+std::vector<PeerStatus> PrimaryGroup::Status(Nanos now) const {
+  (void)now;
+  const Impl& s = *impl_;
+  std::vector<PeerStatus> out;
+  for (auto& [name, p] : s.peers) {
+    PeerStatus st;
+    st.peer = name;
+    st.mode = p.options.mode;
+    st.state = p.state;
+    st.positions = p.pos;
+    st.in_sync_set = s.InSyncSet(p);
+    st.degraded = p.degraded;
+    st.next_lsn = p.next_lsn;
+    st.inflight_bytes = s.Inflight(p);
+    st.window_bytes = s.Window(p);
+    st.rtt = s.Rtt(p);
+    st.delivery_rate = s.Rate(p);
+    st.lag = s.LagOf(p);
+    st.last_error = p.last_error;
+    out.push_back(std::move(st));
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// ReplicaReceiver
+
+ReplicaReceiver::ReplicaReceiver(ReplicaView view) : view_(std::move(view)) {
+  pos_.received = view_.last_lsn;
+  pos_.durable = view_.last_lsn;
+}
+
+uint64_t ReplicaReceiver::LogEpoch() const {
+  return view_.history.empty() ? 0 : view_.history.back().epoch;
+}
+
+HandshakeDecision ReplicaReceiver::OnHello(const PrimaryHello& hello) {
+  HandshakeDecision d = DecideHandshake(hello, view_);
+  const bool fences = d.code != RefuseCode::kUnknownGroup && d.code != RefuseCode::kNotReplica &&
+                      d.code != RefuseCode::kStaleEpoch;
+  if (fences && hello.epoch > view_.newest_epoch) view_.newest_epoch = hello.epoch;
+  have_stream_ = d.kind != HandshakeDecision::Kind::kRefuse;
+  stream_epoch_ = hello.epoch;
+  stream_history_ = hello.history;
+  acked_once_ = false;
+  return d;
+}
+
+ReplicaReceiver::BatchCheck ReplicaReceiver::OnBatch(uint64_t epoch, uint64_t first_lsn,
+                                                     uint32_t count) {
+  BatchCheck c;
+  const std::string what =
+      "batch of " + U(count) + " records at LSN " + U(first_lsn) + " in epoch " + U(epoch);
+  if (!have_stream_) {
+    c.reason = what + " before an accepted Hello";
+    return c;
+  }
+  if (stream_epoch_ < view_.newest_epoch) {
+    c.reason = what + " on a stream of epoch " + U(stream_epoch_) +
+               ", fenced: this replica has seen epoch " + U(view_.newest_epoch);
+    return c;
+  }
+  if (first_lsn == 0 || count == 0) {
+    c.reason = what + ": malformed (LSN 0 or no records)";
+    return c;
+  }
+  const uint64_t last_in_batch = first_lsn + count - 1;
+  if (epoch > stream_epoch_ || EpochAt(stream_history_, first_lsn) != epoch ||
+      EpochAt(stream_history_, last_in_batch) != epoch) {
+    c.reason = what + ": the primary's history puts epoch " +
+               U(EpochAt(stream_history_, first_lsn)) + " at LSN " + U(first_lsn) + " and epoch " +
+               U(EpochAt(stream_history_, last_in_batch)) + " at LSN " + U(last_in_batch) +
+               " (stream epoch " + U(stream_epoch_) + ")";
+    return c;
+  }
+  if (first_lsn > view_.last_lsn + 1) {
+    c.reason = what + ": gap, this replica's log ends at LSN " + U(view_.last_lsn) +
+               " (expected LSN " + U(view_.last_lsn + 1) + ")";
+    return c;
+  }
+  c.skip_records = std::min<uint64_t>(view_.last_lsn + 1 - first_lsn, count);
+  if (c.skip_records < count && epoch < LogEpoch()) {
+    c.reason = what + ": older than the epoch " + U(LogEpoch()) + " of this replica's log";
+    return c;
+  }
+  c.verdict = BatchCheck::Verdict::kAppend;
+  if (c.skip_records < count && epoch > LogEpoch()) {
+    c.begins_epoch = true;
+    view_.history.push_back(EpochStart{epoch, first_lsn + c.skip_records});
+  }
+  return c;
+}
+
+void ReplicaReceiver::OnCopyBegin(uint64_t epoch, uint64_t log_start_lsn) {
+  OnCopyBegin(epoch, log_start_lsn, stream_history_);
+}
+
+void ReplicaReceiver::OnCopyBegin(uint64_t epoch, uint64_t log_start_lsn,
+                                  const History& primary_history) {
+  view_.newest_epoch = std::max(view_.newest_epoch, epoch);
+  const uint64_t base = log_start_lsn == 0 ? 0 : log_start_lsn - 1;
+  view_.history.clear();
+  for (const EpochStart& e : primary_history)
+    if (e.first_lsn <= base) view_.history.push_back(e);
+  view_.last_lsn = base;
+  view_.consistent = false;
+  view_.copy_in_progress = true;
+  view_.copy_volume = 0;
+  view_.copy_offset = 0;
+  view_.consistent_at_lsn = 0;
+  pos_.received = base;
+  pos_.durable = base;
+  pos_.applied = std::min(pos_.applied, base);
+}
+
+void ReplicaReceiver::OnCopyChunk(uint32_t volume, uint64_t next_offset) {
+  view_.copy_volume = volume;
+  view_.copy_offset = next_offset;
+}
+
+void ReplicaReceiver::OnCopyDone(uint64_t consistent_at_lsn) {
+  view_.copy_in_progress = false;
+  view_.consistent = true;
+  view_.consistent_at_lsn = consistent_at_lsn;
+}
+
+void ReplicaReceiver::OnAppended(uint64_t last_lsn) {
+  view_.last_lsn = std::max(view_.last_lsn, last_lsn);
+  pos_.received = std::max(pos_.received, last_lsn);
+}
+
+void ReplicaReceiver::OnDurable(uint64_t lsn) {
+  pos_.durable = std::max(pos_.durable, std::min(lsn, view_.last_lsn));
+}
+
+void ReplicaReceiver::OnApplied(uint64_t lsn) { pos_.applied = std::max(pos_.applied, lsn); }
+
+std::optional<Positions> ReplicaReceiver::TakeAck() {
+  if (acked_once_ && acked_ == pos_) return std::nullopt;
+  acked_once_ = true;
+  acked_ = pos_;
+  return pos_;
+}
+
+const Positions& ReplicaReceiver::positions() const { return pos_; }
+uint64_t ReplicaReceiver::newest_epoch() const { return view_.newest_epoch; }
+const ReplicaView& ReplicaReceiver::view() const { return view_; }
+
+bool ReplicaReceiver::consistent() const {
+  return view_.consistent && !view_.copy_in_progress && pos_.applied >= view_.consistent_at_lsn;
+}
+
+}  // namespace tvilling::core
