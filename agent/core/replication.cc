@@ -195,7 +195,11 @@ struct PrimaryGroup::Impl {
     Positions pos;
     bool degraded = false;
     uint64_t next_lsn = 0;
-    uint64_t sent_last = 0;                               // highest LSN sent on this connection
+    uint64_t sent_last = 0;  // highest LSN sent on this connection
+    // received as reported on this connection. pos.received is the highest ever reported and
+    // drives the release points; after the replica lost an unsynced tail in a crash it is ahead
+    // of the replica's log, so sending and in-flight accounting use this one.
+    uint64_t conn_received = 0;
     Nanos down_since = 0;                                 // valid while not Connected(state)
     std::deque<std::pair<Nanos, Nanos>> rtt_samples;      // (time, rtt)
     std::deque<std::pair<Nanos, uint64_t>> rate_samples;  // (time, bytes/s)
@@ -246,8 +250,8 @@ struct PrimaryGroup::Impl {
     return static_cast<uint64_t>(bdp2);
   }
   uint64_t Inflight(const Peer& p) const {
-    if (p.sent_last <= p.pos.received) return 0;
-    return CumAt(p.sent_last) - CumAt(p.pos.received);
+    if (p.sent_last <= p.conn_received) return 0;
+    return CumAt(p.sent_last) - CumAt(p.conn_received);
   }
   Lag LagOf(const Peer& p) const {
     Lag lag;
@@ -382,6 +386,7 @@ uint64_t PrimaryGroup::OnDecision(const std::string& peer, const HandshakeDecisi
       break;
   }
   p.sent_last = p.next_lsn - 1;
+  p.conn_received = p.next_lsn - 1;
   p.rate_interval_start = -1;
   p.rate_interval_bytes = 0;
   (void)now;
@@ -408,6 +413,7 @@ void PrimaryGroup::OnDisconnected(const std::string& peer, const std::string& re
   }
   p.next_lsn = 0;
   p.sent_last = 0;
+  p.conn_received = 0;
   p.rate_interval_start = -1;
   p.rate_interval_bytes = 0;
 }
@@ -419,9 +425,12 @@ bool PrimaryGroup::OnPosition(const std::string& peer, const Positions& pos, Nan
   Impl::Peer& p = it->second;
   bool moved = false;
   if (pos.received > p.pos.received) {
-    const uint64_t acked = s.CumAt(pos.received) - s.CumAt(p.pos.received);
     p.pos.received = pos.received;
     moved = true;
+  }
+  if (Connected(p.state) && pos.received > p.conn_received) {
+    const uint64_t acked = s.CumAt(pos.received) - s.CumAt(p.conn_received);
+    p.conn_received = pos.received;
     // Delivery rate: bytes acknowledged per interval of at least max(rtt, 10 ms); the max of
     // the samples over 10 s (idle time lowers a sample, it must not shrink the window).
     if (p.rate_interval_start < 0) {
@@ -446,8 +455,11 @@ bool PrimaryGroup::OnPosition(const std::string& peer, const Positions& pos, Nan
     moved = true;
   }
   p.pos.applied = std::max(p.pos.applied, pos.applied);
-  if (p.sent_last < p.pos.received) p.sent_last = p.pos.received;
-  if (p.next_lsn != 0 && p.next_lsn <= p.pos.received) p.next_lsn = p.pos.received + 1;
+  if (Connected(p.state)) {
+    // Records the replica holds need not be sent again (it may be ahead of the decision).
+    p.sent_last = std::max(p.sent_last, p.conn_received);
+    p.next_lsn = std::max(p.next_lsn, p.conn_received + 1);
+  }
   moved |= s.MaybeRejoin(p);
   s.Prune();
   return moved;
@@ -582,6 +594,9 @@ HandshakeDecision ReplicaReceiver::OnHello(const PrimaryHello& hello) {
                       d.code != RefuseCode::kStaleEpoch;
   if (fences && hello.epoch > view_.newest_epoch) view_.newest_epoch = hello.epoch;
   have_stream_ = d.kind != HandshakeDecision::Kind::kRefuse;
+  // A copy from the start replaces the log: positions of the old log would mislead the primary,
+  // which has registered the copy's base already.
+  awaiting_copy_begin_ = d.kind == HandshakeDecision::Kind::kFullCopy && !d.copy_resume;
   stream_epoch_ = hello.epoch;
   stream_history_ = hello.history;
   acked_once_ = false;
@@ -640,6 +655,8 @@ void ReplicaReceiver::OnCopyBegin(uint64_t epoch, uint64_t log_start_lsn) {
 void ReplicaReceiver::OnCopyBegin(uint64_t epoch, uint64_t log_start_lsn,
                                   const History& primary_history) {
   view_.newest_epoch = std::max(view_.newest_epoch, epoch);
+  awaiting_copy_begin_ = false;
+  acked_once_ = false;
   const uint64_t base = log_start_lsn == 0 ? 0 : log_start_lsn - 1;
   view_.history.clear();
   for (const EpochStart& e : primary_history)
@@ -678,6 +695,7 @@ void ReplicaReceiver::OnDurable(uint64_t lsn) {
 void ReplicaReceiver::OnApplied(uint64_t lsn) { pos_.applied = std::max(pos_.applied, lsn); }
 
 std::optional<Positions> ReplicaReceiver::TakeAck() {
+  if (awaiting_copy_begin_) return std::nullopt;
   if (acked_once_ && acked_ == pos_) return std::nullopt;
   acked_once_ = true;
   acked_ = pos_;

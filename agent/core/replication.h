@@ -274,7 +274,9 @@ class ReplicaReceiver {
   void OnApplied(uint64_t lsn);
 
   // The position to report if it changed since the last TakeAck, else nullopt. After OnHello the
-  // next TakeAck always reports (the new stream's primary knows nothing yet).
+  // next TakeAck always reports (the new stream's primary knows nothing yet), except after a
+  // decision for a full copy from the start: nothing until OnCopyBegin (the old log's positions
+  // would undo the base the primary registered).
   std::optional<Positions> TakeAck();
   const Positions& positions() const;
 
@@ -291,6 +293,7 @@ class ReplicaReceiver {
   bool acked_once_ = false;
   // The stream being served: its Hello (epoch and history). Batches check against it.
   bool have_stream_ = false;
+  bool awaiting_copy_begin_ = false;  // decided a copy from the start: no acks until CopyBegin
   uint64_t stream_epoch_ = 0;
   History stream_history_;
 };
