@@ -284,10 +284,15 @@ struct PrimaryGroup::Impl {
   std::optional<Nanos> DegradeAt(const Peer& p) const {
     if (p.options.mode != Mode::kSync || p.degraded || p.options.sync_degrade_after <= 0)
       return std::nullopt;
-    if (!Connected(p.state)) return p.down_since + p.options.sync_degrade_after;
-    const Rec* oldest_unacked = RecAt(p.pos.received + 1);
-    if (oldest_unacked == nullptr) return std::nullopt;
-    return oldest_unacked->appended_at + p.options.sync_degrade_after;
+    // Whichever comes first: down for that long, or a write waiting on it for that long (so no
+    // WRITE waits longer than sync_degrade_after, connected or not).
+    std::optional<Nanos> at;
+    if (!Connected(p.state)) at = p.down_since + p.options.sync_degrade_after;
+    if (const Rec* oldest_unacked = RecAt(p.pos.received + 1)) {
+      const Nanos t = oldest_unacked->appended_at + p.options.sync_degrade_after;
+      at = at ? std::min(*at, t) : t;
+    }
+    return at;
   }
   bool MaybeRejoin(Peer& p) {
     if (!p.degraded || p.pos.durable < last || p.pos.received < last) return false;
@@ -486,7 +491,7 @@ bool PrimaryGroup::OnTick(Nanos now) {
       p.degraded = true;
       p.last_error = std::string("left the sync set: ") +
                      (Connected(p.state) ? "unacknowledged writes older than the degrade limit"
-                                         : "not connected for the degrade limit");
+                                         : "disconnected or writes waiting past the degrade limit");
       moved = true;
     }
   }

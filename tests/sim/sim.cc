@@ -171,6 +171,7 @@ class Sim {
     primary_volume_ = states_[0];
     const uint64_t variant = rng_.Below(4);
     const Nanos degrade = variant >= 2 ? static_cast<Nanos>(rng_.Range(20, 200)) * kMs : 0;
+    degrade_after_ = degrade;
     max_kept_ = rng_.Range(20, 200);
     Nanos now = 0;
     for (int i = 0; i < 2; ++i) {
@@ -585,6 +586,7 @@ class Sim {
     states_.push_back(std::move(s));
     pg_.OnLocalAppend(rec.lsn, rec.bytes, rec.timestamp_ns, now_);
     pending_writes_.push_back(rec.lsn);
+    write_times_.push_back(now_);
   }
 
   void Truncate() {
@@ -663,15 +665,32 @@ class Sim {
       if (failure_) return;
     }
     pg_.OnTick(now_);
+    // Timers: the driver acts on NextDeadline; one that is already due with nothing to do
+    // would spin a real event loop.
+    for (auto& rp : replicas_) Ship(*rp);
+    if (std::optional<Nanos> d = pg_.NextDeadline(); d && *d <= now_)
+      Fail("invariant (timers): NextDeadline " + std::to_string(*d) + " is due at " +
+           std::to_string(now_) + " but neither NextSend nor OnTick acts on it");
     Complete();
   }
 
   void Complete() {
+    Completions();
+    // With sync_degrade_after set, no WRITE waits for a peer longer than that.
+    if (degrade_after_ > 0 && !write_times_.empty() &&
+        write_times_.front() + degrade_after_ <= now_)
+      Fail("invariant (degrade): WRITE " + std::to_string(pending_writes_.front()) +
+           " has waited " + std::to_string((now_ - write_times_.front()) / kMs) +
+           " ms, longer than sync_degrade_after " + std::to_string(degrade_after_ / kMs) + " ms");
+  }
+
+  void Completions() {
     std::vector<core::PeerStatus> st = pg_.Status(now_);
     const uint64_t wr = pg_.write_released(), fr = pg_.flush_released();
     while (!pending_writes_.empty() && pending_writes_.front() <= wr) {
       const uint64_t lsn = pending_writes_.front();
       pending_writes_.pop_front();
+      write_times_.pop_front();
       ++writes_done_;
       for (size_t i = 0; i < replicas_.size(); ++i)
         if (st[IndexFor(st, i)].in_sync_set)
@@ -794,6 +813,8 @@ class Sim {
   uint64_t first_ = 1, last_ = 0, durable_ = 0, applied_ = 0;
   std::vector<uint64_t> primary_volume_;
   std::deque<uint64_t> pending_writes_, pending_flushes_;
+  std::deque<Nanos> write_times_;  // when each pending WRITE was appended
+  Nanos degrade_after_ = 0;
   std::vector<std::unique_ptr<Replica>> replicas_;
   std::vector<Positions> prev_;
   bool copy_reset_[2] = {false, false};
