@@ -325,6 +325,20 @@ TEST(PrimaryGroup, DegradesConnectedSyncPeerThatDoesNotAck) {
   EXPECT_EQ(g.write_released(), 2u);
 }
 
+TEST(PrimaryGroup, DegradesWhenAWriteWaitedTooLongBeforeTheLinkDropped) {
+  PrimaryGroup g;
+  g.AddPeer("s", Opts(Mode::kSync, 100 * kMs), {}, 0);
+  Stream(g, "s", 1, 0);
+  Append(g, 1, 1, 100, 10 * kMs);
+  g.OnDisconnected("s", "cut", 50 * kMs);
+  // The write has waited since 10 ms: 110 ms, not 50 + 100.
+  EXPECT_EQ(g.NextDeadline(), 110 * kMs);
+  EXPECT_FALSE(g.OnTick(109 * kMs));
+  EXPECT_TRUE(g.OnTick(110 * kMs));
+  EXPECT_EQ(g.write_released(), 1u);
+  EXPECT_THAT(StatusOf(g, "s").last_error, HasSubstr("degrade limit"));
+}
+
 TEST(PrimaryGroup, SendsAtOnceWhenIdleThenCoalesces) {
   PrimaryGroup g;
   g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
