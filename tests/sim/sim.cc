@@ -883,8 +883,7 @@ int Main(int argc, char** argv) {
           "seed %llu failed at step %d: %s\n  (%s)\n  replay: tvilling_sim --seed %llu "
           "--steps %d%s%s --trace\n",
           static_cast<unsigned long long>(s), f->step, f->what.c_str(), sim.Summary().c_str(),
-          static_cast<unsigned long long>(s), f->step + 1,
-          plant_name == "none" ? "" : " --planted-bug ",
+          static_cast<unsigned long long>(s), steps, plant_name == "none" ? "" : " --planted-bug ",
           plant_name == "none" ? "" : plant_name.c_str());
       if (expect_failure) {
         std::printf("planted bug %s found\n", plant_name.c_str());
