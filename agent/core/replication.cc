@@ -1,40 +1,22 @@
-// replication.cc: the replication state machines (see replication.h and docs/replication.md).
+// replication.cc: the replication state machines of agent/core/replication.h (docs/replication.md).
+//
+// Pure: no clock reads, I/O or threads. Every time is an argument.
 #include "agent/core/replication.h"
 
 #include <algorithm>
 #include <limits>
-#include <set>
-#include <string>
 
 namespace tvilling::core {
-namespace {
 
-constexpr Nanos kSecond = 1'000'000'000;
-constexpr Nanos kRttWindow = 10 * kSecond;
-constexpr Nanos kRateInterval = 100'000'000;  // delivery rate sampled over >= 100 ms
-
-std::string Str(uint64_t v) { return std::to_string(v); }
-
-// The first LSN in [from, to] where the epochs of `a` and `b` differ, or 0 if none.
-uint64_t FirstDivergence(const History& a, const History& b, uint64_t from, uint64_t to) {
-  if (from == 0) from = 1;
-  if (from > to) return 0;
-  std::set<uint64_t> points = {from};
-  for (const auto& e : a) {
-    if (e.first_lsn > from && e.first_lsn <= to) points.insert(e.first_lsn);
+const char* ModeName(Mode m) {
+  switch (m) {
+    case Mode::kAsync:
+      return "async";
+    case Mode::kSync:
+      return "sync";
   }
-  for (const auto& e : b) {
-    if (e.first_lsn > from && e.first_lsn <= to) points.insert(e.first_lsn);
-  }
-  for (uint64_t l : points) {
-    if (EpochAt(a, l) != EpochAt(b, l)) return l;
-  }
-  return 0;
+  return "unknown";
 }
-
-}  // namespace
-
-const char* ModeName(Mode m) { return m == Mode::kSync ? "sync" : "async"; }
 
 const char* RefuseCodeName(RefuseCode c) {
   switch (c) {
@@ -47,7 +29,7 @@ const char* RefuseCodeName(RefuseCode c) {
     case RefuseCode::kStaleEpoch:
       return "stale epoch";
     case RefuseCode::kDiverged:
-      return "diverged history";
+      return "diverged";
     case RefuseCode::kVolumeMismatch:
       return "volume mismatch";
     case RefuseCode::kNotAuthorised:
@@ -77,104 +59,112 @@ const char* LinkStateName(LinkState s) {
 uint64_t EpochAt(const History& history, uint64_t lsn) {
   if (lsn == 0) return 0;
   uint64_t epoch = 0;
-  for (const auto& e : history) {
-    if (e.first_lsn <= lsn) {
-      epoch = e.epoch;
-    } else {
-      break;
-    }
+  for (const EpochStart& e : history) {
+    if (e.first_lsn > lsn) break;
+    epoch = e.epoch;
   }
   return epoch;
 }
 
 uint64_t CommonPrefix(const History& a, uint64_t a_last, const History& b, uint64_t b_last) {
-  const uint64_t m = std::min(a_last, b_last);
-  const uint64_t d = FirstDivergence(a, b, 1, m);
-  return d == 0 ? m : d - 1;
+  const uint64_t limit = std::min(a_last, b_last);
+  // EpochAt is piecewise constant, changing only at some history entry's first_lsn; so the first
+  // LSN where the two differ is 1 or one of those boundaries. Check exactly those points.
+  std::vector<uint64_t> points{1};
+  for (const EpochStart& e : a) points.push_back(std::max<uint64_t>(e.first_lsn, 1));
+  for (const EpochStart& e : b) points.push_back(std::max<uint64_t>(e.first_lsn, 1));
+  std::sort(points.begin(), points.end());
+  for (uint64_t l : points) {
+    if (l > limit) break;
+    if (EpochAt(a, l) != EpochAt(b, l)) return l - 1;
+  }
+  return limit;
 }
 
-HandshakeDecision DecideHandshake(const PrimaryHello& hello, const ReplicaView& view) {
-  using Kind = HandshakeDecision::Kind;
+namespace {
+
+std::string U(uint64_t v) { return std::to_string(v); }
+
+HandshakeDecision Refuse(RefuseCode code, std::string reason) {
   HandshakeDecision d;
-  auto refuse = [&](RefuseCode code, std::string reason) {
-    d.kind = Kind::kRefuse;
-    d.code = code;
-    d.reason = std::move(reason);
-    return d;
-  };
+  d.kind = HandshakeDecision::Kind::kRefuse;
+  d.code = code;
+  d.reason = std::move(reason);
+  return d;
+}
+
+std::string Sizes(const std::vector<uint64_t>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + U(v[i]);
+  return s + "]";
+}
+
+}  // namespace
+
+HandshakeDecision DecideHandshake(const PrimaryHello& hello, const ReplicaView& view) {
+  const std::string from = "primary " + hello.site + " of group " + hello.group;
   if (!view.group_known) {
-    return refuse(RefuseCode::kUnknownGroup,
-                  "group " + hello.group + " is not configured on this agent");
+    return Refuse(RefuseCode::kUnknownGroup,
+                  "unknown group: " + from + " but this agent has no group " + hello.group);
   }
   if (view.is_primary) {
-    return refuse(RefuseCode::kNotReplica, "this agent is configured as the primary of group " +
-                                               hello.group + "; it does not accept a stream from " +
-                                               hello.site);
+    return Refuse(RefuseCode::kNotReplica,
+                  "not a replica: " + from + ", but this agent is configured primary of it");
   }
   if (hello.epoch < view.newest_epoch) {
-    return refuse(RefuseCode::kStaleEpoch,
-                  "stale epoch: " + hello.site + " offers epoch " + Str(hello.epoch) +
-                      " but this replica has already seen epoch " + Str(view.newest_epoch) +
-                      " (another site became primary since)");
+    return Refuse(RefuseCode::kStaleEpoch, "stale epoch: " + from + " is in epoch " +
+                                               U(hello.epoch) + ", this agent has seen epoch " +
+                                               U(view.newest_epoch));
   }
   if (hello.volume_sizes != view.volume_sizes) {
-    std::string p, r;
-    for (uint64_t s : hello.volume_sizes) p += (p.empty() ? "" : ",") + Str(s);
-    for (uint64_t s : view.volume_sizes) r += (r.empty() ? "" : ",") + Str(s);
-    return refuse(RefuseCode::kVolumeMismatch,
-                  "volume sizes differ: primary [" + p + "] bytes, replica [" + r + "] bytes");
+    return Refuse(RefuseCode::kVolumeMismatch,
+                  "volume mismatch: " + from + " has volume sizes " + Sizes(hello.volume_sizes) +
+                      " (bytes), this replica has " + Sizes(view.volume_sizes));
   }
-  // Divergence: only LSNs this replica holds count (after a copy its log starts late).
-  if (view.last_lsn > 0 && !view.history.empty()) {
-    const uint64_t from = view.history.front().first_lsn;
-    const uint64_t to = std::min(view.last_lsn, hello.last_lsn);
-    if (uint64_t l = FirstDivergence(hello.history, view.history, from, to); l != 0) {
-      return refuse(RefuseCode::kDiverged,
-                    "diverged history at LSN " + Str(l) + ": this replica has it in epoch " +
-                        Str(EpochAt(view.history, l)) + ", " + hello.site + " in epoch " +
-                        Str(EpochAt(hello.history, l)) +
-                        "; the replica holds writes the primary does not (resync it with a full "
-                        "copy)");
-    }
-    if (view.last_lsn > hello.last_lsn) {
-      return refuse(RefuseCode::kDiverged, "diverged history: this replica holds LSNs up to " +
-                                               Str(view.last_lsn) + " but " + hello.site +
-                                               "'s log ends at " + Str(hello.last_lsn) +
-                                               " (resync it with a full copy)");
-    }
+  const uint64_t common = CommonPrefix(hello.history, hello.last_lsn, view.history, view.last_lsn);
+  if (common < view.last_lsn) {
+    const uint64_t split = common + 1;
+    std::string primary_side = split <= hello.last_lsn
+                                   ? "epoch " + U(EpochAt(hello.history, split))
+                                   : "no record (its log ends at " + U(hello.last_lsn) + ")";
+    return Refuse(RefuseCode::kDiverged,
+                  "diverged: the logs split at LSN " + U(split) + ": this replica holds epoch " +
+                      U(EpochAt(view.history, split)) + " there and records up to " +
+                      U(view.last_lsn) + ", " + from + " has " + primary_side +
+                      "; resync the replica (full copy)");
   }
+  HandshakeDecision d;
   const bool primary_holds_next = view.last_lsn + 1 >= hello.first_lsn;
   if (view.copy_in_progress) {
-    d.kind = Kind::kFullCopy;
+    d.kind = HandshakeDecision::Kind::kFullCopy;
     if (primary_holds_next) {
       d.copy_resume = true;
+      d.start_lsn = view.last_lsn + 1;
       d.copy_volume = view.copy_volume;
       d.copy_offset = view.copy_offset;
-      d.start_lsn = view.last_lsn + 1;
-      d.reason = "resuming the interrupted full copy at volume " + Str(view.copy_volume) +
-                 " offset " + Str(view.copy_offset);
+      d.reason = "full copy: resuming the interrupted copy at volume " + U(view.copy_volume) +
+                 " offset " + U(view.copy_offset) + ", log from LSN " + U(d.start_lsn);
     } else {
-      d.reason = "the interrupted full copy cannot resume: the primary's log starts at LSN " +
-                 Str(hello.first_lsn) + ", the replica's ends at " + Str(view.last_lsn) +
-                 "; copying again from the start";
+      d.reason = "full copy: the interrupted copy cannot resume: its log ends at LSN " +
+                 U(view.last_lsn) + " but " + from + " holds records only from LSN " +
+                 U(hello.first_lsn) + "; starting over";
     }
     return d;
   }
   if (!view.consistent) {
-    d.kind = Kind::kFullCopy;
-    d.reason = "the replica has never completed a copy of the volumes";
+    d.kind = HandshakeDecision::Kind::kFullCopy;
+    d.reason = "full copy: this replica never completed a copy (new or resynced)";
     return d;
   }
   if (!primary_holds_next) {
-    d.kind = Kind::kFullCopy;
-    d.reason = "the replica's log ends at LSN " + Str(view.last_lsn) +
-               " but the primary's log starts at " + Str(hello.first_lsn) +
-               " (the records in between were dropped by retention)";
+    d.kind = HandshakeDecision::Kind::kFullCopy;
+    d.reason = "full copy: this replica's log ends at LSN " + U(view.last_lsn) + " but " + from +
+               " holds records only from LSN " + U(hello.first_lsn);
     return d;
   }
-  d.kind = Kind::kStreamFrom;
+  d.kind = HandshakeDecision::Kind::kStreamFrom;
   d.start_lsn = view.last_lsn + 1;
-  d.reason = "streaming from LSN " + Str(d.start_lsn);
+  d.reason = "streaming from LSN " + U(d.start_lsn);
   return d;
 }
 
@@ -183,233 +173,325 @@ HandshakeDecision DecideHandshake(const PrimaryHello& hello, const ReplicaView& 
 
 namespace {
 
-struct RecordInfo {
-  uint64_t cum_bytes = 0;  // bytes of every record up to and including this one
-  uint64_t timestamp_ns = 0;
-  Nanos appended_at = 0;
-};
+constexpr Nanos kSecond = 1'000'000'000;
+constexpr Nanos kFilterWindow = 10 * kSecond;   // rtt min filter and delivery-rate max filter
+constexpr Nanos kMinRateInterval = 10'000'000;  // 10 ms: shortest delivery-rate sample
 
-struct PeerState {
-  std::string name;
-  SenderOptions opt;
-  LinkState state = LinkState::kDisconnected;
-  Positions pos;
-  uint64_t next_lsn = 1;
-  bool degraded = false;
-  Nanos behind_since = -1;                          // received < last since then (-1: not behind)
-  std::deque<std::pair<Nanos, Nanos>> rtt_samples;  // (time, rtt)
-  Nanos rtt = 0;
-  double rate = 0;  // bytes/s acknowledged as received
-  Nanos rate_since = -1;
-  uint64_t rate_bytes = 0;
-  std::string last_error;
-};
+bool Connected(LinkState s) { return s == LinkState::kStreaming || s == LinkState::kCopying; }
 
 }  // namespace
 
 struct PrimaryGroup::Impl {
-  std::vector<PeerState> peers;
+  struct Rec {
+    uint64_t lsn;
+    uint64_t cum_bytes;  // bytes of every record up to and including this one
+    uint64_t timestamp_ns;
+    Nanos appended_at;  // local time of OnLocalAppend (coalescing and degrade timers)
+  };
+  struct Peer {
+    std::string name;
+    SenderOptions options;
+    LinkState state = LinkState::kDisconnected;
+    Positions pos;
+    bool degraded = false;
+    uint64_t next_lsn = 0;
+    uint64_t sent_last = 0;  // highest LSN sent on this connection
+    // received as reported on this connection. pos.received is the highest ever reported and
+    // drives the release points; after the replica lost an unsynced tail in a crash it is ahead
+    // of the replica's log, so sending and in-flight accounting use this one.
+    uint64_t conn_received = 0;
+    Nanos down_since = 0;                                 // valid while not Connected(state)
+    std::deque<std::pair<Nanos, Nanos>> rtt_samples;      // (time, rtt)
+    std::deque<std::pair<Nanos, uint64_t>> rate_samples;  // (time, bytes/s)
+    Nanos rate_interval_start = -1;
+    uint64_t rate_interval_bytes = 0;
+    std::string last_error;
+  };
+
+  // Records (base_lsn, last_lsn]; the ones at or below base_lsn were pruned.
+  std::deque<Rec> recs;
+  uint64_t base_lsn = 0;
+  uint64_t base_cum = 0;
   uint64_t last = 0;
   uint64_t durable = 0;
-  // recs[i] describes LSN base_lsn + i. cum_base = cumulative bytes through base_lsn - 1.
-  std::deque<RecordInfo> recs;
-  uint64_t base_lsn = 1;
-  uint64_t cum_base = 0;
+  std::map<std::string, Peer> peers;
 
-  PeerState* Find(const std::string& name) {
-    for (auto& p : peers) {
-      if (p.name == name) return &p;
+  uint64_t CumAt(uint64_t lsn) const {
+    if (lsn <= base_lsn || recs.empty()) return base_cum;
+    if (lsn >= last) return recs.back().cum_bytes;
+    return recs[lsn - base_lsn - 1].cum_bytes;
+  }
+  const Rec* RecAt(uint64_t lsn) const {
+    if (lsn <= base_lsn || lsn > last || recs.empty()) return nullptr;
+    return &recs[lsn - base_lsn - 1];
+  }
+  bool InSyncSet(const Peer& p) const { return p.options.mode == Mode::kSync && !p.degraded; }
+
+  Nanos Rtt(const Peer& p) const {
+    // Min over the 10 s before the newest sample, so the figure does not depend on when it is
+    // asked (NextSend, NextDeadline and Status agree).
+    if (p.rtt_samples.empty()) return 0;
+    Nanos newest = p.rtt_samples.back().first, best = std::numeric_limits<Nanos>::max();
+    for (auto& [t, r] : p.rtt_samples)
+      if (t >= newest - kFilterWindow) best = std::min(best, r);
+    return best;
+  }
+  uint64_t Rate(const Peer& p) const {
+    uint64_t best = 0;
+    for (auto& [t, r] : p.rate_samples) best = std::max(best, r);
+    return best;
+  }
+  uint64_t Window(const Peer& p) const {
+    const uint64_t lo = p.options.min_window_bytes;
+    const uint64_t hi = std::max(lo, p.options.max_window_bytes);
+    double bdp2 = 2.0 * static_cast<double>(Rtt(p)) / kSecond * static_cast<double>(Rate(p));
+    if (bdp2 <= static_cast<double>(lo)) return lo;
+    if (bdp2 >= static_cast<double>(hi)) return hi;
+    return static_cast<uint64_t>(bdp2);
+  }
+  uint64_t Inflight(const Peer& p) const {
+    if (p.sent_last <= p.conn_received) return 0;
+    return CumAt(p.sent_last) - CumAt(p.conn_received);
+  }
+  Lag LagOf(const Peer& p) const {
+    Lag lag;
+    if (p.pos.durable >= last) return lag;
+    lag.lsns = last - p.pos.durable;
+    lag.bytes = CumAt(last) - CumAt(p.pos.durable);
+    const Rec* r = RecAt(std::max(p.pos.durable, base_lsn) + 1);
+    lag.oldest_timestamp_ns = r ? r->timestamp_ns : 0;
+    return lag;
+  }
+  // When a due peer's coalescing ends (nullopt if it sends at once or is not sending at all).
+  enum class Due { kNo, kNow, kLater };
+  Due SendDue(const Peer& p, Nanos now, Nanos* deadline) const {
+    if (!Connected(p.state) || p.next_lsn == 0 || p.next_lsn > last) return Due::kNo;
+    const uint64_t inflight = Inflight(p);
+    if (inflight >= Window(p)) return Due::kNo;
+    if (inflight == 0) return Due::kNow;
+    const uint64_t unsent_bytes = CumAt(last) - CumAt(p.next_lsn - 1);
+    const uint64_t unsent_records = last - p.next_lsn + 1;
+    if (unsent_bytes >= p.options.max_batch_bytes ||
+        unsent_records >= std::max<uint32_t>(p.options.max_batch_records, 1))
+      return Due::kNow;
+    const Rec* oldest = RecAt(p.next_lsn);
+    if (oldest == nullptr) return Due::kNow;  // pruned: let the shipper find out it is gone
+    const Nanos due = oldest->appended_at + p.options.max_batch_delay;
+    if (deadline) *deadline = due;
+    return now >= due ? Due::kNow : Due::kLater;
+  }
+  // The time a non-degraded sync peer leaves the sync set if nothing changes (nullopt: never).
+  std::optional<Nanos> DegradeAt(const Peer& p) const {
+    if (p.options.mode != Mode::kSync || p.degraded || p.options.sync_degrade_after <= 0)
+      return std::nullopt;
+    // Whichever comes first: down for that long, or a write waiting on it for that long (so no
+    // WRITE waits longer than sync_degrade_after, connected or not).
+    std::optional<Nanos> at;
+    if (!Connected(p.state)) at = p.down_since + p.options.sync_degrade_after;
+    if (const Rec* oldest_unacked = RecAt(p.pos.received + 1)) {
+      const Nanos t = oldest_unacked->appended_at + p.options.sync_degrade_after;
+      at = at ? std::min(*at, t) : t;
     }
-    return nullptr;
+    return at;
   }
-  const PeerState* Find(const std::string& name) const {
-    for (const auto& p : peers) {
-      if (p.name == name) return &p;
-    }
-    return nullptr;
+  bool MaybeRejoin(Peer& p) {
+    if (!p.degraded || p.pos.durable < last || p.pos.received < last) return false;
+    p.degraded = false;
+    return true;
   }
-  // Cumulative bytes through `lsn` (as exact as what is still indexed).
-  uint64_t Cum(uint64_t lsn) const {
-    if (lsn < base_lsn || recs.empty()) return cum_base;
-    const uint64_t i = lsn - base_lsn;
-    return i < recs.size() ? recs[i].cum_bytes : recs.back().cum_bytes;
+  uint64_t MinPeerDurable() const {
+    if (peers.empty()) return last;
+    uint64_t m = std::numeric_limits<uint64_t>::max();
+    for (auto& [n, p] : peers) m = std::min(m, p.pos.durable);
+    return m;
   }
-  const RecordInfo* Rec(uint64_t lsn) const {
-    if (lsn < base_lsn || lsn - base_lsn >= recs.size()) return nullptr;
-    return &recs[lsn - base_lsn];
-  }
-  bool InSyncSet(const PeerState& p) const { return p.opt.mode == Mode::kSync && !p.degraded; }
-  uint64_t Window(const PeerState& p) const {
-    double w = 2.0 * static_cast<double>(p.rtt) / static_cast<double>(kSecond) * p.rate;
-    w = std::max(w, static_cast<double>(p.opt.min_window_bytes));
-    w = std::min(w, static_cast<double>(p.opt.max_window_bytes));
-    return static_cast<uint64_t>(w);
-  }
-  uint64_t Inflight(const PeerState& p) const {
-    if (p.next_lsn == 0 || p.next_lsn - 1 <= p.pos.received) return 0;
-    return Cum(p.next_lsn - 1) - Cum(p.pos.received);
-  }
-  void Prune() {
-    uint64_t keep_after = last;
-    for (const auto& p : peers) keep_after = std::min(keep_after, p.pos.durable);
-    while (!recs.empty() && base_lsn <= keep_after) {
-      cum_base = recs.front().cum_bytes;
+  void PruneTo(uint64_t lsn) {
+    while (!recs.empty() && recs.front().lsn <= lsn) {
+      base_lsn = recs.front().lsn;
+      base_cum = recs.front().cum_bytes;
       recs.pop_front();
-      ++base_lsn;
     }
   }
+  void Prune() { PruneTo(MinPeerDurable()); }
 };
 
-PrimaryGroup::PrimaryGroup() : impl_(std::make_shared<Impl>()) {}
+PrimaryGroup::PrimaryGroup() : impl_(std::make_unique<Impl>()) {}
+PrimaryGroup::~PrimaryGroup() = default;
+PrimaryGroup::PrimaryGroup(PrimaryGroup&&) noexcept = default;
+PrimaryGroup& PrimaryGroup::operator=(PrimaryGroup&&) noexcept = default;
 
 void PrimaryGroup::AddPeer(const std::string& peer, const SenderOptions& options, Positions initial,
                            Nanos now) {
-  (void)now;
-  PeerState p;
+  auto [it, inserted] = impl_->peers.try_emplace(peer);
+  Impl::Peer& p = it->second;
+  p.options = options;
+  if (!inserted) return;  // a config reload: keep what is known
   p.name = peer;
-  p.opt = options;
   p.pos = initial;
-  p.next_lsn = initial.received + 1;
-  impl_->peers.push_back(std::move(p));
+  p.down_since = now;
 }
 
 void PrimaryGroup::OnLocalAppend(uint64_t lsn, uint64_t bytes, uint64_t timestamp_ns, Nanos now) {
-  Impl& m = *impl_;
-  if (lsn <= m.last) return;
-  if (m.recs.empty() && m.base_lsn != lsn) {
-    // First record seen (or a gap after truncation): index from here.
-    m.base_lsn = lsn;
+  Impl& s = *impl_;
+  if (lsn <= s.last) return;  // out of order or repeated: the log's order is the truth
+  if (lsn != s.last + 1) {
+    // The first record after opening a log that starts at lsn, or a jump: track from here.
+    s.base_cum = s.CumAt(s.last);
+    s.recs.clear();
+    s.base_lsn = lsn - 1;
   }
-  const uint64_t prev = m.recs.empty() ? m.cum_base : m.recs.back().cum_bytes;
-  m.recs.push_back({prev + bytes, timestamp_ns, now});
-  m.last = lsn;
-  for (auto& p : m.peers) {
-    if (p.behind_since < 0 && p.pos.received < m.last) p.behind_since = now;
-  }
-  if (m.peers.empty()) m.Prune();
+  const uint64_t cum = (s.recs.empty() ? s.base_cum : s.recs.back().cum_bytes) + bytes;
+  s.recs.push_back(Impl::Rec{lsn, cum, timestamp_ns, now});
+  s.last = lsn;
 }
 
-void PrimaryGroup::OnLocalDurable(uint64_t lsn) { impl_->durable = std::max(impl_->durable, lsn); }
+void PrimaryGroup::OnLocalDurable(uint64_t lsn) {
+  impl_->durable = std::max(impl_->durable, std::min(lsn, impl_->last));
+}
 
 void PrimaryGroup::OnLocalTruncate(uint64_t first_lsn) {
-  Impl& m = *impl_;
-  while (!m.recs.empty() && m.base_lsn < first_lsn) {
-    m.cum_base = m.recs.front().cum_bytes;
-    m.recs.pop_front();
-    ++m.base_lsn;
-  }
-  if (m.recs.empty()) m.base_lsn = std::max(m.base_lsn, first_lsn);
+  if (first_lsn == 0) return;
+  impl_->PruneTo(std::min(first_lsn - 1, impl_->last));
 }
 
 void PrimaryGroup::OnConnected(const std::string& peer, Nanos now) {
-  (void)now;
-  if (PeerState* p = impl_->Find(peer)) p->state = LinkState::kHandshake;
+  auto it = impl_->peers.find(peer);
+  if (it == impl_->peers.end()) return;
+  Impl::Peer& p = it->second;
+  if (Connected(p.state)) p.down_since = now;
+  p.state = LinkState::kHandshake;
 }
 
 uint64_t PrimaryGroup::OnDecision(const std::string& peer, const HandshakeDecision& d,
                                   uint64_t copy_base_lsn, Nanos now) {
-  (void)now;
-  PeerState* p = impl_->Find(peer);
-  if (p == nullptr) return 0;
+  auto it = impl_->peers.find(peer);
+  if (it == impl_->peers.end()) return 0;
+  Impl::Peer& p = it->second;
   switch (d.kind) {
     case HandshakeDecision::Kind::kRefuse:
-      p->state = LinkState::kRefused;
-      p->last_error = d.reason;
+      p.state = LinkState::kRefused;
+      p.last_error = std::string("refused (") + RefuseCodeName(d.code) + "): " + d.reason;
+      p.next_lsn = 0;
       return 0;
     case HandshakeDecision::Kind::kStreamFrom:
-      p->state = LinkState::kStreaming;
-      p->next_lsn = d.start_lsn;
+      p.state = LinkState::kStreaming;
+      p.next_lsn = std::max<uint64_t>(d.start_lsn, 1);
       break;
     case HandshakeDecision::Kind::kFullCopy:
-      p->state = LinkState::kCopying;
-      p->next_lsn = d.copy_resume ? d.start_lsn : copy_base_lsn + 1;
+      p.state = LinkState::kCopying;
+      if (d.copy_resume) {
+        p.next_lsn = std::max<uint64_t>(d.start_lsn, 1);
+      } else {
+        // The peer's log is replaced by one starting at copy_base_lsn + 1.
+        p.pos.received = copy_base_lsn;
+        p.pos.durable = copy_base_lsn;
+        p.pos.applied = std::min(p.pos.applied, copy_base_lsn);
+        p.next_lsn = copy_base_lsn + 1;
+      }
       break;
   }
-  // The replica holds everything before next_lsn durably (it synced before answering).
-  const uint64_t held = p->next_lsn - 1;
-  p->pos.received = std::max(p->pos.received, held);
-  p->pos.durable = std::max(p->pos.durable, held);
-  p->last_error.clear();
-  p->rate_since = -1;
-  return p->next_lsn;
+  p.sent_last = p.next_lsn - 1;
+  p.conn_received = p.next_lsn - 1;
+  p.rate_interval_start = -1;
+  p.rate_interval_bytes = 0;
+  (void)now;
+  return p.next_lsn;
 }
 
 void PrimaryGroup::OnCopyDone(const std::string& peer, Nanos now) {
   (void)now;
-  PeerState* p = impl_->Find(peer);
-  if (p != nullptr && p->state == LinkState::kCopying) p->state = LinkState::kStreaming;
+  auto it = impl_->peers.find(peer);
+  if (it != impl_->peers.end() && it->second.state == LinkState::kCopying)
+    it->second.state = LinkState::kStreaming;
 }
 
 void PrimaryGroup::OnDisconnected(const std::string& peer, const std::string& reason, Nanos now) {
-  PeerState* p = impl_->Find(peer);
-  if (p == nullptr) return;
-  if (p->state != LinkState::kRefused) p->state = LinkState::kDisconnected;
-  if (!reason.empty()) p->last_error = reason;
-  if (p->behind_since < 0 && p->pos.received < impl_->last) p->behind_since = now;
-  p->rate_since = -1;
+  auto it = impl_->peers.find(peer);
+  if (it == impl_->peers.end()) return;
+  Impl::Peer& p = it->second;
+  if (Connected(p.state)) p.down_since = now;
+  if (p.state == LinkState::kRefused) {
+    // The refusal is the useful reason; keep it and the state until the next dial.
+  } else {
+    p.state = LinkState::kDisconnected;
+    if (!reason.empty()) p.last_error = reason;
+  }
+  p.next_lsn = 0;
+  p.sent_last = 0;
+  p.conn_received = 0;
+  p.rate_interval_start = -1;
+  p.rate_interval_bytes = 0;
 }
 
 bool PrimaryGroup::OnPosition(const std::string& peer, const Positions& pos, Nanos now) {
-  Impl& m = *impl_;
-  PeerState* p = m.Find(peer);
-  if (p == nullptr) return false;
-  const Positions before = p->pos;
-  // Never beyond what was sent (a confused peer cannot release writes it does not have).
-  const uint64_t sent = p->next_lsn == 0 ? 0 : p->next_lsn - 1;
-  p->pos.received = std::max(p->pos.received, std::min(pos.received, sent));
-  p->pos.durable = std::max(p->pos.durable, std::min(pos.durable, sent));
-  p->pos.applied = std::max(p->pos.applied, std::min(pos.applied, sent));
-  // Delivery rate.
-  const uint64_t acked = m.Cum(p->pos.received) - m.Cum(before.received);
-  if (p->rate_since < 0) {
-    p->rate_since = now;
-    p->rate_bytes = 0;
-  } else {
-    p->rate_bytes += acked;
-    const Nanos dt = now - p->rate_since;
-    if (dt >= kRateInterval) {
-      const double sample = static_cast<double>(p->rate_bytes) * static_cast<double>(kSecond) /
-                            static_cast<double>(dt);
-      p->rate = p->rate == 0 ? sample : 0.7 * p->rate + 0.3 * sample;
-      p->rate_since = now;
-      p->rate_bytes = 0;
-    }
-  }
-  if (p->pos.received >= m.last) {
-    p->behind_since = -1;
-  } else if (p->pos.received > before.received) {
-    p->behind_since = now;  // making progress: measure from the last progress
-  }
-  bool moved =
-      m.InSyncSet(*p) && (p->pos.received > before.received || p->pos.durable > before.durable);
-  if (p->degraded && p->pos.durable >= m.last) {
-    p->degraded = false;  // caught up: back in the sync set
+  Impl& s = *impl_;
+  auto it = s.peers.find(peer);
+  if (it == s.peers.end()) return false;
+  Impl::Peer& p = it->second;
+  bool moved = false;
+  if (pos.received > p.pos.received) {
+    p.pos.received = pos.received;
     moved = true;
   }
-  m.Prune();
+  if (Connected(p.state) && pos.received > p.conn_received) {
+    const uint64_t acked = s.CumAt(pos.received) - s.CumAt(p.conn_received);
+    p.conn_received = pos.received;
+    // Delivery rate: bytes acknowledged per interval of at least max(rtt, 10 ms); the max of
+    // the samples over 10 s (idle time lowers a sample, it must not shrink the window).
+    if (p.rate_interval_start < 0) {
+      p.rate_interval_start = now;
+      p.rate_interval_bytes = 0;
+    } else {
+      p.rate_interval_bytes += acked;
+      const Nanos dt = now - p.rate_interval_start;
+      if (dt >= std::max(s.Rtt(p), kMinRateInterval)) {
+        const uint64_t rate =
+            static_cast<uint64_t>(static_cast<double>(p.rate_interval_bytes) * kSecond / dt);
+        p.rate_samples.emplace_back(now, rate);
+        while (!p.rate_samples.empty() && p.rate_samples.front().first < now - kFilterWindow)
+          p.rate_samples.pop_front();
+        p.rate_interval_start = now;
+        p.rate_interval_bytes = 0;
+      }
+    }
+  }
+  if (pos.durable > p.pos.durable) {
+    p.pos.durable = pos.durable;
+    moved = true;
+  }
+  p.pos.applied = std::max(p.pos.applied, pos.applied);
+  if (Connected(p.state)) {
+    // Records the replica holds need not be sent again (it may be ahead of the decision).
+    p.sent_last = std::max(p.sent_last, p.conn_received);
+    p.next_lsn = std::max(p.next_lsn, p.conn_received + 1);
+  }
+  moved |= s.MaybeRejoin(p);
+  s.Prune();
   return moved;
 }
 
 void PrimaryGroup::OnRttSample(const std::string& peer, Nanos rtt, Nanos now) {
-  PeerState* p = impl_->Find(peer);
-  if (p == nullptr || rtt < 0) return;
-  p->rtt_samples.emplace_back(now, rtt);
-  while (!p->rtt_samples.empty() && p->rtt_samples.front().first < now - kRttWindow) {
-    p->rtt_samples.pop_front();
-  }
-  Nanos best = std::numeric_limits<Nanos>::max();
-  for (const auto& s : p->rtt_samples) best = std::min(best, s.second);
-  p->rtt = best;
+  auto it = impl_->peers.find(peer);
+  if (it == impl_->peers.end() || rtt <= 0) return;
+  auto& samples = it->second.rtt_samples;
+  samples.emplace_back(now, rtt);
+  while (samples.size() > 1 && samples.front().first < now - kFilterWindow) samples.pop_front();
 }
 
 bool PrimaryGroup::OnTick(Nanos now) {
+  Impl& s = *impl_;
   bool moved = false;
-  for (auto& p : impl_->peers) {
-    if (p.opt.mode != Mode::kSync || p.degraded || p.opt.sync_degrade_after <= 0) continue;
-    if (p.behind_since >= 0 && now - p.behind_since >= p.opt.sync_degrade_after) {
+  for (auto& [name, p] : s.peers) {
+    if (s.MaybeRejoin(p)) {
+      moved = true;
+      continue;
+    }
+    std::optional<Nanos> at = s.DegradeAt(p);
+    if (at && now >= *at) {
       p.degraded = true;
-      p.last_error = "left the sync set: no progress for " +
-                     Str(static_cast<uint64_t>((now - p.behind_since) / 1'000'000)) + " ms";
+      p.last_error = std::string("left the sync set: ") +
+                     (Connected(p.state) ? "unacknowledged writes older than the degrade limit"
+                                         : "disconnected or writes waiting past the degrade limit");
       moved = true;
     }
   }
@@ -417,108 +499,84 @@ bool PrimaryGroup::OnTick(Nanos now) {
 }
 
 std::optional<SendPlan> PrimaryGroup::NextSend(const std::string& peer, Nanos now) const {
-  const Impl& m = *impl_;
-  const PeerState* p = m.Find(peer);
-  if (p == nullptr) return std::nullopt;
-  if (p->state != LinkState::kStreaming && p->state != LinkState::kCopying) return std::nullopt;
-  if (p->next_lsn > m.last) return std::nullopt;
-  const uint64_t inflight = m.Inflight(*p);
-  const uint64_t window = m.Window(*p);
-  if (inflight >= window) return std::nullopt;
-  if (inflight > 0) {
-    const uint64_t unsent = m.Cum(m.last) - m.Cum(p->next_lsn - 1);
-    const RecordInfo* r = m.Rec(p->next_lsn);
-    const bool old_enough = r == nullptr || now - r->appended_at >= p->opt.max_batch_delay;
-    if (unsent < p->opt.max_batch_bytes && !old_enough) return std::nullopt;
-  }
+  const Impl& s = *impl_;
+  auto it = s.peers.find(peer);
+  if (it == s.peers.end()) return std::nullopt;
+  const Impl::Peer& p = it->second;
+  if (s.SendDue(p, now, nullptr) != Impl::Due::kNow) return std::nullopt;
+  const uint32_t max_records = std::max<uint32_t>(p.options.max_batch_records, 1);
   SendPlan plan;
-  plan.from_lsn = p->next_lsn;
-  plan.to_lsn = m.last;
-  plan.max_bytes = std::max<uint64_t>(1, std::min(window - inflight, p->opt.max_batch_bytes));
-  plan.max_records = p->opt.max_batch_records;
+  plan.from_lsn = p.next_lsn;
+  plan.to_lsn = std::min(s.last, p.next_lsn + max_records - 1);
+  plan.max_bytes =
+      std::max<uint64_t>(std::min(s.Window(p) - s.Inflight(p), p.options.max_batch_bytes), 1);
+  plan.max_records = max_records;
   return plan;
 }
 
 void PrimaryGroup::OnSent(const std::string& peer, uint64_t first_lsn, uint64_t last_lsn,
                           uint64_t bytes, Nanos now) {
-  (void)bytes;
+  (void)first_lsn;
+  (void)bytes;  // in-flight bytes come from the per-record sizes, which the batch matches
   (void)now;
-  PeerState* p = impl_->Find(peer);
-  if (p == nullptr || first_lsn != p->next_lsn || last_lsn < first_lsn) return;
-  p->next_lsn = last_lsn + 1;
+  auto it = impl_->peers.find(peer);
+  if (it == impl_->peers.end()) return;
+  Impl::Peer& p = it->second;
+  if (!Connected(p.state)) return;
+  p.next_lsn = std::max(p.next_lsn, last_lsn + 1);
+  p.sent_last = std::max(p.sent_last, last_lsn);
 }
 
 std::optional<Nanos> PrimaryGroup::NextDeadline() const {
-  const Impl& m = *impl_;
+  const Impl& s = *impl_;
   std::optional<Nanos> best;
-  for (const auto& p : m.peers) {
-    if (p.state != LinkState::kStreaming && p.state != LinkState::kCopying) continue;
-    if (p.next_lsn > m.last || m.Inflight(p) == 0) continue;
-    if (const RecordInfo* r = m.Rec(p.next_lsn)) {
-      const Nanos t = r->appended_at + p.opt.max_batch_delay;
-      if (!best || t < *best) best = t;
-    }
-  }
-  for (const auto& p : m.peers) {
-    if (p.opt.mode == Mode::kSync && p.opt.sync_degrade_after > 0 && !p.degraded &&
-        p.behind_since >= 0) {
-      const Nanos t = p.behind_since + p.opt.sync_degrade_after;
-      if (!best || t < *best) best = t;
-    }
+  auto take = [&](Nanos t) { best = best ? std::min(*best, t) : t; };
+  for (auto& [name, p] : s.peers) {
+    Nanos due = 0;
+    if (s.SendDue(p, std::numeric_limits<Nanos>::min(), &due) == Impl::Due::kLater) take(due);
+    if (std::optional<Nanos> at = s.DegradeAt(p)) take(*at);
   }
   return best;
 }
 
 uint64_t PrimaryGroup::write_released() const {
   uint64_t r = impl_->last;
-  for (const auto& p : impl_->peers) {
+  for (auto& [n, p] : impl_->peers)
     if (impl_->InSyncSet(p)) r = std::min(r, p.pos.received);
-  }
   return r;
 }
 
 uint64_t PrimaryGroup::flush_released() const {
   uint64_t r = impl_->durable;
-  for (const auto& p : impl_->peers) {
+  for (auto& [n, p] : impl_->peers)
     if (impl_->InSyncSet(p)) r = std::min(r, p.pos.durable);
-  }
   return r;
 }
 
 uint64_t PrimaryGroup::last_lsn() const { return impl_->last; }
 uint64_t PrimaryGroup::durable_lsn() const { return impl_->durable; }
-
-uint64_t PrimaryGroup::MinPeerDurable() const {
-  uint64_t r = impl_->last;
-  for (const auto& p : impl_->peers) r = std::min(r, p.pos.durable);
-  return r;
-}
+uint64_t PrimaryGroup::MinPeerDurable() const { return impl_->MinPeerDurable(); }
 
 std::vector<PeerStatus> PrimaryGroup::Status(Nanos now) const {
   (void)now;
-  const Impl& m = *impl_;
+  const Impl& s = *impl_;
   std::vector<PeerStatus> out;
-  for (const auto& p : m.peers) {
-    PeerStatus s;
-    s.peer = p.name;
-    s.mode = p.opt.mode;
-    s.state = p.state;
-    s.positions = p.pos;
-    s.in_sync_set = m.InSyncSet(p);
-    s.degraded = p.degraded;
-    s.next_lsn = p.next_lsn;
-    s.inflight_bytes = m.Inflight(p);
-    s.window_bytes = m.Window(p);
-    s.rtt = p.rtt;
-    s.delivery_rate = static_cast<uint64_t>(p.rate);
-    if (p.pos.durable < m.last) {
-      s.lag.lsns = m.last - p.pos.durable;
-      s.lag.bytes = m.Cum(m.last) - m.Cum(p.pos.durable);
-      if (const RecordInfo* r = m.Rec(p.pos.durable + 1))
-        s.lag.oldest_timestamp_ns = r->timestamp_ns;
-    }
-    s.last_error = p.last_error;
-    out.push_back(std::move(s));
+  for (auto& [name, p] : s.peers) {
+    PeerStatus st;
+    st.peer = name;
+    st.mode = p.options.mode;
+    st.state = p.state;
+    st.positions = p.pos;
+    st.in_sync_set = s.InSyncSet(p);
+    st.degraded = p.degraded;
+    st.next_lsn = p.next_lsn;
+    st.inflight_bytes = s.Inflight(p);
+    st.window_bytes = s.Window(p);
+    st.rtt = s.Rtt(p);
+    st.delivery_rate = s.Rate(p);
+    st.lag = s.LagOf(p);
+    st.last_error = p.last_error;
+    out.push_back(std::move(st));
   }
   return out;
 }
@@ -527,85 +585,134 @@ std::vector<PeerStatus> PrimaryGroup::Status(Nanos now) const {
 // ReplicaReceiver
 
 ReplicaReceiver::ReplicaReceiver(ReplicaView view) : view_(std::move(view)) {
-  pos_.received = pos_.durable = view_.last_lsn;
-  accepted_ = view_.last_lsn;
-  log_epoch_ = view_.history.empty() ? 0 : view_.history.back().epoch;
-  view_.newest_epoch = std::max(view_.newest_epoch, log_epoch_);
+  pos_.received = view_.last_lsn;
+  pos_.durable = view_.last_lsn;
+}
+
+uint64_t ReplicaReceiver::LogEpoch() const {
+  return view_.history.empty() ? 0 : view_.history.back().epoch;
 }
 
 HandshakeDecision ReplicaReceiver::OnHello(const PrimaryHello& hello) {
   HandshakeDecision d = DecideHandshake(hello, view_);
-  const bool raise = d.code == RefuseCode::kNone || d.code == RefuseCode::kDiverged ||
-                     d.code == RefuseCode::kVolumeMismatch;
-  if (raise && hello.epoch > view_.newest_epoch) view_.newest_epoch = hello.epoch;
+  const bool fences = d.code != RefuseCode::kUnknownGroup && d.code != RefuseCode::kNotReplica &&
+                      d.code != RefuseCode::kStaleEpoch;
+  if (fences && hello.epoch > view_.newest_epoch) view_.newest_epoch = hello.epoch;
+  have_stream_ = d.kind != HandshakeDecision::Kind::kRefuse;
+  // A copy from the start replaces the log: positions of the old log would mislead the primary,
+  // which has registered the copy's base already.
+  awaiting_copy_begin_ = d.kind == HandshakeDecision::Kind::kFullCopy && !d.copy_resume;
+  stream_epoch_ = hello.epoch;
+  stream_history_ = hello.history;
+  acked_once_ = false;
   return d;
 }
 
 ReplicaReceiver::BatchCheck ReplicaReceiver::OnBatch(uint64_t epoch, uint64_t first_lsn,
                                                      uint32_t count) {
   BatchCheck c;
-  if (epoch < view_.newest_epoch || epoch < log_epoch_) {
-    c.reason = "batch from LSN " + Str(first_lsn) + " was written in epoch " + Str(epoch) +
-               ", older than epoch " + Str(std::max(view_.newest_epoch, log_epoch_)) +
-               " that this replica has seen";
+  const std::string what =
+      "batch of " + U(count) + " records at LSN " + U(first_lsn) + " in epoch " + U(epoch);
+  if (!have_stream_) {
+    c.reason = what + " before an accepted Hello";
     return c;
   }
-  if (first_lsn == 0 || first_lsn > accepted_ + 1) {
-    c.reason = "batch starts at LSN " + Str(first_lsn) + " but this replica's log ends at " +
-               Str(accepted_) + " (a gap)";
+  if (stream_epoch_ < view_.newest_epoch) {
+    c.reason = what + " on a stream of epoch " + U(stream_epoch_) +
+               ", fenced: this replica has seen epoch " + U(view_.newest_epoch);
+    return c;
+  }
+  if (first_lsn == 0 || count == 0) {
+    c.reason = what + ": malformed (LSN 0 or no records)";
+    return c;
+  }
+  const uint64_t last_in_batch = first_lsn + count - 1;
+  if (epoch > stream_epoch_ || EpochAt(stream_history_, first_lsn) != epoch ||
+      EpochAt(stream_history_, last_in_batch) != epoch) {
+    c.reason = what + ": the primary's history puts epoch " +
+               U(EpochAt(stream_history_, first_lsn)) + " at LSN " + U(first_lsn) + " and epoch " +
+               U(EpochAt(stream_history_, last_in_batch)) + " at LSN " + U(last_in_batch) +
+               " (stream epoch " + U(stream_epoch_) + ")";
+    return c;
+  }
+  if (first_lsn > view_.last_lsn + 1) {
+    c.reason = what + ": gap, this replica's log ends at LSN " + U(view_.last_lsn) +
+               " (expected LSN " + U(view_.last_lsn + 1) + ")";
+    return c;
+  }
+  c.skip_records = std::min<uint64_t>(view_.last_lsn + 1 - first_lsn, count);
+  if (c.skip_records < count && epoch < LogEpoch()) {
+    c.reason = what + ": older than the epoch " + U(LogEpoch()) + " of this replica's log";
     return c;
   }
   c.verdict = BatchCheck::Verdict::kAppend;
-  c.skip_records = std::min<uint64_t>(accepted_ + 1 - first_lsn, count);
-  if (c.skip_records < count) {
-    if (epoch > log_epoch_) {
-      c.begins_epoch = true;
-      log_epoch_ = epoch;
-      view_.history.push_back({epoch, first_lsn + c.skip_records});
-    }
-    view_.newest_epoch = std::max(view_.newest_epoch, epoch);
-    accepted_ = first_lsn + count - 1;
+  if (c.skip_records < count && epoch > LogEpoch()) {
+    c.begins_epoch = true;
+    view_.history.push_back(EpochStart{epoch, first_lsn + c.skip_records});
   }
   return c;
 }
 
 void ReplicaReceiver::OnCopyBegin(uint64_t epoch, uint64_t log_start_lsn) {
-  view_.copy_in_progress = true;
-  view_.consistent = false;
-  view_.history = {{epoch, log_start_lsn}};
-  view_.last_lsn = log_start_lsn - 1;
+  OnCopyBegin(epoch, log_start_lsn, stream_history_);
+}
+
+void ReplicaReceiver::OnCopyBegin(uint64_t epoch, uint64_t log_start_lsn,
+                                  const History& primary_history) {
   view_.newest_epoch = std::max(view_.newest_epoch, epoch);
-  log_epoch_ = epoch;
-  accepted_ = log_start_lsn - 1;
-  pos_.received = std::max(pos_.received, log_start_lsn - 1);
-  pos_.durable = std::max(pos_.durable, log_start_lsn - 1);
-  consistent_at_ = 0;
+  awaiting_copy_begin_ = false;
+  acked_once_ = false;
+  const uint64_t base = log_start_lsn == 0 ? 0 : log_start_lsn - 1;
+  view_.history.clear();
+  for (const EpochStart& e : primary_history)
+    if (e.first_lsn <= base) view_.history.push_back(e);
+  view_.last_lsn = base;
+  view_.consistent = false;
+  view_.copy_in_progress = true;
+  view_.copy_volume = 0;
+  view_.copy_offset = 0;
+  view_.consistent_at_lsn = 0;
+  pos_.received = base;
+  pos_.durable = base;
+  pos_.applied = std::min(pos_.applied, base);
+}
+
+void ReplicaReceiver::OnCopyChunk(uint32_t volume, uint64_t next_offset) {
+  view_.copy_volume = volume;
+  view_.copy_offset = next_offset;
 }
 
 void ReplicaReceiver::OnCopyDone(uint64_t consistent_at_lsn) {
   view_.copy_in_progress = false;
-  consistent_at_ = std::max<uint64_t>(consistent_at_lsn, 1);
+  view_.consistent = true;
+  view_.consistent_at_lsn = consistent_at_lsn;
 }
 
 void ReplicaReceiver::OnAppended(uint64_t last_lsn) {
-  pos_.received = std::max(pos_.received, last_lsn);
   view_.last_lsn = std::max(view_.last_lsn, last_lsn);
-}
-void ReplicaReceiver::OnDurable(uint64_t lsn) { pos_.durable = std::max(pos_.durable, lsn); }
-void ReplicaReceiver::OnApplied(uint64_t lsn) {
-  pos_.applied = std::max(pos_.applied, lsn);
-  if (consistent_at_ != 0 && pos_.applied >= consistent_at_) view_.consistent = true;
+  pos_.received = std::max(pos_.received, last_lsn);
 }
 
+void ReplicaReceiver::OnDurable(uint64_t lsn) {
+  pos_.durable = std::max(pos_.durable, std::min(lsn, view_.last_lsn));
+}
+
+void ReplicaReceiver::OnApplied(uint64_t lsn) { pos_.applied = std::max(pos_.applied, lsn); }
+
 std::optional<Positions> ReplicaReceiver::TakeAck() {
+  if (awaiting_copy_begin_) return std::nullopt;
   if (acked_once_ && acked_ == pos_) return std::nullopt;
   acked_once_ = true;
   acked_ = pos_;
   return pos_;
 }
 
+const Positions& ReplicaReceiver::positions() const { return pos_; }
 uint64_t ReplicaReceiver::newest_epoch() const { return view_.newest_epoch; }
 const ReplicaView& ReplicaReceiver::view() const { return view_; }
-bool ReplicaReceiver::consistent() const { return !view_.copy_in_progress && view_.consistent; }
+
+bool ReplicaReceiver::consistent() const {
+  return view_.consistent && !view_.copy_in_progress && pos_.applied >= view_.consistent_at_lsn;
+}
 
 }  // namespace tvilling::core

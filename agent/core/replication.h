@@ -72,6 +72,9 @@ struct ReplicaView {
   bool copy_in_progress = false;
   uint32_t copy_volume = 0;  // resume point of an interrupted copy
   uint64_t copy_offset = 0;
+  // The copy's L1 (docs/replication.md, "Full copy"): after a completed copy (consistent set),
+  // the volumes are a prefix state only once applied >= this (persisted with `consistent`).
+  uint64_t consistent_at_lsn = 0;
 };
 
 enum class RefuseCode : uint8_t {
@@ -168,6 +171,9 @@ struct PeerStatus {
 class PrimaryGroup {
  public:
   PrimaryGroup();
+  ~PrimaryGroup();
+  PrimaryGroup(PrimaryGroup&&) noexcept;
+  PrimaryGroup& operator=(PrimaryGroup&&) noexcept;
 
   // Peers (from config). A peer starts kDisconnected, positions from `initial` (persisted).
   void AddPeer(const std::string& peer, const SenderOptions& options, Positions initial, Nanos now);
@@ -184,6 +190,9 @@ class PrimaryGroup {
   // The decision came back. For kStreamFrom the stream continues at d.start_lsn; for kFullCopy
   // the caller starts a copy at `copy_base_lsn` (its applied LSN) and the log streams from
   // copy_base_lsn + 1 (or from d.start_lsn when resuming). Returns the LSN to stream from.
+  // A full copy from the start replaces the peer's log, so it is the one event that lowers the
+  // peer's known positions: received and durable become copy_base_lsn (retention must keep every
+  // record after it), applied at most that. kRefuse -> kRefused with the reason in last_error.
   uint64_t OnDecision(const std::string& peer, const HandshakeDecision& d, uint64_t copy_base_lsn,
                       Nanos now);
   void OnCopyDone(const std::string& peer, Nanos now);  // kCopying -> kStreaming
@@ -216,8 +225,8 @@ class PrimaryGroup {
   uint64_t MinPeerDurable() const;
 
  private:
-  struct Impl;  // defined in replication.cc
-  std::shared_ptr<Impl> impl_;
+  struct Impl;  // replication.cc
+  std::unique_ptr<Impl> impl_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -225,6 +234,8 @@ class PrimaryGroup {
 
 class ReplicaReceiver {
  public:
+  // From the persisted view. received and durable start at view.last_lsn (the caller syncs its
+  // log when it opens it); applied at 0 until OnApplied(checkpoint).
   explicit ReplicaReceiver(ReplicaView view);
 
   // Decides the handshake (DecideHandshake) and, when hello.epoch > newest_epoch, raises it: the
@@ -238,10 +249,23 @@ class ReplicaReceiver {
     std::string reason;         // kReject: for the log and the stream's error
   };
   // A batch of `count` records from `first_lsn`, written in `epoch` (all records of one batch
-  // share an epoch).
+  // share an epoch: the records' own epoch, which is older than the stream's while a replica
+  // catches up across an epoch change; the shipper splits batches at epoch boundaries). Fencing
+  // is per stream: the stream's Hello epoch must still be the newest seen. Accepted when the
+  // epoch matches the Hello's history at every LSN of the batch, is not older than the log's
+  // current epoch, and first_lsn <= last_lsn + 1. On kAppend with begins_epoch the view's
+  // history already holds the new entry (epoch, first appended LSN).
   BatchCheck OnBatch(uint64_t epoch, uint64_t first_lsn, uint32_t count);
-  // Full copy: the log is reset to start at log_start_lsn (nothing held yet).
+  // Full copy: the log is reset to start at log_start_lsn (nothing held yet). The view's history
+  // becomes the primary's history (`primary_history`, from CopyBegin; the Hello's if omitted) up
+  // to log_start_lsn - 1, so later handshakes compare the copied prefix too. Positions drop to
+  // log_start_lsn - 1.
   void OnCopyBegin(uint64_t epoch, uint64_t log_start_lsn);
+  void OnCopyBegin(uint64_t epoch, uint64_t log_start_lsn, const History& primary_history);
+  // A chunk was written: the copy resumes at (volume, next_offset) after a restart (persist).
+  void OnCopyChunk(uint32_t volume, uint64_t next_offset);
+  // The copy finished at L1: the replica is consistent once applied >= L1 (persist the view). The
+  // caller restarts its applier from log_start_lsn; applied is log_start_lsn - 1 from here.
   void OnCopyDone(uint64_t consistent_at_lsn);
 
   // Progress of the replica's own log and volumes.
@@ -249,21 +273,29 @@ class ReplicaReceiver {
   void OnDurable(uint64_t lsn);
   void OnApplied(uint64_t lsn);
 
-  // The position to report if it changed since the last TakeAck, else nullopt.
+  // The position to report if it changed since the last TakeAck, else nullopt. After OnHello the
+  // next TakeAck always reports (the new stream's primary knows nothing yet), except after a
+  // decision for a full copy from the start: nothing until OnCopyBegin (the old log's positions
+  // would undo the base the primary registered).
   std::optional<Positions> TakeAck();
+  const Positions& positions() const;
 
   uint64_t newest_epoch() const;
   const ReplicaView& view() const;
   bool consistent() const;  // not copying, and applied >= the copy's consistent-at LSN
 
  private:
+  uint64_t LogEpoch() const;  // epoch of the log's newest record (its history's last entry)
+
   ReplicaView view_;
   Positions pos_;
   Positions acked_;
   bool acked_once_ = false;
-  uint64_t consistent_at_ = 0;  // after a copy: consistent once applied reaches it
-  uint64_t accepted_ = 0;       // last LSN of the batches accepted (maybe not yet appended)
-  uint64_t log_epoch_ = 0;      // epoch of the log's newest history entry
+  // The stream being served: its Hello (epoch and history). Batches check against it.
+  bool have_stream_ = false;
+  bool awaiting_copy_begin_ = false;  // decided a copy from the start: no acks until CopyBegin
+  uint64_t stream_epoch_ = 0;
+  History stream_history_;
 };
 
 }  // namespace tvilling::core

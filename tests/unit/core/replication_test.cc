@@ -1,4 +1,5 @@
-// replication_test.cc: the pure replication state machines (agent/core/replication.h).
+// replication_test.cc: unit tests of agent/core (histories, handshake rules, release points,
+// degrade/rejoin, flow control, lag, and the replica's batch verdicts).
 #include "agent/core/replication.h"
 
 #include <gmock/gmock.h>
@@ -8,28 +9,47 @@ namespace tvilling::core {
 namespace {
 
 using ::testing::HasSubstr;
-using Kind = HandshakeDecision::Kind;
 
-TEST(History, EpochAtAndCommonPrefix) {
-  History a = {{1, 1}, {3, 50}};
-  EXPECT_EQ(EpochAt(a, 0), 0u);
-  EXPECT_EQ(EpochAt(a, 1), 1u);
-  EXPECT_EQ(EpochAt(a, 49), 1u);
-  EXPECT_EQ(EpochAt(a, 50), 3u);
-  History b = {{1, 1}, {2, 40}};
-  EXPECT_EQ(CommonPrefix(a, 100, b, 100), 39u);
-  EXPECT_EQ(CommonPrefix(a, 30, b, 100), 30u);
-  EXPECT_EQ(CommonPrefix(a, 100, a, 80), 80u);
-  EXPECT_EQ(CommonPrefix({}, 0, a, 10), 0u);
+constexpr Nanos kMs = 1'000'000;
+
+TEST(EpochAt, EdgeCases) {
+  EXPECT_EQ(EpochAt({}, 5), 0u);
+  History h{{1, 1}, {3, 10}, {4, 10}, {7, 20}};
+  EXPECT_EQ(EpochAt(h, 0), 0u);
+  EXPECT_EQ(EpochAt(h, 1), 1u);
+  EXPECT_EQ(EpochAt(h, 9), 1u);
+  EXPECT_EQ(EpochAt(h, 10), 4u);  // an empty epoch (3) is overtaken at the same LSN
+  EXPECT_EQ(EpochAt(h, 19), 4u);
+  EXPECT_EQ(EpochAt(h, 20), 7u);
+  EXPECT_EQ(EpochAt(h, 1'000'000), 7u);
+  EXPECT_EQ(EpochAt({{2, 5}}, 4), 0u);  // a copied log whose history starts late
+}
+
+TEST(CommonPrefix, EdgeCases) {
+  History a{{1, 1}, {2, 11}};
+  EXPECT_EQ(CommonPrefix(a, 20, a, 15), 15u);
+  EXPECT_EQ(CommonPrefix(a, 20, a, 0), 0u);
+  EXPECT_EQ(CommonPrefix({}, 0, {}, 0), 0u);
+  // Split at an epoch change: b went on in epoch 1 past 10, a began epoch 2 at 11.
+  History b{{1, 1}};
+  EXPECT_EQ(CommonPrefix(a, 20, b, 15), 10u);
+  EXPECT_EQ(CommonPrefix(b, 15, a, 20), 10u);
+  EXPECT_EQ(CommonPrefix(a, 20, b, 10), 10u);
+  // Different first epoch: nothing in common.
+  EXPECT_EQ(CommonPrefix({{2, 1}}, 5, {{1, 1}}, 5), 0u);
+  // Same epochs starting at different LSNs.
+  EXPECT_EQ(CommonPrefix({{1, 1}, {3, 8}}, 20, {{1, 1}, {3, 9}}, 20), 7u);
+  // Equal EpochAt although the histories differ in an empty epoch.
+  EXPECT_EQ(CommonPrefix({{1, 1}, {2, 5}, {3, 5}}, 9, {{1, 1}, {3, 5}}, 9), 9u);
 }
 
 PrimaryHello Hello() {
   PrimaryHello h;
-  h.group = "g0";
-  h.site = "site-a";
-  h.epoch = 2;
-  h.history = {{1, 1}, {2, 101}};
-  h.volume_sizes = {1 << 20};
+  h.group = "g";
+  h.site = "sto-1";
+  h.epoch = 3;
+  h.history = {{1, 1}, {3, 101}};
+  h.volume_sizes = {1 << 20, 2 << 20};
   h.first_lsn = 50;
   h.last_lsn = 200;
   return h;
@@ -38,201 +58,672 @@ PrimaryHello Hello() {
 ReplicaView View() {
   ReplicaView v;
   v.group_known = true;
-  v.newest_epoch = 2;
-  v.history = {{1, 1}, {2, 101}};
+  v.newest_epoch = 3;
+  v.history = {{1, 1}, {3, 101}};
   v.last_lsn = 150;
-  v.volume_sizes = {1 << 20};
+  v.volume_sizes = {1 << 20, 2 << 20};
   v.consistent = true;
   return v;
 }
 
-TEST(Handshake, Rules) {
-  EXPECT_EQ(DecideHandshake(Hello(), View()).kind, Kind::kStreamFrom);
-  EXPECT_EQ(DecideHandshake(Hello(), View()).start_lsn, 151u);
-
-  ReplicaView v = View();
-  v.group_known = false;
-  EXPECT_EQ(DecideHandshake(Hello(), v).code, RefuseCode::kUnknownGroup);
-  v = View();
-  v.is_primary = true;
-  EXPECT_EQ(DecideHandshake(Hello(), v).code, RefuseCode::kNotReplica);
-  v = View();
-  v.newest_epoch = 3;
-  auto d = DecideHandshake(Hello(), v);
-  EXPECT_EQ(d.code, RefuseCode::kStaleEpoch);
-  EXPECT_THAT(d.reason, HasSubstr("stale epoch"));
-  v = View();
-  v.volume_sizes = {2 << 20};
-  EXPECT_EQ(DecideHandshake(Hello(), v).code, RefuseCode::kVolumeMismatch);
-  // The replica wrote LSNs 101.. in epoch 1 (an old primary's unreplicated tail).
-  v = View();
-  v.newest_epoch = 1;
-  v.history = {{1, 1}};
-  d = DecideHandshake(Hello(), v);
-  EXPECT_EQ(d.code, RefuseCode::kDiverged);
-  EXPECT_THAT(d.reason, HasSubstr("LSN 101"));
-  // Ahead of the primary.
-  v = View();
-  v.last_lsn = 250;
-  EXPECT_EQ(DecideHandshake(Hello(), v).code, RefuseCode::kDiverged);
-  // Behind the primary's retention.
-  v = View();
-  v.last_lsn = 10;
-  d = DecideHandshake(Hello(), v);
-  EXPECT_EQ(d.kind, Kind::kFullCopy);
-  EXPECT_FALSE(d.copy_resume);
-  EXPECT_THAT(d.reason, HasSubstr("retention"));
-  // New replica.
-  v = ReplicaView{};
-  v.group_known = true;
-  v.volume_sizes = {1 << 20};
-  EXPECT_EQ(DecideHandshake(Hello(), v).kind, Kind::kFullCopy);
-  // Interrupted copy: resumes where it was while the log still holds the next LSN.
-  v = View();
-  v.consistent = false;
-  v.copy_in_progress = true;
-  v.copy_volume = 0;
-  v.copy_offset = 4096;
-  v.history = {{2, 120}};
-  v.last_lsn = 150;
-  d = DecideHandshake(Hello(), v);
-  EXPECT_EQ(d.kind, Kind::kFullCopy);
-  EXPECT_TRUE(d.copy_resume);
-  EXPECT_EQ(d.copy_offset, 4096u);
+TEST(DecideHandshake, StreamsFromNextLsn) {
+  HandshakeDecision d = DecideHandshake(Hello(), View());
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kStreamFrom);
   EXPECT_EQ(d.start_lsn, 151u);
+  EXPECT_EQ(d.code, RefuseCode::kNone);
+  EXPECT_THAT(d.reason, HasSubstr("151"));
 }
 
-SenderOptions Opt(Mode m) {
+TEST(DecideHandshake, RefusesUnknownGroup) {
+  ReplicaView v = View();
+  v.group_known = false;
+  v.is_primary = true;  // the first rule wins
+  HandshakeDecision d = DecideHandshake(Hello(), v);
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kRefuse);
+  EXPECT_EQ(d.code, RefuseCode::kUnknownGroup);
+  EXPECT_THAT(d.reason, HasSubstr("unknown group"));
+  EXPECT_THAT(d.reason, HasSubstr("sto-1"));
+}
+
+TEST(DecideHandshake, RefusesWhenPrimaryItself) {
+  ReplicaView v = View();
+  v.is_primary = true;
+  v.newest_epoch = 9;  // would also be stale; not-a-replica comes first
+  HandshakeDecision d = DecideHandshake(Hello(), v);
+  EXPECT_EQ(d.code, RefuseCode::kNotReplica);
+  EXPECT_THAT(d.reason, HasSubstr("not a replica"));
+}
+
+TEST(DecideHandshake, RefusesStaleEpoch) {
+  ReplicaView v = View();
+  v.newest_epoch = 4;
+  v.volume_sizes = {1};  // would also mismatch; the epoch comes first
+  HandshakeDecision d = DecideHandshake(Hello(), v);
+  EXPECT_EQ(d.code, RefuseCode::kStaleEpoch);
+  EXPECT_THAT(d.reason, HasSubstr("epoch 3"));
+  EXPECT_THAT(d.reason, HasSubstr("epoch 4"));
+  // The same epoch is not stale.
+  v = View();
+  EXPECT_EQ(DecideHandshake(Hello(), v).kind, HandshakeDecision::Kind::kStreamFrom);
+}
+
+TEST(DecideHandshake, RefusesVolumeMismatch) {
+  ReplicaView v = View();
+  v.volume_sizes = {1 << 20};
+  HandshakeDecision d = DecideHandshake(Hello(), v);
+  EXPECT_EQ(d.code, RefuseCode::kVolumeMismatch);
+  EXPECT_THAT(d.reason, HasSubstr("[1048576, 2097152]"));
+  EXPECT_THAT(d.reason, HasSubstr("[1048576]"));
+  v.volume_sizes = {1 << 20, 3 << 20};
+  EXPECT_EQ(DecideHandshake(Hello(), v).code, RefuseCode::kVolumeMismatch);
+}
+
+TEST(DecideHandshake, RefusesDivergedWithLsnAndEpochs) {
+  // The replica went on in epoch 1 past 100 (an old primary's unreplicated writes).
+  ReplicaView v = View();
+  v.history = {{1, 1}};
+  v.last_lsn = 120;
+  HandshakeDecision d = DecideHandshake(Hello(), v);
+  EXPECT_EQ(d.code, RefuseCode::kDiverged);
+  EXPECT_THAT(d.reason, HasSubstr("LSN 101"));
+  EXPECT_THAT(d.reason, HasSubstr("holds epoch 1"));
+  EXPECT_THAT(d.reason, HasSubstr("has epoch 3"));
+  // Holding nothing beyond the split is fine.
+  v.last_lsn = 100;
+  EXPECT_EQ(DecideHandshake(Hello(), v).kind, HandshakeDecision::Kind::kStreamFrom);
+}
+
+TEST(DecideHandshake, RefusesReplicaAheadOfPrimaryInSameEpoch) {
+  ReplicaView v = View();
+  v.last_lsn = 210;  // the primary lost its tail 201..210
+  HandshakeDecision d = DecideHandshake(Hello(), v);
+  EXPECT_EQ(d.code, RefuseCode::kDiverged);
+  EXPECT_THAT(d.reason, HasSubstr("LSN 201"));
+  EXPECT_THAT(d.reason, HasSubstr("no record"));
+}
+
+TEST(DecideHandshake, ResumesInterruptedCopy) {
+  ReplicaView v = View();
+  v.consistent = false;
+  v.copy_in_progress = true;
+  v.copy_volume = 1;
+  v.copy_offset = 65536;
+  HandshakeDecision d = DecideHandshake(Hello(), v);
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kFullCopy);
+  EXPECT_TRUE(d.copy_resume);
+  EXPECT_EQ(d.start_lsn, 151u);
+  EXPECT_EQ(d.copy_volume, 1u);
+  EXPECT_EQ(d.copy_offset, 65536u);
+  EXPECT_THAT(d.reason, HasSubstr("resuming"));
+}
+
+TEST(DecideHandshake, RestartsCopyWhenLogTruncated) {
+  ReplicaView v = View();
+  v.consistent = false;
+  v.copy_in_progress = true;
+  v.last_lsn = 40;  // the primary holds only from 50
+  HandshakeDecision d = DecideHandshake(Hello(), v);
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kFullCopy);
+  EXPECT_FALSE(d.copy_resume);
+  EXPECT_THAT(d.reason, HasSubstr("cannot resume"));
+  // 49 + 1 == first_lsn: still resumable.
+  v.last_lsn = 49;
+  EXPECT_TRUE(DecideHandshake(Hello(), v).copy_resume);
+}
+
+TEST(DecideHandshake, FullCopyWhenNeverConsistent) {
+  ReplicaView v = View();
+  v.consistent = false;
+  v.history.clear();
+  v.last_lsn = 0;
+  HandshakeDecision d = DecideHandshake(Hello(), v);
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kFullCopy);
+  EXPECT_FALSE(d.copy_resume);
+  EXPECT_THAT(d.reason, HasSubstr("never completed a copy"));
+}
+
+TEST(DecideHandshake, FullCopyWhenBehindTruncation) {
+  ReplicaView v = View();
+  v.history = {{1, 1}};
+  v.last_lsn = 48;
+  HandshakeDecision d = DecideHandshake(Hello(), v);
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kFullCopy);
+  EXPECT_FALSE(d.copy_resume);
+  EXPECT_THAT(d.reason, HasSubstr("ends at LSN 48"));
+  EXPECT_THAT(d.reason, HasSubstr("from LSN 50"));
+  v.last_lsn = 49;
+  EXPECT_EQ(DecideHandshake(Hello(), v).start_lsn, 50u);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+SenderOptions Opts(Mode mode, Nanos degrade_after = 0) {
   SenderOptions o;
-  o.mode = m;
+  o.mode = mode;
+  o.min_window_bytes = 10'000;
+  o.max_window_bytes = 1'000'000;
+  o.max_batch_bytes = 4'000;
+  o.max_batch_records = 100;
+  o.max_batch_delay = 1 * kMs;
+  o.sync_degrade_after = degrade_after;
   return o;
 }
 
-TEST(PrimaryGroup, SyncPeerHoldsWritesAndFlushes) {
-  PrimaryGroup g;
-  g.AddPeer("b", Opt(Mode::kSync), {}, 0);
-  g.AddPeer("c", Opt(Mode::kAsync), {}, 0);
+void Append(PrimaryGroup& g, uint64_t from, uint64_t to, uint64_t bytes, Nanos now) {
+  for (uint64_t l = from; l <= to; ++l) g.OnLocalAppend(l, bytes, 1000 + l, now);
+}
+
+void Stream(PrimaryGroup& g, const std::string& peer, uint64_t from, Nanos now) {
+  g.OnConnected(peer, now);
   HandshakeDecision d;
-  d.kind = Kind::kStreamFrom;
-  d.start_lsn = 1;
-  g.OnConnected("b", 0);
-  g.OnDecision("b", d, 0, 0);
-  for (uint64_t l = 1; l <= 10; ++l) g.OnLocalAppend(l, 100, 1000 + l, 10);
+  d.kind = HandshakeDecision::Kind::kStreamFrom;
+  d.start_lsn = from;
+  EXPECT_EQ(g.OnDecision(peer, d, 0, now), from);
+}
+
+PeerStatus StatusOf(const PrimaryGroup& g, const std::string& peer, Nanos now = 0) {
+  for (PeerStatus& s : g.Status(now))
+    if (s.peer == peer) return s;
+  ADD_FAILURE() << "no peer " << peer;
+  return {};
+}
+
+TEST(PrimaryGroup, NoPeersReleasesLocalPositions) {
+  PrimaryGroup g;
+  Append(g, 1, 10, 100, 0);
+  g.OnLocalDurable(7);
+  EXPECT_EQ(g.write_released(), 10u);
+  EXPECT_EQ(g.flush_released(), 7u);
+  EXPECT_EQ(g.MinPeerDurable(), 10u);
+}
+
+TEST(PrimaryGroup, AsyncPeersNeverHoldWrites) {
+  PrimaryGroup g;
+  g.AddPeer("a", Opts(Mode::kAsync), {}, 0);
+  Append(g, 1, 10, 100, 0);
   g.OnLocalDurable(10);
+  EXPECT_EQ(g.write_released(), 10u);
+  EXPECT_EQ(g.flush_released(), 10u);
+  EXPECT_EQ(g.MinPeerDurable(), 0u);
+}
+
+TEST(PrimaryGroup, SyncReleasePoints) {
+  PrimaryGroup g;
+  g.AddPeer("s1", Opts(Mode::kSync), {}, 0);
+  g.AddPeer("s2", Opts(Mode::kSync), {}, 0);
+  g.AddPeer("a", Opts(Mode::kAsync), {}, 0);
+  Append(g, 1, 10, 100, 0);
+  g.OnLocalDurable(6);
   EXPECT_EQ(g.write_released(), 0u);
-  EXPECT_EQ(g.flush_released(), 0u);
-  auto plan = g.NextSend("b", 20);
+  EXPECT_TRUE(g.OnPosition("s1", {8, 5, 0}, 0));
+  EXPECT_TRUE(g.OnPosition("s2", {9, 7, 0}, 0));
+  EXPECT_TRUE(g.OnPosition("a", {10, 10, 10}, 0));
+  EXPECT_EQ(g.write_released(), 8u);  // min received of sync peers
+  EXPECT_EQ(g.flush_released(), 5u);  // min(local durable 6, sync durables 5, 7)
+  g.OnPosition("s1", {10, 10, 0}, 0);
+  EXPECT_EQ(g.write_released(), 9u);
+  EXPECT_EQ(g.flush_released(), 6u);  // the local log is the limit now
+  // Never backwards.
+  EXPECT_FALSE(g.OnPosition("s2", {3, 2, 0}, 0));
+  EXPECT_EQ(StatusOf(g, "s2").positions, (Positions{9, 7, 0}));
+  EXPECT_EQ(g.write_released(), 9u);
+  EXPECT_EQ(g.MinPeerDurable(), 7u);
+}
+
+TEST(PrimaryGroup, SyncPeerWithoutDegradeHoldsWritesForever) {
+  PrimaryGroup g;
+  g.AddPeer("s", Opts(Mode::kSync, 0), {}, 0);
+  Append(g, 1, 5, 100, 0);
+  EXPECT_FALSE(g.OnTick(3600'000 * kMs));
+  EXPECT_EQ(g.write_released(), 0u);
+  EXPECT_TRUE(StatusOf(g, "s").in_sync_set);
+}
+
+TEST(PrimaryGroup, DegradesDisconnectedSyncPeerAndRejoins) {
+  PrimaryGroup g;
+  g.AddPeer("s", Opts(Mode::kSync, 100 * kMs), {}, 0);
+  Append(g, 1, 5, 100, 0);
+  g.OnLocalDurable(5);
+  EXPECT_EQ(g.NextDeadline(), 100 * kMs);
+  EXPECT_FALSE(g.OnTick(99 * kMs));
+  EXPECT_EQ(g.write_released(), 0u);
+  EXPECT_TRUE(g.OnTick(100 * kMs));
+  PeerStatus st = StatusOf(g, "s");
+  EXPECT_TRUE(st.degraded);
+  EXPECT_FALSE(st.in_sync_set);
+  EXPECT_THAT(st.last_error, HasSubstr("sync set"));
+  EXPECT_EQ(g.write_released(), 5u);
+  EXPECT_EQ(g.flush_released(), 5u);
+  // Catching up only partly does not rejoin.
+  Stream(g, "s", 1, 200 * kMs);
+  EXPECT_TRUE(g.OnPosition("s", {4, 4, 0}, 200 * kMs));
+  EXPECT_TRUE(StatusOf(g, "s").degraded);
+  Append(g, 6, 6, 100, 210 * kMs);
+  g.OnPosition("s", {5, 5, 0}, 220 * kMs);
+  EXPECT_TRUE(StatusOf(g, "s").degraded);  // 6 is the local last now
+  EXPECT_TRUE(g.OnPosition("s", {6, 6, 0}, 230 * kMs));
+  EXPECT_FALSE(StatusOf(g, "s").degraded);
+  EXPECT_TRUE(StatusOf(g, "s").in_sync_set);
+  Append(g, 7, 7, 100, 240 * kMs);
+  EXPECT_EQ(g.write_released(), 6u);
+}
+
+TEST(PrimaryGroup, DegradesConnectedSyncPeerThatDoesNotAck) {
+  PrimaryGroup g;
+  g.AddPeer("s", Opts(Mode::kSync, 100 * kMs), {}, 0);
+  Stream(g, "s", 1, 0);
+  EXPECT_EQ(g.NextDeadline(), std::nullopt);  // connected and nothing unacknowledged
+  Append(g, 1, 1, 100, 50 * kMs);
+  EXPECT_EQ(g.NextDeadline(), 150 * kMs);
+  EXPECT_FALSE(g.OnTick(149 * kMs));
+  g.OnPosition("s", {1, 1, 0}, 120 * kMs);
+  EXPECT_EQ(g.NextDeadline(), std::nullopt);
+  Append(g, 2, 2, 100, 130 * kMs);
+  EXPECT_FALSE(g.OnTick(229 * kMs));
+  EXPECT_TRUE(g.OnTick(230 * kMs));
+  EXPECT_TRUE(StatusOf(g, "s").degraded);
+  EXPECT_EQ(g.write_released(), 2u);
+}
+
+TEST(PrimaryGroup, DegradesWhenAWriteWaitedTooLongBeforeTheLinkDropped) {
+  PrimaryGroup g;
+  g.AddPeer("s", Opts(Mode::kSync, 100 * kMs), {}, 0);
+  Stream(g, "s", 1, 0);
+  Append(g, 1, 1, 100, 10 * kMs);
+  g.OnDisconnected("s", "cut", 50 * kMs);
+  // The write has waited since 10 ms: 110 ms, not 50 + 100.
+  EXPECT_EQ(g.NextDeadline(), 110 * kMs);
+  EXPECT_FALSE(g.OnTick(109 * kMs));
+  EXPECT_TRUE(g.OnTick(110 * kMs));
+  EXPECT_EQ(g.write_released(), 1u);
+  EXPECT_THAT(StatusOf(g, "s").last_error, HasSubstr("degrade limit"));
+}
+
+TEST(PrimaryGroup, SendsAtOnceWhenIdleThenCoalesces) {
+  PrimaryGroup g;
+  g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
+  EXPECT_EQ(g.NextSend("p", 0), std::nullopt);  // not connected
+  Stream(g, "p", 1, 0);
+  EXPECT_EQ(g.NextSend("p", 0), std::nullopt);  // nothing to send
+  Append(g, 1, 1, 100, 0);
+  std::optional<SendPlan> plan = g.NextSend("p", 0);
   ASSERT_TRUE(plan);
   EXPECT_EQ(plan->from_lsn, 1u);
-  g.OnSent("b", 1, 10, 1000, 20);
-  EXPECT_TRUE(g.OnPosition("b", {6, 4, 0}, 30));
-  EXPECT_EQ(g.write_released(), 6u);
-  EXPECT_EQ(g.flush_released(), 4u);
-  // A position beyond what was sent is not believed; positions never go back.
-  g.OnPosition("b", {99, 99, 0}, 31);
-  EXPECT_EQ(g.write_released(), 10u);
-  g.OnPosition("b", {1, 1, 0}, 32);
-  EXPECT_EQ(g.flush_released(), 10u);
-  // The async peer never held anything, and its lag is exact.
-  auto st = g.Status(40);
-  ASSERT_EQ(st.size(), 2u);
-  EXPECT_EQ(st[1].lag.lsns, 10u);
-  EXPECT_EQ(st[1].lag.bytes, 1000u);
-  EXPECT_EQ(st[1].lag.oldest_timestamp_ns, 1001u);
-  EXPECT_EQ(st[0].lag.lsns, 0u);
+  EXPECT_EQ(plan->to_lsn, 1u);
+  EXPECT_EQ(plan->max_bytes, 4'000u);
+  EXPECT_EQ(plan->max_records, 100u);
+  g.OnSent("p", 1, 1, 100, 0);
+  EXPECT_EQ(StatusOf(g, "p").inflight_bytes, 100u);
+  // Something in flight: coalesce until 1 ms has passed since LSN 2 was appended...
+  Append(g, 2, 3, 100, 10 * kMs);
+  EXPECT_EQ(g.NextSend("p", 10 * kMs), std::nullopt);
+  EXPECT_EQ(g.NextDeadline(), 11 * kMs);
+  plan = g.NextSend("p", 11 * kMs);
+  ASSERT_TRUE(plan);
+  EXPECT_EQ(plan->from_lsn, 2u);
+  EXPECT_EQ(plan->to_lsn, 3u);
+  g.OnSent("p", 2, 3, 200, 11 * kMs);
+  // ...or until max_batch_bytes are waiting.
+  Append(g, 4, 42, 100, 12 * kMs);
+  EXPECT_EQ(g.NextSend("p", 12 * kMs), std::nullopt);  // 3900 bytes
+  Append(g, 43, 43, 100, 12 * kMs);
+  plan = g.NextSend("p", 12 * kMs);
+  ASSERT_TRUE(plan);
+  EXPECT_EQ(plan->from_lsn, 4u);
+  EXPECT_EQ(plan->to_lsn, 43u);
+  // Acked: nothing in flight, sends at once.
+  g.OnSent("p", 4, 43, 4000, 12 * kMs);
+  g.OnPosition("p", {43, 0, 0}, 13 * kMs);
+  EXPECT_EQ(StatusOf(g, "p").inflight_bytes, 0u);
+  Append(g, 44, 44, 100, 13 * kMs);
+  EXPECT_TRUE(g.NextSend("p", 13 * kMs));
 }
 
-TEST(PrimaryGroup, AsyncOnlyReleasesOnLocalLog) {
+TEST(PrimaryGroup, CoalescesOnRecordCount) {
   PrimaryGroup g;
-  g.AddPeer("c", Opt(Mode::kAsync), {}, 0);
-  g.OnLocalAppend(1, 10, 1, 0);
-  g.OnLocalDurable(1);
-  EXPECT_EQ(g.write_released(), 1u);
-  EXPECT_EQ(g.flush_released(), 1u);
+  SenderOptions o = Opts(Mode::kAsync);
+  o.max_batch_records = 3;
+  g.AddPeer("p", o, {}, 0);
+  Stream(g, "p", 1, 0);
+  Append(g, 1, 1, 10, 0);
+  g.OnSent("p", 1, 1, 10, 0);
+  Append(g, 2, 3, 10, 0);
+  EXPECT_EQ(g.NextSend("p", 0), std::nullopt);
+  Append(g, 4, 9, 10, 0);
+  std::optional<SendPlan> plan = g.NextSend("p", 0);
+  ASSERT_TRUE(plan);
+  EXPECT_EQ(plan->to_lsn, 4u);  // capped by max_batch_records
 }
 
-TEST(PrimaryGroup, DegradeAndRejoin) {
+TEST(PrimaryGroup, WindowLimitsInflight) {
   PrimaryGroup g;
-  SenderOptions o = Opt(Mode::kSync);
-  o.sync_degrade_after = 1000;
-  g.AddPeer("b", o, {}, 0);
-  g.OnLocalAppend(1, 10, 1, 100);
-  g.OnLocalDurable(1);
-  EXPECT_EQ(g.write_released(), 0u);
-  EXPECT_FALSE(g.OnTick(500));
-  EXPECT_TRUE(g.OnTick(1200));
-  EXPECT_EQ(g.write_released(), 1u);
-  EXPECT_TRUE(g.Status(1200)[0].degraded);
+  g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
+  Stream(g, "p", 1, 0);
+  Append(g, 1, 200, 1000, 0);
+  std::optional<SendPlan> plan = g.NextSend("p", 0);
+  ASSERT_TRUE(plan);
+  EXPECT_EQ(plan->max_bytes, 4'000u);
+  g.OnSent("p", 1, 4, 4000, 0);
+  plan = g.NextSend("p", 0);
+  ASSERT_TRUE(plan);
+  EXPECT_EQ(plan->max_bytes, 4'000u);
+  g.OnSent("p", 5, 8, 4000, 0);
+  plan = g.NextSend("p", 0);
+  ASSERT_TRUE(plan);
+  EXPECT_EQ(plan->max_bytes, 2'000u);  // the window (10 000) minus 8 000 in flight
+  g.OnSent("p", 9, 10, 2000, 0);
+  EXPECT_EQ(StatusOf(g, "p").inflight_bytes, 10'000u);
+  EXPECT_EQ(g.NextSend("p", 0), std::nullopt);  // window full
+  EXPECT_EQ(g.NextDeadline(), std::nullopt);    // an ack, not a timer, opens it
+  g.OnPosition("p", {4, 0, 0}, 1 * kMs);
+  EXPECT_EQ(StatusOf(g, "p").inflight_bytes, 6'000u);
+  plan = g.NextSend("p", 1 * kMs);  // 190 unsent records > max_batch_bytes: no coalescing
+  ASSERT_TRUE(plan);
+  EXPECT_EQ(plan->from_lsn, 11u);
+  EXPECT_EQ(plan->max_bytes, 4'000u);
+}
+
+TEST(PrimaryGroup, WindowFollowsRttAndDeliveryRate) {
+  PrimaryGroup g;
+  g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
+  Stream(g, "p", 1, 0);
+  EXPECT_EQ(StatusOf(g, "p").window_bytes, 10'000u);  // nothing known: the minimum
+  g.OnRttSample("p", 50 * kMs, 0);
+  g.OnRttSample("p", 20 * kMs, 1 * kMs);
+  g.OnRttSample("p", 80 * kMs, 2 * kMs);
+  EXPECT_EQ(StatusOf(g, "p").rtt, 20 * kMs);
+  Append(g, 1, 1000, 1000, 0);
+  // 100 000 bytes acknowledged per 20 ms interval = 5 MB/s.
+  g.OnPosition("p", {100, 0, 0}, 0);
+  g.OnPosition("p", {200, 0, 0}, 20 * kMs);
+  g.OnPosition("p", {300, 0, 0}, 40 * kMs);
+  PeerStatus st = StatusOf(g, "p");
+  EXPECT_EQ(st.delivery_rate, 5'000'000u);
+  EXPECT_EQ(st.window_bytes, 200'000u);  // 2 x 20 ms x 5 MB/s
+  // Capped by max_window.
+  g.OnPosition("p", {1000, 0, 0}, 60 * kMs);  // 35 MB/s
+  EXPECT_EQ(StatusOf(g, "p").window_bytes, 1'000'000u);
+  // The rtt minimum forgets samples older than 10 s before the newest.
+  g.OnRttSample("p", 40 * kMs, 10'500 * kMs);
+  EXPECT_EQ(StatusOf(g, "p").rtt, 40 * kMs);
+}
+
+TEST(PrimaryGroup, LagIsExact) {
+  PrimaryGroup g;
+  g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
+  g.AddPeer("q", Opts(Mode::kAsync), {}, 0);
+  for (uint64_t l = 1; l <= 10; ++l) g.OnLocalAppend(l, 10 * l, 5000 + l, 0);
+  Lag lag = StatusOf(g, "p").lag;
+  EXPECT_EQ(lag.lsns, 10u);
+  EXPECT_EQ(lag.bytes, 550u);
+  EXPECT_EQ(lag.oldest_timestamp_ns, 5001u);
+  g.OnPosition("p", {10, 6, 0}, 0);
+  lag = StatusOf(g, "p").lag;
+  EXPECT_EQ(lag.lsns, 4u);
+  EXPECT_EQ(lag.bytes, 70u + 80 + 90 + 100);
+  EXPECT_EQ(lag.oldest_timestamp_ns, 5007u);
+  // Pruning (min durable is q's 0 here, then 3) keeps everything both still need exact.
+  g.OnPosition("q", {3, 3, 0}, 0);
+  lag = StatusOf(g, "q").lag;
+  EXPECT_EQ(lag.bytes, 550u - 60);
+  EXPECT_EQ(lag.oldest_timestamp_ns, 5004u);
+  g.OnPosition("q", {10, 10, 0}, 0);
+  EXPECT_EQ(StatusOf(g, "q").lag.lsns, 0u);
+  EXPECT_EQ(StatusOf(g, "q").lag.oldest_timestamp_ns, 0u);
+  EXPECT_EQ(StatusOf(g, "p").lag.bytes, 340u);
+  g.OnPosition("p", {10, 10, 0}, 0);
+  g.OnLocalAppend(11, 7, 9999, 0);
+  EXPECT_EQ(StatusOf(g, "p").lag.bytes, 7u);
+  EXPECT_EQ(StatusOf(g, "p").lag.oldest_timestamp_ns, 9999u);
+}
+
+TEST(PrimaryGroup, DisconnectAndResendFromReplicaPosition) {
+  PrimaryGroup g;
+  g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
+  Stream(g, "p", 1, 0);
+  Append(g, 1, 5, 100, 0);
+  g.OnSent("p", 1, 5, 500, 0);
+  g.OnPosition("p", {5, 3, 0}, 1 * kMs);
+  g.OnDisconnected("p", "stream reset", 2 * kMs);
+  PeerStatus st = StatusOf(g, "p");
+  EXPECT_EQ(st.state, LinkState::kDisconnected);
+  EXPECT_EQ(st.last_error, "stream reset");
+  EXPECT_EQ(g.NextSend("p", 2 * kMs), std::nullopt);
+  // The replica crashed and kept only 3: resend from 4; known positions stay.
+  Stream(g, "p", 4, 3 * kMs);
+  EXPECT_EQ(StatusOf(g, "p").positions, (Positions{5, 3, 0}));
+  std::optional<SendPlan> plan = g.NextSend("p", 3 * kMs);
+  ASSERT_TRUE(plan);
+  EXPECT_EQ(plan->from_lsn, 4u);
+}
+
+TEST(PrimaryGroup, RefusalIsKeptWithReason) {
+  PrimaryGroup g;
+  g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
+  g.OnConnected("p", 0);
   HandshakeDecision d;
-  d.kind = Kind::kStreamFrom;
-  d.start_lsn = 1;
-  g.OnDecision("b", d, 0, 1300);
-  g.OnSent("b", 1, 1, 10, 1300);
-  EXPECT_TRUE(g.OnPosition("b", {1, 1, 1}, 1400));
-  EXPECT_FALSE(g.Status(1400)[0].degraded);
-  EXPECT_TRUE(g.Status(1400)[0].in_sync_set);
+  d.kind = HandshakeDecision::Kind::kRefuse;
+  d.code = RefuseCode::kStaleEpoch;
+  d.reason = "stale epoch: 3 < 4";
+  g.OnDecision("p", d, 0, 0);
+  g.OnDisconnected("p", "stream closed", 0);
+  PeerStatus st = StatusOf(g, "p");
+  EXPECT_EQ(st.state, LinkState::kRefused);
+  EXPECT_THAT(st.last_error, HasSubstr("stale epoch: 3 < 4"));
 }
 
-TEST(PrimaryGroup, CoalescesWhileDataInFlight) {
+TEST(PrimaryGroup, FullCopyRegistersBaseAndStreamsAfterIt) {
   PrimaryGroup g;
-  SenderOptions o = Opt(Mode::kAsync);
-  o.max_batch_delay = 1000;
-  g.AddPeer("b", o, {}, 0);
+  g.AddPeer("p", Opts(Mode::kSync), {20, 20, 20}, 0);
+  Append(g, 1, 30, 10, 0);
+  g.OnConnected("p", 0);
   HandshakeDecision d;
-  d.kind = Kind::kStreamFrom;
-  d.start_lsn = 1;
-  g.OnDecision("b", d, 0, 0);
-  g.OnLocalAppend(1, 10, 1, 0);
-  ASSERT_TRUE(g.NextSend("b", 0));  // nothing in flight: at once
-  g.OnSent("b", 1, 1, 10, 0);
-  g.OnLocalAppend(2, 10, 2, 10);
-  EXPECT_FALSE(g.NextSend("b", 20));  // coalescing
-  ASSERT_TRUE(g.NextDeadline());
-  EXPECT_EQ(*g.NextDeadline(), 1010);
-  EXPECT_TRUE(g.NextSend("b", 1010));
+  d.kind = HandshakeDecision::Kind::kFullCopy;
+  EXPECT_EQ(g.OnDecision("p", d, 12, 0), 13u);
+  PeerStatus st = StatusOf(g, "p");
+  EXPECT_EQ(st.state, LinkState::kCopying);
+  EXPECT_EQ(st.positions, (Positions{12, 12, 12}));
+  EXPECT_EQ(g.MinPeerDurable(), 12u);
+  EXPECT_EQ(st.lag.bytes, 180u);  // exact: records after 12 were kept
+  std::optional<SendPlan> plan = g.NextSend("p", 0);
+  ASSERT_TRUE(plan);
+  EXPECT_EQ(plan->from_lsn, 13u);
+  g.OnCopyDone("p", 0);
+  EXPECT_EQ(StatusOf(g, "p").state, LinkState::kStreaming);
+  // A resumed copy streams from the replica's log end and keeps positions.
+  g.OnDisconnected("p", "cut", 0);
+  g.OnConnected("p", 0);
+  d.copy_resume = true;
+  d.start_lsn = 17;
+  EXPECT_EQ(g.OnDecision("p", d, 25, 0), 17u);
+  EXPECT_EQ(StatusOf(g, "p").positions, (Positions{12, 12, 12}));
 }
 
-TEST(ReplicaReceiver, AcceptsInOrderRefusesGapsAndOldEpochs) {
+TEST(PrimaryGroup, StartsFromALogThatDoesNotBeginAtOne) {
+  PrimaryGroup g;
+  g.AddPeer("p", Opts(Mode::kAsync), {500, 500, 500}, 0);
+  for (uint64_t l = 501; l <= 503; ++l) g.OnLocalAppend(l, 10, l, 0);
+  g.OnLocalAppend(502, 99, 0, 0);  // out of order: ignored
+  EXPECT_EQ(g.last_lsn(), 503u);
+  EXPECT_EQ(StatusOf(g, "p").lag.bytes, 30u);
+  EXPECT_EQ(StatusOf(g, "p").lag.oldest_timestamp_ns, 501u);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+ReplicaReceiver Receiver() {
+  ReplicaReceiver r(View());
+  EXPECT_EQ(r.OnHello(Hello()).kind, HandshakeDecision::Kind::kStreamFrom);
+  return r;
+}
+
+TEST(ReplicaReceiver, RaisesNewestEpochOnHello) {
   ReplicaView v = View();
-  ReplicaReceiver rx(v);
-  auto c = rx.OnBatch(2, 151, 10);
+  v.newest_epoch = 2;
+  v.history = {{1, 1}};
+  v.last_lsn = 90;
+  ReplicaReceiver r(v);
+  EXPECT_EQ(r.OnHello(Hello()).kind, HandshakeDecision::Kind::kStreamFrom);
+  EXPECT_EQ(r.newest_epoch(), 3u);
+  PrimaryHello old = Hello();
+  old.epoch = 2;
+  EXPECT_EQ(r.OnHello(old).code, RefuseCode::kStaleEpoch);
+  EXPECT_EQ(r.newest_epoch(), 3u);
+}
+
+TEST(ReplicaReceiver, AppendsNextBatch) {
+  ReplicaReceiver r = Receiver();
+  auto c = r.OnBatch(3, 151, 10);
   EXPECT_EQ(c.verdict, ReplicaReceiver::BatchCheck::Verdict::kAppend);
   EXPECT_EQ(c.skip_records, 0u);
-  // The next batch may arrive before the first is appended.
-  c = rx.OnBatch(2, 161, 5);
-  EXPECT_EQ(c.verdict, ReplicaReceiver::BatchCheck::Verdict::kAppend);
-  c = rx.OnBatch(2, 160, 10);  // overlaps: skip what is held
-  EXPECT_EQ(c.skip_records, 6u);
-  c = rx.OnBatch(2, 200, 1);
-  EXPECT_EQ(c.verdict, ReplicaReceiver::BatchCheck::Verdict::kReject);
-  EXPECT_THAT(c.reason, HasSubstr("gap"));
-  c = rx.OnBatch(1, 170, 1);
-  EXPECT_EQ(c.verdict, ReplicaReceiver::BatchCheck::Verdict::kReject);
-  c = rx.OnBatch(3, 170, 2);
-  EXPECT_TRUE(c.begins_epoch);
-  EXPECT_EQ(rx.view().history.back(), (EpochStart{3, 170}));
-  // Acks report only what was appended / synced.
-  auto ack = rx.TakeAck();
-  ASSERT_TRUE(ack);
-  EXPECT_EQ(ack->received, 150u);
-  EXPECT_FALSE(rx.TakeAck());
-  rx.OnAppended(160);
-  EXPECT_EQ(rx.TakeAck()->received, 160u);
+  EXPECT_FALSE(c.begins_epoch);
+  r.OnAppended(160);
+  EXPECT_EQ(r.view().last_lsn, 160u);
+  EXPECT_EQ(r.positions().received, 160u);
 }
 
-TEST(ReplicaReceiver, CopyMakesConsistentOnlyOnceApplied) {
-  ReplicaView v;
-  v.group_known = true;
-  v.volume_sizes = {1 << 20};
-  ReplicaReceiver rx(v);
-  rx.OnCopyBegin(2, 101);
-  EXPECT_FALSE(rx.consistent());
-  EXPECT_EQ(rx.OnBatch(2, 101, 3).verdict, ReplicaReceiver::BatchCheck::Verdict::kAppend);
-  rx.OnCopyDone(103);
-  rx.OnApplied(102);
-  EXPECT_FALSE(rx.consistent());
-  rx.OnApplied(103);
-  EXPECT_TRUE(rx.consistent());
+TEST(ReplicaReceiver, SkipsResentPrefix) {
+  ReplicaReceiver r = Receiver();
+  auto c = r.OnBatch(3, 141, 20);
+  EXPECT_EQ(c.verdict, ReplicaReceiver::BatchCheck::Verdict::kAppend);
+  EXPECT_EQ(c.skip_records, 10u);
+  c = r.OnBatch(3, 141, 5);  // wholly old
+  EXPECT_EQ(c.verdict, ReplicaReceiver::BatchCheck::Verdict::kAppend);
+  EXPECT_EQ(c.skip_records, 5u);
+}
+
+TEST(ReplicaReceiver, RejectsGap) {
+  ReplicaReceiver r = Receiver();
+  auto c = r.OnBatch(3, 152, 1);
+  EXPECT_EQ(c.verdict, ReplicaReceiver::BatchCheck::Verdict::kReject);
+  EXPECT_THAT(c.reason, HasSubstr("gap"));
+  EXPECT_THAT(c.reason, HasSubstr("ends at LSN 150"));
+}
+
+TEST(ReplicaReceiver, RejectsEpochNotInPrimaryHistory) {
+  ReplicaReceiver r = Receiver();
+  auto c = r.OnBatch(1, 151, 1);  // the Hello's history says 151 is epoch 3
+  EXPECT_EQ(c.verdict, ReplicaReceiver::BatchCheck::Verdict::kReject);
+  EXPECT_THAT(c.reason, HasSubstr("epoch 3 at LSN 151"));
+  c = r.OnBatch(4, 151, 1);  // newer than the stream
+  EXPECT_EQ(c.verdict, ReplicaReceiver::BatchCheck::Verdict::kReject);
+}
+
+TEST(ReplicaReceiver, RejectsBatchBeforeHelloAndFencedStream) {
+  ReplicaReceiver r(View());
+  auto c = r.OnBatch(3, 151, 1);
+  EXPECT_EQ(c.verdict, ReplicaReceiver::BatchCheck::Verdict::kReject);
+  EXPECT_THAT(c.reason, HasSubstr("before an accepted Hello"));
+  r = Receiver();
+  PrimaryHello newer = Hello();
+  newer.epoch = 5;
+  newer.history.push_back({5, 201});
+  ASSERT_NE(r.OnHello(newer).kind, HandshakeDecision::Kind::kRefuse);
+  PrimaryHello old = Hello();
+  EXPECT_EQ(r.OnHello(old).code, RefuseCode::kStaleEpoch);
+  c = r.OnBatch(3, 151, 1);
+  EXPECT_EQ(c.verdict, ReplicaReceiver::BatchCheck::Verdict::kReject);
+}
+
+TEST(ReplicaReceiver, CatchesUpAcrossAnEpochChange) {
+  // The replica stopped at 90 in epoch 1; the primary (epoch 3) began epoch 3 at 101.
+  ReplicaView v = View();
+  v.newest_epoch = 1;
+  v.history = {{1, 1}};
+  v.last_lsn = 90;
+  ReplicaReceiver r(v);
+  ASSERT_EQ(r.OnHello(Hello()).start_lsn, 91u);
+  auto c = r.OnBatch(1, 91, 10);  // older records keep their epoch
+  EXPECT_EQ(c.verdict, ReplicaReceiver::BatchCheck::Verdict::kAppend);
+  EXPECT_FALSE(c.begins_epoch);
+  r.OnAppended(100);
+  c = r.OnBatch(3, 99, 5);  // spans 100 (epoch 1) and 101 (epoch 3): malformed
+  EXPECT_EQ(c.verdict, ReplicaReceiver::BatchCheck::Verdict::kReject);
+  c = r.OnBatch(3, 101, 5);
+  EXPECT_EQ(c.verdict, ReplicaReceiver::BatchCheck::Verdict::kAppend);
+  EXPECT_TRUE(c.begins_epoch);
+  EXPECT_EQ(r.view().history, (History{{1, 1}, {3, 101}}));
+  r.OnAppended(105);
+  c = r.OnBatch(3, 106, 1);
+  EXPECT_FALSE(c.begins_epoch);
+}
+
+TEST(ReplicaReceiver, AckReportsChangesOnlyAndAgainAfterHello) {
+  ReplicaReceiver r = Receiver();
+  std::optional<Positions> a = r.TakeAck();
+  ASSERT_TRUE(a);
+  EXPECT_EQ(*a, (Positions{150, 150, 0}));
+  EXPECT_EQ(r.TakeAck(), std::nullopt);
+  r.OnBatch(3, 151, 1);
+  r.OnAppended(151);
+  EXPECT_EQ(r.TakeAck(), (Positions{151, 150, 0}));
+  r.OnDurable(151);
+  r.OnApplied(151);
+  EXPECT_EQ(r.TakeAck(), (Positions{151, 151, 151}));
+  EXPECT_EQ(r.TakeAck(), std::nullopt);
+  r.OnHello(Hello());
+  EXPECT_EQ(r.TakeAck(), (Positions{151, 151, 151}));
+  r.OnDurable(500);  // never beyond the log
+  EXPECT_EQ(r.positions().durable, 151u);
+}
+
+TEST(ReplicaReceiver, FullCopyLifecycle) {
+  ReplicaView v = View();
+  v.consistent = false;
+  v.history.clear();
+  v.last_lsn = 0;
+  v.newest_epoch = 0;
+  ReplicaReceiver r(v);
+  EXPECT_FALSE(r.consistent());
+  HandshakeDecision d = r.OnHello(Hello());
+  ASSERT_EQ(d.kind, HandshakeDecision::Kind::kFullCopy);
+  r.OnCopyBegin(3, 121, Hello().history);
+  EXPECT_TRUE(r.view().copy_in_progress);
+  EXPECT_EQ(r.view().last_lsn, 120u);
+  EXPECT_EQ(r.view().history, (History{{1, 1}, {3, 101}}));
+  EXPECT_EQ(r.positions().received, 120u);
+  auto c = r.OnBatch(3, 121, 10);
+  EXPECT_EQ(c.verdict, ReplicaReceiver::BatchCheck::Verdict::kAppend);
+  EXPECT_FALSE(c.begins_epoch);  // epoch 3 is already in the copied history
+  r.OnAppended(130);
+  r.OnCopyChunk(1, 4096);
+  EXPECT_EQ(r.view().copy_volume, 1u);
+  EXPECT_EQ(r.view().copy_offset, 4096u);
+  // An interrupted copy resumes where it was.
+  ReplicaReceiver again(r.view());
+  d = again.OnHello(Hello());
+  EXPECT_TRUE(d.copy_resume);
+  EXPECT_EQ(d.start_lsn, 131u);
+  r.OnCopyDone(128);
+  EXPECT_FALSE(r.consistent());  // applied has not reached 128
+  r.OnApplied(127);
+  EXPECT_FALSE(r.consistent());
+  r.OnApplied(128);
+  EXPECT_TRUE(r.consistent());
+  // After a restart the copy is done: stream, and consistent once the checkpoint says so.
+  ReplicaReceiver restarted(r.view());
+  EXPECT_EQ(restarted.OnHello(Hello()).kind, HandshakeDecision::Kind::kStreamFrom);
+  EXPECT_FALSE(restarted.consistent());
+  restarted.OnApplied(128);
+  EXPECT_TRUE(restarted.consistent());
+}
+
+TEST(ReplicaReceiver, CopyOfEmptyPrimaryBeginsEpochWithFirstBatch) {
+  ReplicaView v = View();
+  v.consistent = false;
+  v.history.clear();
+  v.last_lsn = 0;
+  ReplicaReceiver r(v);
+  PrimaryHello h = Hello();
+  h.history = {{3, 1}};
+  h.first_lsn = 1;
+  h.last_lsn = 0;
+  ASSERT_EQ(r.OnHello(h).kind, HandshakeDecision::Kind::kFullCopy);
+  r.OnCopyBegin(3, 1);
+  EXPECT_TRUE(r.view().history.empty());
+  auto c = r.OnBatch(3, 1, 2);
+  EXPECT_TRUE(c.begins_epoch);
+  EXPECT_EQ(r.view().history, (History{{3, 1}}));
 }
 
 }  // namespace
