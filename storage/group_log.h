@@ -177,8 +177,8 @@ struct PeerPosition {
 // open. A brand-new log has consistent = false; a primary's own log is consistent by definition,
 // which the node decides (this struct only stores what it is told).
 struct ReplicaMeta {
-  uint64_t newest_epoch_seen =
-      0;                          // newest epoch seen in a Hello: the fence against stale primaries
+  // Newest epoch seen in a Hello: the fence against stale primaries.
+  uint64_t newest_epoch_seen = 0;
   bool copy_in_progress = false;  // a full copy began and has not finished
   uint32_t copy_volume = 0;       // where an interrupted copy resumes
   uint64_t copy_offset = 0;
@@ -264,8 +264,8 @@ class GroupLog {
   uint64_t last_lsn() const { return last_lsn_.load(std::memory_order_acquire); }
   uint64_t durable_lsn() const { return durable_lsn_.load(std::memory_order_acquire); }
   GroupLogState State() const;
-  // The epoch of the newest record queued (a BeginEpoch not yet used by a record is not counted),
-  // and the history: State() has both too.
+  // The epoch of the newest record queued, or the one ResetForCopy gave (a BeginEpoch not yet used
+  // by a record does not count), and the epoch history. State() has both too.
   uint64_t current_epoch() const;
   std::vector<EpochStart> history() const;
 
