@@ -1,4 +1,5 @@
-// group_log.cc: the group log on RocksDB: group commit, range reads, metadata, retention.
+// group_log.cc: the group log on RocksDB: group commit, range reads, metadata, retention, and the
+// replica's side of replication (appending shipped records, reset for a full copy).
 //
 // Key space (one RocksDB, default column family; docs/log-format.md):
 //   'G' name                    -> group id (u32 LE)                       group registry
@@ -8,6 +9,7 @@
 //   'M' gid(BE32) 'f'           -> first LSN kept after truncation (u64 LE)
 //   'M' gid(BE32) 'p' peer      -> peer position (4 x u64 LE)
 //   'M' gid(BE32) 's' first(BE64) -> closed segment (last, bytes, first_ts, last_ts: 4 x u64 LE)
+//   'M' gid(BE32) 'r'           -> replica/role metadata (ReplicaMeta: 8 x u64 LE)
 #include "storage/group_log.h"
 
 #include <fmt/format.h>
@@ -64,6 +66,25 @@ std::string MetaKey(uint32_t gid, char tag, std::string_view name) {
   std::string k = MetaKey(gid, tag);
   k.append(name);
   return k;
+}
+
+// Field order is the on-disk order (docs/log-format.md); new fields go at the end, and a shorter
+// value from an older build reads them as 0.
+std::string EncodeReplicaMeta(const ReplicaMeta& m) {
+  return U64s({m.newest_epoch_seen, m.copy_in_progress ? 1u : 0u, m.copy_volume, m.copy_offset,
+               m.copy_base_lsn, m.consistent_at_lsn, m.consistent ? 1u : 0u, m.primary_epoch});
+}
+ReplicaMeta DecodeReplicaMeta(std::string_view v) {
+  ReplicaMeta m;
+  m.newest_epoch_seen = U64At(v, 0);
+  m.copy_in_progress = U64At(v, 1) != 0;
+  m.copy_volume = static_cast<uint32_t>(U64At(v, 2));
+  m.copy_offset = U64At(v, 3);
+  m.copy_base_lsn = U64At(v, 4);
+  m.consistent_at_lsn = U64At(v, 5);
+  m.consistent = U64At(v, 6) != 0;
+  m.primary_epoch = U64At(v, 7);
+  return m;
 }
 
 uint64_t NowNs() {
@@ -218,6 +239,12 @@ absl::Status GroupLog::Load() {
   uint64_t truncated_to = 1;
   s = db_->Get(rocksdb::ReadOptions(), MetaKey(group_id_, 'f'), &v);
   if (s.ok()) truncated_to = U64At(v, 0);
+  s = db_->Get(rocksdb::ReadOptions(), MetaKey(group_id_, 'r'), &v);
+  if (s.ok()) {
+    replica_meta_ = DecodeReplicaMeta(v);
+  } else if (!s.IsNotFound()) {
+    return FromRocks(s, fmt::format("{}: reading replica metadata", ctx));
+  }
   // Peers.
   st = ScanPrefix(db_, MetaKey(group_id_, 'p'), [&](std::string_view k, std::string_view val) {
     PeerPosition p;
@@ -287,6 +314,7 @@ absl::Status GroupLog::Load() {
   next_lsn_ = last + 1;
   last_lsn_.store(last, std::memory_order_release);
   durable_lsn_.store(last, std::memory_order_release);  // LogStore::Open synced the WAL
+  notified_lsn_ = last;
   return absl::OkStatus();
 }
 
@@ -324,8 +352,87 @@ void GroupLog::Append(AppendRequest req, AppendDone done) {
   EncodeRecordHeader(group_id_, p.lsn, h, static_cast<uint32_t>(req.payload.size()), payload_hash,
                      p.encoded.data());
   p.req = std::move(req);
+  p.payload = p.req.payload.view();  // the buffer is on the heap: moving `p` keeps the view valid
   p.done = std::move(done);
   queue_.push_back(std::move(p));
+  lock.unlock();
+  cv_.notify_one();
+}
+
+struct GroupLog::ReplicatedRun {
+  ShippedRecords records;  // owns the buffer the records' payloads point into
+  absl::Status status;     // first error of a record of the run (committer thread only)
+};
+
+void GroupLog::AppendReplicated(uint32_t sender_group_id, uint64_t first_lsn,
+                                ShippedRecords records, bool sync, AppendDone done) {
+  // Verification (a hash over every payload) and re-encoding happen here, on the caller's thread
+  // and outside the lock; only the LSN and epoch checks need it.
+  auto run = std::make_shared<ReplicatedRun>();
+  run->records = std::move(records);
+  const size_t n = run->records.size();
+  std::vector<Pending> pending(n);
+  for (size_t i = 0; i < n; ++i) {
+    Pending& p = pending[i];
+    p.lsn = first_lsn + i;
+    uint64_t payload_hash = 0;
+    auto rec = DecodeRecord(sender_group_id, p.lsn, run->records[i], &payload_hash);
+    if (!rec.ok()) {
+      std::move(done)(absl::DataLossError(
+          fmt::format("group {}: replicated record LSN {} does not verify, nothing appended: {}",
+                      name_, p.lsn, std::string(rec.status().message()))));
+      return;
+    }
+    p.header = rec->header;
+    p.payload = rec->payload;
+    EncodeRecordHeader(group_id_, p.lsn, p.header, p.header.payload_size, payload_hash,
+                       p.encoded.data());
+    p.run = run;
+  }
+  std::unique_lock lock(mu_);
+  absl::Status st;
+  if (!failed_.ok()) {
+    st = failed_;
+  } else if (stopping_) {
+    st = absl::UnavailableError(fmt::format("group {}: log is stopping", name_));
+  } else if (first_lsn != next_lsn_) {
+    st = absl::FailedPreconditionError(
+        fmt::format("group {}: replicated records start at LSN {} but the log's next LSN is {}; "
+                    "nothing appended",
+                    name_, first_lsn, next_lsn_));
+  }
+  // Epochs: never backwards; a newer one begins there. A BeginEpoch not yet used by a record sets
+  // the floor (the log was told it is in that epoch).
+  uint64_t epoch = current_epoch_;
+  const uint64_t floor = pending_epoch_.value_or(current_epoch_);
+  for (size_t i = 0; st.ok() && i < n; ++i) {
+    const uint64_t e = pending[i].header.epoch;
+    if (e < floor || e < epoch) {
+      st = absl::FailedPreconditionError(fmt::format(
+          "group {}: replicated record LSN {} has epoch {}, older than the log's epoch {}; "
+          "nothing appended",
+          name_, pending[i].lsn, e, std::max(floor, epoch)));
+    } else if (e > epoch) {
+      pending[i].starts_epoch = true;
+      epoch = e;
+    }
+  }
+  if (!st.ok()) {
+    lock.unlock();
+    std::move(done)(st);
+    return;
+  }
+  if (n == 0) {
+    lock.unlock();
+    std::move(done)(first_lsn - 1);
+    return;
+  }
+  current_epoch_ = epoch;
+  pending_epoch_.reset();
+  next_lsn_ += n;
+  pending.back().req.sync = sync;
+  pending.back().done = std::move(done);
+  for (Pending& p : pending) queue_.push_back(std::move(p));
   lock.unlock();
   cv_.notify_one();
 }
@@ -348,8 +455,14 @@ void GroupLog::Sync(SyncDone done) {
       sync_waiters_.empty() && !stopping_) {
     // Everything up to `target` is written (nothing queued, no batch in flight): only the fsync is
     // missing, and this thread can do it.
+    ++inline_syncs_;
     lock.unlock();
-    std::move(done)(SyncWritten(target));
+    absl::Status st = SyncWritten(target);
+    lock.lock();
+    --inline_syncs_;
+    lock.unlock();
+    idle_cv_.notify_all();
+    std::move(done)(st);
     return;
   }
   sync_waiters_.push_back({target, std::move(done)});
@@ -374,6 +487,26 @@ void GroupLog::AdvanceDurable(uint64_t lsn) {
   uint64_t d = durable_lsn_.load(std::memory_order_acquire);
   while (d < lsn && !durable_lsn_.compare_exchange_weak(d, lsn, std::memory_order_acq_rel)) {
   }
+  if (d < lsn) NotifyDurable();
+}
+
+void GroupLog::NotifyDurable() {
+  if (!options_.on_durable) return;
+  std::unique_lock lock(notify_mu_);
+  // One thread reports at a time, so values reach the callback in order; a thread that advances
+  // durable_lsn meanwhile leaves its value to that one, which re-reads durable_lsn before it stops.
+  // That also makes a callback that syncs inline (and so gets back here) safe.
+  if (notifying_) return;
+  notifying_ = true;
+  for (;;) {
+    const uint64_t d = durable_lsn_.load(std::memory_order_acquire);
+    if (d <= notified_lsn_) break;
+    notified_lsn_ = d;
+    lock.unlock();
+    options_.on_durable(d);
+    lock.lock();
+  }
+  notifying_ = false;
 }
 
 void GroupLog::CommitterLoop() {
@@ -389,9 +522,8 @@ void GroupLog::CommitterLoop() {
       if (stopping_ && queue_.empty() && sync_waiters_.empty() && !meta_dirty_) return;
       uint64_t bytes = 0;
       while (!queue_.empty() && batch.size() < options_.max_batch_records &&
-             (batch.empty() ||
-              bytes + queue_.front().req.payload.size() <= options_.max_batch_bytes)) {
-        bytes += queue_.front().req.payload.size() + kRecordHeaderSize;
+             (batch.empty() || bytes + queue_.front().payload.size() <= options_.max_batch_bytes)) {
+        bytes += queue_.front().payload.size() + kRecordHeaderSize;
         batch.push_back(std::move(queue_.front()));
         queue_.pop_front();
       }
@@ -408,8 +540,11 @@ void GroupLog::CommitterLoop() {
     Commit(batch, syncs, write_meta);
     batch.clear();
     syncs.clear();
-    std::lock_guard lock(mu_);
-    committing_ = false;
+    {
+      std::lock_guard lock(mu_);
+      committing_ = false;
+    }
+    idle_cv_.notify_all();
   }
 }
 
@@ -426,9 +561,9 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
     EncodeLogKeyTo(group_id_, p.lsn, key);
     rocksdb::Slice key_slice(key, kLogKeySize);
     rocksdb::Slice value_parts[2] = {rocksdb::Slice(p.encoded.data(), kRecordHeaderSize),
-                                     rocksdb::Slice(p.req.payload.data(), p.req.payload.size())};
+                                     rocksdb::Slice(p.payload.data(), p.payload.size())};
     wb.Put(rocksdb::SliceParts(&key_slice, 1), rocksdb::SliceParts(value_parts, 2));
-    views.push_back({p.lsn, p.header, p.req.payload.view()});
+    views.push_back({p.lsn, p.header, p.payload});
     need_sync |= p.req.sync;
   }
   {
@@ -442,7 +577,7 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
       }
       // Segment bookkeeping: the open segment is the last one.
       Segment& seg = segments_.back();
-      const uint64_t rec_bytes = kRecordHeaderSize + p.req.payload.size();
+      const uint64_t rec_bytes = kRecordHeaderSize + p.payload.size();
       if (seg.last_lsn < seg.first_lsn) seg.first_timestamp_ns = h.timestamp_ns;
       seg.last_lsn = p.lsn;
       seg.bytes += rec_bytes;
@@ -493,14 +628,26 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
     // A synced write makes everything before it in the WAL durable too.
     AdvanceDurable(last_lsn_.load(std::memory_order_acquire));
   }
-  for (Pending& p : batch) {
-    if (st.ok()) {
-      std::move(p.done)(p.lsn);
-    } else {
-      std::move(p.done)(st);
+  for (Pending& p : batch) Complete(p, st);
+  for (SyncWaiter& w : syncs) std::move(w.done)(st);
+}
+
+void GroupLog::Complete(Pending& p, const absl::Status& st) {
+  if (p.run) {
+    // Only the committer completes written records, in LSN order, so the run's first error is
+    // recorded before its last record (the one with the callback) completes.
+    if (!st.ok() && p.run->status.ok()) p.run->status = st;
+    if (!p.done) return;
+    if (!p.run->status.ok()) {
+      std::move(p.done)(p.run->status);
+      return;
     }
   }
-  for (SyncWaiter& w : syncs) std::move(w.done)(st);
+  if (st.ok()) {
+    std::move(p.done)(p.lsn);
+  } else {
+    std::move(p.done)(st);
+  }
 }
 
 absl::Status GroupLog::WriteMetaLocked(void* write_batch) {
@@ -524,7 +671,9 @@ void GroupLog::FailQueued(absl::Status status) {
     queue.swap(queue_);
     waiters.swap(sync_waiters_);
   }
-  for (Pending& p : queue) std::move(p.done)(status);
+  for (Pending& p : queue) {
+    if (p.done) std::move(p.done)(status);  // the last record of a replicated run speaks for it
+  }
   for (SyncWaiter& w : waiters) std::move(w.done)(status);
 }
 
@@ -552,7 +701,23 @@ GroupLogState GroupLog::State() const {
   s.bytes = bytes_;
   s.history = history_;
   for (const auto& [name, p] : peers_) s.peers.push_back(p);
+  s.replica = replica_meta_;
   return s;
+}
+
+uint64_t GroupLog::current_epoch() const {
+  std::lock_guard lock(mu_);
+  return current_epoch_;
+}
+
+std::vector<EpochStart> GroupLog::history() const {
+  std::lock_guard lock(mu_);
+  return history_;
+}
+
+ReplicaMeta GroupLog::replica_meta() const {
+  std::lock_guard lock(mu_);
+  return replica_meta_;
 }
 
 absl::Status GroupLog::ReadRange(
@@ -597,6 +762,87 @@ absl::Status GroupLog::ReadRange(
     return absl::DataLossError(fmt::format(
         "group {}: log record LSN {} is missing (log should reach LSN {})", name_, expect, to_lsn));
   }
+  return absl::OkStatus();
+}
+
+absl::Status GroupLog::ReadRaw(
+    uint64_t from_lsn, uint64_t max_lsn, uint64_t max_bytes, uint32_t max_records,
+    const std::function<absl::Status(uint64_t lsn, std::string_view stored_value)>& fn) const {
+  uint64_t first = 0;
+  {
+    std::lock_guard lock(mu_);
+    first = first_lsn_;
+  }
+  if (from_lsn < first) {
+    return absl::OutOfRangeError(fmt::format(
+        "group {}: LSN {} is no longer in the log (it starts at LSN {})", name_, from_lsn, first));
+  }
+  // last_lsn_ is stored after the batch's write returned: everything up to it is readable (from
+  // the memtable if not yet flushed), fsynced or not.
+  const uint64_t to = std::min(max_lsn, last_lsn());
+  if (from_lsn > to || max_records == 0) return absl::OkStatus();
+  rocksdb::ReadOptions ro;
+  ro.verify_checksums = true;
+  // Shipping reads each record once, usually while still in the memtable; when a peer lags, the
+  // reads go to SSTs sequentially, so read ahead and keep those blocks out of the block cache.
+  ro.fill_cache = false;
+  ro.readahead_size = 2 << 20;
+  ro.adaptive_readahead = true;
+  char lower[kLogKeySize], upper[kLogKeySize];
+  EncodeLogKeyTo(group_id_, from_lsn, lower);
+  EncodeLogKeyTo(group_id_, to + 1, upper);  // to < UINT64_MAX: it is at most last_lsn
+  rocksdb::Slice lb(lower, kLogKeySize), ub(upper, kLogKeySize);
+  ro.iterate_lower_bound = &lb;
+  ro.iterate_upper_bound = &ub;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro));
+  uint64_t expect = from_lsn;
+  uint64_t bytes = 0;
+  uint32_t count = 0;
+  auto missing = [&](std::string_view what) {
+    std::lock_guard lock(mu_);
+    if (expect < first_lsn_) {
+      return absl::OutOfRangeError(fmt::format(
+          "group {}: LSN {} was truncated while being read (the log now starts at LSN {})", name_,
+          expect, first_lsn_));
+    }
+    return absl::DataLossError(
+        fmt::format("group {}: log record LSN {} is missing ({})", name_, expect, what));
+  };
+  bool limited = false;  // stopped by max_records / max_bytes, not by the end of the range
+  for (it->Seek(lb); it->Valid(); it->Next()) {
+    if (count == max_records) {
+      limited = true;
+      break;
+    }
+    uint32_t gid = 0;
+    uint64_t lsn = 0;
+    if (!DecodeLogKey(std::string_view(it->key().data(), it->key().size()), &gid, &lsn) ||
+        gid != group_id_) {
+      return absl::DataLossError(
+          fmt::format("group {}: malformed log key near LSN {}", name_, expect));
+    }
+    if (lsn != expect) return missing(fmt::format("next record is LSN {}", lsn));
+    const std::string_view value(it->value().data(), it->value().size());
+    if (count > 0 && bytes + value.size() > max_bytes) {
+      limited = true;
+      break;
+    }
+    auto rec = DecodeRecord(group_id_, lsn, value);
+    if (!rec.ok()) {
+      return absl::DataLossError(
+          fmt::format("group {}: {}", name_, std::string(rec.status().message())));
+    }
+    if (absl::Status st = fn(lsn, value); !st.ok()) return st;
+    bytes += value.size();
+    ++count;
+    ++expect;
+  }
+  if (!it->status().ok()) {
+    return FromRocks(it->status(),
+                     fmt::format("group {}: reading log record LSN {}", name_, expect));
+  }
+  // The range ended early: records the log says it holds are not there.
+  if (!limited && expect <= to) return missing(fmt::format("the log should reach LSN {}", to));
   return absl::OkStatus();
 }
 
@@ -661,6 +907,87 @@ absl::Status GroupLog::RemovePeer(const std::string& peer) {
   if (absl::Status h = health_->status(); !h.ok()) return h;
   rocksdb::Status s = db_->Delete(rocksdb::WriteOptions(), MetaKey(group_id_, 'p', peer));
   return FromRocks(s, fmt::format("group {}: removing peer {}", name_, peer));
+}
+
+absl::Status GroupLog::SetReplicaMeta(const ReplicaMeta& meta) {
+  // Serialised so two callers' writes land in the order of their in-memory updates.
+  std::lock_guard write_lock(replica_meta_write_mu_);
+  if (absl::Status h = health_->status(); !h.ok()) return h;
+  rocksdb::WriteOptions wo;
+  wo.sync = true;
+  rocksdb::Status s = db_->Put(wo, MetaKey(group_id_, 'r'), EncodeReplicaMeta(meta));
+  if (!s.ok()) {
+    absl::Status st = FromRocks(s, fmt::format("group {}: writing replica metadata", name_));
+    health_->Fail(st);
+    FailQueued(st);
+    return st;
+  }
+  std::lock_guard lock(mu_);
+  replica_meta_ = meta;
+  return absl::OkStatus();
+}
+
+absl::Status GroupLog::ResetForCopy(uint64_t log_start_lsn, uint64_t epoch,
+                                    const std::optional<ReplicaMeta>& meta) {
+  if (log_start_lsn == 0 || log_start_lsn == UINT64_MAX) {
+    return absl::InvalidArgumentError(
+        fmt::format("group {}: cannot start the log at LSN {}", name_, log_start_lsn));
+  }
+  std::lock_guard write_lock(replica_meta_write_mu_);
+  std::unique_lock lock(mu_);
+  // A batch being written or a sync in flight would move last/durable after the reset: wait for
+  // them (they finish on their own). Queued records are the caller's to stop.
+  idle_cv_.wait(lock, [&] {
+    return !failed_.ok() || stopping_ || !queue_.empty() ||
+           (!committing_ && sync_waiters_.empty() && inline_syncs_ == 0);
+  });
+  if (!failed_.ok()) return failed_;
+  if (stopping_) return absl::UnavailableError(fmt::format("group {}: log is stopping", name_));
+  if (!queue_.empty()) {
+    return absl::FailedPreconditionError(fmt::format(
+        "group {}: cannot reset the log for a full copy while records are queued (LSN {}..{}); "
+        "stop the appends first",
+        name_, queue_.front().lsn, queue_.back().lsn));
+  }
+  if (absl::Status h = health_->status(); !h.ok()) return h;
+  const uint64_t last = log_start_lsn - 1;
+  rocksdb::WriteBatch wb;
+  wb.DeleteRange(EncodeLogKey(group_id_, 0), EncodeLogKey(group_id_, UINT64_MAX));
+  wb.DeleteRange(MetaKey(group_id_, 'h'), MetaKey(group_id_, 'h' + 1));
+  wb.DeleteRange(MetaKey(group_id_, 's'), MetaKey(group_id_, 's' + 1));
+  wb.Put(MetaKey(group_id_, 'h', epoch), U64s({log_start_lsn}));
+  wb.Put(MetaKey(group_id_, 'f'), U64s({log_start_lsn}));
+  if (meta) wb.Put(MetaKey(group_id_, 'r'), EncodeReplicaMeta(*meta));
+  const uint64_t old_applied = applied_lsn_;
+  applied_lsn_ = last;
+  (void)WriteMetaLocked(&wb);  // the applied LSN (and peers) with the reset
+  rocksdb::WriteOptions wo;
+  wo.sync = true;
+  rocksdb::Status s = db_->Write(wo, &wb);
+  if (!s.ok()) {
+    applied_lsn_ = old_applied;
+    absl::Status st = FromRocks(
+        s, fmt::format("group {}: resetting the log to start at LSN {}", name_, log_start_lsn));
+    health_->Fail(st);
+    if (failed_.ok()) failed_ = st;  // nothing is queued, so nothing else to fail
+    return st;
+  }
+  meta_dirty_ = false;
+  first_lsn_ = log_start_lsn;
+  next_lsn_ = log_start_lsn;
+  current_epoch_ = epoch;
+  pending_epoch_.reset();
+  history_ = {{epoch, log_start_lsn}};
+  segments_.clear();
+  segments_.push_back(Segment{log_start_lsn, last, 0, 0, 0});
+  bytes_ = 0;
+  if (meta) replica_meta_ = *meta;
+  last_lsn_.store(last, std::memory_order_release);
+  durable_lsn_.store(last, std::memory_order_release);
+  lock.unlock();
+  std::lock_guard notify_lock(notify_mu_);
+  notified_lsn_ = last;  // later advances are reported from here
+  return absl::OkStatus();
 }
 
 absl::StatusOr<uint64_t> GroupLog::EnforceRetention(uint64_t now_ns) {

@@ -31,6 +31,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -136,6 +137,13 @@ struct GroupLogOptions {
   // error fails the batch's appends with that error (the records stay in the log and are applied
   // again at replay).
   std::function<absl::Status(std::span<const LogRecordView> records)> on_batch_written;
+  // Called every time durable_lsn advances, with the new value, outside the log's mutex. Calls
+  // never overlap and their values strictly increase; a call may come from whichever thread
+  // advanced durable_lsn (the committer, a Sync() that fsynced inline) or from one that advanced it
+  // concurrently. It may call Append, Sync and any other method. Not called at open (durable_lsn()
+  // then equals last_lsn()) nor by ResetForCopy, which moves durable_lsn to a value the caller
+  // chose. The replica acknowledges `durable` from it, the primary feeds its core with it.
+  std::function<void(uint64_t durable_lsn)> on_durable;
 };
 
 struct AppendRequest {
@@ -164,6 +172,23 @@ struct PeerPosition {
   bool operator==(const PeerPosition&) const = default;
 };
 
+// Replication state of the group at this agent (docs/replication.md, "Roles and epochs", "Full
+// copy", "Replica"), persisted with a synced write by SetReplicaMeta / ResetForCopy and loaded at
+// open. A brand-new log has consistent = false; a primary's own log is consistent by definition,
+// which the node decides (this struct only stores what it is told).
+struct ReplicaMeta {
+  // Newest epoch seen in a Hello: the fence against stale primaries.
+  uint64_t newest_epoch_seen = 0;
+  bool copy_in_progress = false;  // a full copy began and has not finished
+  uint32_t copy_volume = 0;       // where an interrupted copy resumes
+  uint64_t copy_offset = 0;
+  uint64_t copy_base_lsn = 0;      // L0: the copy's log starts at copy_base_lsn + 1
+  uint64_t consistent_at_lsn = 0;  // L1: consistent once the applied LSN reaches it
+  bool consistent = false;         // the volumes are a consistent image (at the applied LSN)
+  uint64_t primary_epoch = 0;      // the epoch this agent began as primary (0 = never)
+  bool operator==(const ReplicaMeta&) const = default;
+};
+
 // What the log knows about itself; a consistent snapshot.
 struct GroupLogState {
   uint32_t group_id = 0;
@@ -175,6 +200,7 @@ struct GroupLogState {
   uint64_t bytes = 0;  // stored bytes of records first..last (values, keys not counted)
   std::vector<EpochStart> history;
   std::vector<PeerPosition> peers;
+  ReplicaMeta replica;
 };
 
 class GroupLog {
@@ -195,9 +221,53 @@ class GroupLog {
   // `done` runs once every record appended before this call is fsynced.
   void Sync(SyncDone done);
 
+  // Replica: appends records shipped from another agent's log of the group. `records` are stored
+  // values of the sender's log (its group id `sender_group_id`) for LSNs first_lsn, first_lsn+1,
+  // ...; each is verified against that group id and its LSN, then re-encoded with this log's group
+  // id, keeping its epoch, flags, timestamp, volume, offset and length, and appended through the
+  // queue like any record (on_batch_written sees them). A record with a newer epoch than the log's
+  // begins that epoch (history entry in the record's batch). `done` runs with the last LSN once all
+  // are in the log (fsynced if `sync`), or with the first error. Nothing is appended when:
+  // first_lsn is not the log's next LSN (FailedPrecondition naming both), a record does not verify
+  // (DataLoss naming its LSN), or an epoch goes backwards (FailedPrecondition naming the LSN and
+  // both epochs). No records: `done` gets first_lsn - 1 (after the same first_lsn check).
+  // The payload bytes are copied once, into RocksDB's WriteBatch; `records` keeps its buffer alive
+  // until then.
+  void AppendReplicated(uint32_t sender_group_id, uint64_t first_lsn, ShippedRecords records,
+                        bool sync, AppendDone done);
+
+  // Primary's shipper: calls `fn(lsn, stored_value)` for the records from `from_lsn` up to
+  // min(max_lsn, last_lsn()) in order, verifying each (checksum, no gap), stopping before the
+  // record that would take the total of stored values past `max_bytes` or the count past
+  // `max_records` -- but always handing out at least one record when from_lsn <= min(max_lsn,
+  // last_lsn()). Records written but not yet fsynced are included. `stored_value` (header +
+  // payload, as ShippedRecords expects) is valid only during the call. from_lsn below the first
+  // LSN held is OutOfRange (truncated: the peer needs a full copy); a bad record is DataLoss naming
+  // its LSN; an error from `fn` ends the read and is returned.
+  absl::Status ReadRaw(
+      uint64_t from_lsn, uint64_t max_lsn, uint64_t max_bytes, uint32_t max_records,
+      const std::function<absl::Status(uint64_t lsn, std::string_view stored_value)>& fn) const;
+
+  // Replica, full copy: drops every record and starts the log over at `log_start_lsn` (> 0):
+  // first_lsn = next LSN = log_start_lsn, last = durable = applied = log_start_lsn - 1, history =
+  // {(epoch, log_start_lsn)}, segments dropped; and, if given, `meta` is stored in the same synced
+  // WriteBatch (pass copy_in_progress = true there, so a crash never leaves a reset log with a
+  // `consistent` mark, nor a copy mark on the old log). Waits for a batch being written; REQUIRES
+  // nothing queued (FailedPrecondition otherwise: stop what appends first). Peer positions stay.
+  absl::Status ResetForCopy(uint64_t log_start_lsn, uint64_t epoch,
+                            const std::optional<ReplicaMeta>& meta = std::nullopt);
+
+  // Replica/role metadata: written with a synced write before SetReplicaMeta returns.
+  absl::Status SetReplicaMeta(const ReplicaMeta& meta);
+  ReplicaMeta replica_meta() const;
+
   uint64_t last_lsn() const { return last_lsn_.load(std::memory_order_acquire); }
   uint64_t durable_lsn() const { return durable_lsn_.load(std::memory_order_acquire); }
   GroupLogState State() const;
+  // The epoch of the newest record queued, or the one ResetForCopy gave (a BeginEpoch not yet used
+  // by a record does not count), and the epoch history. State() has both too.
+  uint64_t current_epoch() const;
+  std::vector<EpochStart> history() const;
 
   // Calls `fn` for each record in [from_lsn, to_lsn] in order, verifying each checksum, until `fn`
   // returns an error or the range ends. A record that is missing or corrupt is a DataLoss error
@@ -229,13 +299,18 @@ class GroupLog {
 
  private:
   friend class LogStore;
+  // The records of one AppendReplicated call: the buffer their payloads point into, and the first
+  // error of any of them (they may be written by several batches; only the last has the callback).
+  struct ReplicatedRun;
   struct Pending {
     uint64_t lsn = 0;
     bool starts_epoch = false;
     RecordHeader header;  // encoded by Append, with its checksum
     std::array<char, kRecordHeaderSize> encoded;
-    AppendRequest req;
-    AppendDone done;
+    AppendRequest req;         // Append: the request (owns the payload); replicated: only .sync
+    std::string_view payload;  // into req.payload or run's buffer
+    std::shared_ptr<ReplicatedRun> run;
+    AppendDone done;  // empty for all but the last record of a replicated run
   };
   struct Segment {
     uint64_t first_lsn = 0;
@@ -263,6 +338,10 @@ class GroupLog {
       void* write_batch);  // REQUIRES: mu_ held; write_batch: rocksdb::WriteBatch*
   // Makes the log refuse further appends and fails everything queued (callbacks run unlocked).
   void FailQueued(absl::Status status);
+  // Runs p's callback (if it has one) with its LSN or `st`.
+  static void Complete(Pending& p, const absl::Status& st);
+  // Calls on_durable for every advance not yet reported; see GroupLogOptions::on_durable.
+  void NotifyDurable();
 
   rocksdb::DB* const db_;
   StoreHealth* const health_;
@@ -273,14 +352,23 @@ class GroupLog {
   std::atomic<uint64_t> last_lsn_{0};
   std::atomic<uint64_t> durable_lsn_{0};
 
-  mutable std::mutex mu_;  // guards everything below
-  std::condition_variable cv_;
+  // on_durable reporting: notify_mu_ is never held while the callback runs.
+  std::mutex notify_mu_;
+  bool notifying_ = false;     // a thread is in NotifyDurable's loop
+  uint64_t notified_lsn_ = 0;  // the last value reported
+
+  std::mutex replica_meta_write_mu_;  // orders SetReplicaMeta's writes; taken before mu_
+
+  mutable std::mutex mu_;            // guards everything below
+  std::condition_variable cv_;       // wakes the committer
+  std::condition_variable idle_cv_;  // a batch finished (ResetForCopy waits for that)
   std::deque<Pending> queue_;
   std::vector<SyncWaiter> sync_waiters_;
   absl::Status failed_;  // sticky: once the log cannot be written, every later append fails with it
   uint64_t next_lsn_ = 1;  // assigned at enqueue, so the queue is in LSN order
   bool stopping_ = false;
   bool committing_ = false;  // the committer is between taking a batch and completing it
+  int inline_syncs_ = 0;     // Sync() calls fsyncing on their own thread
   bool meta_dirty_ = false;
   uint64_t first_lsn_ = 1;
   uint64_t applied_lsn_ = 0;
@@ -290,6 +378,7 @@ class GroupLog {
   std::map<std::string, PeerPosition> peers_;
   std::deque<Segment> segments_;  // closed segments, oldest first, then the open one
   uint64_t bytes_ = 0;
+  ReplicaMeta replica_meta_;
   std::thread committer_;
 };
 

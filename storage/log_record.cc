@@ -5,6 +5,7 @@
 #define XXH_STATIC_LINKING_ONLY
 #include <xxhash.h>
 
+#include <algorithm>
 #include <bit>
 #include <cstring>
 
@@ -110,8 +111,8 @@ void EncodeRecordHeader(uint32_t group_id, uint64_t lsn, RecordHeader& h, uint32
   PutLE<uint64_t>(out + 40, h.checksum);
 }
 
-absl::StatusOr<LogRecordView> DecodeRecord(uint32_t group_id, uint64_t lsn,
-                                           std::string_view value) {
+absl::StatusOr<LogRecordView> DecodeRecord(uint32_t group_id, uint64_t lsn, std::string_view value,
+                                           uint64_t* payload_hash) {
   auto corrupt = [&](std::string_view what) {
     return absl::DataLossError(
         fmt::format("log record group_id={} LSN {} is corrupt: {}", group_id, lsn, what));
@@ -139,7 +140,9 @@ absl::StatusOr<LogRecordView> DecodeRecord(uint32_t group_id, uint64_t lsn,
                                value.size() - kRecordHeaderSize, h.payload_size));
   }
   r.payload = value.substr(kRecordHeaderSize);
-  const uint64_t want = Checksum(group_id, lsn, p, PayloadHash(r.payload));
+  const uint64_t hash = PayloadHash(r.payload);
+  if (payload_hash != nullptr) *payload_hash = hash;
+  const uint64_t want = Checksum(group_id, lsn, p, hash);
   if (want != h.checksum) {
     return corrupt(
         fmt::format("checksum mismatch (stored {:#x}, computed {:#x})", h.checksum, want));
@@ -160,6 +163,49 @@ absl::StatusOr<LogRecordView> DecodeRecord(uint32_t group_id, uint64_t lsn,
       return corrupt(fmt::format("unknown record type {}", static_cast<int>(h.type)));
   }
   return r;
+}
+
+absl::StatusOr<ShippedRecords> ShippedRecords::Parse(std::string buffer) {
+  auto owner = std::make_shared<Owner>();
+  owner->str = std::move(buffer);
+  const std::string_view data = owner->str;
+  return Split(std::move(owner), data);
+}
+
+absl::StatusOr<ShippedRecords> ShippedRecords::Parse(Bytes buffer) {
+  auto owner = std::make_shared<Owner>();
+  owner->bytes = std::move(buffer);
+  const std::string_view data = owner->bytes.view();
+  return Split(std::move(owner), data);
+}
+
+absl::StatusOr<ShippedRecords> ShippedRecords::Split(std::shared_ptr<const Owner> owner,
+                                                     std::string_view data) {
+  ShippedRecords out;
+  size_t pos = 0;
+  while (pos < data.size()) {
+    const size_t left = data.size() - pos;
+    if (left < kRecordHeaderSize) {
+      return absl::DataLossError(fmt::format(
+          "shipped records: record #{} at byte {} is truncated to {} bytes (header is {})",
+          out.records_.size(), pos, left, kRecordHeaderSize));
+    }
+    const uint32_t payload_size = GetLE<uint32_t>(data.data() + pos + 28);
+    if (payload_size > kMaxRecordPayload || left - kRecordHeaderSize < payload_size) {
+      return absl::DataLossError(fmt::format(
+          "shipped records: record #{} at byte {} claims a {}-byte payload but {} bytes follow "
+          "its header",
+          out.records_.size(), pos, payload_size, left - kRecordHeaderSize));
+    }
+    out.records_.push_back(data.substr(pos, kRecordHeaderSize + payload_size));
+    pos += kRecordHeaderSize + payload_size;
+  }
+  out.owner_ = std::move(owner);
+  return out;
+}
+
+void ShippedRecords::DropFront(size_t n) {
+  records_.erase(records_.begin(), records_.begin() + static_cast<ptrdiff_t>(std::min(n, size())));
 }
 
 }  // namespace tvilling::storage

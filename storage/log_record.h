@@ -9,8 +9,12 @@
 #include <absl/status/statusor.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
+
+#include "storage/bytes.h"
 
 namespace tvilling::storage {
 
@@ -51,6 +55,10 @@ struct LogRecordView {
   std::string_view payload;
 };
 
+// Bytes the record takes as a stored value (header + payload): what the log's byte counts,
+// retention and batch limits measure, and what ReadRaw hands out.
+inline uint64_t StoredSize(const LogRecordView& r) { return kRecordHeaderSize + r.payload.size(); }
+
 // Keys.
 std::string EncodeLogKey(uint32_t group_id, uint64_t lsn);
 void EncodeLogKeyTo(uint32_t group_id, uint64_t lsn, char out[kLogKeySize]);
@@ -69,6 +77,40 @@ void EncodeRecordHeader(uint32_t group_id, uint64_t lsn, RecordHeader& header,
                         uint32_t payload_size, uint64_t payload_hash, char out[kRecordHeaderSize]);
 
 // Parses and verifies a stored value. Errors are DataLoss and name the group id and LSN.
-absl::StatusOr<LogRecordView> DecodeRecord(uint32_t group_id, uint64_t lsn, std::string_view value);
+// `payload_hash`, if given, receives PayloadHash(payload) (computed anyway for the checksum), so a
+// record can be re-encoded under another group id without hashing its payload twice.
+absl::StatusOr<LogRecordView> DecodeRecord(uint32_t group_id, uint64_t lsn, std::string_view value,
+                                           uint64_t* payload_hash = nullptr);
+
+// Records shipped from one log to another (docs/replication.md, "Records on the wire"): stored
+// values (header + payload each, as GroupLog::ReadRaw hands them out) back to back in LSN order.
+// Owns the buffer it was parsed from -- moved in, never copied -- and views into it, which stay
+// valid while any copy of the object lives (the group log keeps one until the records are written).
+class ShippedRecords {
+ public:
+  ShippedRecords() = default;
+  // Splits `buffer` at each header's payload size. Checks framing only (a truncated or oversized
+  // record is DataLoss naming its index and byte offset); checksums are checked by
+  // GroupLog::AppendReplicated, which knows the LSNs.
+  static absl::StatusOr<ShippedRecords> Parse(std::string buffer);
+  static absl::StatusOr<ShippedRecords> Parse(Bytes buffer);
+
+  size_t size() const { return records_.size(); }
+  bool empty() const { return records_.empty(); }
+  std::string_view operator[](size_t i) const { return records_[i]; }
+  const std::vector<std::string_view>& records() const { return records_; }
+  // Forgets the first `n` records (a resend of records already held); the buffer stays.
+  void DropFront(size_t n);
+
+ private:
+  struct Owner {
+    std::string str;
+    Bytes bytes;
+  };
+  static absl::StatusOr<ShippedRecords> Split(std::shared_ptr<const Owner> owner,
+                                              std::string_view data);
+  std::shared_ptr<const Owner> owner_;
+  std::vector<std::string_view> records_;
+};
 
 }  // namespace tvilling::storage

@@ -36,6 +36,10 @@ class Volume {
   Volume(const Volume&) = delete;
   Volume& operator=(const Volume&) = delete;
 
+  // True if every byte is zero (the full copy sends such chunks as `zero`). Vectorised, and stops
+  // at the first non-zero byte.
+  static bool IsAllZero(std::string_view data);
+
   uint64_t size() const { return size_; }
   bool is_block_device() const { return block_device_; }
   const std::filesystem::path& path() const { return path_; }

@@ -91,6 +91,8 @@ std::string RawFileBytes(const fs::path& p, uint64_t offset, uint64_t length) {
          << static_cast<int>(static_cast<unsigned char>(*e));
 }
 
+uint64_t AlignTo512(uint64_t v) { return v - v % 512; }
+
 bool AllZero(const std::string& s) {
   return std::all_of(s.begin(), s.end(), [](char c) { return c == 0; });
 }
@@ -388,6 +390,90 @@ TEST_F(VolumeFileTest, DirectIoNeedsABlockMultipleSize) {
   auto v = Volume::Open({.path = Path(), .size_bytes = kMiB + 512, .direct_io = true});
   ASSERT_FALSE(v.ok());
   EXPECT_EQ(v.status().code(), absl::StatusCode::kInvalidArgument) << v.status();
+}
+
+TEST(VolumeIsAllZeroTest, FindsAnyNonZeroByteAtAnyAlignment) {
+  EXPECT_TRUE(Volume::IsAllZero({}));
+  std::vector<char> buf(kMiB + 200, 0);
+  // Every start alignment and lengths around the 64-byte blocks and the word alignment.
+  for (size_t start = 0; start < 16; ++start) {
+    for (size_t len : {size_t{1}, size_t{7}, size_t{63}, size_t{64}, size_t{65}, size_t{127},
+                       size_t{129}, size_t{4096}, size_t{kMiB}}) {
+      const std::string_view v(buf.data() + start, len);
+      ASSERT_TRUE(Volume::IsAllZero(v)) << start << "+" << len;
+      for (size_t at : {size_t{0}, len / 2, len - 1}) {
+        buf[start + at] = 1;
+        EXPECT_FALSE(Volume::IsAllZero(v)) << start << "+" << len << " byte " << at;
+        buf[start + at] = 0;
+      }
+      // A byte just outside the range does not count.
+      buf[start + len] = static_cast<char>(0x80);
+      EXPECT_TRUE(Volume::IsAllZero(v)) << start << "+" << len;
+      buf[start + len] = 0;
+    }
+  }
+  // Every position of a high bit in a 200-byte range.
+  for (size_t at = 0; at < 200; ++at) {
+    buf[at + 3] = static_cast<char>(0x80);
+    EXPECT_FALSE(Volume::IsAllZero(std::string_view(buf.data() + 3, 200))) << at;
+    buf[at + 3] = 0;
+  }
+}
+
+// The full copy's loop: 1 MiB chunks from a 512-aligned start (a resumed copy) to the end of the
+// volume, whose size is not a multiple of 1 MiB; all-zero chunks are sent as zeroes.
+void CopyInChunks(const Volume& from, Volume& to, uint64_t start, int* zero_chunks) {
+  std::string chunk;
+  for (uint64_t off = start; off < from.size(); off += kMiB) {
+    chunk.resize(std::min<uint64_t>(kMiB, from.size() - off));
+    ASSERT_TRUE(from.Read(off, std::span<char>(chunk.data(), chunk.size())).ok()) << off;
+    if (Volume::IsAllZero(chunk)) {
+      ++*zero_chunks;
+      ASSERT_TRUE(to.WriteZeroes(off, chunk.size(), /*may_trim=*/true).ok()) << off;
+    } else {
+      ASSERT_TRUE(to.Write(off, chunk).ok()) << off;
+    }
+  }
+}
+
+TEST_F(VolumeFileTest, ChunkedCopyFromAny512AlignedOffsetIncludingThePartialLastChunk) {
+  for (const bool direct : {false, true}) {
+    SCOPED_TRACE(direct ? "direct_io" : "buffered");
+    // Direct I/O needs a 4096-multiple size; the copy start (512-aligned) still is not.
+    const uint64_t size = direct ? 5 * kMiB + 3 * 4096 : 5 * kMiB + 1536;
+    const std::string src_name = direct ? "src-direct.img" : "src.img";
+    const std::string dst_name = direct ? "dst-direct.img" : "dst.img";
+    auto src = Volume::Open({.path = Path(src_name.c_str()), .size_bytes = size});
+    ASSERT_TRUE(src.ok()) << src.status();
+    std::string shadow(size, '\0');
+    // Data in chunk 0, the second chunk all zero, data across a chunk boundary and at the very end.
+    const std::string a = Pattern(1, 300000), b = Pattern(2, 9000), c = Pattern(3, 777);
+    ASSERT_TRUE((*src)->Write(4096 + 512, a).ok());
+    shadow.replace(4096 + 512, a.size(), a);
+    ASSERT_TRUE((*src)->Write(3 * kMiB + 7 * 512 - 4000, b).ok());
+    shadow.replace(3 * kMiB + 7 * 512 - 4000, b.size(), b);
+    ASSERT_TRUE((*src)->Write(size - c.size(), c).ok());
+    shadow.replace(size - c.size(), c.size(), c);
+
+    auto dst =
+        Volume::Open({.path = Path(dst_name.c_str()), .size_bytes = size, .direct_io = direct});
+    if (direct && !dst.ok() && absl::IsInvalidArgument(dst.status())) GTEST_SKIP() << dst.status();
+    ASSERT_TRUE(dst.ok()) << dst.status();
+    // Garbage everywhere first, so zero chunks must really be zeroed.
+    const std::string junk = Pattern(9, size);
+    ASSERT_TRUE((*dst)->Write(0, junk).ok());
+    // A copy interrupted after 7 sectors resumes there; the first 7 sectors came before.
+    const uint64_t resume = 7 * 512;
+    ASSERT_TRUE((*dst)->Write(0, std::string_view(shadow).substr(0, resume)).ok());
+    int zero_chunks = 0;
+    CopyInChunks(**src, **dst, resume, &zero_chunks);
+    EXPECT_GE(zero_chunks, 1) << "[1 MiB+3584, 2 MiB+3584) holds no data";
+    ASSERT_TRUE((*dst)->Flush().ok());
+    EXPECT_TRUE(SameBytes(ReadAll(**dst), shadow));
+    // The partial last chunk read back on its own, at a 512-aligned, 4096-unaligned offset.
+    const uint64_t tail = AlignTo512(size - kMiB / 2 - 512 * 3);
+    EXPECT_EQ(ReadRange(**dst, tail, size - tail), shadow.substr(tail));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
