@@ -14,6 +14,7 @@
 //   (d) the lag PrimaryGroup reports equals the truth computed from the simulated logs.
 // A failing seed prints the seed, the step, the invariant and the command that replays it.
 // --planted-bug makes the simulated replica misbehave, to show the invariants catch it.
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -42,6 +43,7 @@ using core::ReplicaView;
 constexpr Nanos kMs = 1'000'000;
 constexpr uint64_t kBlockSize = 4096;
 constexpr uint64_t kMaxRecordBytes = 9000;
+constexpr uint64_t kNoDivergence = ~0ull;
 
 enum class Plant { kNone, kAckBeforeDurable, kAckBeforeAppend, kCopyDoneEarly };
 
@@ -109,6 +111,9 @@ struct Replica;
 struct Link {
   bool up = false;
   bool hello_acked = false;
+  // The replica accepted this connection's Hello: like agent/node's ReplicaGroup, it reports
+  // positions only on an accepted stream (never before its decision, never after a refusal).
+  bool accepted = false;
   std::deque<Msg> to_replica, to_primary;
   Nanos latency = 0;
   Nanos partitioned_until = 0;
@@ -153,6 +158,16 @@ struct Replica {
   // unflushed write is in a volatile cache, as on a block device); FLUSHes may not.
   uint64_t reported_received = 0;
   uint64_t excused_written = 0;
+  core::SenderOptions options;  // how the primary ships to it (kept across primary restarts)
+  // Divergence: a primary crash lost records after div_point that this replica holds. Its log
+  // then follows the old lineage after div_point (old_recs[i] is LSN div_point + 1 + i, and
+  // old_states[i] the volume after it) until a crash of its own drops them or a resync.
+  uint64_t div_point = kNoDivergence;
+  std::vector<Rec> old_recs;
+  std::vector<std::vector<uint64_t>> old_states;
+  int resyncs = 0;
+
+  bool Diverged() const { return div_point != kNoDivergence && WrittenLast() > div_point; }
 
   uint64_t WrittenLast() const { return log_start - 1 + log.size(); }
   uint64_t DurableLast() const { return log_start - 1 + durable_count; }
@@ -165,8 +180,11 @@ struct Failure {
 
 class Sim {
  public:
-  Sim(uint64_t seed, Plant plant, bool trace)
-      : rng_{seed * 0x2545F4914F6CDD1Dull + 1}, plant_(plant), trace_(trace) {
+  Sim(uint64_t seed, Plant plant, bool trace, bool both_sync, bool primary_restarts)
+      : rng_{seed * 0x2545F4914F6CDD1Dull + 1},
+        plant_(plant),
+        trace_(trace),
+        primary_restarts_enabled_(primary_restarts) {
     nblocks_ = static_cast<uint32_t>(rng_.Range(4, 24));
     states_.push_back(std::vector<uint64_t>(nblocks_, 0));
     primary_volume_ = states_[0];
@@ -178,7 +196,7 @@ class Sim {
     for (int i = 0; i < 2; ++i) {
       auto r = std::make_unique<Replica>();
       r->name = i == 0 ? "sun-2" : "osl-3";
-      r->mode = (i == 0 || variant == 1 || variant == 3) ? Mode::kSync : Mode::kAsync;
+      r->mode = (i == 0 || both_sync || variant == 1 || variant == 3) ? Mode::kSync : Mode::kAsync;
       r->volume.assign(nblocks_, 0);
       r->link.latency = static_cast<Nanos>(rng_.Range(1, 10)) * kMs;
       ReplicaView v;
@@ -193,6 +211,7 @@ class Sim {
       o.max_batch_records = static_cast<uint32_t>(rng_.Range(1, 64));
       o.max_batch_delay = static_cast<Nanos>(rng_.Range(0, 3)) * kMs;
       o.sync_degrade_after = r->mode == Mode::kSync ? degrade : 0;
+      r->options = o;
       pg_.AddPeer(r->name, o, {}, now);
       replicas_.push_back(std::move(r));
     }
@@ -251,12 +270,17 @@ class Sim {
                     std::to_string(writes_done_) + ", flushes " + std::to_string(flushes_done_) +
                     ", copies " + std::to_string(copies_) + ", cuts " + std::to_string(cuts_) +
                     ", crashes " + std::to_string(crashes_) + ", degrades " +
-                    std::to_string(degrades_) + ", rejoins " + std::to_string(rejoins_);
+                    std::to_string(degrades_) + ", rejoins " + std::to_string(rejoins_) +
+                    ", primary restarts " + std::to_string(primary_restarts_) + " (epoch " +
+                    std::to_string(epoch_) + "), divergences " + std::to_string(divergences_) +
+                    ", resyncs " + std::to_string(resyncs_);
     return s;
   }
   uint64_t copies() const { return copies_; }
   uint64_t crashes() const { return crashes_; }
   uint64_t degrades() const { return degrades_; }
+  uint64_t primary_restarts() const { return primary_restarts_; }
+  uint64_t resyncs() const { return resyncs_; }
 
  private:
   void Trace(const std::string& s) {
@@ -296,6 +320,7 @@ class Sim {
     Link& l = r.link;
     l.up = true;
     l.hello_acked = false;
+    l.accepted = false;
     l.first_batch = true;
     l.next_ping = now_;
     pg_.OnConnected(r.name, now_);
@@ -314,6 +339,7 @@ class Sim {
   // ---- replica ------------------------------------------------------------------------------
 
   void ReplicaAck(Replica& r) {
+    if (!r.link.up || !r.link.accepted) return;
     if (std::optional<Positions> p = r.rx->TakeAck()) {
       Msg m{Msg::Kind::kPosition};
       m.pos = *p;
@@ -346,7 +372,8 @@ class Sim {
         }
         // (a) log matching: a replica's log holds exactly the primary's records (checked as
         // they are appended; a log only grows, or loses its tail, or is replaced by a copy).
-        if (rec.lsn > truth_.size() || !(rec == truth_[rec.lsn - 1])) {
+        const Rec* want = Expected(r, rec.lsn);
+        if (!want || !(rec == *want)) {
           Fail("invariant (a): replica " + r.name + " appended a record at LSN " +
                std::to_string(rec.lsn) + " that differs from the primary's");
           return;
@@ -408,6 +435,41 @@ class Sim {
     r.rx->OnApplied(r.applied);
     // Unsynced writes may be lost (block semantics); what was flushed may not.
     r.excused_written = std::max(r.excused_written, r.reported_received);
+    if (r.div_point != kNoDivergence && !r.Diverged()) ClearDivergence(r);
+  }
+
+  void ClearDivergence(Replica& r) {
+    r.div_point = kNoDivergence;
+    r.old_recs.clear();
+    r.old_states.clear();
+  }
+
+  // The operator's resync of a diverged replica: its log and copy state are discarded (it keeps
+  // the newest epoch it has seen), so the next handshake decides a full copy from the start.
+  void Resync(Replica& r) {
+    Trace("resync " + r.name);
+    ++r.resyncs;
+    ++resyncs_;
+    ReplicaView v;
+    v.group_known = true;
+    v.newest_epoch = r.rx->newest_epoch();
+    v.volume_sizes = {nblocks_ * kBlockSize};
+    r.rx = std::make_unique<ReplicaReceiver>(v);
+    r.log_start = 1;
+    r.log.clear();
+    r.durable_count = 0;
+    r.appending = false;
+    r.append_recs.clear();
+    r.syncing = false;
+    r.sync_again = false;
+    r.applied = 0;
+    r.must_written = r.must_durable = 0;
+    r.reported_received = r.excused_written = 0;
+    // The primary still holds the old log's positions until the full copy's decision replaces
+    // them (OnDecision resets them to the copy's base).
+    for (const core::PeerStatus& st : pg_.Status(now_))
+      if (st.peer == r.name) r.copy_floor = std::max(r.copy_floor, st.positions.durable);
+    ClearDivergence(r);
   }
 
   void ReplicaReceive(Replica& r, Msg& m) {
@@ -415,6 +477,17 @@ class Sim {
       case Msg::Kind::kHello: {
         HandshakeDecision d = r.rx->OnHello(m.hello);
         Trace("replica " + r.name + " decides: " + d.reason);
+        // Ground truth from the simulated logs: a replica holding records the primary lost must be
+        // refused (diverged); one that does not must not be.
+        const bool refused_diverged =
+            d.kind == HandshakeDecision::Kind::kRefuse && d.code == core::RefuseCode::kDiverged;
+        if (r.Diverged() && !refused_diverged) {
+          Fail("invariant (divergence): " + r.name + " holds LSNs " +
+               std::to_string(r.div_point + 1) + ".." + std::to_string(r.WrittenLast()) +
+               " of an old epoch the primary lost, but the handshake decided: " + d.reason);
+          return;
+        }
+        r.link.accepted = d.kind != HandshakeDecision::Kind::kRefuse;
         Msg out{Msg::Kind::kDecision};
         out.decision = d;
         Send(r, false, std::move(out));
@@ -491,7 +564,13 @@ class Sim {
         const HandshakeDecision& d = m.decision;
         if (d.kind == HandshakeDecision::Kind::kRefuse) {
           pg_.OnDecision(r.name, d, 0, now_);
-          Fail("invariant (handshake): " + r.name + " refused: " + d.reason);
+          if (d.code != core::RefuseCode::kDiverged || !r.Diverged()) {
+            Fail("invariant (handshake): " + r.name + " refused: " + d.reason);
+            return;
+          }
+          // Expected after a primary crash: the operator resyncs it (full copy from the start).
+          Cut(r, "refused: " + d.reason, static_cast<Nanos>(rng_.Range(5, 100)) * kMs);
+          Resync(r);
           return;
         }
         l.hello_acked = true;
@@ -519,6 +598,10 @@ class Sim {
         break;
       }
       case Msg::Kind::kPosition:
+        if (trace_)
+          Trace("position from " + r.name + ": received " + std::to_string(m.pos.received) +
+                " durable " + std::to_string(m.pos.durable) + " applied " +
+                std::to_string(m.pos.applied));
         pg_.OnPosition(r.name, m.pos, now_);
         break;
       case Msg::Kind::kPong:
@@ -614,12 +697,99 @@ class Sim {
     if (last_ > max_kept_) keep_after = std::max(keep_after, last_ - max_kept_);
     for (const core::PeerStatus& st : pg_.Status(now_))
       if (st.in_sync_set) keep_after = std::min(keep_after, st.positions.durable);
-    keep_after = std::min(keep_after, applied_);
+    // Never the whole durable log: a restarted PrimaryGroup learns the log's last LSN only from
+    // OnLocalAppend, so after a restart on a log that holds no records it would report
+    // last_lsn() 0 (agent/node feeds it the same way). Keeping one record sidesteps that gap.
+    keep_after = std::min({keep_after, applied_, durable_ == 0 ? 0 : durable_ - 1});
     if (keep_after + 1 > first_) {
       first_ = keep_after + 1;
       pg_.OnLocalTruncate(first_);
       Trace("truncate below " + std::to_string(first_));
     }
+  }
+
+  // The primary's agent restarts (docs/replication.md: a new epoch on every restart). A crash
+  // loses the log's undurable tail, which replicas may hold (shipping does not wait for the
+  // primary's fsync): those replicas have diverged. A clean restart loses nothing. Every link
+  // drops, pending client I/O fails, and a new PrimaryGroup starts from the persisted peer
+  // positions (persisted with the log, so never past what the log recovered) and the log.
+  void PrimaryRestart(bool crash) {
+    const uint64_t keep = crash ? durable_ : last_;
+    Trace(std::string("primary ") + (crash ? "crash" : "restart") + ": log keeps " +
+          std::to_string(keep) + " of " + std::to_string(last_) + ", new epoch " +
+          std::to_string(epoch_ + 1));
+    ++primary_restarts_;
+    std::vector<core::PeerStatus> st = pg_.Status(now_);
+    for (size_t i = 0; i < replicas_.size(); ++i) {
+      Replica& r = *replicas_[i];
+      const Nanos backoff = static_cast<Nanos>(rng_.Range(5, 50)) * kMs;
+      Link& l = r.link;
+      if (l.up) {
+        ++cuts_;
+        l.up = false;
+        l.to_replica.clear();
+        l.to_primary.clear();
+        l.copying = false;
+        l.copy_begin_in_flight = false;
+      }
+      l.redial_at = now_ + backoff;
+      uint64_t held = r.WrittenLast();
+      if (r.appending && !r.append_recs.empty()) held = std::max(held, r.append_recs.back().lsn);
+      if (held > keep && r.div_point == kNoDivergence) {
+        r.div_point = keep;
+        r.old_recs.assign(truth_.begin() + static_cast<std::ptrdiff_t>(keep), truth_.end());
+        r.old_states.assign(states_.begin() + static_cast<std::ptrdiff_t>(keep) + 1, states_.end());
+        ++divergences_;
+      }
+      // Promises past `keep` were about records the primary lost (unflushed WRITEs).
+      r.must_written = std::min(r.must_written, keep);
+      r.must_durable = std::min(r.must_durable, keep);
+      Positions p = st[IndexFor(st, i)].positions;
+      p.received = std::min(p.received, keep);
+      p.durable = std::min(p.durable, keep);
+      p.applied = std::min(p.applied, keep);
+      prev_[i] = p;
+      persisted_[i] = p;
+    }
+    truth_.resize(keep);
+    cum_.resize(keep);
+    states_.resize(keep + 1);
+    last_ = durable_ = keep;
+    applied_ = std::min(applied_, keep);
+    primary_volume_ = states_[applied_];
+    pending_writes_.clear();
+    write_times_.clear();
+    pending_flushes_.clear();
+    ++epoch_;
+    history_.push_back({epoch_, keep + 1});
+    pg_ = PrimaryGroup();
+    for (size_t i = 0; i < replicas_.size(); ++i)
+      pg_.AddPeer(replicas_[i]->name, replicas_[i]->options, persisted_[i], now_);
+    for (uint64_t lsn = first_; lsn <= last_; ++lsn)
+      pg_.OnLocalAppend(lsn, truth_[lsn - 1].bytes, truth_[lsn - 1].timestamp_ns, now_);
+    if (last_ > 0 && first_ > last_) pg_.OnLocalTruncate(first_);
+    pg_.OnLocalDurable(durable_);
+    // The release points restart from the recovered log.
+    prev_wr_ = pg_.write_released();
+    prev_fr_ = pg_.flush_released();
+  }
+
+  // The record a replica should hold at `lsn`: the primary's, or the old lineage's after its
+  // divergence point.
+  const Rec* Expected(const Replica& r, uint64_t lsn) const {
+    if (lsn > r.div_point) {
+      const uint64_t i = lsn - r.div_point - 1;
+      return i < r.old_recs.size() ? &r.old_recs[i] : nullptr;
+    }
+    return lsn >= 1 && lsn <= truth_.size() ? &truth_[lsn - 1] : nullptr;
+  }
+  // The volume a replica should have after applying through `lsn` (nullptr: no such state).
+  const std::vector<uint64_t>* ExpectedState(const Replica& r, uint64_t lsn) const {
+    if (lsn > r.div_point) {
+      const uint64_t i = lsn - r.div_point - 1;
+      return i < r.old_states.size() ? &r.old_states[i] : nullptr;
+    }
+    return lsn <= last_ ? &states_[lsn] : nullptr;
   }
 
   size_t IndexOf(const Replica& r) const {
@@ -673,6 +843,8 @@ class Sim {
       Cut(some, "partitioned", 0);
     } else if (e < 92) {
       ReplicaCrash(some);
+    } else if (e == 92 && primary_restarts_enabled_) {
+      PrimaryRestart(/*crash=*/rng_.Chance(0.7));
     }
     for (auto& rp : replicas_) {
       Replica& r = *rp;
@@ -710,6 +882,14 @@ class Sim {
       pending_writes_.pop_front();
       write_times_.pop_front();
       ++writes_done_;
+      if (trace_) {
+        std::string t = "WRITE " + std::to_string(lsn) + " completes (write_released " +
+                        std::to_string(wr) + ")";
+        for (const core::PeerStatus& p : st)
+          t += "; " + p.peer + (p.in_sync_set ? " in sync set" : "") + " received " +
+               std::to_string(p.positions.received) + " " + core::LinkStateName(p.state);
+        Trace(t);
+      }
       for (size_t i = 0; i < replicas_.size(); ++i)
         if (st[IndexFor(st, i)].in_sync_set)
           replicas_[i]->must_written = std::max(replicas_[i]->must_written, lsn);
@@ -762,6 +942,11 @@ class Sim {
           Fail("invariant (a): WRITE " + std::to_string(r.must_written) +
                " completed in sync mode but " + who + " holds only up to " +
                std::to_string(r.WrittenLast()));
+        if (r.Diverged() && std::max(r.must_written, r.must_durable) > r.div_point)
+          Fail("invariant (a): WRITE/FLUSH to " +
+               std::to_string(std::max(r.must_written, r.must_durable)) +
+               " completed in sync mode but " + who + " holds a different record (of an epoch " +
+               "the primary lost) from LSN " + std::to_string(r.div_point + 1));
         if (r.DurableLast() < r.must_durable)
           Fail("invariant (a): FLUSH to " + std::to_string(r.must_durable) +
                " completed in sync mode but " + who + " is durable only to " +
@@ -770,7 +955,8 @@ class Sim {
       // (b) Consistent means a prefix state.
       if (r.rx->consistent()) {
         if (r.rx->view().copy_in_progress) Fail("invariant (b): consistent during a copy");
-        if (r.applied > last_ || r.volume != states_[r.applied])
+        const std::vector<uint64_t>* want = ExpectedState(r, r.applied);
+        if (!want || r.volume != *want)
           Fail("invariant (b): " + who + " reports consistent at applied LSN " +
                std::to_string(r.applied) + " but its volume is not the primary's as of it");
       }
@@ -811,6 +997,7 @@ class Sim {
   Rng rng_;
   Plant plant_;
   bool trace_;
+  bool primary_restarts_enabled_ = false;
   bool quiet_ = false;
   int step_ = 0;
   Nanos now_ = 0;
@@ -831,18 +1018,22 @@ class Sim {
   Nanos degrade_after_ = 0;
   std::vector<std::unique_ptr<Replica>> replicas_;
   std::vector<Positions> prev_;
+  Positions persisted_[2];
   bool copy_reset_[2] = {false, false};
   bool prev_degraded_[2] = {false, false};
   uint64_t degrades_ = 0, rejoins_ = 0;
   uint64_t prev_wr_ = 0, prev_fr_ = 0;
   uint64_t writes_done_ = 0, flushes_done_ = 0, copies_ = 0, cuts_ = 0, crashes_ = 0;
+  uint64_t primary_restarts_ = 0, divergences_ = 0, resyncs_ = 0;
 };
 
 int Usage() {
   std::fprintf(stderr,
-               "usage: tvilling_sim [--seed N] [--seeds COUNT] [--steps S] "
+               "usage: tvilling_sim [--seed N] [--seeds COUNT | --seeds A:B] [--steps S] "
+               "[--both-sync] [--primary-restarts] "
                "[--planted-bug none|ack-before-durable|ack-before-append|copy-done-early] "
-               "[--expect-failure] [--trace]\n");
+               "[--expect-failure] [--trace]\n"
+               "  --seeds COUNT runs seeds N..N+COUNT-1; --seeds A:B runs seeds A..B\n");
   return 2;
 }
 
@@ -850,7 +1041,7 @@ int Main(int argc, char** argv) {
   uint64_t seed = 1, seeds = 1;
   int steps = 300;
   std::string plant_name = "none";
-  bool expect_failure = false, trace = false;
+  bool expect_failure = false, trace = false, both_sync = false, primary_restarts = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
@@ -858,11 +1049,25 @@ int Main(int argc, char** argv) {
       const char* v = value();
       if (!v) return Usage();
       if (a == "--seed") seed = std::strtoull(v, nullptr, 10);
-      if (a == "--seeds") seeds = std::strtoull(v, nullptr, 10);
+      if (a == "--seeds") {
+        if (const char* colon = std::strchr(v, ':')) {
+          const uint64_t lo = std::strtoull(v, nullptr, 10),
+                         hi = std::strtoull(colon + 1, nullptr, 10);
+          if (hi < lo) return Usage();
+          seed = lo;
+          seeds = hi - lo + 1;
+        } else {
+          seeds = std::strtoull(v, nullptr, 10);
+        }
+      }
       if (a == "--steps") steps = std::atoi(v);
       if (a == "--planted-bug") plant_name = v;
     } else if (a == "--expect-failure") {
       expect_failure = true;
+    } else if (a == "--both-sync") {
+      both_sync = true;
+    } else if (a == "--primary-restarts") {
+      primary_restarts = true;
     } else if (a == "--trace") {
       trace = true;
     } else {
@@ -871,19 +1076,23 @@ int Main(int argc, char** argv) {
   }
   std::optional<Plant> plant = ParsePlant(plant_name);
   if (!plant || steps <= 0 || seeds == 0) return Usage();
-  uint64_t copies = 0, crashes = 0, degrades = 0;
+  uint64_t copies = 0, crashes = 0, degrades = 0, restarts = 0, resyncs = 0;
   for (uint64_t s = seed; s < seed + seeds; ++s) {
-    Sim sim(s, *plant, trace);
+    Sim sim(s, *plant, trace, both_sync, primary_restarts);
     std::optional<Failure> f = sim.Run(steps);
     copies += sim.copies();
     crashes += sim.crashes();
     degrades += sim.degrades();
+    restarts += sim.primary_restarts();
+    resyncs += sim.resyncs();
     if (f) {
       std::printf(
-          "seed %llu failed at step %d: %s\n  (%s)\n  replay: tvilling_sim --seed %llu "
-          "--steps %d%s%s --trace\n",
+          "seed %llu step %d: %s\n  (%s)\n  replay: tvilling_sim --seed %llu "
+          "--steps %d%s%s%s%s --trace\n",
           static_cast<unsigned long long>(s), f->step, f->what.c_str(), sim.Summary().c_str(),
-          static_cast<unsigned long long>(s), steps, plant_name == "none" ? "" : " --planted-bug ",
+          static_cast<unsigned long long>(s), steps, both_sync ? " --both-sync" : "",
+          primary_restarts ? " --primary-restarts" : "",
+          plant_name == "none" ? "" : " --planted-bug ",
           plant_name == "none" ? "" : plant_name.c_str());
       if (expect_failure) {
         std::printf("planted bug %s found\n", plant_name.c_str());
@@ -896,9 +1105,10 @@ int Main(int argc, char** argv) {
   }
   std::printf(
       "%llu seeds x %d steps ok (full copies %llu, replica crashes %llu, sync peers "
-      "degraded %llu)\n",
+      "degraded %llu, primary restarts %llu, resyncs %llu)\n",
       static_cast<unsigned long long>(seeds), steps, static_cast<unsigned long long>(copies),
-      static_cast<unsigned long long>(crashes), static_cast<unsigned long long>(degrades));
+      static_cast<unsigned long long>(crashes), static_cast<unsigned long long>(degrades),
+      static_cast<unsigned long long>(restarts), static_cast<unsigned long long>(resyncs));
   if (expect_failure) {
     std::printf("planted bug %s NOT found in %llu seeds\n", plant_name.c_str(),
                 static_cast<unsigned long long>(seeds));
