@@ -585,6 +585,7 @@ std::vector<PeerStatus> PrimaryGroup::Status(Nanos now) const {
 // ReplicaReceiver
 
 ReplicaReceiver::ReplicaReceiver(ReplicaView view) : view_(std::move(view)) {
+  accepted_ = view_.last_lsn;
   pos_.received = view_.last_lsn;
   pos_.durable = view_.last_lsn;
 }
@@ -635,17 +636,19 @@ ReplicaReceiver::BatchCheck ReplicaReceiver::OnBatch(uint64_t epoch, uint64_t fi
                " (stream epoch " + U(stream_epoch_) + ")";
     return c;
   }
-  if (first_lsn > view_.last_lsn + 1) {
-    c.reason = what + ": gap, this replica's log ends at LSN " + U(view_.last_lsn) +
-               " (expected LSN " + U(view_.last_lsn + 1) + ")";
+  const uint64_t held = std::max(view_.last_lsn, accepted_);
+  if (first_lsn > held + 1) {
+    c.reason = what + ": gap, this replica's log ends at LSN " + U(held) + " (expected LSN " +
+               U(held + 1) + ")";
     return c;
   }
-  c.skip_records = std::min<uint64_t>(view_.last_lsn + 1 - first_lsn, count);
+  c.skip_records = std::min<uint64_t>(held + 1 - first_lsn, count);
   if (c.skip_records < count && epoch < LogEpoch()) {
     c.reason = what + ": older than the epoch " + U(LogEpoch()) + " of this replica's log";
     return c;
   }
   c.verdict = BatchCheck::Verdict::kAppend;
+  accepted_ = std::max(accepted_, last_in_batch);
   if (c.skip_records < count && epoch > LogEpoch()) {
     c.begins_epoch = true;
     view_.history.push_back(EpochStart{epoch, first_lsn + c.skip_records});
@@ -667,6 +670,7 @@ void ReplicaReceiver::OnCopyBegin(uint64_t epoch, uint64_t log_start_lsn,
   for (const EpochStart& e : primary_history)
     if (e.first_lsn <= base) view_.history.push_back(e);
   view_.last_lsn = base;
+  accepted_ = base;
   view_.consistent = false;
   view_.copy_in_progress = true;
   view_.copy_volume = 0;

@@ -295,6 +295,9 @@ class ReplicaReceiver {
   bool have_stream_ = false;
   bool awaiting_copy_begin_ = false;  // decided a copy from the start: no acks until CopyBegin
   uint64_t stream_epoch_ = 0;
+  // Last LSN of the batches accepted, which may not be appended yet: the node appends
+  // asynchronously and the next batch may arrive first. Acks still follow OnAppended/OnDurable.
+  uint64_t accepted_ = 0;
   History stream_history_;
 };
 

@@ -133,11 +133,12 @@ absl::StatusOr<std::shared_ptr<PrimaryReplicator>> PrimaryReplicator::Start(
   // The epoch: keep the one this agent began as primary, unless another was seen since.
   storage::ReplicaMeta meta = log.replica_meta();
   const storage::GroupLogState state = log.State();
-  uint64_t epoch = meta.primary_epoch;
-  if (epoch == 0 || epoch < meta.newest_epoch_seen || epoch < state.current_epoch) {
-    epoch = std::max(meta.newest_epoch_seen, state.current_epoch) + 1;
-    spdlog::info("group {}: this site is primary; beginning epoch {}", log.name(), epoch);
-  }
+  // Every start as primary begins a new epoch: records are shipped before they are fsynced, so
+  // after a machine crash a replica may hold records this log lost; writing different records at
+  // those LSNs in the same epoch would be undetectable (docs/replication.md, "Roles and epochs").
+  const uint64_t epoch =
+      std::max({meta.newest_epoch_seen, state.current_epoch, meta.primary_epoch}) + 1;
+  spdlog::info("group {}: this site is primary; beginning epoch {}", log.name(), epoch);
   meta.primary_epoch = epoch;
   meta.newest_epoch_seen = std::max(meta.newest_epoch_seen, epoch);
   // A primary's volumes are the log applied: consistent by definition.
@@ -314,6 +315,12 @@ void PrimaryReplicator::Dial(Link& link, core::Nanos now) {
     auto* pe = h->add_history();
     pe->set_epoch(e.epoch);
     pe->set_first_lsn(e.first_lsn);
+  }
+  if (state.history.empty() || state.history.back().epoch < epoch_) {
+    // This epoch has no record yet: its first record will be the next one appended.
+    auto* pe = h->add_history();
+    pe->set_epoch(epoch_);
+    pe->set_first_lsn(state.last_lsn + 1);
   }
   for (size_t i = 0; i < group_->volume_count(); ++i) {
     auto* v = h->add_volumes();
@@ -578,7 +585,8 @@ void PrimaryReplicator::WorkerLoop() {
   while (!stopping_) {
     core::Nanos now = MonotonicNow();
     work_ = false;
-    if (core_.OnTick(now)) ReleaseLocked(lock);
+    core_.OnTick(now);
+    ReleaseLocked(lock);  // positions may also have moved through a decision or a copy
     core::Nanos deadline = now + 100 * kMs;
     for (auto& lp : links_) {
       Link& link = *lp;
@@ -701,6 +709,7 @@ core::ReplicaView ReplicaGroup::BuildView() const {
     v.volume_sizes.push_back(group_->volume(i).size());
   }
   v.consistent = meta.consistent;
+  v.consistent_at_lsn = meta.consistent_at_lsn;
   v.copy_in_progress = meta.copy_in_progress;
   v.copy_volume = meta.copy_volume;
   v.copy_offset = meta.copy_offset;
@@ -782,6 +791,7 @@ void ReplicaGroup::HandleHello(Session& s, const v1::Hello& hello) {
     std::lock_guard lock(mu_);
     if (stopping_) return;
     rx_ = core::ReplicaReceiver(BuildView());
+    rx_.OnApplied(group_->applied_lsn());
     d = rx_.OnHello(ph);
     storage::ReplicaMeta meta = log_->replica_meta();
     if (rx_.newest_epoch() > meta.newest_epoch_seen) {
@@ -830,15 +840,21 @@ void ReplicaGroup::HandleBatch(Session& s, const v1::Batch& batch) {
     return Fail(s, absl::InvalidArgumentError(
                        fmt::format("{} sent a batch before its Hello was accepted", s.peer())));
   }
-  auto buf = std::make_shared<std::string>();
-  if (absl::Status st = transport::DecodeBatch(batch, buf.get()); !st.ok()) {
+  std::string buf;
+  if (absl::Status st = transport::DecodeBatch(batch, &buf); !st.ok()) {
     return Fail(s, absl::InvalidArgumentError(fmt::format(
                        "batch from LSN {}: {}", batch.first_lsn(), std::string(st.message()))));
   }
-  std::vector<std::string_view> records;
-  if (absl::Status st = transport::SplitRecords(*buf, batch.record_count(), &records); !st.ok()) {
-    return Fail(s, absl::InvalidArgumentError(fmt::format(
-                       "batch from LSN {}: {}", batch.first_lsn(), std::string(st.message()))));
+  auto records = storage::ShippedRecords::Parse(std::move(buf));
+  if (!records.ok()) {
+    return Fail(s, absl::InvalidArgumentError(fmt::format("batch from LSN {}: {}",
+                                                          batch.first_lsn(),
+                                                          std::string(records.status().message()))));
+  }
+  if (records->size() != batch.record_count()) {
+    return Fail(s, absl::InvalidArgumentError(
+                       fmt::format("batch from LSN {} says {} records but holds {}",
+                                   batch.first_lsn(), batch.record_count(), records->size())));
   }
   core::ReplicaReceiver::BatchCheck check;
   uint32_t gid = 0;
@@ -850,11 +866,11 @@ void ReplicaGroup::HandleBatch(Session& s, const v1::Batch& batch) {
   if (check.verdict == core::ReplicaReceiver::BatchCheck::Verdict::kReject) {
     return Fail(s, absl::FailedPreconditionError(check.reason));
   }
-  if (check.skip_records >= records.size()) return;
-  records.erase(records.begin(), records.begin() + static_cast<ptrdiff_t>(check.skip_records));
+  if (check.skip_records >= records->size()) return;
+  records->DropFront(check.skip_records);
   const uint64_t first = batch.first_lsn() + check.skip_records;
   log_->AppendReplicated(
-      gid, first, std::move(records), buf, /*sync=*/true,
+      gid, first, std::move(*records), /*sync=*/true,
       [this, first](absl::StatusOr<uint64_t> last) {
         if (!last.ok()) {
           std::shared_ptr<Session> a;
@@ -885,10 +901,6 @@ void ReplicaGroup::HandleCopyBegin(Session& s, const v1::CopyBegin& m) {
   }
   if (absl::Status st = WaitLogIdle(*log_); !st.ok()) return Fail(s, st);
   group_->PauseApply();
-  if (absl::Status st = log_->ResetForCopy(m.log_start_lsn(), m.epoch()); !st.ok()) {
-    return Fail(s, st);
-  }
-  group_->ResetAppliedLsn(m.log_start_lsn() - 1);
   storage::ReplicaMeta meta = log_->replica_meta();
   meta.copy_in_progress = true;
   meta.copy_volume = 0;
@@ -896,7 +908,12 @@ void ReplicaGroup::HandleCopyBegin(Session& s, const v1::CopyBegin& m) {
   meta.copy_base_lsn = m.log_start_lsn() - 1;
   meta.consistent = false;
   meta.consistent_at_lsn = 0;
-  if (absl::Status st = log_->SetReplicaMeta(meta); !st.ok()) return Fail(s, st);
+  // The reset log and the copy mark land in one synced write: a crash between them could leave a
+  // reset log that still claims to be consistent.
+  if (absl::Status st = log_->ResetForCopy(m.log_start_lsn(), m.epoch(), meta); !st.ok()) {
+    return Fail(s, st);
+  }
+  group_->ResetAppliedLsn(m.log_start_lsn() - 1);
   {
     std::lock_guard lock(mu_);
     rx_.OnCopyBegin(m.epoch(), m.log_start_lsn());
@@ -944,6 +961,7 @@ void ReplicaGroup::HandleCopyChunk(Session& s, const v1::CopyChunk& m) {
   bool checkpoint = false;
   {
     std::lock_guard lock(mu_);
+    rx_.OnCopyChunk(m.volume(), m.offset() + m.length());
     copy_done_bytes_ += m.length();
     copy_bytes_since_checkpoint_ += m.length();
     if (copy_bytes_since_checkpoint_ >= options_.copy_checkpoint_bytes) {

@@ -334,7 +334,7 @@ def run_main(scenarios, argv=None):
         scenarios[args.scenario](c)
         log(f"PASS {args.scenario}")
         return 0
-    except (TestFailure, subprocess.CalledProcessError, nbd.Error) as e:
+    except (TestFailure, subprocess.CalledProcessError, subprocess.TimeoutExpired, nbd.Error) as e:
         c.failed = True
         log(f"FAIL {args.scenario}: {e}")
         c.dump_logs()
