@@ -18,15 +18,20 @@
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
 #include "agent/nbd/frontend.h"
+#include "agent/node/control_service.h"
 #include "agent/node/group_runtime.h"
+#include "agent/node/replication.h"
+#include "agent/node/replication_service.h"
 #include "agent/ops/config.h"
 #include "agent/ops/logging.h"
 #include "storage/group_log.h"
@@ -84,6 +89,8 @@ storage::GroupLogOptions LogOptions(const ops::LogConfig& c) {
 node::GroupRuntimeOptions GroupOptions(const ops::Config& config, const ops::GroupConfig& g) {
   node::GroupRuntimeOptions o;
   o.name = g.name;
+  // A replica's volumes follow the primary's log; clients may only read them.
+  o.exports_read_only = !g.IsPrimary(config.agent.site);
   o.log = LogOptions(config.log);
   o.checkpoint_interval_ms = config.log.checkpoint_interval_ms;
   for (const ops::VolumeConfig& v : g.volumes) {
@@ -200,6 +207,7 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
     return kExitRuntime;
   }
   std::vector<std::unique_ptr<node::GroupRuntime>> groups;
+  const auto started = std::chrono::steady_clock::now();
   for (const ops::GroupConfig& g : config.groups) {
     auto group = node::GroupRuntime::Open(**store, GroupOptions(config, g));
     if (!group.ok()) {
@@ -212,6 +220,76 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
         g.name, s.first_lsn, s.last_lsn, s.applied_lsn, s.current_epoch, g.volumes.size(),
         (*group)->Stats().replayed_records);
     groups.push_back(std::move(*group));
+  }
+
+  // Replication: replicas first (so a primary's stream finds them), then the primaries' links.
+  std::unique_ptr<node::ReplicationService> replication;
+  std::vector<std::unique_ptr<node::ReplicaGroup>> replicas;
+  std::vector<std::shared_ptr<node::PrimaryReplicator>> primaries;
+  std::map<std::string, std::function<void(v1::GroupStatus*)>> group_status;
+  if (config.HasPeers()) {
+    auto svc = node::ReplicationService::Create(config);
+    if (!svc.ok()) {
+      spdlog::error("replication: {}", Msg(svc.status()));
+      return kExitRuntime;
+    }
+    replication = std::move(*svc);
+  }
+  for (size_t i = 0; i < config.groups.size(); ++i) {
+    const ops::GroupConfig& g = config.groups[i];
+    node::GroupRuntime* rt = groups[i].get();
+    if (g.peers.empty()) continue;
+    if (g.IsPrimary(config.agent.site)) {
+      auto p = node::PrimaryReplicator::Start(rt, node::PrimaryOptionsFor(config, g),
+                                              replication->dialer());
+      if (!p.ok()) {
+        spdlog::error("group {}: {}", g.name, Msg(p.status()));
+        return kExitRuntime;
+      }
+      primaries.push_back(*p);
+      group_status[g.name] = [p = *p](v1::GroupStatus* out) { p->FillStatus(out); };
+    } else {
+      auto r = std::make_unique<node::ReplicaGroup>(rt, node::ReplicaOptions{config.agent.site});
+      replication->AddReplica(g.name, r.get());
+      group_status[g.name] = [r = r.get()](v1::GroupStatus* out) { r->FillStatus(out); };
+      replicas.push_back(std::move(r));
+    }
+  }
+  for (const ops::GroupConfig& g : config.groups) {
+    if (g.IsPrimary(config.agent.site) && replication) replication->AddPrimaryGroup(g.name);
+  }
+  if (replication) {
+    if (absl::Status st = replication->Start(); !st.ok()) {
+      spdlog::error("replication: {}", Msg(st));
+      return kExitRuntime;
+    }
+  }
+  auto control = node::ControlServer::Start(config.control.unix_socket, [&](v1::StatusReply* out) {
+    out->mutable_agent()->set_site(config.agent.site);
+    out->mutable_agent()->set_version(TVILLING_VERSION);
+    out->mutable_agent()->set_uptime_s(static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - started)
+            .count()));
+    for (const auto& g : groups) {
+      v1::GroupStatus* gs = out->add_groups();
+      gs->set_name(g->name());
+      if (auto it = group_status.find(g->name()); it != group_status.end()) {
+        it->second(gs);
+        continue;
+      }
+      gs->set_role("primary");
+      gs->set_consistent(true);
+      gs->set_epoch(g->log().State().current_epoch);
+      gs->set_last_lsn(g->log().last_lsn());
+      gs->set_durable_lsn(g->log().durable_lsn());
+      gs->set_applied_lsn(g->applied_lsn());
+      gs->set_write_released(g->log().last_lsn());
+      gs->set_flush_released(g->log().durable_lsn());
+    }
+  });
+  if (!control.ok()) {
+    spdlog::error("{}", Msg(control.status()));
+    return kExitRuntime;
   }
 
   boost::asio::io_context io(static_cast<int>(config.nbd.threads));
@@ -234,12 +312,24 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
   }
   StatusReporter status(io, status_interval, groups, server);
   status.Start();
+  // Writes waiting for a sync peer that does not answer would hold the drain forever: after a
+  // grace period the replicators fail them (the client sees an error, as with a lost site).
+  std::mutex drain_mu;
+  std::condition_variable drain_cv;
+  bool drained = false;
+  std::thread drain_watch;
   signals.async_wait([&](const boost::system::error_code& err, int signo) {
     if (err) return;
     spdlog::info("signal {}: shutting down (answering in-flight requests, flushing the log)",
                  signo);
     status.Stop();
     server.Stop();
+    drain_watch = std::thread([&] {
+      std::unique_lock l(drain_mu);
+      if (drain_cv.wait_for(l, std::chrono::seconds(10), [&] { return drained; })) return;
+      spdlog::warn("in-flight writes still wait for sync peers after 10 s; failing them");
+      for (auto& p : primaries) p->Stop();
+    });
   });
   spdlog::info("tvillingd {} site {} serving {} group(s); state in {}", TVILLING_VERSION,
                config.agent.site, groups.size(), config.agent.state_dir.string());
@@ -248,7 +338,19 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
   for (uint32_t i = 1; i < config.nbd.threads; ++i) threads.emplace_back([&io] { io.run(); });
   io.run();
   for (auto& t : threads) t.join();
+  {
+    std::lock_guard l(drain_mu);
+    drained = true;
+  }
+  drain_cv.notify_all();
+  if (drain_watch.joinable()) drain_watch.join();
 
+  (*control)->Shutdown();
+  for (auto& p : primaries) p->Stop();
+  if (replication) replication->Shutdown();
+  for (auto& r : replicas) r->Stop();
+  primaries.clear();
+  replicas.clear();
   int rc = 0;
   for (auto& g : groups) {
     if (absl::Status st = g->Stop(); !st.ok()) {
@@ -311,6 +413,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (check_config) {
+    if (absl::Status st = node::CheckTls(*config); !st.ok()) {
+      fmt::print(stderr, "tvillingd: {}: {}\n", config_file, std::string(st.message()));
+      return 2;
+    }
     fmt::print("{}: OK ({} group(s))\n", config_file, config->groups.size());
     return 0;
   }

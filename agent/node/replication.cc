@@ -124,10 +124,11 @@ struct PrimaryReplicator::Link {
 PrimaryReplicator::PrimaryReplicator(GroupRuntime* group, PrimaryOptions options, Dialer* dialer)
     : group_(group), log_(&group->log()), options_(std::move(options)), dialer_(dialer) {}
 
-absl::StatusOr<std::shared_ptr<PrimaryReplicator>> PrimaryReplicator::Start(
-    GroupRuntime* group, PrimaryOptions options, Dialer* dialer) {
-  auto r = std::shared_ptr<PrimaryReplicator>(
-      new PrimaryReplicator(group, std::move(options), dialer));
+absl::StatusOr<std::shared_ptr<PrimaryReplicator>> PrimaryReplicator::Start(GroupRuntime* group,
+                                                                            PrimaryOptions options,
+                                                                            Dialer* dialer) {
+  auto r =
+      std::shared_ptr<PrimaryReplicator>(new PrimaryReplicator(group, std::move(options), dialer));
   storage::GroupLog& log = *r->log_;
 
   // The epoch: keep the one this agent began as primary, unless another was seen since.
@@ -171,13 +172,12 @@ absl::StatusOr<std::shared_ptr<PrimaryReplicator>> PrimaryReplicator::Start(
   }
   // The local log as it is now.
   if (state.last_lsn >= state.first_lsn) {
-    absl::Status st = log.ReadRange(state.first_lsn, state.last_lsn,
-                                    [&](const storage::LogRecordView& rec) {
-                                      r->core_.OnLocalAppend(
-                                          rec.lsn, storage::kRecordHeaderSize + rec.payload.size(),
-                                          rec.header.timestamp_ns, now);
-                                      return absl::OkStatus();
-                                    });
+    absl::Status st =
+        log.ReadRange(state.first_lsn, state.last_lsn, [&](const storage::LogRecordView& rec) {
+          r->core_.OnLocalAppend(rec.lsn, storage::kRecordHeaderSize + rec.payload.size(),
+                                 rec.header.timestamp_ns, now);
+          return absl::OkStatus();
+        });
     if (!st.ok()) return st;
   } else if (state.last_lsn > 0) {
     r->core_.OnLocalTruncate(state.first_lsn);
@@ -214,6 +214,8 @@ void PrimaryReplicator::Stop() {
   cv_.notify_all();
   if (worker_.joinable()) worker_.join();
   for (auto& s : streams) s->Close(absl::CancelledError("agent stopping"));
+  for (auto& [s, reason] : pending_close_) s->Close(absl::CancelledError("agent stopping"));
+  pending_close_.clear();
   for (auto& d : waiting) {
     std::move(d)(absl::UnavailableError("agent stopping before the sync peers confirmed"));
   }
@@ -334,10 +336,9 @@ void PrimaryReplicator::Dial(Link& link, core::Nanos now) {
 }
 
 void PrimaryReplicator::Disconnect(Link& link, const std::string& reason, core::Nanos now) {
-  if (link.stream) {
-    link.stream->Close(absl::AbortedError(reason));
-    link.stream.reset();
-  }
+  // Closed by the worker outside mu_: the transport runs on_closed inside Close, and that
+  // callback takes mu_.
+  if (link.stream) pending_close_.push_back({std::move(link.stream), reason});
   ++link.generation;
   link.copying = false;
   link.last_error = reason;
@@ -392,9 +393,8 @@ void PrimaryReplicator::OnMessage(Link& link, uint64_t generation, v1::FromRepli
         }
         link.copy_done += link.copy_offset;
         spdlog::info("group {}: full copy to {} ({}): {} from volume {} offset {}, log from LSN {}",
-                     log_->name(), link.opt.site, d.reason,
-                     d.copy_resume ? "resuming" : "starting", link.copy_volume, link.copy_offset,
-                     base + 1);
+                     log_->name(), link.opt.site, d.reason, d.copy_resume ? "resuming" : "starting",
+                     link.copy_volume, link.copy_offset, base + 1);
         // Keep every record after `base` until the peer has it.
         storage::PeerPosition pos;
         pos.peer = link.opt.site;
@@ -451,21 +451,21 @@ void PrimaryReplicator::Ship(Link& link, core::Nanos now) {
     std::string buf;
     uint64_t first = 0, last = 0, batch_epoch = 0;
     uint32_t count = 0;
-    absl::Status st = log_->ReadRaw(
-        plan->from_lsn, plan->to_lsn, plan->max_bytes, plan->max_records,
-        [&](uint64_t lsn, std::string_view value) -> absl::Status {
-          const uint64_t e = LoadLE64(value.data() + 8);
-          if (count == 0) {
-            batch_epoch = e;
-            first = lsn;
-          } else if (e != batch_epoch) {
-            return kEpochBoundary;
-          }
-          buf.append(value);
-          last = lsn;
-          ++count;
-          return absl::OkStatus();
-        });
+    absl::Status st =
+        log_->ReadRaw(plan->from_lsn, plan->to_lsn, plan->max_bytes, plan->max_records,
+                      [&](uint64_t lsn, std::string_view value) -> absl::Status {
+                        const uint64_t e = LoadLE64(value.data() + 8);
+                        if (count == 0) {
+                          batch_epoch = e;
+                          first = lsn;
+                        } else if (e != batch_epoch) {
+                          return kEpochBoundary;
+                        }
+                        buf.append(value);
+                        last = lsn;
+                        ++count;
+                        return absl::OkStatus();
+                      });
     if (st == kEpochBoundary) st = absl::OkStatus();
     v1::ToReplica msg;
     if (st.ok() && count > 0) {
@@ -477,9 +477,9 @@ void PrimaryReplicator::Ship(Link& link, core::Nanos now) {
     if (!st.ok()) {
       spdlog::error("group {}: cannot ship to {}: {}", log_->name(), link.opt.site,
                     std::string(st.message()));
-      Disconnect(link, fmt::format("reading the log for {}: {}", link.opt.site,
-                                   std::string(st.message())),
-                 now);
+      Disconnect(
+          link, fmt::format("reading the log for {}: {}", link.opt.site, std::string(st.message())),
+          now);
       return;
     }
     if (count == 0) return;
@@ -541,8 +541,9 @@ void PrimaryReplicator::CopyStep(Link& link, core::Nanos now) {
     lock.lock();
     if (gen != link.generation || !link.copying) return;
     if (!st.ok()) {
-      Disconnect(link, fmt::format("reading volume {} at {} for the copy to {}: {}", vi, off,
-                                   link.opt.site, std::string(st.message())),
+      Disconnect(link,
+                 fmt::format("reading volume {} at {} for the copy to {}: {}", vi, off,
+                             link.opt.site, std::string(st.message())),
                  now);
       return;
     }
@@ -583,6 +584,13 @@ void PrimaryReplicator::WorkerLoop() {
   core::Nanos next_persist = MonotonicNow() + kPersistPositionsEvery;
   std::unique_lock lock(mu_);
   while (!stopping_) {
+    if (!pending_close_.empty()) {
+      auto closing = std::move(pending_close_);
+      pending_close_.clear();
+      lock.unlock();
+      for (auto& [stream, reason] : closing) stream->Close(absl::AbortedError(reason));
+      lock.lock();
+    }
     core::Nanos now = MonotonicNow();
     work_ = false;
     core_.OnTick(now);
@@ -599,8 +607,9 @@ void PrimaryReplicator::WorkerLoop() {
         continue;
       }
       if (now - link.last_heard > options_.link_timeout) {
-        Disconnect(link, fmt::format("no message from {} for {} ms", link.opt.site,
-                                     (now - link.last_heard) / kMs),
+        Disconnect(link,
+                   fmt::format("no message from {} for {} ms", link.opt.site,
+                               (now - link.last_heard) / kMs),
                    now);
         continue;
       }
@@ -742,8 +751,8 @@ void ReplicaGroup::Session::OnMessage(const v1::ToReplica& msg) {
       return;
     }
     default:
-      return group_->Fail(*this, absl::InvalidArgumentError(fmt::format(
-                                     "{} sent an empty or unknown message", peer_)));
+      return group_->Fail(*this, absl::InvalidArgumentError(
+                                     fmt::format("{} sent an empty or unknown message", peer_)));
   }
 }
 
@@ -847,9 +856,9 @@ void ReplicaGroup::HandleBatch(Session& s, const v1::Batch& batch) {
   }
   auto records = storage::ShippedRecords::Parse(std::move(buf));
   if (!records.ok()) {
-    return Fail(s, absl::InvalidArgumentError(fmt::format("batch from LSN {}: {}",
-                                                          batch.first_lsn(),
-                                                          std::string(records.status().message()))));
+    return Fail(s,
+                absl::InvalidArgumentError(fmt::format("batch from LSN {}: {}", batch.first_lsn(),
+                                                       std::string(records.status().message()))));
   }
   if (records->size() != batch.record_count()) {
     return Fail(s, absl::InvalidArgumentError(
@@ -870,8 +879,7 @@ void ReplicaGroup::HandleBatch(Session& s, const v1::Batch& batch) {
   records->DropFront(check.skip_records);
   const uint64_t first = batch.first_lsn() + check.skip_records;
   log_->AppendReplicated(
-      gid, first, std::move(*records), /*sync=*/true,
-      [this, first](absl::StatusOr<uint64_t> last) {
+      gid, first, std::move(*records), /*sync=*/true, [this, first](absl::StatusOr<uint64_t> last) {
         if (!last.ok()) {
           std::shared_ptr<Session> a;
           {
@@ -924,9 +932,10 @@ void ReplicaGroup::HandleCopyBegin(Session& s, const v1::CopyBegin& m) {
       copy_total_bytes_ += group_->volume(i).size();
     }
   }
-  spdlog::info("group {}: full copy from {} begins; log restarts at LSN {}; inconsistent until "
-               "it completes",
-               log_->name(), s.peer(), m.log_start_lsn());
+  spdlog::info(
+      "group {}: full copy from {} begins; log restarts at LSN {}; inconsistent until "
+      "it completes",
+      log_->name(), s.peer(), m.log_start_lsn());
 }
 
 void ReplicaGroup::HandleCopyChunk(Session& s, const v1::CopyChunk& m) {
@@ -935,9 +944,9 @@ void ReplicaGroup::HandleCopyChunk(Session& s, const v1::CopyChunk& m) {
                        fmt::format("{} sent a copy chunk while no copy is in progress", s.peer())));
   }
   if (m.volume() >= group_->volume_count()) {
-    return Fail(s, absl::InvalidArgumentError(fmt::format(
-                       "copy chunk for volume {}, the group has {}", m.volume(),
-                       group_->volume_count())));
+    return Fail(s,
+                absl::InvalidArgumentError(fmt::format("copy chunk for volume {}, the group has {}",
+                                                       m.volume(), group_->volume_count())));
   }
   storage::Volume& v = group_->volume(m.volume());
   if (m.offset() > v.size() || m.length() > v.size() - m.offset() || m.length() == 0) {
@@ -951,9 +960,9 @@ void ReplicaGroup::HandleCopyChunk(Session& s, const v1::CopyChunk& m) {
   } else {
     if (m.codec() != v1::CODEC_NONE || m.data().size() != m.length() ||
         XXH3_64bits(m.data().data(), m.data().size()) != m.checksum()) {
-      return Fail(s, absl::DataLossError(fmt::format(
-                         "copy chunk volume {} offset {}: size or checksum mismatch", m.volume(),
-                         m.offset())));
+      return Fail(s, absl::DataLossError(
+                         fmt::format("copy chunk volume {} offset {}: size or checksum mismatch",
+                                     m.volume(), m.offset())));
     }
     st = v.Write(m.offset(), m.data());
   }

@@ -59,7 +59,8 @@ class Dialer {
     std::function<void(absl::Status)> on_closed;
   };
   virtual ~Dialer() = default;
-  virtual std::shared_ptr<PrimaryStream> Dial(const std::string& peer_site, Callbacks callbacks) = 0;
+  virtual std::shared_ptr<PrimaryStream> Dial(const std::string& peer_site,
+                                              Callbacks callbacks) = 0;
 };
 
 struct PeerOptions {
@@ -83,8 +84,8 @@ struct PrimaryOptions {
 class PrimaryReplicator final : public CompletionGate,
                                 public std::enable_shared_from_this<PrimaryReplicator> {
  public:
-  // Decides the epoch (docs/replication.md, "Roles and epochs"), wires itself into `group` (gate and
-  // records observer) and starts the worker. `group` must outlive the replicator (Stop first).
+  // Decides the epoch (docs/replication.md, "Roles and epochs"), wires itself into `group` (gate
+  // and records observer) and starts the worker. `group` must outlive the replicator (Stop first).
   static absl::StatusOr<std::shared_ptr<PrimaryReplicator>> Start(GroupRuntime* group,
                                                                   PrimaryOptions options,
                                                                   Dialer* dialer);
@@ -130,6 +131,7 @@ class PrimaryReplicator final : public CompletionGate,
   bool work_ = false;  // something happened that the worker should look at
   core::PrimaryGroup core_;
   std::vector<std::unique_ptr<Link>> links_;
+  std::vector<std::pair<std::shared_ptr<PrimaryStream>, std::string>> pending_close_;
   std::multimap<uint64_t, nbd::Export::Done> write_waiters_;  // need write_released >= key
   std::multimap<uint64_t, nbd::Export::Done> flush_waiters_;  // need flush_released >= key
   std::thread worker_;
@@ -148,7 +150,8 @@ class ReplicaGroup {
 
   // A new stream from a primary. Returns the handler for its messages; `stream` answers.
   class Session;
-  std::shared_ptr<Session> Open(std::shared_ptr<ReplicaStream> stream, std::string peer_description);
+  std::shared_ptr<Session> Open(std::shared_ptr<ReplicaStream> stream,
+                                std::string peer_description);
 
   void FillStatus(v1::GroupStatus* out) const;
   void Stop();

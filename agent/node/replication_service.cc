@@ -97,8 +97,9 @@ class ReplicationService::Impl final : public Dialer, public transport::StreamAc
       server_creds_ = transport::ServerCredentials(*m);
       channel_creds_ = transport::ChannelCredentials(*m);
     } else {
-      spdlog::warn("replication: tls.insecure is set: streams between agents are neither "
-                   "encrypted nor authenticated");
+      spdlog::warn(
+          "replication: tls.insecure is set: streams between agents are neither "
+          "encrypted nor authenticated");
       server_creds_ = grpc::InsecureServerCredentials();
       channel_creds_ = grpc::InsecureChannelCredentials();
     }
@@ -123,8 +124,8 @@ class ReplicationService::Impl final : public Dialer, public transport::StreamAc
       }
       channel = ch;
     }
-    auto s = transport::ClientStream::Open(channel, std::move(cb.on_message),
-                                           std::move(cb.on_closed));
+    auto s =
+        transport::ClientStream::Open(channel, std::move(cb.on_message), std::move(cb.on_closed));
     return std::make_shared<ClientAdapter>(std::move(s));
   }
 
@@ -255,8 +256,7 @@ void ReplicationService::AddPrimaryGroup(const std::string& group) {
 absl::Status ReplicationService::Start() {
   if (!impl_->config_.replication.listen) return absl::OkStatus();
   const std::string listen = impl_->config_.replication.listen->ToString();
-  auto server =
-      transport::ReplicationServer::Start(listen, impl_->server_creds_, impl_.get());
+  auto server = transport::ReplicationServer::Start(listen, impl_->server_creds_, impl_.get());
   if (!server.ok()) return server.status();
   impl_->server_ = std::move(*server);
   spdlog::info("replication: listening on {} ({})", listen,

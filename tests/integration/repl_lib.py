@@ -127,6 +127,9 @@ class Agent:
                 for k, val in (extra or {}).items():
                     lines.append(f"{k} = {val}")
         for identity, site, grps in acl or []:
+            if site == self.site or not any(site == peer.site for g in groups
+                                            for peer, _, _ in g.get("peers", [])):
+                continue  # only peers may be allowed in (the config refuses other entries)
             lines += [
                 "[[acl]]",
                 f'identity = "{identity}"',

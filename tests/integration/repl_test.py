@@ -79,11 +79,11 @@ def two_sites_sync(c):
     a.start()
     qemu_io(a, "write -P 0xa1 0 1M", "aio_write -P 0xa2 1M 1M", "aio_flush", "write -z 4M 1M",
             "discard 8M 1M", "write -P 0xa3 100M 64k", "flush")
-    fio(a, size="32M", iodepth=16)
-    qemu_io(a, "flush")
+    fio(a, size="32M", iodepth=16)  # overwrites the first 32 MiB at random
+    qemu_io(a, "write -P 0xa4 50M 1M", "flush")
     wait_caught_up(a, [b])
     assert_identical(a, [b])
-    qemu_io(b, "read -P 0xa1 0 1M", "read -P 0xa3 100M 64k", read_only=True)
+    qemu_io(b, "read -P 0xa4 50M 1M", "read -P 0xa3 100M 64k", read_only=True)
     # The replica's export is read-only.
     r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", b.uri()],
                        capture_output=True, text=True, timeout=60)
@@ -203,7 +203,7 @@ def behind_retention(c):
 def refuse_wrong_ca(c):
     a, b = pair(c, "async")
     a.cert = "other-site-a"  # CN site-a, but signed by another CA
-    a.ca = "ca.pem"
+    a.ca = "other-ca.pem"  # a consistent identity of another PKI: site-b must refuse it
     g = {"name": "g0", "primary": "site-a"}
     a.write_config([dict(g, peers=[(b, "async", None)])])
     b.start()
@@ -255,20 +255,22 @@ def refuse_stale_epoch(c):
         x.start()
     qemu_io(a, "write -P 0x61 0 1M", "flush")
     wait_caught_up(a, [b, d])
-    a.stop()
+    # A is cut off (frozen, as by a partition), not restarted: it still believes it is primary
+    # in epoch 1 (a restart would begin a new epoch).
+    a.pause()
     g2 = {"name": "g0", "primary": "site-b"}
     b.stop()
-    b.write_config([dict(g2, peers=[(d, "async", None)])], acl=acl_all)
+    b.write_config([dict(g2, peers=[(d, "async", None), (a, "async", None)])], acl=acl_all)
     d.stop()
-    d.write_config([dict(g2, peers=[(b, "async", None)])], acl=acl_all)
+    d.write_config([dict(g2, peers=[(b, "async", None), (a, "async", None)])], acl=acl_all)
     d.start()
     b.start()
     qemu_io(b, "write -P 0x62 0 1M", "flush")
-    wait_caught_up(b, [d])
+    wait_for("site-c to apply site-b's write", lambda: u64(d.group().get("applied_lsn")) >=
+             u64(b.group().get("last_lsn")) and u64(d.group().get("epoch")) >= 2, 60)
     if u64(b.group().get("epoch")) <= 1:
         raise TestFailure(f"site-b did not begin a new epoch: {b.group()}")
-    a.write_config([dict(g, peers=[(d, "async", None)])], acl=acl_all)
-    a.start()
+    a.resume()
     expect_refusal(d, a, "stale epoch")
     qemu_io(d, "read -P 0x62 0 1M", read_only=True)
 
