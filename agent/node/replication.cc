@@ -816,6 +816,7 @@ void ReplicaGroup::HandleHello(Session& s, const v1::Hello& hello) {
       if (active_ && active_.get() != &s) previous = std::move(active_);
       active_ = s.shared_from_this();
       active_peer_ = hello.sender_site();
+      active_mode_ = hello.mode() == v1::MODE_SYNC ? "sync" : "async";
       sender_group_id_ = hello.sender_group_id();
       epoch_ = hello.epoch();
       s.accepted = true;
@@ -1089,6 +1090,7 @@ void ReplicaGroup::FillStatus(v1::GroupStatus* out) const {
   out->set_applied_lsn(group_->applied_lsn());
   v1::PeerStatus* ps = out->add_peers();
   ps->set_peer(active_peer_);
+  ps->set_mode(active_mode_);
   ps->set_link_state(active_ ? (meta.copy_in_progress ? "copying" : "streaming") : "disconnected");
   ps->set_received_lsn(log_->last_lsn());
   ps->set_durable_lsn(log_->durable_lsn());
