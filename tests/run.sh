@@ -34,7 +34,7 @@ step "unit tests under ASan+UBSan"
 step "fuzz the NBD parser (clang + libFuzzer)"
 cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILER=clang \
   -DCMAKE_CXX_COMPILER=clang++ -DTVILLING_FUZZ=ON -DTVILLING_BENCH=OFF >/dev/null
-cmake --build build-fuzz -j "$JOBS" --target nbd_fuzz
+cmake --build build-fuzz -j "$JOBS" --target nbd_fuzz batch_fuzz
 (cd build-fuzz && ctest -L fuzz --output-on-failure --timeout 300)
 
 step "all tests passed"
