@@ -688,6 +688,7 @@ void PrimaryReplicator::FillStatus(v1::GroupStatus* out) const {
 
 ReplicaGroup::ReplicaGroup(GroupRuntime* group, ReplicaOptions options)
     : group_(group), log_(&group->log()), options_(std::move(options)), rx_(BuildView()) {
+  rx_.OnApplied(group_->applied_lsn());
   group_->SetRecordsObserver(
       [this](std::span<const storage::LogRecordView> records) { OnApplied(records); });
   // Volumes are served read-only by the runtime's exports (the node sets read_only).
@@ -1004,10 +1005,12 @@ void ReplicaGroup::HandleCopyDone(Session& s, const v1::CopyDone& m) {
   for (size_t i = 0; i < group_->volume_count(); ++i) {
     if (absl::Status st = group_->volume(i).Flush(); !st.ok()) return Fail(s, st);
   }
+  // "Copy complete, consistent once consistent_at is applied": core::ReplicaReceiver derives the
+  // replica's consistency from these two and the applied LSN, so nothing else is persisted.
   storage::ReplicaMeta meta = log_->replica_meta();
   meta.copy_in_progress = false;
+  meta.consistent = true;
   meta.consistent_at_lsn = m.lsn();
-  meta.consistent = false;
   if (absl::Status st = log_->SetReplicaMeta(meta); !st.ok()) return Fail(s, st);
   {
     std::lock_guard lock(mu_);
@@ -1017,43 +1020,27 @@ void ReplicaGroup::HandleCopyDone(Session& s, const v1::CopyDone& m) {
                log_->name(), s.peer(), m.lsn());
   if (absl::Status st = group_->ResumeApply(); !st.ok()) return Fail(s, st);
   // Records applied by the catch-up did not pass through the observer.
-  const uint64_t applied = group_->applied_lsn();
-  bool now_consistent = false;
-  {
-    std::lock_guard lock(mu_);
-    rx_.OnApplied(applied);
-    now_consistent = applied >= m.lsn();
-  }
-  if (now_consistent) {
-    meta.consistent = true;
-    (void)log_->SetReplicaMeta(meta);
-    spdlog::info("group {}: replica is consistent at LSN {}", log_->name(), applied);
-  }
+  NoteApplied(group_->applied_lsn());
   SendAck();
 }
 
 void ReplicaGroup::OnApplied(std::span<const storage::LogRecordView> records) {
   if (records.empty() || group_->apply_paused()) return;
-  const uint64_t applied = records.back().lsn;
+  NoteApplied(records.back().lsn);
+  SendAck();
+}
+
+void ReplicaGroup::NoteApplied(uint64_t applied) {
   bool became_consistent = false;
   {
     std::lock_guard lock(mu_);
+    const bool was = rx_.consistent();
     rx_.OnApplied(applied);
-    if (!rx_.consistent()) {
-    } else {
-      storage::ReplicaMeta meta = log_->replica_meta();
-      if (!meta.consistent && !meta.copy_in_progress && applied >= meta.consistent_at_lsn) {
-        became_consistent = true;
-      }
-    }
+    became_consistent = !was && rx_.consistent();
   }
   if (became_consistent) {
-    storage::ReplicaMeta meta = log_->replica_meta();
-    meta.consistent = true;
-    (void)log_->SetReplicaMeta(meta);
     spdlog::info("group {}: replica is consistent at LSN {}", log_->name(), applied);
   }
-  SendAck();
 }
 
 void ReplicaGroup::SendAck() {
@@ -1084,7 +1071,7 @@ void ReplicaGroup::FillStatus(v1::GroupStatus* out) const {
   const storage::ReplicaMeta meta = log_->replica_meta();
   out->set_role("replica");
   out->set_epoch(rx_.newest_epoch());
-  out->set_consistent(meta.consistent && !meta.copy_in_progress);
+  out->set_consistent(rx_.consistent());
   out->set_last_lsn(log_->last_lsn());
   out->set_durable_lsn(log_->durable_lsn());
   out->set_applied_lsn(group_->applied_lsn());

@@ -164,7 +164,8 @@ class ReplicaGroup {
   void HandleCopyChunk(Session& s, const v1::CopyChunk& m);
   void HandleCopyDone(Session& s, const v1::CopyDone& m);
   void OnApplied(std::span<const storage::LogRecordView> records);
-  void SendAck();  // REQUIRES: not mu_
+  void NoteApplied(uint64_t applied);  // REQUIRES: not mu_
+  void SendAck();                      // REQUIRES: not mu_
   void Fail(Session& s, absl::Status status);
   core::ReplicaView BuildView() const;
 
