@@ -204,6 +204,7 @@ absl::StatusOr<GroupLog*> LogStore::OpenGroup(const std::string& group,
   auto log = std::unique_ptr<GroupLog>(new GroupLog(db_.get(), &health_, group, gid, options));
   if (absl::Status st = log->Load(); !st.ok()) return st;
   log->committer_ = std::thread([l = log.get()] { l->CommitterLoop(); });
+  log->syncer_ = std::thread([l = log.get()] { l->SyncerLoop(); });
   GroupLog* out = log.get();
   groups_.emplace(group, std::move(log));
   return out;
@@ -604,16 +605,13 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
     }
   }
 
-  if (st.ok()) {
-    rocksdb::WriteOptions wo;
-    wo.sync = need_sync;
-    rocksdb::Status s;
-    if (wb.Count() > 0) {
-      s = db_->Write(wo, &wb);
-    } else if (need_sync) {
-      s = db_->FlushWAL(/*sync=*/true);
-    }
-    if (!s.ok()) {
+  // The write and its fsync are two steps on two threads: the committer writes the batch (to the
+  // page cache), applies it, completes what need not be durable, and hands the rest to the syncer.
+  // So the next batch is written while this one is fsynced (one fsync then covers several
+  // batches), and a WRITE without FUA, or a replica's `received`, never waits for a Sync() or FUA
+  // that merely shares its batch.
+  if (st.ok() && wb.Count() > 0) {
+    if (rocksdb::Status s = db_->Write(rocksdb::WriteOptions(), &wb); !s.ok()) {
       const uint64_t at = batch.empty() ? last_lsn_.load() + 1 : batch.front().lsn;
       st = FromRocks(s, fmt::format("group {}: writing log at LSN {}", name_, at));
       health_->Fail(st);
@@ -624,12 +622,53 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
     last_lsn_.store(batch.back().lsn, std::memory_order_release);
     if (options_.on_batch_written) st = options_.on_batch_written(views);
   }
-  if (st.ok() && need_sync) {
-    // A synced write makes everything before it in the WAL durable too.
-    AdvanceDurable(last_lsn_.load(std::memory_order_acquire));
+  SyncJob job;
+  for (Pending& p : batch) {
+    if (st.ok() && p.req.sync) {
+      job.appends.push_back(std::move(p));
+    } else {
+      Complete(p, st);
+    }
   }
-  for (Pending& p : batch) Complete(p, st);
-  for (SyncWaiter& w : syncs) std::move(w.done)(st);
+  if (!st.ok()) {
+    for (SyncWaiter& w : syncs) std::move(w.done)(st);
+    return;
+  }
+  if (!need_sync) return;
+  job.target_lsn = last_lsn_.load(std::memory_order_acquire);
+  job.waiters = std::move(syncs);
+  {
+    std::lock_guard lock(mu_);
+    sync_jobs_.push_back(std::move(job));
+  }
+  sync_cv_.notify_one();
+}
+
+void GroupLog::SyncerLoop() {
+  std::vector<SyncJob> jobs;
+  for (;;) {
+    {
+      std::unique_lock lock(mu_);
+      sync_cv_.wait(lock, [&] { return syncer_stopping_ || !sync_jobs_.empty(); });
+      if (sync_jobs_.empty()) return;  // stopping, and the committer has stopped too
+      for (SyncJob& j : sync_jobs_) jobs.push_back(std::move(j));
+      sync_jobs_.clear();
+      syncing_ = true;
+    }
+    // One fsync for every job taken: the WAL holds all of their records (written in LSN order).
+    const uint64_t target = jobs.back().target_lsn;
+    absl::Status st = SyncWritten(target);
+    for (SyncJob& j : jobs) {
+      for (Pending& p : j.appends) Complete(p, st);
+      for (SyncWaiter& w : j.waiters) std::move(w.done)(st);
+    }
+    jobs.clear();
+    {
+      std::lock_guard lock(mu_);
+      syncing_ = false;
+    }
+    idle_cv_.notify_all();
+  }
 }
 
 void GroupLog::Complete(Pending& p, const absl::Status& st) {
@@ -684,6 +723,13 @@ void GroupLog::Stop() {
   }
   cv_.notify_all();
   if (committer_.joinable()) committer_.join();
+  // The committer may hand over a last job before it stops: the syncer finishes every job first.
+  {
+    std::lock_guard lock(mu_);
+    syncer_stopping_ = true;
+  }
+  sync_cv_.notify_all();
+  if (syncer_.joinable()) syncer_.join();
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -939,7 +985,8 @@ absl::Status GroupLog::ResetForCopy(uint64_t log_start_lsn, uint64_t epoch,
   // them (they finish on their own). Queued records are the caller's to stop.
   idle_cv_.wait(lock, [&] {
     return !failed_.ok() || stopping_ || !queue_.empty() ||
-           (!committing_ && sync_waiters_.empty() && inline_syncs_ == 0);
+           (!committing_ && sync_waiters_.empty() && inline_syncs_ == 0 && !syncing_ &&
+            sync_jobs_.empty());
   });
   if (!failed_.ok()) return failed_;
   if (stopping_) return absl::UnavailableError(fmt::format("group {}: log is stopping", name_));

@@ -327,7 +327,15 @@ class GroupLog {
     uint64_t target_lsn;
     SyncDone done;
   };
+  // What the committer hands the syncer: records written up to target_lsn that complete only once
+  // fsynced (FUA appends) and Sync() callers.
+  struct SyncJob {
+    uint64_t target_lsn = 0;
+    std::vector<Pending> appends;
+    std::vector<SyncWaiter> waiters;
+  };
   void CommitterLoop();
+  void SyncerLoop();
   // Fsyncs the WAL now and advances durable_lsn to `target` (already written). Any thread.
   absl::Status SyncWritten(uint64_t target);
   // durable_lsn = max(durable_lsn, lsn): the committer and an inline Sync() may both advance it.
@@ -361,7 +369,8 @@ class GroupLog {
 
   mutable std::mutex mu_;            // guards everything below
   std::condition_variable cv_;       // wakes the committer
-  std::condition_variable idle_cv_;  // a batch finished (ResetForCopy waits for that)
+  std::condition_variable idle_cv_;  // a batch or a sync finished (ResetForCopy waits for that)
+  std::condition_variable sync_cv_;  // wakes the syncer
   std::deque<Pending> queue_;
   std::vector<SyncWaiter> sync_waiters_;
   absl::Status failed_;  // sticky: once the log cannot be written, every later append fails with it
@@ -369,6 +378,9 @@ class GroupLog {
   bool stopping_ = false;
   bool committing_ = false;  // the committer is between taking a batch and completing it
   int inline_syncs_ = 0;     // Sync() calls fsyncing on their own thread
+  std::deque<SyncJob> sync_jobs_;  // written, waiting for the syncer's fsync, in LSN order
+  bool syncing_ = false;           // the syncer is between taking jobs and completing them
+  bool syncer_stopping_ = false;   // set once the committer has stopped
   bool meta_dirty_ = false;
   uint64_t first_lsn_ = 1;
   uint64_t applied_lsn_ = 0;
@@ -380,6 +392,7 @@ class GroupLog {
   uint64_t bytes_ = 0;
   ReplicaMeta replica_meta_;
   std::thread committer_;
+  std::thread syncer_;  // fsyncs what the committer wrote (SyncerLoop)
 };
 
 }  // namespace tvilling::storage
