@@ -16,9 +16,23 @@ namespace {
 
 uint64_t Checksum(std::string_view data) { return XXH3_64bits(data.data(), data.size()); }
 
+// A batch larger than this is first tried on its first kSampleBytes: data that does not shrink
+// (already compressed or encrypted, as most of a busy volume's writes are) then costs a 64 KiB
+// attempt instead of a whole one.
+constexpr size_t kSampleBytes = 64u << 10;
+
+bool CompressWhole(v1::Codec codec, std::string_view in, std::string* out);
+
 // Returns false if the codec failed or did not pay off; `out` is then unspecified.
 bool Compress(v1::Codec codec, std::string_view in, std::string* out) {
   if (in.empty()) return false;
+  if (in.size() > 4 * kSampleBytes && !CompressWhole(codec, in.substr(0, kSampleBytes), out)) {
+    return false;
+  }
+  return CompressWhole(codec, in, out);
+}
+
+bool CompressWhole(v1::Codec codec, std::string_view in, std::string* out) {
   switch (codec) {
     case v1::CODEC_LZ4: {
       int bound = LZ4_compressBound(static_cast<int>(in.size()));
@@ -46,7 +60,7 @@ bool Compress(v1::Codec codec, std::string_view in, std::string* out) {
 }  // namespace
 
 absl::Status EncodeBatch(uint64_t epoch, uint64_t first_lsn, uint32_t record_count,
-                         std::string_view records, v1::Codec preferred, bool durable_requested,
+                         std::string records, v1::Codec preferred, bool durable_requested,
                          v1::Batch* out) {
   if (records.size() > kMaxBatchBytes) {
     return absl::InvalidArgumentError(
@@ -71,7 +85,7 @@ absl::Status EncodeBatch(uint64_t epoch, uint64_t first_lsn, uint32_t record_cou
     out->set_records(std::move(compressed));
   } else {
     out->set_codec(v1::CODEC_NONE);
-    out->set_records(records.data(), records.size());
+    out->set_records(std::move(records));
   }
   return absl::OkStatus();
 }
