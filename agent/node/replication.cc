@@ -20,6 +20,8 @@ constexpr core::Nanos kMinBackoff = 100 * kMs;
 constexpr core::Nanos kMaxBackoff = 5 * kSecond;
 constexpr core::Nanos kRefusedBackoff = 5 * kSecond;
 constexpr core::Nanos kPersistPositionsEvery = kSecond;
+// The shipper reserves the batch buffer up front (no regrowth copies) up to this size.
+constexpr uint64_t kMaxReserveBytes = 8ull << 20;
 
 // Records of one batch share an epoch; ReadRaw stops at an epoch change with this.
 const absl::Status kEpochBoundary = absl::CancelledError("epoch boundary");
@@ -449,7 +451,8 @@ void PrimaryReplicator::Ship(Link& link, core::Nanos now) {
     lock.unlock();
 
     std::string buf;
-    uint64_t first = 0, last = 0, batch_epoch = 0;
+    buf.reserve(std::min<uint64_t>(plan->max_bytes, kMaxReserveBytes));
+    uint64_t first = 0, last = 0, batch_epoch = 0, bytes = 0;
     uint32_t count = 0;
     absl::Status st =
         log_->ReadRaw(plan->from_lsn, plan->to_lsn, plan->max_bytes, plan->max_records,
@@ -467,9 +470,10 @@ void PrimaryReplicator::Ship(Link& link, core::Nanos now) {
                         return absl::OkStatus();
                       });
     if (st == kEpochBoundary) st = absl::OkStatus();
+    bytes = buf.size();
     v1::ToReplica msg;
     if (st.ok() && count > 0) {
-      st = transport::EncodeBatch(batch_epoch, first, count, buf, link.opt.codec,
+      st = transport::EncodeBatch(batch_epoch, first, count, std::move(buf), link.opt.codec,
                                   /*durable_requested=*/true, msg.mutable_batch());
     }
     lock.lock();
@@ -484,14 +488,14 @@ void PrimaryReplicator::Ship(Link& link, core::Nanos now) {
     }
     if (count == 0) return;
     stream->Send(std::move(msg));
-    core_.OnSent(link.opt.site, first, last, buf.size(), now);
+    core_.OnSent(link.opt.site, first, last, bytes, now);
     if (link.opt.rate_limit_bytes_per_s > 0) {
       const double rate = static_cast<double>(link.opt.rate_limit_bytes_per_s);
       const double burst = std::max(rate / 10, 4.0 * (1 << 20));
       link.tokens = std::min(burst, link.tokens + rate * static_cast<double>(now - link.tokens_at) /
                                                       static_cast<double>(kSecond));
       link.tokens_at = now;
-      link.tokens -= static_cast<double>(buf.size());
+      link.tokens -= static_cast<double>(bytes);
       if (link.tokens < 0) {
         link.rate_wait_until =
             now + static_cast<core::Nanos>(-link.tokens / rate * static_cast<double>(kSecond));
@@ -880,26 +884,43 @@ void ReplicaGroup::HandleBatch(Session& s, const v1::Batch& batch) {
   if (check.skip_records >= records->size()) return;
   records->DropFront(check.skip_records);
   const uint64_t first = batch.first_lsn() + check.skip_records;
-  log_->AppendReplicated(
-      gid, first, std::move(*records), /*sync=*/true, [this, first](absl::StatusOr<uint64_t> last) {
-        if (!last.ok()) {
-          std::shared_ptr<Session> a;
-          {
-            std::lock_guard lock(mu_);
-            a = active_;
-          }
-          spdlog::error("group {}: appending replicated records from LSN {}: {}", log_->name(),
-                        first, std::string(last.status().message()));
-          if (a) Fail(*a, last.status());
-          return;
-        }
-        {
-          std::lock_guard lock(mu_);
-          rx_.OnAppended(*last);
-          rx_.OnDurable(*last);
-        }
-        SendAck();
-      });
+  const uint64_t last = first + records->size() - 1;
+  // `received` is acknowledged once the records are in the log (a sync WRITE at the primary waits
+  // for that), `durable` once they are fsynced (a FLUSH/FUA waits for that). The fsync is a Sync()
+  // queued behind the append, so the committer groups it with whatever else is queued.
+  auto fail = [this, first](const absl::Status& st) {
+    std::shared_ptr<Session> a;
+    {
+      std::lock_guard lock(mu_);
+      a = active_;
+    }
+    spdlog::error("group {}: appending replicated records from LSN {}: {}", log_->name(), first,
+                  std::string(st.message()));
+    if (a) Fail(*a, st);
+  };
+  // The two callbacks may run in either order (a Sync can find the batch written and fsync on its
+  // own thread before the committer has run the append's callback), so each one applies what the
+  // other may have recorded first; core clamps durable to what was appended.
+  log_->AppendReplicated(gid, first, std::move(*records), /*sync=*/false,
+                         [this, fail](absl::StatusOr<uint64_t> appended) {
+                           if (!appended.ok()) return fail(appended.status());
+                           {
+                             std::lock_guard lock(mu_);
+                             rx_.OnAppended(*appended);
+                             rx_.OnDurable(synced_lsn_);
+                           }
+                           SendAck();
+                         });
+  // Every batch is synced, durable_requested or not: nothing else would make it durable.
+  log_->Sync([this, fail, last](absl::Status st) {
+    if (!st.ok()) return fail(st);
+    {
+      std::lock_guard lock(mu_);
+      synced_lsn_ = std::max(synced_lsn_, last);
+      rx_.OnDurable(last);
+    }
+    SendAck();
+  });
 }
 
 void ReplicaGroup::HandleCopyBegin(Session& s, const v1::CopyBegin& m) {
@@ -926,6 +947,7 @@ void ReplicaGroup::HandleCopyBegin(Session& s, const v1::CopyBegin& m) {
   group_->ResetAppliedLsn(m.log_start_lsn() - 1);
   {
     std::lock_guard lock(mu_);
+    synced_lsn_ = m.log_start_lsn() - 1;
     rx_.OnCopyBegin(m.epoch(), m.log_start_lsn());
     copy_bytes_since_checkpoint_ = 0;
     copy_done_bytes_ = 0;
