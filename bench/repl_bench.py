@@ -77,6 +77,14 @@ class Setup:
 
     def __init__(self, args, kind, mode="async", tls=True):
         self.c = Cluster(args.tvillingd, args.tvillingctl, args.pki, f"bench-{kind}")
+        try:
+            self._start(args, kind, mode, tls)
+        except BaseException:
+            self.c.dump_logs()
+            self.c.close()  # stop what started, also when the setup fails half-way
+            raise
+
+    def _start(self, args, kind, mode, tls):
         self.a = self.c.agent("site-a")
         self.b = None
         g = {"name": "g0", "primary": "site-a", "size": "2GiB"}

@@ -309,8 +309,8 @@ def wait_caught_up(primary, replicas, group="g0", timeout_s=60):
             p = primary.peer(r.site, group)
             if p is None or u64(p.get("applied_lsn")) < last:
                 return None
-        return last
-    return wait_for("replicas to apply the primary's last LSN", done, timeout_s, 0.2)
+        return (last,)  # truthy also for an empty log (last LSN 0)
+    return wait_for("replicas to apply the primary's last LSN", done, timeout_s, 0.2)[0]
 
 
 def assert_identical(primary, replicas, export="vol0"):
