@@ -31,6 +31,16 @@ absl::Status FromGrpc(const grpc::Status& s) {
                       s.error_message());
 }
 
+// Why a server stream ended without a status of ours. gRPC does not tell the server which of these
+// it was; the peer sees the exact status (e.g. RESOURCE_EXHAUSTED "Received message larger than
+// max").
+absl::Status CancelledByGrpc() {
+  return absl::CancelledError(fmt::format(
+      "stream cancelled: the peer went away, or gRPC refused a message from it (over the {} byte "
+      "receive limit, or not parseable), or the server is shutting down",
+      kMaxMessageBytes));
+}
+
 class ServerImpl;
 
 class ServerReactor final : public grpc::ServerBidiReactor<v1::ToReplica, v1::FromReplica>,
@@ -122,7 +132,7 @@ class ServerReactor final : public grpc::ServerBidiReactor<v1::ToReplica, v1::Fr
 
   void OnCancel() override {
     std::lock_guard<std::mutex> l(mu_);
-    if (!closing_) final_ = absl::CancelledError("stream cancelled (peer gone or server shutdown)");
+    if (!closing_) final_ = CancelledByGrpc();
     cancelled_ = true;
   }
 
@@ -269,7 +279,7 @@ void ServerReactor::OnDone() {
     done_ = true;
     status = final_;
     if (cancelled_ && status.ok()) {
-      status = absl::CancelledError("stream cancelled (peer gone or server shutdown)");
+      status = CancelledByGrpc();
     }
     queue_.clear();
     queued_bytes_ = 0;
