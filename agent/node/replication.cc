@@ -853,8 +853,8 @@ void ReplicaGroup::HandleBatch(Session& s, const v1::Batch& batch) {
   }
   std::string buf;
   if (absl::Status st = transport::DecodeBatch(batch, &buf); !st.ok()) {
-    return Fail(s, absl::InvalidArgumentError(fmt::format(
-                       "batch from LSN {}: {}", batch.first_lsn(), std::string(st.message()))));
+    // DecodeBatch's errors name the batch's first LSN already ("batch at LSN N: ...").
+    return Fail(s, absl::InvalidArgumentError(st.message()));
   }
   auto records = storage::ShippedRecords::Parse(std::move(buf));
   if (!records.ok()) {
