@@ -376,6 +376,8 @@ MALFORMED_CASES = [
     ("record_volume", "INVALID_ARGUMENT",
      ["batch from LSN {n}: record LSN {n} names volume 7 but the group has 1"], None),
     ("no_records", "FAILED_PRECONDITION", ["batch of 0 records at LSN {n}", "malformed"], None),
+    ("not_protobuf", "INVALID_ARGUMENT", ["does not parse as a tvilling.v1.ToReplica"],
+     ["ended: the peer sent a message that does not parse as a tvilling.v1.ToReplica"]),
 ]
 OVERSIZED_CASES = [
     ("oversize_batch", "INVALID_ARGUMENT",

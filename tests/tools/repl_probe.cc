@@ -19,6 +19,7 @@
 // gRPC status that ended the stream. Exit status: 0 if the replica ended the stream (the caller
 // checks the code and message), 1 if it did not end it within --timeout-s (the bad message was
 // accepted), 2 for a usage error, 3 if the Hello was not answered with STREAM_FROM.
+#include <grpcpp/generic/generic_stub.h>
 #include <xxhash.h>
 
 #include <chrono>
@@ -67,6 +68,7 @@ const char* const kCases[] = {
     "second_hello",        // a Hello on an accepted stream
     "empty_message",       // a ToReplica with no message set
     "copy_chunk",          // a CopyChunk while no copy is in progress
+    "not_protobuf",        // bytes that do not parse as a ToReplica
 };
 
 struct Args {
@@ -291,6 +293,85 @@ v1::ToReplica BadMessage(const Args& a, uint64_t next) {
   Usage(("unknown case " + k).c_str());
 }
 
+// not_protobuf: the stream as raw bytes (gRPC's generic stub), so that the second message can be
+// bytes that no ToReplica serializes to. Hello, then the bytes once the Decision arrived.
+class RawStream final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+ public:
+  RawStream(std::shared_ptr<grpc::Channel> channel, const v1::ToReplica& hello, std::string bytes)
+      : stub_(std::move(channel)), bytes_(std::move(bytes)) {
+    hello_ = Buffer(hello.SerializeAsString());
+    stub_.PrepareBidiStreamingCall(&ctx_, "/tvilling.v1.Replication/Stream", {}, this);
+    StartWrite(&hello_);
+    StartRead(&in_);
+    StartCall();
+  }
+  void OnReadDone(bool ok) override {
+    if (!ok) return;
+    v1::FromReplica msg;
+    std::string raw;
+    std::vector<grpc::Slice> slices;
+    if (in_.Dump(&slices).ok()) {
+      for (const grpc::Slice& sl : slices)
+        raw.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
+    }
+    if (msg.ParseFromString(raw) && msg.has_decision()) {
+      printf("decision: kind=%d start_lsn=%llu reason=%s\n",
+             static_cast<int>(msg.decision().kind()),
+             static_cast<unsigned long long>(msg.decision().start_lsn()),
+             msg.decision().reason().c_str());
+      fflush(stdout);
+      MaybeSendBad(/*decision=*/true, /*hello_written=*/false);
+    }
+    StartRead(&in_);
+  }
+  void OnWriteDone(bool ok) override {
+    if (ok) MaybeSendBad(/*decision=*/false, /*hello_written=*/true);
+  }
+  void OnDone(const grpc::Status& s) override {
+    std::lock_guard l(mu_);
+    status_ = s;
+    cv_.notify_all();
+  }
+  // The status that ended the call, or nullopt if it had not ended by `deadline` (it is cancelled
+  // then, and this waits for gRPC to be done with the reactor).
+  std::optional<grpc::Status> Wait(std::chrono::steady_clock::time_point deadline) {
+    std::unique_lock l(mu_);
+    if (cv_.wait_until(l, deadline, [&] { return status_.has_value(); })) return status_;
+    l.unlock();
+    ctx_.TryCancel();
+    l.lock();
+    cv_.wait(l, [&] { return status_.has_value(); });
+    return std::nullopt;
+  }
+
+ private:
+  // One write at a time: the bytes go once the Hello is written and its Decision arrived.
+  void MaybeSendBad(bool decision, bool hello_written) {
+    {
+      std::lock_guard l(mu_);
+      decision_ = decision_ || decision;
+      hello_written_ = hello_written_ || hello_written;
+      if (!decision_ || !hello_written_ || sent_) return;
+      sent_ = true;
+    }
+    bad_ = Buffer(bytes_);
+    fprintf(stderr, "repl_probe: sending not_protobuf (%zu bytes)\n", bytes_.size());
+    StartWrite(&bad_);
+  }
+  static grpc::ByteBuffer Buffer(const std::string& s) {
+    grpc::Slice slice(s);
+    return grpc::ByteBuffer(&slice, 1);
+  }
+  grpc::GenericStub stub_;
+  grpc::ClientContext ctx_;
+  std::string bytes_;
+  grpc::ByteBuffer hello_, bad_, in_;
+  bool decision_ = false, hello_written_ = false, sent_ = false;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::optional<grpc::Status> status_;
+};
+
 const char* CodeName(absl::StatusCode c) {
   static std::string s;
   s = absl::StatusCodeToString(c);
@@ -327,6 +408,21 @@ int main(int argc, char** argv) {
   if (!a.tls_name.empty()) args.SetSslTargetNameOverride(a.tls_name);
   auto channel = grpc::CreateCustomChannel(a.target, transport::ChannelCredentials(*tls), args);
 
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(a.timeout_s);
+  if (a.kase == "not_protobuf") {
+    // Field 1 as wire type 7, which does not exist: no protobuf parser accepts it.
+    RawStream raw(channel, MakeHello(a), std::string("\x0f\xff\xff\xff\xff", 5));
+    std::optional<grpc::Status> st = raw.Wait(deadline + std::chrono::seconds(1));
+    if (!st) {
+      printf("closed: (not closed within %d s: the message was accepted)\n", a.timeout_s);
+      return 1;
+    }
+    printf("closed: %s: %s\n",
+           CodeName(static_cast<absl::StatusCode>(static_cast<int>(st->error_code()))),
+           st->error_message().c_str());
+    return 0;
+  }
+
   std::mutex mu;
   std::condition_variable cv;
   std::optional<v1::Decision> decision;
@@ -356,7 +452,6 @@ int main(int argc, char** argv) {
         closed = std::move(st);
         cv.notify_all();
       });
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(a.timeout_s);
 
   uint64_t next = a.last_lsn + 1;
   if (a.kase != "batch_before_hello") {
