@@ -36,8 +36,8 @@ absl::Status FromGrpc(const grpc::Status& s) {
 // max").
 absl::Status CancelledByGrpc() {
   return absl::CancelledError(fmt::format(
-      "stream cancelled: the peer went away, or gRPC refused a message from it (over the {} byte "
-      "receive limit, or not parseable), or the server is shutting down",
+      "stream cancelled: the peer went away, or gRPC refused a message from it (e.g. over the {} "
+      "byte receive limit), or the server is shutting down",
       kMaxMessageBytes));
 }
 
