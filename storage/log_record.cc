@@ -111,6 +111,22 @@ void EncodeRecordHeader(uint32_t group_id, uint64_t lsn, RecordHeader& h, uint32
   PutLE<uint64_t>(out + 40, h.checksum);
 }
 
+RecordHeader PeekRecordHeader(std::string_view value) {
+  const char* p = value.data();
+  RecordHeader h;
+  h.version = static_cast<uint8_t>(p[0]);
+  h.type = static_cast<RecordType>(p[1]);
+  h.flags = GetLE<uint16_t>(p + 2);
+  h.volume = GetLE<uint32_t>(p + 4);
+  h.epoch = GetLE<uint64_t>(p + 8);
+  h.offset = GetLE<uint64_t>(p + 16);
+  h.length = GetLE<uint32_t>(p + 24);
+  h.payload_size = GetLE<uint32_t>(p + 28);
+  h.timestamp_ns = GetLE<uint64_t>(p + 32);
+  h.checksum = GetLE<uint64_t>(p + 40);
+  return h;
+}
+
 absl::StatusOr<LogRecordView> DecodeRecord(uint32_t group_id, uint64_t lsn, std::string_view value,
                                            uint64_t* payload_hash) {
   auto corrupt = [&](std::string_view what) {
@@ -124,17 +140,8 @@ absl::StatusOr<LogRecordView> DecodeRecord(uint32_t group_id, uint64_t lsn, std:
   const char* p = value.data();
   LogRecordView r;
   r.lsn = lsn;
+  r.header = PeekRecordHeader(value);
   RecordHeader& h = r.header;
-  h.version = static_cast<uint8_t>(p[0]);
-  h.type = static_cast<RecordType>(p[1]);
-  h.flags = GetLE<uint16_t>(p + 2);
-  h.volume = GetLE<uint32_t>(p + 4);
-  h.epoch = GetLE<uint64_t>(p + 8);
-  h.offset = GetLE<uint64_t>(p + 16);
-  h.length = GetLE<uint32_t>(p + 24);
-  h.payload_size = GetLE<uint32_t>(p + 28);
-  h.timestamp_ns = GetLE<uint64_t>(p + 32);
-  h.checksum = GetLE<uint64_t>(p + 40);
   if (h.payload_size != value.size() - kRecordHeaderSize) {
     return corrupt(fmt::format("payload is {} bytes, header says {}",
                                value.size() - kRecordHeaderSize, h.payload_size));

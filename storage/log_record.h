@@ -76,6 +76,12 @@ void EncodeRecordHeader(uint32_t group_id, uint64_t lsn, RecordHeader& header,
 void EncodeRecordHeader(uint32_t group_id, uint64_t lsn, RecordHeader& header,
                         uint32_t payload_size, uint64_t payload_hash, char out[kRecordHeaderSize]);
 
+// The header fields of a stored value, unverified (no checksum or field checks): for a caller that
+// must look at fields before the record is verified, e.g. a replica checking shipped records
+// against the batch and the group before appending them. REQUIRES: value.size() >=
+// kRecordHeaderSize.
+RecordHeader PeekRecordHeader(std::string_view value);
+
 // Parses and verifies a stored value. Errors are DataLoss and name the group id and LSN.
 // `payload_hash`, if given, receives PayloadHash(payload) (computed anyway for the checksum), so a
 // record can be re-encoded under another group id without hashing its payload twice.

@@ -857,8 +857,8 @@ void ReplicaGroup::HandleBatch(Session& s, const v1::Batch& batch) {
   }
   std::string buf;
   if (absl::Status st = transport::DecodeBatch(batch, &buf); !st.ok()) {
-    return Fail(s, absl::InvalidArgumentError(fmt::format(
-                       "batch from LSN {}: {}", batch.first_lsn(), std::string(st.message()))));
+    // DecodeBatch's errors name the batch's first LSN already ("batch at LSN N: ...").
+    return Fail(s, absl::InvalidArgumentError(st.message()));
   }
   auto records = storage::ShippedRecords::Parse(std::move(buf));
   if (!records.ok()) {
@@ -870,6 +870,33 @@ void ReplicaGroup::HandleBatch(Session& s, const v1::Batch& batch) {
     return Fail(s, absl::InvalidArgumentError(
                        fmt::format("batch from LSN {} says {} records but holds {}",
                                    batch.first_lsn(), batch.record_count(), records->size())));
+  }
+  // Each record's checksum is verified when it is appended, but a record can verify and still not
+  // belong here: the primary's history admits one epoch per batch (OnBatch checks batch.epoch), so
+  // a record of another epoch would move this log into an epoch nobody announced, and a record
+  // outside the group's volumes would enter the log and then fail to apply, suspending the group.
+  for (size_t i = 0; i < records->size(); ++i) {
+    const uint64_t lsn = batch.first_lsn() + i;
+    const storage::RecordHeader h = storage::PeekRecordHeader((*records)[i]);
+    if (h.epoch != batch.epoch()) {
+      return Fail(s, absl::InvalidArgumentError(fmt::format(
+                         "batch from LSN {}: record LSN {} is of epoch {} but the batch is of "
+                         "epoch {}",
+                         batch.first_lsn(), lsn, h.epoch, batch.epoch())));
+    }
+    if (h.volume >= group_->volume_count()) {
+      return Fail(s, absl::InvalidArgumentError(fmt::format(
+                         "batch from LSN {}: record LSN {} names volume {} but the group has {}",
+                         batch.first_lsn(), lsn, h.volume, group_->volume_count())));
+    }
+    const uint64_t size = group_->volume(h.volume).size();
+    if (h.offset > size || h.length > size - h.offset) {
+      return Fail(s, absl::InvalidArgumentError(fmt::format(
+                         "batch from LSN {}: record LSN {} ({} {}+{}) is beyond volume {} of {} "
+                         "bytes",
+                         batch.first_lsn(), lsn, storage::RecordTypeName(h.type), h.offset,
+                         h.length, h.volume, size)));
+    }
   }
   core::ReplicaReceiver::BatchCheck check;
   uint32_t gid = 0;

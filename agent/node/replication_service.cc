@@ -191,6 +191,14 @@ class ReplicationService::Impl final : public Dialer, public transport::StreamAc
     }
 
     void OnClosed(const absl::Status& status) override {
+      // An end this agent chose (a refusal, a failed message, a superseded stream) was logged
+      // when it was chosen; any other, e.g. gRPC dropping a message over the receive limit, is
+      // logged here so that the replica's log says why the stream ended.
+      const bool chosen_here = done_ || (session_ && session_->closed);
+      if (!status.ok() && !chosen_here) {
+        spdlog::warn("replication: stream from {} ({}) ended: {}", address_,
+                     identities_.empty() ? "no certificate" : identities_.front(), Msg(status));
+      }
       if (session_) session_->OnClosed(status);
     }
 

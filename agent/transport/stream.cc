@@ -31,6 +31,16 @@ absl::Status FromGrpc(const grpc::Status& s) {
                       s.error_message());
 }
 
+// Why a server stream ended without a status of ours. gRPC does not tell the server which of these
+// it was; the peer sees the exact status (e.g. RESOURCE_EXHAUSTED "Received message larger than
+// max").
+absl::Status CancelledByGrpc() {
+  return absl::CancelledError(fmt::format(
+      "stream cancelled: the peer went away, or gRPC refused a message from it (e.g. over the {} "
+      "byte receive limit), or the server is shutting down",
+      kMaxMessageBytes));
+}
+
 class ServerImpl;
 
 class ServerReactor final : public grpc::ServerBidiReactor<v1::ToReplica, v1::FromReplica>,
@@ -63,22 +73,17 @@ class ServerReactor final : public grpc::ServerBidiReactor<v1::ToReplica, v1::Fr
     return queued_bytes_;
   }
 
-  void Close(absl::Status status) override {
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      if (done_ || closing_) return;
-      closing_ = true;
-      final_ = status;
-      if (writing_) return;  // OnWriteDone finishes once the queue is written
-      finished_ = true;
-    }
-    Finish(ToGrpc(status));
-  }
+  void Close(absl::Status status) override { CloseWith(std::move(status), false); }
 
   void OnReadDone(bool ok) override {
     if (!ok) {
-      // The client half-closed or the call is over: end it normally if nobody chose a status yet.
-      Close(absl::OkStatus());
+      // gRPC does not say why a read failed: the call is over (then OnCancel runs and OnDone
+      // reports CANCELLED), the client half-closed (a primary never does: it ends a stream by
+      // cancelling it), or a message did not parse. End the call if nobody chose a status yet.
+      CloseWith(absl::InvalidArgumentError(
+                    "the peer sent a message that does not parse as a tvilling.v1.ToReplica, or "
+                    "half-closed the stream"),
+                true);
       return;
     }
     if (handler_) handler_->OnMessage(in_);
@@ -122,11 +127,25 @@ class ServerReactor final : public grpc::ServerBidiReactor<v1::ToReplica, v1::Fr
 
   void OnCancel() override {
     std::lock_guard<std::mutex> l(mu_);
-    if (!closing_) final_ = absl::CancelledError("stream cancelled (peer gone or server shutdown)");
+    if (!closing_) final_ = CancelledByGrpc();
     cancelled_ = true;
   }
 
   void OnDone() override;
+
+  // Close, and whether it is the read failure's (which a cancellation overrides in OnDone).
+  void CloseWith(absl::Status status, bool on_read_failure) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (done_ || closing_) return;
+      closing_ = true;
+      closed_on_read_failure_ = on_read_failure;
+      final_ = status;
+      if (writing_) return;  // OnWriteDone finishes once the queue is written
+      finished_ = true;
+    }
+    Finish(ToGrpc(status));
+  }
 
   // Cancels the call if it is still running. ctx_ is valid until OnDone returns, and OnDone takes
   // ctx_mu_ first; recursive in case gRPC ran OnDone inline inside TryCancel. Not under mu_, as
@@ -152,6 +171,7 @@ class ServerReactor final : public grpc::ServerBidiReactor<v1::ToReplica, v1::Fr
   bool closing_ = false;   // Close called: no more Sends, Finish after the queue drains
   bool finished_ = false;  // Finish called
   bool cancelled_ = false;
+  bool closed_on_read_failure_ = false;
   bool done_ = false;
   absl::Status final_;
 };
@@ -268,8 +288,8 @@ void ServerReactor::OnDone() {
     std::lock_guard<std::mutex> l(mu_);
     done_ = true;
     status = final_;
-    if (cancelled_ && status.ok()) {
-      status = absl::CancelledError("stream cancelled (peer gone or server shutdown)");
+    if (cancelled_ && (status.ok() || closed_on_read_failure_)) {
+      status = CancelledByGrpc();
     }
     queue_.clear();
     queued_bytes_ = 0;

@@ -24,8 +24,9 @@ namespace v1 = ::tvilling::v1;
 inline constexpr int kMaxMessageBytes = 80 << 20;
 
 // Receives one accepted stream's messages. Calls never overlap. OnClosed is called exactly once,
-// last, with OK if the RPC finished normally (Close(OK) or the client half-closed), the status
-// given to Close, or CANCELLED if the client went away or the server shut down.
+// last, with the status given to Close, INVALID_ARGUMENT if a message did not parse or the client
+// half-closed (gRPC does not tell these apart; a primary never half-closes), or CANCELLED if the
+// client went away, gRPC refused a message (e.g. over kMaxMessageBytes) or the server shut down.
 class ServerStreamHandler {
  public:
   virtual ~ServerStreamHandler() = default;

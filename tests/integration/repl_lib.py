@@ -262,6 +262,7 @@ class Cluster:
         self.pki = os.path.join(self.tmp, "pki")
         subprocess.run(["bash", pki_script, self.pki], check=True, stdout=subprocess.DEVNULL)
         self.agents = []
+        self.probe = None  # tests/tools/repl_probe, if the run was given one
         self.cleanups = []
         self.failed = False
 
@@ -330,9 +331,11 @@ def run_main(scenarios, argv=None):
     ap.add_argument("--tvillingd", required=True)
     ap.add_argument("--tvillingctl", required=True)
     ap.add_argument("--pki", required=True, help="deploy/pki/make-dev-pki.sh")
+    ap.add_argument("--probe", help="tests/tools repl_probe (scenarios that send bad messages)")
     ap.add_argument("scenario", choices=sorted(scenarios))
     args = ap.parse_args(argv)
     c = Cluster(args.tvillingd, args.tvillingctl, args.pki, args.scenario)
+    c.probe = os.path.abspath(args.probe) if args.probe else None
     try:
         scenarios[args.scenario](c)
         log(f"PASS {args.scenario}")

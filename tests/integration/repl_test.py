@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """repl_test.py: replication between real tvillingd agents over mutual TLS, one scenario per run.
 
-  /usr/bin/python3 repl_test.py --tvillingd T --tvillingctl C --pki deploy/pki/make-dev-pki.sh SCENARIO
+  /usr/bin/python3 repl_test.py --tvillingd T --tvillingctl C --pki deploy/pki/make-dev-pki.sh
+      [--probe tests/tools/repl_probe] SCENARIO
 
 Scenarios (each is a ctest; see tests/integration/CMakeLists.txt):
   two_sites_sync     A -> B sync over TLS: qemu-io patterns, fio randwrite, flush; B's volume becomes
@@ -15,6 +16,11 @@ Scenarios (each is a ctest; see tests/integration/CMakeLists.txt):
   behind_retention   a replica that fell behind the primary's hard cap gets a full copy, identical
   refuse_wrong_ca, refuse_expired_cert, refuse_other_tenant, refuse_stale_epoch,
   refuse_diverged    each refusal seen with its reason, and no data accepted
+  refuse_malformed_batch, refuse_oversized_message, refuse_out_of_order
+                     repl_probe (--probe) stands in for the primary with its certificate and sends
+                     one bad message per case: the replica ends the stream with an error naming the
+                     fault (and LSN), logs it, keeps running with its log unchanged, and the real
+                     primary then replicates to it again
 """
 
 import os
@@ -345,10 +351,135 @@ def link_cut(c):
         raise TestFailure("the primary reported no lag while the link was down under load")
 
 
+# ---- malformed and oversized messages (tests/tools/repl_probe) ------------------------------------
+#
+# (probe case, gRPC code the replica ends the stream with, texts its status message must hold, texts
+# the replica's log must hold (None: the same)). {n} is the LSN the replica expects next, {e} its
+# epoch, {last} its last LSN.
+MALFORMED_CASES = [
+    ("bad_checksum", "INVALID_ARGUMENT", ["batch at LSN {n}", "checksum mismatch"], None),
+    ("truncated_header", "INVALID_ARGUMENT",
+     ["batch from LSN {n}", "record #1 at byte 4144 is truncated to 20 bytes"], None),
+    ("truncated_payload", "INVALID_ARGUMENT",
+     ["batch from LSN {n}", "record #0 at byte 0 claims a 4096-byte payload but 4000 bytes follow"],
+     None),
+    ("record_count", "INVALID_ARGUMENT", ["batch from LSN {n} says 3 records but holds 2"], None),
+    ("unknown_codec", "INVALID_ARGUMENT", ["batch at LSN {n}", "unknown codec 7"], None),
+    ("bad_lz4", "INVALID_ARGUMENT", ["batch at LSN {n}", "lz4 data is corrupt"], None),
+    ("bad_zstd", "INVALID_ARGUMENT", ["batch at LSN {n}", "zstd data is corrupt"], None),
+    ("bad_record", "DATA_LOSS",
+     ["replicated record LSN {n1} does not verify, nothing appended", "checksum mismatch"], None),
+    ("record_epoch", "INVALID_ARGUMENT",
+     ["batch from LSN {n}: record LSN {n} is of epoch {e5} but the batch is of epoch {e}"], None),
+    ("record_range", "INVALID_ARGUMENT",
+     ["batch from LSN {n}: record LSN {n1} (WRITE 268435456+4096) is beyond volume 0"], None),
+    ("record_volume", "INVALID_ARGUMENT",
+     ["batch from LSN {n}: record LSN {n} names volume 7 but the group has 1"], None),
+    ("no_records", "FAILED_PRECONDITION", ["batch of 0 records at LSN {n}", "malformed"], None),
+    ("not_protobuf", "INVALID_ARGUMENT", ["does not parse as a tvilling.v1.ToReplica"],
+     ["ended: the peer sent a message that does not parse as a tvilling.v1.ToReplica"]),
+]
+OVERSIZED_CASES = [
+    ("oversize_batch", "INVALID_ARGUMENT",
+     ["batch at LSN {n}", "uncompressed_bytes 67116224 exceeds the 67108864 byte limit"], None),
+    ("oversize_claim", "INVALID_ARGUMENT",
+     ["batch at LSN {n}", "uncompressed_bytes 1073741824 exceeds the 67108864 byte limit"], None),
+    # gRPC drops it before the agent sees it: the sender gets gRPC's reason, the replica's log the
+    # end of the stream with the limit.
+    ("oversize_message", "RESOURCE_EXHAUSTED",
+     ["Received message larger than max", "vs. 83886080"],
+     ["ended: stream cancelled", "over the 83886080 byte receive limit"]),
+]
+OUT_OF_ORDER_CASES = [
+    ("gap", "FAILED_PRECONDITION",
+     ["batch of 2 records at LSN {n5} in epoch {e}: gap, this replica's log ends at LSN {last} "
+      "(expected LSN {n})"], None),
+    ("batch_before_hello", "INVALID_ARGUMENT", ["the first message must be a Hello"], None),
+    ("second_hello", "INVALID_ARGUMENT", ["sent a second Hello"], None),
+    ("empty_message", "INVALID_ARGUMENT", ["sent an empty or unknown message"], None),
+    ("copy_chunk", "INVALID_ARGUMENT", ["sent a copy chunk while no copy is in progress"], None),
+]
+
+
+def probe_refusals(c, cases):
+    """A -> B async over TLS with some data; A stops and repl_probe, with A's certificate, takes
+    its place: a correct Hello, then one bad message per case. Each must end the stream with the
+    expected error, in the probe's status and in B's log; B keeps running, its status answers and
+    its log gains nothing. Then A comes back and replicates to B as before."""
+    if not c.probe:
+        raise TestFailure("this scenario needs --probe (tests/tools/repl_probe)")
+    a, b = pair(c, "async")
+    b.start()
+    a.start()
+    qemu_io(a, "write -P 0x81 0 1M", "write -P 0x82 2M 64k", "flush")
+    wait_caught_up(a, [b])
+    a.stop()
+    before = b.group()
+    epoch, last = u64(before.get("epoch")), u64(before.get("last_lsn"))
+    if epoch != 1:  # a fresh pair: epoch 1 from LSN 1 is the whole history the probe announces
+        raise TestFailure(f"expected site-b in epoch 1, got {before}")
+    subst = {"n": last + 1, "n1": last + 2, "n5": last + 6, "e": epoch, "e5": epoch + 5,
+             "last": last}
+    for case, code, status_texts, log_texts in cases:
+        log_off = os.path.getsize(b.log_path)
+        cmd = [c.probe, "--target", b.address, "--ca", f"{c.pki}/ca.pem",
+               "--cert", f"{c.pki}/site-a.pem", "--key", f"{c.pki}/site-a.key",
+               "--tls-name", "site-b", "--group", "g0", "--site", "site-a",
+               "--epoch", str(epoch), "--history", f"{epoch}:1", "--volume", f"vol0:{256 * MIB}",
+               "--last-lsn", str(last), "--case", case, "--timeout-s", "20"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+        closed = [x for x in r.stdout.splitlines() if x.startswith("closed: ")]
+        got = closed[-1] if closed else ""
+        want = [t.format(**subst) for t in status_texts]
+        if r.returncode != 0 or not got.startswith(f"closed: {code}: ") or \
+                not all(t in got for t in want):
+            raise TestFailure(f"{case}: expected the stream to end with {code} naming {want}; "
+                              f"probe rc {r.returncode}:\n{r.stdout}{r.stderr}")
+        want_log = [t.format(**subst) for t in (log_texts or status_texts)]
+
+        def logged():
+            with open(b.log_path, errors="replace") as f:
+                f.seek(log_off)
+                for line in f:
+                    if all(t in line for t in want_log):
+                        return line.strip()
+            return None
+        line = wait_for(f"site-b's log to say {want_log}", logged, 10)
+        if b.proc.poll() is not None:
+            raise TestFailure(f"{case}: site-b exited with {b.proc.returncode}\n{b.tail()}")
+        g = b.group()  # tvillingctl status --json still answers
+        for k in ("last_lsn", "applied_lsn", "epoch"):
+            if u64(g.get(k)) != u64(before.get(k)):
+                raise TestFailure(f"{case}: site-b's {k} changed from {before.get(k)} to "
+                                  f"{g.get(k)}: the bad message was (partly) accepted")
+        log(f"{case}: {got}")
+        log(f"{case}: site-b logged: {line}")
+    # The real primary still replicates to B.
+    a.start()
+    qemu_io(a, "write -P 0x83 4M 1M", "flush")
+    applied = wait_caught_up(a, [b])
+    if applied <= last:
+        raise TestFailure(f"site-b applied nothing new after the probe ({applied} <= {last})")
+    assert_identical(a, [b])
+
+
+def refuse_malformed_batch(c):
+    probe_refusals(c, MALFORMED_CASES)
+
+
+def refuse_oversized_message(c):
+    probe_refusals(c, OVERSIZED_CASES)
+
+
+def refuse_out_of_order(c):
+    probe_refusals(c, OUT_OF_ORDER_CASES)
+
+
 SCENARIOS = {f.__name__: f for f in (link_cut, 
     two_sites_sync, three_sites, sync_waits_for_peer, replica_kill9, full_copy_new_replica,
     behind_retention, refuse_wrong_ca, refuse_expired_cert, refuse_other_tenant,
-    refuse_stale_epoch, refuse_diverged)}
+    refuse_stale_epoch, refuse_diverged, refuse_malformed_batch, refuse_oversized_message,
+    refuse_out_of_order)}
 
 if __name__ == "__main__":
     sys.exit(run_main(SCENARIOS))
