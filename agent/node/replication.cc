@@ -20,6 +20,8 @@ constexpr core::Nanos kMinBackoff = 100 * kMs;
 constexpr core::Nanos kMaxBackoff = 5 * kSecond;
 constexpr core::Nanos kRefusedBackoff = 5 * kSecond;
 constexpr core::Nanos kPersistPositionsEvery = kSecond;
+// The committer ships batches of at most this many bytes itself (PrimaryReplicator::OnRecords).
+constexpr uint64_t kInlineShipBytes = 256u << 10;
 // The shipper reserves the batch buffer up front (no regrowth copies) up to this size.
 constexpr uint64_t kMaxReserveBytes = 8ull << 20;
 
@@ -111,6 +113,9 @@ struct PrimaryReplicator::Link {
   core::Nanos last_heard = 0;
   core::Nanos last_heartbeat = 0;
   core::Nanos rate_wait_until = 0;
+  // A thread is in Ship() for this link (the worker, or the committer's fast path): Ship() reads
+  // and sends outside mu_, so only one may run per link or batches could go out of order.
+  bool shipping = false;
   // Token bucket for rate_limit_bytes_per_s.
   double tokens = 0;
   core::Nanos tokens_at = 0;
@@ -225,12 +230,23 @@ void PrimaryReplicator::Stop() {
 
 void PrimaryReplicator::OnRecords(std::span<const storage::LogRecordView> records) {
   const core::Nanos now = MonotonicNow();
+  uint64_t bytes = 0;
   {
     std::lock_guard lock(mu_);
     for (const auto& r : records) {
-      core_.OnLocalAppend(r.lsn, storage::kRecordHeaderSize + r.payload.size(),
-                          r.header.timestamp_ns, now);
+      const uint64_t stored = storage::kRecordHeaderSize + r.payload.size();
+      core_.OnLocalAppend(r.lsn, stored, r.header.timestamp_ns, now);
+      bytes += stored;
     }
+  }
+  // A small batch is shipped right here on the committer thread, before its WRITEs wait for the
+  // sync peers: at low queue depth the hand-off to the worker was a large part of a sync write's
+  // latency. Large batches (throughput) go to the worker so the committer keeps writing.
+  if (bytes <= kInlineShipBytes) {
+    for (auto& link : links_) Ship(*link, now);
+  }
+  {
+    std::lock_guard lock(mu_);
     work_ = true;
   }
   cv_.notify_one();
@@ -441,6 +457,14 @@ void PrimaryReplicator::OnMessage(Link& link, uint64_t generation, v1::FromRepli
 
 void PrimaryReplicator::Ship(Link& link, core::Nanos now) {
   std::unique_lock lock(mu_);
+  if (link.shipping) return;  // the other thread sends what is due (work_ brings the worker back)
+  link.shipping = true;
+  ShipLocked(link, now, lock);
+  link.shipping = false;
+}
+
+void PrimaryReplicator::ShipLocked(Link& link, core::Nanos now,
+                                   std::unique_lock<std::mutex>& lock) {
   while (!stopping_ && link.stream) {
     std::optional<core::SendPlan> plan = core_.NextSend(link.opt.site, now);
     if (!plan) return;

@@ -111,6 +111,7 @@ class PrimaryReplicator final : public CompletionGate,
   void OnClosed(Link& link, uint64_t generation, const absl::Status& status);
   // Ships what core allows on `link`; returns false if it stopped on an error.
   void Ship(Link& link, core::Nanos now);
+  void ShipLocked(Link& link, core::Nanos now, std::unique_lock<std::mutex>& lock);
   void CopyStep(Link& link, core::Nanos now);
   void Disconnect(Link& link, const std::string& reason, core::Nanos now);  // REQUIRES: mu_
   // Completes client I/O that the release points now allow. REQUIRES: mu_ held via `lock`; unlocks
