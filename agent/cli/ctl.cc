@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <thread>
 #include <vector>
 
 #include "tvilling/v1/control.grpc.pb.h"
@@ -85,8 +86,14 @@ std::string CheckSocket(const std::string& path) {
   return "";
 }
 
+// status --watch: repeat every `interval` (0 = once), `count` times (0 = until interrupted).
+struct Watch {
+  std::chrono::microseconds interval{0};
+  uint64_t count = 0;
+};
+
 int Status(const std::string& socket, std::chrono::milliseconds timeout, bool json,
-           std::ostream& out, std::ostream& err) {
+           std::ostream& out, std::ostream& err, const Watch& watch) {
   if (std::string problem = CheckSocket(socket); !problem.empty()) {
     err << "tvillingctl: " << problem << '\n';
     return kExitUnreachable;
@@ -94,36 +101,46 @@ int Status(const std::string& socket, std::chrono::milliseconds timeout, bool js
   std::shared_ptr<grpc::Channel> channel =
       grpc::CreateChannel("unix:" + socket, grpc::InsecureChannelCredentials());
   std::unique_ptr<v1::Control::Stub> stub = v1::Control::NewStub(channel);
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + timeout);
-  v1::StatusReply reply;
-  const grpc::Status status = stub->Status(&context, v1::StatusRequest(), &reply);
-  if (!status.ok()) {
-    const bool unreachable = status.error_code() == grpc::StatusCode::UNAVAILABLE ||
-                             status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
-    if (unreachable) {
-      err << fmt::format("tvillingctl: cannot reach tvillingd at unix socket {}: {}\n", socket,
-                         status.error_message());
-    } else {
-      err << fmt::format(
-          "tvillingctl: tvillingd at unix socket {} refused Status: {} (gRPC code "
-          "{})\n",
-          socket, status.error_message(), static_cast<int>(status.error_code()));
-    }
-    return kExitUnreachable;
-  }
-  if (json) {
-    absl::StatusOr<std::string> text = FormatStatusJson(reply);
-    if (!text.ok()) {
-      err << "tvillingctl: " << text.status().message() << '\n';
+  auto next = std::chrono::steady_clock::now();
+  for (uint64_t n = 1;; ++n) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + timeout);
+    v1::StatusReply reply;
+    const grpc::Status status = stub->Status(&context, v1::StatusRequest(), &reply);
+    if (!status.ok()) {
+      const bool unreachable = status.error_code() == grpc::StatusCode::UNAVAILABLE ||
+                               status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
+      if (unreachable) {
+        err << fmt::format("tvillingctl: cannot reach tvillingd at unix socket {}: {}\n", socket,
+                           status.error_message());
+      } else {
+        err << fmt::format(
+            "tvillingctl: tvillingd at unix socket {} refused Status: {} (gRPC code "
+            "{})\n",
+            socket, status.error_message(), static_cast<int>(status.error_code()));
+      }
       return kExitUnreachable;
     }
-    out << *text << '\n';
-  } else {
-    out << FormatStatusText(reply);
+    if (json) {
+      absl::StatusOr<std::string> text = FormatStatusJson(reply);
+      if (!text.ok()) {
+        err << "tvillingctl: " << text.status().message() << '\n';
+        return kExitUnreachable;
+      }
+      out << *text << '\n';  // with --watch: one object per line (JSON Lines)
+    } else {
+      if (watch.interval.count() > 0 && n > 1) out << '\n';
+      out << FormatStatusText(reply);
+    }
+    out.flush();
+    if (!out.good()) return kExitUnreachable;
+    if (watch.interval.count() <= 0 || (watch.count > 0 && n >= watch.count)) return kExitOk;
+    // Fixed ticks: a slow answer does not push later samples back.
+    next += watch.interval;
+    const auto now = std::chrono::steady_clock::now();
+    if (next < now) next = now;
+    std::this_thread::sleep_until(next);
   }
-  out.flush();
-  return out.good() ? kExitOk : kExitUnreachable;
 }
 
 }  // namespace
@@ -241,8 +258,18 @@ int RunTvillingctl(int argc, const char* const* argv, std::ostream& out, std::os
     app.set_version_flag("--version", TVILLING_VERSION);
 #endif
     bool json = false;
+    double watch_s = 0;
+    uint64_t watch_count = 0;
     CLI::App* status = app.add_subcommand("status", "the agent, its groups and their peers");
     status->add_flag("--json", json, "print JSON (docs/tvillingctl.md) instead of tables");
+    status
+        ->add_option("--watch", watch_s,
+                     "repeat every SECONDS until interrupted (with --json: one object per line)")
+        ->type_name("SECONDS")
+        ->check(CLI::Range(0.001, 3600.0));
+    status->add_option("--count", watch_count, "with --watch: stop after N reports")
+        ->type_name("N")
+        ->check(CLI::Range(uint64_t{1}, UINT64_MAX));
     app.require_subcommand(1);
     try {
       app.parse(argc, argv);
@@ -263,7 +290,12 @@ int RunTvillingctl(int argc, const char* const* argv, std::ostream& out, std::os
     std::filesystem::path absolute = std::filesystem::absolute(path, ec);
     if (!ec) path = absolute.lexically_normal();
     const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
-    if (status->parsed()) return Status(path.string(), timeout, json, out, err);
+    if (status->parsed()) {
+      Watch watch;
+      watch.interval = std::chrono::microseconds(static_cast<int64_t>(watch_s * 1e6));
+      watch.count = watch_count;
+      return Status(path.string(), timeout, json, out, err, watch);
+    }
     err << "tvillingctl: no command\n";
     return kExitUsage;
   } catch (const std::exception& e) {

@@ -198,6 +198,41 @@ TEST_F(TvillingctlTest, StatusJsonRoundTripsWithEveryField) {
   EXPECT_THAT(r.out, Not(HasSubstr("lagSeconds")));
 }
 
+TEST_F(TvillingctlTest, StatusWatchJsonPrintsOneObjectPerReport) {
+  StartServer();
+  const auto t0 = std::chrono::steady_clock::now();
+  const Result r =
+      Ctl({"--socket", socket_, "status", "--json", "--watch", "0.05", "--count", "4"});
+  const auto elapsed = std::chrono::steady_clock::now() - t0;
+  ASSERT_EQ(r.code, kExitOk) << r.err;
+  EXPECT_EQ(service_.calls.load(), 4);
+  std::istringstream lines(r.out);
+  std::string line;
+  int n = 0;
+  while (std::getline(lines, line)) {
+    v1::StatusReply parsed;
+    ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(line, &parsed).ok()) << line;
+    EXPECT_TRUE(google::protobuf::util::MessageDifferencer::Equals(parsed, FixedReply()));
+    ++n;
+  }
+  EXPECT_EQ(n, 4);
+  // Three intervals between four reports.
+  EXPECT_GE(elapsed, std::chrono::milliseconds(150));
+}
+
+TEST_F(TvillingctlTest, StatusWatchStopsAtTheFirstError) {
+  StartServer();
+  const Result r = Ctl({"--socket", socket_, "status", "--watch", "0.01", "--count", "3"});
+  ASSERT_EQ(r.code, kExitOk) << r.err;
+  // Tables: the reports are separated by an empty line.
+  EXPECT_EQ(service_.calls.load(), 3);
+  service_.error = grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "no");
+  const Result bad = Ctl({"--socket", socket_, "status", "--watch", "0.01", "--count", "3"});
+  EXPECT_EQ(bad.code, kExitUnreachable);
+  EXPECT_EQ(service_.calls.load(), 4);
+  EXPECT_THAT(bad.err, HasSubstr("refused Status: no"));
+}
+
 TEST(FormatStatusJsonTest, EmptyReplyHasTheFullShape) {
   absl::StatusOr<std::string> json = FormatStatusJson(v1::StatusReply());
   ASSERT_TRUE(json.ok()) << json.status();
