@@ -551,7 +551,11 @@ void GroupLog::CommitterLoop() {
 
 void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& syncs,
                       bool write_meta) {
-  rocksdb::WriteBatch wb(batch.size() * (kLogKeySize + kRecordHeaderSize + 32) + (1 << 10));
+  // Reserve the whole batch, payloads included: growing WriteBatch's buffer by doubling copied
+  // every payload again and faulted in fresh pages each time (a sixth of a replica's CPU).
+  size_t reserve = (1 << 10);
+  for (const Pending& p : batch) reserve += kLogKeySize + kRecordHeaderSize + 32 + p.payload.size();
+  rocksdb::WriteBatch wb(reserve);
   std::vector<LogRecordView> views;
   views.reserve(batch.size());
   bool need_sync = !syncs.empty();
