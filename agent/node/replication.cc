@@ -759,13 +759,13 @@ std::shared_ptr<ReplicaGroup::Session> ReplicaGroup::Open(std::shared_ptr<Replic
   return std::make_shared<Session>(this, std::move(stream), std::move(peer_description));
 }
 
-void ReplicaGroup::Session::OnMessage(const v1::ToReplica& msg) {
+void ReplicaGroup::Session::OnMessage(v1::ToReplica& msg) {
   if (closed) return;
   switch (msg.msg_case()) {
     case v1::ToReplica::kHello:
       return group_->HandleHello(*this, msg.hello());
     case v1::ToReplica::kBatch:
-      return group_->HandleBatch(*this, msg.batch());
+      return group_->HandleBatch(*this, *msg.mutable_batch());
     case v1::ToReplica::kCopyBegin:
       return group_->HandleCopyBegin(*this, msg.copy_begin());
     case v1::ToReplica::kCopyChunk:
@@ -874,13 +874,13 @@ void ReplicaGroup::HandleHello(Session& s, const v1::Hello& hello) {
   SendAck();
 }
 
-void ReplicaGroup::HandleBatch(Session& s, const v1::Batch& batch) {
+void ReplicaGroup::HandleBatch(Session& s, v1::Batch& batch) {
   if (!s.accepted) {
     return Fail(s, absl::InvalidArgumentError(
                        fmt::format("{} sent a batch before its Hello was accepted", s.peer())));
   }
   std::string buf;
-  if (absl::Status st = transport::DecodeBatch(batch, &buf); !st.ok()) {
+  if (absl::Status st = transport::DecodeBatch(&batch, &buf); !st.ok()) {
     // DecodeBatch's errors name the batch's first LSN already ("batch at LSN N: ...").
     return Fail(s, absl::InvalidArgumentError(st.message()));
   }

@@ -160,7 +160,7 @@ class ReplicaGroup {
  private:
   friend class Session;
   void HandleHello(Session& s, const v1::Hello& hello);
-  void HandleBatch(Session& s, const v1::Batch& batch);
+  void HandleBatch(Session& s, v1::Batch& batch);
   void HandleCopyBegin(Session& s, const v1::CopyBegin& m);
   void HandleCopyChunk(Session& s, const v1::CopyChunk& m);
   void HandleCopyDone(Session& s, const v1::CopyDone& m);
@@ -196,7 +196,7 @@ class ReplicaGroup::Session : public std::enable_shared_from_this<ReplicaGroup::
   Session(ReplicaGroup* group, std::shared_ptr<ReplicaStream> stream, std::string peer)
       : group_(group), stream_(std::move(stream)), peer_(std::move(peer)) {}
   // One message from the primary (the transport delivers them one at a time, in order).
-  void OnMessage(const v1::ToReplica& msg);
+  void OnMessage(v1::ToReplica& msg);
   void OnClosed(const absl::Status& status);
   ReplicaStream& stream() { return *stream_; }
   const std::string& peer() const { return peer_; }

@@ -147,7 +147,7 @@ class ReplicationService::Impl final : public Dialer, public transport::StreamAc
           identities_(std::move(identities)),
           address_(std::move(address)) {}
 
-    void OnMessage(const v1::ToReplica& msg) override {
+    void OnMessage(v1::ToReplica& msg) override {
       if (session_) return session_->OnMessage(msg);
       if (done_) return;
       if (!msg.has_hello()) {

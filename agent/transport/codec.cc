@@ -90,7 +90,10 @@ absl::Status EncodeBatch(uint64_t epoch, uint64_t first_lsn, uint32_t record_cou
   return absl::OkStatus();
 }
 
-absl::Status DecodeBatch(const v1::Batch& batch, std::string* out) {
+namespace {
+
+// `take`, if set, is batch.records() itself, which may then be moved out instead of copied.
+absl::Status Decode(const v1::Batch& batch, std::string* take, std::string* out) {
   const uint64_t lsn = batch.first_lsn();
   const uint32_t want = batch.uncompressed_bytes();
   if (want > kMaxBatchBytes) {
@@ -110,7 +113,11 @@ absl::Status DecodeBatch(const v1::Batch& batch, std::string* out) {
         return absl::DataLossError(fmt::format(
             "batch at LSN {}: {} bytes of records, header says {}", lsn, in.size(), want));
       }
-      out->assign(in);
+      if (take != nullptr) {
+        out->swap(*take);
+      } else {
+        out->assign(in);
+      }
       break;
     case v1::CODEC_LZ4: {
       out->resize(want);
@@ -163,6 +170,16 @@ absl::Status DecodeBatch(const v1::Batch& batch, std::string* out) {
                     lsn, sum, batch.checksum()));
   }
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status DecodeBatch(const v1::Batch& batch, std::string* out) {
+  return Decode(batch, nullptr, out);
+}
+
+absl::Status DecodeBatch(v1::Batch* batch, std::string* out) {
+  return Decode(*batch, batch->mutable_records(), out);
 }
 
 absl::Status SplitRecords(std::string_view records, uint32_t count,

@@ -36,6 +36,9 @@ absl::Status EncodeBatch(uint64_t epoch, uint64_t first_lsn, uint32_t record_cou
 // checksum. Errors are DataLoss (corrupt content) or InvalidArgument (fields out of range) and name
 // the batch's first LSN.
 absl::Status DecodeBatch(const v1::Batch& batch, std::string* out);
+// The same, moving the records out of `batch` instead of copying them when they are uncompressed
+// (batch->records() is then unspecified).
+absl::Status DecodeBatch(v1::Batch* batch, std::string* out);
 
 // Splits decoded records into `count` views, one per record (header + payload). InvalidArgument,
 // naming the record index, if a record is truncated or bytes are left over.

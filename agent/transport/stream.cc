@@ -87,6 +87,7 @@ class ServerReactor final : public grpc::ServerBidiReactor<v1::ToReplica, v1::Fr
       return;
     }
     if (handler_) handler_->OnMessage(in_);
+    in_.Clear();
     {
       std::lock_guard<std::mutex> l(mu_);
       if (finished_) return;

@@ -30,7 +30,9 @@ inline constexpr int kMaxMessageBytes = 80 << 20;
 class ServerStreamHandler {
  public:
   virtual ~ServerStreamHandler() = default;
-  virtual void OnMessage(const v1::ToReplica& msg) = 0;
+  // `msg` is the stream's receive buffer: the handler may move fields out of it (a batch's
+  // records); it is cleared before the next message is read into it.
+  virtual void OnMessage(v1::ToReplica& msg) = 0;
   virtual void OnClosed(const absl::Status& status) = 0;
 };
 

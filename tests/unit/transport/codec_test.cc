@@ -1,6 +1,7 @@
 // codec_test.cc: round trips of EncodeBatch/DecodeBatch for each codec, and each rejection.
 #include "agent/transport/codec.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -76,6 +77,27 @@ TEST(Codec, LargeBatchJudgedOnItsFirst64KiB) {
       EXPECT_EQ(out, b == &skipped ? random_start : compressible);
     }
   }
+}
+
+// The replica's overload takes uncompressed records out of the message instead of copying them,
+// with the same checks.
+TEST(Codec, DecodeFromAMutableBatchMovesUncompressedRecords) {
+  const std::string recs = Records(4);
+  v1::Batch b;
+  ASSERT_TRUE(EncodeBatch(1, 9, 4, recs, v1::CODEC_NONE, false, &b).ok());
+  v1::Batch corrupt = b;
+  std::string out;
+  ASSERT_TRUE(DecodeBatch(&b, &out).ok());
+  EXPECT_EQ(out, recs);
+  EXPECT_TRUE(b.records().empty());
+  corrupt.mutable_records()->back() ^= 1;
+  const absl::Status st = DecodeBatch(&corrupt, &out);
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr("batch at LSN 9: checksum mismatch"));
+  v1::Batch packed;
+  ASSERT_TRUE(EncodeBatch(1, 9, 4, recs, v1::CODEC_LZ4, false, &packed).ok());
+  ASSERT_TRUE(DecodeBatch(&packed, &out).ok());
+  EXPECT_EQ(out, recs);
 }
 
 TEST(Codec, IncompressibleFallsBackToNone) {

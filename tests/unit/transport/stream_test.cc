@@ -47,7 +47,7 @@ class Acceptor : public StreamAcceptor {
   class Handler : public ServerStreamHandler {
    public:
     Handler(Acceptor* a, std::shared_ptr<ServerStream> s) : a_(a), s_(std::move(s)) {}
-    void OnMessage(const v1::ToReplica& m) override {
+    void OnMessage(v1::ToReplica& m) override {
       {
         std::lock_guard<std::mutex> l(a_->w.mu);
         a_->received.push_back(m);
