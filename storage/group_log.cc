@@ -453,9 +453,11 @@ void GroupLog::Sync(SyncDone done) {
     return;
   }
   if (options_.sync_inline_when_idle && queue_.empty() && !committing_ && !meta_dirty_ &&
-      sync_waiters_.empty() && !stopping_) {
+      sync_waiters_.empty() && !syncing_ && sync_jobs_.empty() && !stopping_) {
     // Everything up to `target` is written (nothing queued, no batch in flight): only the fsync is
-    // missing, and this thread can do it.
+    // missing, and this thread can do it. Not while the syncer fsyncs or has jobs: this thread
+    // would wait for that fsync (RocksDB runs one WAL sync at a time) and then fsync again, where
+    // the syncer's next fsync covers this Sync() together with whatever else arrives meanwhile.
     ++inline_syncs_;
     lock.unlock();
     absl::Status st = SyncWritten(target);

@@ -126,9 +126,9 @@ struct GroupLogOptions {
   // Segments are the unit of retention: truncation removes whole segments with one range delete.
   uint64_t segment_bytes = 16ull << 20;
   uint32_t segment_records = 65536;
-  // A Sync() that finds the log idle (nothing queued, no batch being written) fsyncs on the
-  // caller's thread, saving two thread hand-offs on a FLUSH at queue depth 1; otherwise the
-  // committer does it.
+  // A Sync() that finds the log idle (nothing queued, no batch being written, no fsync in flight)
+  // fsyncs on the caller's thread, saving two thread hand-offs on a FLUSH at queue depth 1;
+  // otherwise the syncer does it.
   bool sync_inline_when_idle = true;
   RetentionOptions retention;
   // Called on the committer thread after a batch is in the log (written, maybe not yet fsynced),
@@ -376,8 +376,8 @@ class GroupLog {
   absl::Status failed_;  // sticky: once the log cannot be written, every later append fails with it
   uint64_t next_lsn_ = 1;  // assigned at enqueue, so the queue is in LSN order
   bool stopping_ = false;
-  bool committing_ = false;  // the committer is between taking a batch and completing it
-  int inline_syncs_ = 0;     // Sync() calls fsyncing on their own thread
+  bool committing_ = false;        // the committer is between taking a batch and completing it
+  int inline_syncs_ = 0;           // Sync() calls fsyncing on their own thread
   std::deque<SyncJob> sync_jobs_;  // written, waiting for the syncer's fsync, in LSN order
   bool syncing_ = false;           // the syncer is between taking jobs and completing them
   bool syncer_stopping_ = false;   // set once the committer has stopped
