@@ -39,6 +39,10 @@ bool Eventually(Pred pred) {
   return true;
 }
 
+bool Contains(const absl::Status& s, const std::string& text) {
+  return std::string(s.message()).find(text) != std::string::npos;
+}
+
 // What a callback of Append, AppendReplicated or Sync was given, and how many times it ran. Shared
 // with the callback, so a test that fails early leaves nothing dangling.
 struct Outcome {
@@ -244,6 +248,271 @@ TEST_F(GroupLogSyncerTest, SyncWhileAnFsyncIsInFlightNeitherBlocksItsCallerNorFs
   EXPECT_EQ(log_->durable_lsn(), 1u);
   EXPECT_EQ(sync->count(), 1);
   EXPECT_EQ(fua->count(), 1);
+}
+
+TEST_F(GroupLogSyncerTest, NonFuaAppendCompletesWhileAnEarlierFuaAppendsFsyncIsHeld) {
+  Open();
+  fault_.HoldWalSyncs();
+  OutcomePtr fua = Append(1, /*fua=*/true);  // LSN 1
+  ASSERT_TRUE(AwaitHeld()) << "the FUA append never fsynced";
+  OutcomePtr plain = Append(2, /*fua=*/false);  // LSN 2
+  ASSERT_TRUE(Eventually([&] { return plain->done(); }))
+      << "a WRITE without FUA waited for the fsync of an earlier FUA write";
+  ASSERT_TRUE(plain->result().ok()) << plain->result();
+  EXPECT_EQ(plain->result_lsn(), 2u);
+  EXPECT_EQ(log_->last_lsn(), 2u);
+  // The FUA append and durable_lsn wait for the fsync.
+  EXPECT_FALSE(fua->done()) << "a FUA append completed before its fsync returned";
+  EXPECT_EQ(log_->durable_lsn(), 0u);
+  EXPECT_TRUE(durable_reports().empty());
+  EXPECT_EQ(fault_.waiting_wal_syncs(), 1u);
+
+  fault_.ReleaseWalSyncs();
+  ASSERT_TRUE(Eventually([&] { return fua->done(); }));
+  ASSERT_TRUE(fua->result().ok()) << fua->result();
+  EXPECT_EQ(fua->result_lsn(), 1u);
+  EXPECT_EQ(fua->count(), 1);
+  EXPECT_EQ(plain->count(), 1);
+  // LSN 2 was written after the held fsync began, so that fsync vouches only for LSN 1.
+  EXPECT_EQ(log_->durable_lsn(), 1u);
+  EXPECT_EQ(durable_reports(), std::vector<uint64_t>{1});
+  ASSERT_TRUE(SyncWait().ok());
+  EXPECT_EQ(log_->durable_lsn(), 2u);
+  EXPECT_EQ(durable_reports(), (std::vector<uint64_t>{1, 2}));
+
+  // Both are durable: they survive a power cut.
+  PowerCutAndReopen();
+  EXPECT_EQ(log_->last_lsn(), 2u);
+  EXPECT_TRUE(log_->Verify().ok()) << log_->Verify();
+}
+
+TEST_F(GroupLogSyncerTest, ReplicatedAppendCompletesBeforeTheFsyncOfASyncInItsBatch) {
+  // The records come from another store, as a primary's shipper sends them.
+  TempDir primary_dir;
+  auto primary_store = LogStore::Open({.dir = primary_dir.path() / "primary"});
+  ASSERT_TRUE(primary_store.ok()) << primary_store.status();
+  auto primary = (*primary_store)->OpenGroup("g", {});
+  ASSERT_TRUE(primary.ok()) << primary.status();
+  for (uint64_t i = 1; i <= 4; ++i) {
+    std::promise<absl::StatusOr<uint64_t>> p;
+    (*primary)->Append(Req(i, false), [&](absl::StatusOr<uint64_t> lsn) { p.set_value(lsn); });
+    ASSERT_TRUE(p.get_future().get().ok());
+  }
+  auto ship = [&](uint64_t from, uint64_t to) {
+    std::string buf;
+    EXPECT_TRUE((*primary)
+                    ->ReadRaw(from, to, UINT64_MAX, UINT32_MAX,
+                              [&](uint64_t, std::string_view v) {
+                                buf.append(v);
+                                return absl::OkStatus();
+                              })
+                    .ok());
+    auto r = ShippedRecords::Parse(std::move(buf));
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? std::move(*r) : ShippedRecords();
+  };
+  const uint32_t sender = (*primary)->group_id();
+  auto replicate = [&](uint64_t first, ShippedRecords recs, bool sync) {
+    auto o = std::make_shared<Outcome>();
+    log_->AppendReplicated(sender, first, std::move(recs), sync,
+                           [o, log = log_](absl::StatusOr<uint64_t> last) {
+                             std::lock_guard lock(o->mu);
+                             ++o->calls;
+                             o->status = last.status();
+                             if (last.ok()) o->lsn = *last;
+                             o->durable_at_call = log->durable_lsn();
+                           });
+    return o;
+  };
+
+  Open();
+  // LSN 1 stops the committer at the gate, so the next records and the Sync() share a batch.
+  CloseGate();
+  OutcomePtr first = replicate(1, ship(1, 1), /*sync=*/false);
+  ASSERT_TRUE(AwaitCommitterAtGate());
+  fault_.HoldWalSyncs();
+  OutcomePtr received = replicate(2, ship(2, 4), /*sync=*/false);
+  OutcomePtr sync = Sync();
+  ASSERT_TRUE(Eventually([&] { return sync->call_returned.load(); }));
+  OpenGate();
+  ASSERT_TRUE(AwaitHeld()) << "the Sync() never fsynced";
+  ASSERT_TRUE(Eventually([&] { return received->done(); }))
+      << "a replica's append (its 'received') waited for the fsync of a Sync() in its batch";
+  ASSERT_TRUE(received->result().ok()) << received->result();
+  EXPECT_EQ(received->result_lsn(), 4u);
+  EXPECT_EQ(received->durable_at_call, 0u);
+  EXPECT_TRUE(first->done());
+  EXPECT_FALSE(sync->done()) << "Sync() completed before its fsync returned";
+  EXPECT_EQ(log_->durable_lsn(), 0u);
+
+  fault_.ReleaseWalSyncs();
+  ASSERT_TRUE(Eventually([&] { return sync->done(); }));
+  EXPECT_TRUE(sync->result().ok()) << sync->result();
+  EXPECT_EQ(sync->durable_at_call, 4u);
+  EXPECT_EQ(log_->durable_lsn(), 4u);
+  EXPECT_EQ(first->count(), 1);
+  EXPECT_EQ(received->count(), 1);
+  EXPECT_EQ(sync->count(), 1);
+}
+
+TEST_F(GroupLogSyncerTest, OneFsyncCoversEveryBatchWrittenWhileTheLastWasHeld) {
+  Open();
+  fault_.HoldWalSyncs();
+  OutcomePtr held = Append(1, /*fua=*/true);  // LSN 1
+  ASSERT_TRUE(AwaitHeld());
+  const uint64_t syncs_before = fault_.wal_syncs();  // the held one included
+  // Three more batches with a FUA append each while LSN 1's fsync is held: each FUA append is
+  // written before the next plain one is queued, and the plain one completes.
+  std::vector<OutcomePtr> plains, fuas;
+  uint64_t lsn = 1;
+  for (int i = 0; i < 3; ++i) {
+    plains.push_back(Append(10 + i, /*fua=*/false));
+    ++lsn;
+    ASSERT_TRUE(Eventually([&] { return plains.back()->done(); }))
+        << "a WRITE without FUA waited for an fsync";
+    ASSERT_TRUE(plains.back()->result().ok()) << plains.back()->result();
+    fuas.push_back(Append(20 + i, /*fua=*/true));
+    ++lsn;
+    ASSERT_TRUE(Eventually([&] { return log_->last_lsn() >= lsn; }));
+  }
+  const uint64_t last_fua = lsn;  // 7
+  OutcomePtr sync = Sync();
+  ASSERT_TRUE(Eventually([&] { return sync->call_returned.load(); }))
+      << "Sync() blocked its caller behind an fsync in flight";
+  Quiesce();  // the three FUA batches and the Sync() are with the syncer now
+
+  // Nothing durable yet, and no second fsync started while the first is in flight.
+  EXPECT_FALSE(held->done());
+  for (const OutcomePtr& f : fuas) EXPECT_FALSE(f->done());
+  EXPECT_FALSE(sync->done());
+  EXPECT_EQ(log_->durable_lsn(), 0u);
+  EXPECT_EQ(fault_.wal_syncs(), syncs_before);
+
+  fault_.ReleaseWalSyncs();
+  ASSERT_TRUE(Eventually([&] { return sync->done(); }));
+  for (const OutcomePtr& f : fuas) ASSERT_TRUE(Eventually([&] { return f->done(); }));
+  ASSERT_TRUE(Eventually([&] { return held->done(); }));
+  EXPECT_TRUE(sync->result().ok()) << sync->result();
+  EXPECT_TRUE(held->result().ok()) << held->result();
+  for (const OutcomePtr& f : fuas) {
+    EXPECT_TRUE(f->result().ok()) << f->result();
+    EXPECT_GE(f->durable_at_call, f->result_lsn());
+  }
+  // Group commit across batches: one fsync after the held one covered all three FUA batches and
+  // the Sync().
+  EXPECT_EQ(fault_.wal_syncs() - syncs_before, 1u);
+  // Its target is the last LSN written before it began: the Sync()'s batch (LSN 7, or the first
+  // Quiesce() record if that shared the Sync()'s batch), never the second Quiesce() record.
+  EXPECT_GE(log_->durable_lsn(), last_fua);
+  EXPECT_LE(log_->durable_lsn(), last_fua + 1);
+  ASSERT_EQ(durable_reports().size(), 2u);
+  EXPECT_EQ(durable_reports().front(), 1u);
+}
+
+TEST_F(GroupLogSyncerTest, FailedFsyncFailsWhatWaitedForItAndTheLogRefusesLaterAppends) {
+  Open();
+  // LSN 1 stops the committer at the gate, so the FUA append and a Sync() share the next batch
+  // and so the held fsync.
+  CloseGate();
+  OutcomePtr before = Append(1, /*fua=*/false);
+  ASSERT_TRUE(AwaitCommitterAtGate());
+  fault_.HoldWalSyncs();
+  OutcomePtr fua = Append(2, /*fua=*/true);  // LSN 2
+  OutcomePtr sync1 = Sync();
+  ASSERT_TRUE(Eventually([&] { return sync1->call_returned.load(); }));
+  OpenGate();
+  ASSERT_TRUE(AwaitHeld());
+  // More work for the syncer while the fsync is held: a FUA append and a Sync() in later batches.
+  OutcomePtr plain = Append(3, /*fua=*/false);  // LSN 3, completes
+  ASSERT_TRUE(Eventually([&] { return plain->done(); }))
+      << "a WRITE without FUA waited for an fsync";
+  OutcomePtr later_fua = Append(4, /*fua=*/true);  // LSN 4
+  OutcomePtr sync2 = Sync();
+  ASSERT_TRUE(Eventually([&] { return sync2->call_returned.load(); }));
+  Quiesce();  // LSN 5, 6: nothing is being written when the fsync fails
+
+  fault_.Crash();  // the held fsync now fails
+  fault_.ReleaseWalSyncs();
+  for (const OutcomePtr& o : {fua, sync1, later_fua, sync2}) {
+    ASSERT_TRUE(Eventually([&] { return o->done(); }));
+  }
+  // The held job's FUA append and Sync() fail with the fsync's error...
+  EXPECT_EQ(fua->result().code(), absl::StatusCode::kInternal) << fua->result();
+  EXPECT_TRUE(Contains(fua->result(), "syncing log")) << fua->result();
+  EXPECT_EQ(sync1->result(), fua->result());
+  // ... and so do the later jobs, which cannot be made durable any more.
+  EXPECT_FALSE(later_fua->result().ok());
+  EXPECT_FALSE(sync2->result().ok());
+  EXPECT_EQ(log_->durable_lsn(), 0u);
+  EXPECT_TRUE(durable_reports().empty());
+  // What needed no fsync had completed, once, with its LSN.
+  EXPECT_TRUE(before->result().ok()) << before->result();
+  EXPECT_TRUE(plain->result().ok()) << plain->result();
+  EXPECT_EQ(plain->result_lsn(), 3u);
+
+  // The log refuses later appends and syncs with that error, without trying to write.
+  OutcomePtr after = Append(7, /*fua=*/false);
+  OutcomePtr after_fua = Append(8, /*fua=*/true);
+  OutcomePtr after_sync = Sync();
+  for (const OutcomePtr& o : {after, after_fua, after_sync}) {
+    ASSERT_TRUE(Eventually([&] { return o->done(); }));
+    EXPECT_EQ(o->result(), fua->result());
+  }
+  EXPECT_EQ(log_->last_lsn(), 6u);
+
+  // Every callback ran exactly once, also after the log stopped.
+  log_->Stop();
+  for (const OutcomePtr& o :
+       {before, fua, sync1, plain, later_fua, sync2, after, after_fua, after_sync}) {
+    EXPECT_EQ(o->count(), 1);
+  }
+}
+
+TEST_F(GroupLogSyncerTest, StopWithAnFsyncHeldReturnsOnlyAfterItAndEveryCallbackRan) {
+  Open();
+  fault_.HoldWalSyncs();
+  OutcomePtr fua = Append(1, /*fua=*/true);  // LSN 1
+  ASSERT_TRUE(AwaitHeld());
+  OutcomePtr plain = Append(2, /*fua=*/false);     // LSN 2
+  OutcomePtr later_fua = Append(3, /*fua=*/true);  // LSN 3
+  OutcomePtr sync = Sync();
+  ASSERT_TRUE(Eventually([&] { return sync->call_returned.load(); }));
+  ASSERT_TRUE(Eventually([&] { return plain->done(); }))
+      << "a WRITE without FUA waited for an fsync";
+
+  std::atomic<bool> stopped{false};
+  std::thread stopper([&] {
+    log_->Stop();
+    stopped = true;
+  });
+  // Stop() has begun once appends are refused; until then a probe is just one more record.
+  std::vector<OutcomePtr> probes;
+  const bool stopping = Eventually([&] {
+    probes.push_back(Append(50, /*fua=*/false));
+    return Eventually([&] { return probes.back()->done(); }) &&
+           probes.back()->result().code() == absl::StatusCode::kUnavailable;
+  });
+  // The committer may well have stopped by now; the syncer must not have, nor Stop() returned.
+  EXPECT_TRUE(stopping);
+  EXPECT_FALSE(stopped.load()) << "Stop() returned while an fsync was in flight";
+  EXPECT_FALSE(fua->done());
+  EXPECT_FALSE(later_fua->done());
+  EXPECT_FALSE(sync->done());
+
+  fault_.ReleaseWalSyncs();
+  stopper.join();
+  EXPECT_TRUE(stopped.load());
+  // Everything queued before Stop() completed, once, and what asked for durability is durable.
+  for (const OutcomePtr& o : {fua, plain, later_fua, sync}) {
+    EXPECT_EQ(o->count(), 1);
+    EXPECT_TRUE(o->result().ok()) << o->result();
+  }
+  for (const OutcomePtr& p : probes) EXPECT_EQ(p->count(), 1);
+  EXPECT_EQ(fua->result_lsn(), 1u);
+  EXPECT_EQ(later_fua->result_lsn(), 3u);
+  EXPECT_GE(later_fua->durable_at_call, 3u);
+  EXPECT_GE(sync->durable_at_call, 3u);
+  EXPECT_GE(log_->durable_lsn(), 3u);
 }
 
 }  // namespace
