@@ -3,9 +3,9 @@
 // One LogStore (one RocksDB instance under the agent's state directory) holds the logs of all the
 // agent's groups. Each GroupLog gives its records dense LSNs starting at 1 and commits them with
 // group commit: appends from any thread go to a queue, one committer thread per group turns
-// everything queued into one WriteBatch and one write, and fsyncs only when someone waits for
-// durability (FLUSH, FUA, a sync peer). `last_lsn` is what is in the log (the page cache),
-// `durable_lsn` what is fsynced.
+// everything queued into one WriteBatch and one write, and a syncer thread per group fsyncs only
+// when someone waits for durability (FLUSH, FUA, a sync peer), while the committer writes on.
+// `last_lsn` is what is in the log (the page cache), `durable_lsn` what is fsynced.
 //
 // Metadata that must agree with the records (epoch history, the applied LSN, peer positions, the
 // segment index used for retention) lives in the same RocksDB and is written in the same WriteBatch
@@ -139,7 +139,7 @@ struct GroupLogOptions {
   std::function<absl::Status(std::span<const LogRecordView> records)> on_batch_written;
   // Called every time durable_lsn advances, with the new value, outside the log's mutex. Calls
   // never overlap and their values strictly increase; a call may come from whichever thread
-  // advanced durable_lsn (the committer, a Sync() that fsynced inline) or from one that advanced it
+  // advanced durable_lsn (the syncer, a Sync() that fsynced inline) or from one that advanced it
   // concurrently. It may call Append, Sync and any other method. Not called at open (durable_lsn()
   // then equals last_lsn()) nor by ResetForCopy, which moves durable_lsn to a value the caller
   // chose. The replica acknowledges `durable` from it, the primary feeds its core with it.
@@ -215,8 +215,10 @@ class GroupLog {
   const std::string& name() const { return name_; }
   uint32_t group_id() const { return group_id_; }
 
-  // Queues a record. `done` runs on the committer thread with the record's LSN once it is in the
-  // log (and fsynced if req.sync), or with the error that kept it out.
+  // Queues a record. `done` runs with the record's LSN once it is in the log (and fsynced if
+  // req.sync), or with the error that kept it out: on the committer thread, or on the syncer thread
+  // once a req.sync record is fsynced. So a record without req.sync may complete before an earlier
+  // one with it.
   void Append(AppendRequest req, AppendDone done);
   // `done` runs once every record appended before this call is fsynced.
   void Sync(SyncDone done);
@@ -294,7 +296,8 @@ class GroupLog {
   // Removes every record below `lsn` (one range delete). The caller vouches nobody needs them.
   absl::Status TruncateBefore(uint64_t lsn);
 
-  // Stops the committer after draining the queue. Later appends fail with Unavailable.
+  // Stops the committer after draining the queue, then the syncer after fsyncing what the
+  // committer handed it. Later appends fail with Unavailable.
   void Stop();
 
  private:
