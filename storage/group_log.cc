@@ -362,7 +362,7 @@ void GroupLog::Append(AppendRequest req, AppendDone done) {
 
 struct GroupLog::ReplicatedRun {
   ShippedRecords records;  // owns the buffer the records' payloads point into
-  absl::Status status;     // first error of a record of the run (committer thread only)
+  absl::Status status;     // first error of a record of the run (see GroupLog::Complete)
 };
 
 void GroupLog::AppendReplicated(uint32_t sender_group_id, uint64_t first_lsn,
@@ -453,9 +453,11 @@ void GroupLog::Sync(SyncDone done) {
     return;
   }
   if (options_.sync_inline_when_idle && queue_.empty() && !committing_ && !meta_dirty_ &&
-      sync_waiters_.empty() && !stopping_) {
+      sync_waiters_.empty() && !syncing_ && sync_jobs_.empty() && !stopping_) {
     // Everything up to `target` is written (nothing queued, no batch in flight): only the fsync is
-    // missing, and this thread can do it.
+    // missing, and this thread can do it. Not while the syncer fsyncs or has jobs: this thread
+    // would wait for that fsync (RocksDB runs one WAL sync at a time) and then fsync again, where
+    // the syncer's next fsync covers this Sync() together with whatever else arrives meanwhile.
     ++inline_syncs_;
     lock.unlock();
     absl::Status st = SyncWritten(target);
@@ -677,8 +679,10 @@ void GroupLog::SyncerLoop() {
 
 void GroupLog::Complete(Pending& p, const absl::Status& st) {
   if (p.run) {
-    // Only the committer completes written records, in LSN order, so the run's first error is
-    // recorded before its last record (the one with the callback) completes.
+    // The committer completes written records in LSN order, except that the last record of a
+    // synced run (the one with the callback) goes to the syncer, handed over under mu_ after the
+    // run's earlier records completed: so the run's first error is recorded before its last record
+    // completes, and no two threads touch the run at once.
     if (!st.ok() && p.run->status.ok()) p.run->status = st;
     if (!p.done) return;
     if (!p.run->status.ok()) {

@@ -3,9 +3,9 @@
 // One LogStore (one RocksDB instance under the agent's state directory) holds the logs of all the
 // agent's groups. Each GroupLog gives its records dense LSNs starting at 1 and commits them with
 // group commit: appends from any thread go to a queue, one committer thread per group turns
-// everything queued into one WriteBatch and one write, and fsyncs only when someone waits for
-// durability (FLUSH, FUA, a sync peer). `last_lsn` is what is in the log (the page cache),
-// `durable_lsn` what is fsynced.
+// everything queued into one WriteBatch and one write, and a syncer thread per group fsyncs only
+// when someone waits for durability (FLUSH, FUA, a sync peer), while the committer writes on.
+// `last_lsn` is what is in the log (the page cache), `durable_lsn` what is fsynced.
 //
 // Metadata that must agree with the records (epoch history, the applied LSN, peer positions, the
 // segment index used for retention) lives in the same RocksDB and is written in the same WriteBatch
@@ -126,9 +126,9 @@ struct GroupLogOptions {
   // Segments are the unit of retention: truncation removes whole segments with one range delete.
   uint64_t segment_bytes = 16ull << 20;
   uint32_t segment_records = 65536;
-  // A Sync() that finds the log idle (nothing queued, no batch being written) fsyncs on the
-  // caller's thread, saving two thread hand-offs on a FLUSH at queue depth 1; otherwise the
-  // committer does it.
+  // A Sync() that finds the log idle (nothing queued, no batch being written, no fsync in flight)
+  // fsyncs on the caller's thread, saving two thread hand-offs on a FLUSH at queue depth 1;
+  // otherwise the syncer does it.
   bool sync_inline_when_idle = true;
   RetentionOptions retention;
   // Called on the committer thread after a batch is in the log (written, maybe not yet fsynced),
@@ -139,7 +139,7 @@ struct GroupLogOptions {
   std::function<absl::Status(std::span<const LogRecordView> records)> on_batch_written;
   // Called every time durable_lsn advances, with the new value, outside the log's mutex. Calls
   // never overlap and their values strictly increase; a call may come from whichever thread
-  // advanced durable_lsn (the committer, a Sync() that fsynced inline) or from one that advanced it
+  // advanced durable_lsn (the syncer, a Sync() that fsynced inline) or from one that advanced it
   // concurrently. It may call Append, Sync and any other method. Not called at open (durable_lsn()
   // then equals last_lsn()) nor by ResetForCopy, which moves durable_lsn to a value the caller
   // chose. The replica acknowledges `durable` from it, the primary feeds its core with it.
@@ -215,8 +215,10 @@ class GroupLog {
   const std::string& name() const { return name_; }
   uint32_t group_id() const { return group_id_; }
 
-  // Queues a record. `done` runs on the committer thread with the record's LSN once it is in the
-  // log (and fsynced if req.sync), or with the error that kept it out.
+  // Queues a record. `done` runs with the record's LSN once it is in the log (and fsynced if
+  // req.sync), or with the error that kept it out: on the committer thread, or on the syncer thread
+  // once a req.sync record is fsynced. So a record without req.sync may complete before an earlier
+  // one with it.
   void Append(AppendRequest req, AppendDone done);
   // `done` runs once every record appended before this call is fsynced.
   void Sync(SyncDone done);
@@ -294,7 +296,8 @@ class GroupLog {
   // Removes every record below `lsn` (one range delete). The caller vouches nobody needs them.
   absl::Status TruncateBefore(uint64_t lsn);
 
-  // Stops the committer after draining the queue. Later appends fail with Unavailable.
+  // Stops the committer after draining the queue, then the syncer after fsyncing what the
+  // committer handed it. Later appends fail with Unavailable.
   void Stop();
 
  private:
@@ -376,8 +379,8 @@ class GroupLog {
   absl::Status failed_;  // sticky: once the log cannot be written, every later append fails with it
   uint64_t next_lsn_ = 1;  // assigned at enqueue, so the queue is in LSN order
   bool stopping_ = false;
-  bool committing_ = false;  // the committer is between taking a batch and completing it
-  int inline_syncs_ = 0;     // Sync() calls fsyncing on their own thread
+  bool committing_ = false;        // the committer is between taking a batch and completing it
+  int inline_syncs_ = 0;           // Sync() calls fsyncing on their own thread
   std::deque<SyncJob> sync_jobs_;  // written, waiting for the syncer's fsync, in LSN order
   bool syncing_ = false;           // the syncer is between taking jobs and completing them
   bool syncer_stopping_ = false;   // set once the committer has stopped

@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <filesystem>
@@ -71,6 +72,11 @@ bool Exists(const std::string& path) {
 
 IOStatus CrashedError(const char* op, const std::string& name) {
   return IOStatus::IOError(fmt::format("fault env: simulated power cut; {} {}", op, name));
+}
+
+// RocksDB names its WAL files <number>.log (the info log is LOG, and is not opened through us).
+bool IsWal(const std::string& normalized) {
+  return std::filesystem::path(normalized).extension() == ".log";
 }
 
 std::string ErrnoText(int err) { return fmt::format("{} (errno {})", std::strerror(err), err); }
@@ -190,6 +196,35 @@ class FaultInjectionFs : public rocksdb::FileSystemWrapper {
     --st->open_writers;
   }
   void DirSynced(const std::string& dir);
+  // A sync of a WAL file is about to reach the target: counts it and, while syncs are held, blocks
+  // until ReleaseWalSyncs().
+  void WalSyncCalled() {
+    std::unique_lock lock(hold_mu_);
+    ++wal_syncs_;
+    if (!holding_) return;
+    ++waiting_wal_syncs_;
+    hold_cv_.wait(lock, [&] { return !holding_; });
+    --waiting_wal_syncs_;
+  }
+  void HoldWalSyncs() {
+    std::lock_guard lock(hold_mu_);
+    holding_ = true;
+  }
+  void ReleaseWalSyncs() {
+    {
+      std::lock_guard lock(hold_mu_);
+      holding_ = false;
+    }
+    hold_cv_.notify_all();
+  }
+  size_t waiting_wal_syncs() const {
+    std::lock_guard lock(hold_mu_);
+    return waiting_wal_syncs_;
+  }
+  uint64_t wal_syncs() const {
+    std::lock_guard lock(hold_mu_);
+    return wal_syncs_;
+  }
 
   absl::Status DropUnsyncedData();
   absl::Status ForgetUnsyncedState();
@@ -222,6 +257,13 @@ class FaultInjectionFs : public rocksdb::FileSystemWrapper {
   std::deque<NsOp> ops_;                   // GUARDED_BY(mu_), oldest first
   size_t preserved_deletes_ = 0;           // GUARDED_BY(mu_)
   size_t forgotten_deletes_ = 0;           // GUARDED_BY(mu_)
+
+  // WAL sync holding: its own mutex, never held with mu_, so a held sync blocks nothing else.
+  mutable std::mutex hold_mu_;
+  std::condition_variable hold_cv_;
+  bool holding_ = false;          // GUARDED_BY(hold_mu_)
+  size_t waiting_wal_syncs_ = 0;  // GUARDED_BY(hold_mu_)
+  uint64_t wal_syncs_ = 0;        // GUARDED_BY(hold_mu_)
 };
 
 namespace {
@@ -233,7 +275,8 @@ class TrackedFile : public rocksdb::FSWritableFileOwnerWrapper {
       : FSWritableFileOwnerWrapper(std::move(target)),
         fs_(fs),
         state_(std::move(state)),
-        name_(std::move(name)) {}
+        name_(std::move(name)),
+        wal_(IsWal(name_)) {}
   ~TrackedFile() override {
     if (!closed_) fs_->WriterClosed(state_);
   }
@@ -279,6 +322,10 @@ class TrackedFile : public rocksdb::FSWritableFileOwnerWrapper {
     if (fs_->crashed()) return CrashedError("sync", name_);
     // Only bytes appended before the sync started are covered by it.
     const uint64_t size = fs_->SizeOf(state_);
+    if (wal_) {
+      fs_->WalSyncCalled();  // may be held; then a Crash() meanwhile makes it fail
+      if (fs_->crashed()) return CrashedError("sync", name_);
+    }
     IOStatus s = target()->Sync(options, dbg);
     if (s.ok()) fs_->Synced(state_, size);
     return s;
@@ -286,6 +333,10 @@ class TrackedFile : public rocksdb::FSWritableFileOwnerWrapper {
   IOStatus Fsync(const IOOptions& options, IODebugContext* dbg) override {
     if (fs_->crashed()) return CrashedError("fsync", name_);
     const uint64_t size = fs_->SizeOf(state_);
+    if (wal_) {
+      fs_->WalSyncCalled();
+      if (fs_->crashed()) return CrashedError("fsync", name_);
+    }
     IOStatus s = target()->Fsync(options, dbg);
     if (s.ok()) fs_->Synced(state_, size);
     return s;
@@ -316,6 +367,7 @@ class TrackedFile : public rocksdb::FSWritableFileOwnerWrapper {
   FaultInjectionFs* fs_;
   StatePtr state_;
   std::string name_;
+  const bool wal_;  // a WAL file: its syncs can be held (FaultEnv::HoldWalSyncs)
   bool closed_ = false;
 };
 
@@ -613,5 +665,9 @@ absl::Status FaultEnv::ForgetUnsyncedState() { return fs_->ForgetUnsyncedState()
 size_t FaultEnv::tracked_files() const { return fs_->tracked_files(); }
 size_t FaultEnv::pending_namespace_ops() const { return fs_->pending_namespace_ops(); }
 size_t FaultEnv::forgotten_deletes() const { return fs_->forgotten_deletes(); }
+void FaultEnv::HoldWalSyncs() { fs_->HoldWalSyncs(); }
+void FaultEnv::ReleaseWalSyncs() { fs_->ReleaseWalSyncs(); }
+size_t FaultEnv::waiting_wal_syncs() const { return fs_->waiting_wal_syncs(); }
+uint64_t FaultEnv::wal_syncs() const { return fs_->wal_syncs(); }
 
 }  // namespace tvilling::storage

@@ -29,6 +29,16 @@
 //   again reopen with env.env() and check.
 // DropUnsyncedData also works without Crash() once every file written through the env is closed.
 //
+// Holding WAL syncs, to see what a program does while an fsync is in flight:
+//   env.HoldWalSyncs();          // from now on a Sync/Fsync of a WAL file (*.log) blocks
+//   ... start work that fsyncs the WAL; poll env.waiting_wal_syncs() until the sync is held ...
+//   ... check what completed (and what must not have) while it is held ...
+//   env.ReleaseWalSyncs();       // every held sync goes on; later ones are not held
+// A held sync covers what it would had it run at once: the file's size when the sync was called,
+// not what is appended while it waits (a real fsync that has started covers no later write). It
+// checks Crash() again once released, so Crash() during the hold makes it fail and persist nothing
+// (a failed fsync). Other files' syncs, directory fsyncs and RangeSync are never held.
+//
 // The base file system must be the POSIX one (the default): undo works on real paths.
 #pragma once
 
@@ -37,6 +47,7 @@
 #include <rocksdb/file_system.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 
 namespace tvilling::storage {
@@ -70,6 +81,15 @@ class FaultEnv {
   // Takes what is on disk now as durable: forgets all tracking and makes the env live again, as
   // after a clean shutdown whose every write reached the disk. Same REQUIRES as DropUnsyncedData.
   absl::Status ForgetUnsyncedState();
+
+  // WAL sync holding (see above). Thread-safe. Release before closing a DB that syncs its WAL on
+  // close (LogStore does), or the close waits for it.
+  void HoldWalSyncs();
+  void ReleaseWalSyncs();
+  // Syncs of WAL files blocked by HoldWalSyncs() right now.
+  size_t waiting_wal_syncs() const;
+  // Syncs of WAL files through env() so far, held or not (not those refused after Crash()).
+  uint64_t wal_syncs() const;
 
   // Introspection for tests of the env itself.
   size_t tracked_files() const;

@@ -7,13 +7,16 @@
 #include <rocksdb/options.h>
 #include <stdlib.h>
 
+#include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace tvilling::storage {
@@ -225,6 +228,70 @@ TEST_F(FaultFsTest, RefusesFileKindsOutsideTheModel) {
   std::unique_ptr<rocksdb::FSRandomRWFile> rw;
   EXPECT_TRUE(fs_->NewRandomRWFile((dir_ / "rw").string(), rocksdb::FileOptions(), &rw, nullptr)
                   .IsNotSupported());
+}
+
+// Polls `pred` every millisecond for up to 30 s (the holds below wait for another thread).
+template <typename Pred>
+bool Eventually(Pred pred) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return true;
+}
+
+TEST_F(FaultFsTest, HeldWalSyncWaitsForReleaseAndCoversOnlyWhatCameBeforeIt) {
+  auto wal = Create(dir_ / "000004.log");
+  auto manifest = Create(dir_ / "MANIFEST-000001");
+  SyncDir();
+  Append(*wal, "before|");
+  Append(*manifest, "m");
+  env_.HoldWalSyncs();
+  Sync(*manifest);  // not a WAL: never held
+  EXPECT_EQ(env_.wal_syncs(), 0u);
+  std::atomic<bool> synced{false};
+  rocksdb::IOStatus status;
+  std::thread syncer([&] {
+    status = wal->Sync(IOOptions(), nullptr);
+    synced = true;
+  });
+  const bool held = Eventually([&] { return env_.waiting_wal_syncs() == 1; });
+  if (held) Append(*wal, "after");  // written while the sync is in flight: not covered by it
+  EXPECT_FALSE(synced.load());
+  env_.ReleaseWalSyncs();
+  syncer.join();
+  ASSERT_TRUE(held);
+  EXPECT_TRUE(status.ok()) << status.ToString();
+  EXPECT_EQ(env_.waiting_wal_syncs(), 0u);
+  EXPECT_EQ(env_.wal_syncs(), 1u);
+  Sync(*wal);  // no longer held
+  EXPECT_EQ(env_.wal_syncs(), 2u);
+  Append(*wal, "|lost");
+  Close(*wal);
+  Close(*manifest);
+  ASSERT_TRUE(env_.DropUnsyncedData().ok());
+  EXPECT_EQ(Slurp(dir_ / "000004.log"), "before|after");
+}
+
+TEST_F(FaultFsTest, CrashWhileAWalSyncIsHeldFailsIt) {
+  auto wal = Create(dir_ / "000004.log");
+  SyncDir();
+  Append(*wal, "synced|");
+  Sync(*wal);
+  Append(*wal, "pending");
+  env_.HoldWalSyncs();
+  rocksdb::IOStatus status;
+  std::thread syncer([&] { status = wal->Fsync(IOOptions(), nullptr); });
+  const bool held = Eventually([&] { return env_.waiting_wal_syncs() == 1; });
+  env_.Crash();
+  env_.ReleaseWalSyncs();
+  syncer.join();
+  ASSERT_TRUE(held);
+  EXPECT_TRUE(status.IsIOError()) << status.ToString();
+  Close(*wal);
+  ASSERT_TRUE(env_.DropUnsyncedData().ok());
+  EXPECT_EQ(Slurp(dir_ / "000004.log"), "synced|");
 }
 
 // ---------------------------------------------------------------------------------------------
