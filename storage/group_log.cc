@@ -433,12 +433,20 @@ void GroupLog::AppendReplicated(uint32_t sender_group_id, uint64_t first_lsn,
   next_lsn_ += n;
   pending.back().req.sync = sync;
   pending.back().done = std::move(done);
+  const bool was_idle = queue_.empty() && !committing_;
   for (Pending& p : pending) queue_.push_back(std::move(p));
+  if (was_idle && options_.replicated_inline_when_idle) {
+    // Nothing queued and no batch being written: write this one here rather than wake the
+    // committer (on a replica that hand-off is part of every sync WRITE's latency at the
+    // primary). The committer waits meanwhile; what queues behind this batch is its.
+    CommitOnCallerThread(lock);
+    return;
+  }
   lock.unlock();
   cv_.notify_one();
 }
 
-void GroupLog::Sync(SyncDone done) {
+void GroupLog::Sync(SyncDone done, bool fsync_here) {
   std::unique_lock lock(mu_);
   if (!failed_.ok()) {
     absl::Status st = failed_;
@@ -452,8 +460,8 @@ void GroupLog::Sync(SyncDone done) {
     std::move(done)(absl::OkStatus());
     return;
   }
-  if (options_.sync_inline_when_idle && queue_.empty() && !committing_ && !meta_dirty_ &&
-      sync_waiters_.empty() && !syncing_ && sync_jobs_.empty() && !stopping_) {
+  if (fsync_here && options_.sync_inline_when_idle && queue_.empty() && !committing_ &&
+      !meta_dirty_ && sync_waiters_.empty() && !syncing_ && sync_jobs_.empty() && !stopping_) {
     // Everything up to `target` is written (nothing queued, no batch in flight): only the fsync is
     // missing, and this thread can do it. Not while the syncer fsyncs or has jobs: this thread
     // would wait for that fsync (RocksDB runs one WAL sync at a time) and then fsync again, where
@@ -466,6 +474,18 @@ void GroupLog::Sync(SyncDone done) {
     lock.unlock();
     idle_cv_.notify_all();
     std::move(done)(st);
+    return;
+  }
+  if (queue_.empty() && !committing_ && !meta_dirty_ && !stopping_) {
+    // Everything up to `target` is written: only an fsync is missing, which is the syncer's job.
+    // Going through the committer would wake it for nothing (and a replicated append that comes
+    // meanwhile would find the log busy and not be written on its caller's thread).
+    SyncJob job;
+    job.target_lsn = target;
+    job.waiters.push_back({target, std::move(done)});
+    sync_jobs_.push_back(std::move(job));
+    lock.unlock();
+    sync_cv_.notify_one();
     return;
   }
   sync_waiters_.push_back({target, std::move(done)});
@@ -519,26 +539,13 @@ void GroupLog::CommitterLoop() {
     bool write_meta = false;
     {
       std::unique_lock lock(mu_);
+      // Not while a caller commits on its own thread (CommitOnCallerThread): one batch at a time.
       cv_.wait(lock, [&] {
-        return stopping_ || !queue_.empty() || !sync_waiters_.empty() || meta_dirty_;
+        return !committing_ &&
+               (stopping_ || !queue_.empty() || !sync_waiters_.empty() || meta_dirty_);
       });
       if (stopping_ && queue_.empty() && sync_waiters_.empty() && !meta_dirty_) return;
-      uint64_t bytes = 0;
-      while (!queue_.empty() && batch.size() < options_.max_batch_records &&
-             (batch.empty() || bytes + queue_.front().payload.size() <= options_.max_batch_bytes)) {
-        bytes += queue_.front().payload.size() + kRecordHeaderSize;
-        batch.push_back(std::move(queue_.front()));
-        queue_.pop_front();
-      }
-      // Waiters whose records are all written by the end of this batch are served by it.
-      const uint64_t batch_last = batch.empty() ? last_lsn_.load() : batch.back().lsn;
-      auto covered =
-          std::partition(sync_waiters_.begin(), sync_waiters_.end(),
-                         [&](const SyncWaiter& w) { return w.target_lsn <= batch_last; });
-      for (auto i = sync_waiters_.begin(); i != covered; ++i) syncs.push_back(std::move(*i));
-      sync_waiters_.erase(sync_waiters_.begin(), covered);
-      write_meta = meta_dirty_;
-      committing_ = true;
+      write_meta = TakeBatchLocked(batch, syncs);
     }
     Commit(batch, syncs, write_meta);
     batch.clear();
@@ -549,6 +556,38 @@ void GroupLog::CommitterLoop() {
     }
     idle_cv_.notify_all();
   }
+}
+
+bool GroupLog::TakeBatchLocked(std::vector<Pending>& batch, std::vector<SyncWaiter>& syncs) {
+  uint64_t bytes = 0;
+  while (!queue_.empty() && batch.size() < options_.max_batch_records &&
+         (batch.empty() || bytes + queue_.front().payload.size() <= options_.max_batch_bytes)) {
+    bytes += queue_.front().payload.size() + kRecordHeaderSize;
+    batch.push_back(std::move(queue_.front()));
+    queue_.pop_front();
+  }
+  // Waiters whose records are all written by the end of this batch are served by it.
+  const uint64_t batch_last = batch.empty() ? last_lsn_.load() : batch.back().lsn;
+  auto covered = std::partition(sync_waiters_.begin(), sync_waiters_.end(),
+                                [&](const SyncWaiter& w) { return w.target_lsn <= batch_last; });
+  for (auto i = sync_waiters_.begin(); i != covered; ++i) syncs.push_back(std::move(*i));
+  sync_waiters_.erase(sync_waiters_.begin(), covered);
+  committing_ = true;
+  return meta_dirty_;
+}
+
+void GroupLog::CommitOnCallerThread(std::unique_lock<std::mutex>& lock) {
+  std::vector<Pending> batch;
+  std::vector<SyncWaiter> syncs;
+  const bool write_meta = TakeBatchLocked(batch, syncs);
+  lock.unlock();
+  Commit(batch, syncs, write_meta);
+  lock.lock();
+  committing_ = false;
+  const bool more = !queue_.empty() || !sync_waiters_.empty() || meta_dirty_ || stopping_;
+  lock.unlock();
+  if (more) cv_.notify_one();
+  idle_cv_.notify_all();
 }
 
 void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& syncs,

@@ -130,6 +130,10 @@ struct GroupLogOptions {
   // fsyncs on the caller's thread, saving two thread hand-offs on a FLUSH at queue depth 1;
   // otherwise the syncer does it.
   bool sync_inline_when_idle = true;
+  // An AppendReplicated that finds nothing queued and no batch being written commits on the
+  // caller's thread (its callback runs there, before AppendReplicated returns) instead of waking
+  // the committer.
+  bool replicated_inline_when_idle = true;
   RetentionOptions retention;
   // Called on the committer thread after a batch is in the log (written, maybe not yet fsynced),
   // with the batch's records in LSN order, before any append callback of the batch runs. The
@@ -221,7 +225,9 @@ class GroupLog {
   // one with it.
   void Append(AppendRequest req, AppendDone done);
   // `done` runs once every record appended before this call is fsynced.
-  void Sync(SyncDone done);
+  // `fsync_here = false` never fsyncs on the caller's thread (the syncer does it), for a caller
+  // that must not block, such as a replica's stream, which goes on receiving meanwhile.
+  void Sync(SyncDone done, bool fsync_here = true);
 
   // Replica: appends records shipped from another agent's log of the group. `records` are stored
   // values of the sender's log (its group id `sender_group_id`) for LSNs first_lsn, first_lsn+1,
@@ -338,6 +344,12 @@ class GroupLog {
     std::vector<SyncWaiter> waiters;
   };
   void CommitterLoop();
+  // Moves what the next commit holds out of the queue and sets committing_; returns whether
+  // metadata must be written with it. REQUIRES: mu_ held, !committing_.
+  bool TakeBatchLocked(std::vector<Pending>& batch, std::vector<SyncWaiter>& syncs);
+  // Takes and commits a batch on the calling thread. REQUIRES: `lock` holds mu_, !committing_;
+  // returns with it released.
+  void CommitOnCallerThread(std::unique_lock<std::mutex>& lock);
   void SyncerLoop();
   // Fsyncs the WAL now and advances durable_lsn to `target` (already written). Any thread.
   absl::Status SyncWritten(uint64_t target);

@@ -963,15 +963,17 @@ void ReplicaGroup::HandleBatch(Session& s, v1::Batch& batch) {
                            SendAck();
                          });
   // Every batch is synced, durable_requested or not: nothing else would make it durable.
-  log_->Sync([this, fail, last](absl::Status st) {
-    if (!st.ok()) return fail(st);
-    {
-      std::lock_guard lock(mu_);
-      synced_lsn_ = std::max(synced_lsn_, last);
-      rx_.OnDurable(last);
-    }
-    SendAck();
-  });
+  log_->Sync(
+      [this, fail, last](absl::Status st) {
+        if (!st.ok()) return fail(st);
+        {
+          std::lock_guard lock(mu_);
+          synced_lsn_ = std::max(synced_lsn_, last);
+          rx_.OnDurable(last);
+        }
+        SendAck();
+      },
+      /*fsync_here=*/false);
 }
 
 void ReplicaGroup::HandleCopyBegin(Session& s, const v1::CopyBegin& m) {

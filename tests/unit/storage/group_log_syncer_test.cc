@@ -286,22 +286,28 @@ TEST_F(GroupLogSyncerTest, NonFuaAppendCompletesWhileAnEarlierFuaAppendsFsyncIsH
   EXPECT_TRUE(log_->Verify().ok()) << log_->Verify();
 }
 
-TEST_F(GroupLogSyncerTest, ReplicatedAppendCompletesBeforeTheFsyncOfASyncInItsBatch) {
-  // The records come from another store, as a primary's shipper sends them.
-  TempDir primary_dir;
-  auto primary_store = LogStore::Open({.dir = primary_dir.path() / "primary"});
-  ASSERT_TRUE(primary_store.ok()) << primary_store.status();
-  auto primary = (*primary_store)->OpenGroup("g", {});
-  ASSERT_TRUE(primary.ok()) << primary.status();
-  for (uint64_t i = 1; i <= 4; ++i) {
-    std::promise<absl::StatusOr<uint64_t>> p;
-    (*primary)->Append(Req(i, false), [&](absl::StatusOr<uint64_t> lsn) { p.set_value(lsn); });
-    ASSERT_TRUE(p.get_future().get().ok());
+// A primary's log in a store of its own, whose records a test ships as a primary's shipper does.
+class Sender {
+ public:
+  explicit Sender(uint64_t records) {
+    auto store = LogStore::Open({.dir = dir_.path() / "primary"});
+    EXPECT_TRUE(store.ok()) << store.status();
+    if (!store.ok()) return;
+    store_ = std::move(*store);
+    auto log = store_->OpenGroup("g", {});
+    EXPECT_TRUE(log.ok()) << log.status();
+    if (!log.ok()) return;
+    log_ = *log;
+    for (uint64_t i = 1; i <= records; ++i) {
+      std::promise<absl::StatusOr<uint64_t>> p;
+      log_->Append(Req(i, false), [&](absl::StatusOr<uint64_t> lsn) { p.set_value(lsn); });
+      EXPECT_TRUE(p.get_future().get().ok());
+    }
   }
-  auto ship = [&](uint64_t from, uint64_t to) {
+  uint32_t group_id() const { return log_->group_id(); }
+  ShippedRecords Ship(uint64_t from, uint64_t to) const {
     std::string buf;
-    EXPECT_TRUE((*primary)
-                    ->ReadRaw(from, to, UINT64_MAX, UINT32_MAX,
+    EXPECT_TRUE(log_->ReadRaw(from, to, UINT64_MAX, UINT32_MAX,
                               [&](uint64_t, std::string_view v) {
                                 buf.append(v);
                                 return absl::OkStatus();
@@ -310,22 +316,64 @@ TEST_F(GroupLogSyncerTest, ReplicatedAppendCompletesBeforeTheFsyncOfASyncInItsBa
     auto r = ShippedRecords::Parse(std::move(buf));
     EXPECT_TRUE(r.ok()) << r.status();
     return r.ok() ? std::move(*r) : ShippedRecords();
-  };
-  const uint32_t sender = (*primary)->group_id();
+  }
+
+ private:
+  TempDir dir_;
+  std::unique_ptr<LogStore> store_;
+  GroupLog* log_ = nullptr;
+};
+
+OutcomePtr Replicate(GroupLog* log, uint32_t sender, uint64_t first, ShippedRecords recs,
+                     bool sync) {
+  auto o = std::make_shared<Outcome>();
+  log->AppendReplicated(sender, first, std::move(recs), sync,
+                        [o, log](absl::StatusOr<uint64_t> last) {
+                          std::lock_guard lock(o->mu);
+                          ++o->calls;
+                          o->status = last.status();
+                          if (last.ok()) o->lsn = *last;
+                          o->durable_at_call = log->durable_lsn();
+                        });
+  return o;
+}
+
+// On an idle log a replicated append is written on the caller's thread (no hand-off to the
+// committer), and a Sync() that must not fsync there returns at once and leaves the fsync to the
+// syncer, so a replica's stream goes on receiving while its log is fsynced.
+TEST_F(GroupLogSyncerTest, ReplicatedAppendOnAnIdleLogIsWrittenOnTheCallersThread) {
+  Sender primary(3);
+  Open();
+  fault_.HoldWalSyncs();
+  OutcomePtr first = Replicate(log_, primary.group_id(), 1, primary.Ship(1, 2), false);
+  EXPECT_TRUE(first->done()) << "the append was not written on the caller's thread";
+  EXPECT_EQ(first->result_lsn(), 2u);
+  log_->Sync([](absl::Status) {}, /*fsync_here=*/false);  // returns: nothing waits for the fsync
+  ASSERT_TRUE(AwaitHeld()) << "the syncer did not fsync";
+  EXPECT_EQ(log_->durable_lsn(), 0u);
+  // The syncer's fsync is held; the next batch is written all the same.
+  OutcomePtr second = Replicate(log_, primary.group_id(), 3, primary.Ship(3, 3), false);
+  EXPECT_TRUE(Eventually([&] { return second->done(); }));
+  EXPECT_EQ(second->result_lsn(), 3u);
+  fault_.ReleaseWalSyncs();
+  EXPECT_TRUE(SyncWait().ok());
+  EXPECT_EQ(log_->durable_lsn(), 3u);
+}
+
+TEST_F(GroupLogSyncerTest, ReplicatedAppendCompletesBeforeTheFsyncOfASyncInItsBatch) {
+  // The records come from another store, as a primary's shipper sends them.
+  Sender primary(4);
+  auto ship = [&](uint64_t from, uint64_t to) { return primary.Ship(from, to); };
+  const uint32_t sender = primary.group_id();
   auto replicate = [&](uint64_t first, ShippedRecords recs, bool sync) {
-    auto o = std::make_shared<Outcome>();
-    log_->AppendReplicated(sender, first, std::move(recs), sync,
-                           [o, log = log_](absl::StatusOr<uint64_t> last) {
-                             std::lock_guard lock(o->mu);
-                             ++o->calls;
-                             o->status = last.status();
-                             if (last.ok()) o->lsn = *last;
-                             o->durable_at_call = log->durable_lsn();
-                           });
-    return o;
+    return Replicate(log_, sender, first, std::move(recs), sync);
   };
 
-  Open();
+  // Through the committer (on an idle log the append would be written on this thread, which the
+  // gate below would then stop).
+  GroupLogOptions o;
+  o.replicated_inline_when_idle = false;
+  Open(o);
   // LSN 1 stops the committer at the gate, so the next records and the Sync() share a batch.
   CloseGate();
   OutcomePtr first = replicate(1, ship(1, 1), /*sync=*/false);
