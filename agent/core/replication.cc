@@ -214,6 +214,7 @@ struct PrimaryGroup::Impl {
   uint64_t base_cum = 0;
   uint64_t last = 0;
   uint64_t durable = 0;
+  uint64_t applied = 0;  // the local applier's LSN: a future copy's base is at least this
   std::map<std::string, Peer> peers;
 
   uint64_t CumAt(uint64_t lsn) const {
@@ -312,7 +313,10 @@ struct PrimaryGroup::Impl {
       recs.pop_front();
     }
   }
-  void Prune() { PruneTo(MinPeerDurable()); }
+  // The lag index keeps what a peer's lag needs: every record after its durable LSN, and after
+  // the applied LSN, the base of any copy from the start that can still begin (it lowers the
+  // copied peer's durable to that base).
+  void Prune() { PruneTo(std::min(MinPeerDurable(), applied)); }
 };
 
 PrimaryGroup::PrimaryGroup() : impl_(std::make_unique<Impl>()) {}
@@ -347,6 +351,13 @@ void PrimaryGroup::OnLocalAppend(uint64_t lsn, uint64_t bytes, uint64_t timestam
 
 void PrimaryGroup::OnLocalDurable(uint64_t lsn) {
   impl_->durable = std::max(impl_->durable, std::min(lsn, impl_->last));
+}
+
+void PrimaryGroup::OnLocalApplied(uint64_t lsn) {
+  Impl& s = *impl_;
+  if (lsn <= s.applied) return;
+  s.applied = lsn;
+  s.Prune();
 }
 
 void PrimaryGroup::OnLocalTruncate(uint64_t first_lsn) {

@@ -184,6 +184,12 @@ class PrimaryGroup {
   void OnLocalDurable(uint64_t lsn);
   // The local log dropped records below `first_lsn` (retention).
   void OnLocalTruncate(uint64_t first_lsn);
+  // The local applier has applied records up to `lsn` to the volumes. A full copy from the start
+  // is based on this LSN (OnDecision's copy_base_lsn), which can be below every peer's durable LSN,
+  // so the lag index keeps every record after min(applied, every peer's durable): a copy's base is
+  // then always in it and the lag of the copied peer stays exact. Call it as the applier advances;
+  // until it is first called nothing is dropped from the index.
+  void OnLocalApplied(uint64_t lsn);
 
   // Link events.
   void OnConnected(const std::string& peer, Nanos now);  // Hello sent -> kHandshake
@@ -192,7 +198,9 @@ class PrimaryGroup {
   // copy_base_lsn + 1 (or from d.start_lsn when resuming). Returns the LSN to stream from.
   // A full copy from the start replaces the peer's log, so it is the one event that lowers the
   // peer's known positions: received and durable become copy_base_lsn (retention must keep every
-  // record after it), applied at most that. kRefuse -> kRefused with the reason in last_error.
+  // record after it), applied at most that. copy_base_lsn must be at least the LSN last given to
+  // OnLocalApplied (the lag index keeps records only from there). kRefuse -> kRefused with the
+  // reason in last_error.
   uint64_t OnDecision(const std::string& peer, const HandshakeDecision& d, uint64_t copy_base_lsn,
                       Nanos now);
   void OnCopyDone(const std::string& peer, Nanos now);  // kCopying -> kStreaming

@@ -183,6 +183,7 @@ absl::StatusOr<std::shared_ptr<PrimaryReplicator>> PrimaryReplicator::Start(Grou
     r->core_.OnLocalTruncate(state.first_lsn);
   }
   r->core_.OnLocalDurable(log.durable_lsn());
+  r->core_.OnLocalApplied(group->applied_lsn());
 
   std::weak_ptr<PrimaryReplicator> weak = r;
   group->SetRecordsObserver([weak](std::span<const storage::LogRecordView> records) {
@@ -229,6 +230,8 @@ void PrimaryReplicator::OnRecords(std::span<const storage::LogRecordView> record
       core_.OnLocalAppend(r.lsn, storage::kRecordHeaderSize + r.payload.size(),
                           r.header.timestamp_ns, now);
     }
+    // The observer runs after the batch is applied: a full copy's base is at least this.
+    if (!records.empty()) core_.OnLocalApplied(records.back().lsn);
     work_ = true;
   }
   cv_.notify_one();

@@ -769,6 +769,7 @@ class Sim {
       pg_.OnLocalAppend(lsn, truth_[lsn - 1].bytes, truth_[lsn - 1].timestamp_ns, now_);
     if (last_ > 0 && first_ > last_) pg_.OnLocalTruncate(first_);
     pg_.OnLocalDurable(durable_);
+    pg_.OnLocalApplied(applied_);
     // The release points restart from the recovered log.
     prev_wr_ = pg_.write_released();
     prev_fr_ = pg_.flush_released();
@@ -832,6 +833,7 @@ class Sim {
     } else if (e < 70) {
       applied_ = std::min(last_, applied_ + rng_.Range(1, 6));
       primary_volume_ = states_[applied_];
+      pg_.OnLocalApplied(applied_);
     } else if (e < 82) {
       ReplicaApply(some);
     } else if (e < 86) {

@@ -539,6 +539,38 @@ TEST(PrimaryGroup, FullCopyRegistersBaseAndStreamsAfterIt) {
   EXPECT_EQ(StatusOf(g, "p").positions, (Positions{12, 12, 12}));
 }
 
+// Regression (tests/sim --primary-restarts): a copy from the start is based on the applied LSN,
+// which can be below every peer's durable LSN; the lag index keeps the records after it, so the
+// copied peer's lag stays exact.
+TEST(PrimaryGroup, LagIsExactAfterACopyBelowEveryPeersDurable) {
+  PrimaryGroup g;
+  g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
+  g.AddPeer("q", Opts(Mode::kAsync), {}, 0);
+  for (uint64_t l = 1; l <= 30; ++l) g.OnLocalAppend(l, l, 5000 + l, 0);
+  g.OnLocalApplied(12);
+  Stream(g, "p", 1, 0);
+  Stream(g, "q", 1, 0);
+  g.OnPosition("p", {30, 30, 0}, 0);
+  g.OnPosition("q", {30, 30, 0}, 0);
+  g.OnLocalApplied(14);
+  // q is resynced: a copy from the start at the applied LSN 14.
+  g.OnDisconnected("q", "resync", 0);
+  g.OnConnected("q", 0);
+  HandshakeDecision d;
+  d.kind = HandshakeDecision::Kind::kFullCopy;
+  EXPECT_EQ(g.OnDecision("q", d, 14, 0), 15u);
+  Lag lag = StatusOf(g, "q").lag;
+  EXPECT_EQ(lag.lsns, 16u);
+  EXPECT_EQ(lag.bytes, (15u + 30) * 16 / 2);
+  EXPECT_EQ(lag.oldest_timestamp_ns, 5015u);
+  // The index drops records once both the applier and every peer are past them.
+  g.OnPosition("q", {20, 20, 0}, 0);
+  g.OnLocalApplied(30);
+  lag = StatusOf(g, "q").lag;
+  EXPECT_EQ(lag.bytes, (21u + 30) * 10 / 2);
+  EXPECT_EQ(lag.oldest_timestamp_ns, 5021u);
+}
+
 TEST(PrimaryGroup, StartsFromALogThatDoesNotBeginAtOne) {
   PrimaryGroup g;
   g.AddPeer("p", Opts(Mode::kAsync), {500, 500, 500}, 0);
