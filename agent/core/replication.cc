@@ -137,7 +137,13 @@ HandshakeDecision DecideHandshake(const PrimaryHello& hello, const ReplicaView& 
   const bool primary_holds_next = view.last_lsn + 1 >= hello.first_lsn;
   if (view.copy_in_progress) {
     d.kind = HandshakeDecision::Kind::kFullCopy;
-    if (primary_holds_next) {
+    if (hello.epoch != view.copy_epoch) {
+      // The chunks written so far show the volumes of the primary of the copy's epoch at LSNs
+      // this log may not hold; a primary of another epoch may have lost those records.
+      d.reason = "full copy: the interrupted copy was begun in epoch " + U(view.copy_epoch) +
+                 " and " + from + " is in epoch " + U(hello.epoch) +
+                 " (the copied data may hold records it lost); starting over";
+    } else if (primary_holds_next) {
       d.copy_resume = true;
       d.start_lsn = view.last_lsn + 1;
       d.copy_volume = view.copy_volume;
@@ -155,6 +161,22 @@ HandshakeDecision DecideHandshake(const PrimaryHello& hello, const ReplicaView& 
     d.kind = HandshakeDecision::Kind::kFullCopy;
     d.reason = "full copy: this replica never completed a copy (new or resynced)";
     return d;
+  }
+  if (view.consistent_at_lsn > view.last_lsn) {
+    // The volumes hold the copy, i.e. records up to consistent_at_lsn that the log does not hold
+    // yet. They count as held records: in the primary's log (same epoch at that LSN, so by log
+    // matching the same records up to it), or the replica cannot become consistent with it.
+    const uint64_t at = view.consistent_at_lsn;
+    if (hello.last_lsn < at || EpochAt(hello.history, at) != view.consistent_at_epoch) {
+      d.kind = HandshakeDecision::Kind::kFullCopy;
+      d.reason = "full copy: the completed copy holds records up to LSN " + U(at) + " (epoch " +
+                 U(view.consistent_at_epoch) + ") that this replica's log (to LSN " +
+                 U(view.last_lsn) + ") does not, and " + from +
+                 (hello.last_lsn < at ? " has records only up to LSN " + U(hello.last_lsn)
+                                      : " has epoch " + U(EpochAt(hello.history, at)) + " there") +
+                 "; starting over";
+      return d;
+    }
   }
   if (!primary_holds_next) {
     d.kind = HandshakeDecision::Kind::kFullCopy;
@@ -687,6 +709,8 @@ void ReplicaReceiver::OnCopyBegin(uint64_t epoch, uint64_t log_start_lsn,
   view_.copy_volume = 0;
   view_.copy_offset = 0;
   view_.consistent_at_lsn = 0;
+  view_.copy_epoch = epoch;
+  view_.consistent_at_epoch = 0;
   pos_.received = base;
   pos_.durable = base;
   pos_.applied = std::min(pos_.applied, base);
@@ -701,6 +725,9 @@ void ReplicaReceiver::OnCopyDone(uint64_t consistent_at_lsn) {
   view_.copy_in_progress = false;
   view_.consistent = true;
   view_.consistent_at_lsn = consistent_at_lsn;
+  // The copy's records up to L1 were written by the primary of this stream: its history says
+  // their epochs (records after the Hello's last LSN are in its own epoch, the history's last).
+  view_.consistent_at_epoch = StreamEpochAt(consistent_at_lsn);
 }
 
 void ReplicaReceiver::OnAppended(uint64_t last_lsn) {
@@ -724,6 +751,9 @@ std::optional<Positions> ReplicaReceiver::TakeAck() {
 
 const Positions& ReplicaReceiver::positions() const { return pos_; }
 uint64_t ReplicaReceiver::newest_epoch() const { return view_.newest_epoch; }
+uint64_t ReplicaReceiver::StreamEpochAt(uint64_t lsn) const {
+  return EpochAt(stream_history_, lsn);
+}
 const ReplicaView& ReplicaReceiver::view() const { return view_; }
 
 bool ReplicaReceiver::consistent() const {

@@ -75,6 +75,15 @@ struct ReplicaView {
   // The copy's L1 (docs/replication.md, "Full copy"): after a completed copy (consistent set),
   // the volumes are a prefix state only once applied >= this (persisted with `consistent`).
   uint64_t consistent_at_lsn = 0;
+  // The epoch of the stream that began the copy (from CopyBegin; persisted with the copy state).
+  // Chunks reflect the volumes of that primary at LSNs this log may not hold yet, so an
+  // interrupted copy resumes only on a stream of the same epoch (the same primary run: a primary
+  // begins a new epoch on every restart, and only a restart can lose records of its log).
+  uint64_t copy_epoch = 0;
+  // The epoch, in the copying primary's history, of the record at consistent_at_lsn (persisted
+  // with it). While the log has not reached consistent_at_lsn the volumes hold records it does not
+  // hold; the handshake checks them against the primary's history through this.
+  uint64_t consistent_at_epoch = 0;
 };
 
 enum class RefuseCode : uint8_t {
@@ -105,9 +114,12 @@ struct HandshakeDecision {
 // unknown group -> refuse; is_primary -> refuse kNotReplica; hello.epoch < newest_epoch -> refuse
 // kStaleEpoch; volume count or sizes differ -> refuse kVolumeMismatch; the replica holds records
 // beyond CommonPrefix -> refuse kDiverged (reason names the LSN and both epochs); copy in progress
-// -> full copy resuming at the persisted point, if the primary still holds last_lsn + 1, else a
-// full copy from the start; not consistent -> full copy; last_lsn + 1 < hello.first_lsn -> full
-// copy; else stream from last_lsn + 1.
+// -> full copy resuming at the persisted point, if the hello's epoch is the copy's epoch and the
+// primary still holds last_lsn + 1, else a full copy from the start; not consistent -> full copy;
+// a completed copy whose consistent_at_lsn the log has not reached, where the primary's history
+// does not have consistent_at_epoch at consistent_at_lsn (the volumes hold records the primary
+// lost: they cannot become a prefix state of its log) -> full copy from the start; last_lsn + 1 <
+// hello.first_lsn -> full copy; else stream from last_lsn + 1.
 HandshakeDecision DecideHandshake(const PrimaryHello& hello, const ReplicaView& view);
 
 // ---------------------------------------------------------------------------------------------
@@ -272,8 +284,9 @@ class ReplicaReceiver {
   void OnCopyBegin(uint64_t epoch, uint64_t log_start_lsn, const History& primary_history);
   // A chunk was written: the copy resumes at (volume, next_offset) after a restart (persist).
   void OnCopyChunk(uint32_t volume, uint64_t next_offset);
-  // The copy finished at L1: the replica is consistent once applied >= L1 (persist the view). The
-  // caller restarts its applier from log_start_lsn; applied is log_start_lsn - 1 from here.
+  // The copy finished at L1: the replica is consistent once applied >= L1 (persist the view, with
+  // consistent_at_epoch: the epoch of L1 in the stream's history). The caller restarts its
+  // applier from log_start_lsn; applied is log_start_lsn - 1 from here.
   void OnCopyDone(uint64_t consistent_at_lsn);
 
   // Progress of the replica's own log and volumes.
@@ -289,6 +302,9 @@ class ReplicaReceiver {
   const Positions& positions() const;
 
   uint64_t newest_epoch() const;
+  // The epoch of `lsn` in the stream's history: what OnCopyDone records as consistent_at_epoch
+  // (for the caller to persist before it calls OnCopyDone).
+  uint64_t StreamEpochAt(uint64_t lsn) const;
   const ReplicaView& view() const;
   bool consistent() const;  // not copying, and applied >= the copy's consistent-at LSN
 

@@ -723,6 +723,8 @@ core::ReplicaView ReplicaGroup::BuildView() const {
   }
   v.consistent = meta.consistent;
   v.consistent_at_lsn = meta.consistent_at_lsn;
+  v.copy_epoch = meta.copy_epoch;
+  v.consistent_at_epoch = meta.consistent_at_epoch;
   v.copy_in_progress = meta.copy_in_progress;
   v.copy_volume = meta.copy_volume;
   v.copy_offset = meta.copy_offset;
@@ -921,6 +923,8 @@ void ReplicaGroup::HandleCopyBegin(Session& s, const v1::CopyBegin& m) {
   meta.copy_base_lsn = m.log_start_lsn() - 1;
   meta.consistent = false;
   meta.consistent_at_lsn = 0;
+  meta.copy_epoch = m.epoch();
+  meta.consistent_at_epoch = 0;
   // The reset log and the copy mark land in one synced write: a crash between them could leave a
   // reset log that still claims to be consistent.
   if (absl::Status st = log_->ResetForCopy(m.log_start_lsn(), m.epoch(), meta); !st.ok()) {
@@ -1014,6 +1018,10 @@ void ReplicaGroup::HandleCopyDone(Session& s, const v1::CopyDone& m) {
   meta.copy_in_progress = false;
   meta.consistent = true;
   meta.consistent_at_lsn = m.lsn();
+  {
+    std::lock_guard lock(mu_);
+    meta.consistent_at_epoch = rx_.StreamEpochAt(m.lsn());
+  }
   if (absl::Status st = log_->SetReplicaMeta(meta); !st.ok()) return Fail(s, st);
   {
     std::lock_guard lock(mu_);

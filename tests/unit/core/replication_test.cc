@@ -146,6 +146,7 @@ TEST(DecideHandshake, ResumesInterruptedCopy) {
   ReplicaView v = View();
   v.consistent = false;
   v.copy_in_progress = true;
+  v.copy_epoch = 3;  // begun by this primary's epoch
   v.copy_volume = 1;
   v.copy_offset = 65536;
   HandshakeDecision d = DecideHandshake(Hello(), v);
@@ -161,6 +162,7 @@ TEST(DecideHandshake, RestartsCopyWhenLogTruncated) {
   ReplicaView v = View();
   v.consistent = false;
   v.copy_in_progress = true;
+  v.copy_epoch = 3;
   v.last_lsn = 40;  // the primary holds only from 50
   HandshakeDecision d = DecideHandshake(Hello(), v);
   EXPECT_EQ(d.kind, HandshakeDecision::Kind::kFullCopy);
@@ -193,6 +195,59 @@ TEST(DecideHandshake, FullCopyWhenBehindTruncation) {
   EXPECT_THAT(d.reason, HasSubstr("from LSN 50"));
   v.last_lsn = 49;
   EXPECT_EQ(DecideHandshake(Hello(), v).start_lsn, 50u);
+}
+
+// Regression (tests/sim --primary-restarts): a completed copy whose end LSN (consistent_at) the
+// log has not reached holds those records in its volumes only. They may be records the primary
+// lost in a crash (the copy read its volumes, which run ahead of its log's fsync): the replica
+// counts them as held and is copied again unless the primary's history has the same epoch there.
+TEST(DecideHandshake, CopyEndBeyondTheLogCountsAsHeldRecords) {
+  ReplicaView v = View();  // log to 150, copy completed at 170 in epoch 3 (not yet reached)
+  v.consistent_at_lsn = 170;
+  v.consistent_at_epoch = 3;
+  // The same lineage through 170: stream.
+  EXPECT_EQ(DecideHandshake(Hello(), v).kind, HandshakeDecision::Kind::kStreamFrom);
+  // The primary crashed keeping 160 and began epoch 4: records 161..170 of the copy are lost.
+  PrimaryHello h = Hello();
+  h.epoch = 4;
+  h.history = {{1, 1}, {3, 101}, {4, 161}};
+  HandshakeDecision d = DecideHandshake(h, v);
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kFullCopy);
+  EXPECT_FALSE(d.copy_resume);
+  EXPECT_THAT(d.reason, HasSubstr("up to LSN 170"));
+  EXPECT_THAT(d.reason, HasSubstr("epoch 4 there"));
+  // A primary whose log ends before 170 (same epoch so far) cannot hold them either.
+  h = Hello();
+  h.last_lsn = 165;
+  d = DecideHandshake(h, v);
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kFullCopy);
+  EXPECT_THAT(d.reason, HasSubstr("only up to LSN 165"));
+  // A clean restart (nothing lost, new epoch after 200) keeps them: stream.
+  h = Hello();
+  h.epoch = 4;
+  h.history = {{1, 1}, {3, 101}, {4, 201}};
+  EXPECT_EQ(DecideHandshake(h, v).kind, HandshakeDecision::Kind::kStreamFrom);
+  // Reached (the log holds 170): the ordinary divergence rules decide.
+  v.last_lsn = 170;
+  h.history = {{1, 1}, {3, 101}, {4, 161}};
+  EXPECT_EQ(DecideHandshake(h, v).code, RefuseCode::kDiverged);
+}
+
+// Regression: chunks of an interrupted copy show the primary's volumes at LSNs the replica's log
+// may not hold, so the copy resumes only with a primary of the epoch that began it.
+TEST(DecideHandshake, InterruptedCopyResumesOnlyInItsEpoch) {
+  ReplicaView v = View();
+  v.consistent = false;
+  v.copy_in_progress = true;
+  v.copy_epoch = 2;
+  v.copy_volume = 1;
+  v.copy_offset = 65536;
+  HandshakeDecision d = DecideHandshake(Hello(), v);  // epoch 3
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kFullCopy);
+  EXPECT_FALSE(d.copy_resume);
+  EXPECT_THAT(d.reason, HasSubstr("begun in epoch 2"));
+  v.copy_epoch = 3;
+  EXPECT_TRUE(DecideHandshake(Hello(), v).copy_resume);
 }
 
 // ---------------------------------------------------------------------------------------------
