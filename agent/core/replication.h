@@ -43,6 +43,9 @@ struct Positions {
   uint64_t received = 0;  // in the replica's log (maybe not fsynced)
   uint64_t durable = 0;   // in the replica's log, fsynced
   uint64_t applied = 0;   // in the replica's volumes
+  // A full copy is in progress at the replica (from CopyBegin until CopyDone is persisted). The
+  // primary learns from the first report without it that a copy it sent is complete there.
+  bool copying = false;
   bool operator==(const Positions&) const = default;
 };
 
@@ -169,7 +172,15 @@ struct PeerStatus {
   Positions positions;
   bool in_sync_set = false;  // sync peers only: writes wait for it
   bool degraded = false;     // a sync peer that left the sync set
-  uint64_t next_lsn = 0;     // next LSN to send
+  // Its positions count for the release points: from a handshake of this PrimaryGroup that
+  // decided to stream (the replica's log is the one they describe), or from the confirmed end of
+  // a full copy (copy_pending). Until then it holds no record for the release points: a sync peer
+  // in the sync set holds back every WRITE and FLUSH not released before (see OnDecision).
+  bool confirmed = false;
+  // A full copy to it is not known complete: from the decision until the replica reports the
+  // copy done and its received and durable reach the copy's end LSN.
+  bool copy_pending = false;
+  uint64_t next_lsn = 0;  // next LSN to send
   uint64_t inflight_bytes = 0;
   uint64_t window_bytes = 0;
   Nanos rtt = 0;               // min RTT over the last 10 s, 0 if unknown
@@ -187,7 +198,9 @@ class PrimaryGroup {
   PrimaryGroup(PrimaryGroup&&) noexcept;
   PrimaryGroup& operator=(PrimaryGroup&&) noexcept;
 
-  // Peers (from config). A peer starts kDisconnected, positions from `initial` (persisted).
+  // Peers (from config). A peer starts kDisconnected, positions from `initial` (persisted), not
+  // confirmed: they count for the release points only after its handshake decides to stream (a
+  // replica may have been resynced, or be in a copy, while this primary was down).
   void AddPeer(const std::string& peer, const SenderOptions& options, Positions initial, Nanos now);
 
   // The local log: records up to `lsn` are in the local log; `bytes` is the stored size of the
@@ -213,9 +226,20 @@ class PrimaryGroup {
   // record after it), applied at most that. copy_base_lsn must be at least the LSN last given to
   // OnLocalApplied (the lag index keeps records only from there). kRefuse -> kRefused with the
   // reason in last_error.
+  // kStreamFrom confirms the peer's positions (PeerStatus::confirmed). Any kFullCopy makes the
+  // peer copy_pending and unconfirmed: it holds records up to the copy's base only as copied
+  // chunks, and a replica is consistent (promotable) only once the copy is complete and its log
+  // reaches the copy's end LSN. Until then it counts as holding no record for the release points,
+  // so a sync peer in the sync set holds back every WRITE and FLUSH not released before the
+  // decision (the release points may drop); with sync_degrade_after it leaves the sync set once
+  // the oldest of those has waited that long, and rejoins only when the copy is complete. kRefuse
+  // unconfirms too.
   uint64_t OnDecision(const std::string& peer, const HandshakeDecision& d, uint64_t copy_base_lsn,
                       Nanos now);
-  void OnCopyDone(const std::string& peer, Nanos now);  // kCopying -> kStreaming
+  // The last chunk is sent, then CopyDone{end_lsn}: kCopying -> kStreaming. The copy is complete
+  // for the release points once the replica reports positions without `copying` and with received
+  // and durable at least end_lsn.
+  void OnCopyDone(const std::string& peer, uint64_t end_lsn, Nanos now);
   void OnDisconnected(const std::string& peer, const std::string& reason, Nanos now);
   // A position update. Values below what is known are ignored (never go backwards). Returns true
   // if a release point may have moved.

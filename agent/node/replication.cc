@@ -419,8 +419,9 @@ void PrimaryReplicator::OnMessage(Link& link, uint64_t generation, v1::FromRepli
     }
     case v1::FromReplica::kPosition: {
       const v1::Position& p = msg.position();
-      if (core_.OnPosition(link.opt.site, {p.received_lsn(), p.durable_lsn(), p.applied_lsn()},
-                           now)) {
+      core::Positions pos{p.received_lsn(), p.durable_lsn(), p.applied_lsn()};
+      pos.copying = p.copy_in_progress();
+      if (core_.OnPosition(link.opt.site, pos, now)) {
         ReleaseLocked(lock);
       }
       break;
@@ -517,11 +518,13 @@ void PrimaryReplicator::CopyStep(Link& link, core::Nanos now) {
     absl::Status st;
     bool finished = false;
     uint64_t len = 0;
+    uint64_t done_lsn = 0;
     if (vi >= group_->volume_count()) {
       // Every chunk is read: the copy equals the volumes as of some LSN <= last_lsn now.
       v1::CopyDone* d = msg.mutable_copy_done();
       d->set_epoch(epoch_);
-      d->set_lsn(log_->last_lsn());
+      done_lsn = log_->last_lsn();
+      d->set_lsn(done_lsn);
       finished = true;
     } else {
       storage::Volume& v = group_->volume(vi);
@@ -553,7 +556,7 @@ void PrimaryReplicator::CopyStep(Link& link, core::Nanos now) {
     stream->Send(std::move(msg));
     if (finished) {
       link.copying = false;
-      core_.OnCopyDone(link.opt.site, now);
+      core_.OnCopyDone(link.opt.site, done_lsn, now);
       spdlog::info("group {}: full copy to {} sent ({} bytes)", log_->name(), link.opt.site,
                    link.copy_total);
       return;
@@ -667,6 +670,8 @@ void PrimaryReplicator::FillStatus(v1::GroupStatus* out) const {
     ps->set_applied_lsn(p.positions.applied);
     ps->set_in_sync_set(p.in_sync_set);
     ps->set_degraded(p.degraded);
+    ps->set_copy_pending(p.copy_pending);
+    ps->set_confirmed(p.confirmed);
     ps->set_lag_lsns(p.lag.lsns);
     ps->set_lag_bytes(p.lag.bytes);
     ps->set_lag_seconds(p.lag.oldest_timestamp_ns == 0 || p.lag.oldest_timestamp_ns > wall
@@ -1074,6 +1079,7 @@ void ReplicaGroup::SendAck() {
   pos->set_durable_lsn(p->durable);
   pos->set_applied_lsn(p->applied);
   pos->set_copied_bytes(copied);
+  pos->set_copy_in_progress(p->copying);
   s->stream().Send(std::move(out));
 }
 

@@ -628,7 +628,7 @@ class Sim {
         done.lsn = applied_;
         Send(r, true, std::move(done));
         l.copying = false;
-        pg_.OnCopyDone(r.name, now_);
+        pg_.OnCopyDone(r.name, applied_, now_);
       }
     }
     for (int guard = 0; guard < 64; ++guard) {
@@ -893,8 +893,10 @@ class Sim {
         Trace(t);
       }
       for (size_t i = 0; i < replicas_.size(); ++i)
-        if (st[IndexFor(st, i)].in_sync_set)
+        if (st[IndexFor(st, i)].in_sync_set) {
+          CheckCanHold(*replicas_[i], lsn, "WRITE");
           replicas_[i]->must_written = std::max(replicas_[i]->must_written, lsn);
+        }
     }
     while (!pending_flushes_.empty() && pending_flushes_.front() <= fr) {
       const uint64_t target = pending_flushes_.front();
@@ -904,8 +906,29 @@ class Sim {
         Fail("invariant (a): FLUSH to " + std::to_string(target) +
              " completed while the local log is durable to " + std::to_string(durable_));
       for (size_t i = 0; i < replicas_.size(); ++i)
-        if (st[IndexFor(st, i)].in_sync_set)
+        if (st[IndexFor(st, i)].in_sync_set) {
+          CheckCanHold(*replicas_[i], target, "FLUSH");
           replicas_[i]->must_durable = std::max(replicas_[i]->must_durable, target);
+        }
+    }
+  }
+
+  // (a) at completion: a sync-set replica must be able to produce the completed I/O without the
+  // primary, i.e. it is not in the middle of a copy (its volumes are no image of anything), and a
+  // completed copy's end LSN is in its log (else it can never become consistent on its own).
+  void CheckCanHold(const Replica& r, uint64_t lsn, const char* what) {
+    if (lsn == 0) return;  // the empty prefix: nothing to hold
+    const ReplicaView& v = r.rx->view();
+    const std::string who = "replica " + r.name + " (" + core::ModeName(r.mode) + ")";
+    if (v.copy_in_progress || !v.consistent) {
+      Fail("invariant (a): " + std::string(what) + " " + std::to_string(lsn) +
+           " completed in sync mode while " + who +
+           (v.copy_in_progress ? " has a full copy in progress" : " never completed a copy"));
+    } else if (v.consistent_at_lsn > std::max(r.WrittenLast(), r.excused_written)) {
+      Fail("invariant (a): " + std::string(what) + " " + std::to_string(lsn) +
+           " completed in sync mode while " + who + " holds its copy's records up to " +
+           std::to_string(v.consistent_at_lsn) + " only in its volumes (log to " +
+           std::to_string(r.WrittenLast()) + ")");
     }
   }
 
