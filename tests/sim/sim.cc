@@ -192,6 +192,9 @@ class Sim {
     const Nanos degrade = variant >= 2 ? static_cast<Nanos>(rng_.Range(20, 200)) * kMs : 0;
     degrade_after_ = degrade;
     max_kept_ = rng_.Range(20, 200);
+    // Half the histories have an applier that often catches up with the log (before its fsync,
+    // as agent/node's does), half a slow one (copy bases far behind the peers).
+    applier_catch_up_ = rng_.Chance(0.5) ? 0.3 : 0.0;
     Nanos now = 0;
     for (int i = 0; i < 2; ++i) {
       auto r = std::make_unique<Replica>();
@@ -833,7 +836,8 @@ class Sim {
     } else if (e < 70) {
       // The applier may run ahead of the log's fsync (agent/node applies right after the append):
       // copies then read records a primary crash can lose.
-      applied_ = rng_.Chance(0.3) ? last_ : std::min(last_, applied_ + rng_.Range(1, 6));
+      applied_ =
+          rng_.Chance(applier_catch_up_) ? last_ : std::min(last_, applied_ + rng_.Range(1, 6));
       primary_volume_ = states_[applied_];
       pg_.OnLocalApplied(applied_);
     } else if (e < 82) {
@@ -1035,8 +1039,9 @@ class Sim {
   History history_{{1, 1}};
   uint32_t nblocks_ = 0;
   uint64_t max_kept_ = 0;
-  std::vector<Rec> truth_;                     // every record ever written; truth_[l - 1]
-  std::vector<uint64_t> cum_;                  // cumulative bytes through LSN l: cum_[l - 1]
+  double applier_catch_up_ = 0;  // chance that an applier step catches up with the log
+  std::vector<Rec> truth_;       // every record ever written; truth_[l - 1]
+  std::vector<uint64_t> cum_;    // cumulative bytes through LSN l: cum_[l - 1]
   std::vector<std::vector<uint64_t>> states_;  // the volume after LSN l: states_[l]
   uint64_t first_ = 1, last_ = 0, durable_ = 0, applied_ = 0;
   std::vector<uint64_t> primary_volume_;
