@@ -9,7 +9,7 @@
 //   'M' gid(BE32) 'f'           -> first LSN kept after truncation (u64 LE)
 //   'M' gid(BE32) 'p' peer      -> peer position (4 x u64 LE)
 //   'M' gid(BE32) 's' first(BE64) -> closed segment (last, bytes, first_ts, last_ts: 4 x u64 LE)
-//   'M' gid(BE32) 'r'           -> replica/role metadata (ReplicaMeta: 8 x u64 LE)
+//   'M' gid(BE32) 'r'           -> replica/role metadata (ReplicaMeta: 10 x u64 LE)
 #include "storage/group_log.h"
 
 #include <fmt/format.h>
@@ -72,7 +72,8 @@ std::string MetaKey(uint32_t gid, char tag, std::string_view name) {
 // value from an older build reads them as 0.
 std::string EncodeReplicaMeta(const ReplicaMeta& m) {
   return U64s({m.newest_epoch_seen, m.copy_in_progress ? 1u : 0u, m.copy_volume, m.copy_offset,
-               m.copy_base_lsn, m.consistent_at_lsn, m.consistent ? 1u : 0u, m.primary_epoch});
+               m.copy_base_lsn, m.consistent_at_lsn, m.consistent ? 1u : 0u, m.primary_epoch,
+               m.copy_epoch, m.consistent_at_epoch});
 }
 ReplicaMeta DecodeReplicaMeta(std::string_view v) {
   ReplicaMeta m;
@@ -84,6 +85,8 @@ ReplicaMeta DecodeReplicaMeta(std::string_view v) {
   m.consistent_at_lsn = U64At(v, 5);
   m.consistent = U64At(v, 6) != 0;
   m.primary_epoch = U64At(v, 7);
+  m.copy_epoch = U64At(v, 8);
+  m.consistent_at_epoch = U64At(v, 9);
   return m;
 }
 

@@ -186,10 +186,12 @@ struct ReplicaMeta {
   bool copy_in_progress = false;  // a full copy began and has not finished
   uint32_t copy_volume = 0;       // where an interrupted copy resumes
   uint64_t copy_offset = 0;
-  uint64_t copy_base_lsn = 0;      // L0: the copy's log starts at copy_base_lsn + 1
-  uint64_t consistent_at_lsn = 0;  // L1: consistent once the applied LSN reaches it
-  bool consistent = false;         // the volumes are a consistent image (at the applied LSN)
-  uint64_t primary_epoch = 0;      // the epoch this agent began as primary (0 = never)
+  uint64_t copy_base_lsn = 0;        // L0: the copy's log starts at copy_base_lsn + 1
+  uint64_t consistent_at_lsn = 0;    // L1: consistent once the applied LSN reaches it
+  bool consistent = false;           // the volumes are a consistent image (at the applied LSN)
+  uint64_t primary_epoch = 0;        // the epoch this agent began as primary (0 = never)
+  uint64_t copy_epoch = 0;           // the epoch of the stream that began the copy (CopyBegin)
+  uint64_t consistent_at_epoch = 0;  // epoch of the record at consistent_at_lsn (core::ReplicaView)
   bool operator==(const ReplicaMeta&) const = default;
 };
 

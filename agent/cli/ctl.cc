@@ -57,6 +57,7 @@ std::string Or(const std::string& value, std::string_view fallback) {
 
 std::string PeerState(const v1::PeerStatus& peer) {
   if (peer.degraded()) return "degraded";
+  if (peer.in_sync_set() && peer.copy_pending()) return "in-sync-set, copy pending";
   if (peer.in_sync_set()) return "in-sync-set";
   return "-";
 }

@@ -137,7 +137,13 @@ HandshakeDecision DecideHandshake(const PrimaryHello& hello, const ReplicaView& 
   const bool primary_holds_next = view.last_lsn + 1 >= hello.first_lsn;
   if (view.copy_in_progress) {
     d.kind = HandshakeDecision::Kind::kFullCopy;
-    if (primary_holds_next) {
+    if (hello.epoch != view.copy_epoch) {
+      // The chunks written so far show the volumes of the primary of the copy's epoch at LSNs
+      // this log may not hold; a primary of another epoch may have lost those records.
+      d.reason = "full copy: the interrupted copy was begun in epoch " + U(view.copy_epoch) +
+                 " and " + from + " is in epoch " + U(hello.epoch) +
+                 " (the copied data may hold records it lost); starting over";
+    } else if (primary_holds_next) {
       d.copy_resume = true;
       d.start_lsn = view.last_lsn + 1;
       d.copy_volume = view.copy_volume;
@@ -155,6 +161,22 @@ HandshakeDecision DecideHandshake(const PrimaryHello& hello, const ReplicaView& 
     d.kind = HandshakeDecision::Kind::kFullCopy;
     d.reason = "full copy: this replica never completed a copy (new or resynced)";
     return d;
+  }
+  if (view.consistent_at_lsn > view.last_lsn) {
+    // The volumes hold the copy, i.e. records up to consistent_at_lsn that the log does not hold
+    // yet. They count as held records: in the primary's log (same epoch at that LSN, so by log
+    // matching the same records up to it), or the replica cannot become consistent with it.
+    const uint64_t at = view.consistent_at_lsn;
+    if (hello.last_lsn < at || EpochAt(hello.history, at) != view.consistent_at_epoch) {
+      d.kind = HandshakeDecision::Kind::kFullCopy;
+      d.reason = "full copy: the completed copy holds records up to LSN " + U(at) + " (epoch " +
+                 U(view.consistent_at_epoch) + ") that this replica's log (to LSN " +
+                 U(view.last_lsn) + ") does not, and " + from +
+                 (hello.last_lsn < at ? " has records only up to LSN " + U(hello.last_lsn)
+                                      : " has epoch " + U(EpochAt(hello.history, at)) + " there") +
+                 "; starting over";
+      return d;
+    }
   }
   if (!primary_holds_next) {
     d.kind = HandshakeDecision::Kind::kFullCopy;
@@ -206,6 +228,18 @@ struct PrimaryGroup::Impl {
     Nanos rate_interval_start = -1;
     uint64_t rate_interval_bytes = 0;
     std::string last_error;
+    // Its positions count for the release points (PeerStatus::confirmed). Until then it holds
+    // back every write not released when it stopped counting.
+    bool confirmed = false;
+    // While not confirmed: append time of the oldest write it holds back, the oldest not released
+    // when it stopped counting or the first appended after (the degrade clock; the log may drop
+    // those records meanwhile).
+    std::optional<Nanos> holds_since;
+    // A full copy not yet known complete at the replica (PeerStatus::copy_pending).
+    bool copy_pending = false;
+    bool copy_end_sent = false;   // CopyDone went out with copy_end
+    uint64_t copy_end = 0;        // the copy's L1
+    bool copy_confirmed = false;  // the replica reported no copy in progress after CopyDone
   };
 
   // Records (base_lsn, last_lsn]; the ones at or below base_lsn were pruned.
@@ -214,6 +248,7 @@ struct PrimaryGroup::Impl {
   uint64_t base_cum = 0;
   uint64_t last = 0;
   uint64_t durable = 0;
+  uint64_t applied = 0;  // the local applier's LSN: a future copy's base is at least this
   std::map<std::string, Peer> peers;
 
   uint64_t CumAt(uint64_t lsn) const {
@@ -226,6 +261,38 @@ struct PrimaryGroup::Impl {
     return &recs[lsn - base_lsn - 1];
   }
   bool InSyncSet(const Peer& p) const { return p.options.mode == Mode::kSync && !p.degraded; }
+  // What a peer holds for the release points: nothing until its positions are confirmed.
+  uint64_t WriteHeld(const Peer& p) const { return p.confirmed ? p.pos.received : 0; }
+  uint64_t FlushHeld(const Peer& p) const { return p.confirmed ? p.pos.durable : 0; }
+  uint64_t WriteReleased() const {
+    uint64_t r = last;
+    for (auto& [n, p] : peers)
+      if (InSyncSet(p)) r = std::min(r, WriteHeld(p));
+    return r;
+  }
+  uint64_t FlushReleased() const {
+    uint64_t r = durable;
+    for (auto& [n, p] : peers)
+      if (InSyncSet(p)) r = std::min(r, FlushHeld(p));
+    return r;
+  }
+  // The copy is complete at the replica and its log reached the copy's end: it holds every record
+  // up to its received LSN again (the copy up to the base, its log after it).
+  bool MaybeEndCopy(Peer& p) {
+    if (!p.copy_pending || !p.copy_confirmed || p.pos.received < p.copy_end ||
+        p.pos.durable < p.copy_end)
+      return false;
+    p.copy_pending = false;
+    p.confirmed = true;
+    return true;
+  }
+  // Its positions stop counting: it holds back every write not released now.
+  void Unconfirm(Peer& p) {
+    if (!p.confirmed) return;
+    const Rec* oldest = RecAt(std::max(WriteReleased(), base_lsn) + 1);
+    p.holds_since = oldest ? std::optional<Nanos>(oldest->appended_at) : std::nullopt;
+    p.confirmed = false;
+  }
 
   Nanos Rtt(const Peer& p) const {
     // Min over the 10 s before the newest sample, so the figure does not depend on when it is
@@ -288,14 +355,23 @@ struct PrimaryGroup::Impl {
     // WRITE waits longer than sync_degrade_after, connected or not).
     std::optional<Nanos> at;
     if (!Connected(p.state)) at = p.down_since + p.options.sync_degrade_after;
-    if (const Rec* oldest_unacked = RecAt(p.pos.received + 1)) {
-      const Nanos t = oldest_unacked->appended_at + p.options.sync_degrade_after;
+    // The append time of the oldest write it holds back (the index keeps every record the peers
+    // have not made durable, so one waiting on a confirmed peer is older than base_lsn only if
+    // the log dropped it for retention: then the oldest record held is the best known).
+    std::optional<Nanos> oldest;
+    if (!p.confirmed) {
+      oldest = p.holds_since;
+    } else if (const Rec* r = RecAt(std::max(p.pos.received, base_lsn) + 1)) {
+      oldest = r->appended_at;
+    }
+    if (oldest) {
+      const Nanos t = *oldest + p.options.sync_degrade_after;
       at = at ? std::min(*at, t) : t;
     }
     return at;
   }
   bool MaybeRejoin(Peer& p) {
-    if (!p.degraded || p.pos.durable < last || p.pos.received < last) return false;
+    if (!p.degraded || !p.confirmed || p.pos.durable < last || p.pos.received < last) return false;
     p.degraded = false;
     return true;
   }
@@ -312,7 +388,10 @@ struct PrimaryGroup::Impl {
       recs.pop_front();
     }
   }
-  void Prune() { PruneTo(MinPeerDurable()); }
+  // The lag index keeps what a peer's lag needs: every record after its durable LSN, and after
+  // the applied LSN, the base of any copy from the start that can still begin (it lowers the
+  // copied peer's durable to that base).
+  void Prune() { PruneTo(std::min(MinPeerDurable(), applied)); }
 };
 
 PrimaryGroup::PrimaryGroup() : impl_(std::make_unique<Impl>()) {}
@@ -343,10 +422,19 @@ void PrimaryGroup::OnLocalAppend(uint64_t lsn, uint64_t bytes, uint64_t timestam
   const uint64_t cum = (s.recs.empty() ? s.base_cum : s.recs.back().cum_bytes) + bytes;
   s.recs.push_back(Impl::Rec{lsn, cum, timestamp_ns, now});
   s.last = lsn;
+  for (auto& [n, p] : s.peers)
+    if (!p.confirmed && !p.holds_since) p.holds_since = now;
 }
 
 void PrimaryGroup::OnLocalDurable(uint64_t lsn) {
   impl_->durable = std::max(impl_->durable, std::min(lsn, impl_->last));
+}
+
+void PrimaryGroup::OnLocalApplied(uint64_t lsn) {
+  Impl& s = *impl_;
+  if (lsn <= s.applied) return;
+  s.applied = lsn;
+  s.Prune();
 }
 
 void PrimaryGroup::OnLocalTruncate(uint64_t first_lsn) {
@@ -369,15 +457,24 @@ uint64_t PrimaryGroup::OnDecision(const std::string& peer, const HandshakeDecisi
   Impl::Peer& p = it->second;
   switch (d.kind) {
     case HandshakeDecision::Kind::kRefuse:
+      impl_->Unconfirm(p);  // its log is not the one its positions described
       p.state = LinkState::kRefused;
       p.last_error = std::string("refused (") + RefuseCodeName(d.code) + "): " + d.reason;
       p.next_lsn = 0;
       return 0;
     case HandshakeDecision::Kind::kStreamFrom:
+      // Its log is the one its positions describe (the persisted ones too): they count, unless
+      // a copy to it is still to be confirmed complete.
+      if (!p.copy_pending) p.confirmed = true;
       p.state = LinkState::kStreaming;
       p.next_lsn = std::max<uint64_t>(d.start_lsn, 1);
       break;
     case HandshakeDecision::Kind::kFullCopy:
+      impl_->Unconfirm(p);
+      p.copy_pending = true;
+      p.copy_end_sent = false;
+      p.copy_end = 0;
+      p.copy_confirmed = false;
       p.state = LinkState::kCopying;
       if (d.copy_resume) {
         p.next_lsn = std::max<uint64_t>(d.start_lsn, 1);
@@ -398,11 +495,14 @@ uint64_t PrimaryGroup::OnDecision(const std::string& peer, const HandshakeDecisi
   return p.next_lsn;
 }
 
-void PrimaryGroup::OnCopyDone(const std::string& peer, Nanos now) {
+void PrimaryGroup::OnCopyDone(const std::string& peer, uint64_t end_lsn, Nanos now) {
   (void)now;
   auto it = impl_->peers.find(peer);
-  if (it != impl_->peers.end() && it->second.state == LinkState::kCopying)
-    it->second.state = LinkState::kStreaming;
+  if (it == impl_->peers.end() || it->second.state != LinkState::kCopying) return;
+  Impl::Peer& p = it->second;
+  p.state = LinkState::kStreaming;
+  p.copy_end_sent = true;
+  p.copy_end = end_lsn;
 }
 
 void PrimaryGroup::OnDisconnected(const std::string& peer, const std::string& reason, Nanos now) {
@@ -460,6 +560,12 @@ bool PrimaryGroup::OnPosition(const std::string& peer, const Positions& pos, Nan
     moved = true;
   }
   p.pos.applied = std::max(p.pos.applied, pos.applied);
+  p.pos.copying = pos.copying;
+  // Reports are in order on the stream: one without `copying` after CopyDone went out was sent
+  // after the replica persisted the copy's completion.
+  if (p.copy_pending && p.copy_end_sent && !pos.copying && Connected(p.state))
+    p.copy_confirmed = true;
+  moved |= s.MaybeEndCopy(p);
   if (Connected(p.state)) {
     // Records the replica holds need not be sent again (it may be ahead of the decision).
     p.sent_last = std::max(p.sent_last, p.conn_received);
@@ -539,19 +645,9 @@ std::optional<Nanos> PrimaryGroup::NextDeadline() const {
   return best;
 }
 
-uint64_t PrimaryGroup::write_released() const {
-  uint64_t r = impl_->last;
-  for (auto& [n, p] : impl_->peers)
-    if (impl_->InSyncSet(p)) r = std::min(r, p.pos.received);
-  return r;
-}
+uint64_t PrimaryGroup::write_released() const { return impl_->WriteReleased(); }
 
-uint64_t PrimaryGroup::flush_released() const {
-  uint64_t r = impl_->durable;
-  for (auto& [n, p] : impl_->peers)
-    if (impl_->InSyncSet(p)) r = std::min(r, p.pos.durable);
-  return r;
-}
+uint64_t PrimaryGroup::flush_released() const { return impl_->FlushReleased(); }
 
 uint64_t PrimaryGroup::last_lsn() const { return impl_->last; }
 uint64_t PrimaryGroup::durable_lsn() const { return impl_->durable; }
@@ -569,6 +665,8 @@ std::vector<PeerStatus> PrimaryGroup::Status(Nanos now) const {
     st.positions = p.pos;
     st.in_sync_set = s.InSyncSet(p);
     st.degraded = p.degraded;
+    st.confirmed = p.confirmed;
+    st.copy_pending = p.copy_pending;
     st.next_lsn = p.next_lsn;
     st.inflight_bytes = s.Inflight(p);
     st.window_bytes = s.Window(p);
@@ -588,6 +686,7 @@ ReplicaReceiver::ReplicaReceiver(ReplicaView view) : view_(std::move(view)) {
   accepted_ = view_.last_lsn;
   pos_.received = view_.last_lsn;
   pos_.durable = view_.last_lsn;
+  pos_.copying = view_.copy_in_progress;
 }
 
 uint64_t ReplicaReceiver::LogEpoch() const {
@@ -676,9 +775,12 @@ void ReplicaReceiver::OnCopyBegin(uint64_t epoch, uint64_t log_start_lsn,
   view_.copy_volume = 0;
   view_.copy_offset = 0;
   view_.consistent_at_lsn = 0;
+  view_.copy_epoch = epoch;
+  view_.consistent_at_epoch = 0;
   pos_.received = base;
   pos_.durable = base;
   pos_.applied = std::min(pos_.applied, base);
+  pos_.copying = true;
 }
 
 void ReplicaReceiver::OnCopyChunk(uint32_t volume, uint64_t next_offset) {
@@ -690,6 +792,10 @@ void ReplicaReceiver::OnCopyDone(uint64_t consistent_at_lsn) {
   view_.copy_in_progress = false;
   view_.consistent = true;
   view_.consistent_at_lsn = consistent_at_lsn;
+  // The copy's records up to L1 were written by the primary of this stream: its history says
+  // their epochs (records after the Hello's last LSN are in its own epoch, the history's last).
+  view_.consistent_at_epoch = StreamEpochAt(consistent_at_lsn);
+  pos_.copying = false;  // the next ack tells the primary (the caller persisted the view first)
 }
 
 void ReplicaReceiver::OnAppended(uint64_t last_lsn) {
@@ -713,6 +819,9 @@ std::optional<Positions> ReplicaReceiver::TakeAck() {
 
 const Positions& ReplicaReceiver::positions() const { return pos_; }
 uint64_t ReplicaReceiver::newest_epoch() const { return view_.newest_epoch; }
+uint64_t ReplicaReceiver::StreamEpochAt(uint64_t lsn) const {
+  return EpochAt(stream_history_, lsn);
+}
 const ReplicaView& ReplicaReceiver::view() const { return view_; }
 
 bool ReplicaReceiver::consistent() const {

@@ -43,6 +43,9 @@ struct Positions {
   uint64_t received = 0;  // in the replica's log (maybe not fsynced)
   uint64_t durable = 0;   // in the replica's log, fsynced
   uint64_t applied = 0;   // in the replica's volumes
+  // A full copy is in progress at the replica (from CopyBegin until CopyDone is persisted). The
+  // primary learns from the first report without it that a copy it sent is complete there.
+  bool copying = false;
   bool operator==(const Positions&) const = default;
 };
 
@@ -75,6 +78,15 @@ struct ReplicaView {
   // The copy's L1 (docs/replication.md, "Full copy"): after a completed copy (consistent set),
   // the volumes are a prefix state only once applied >= this (persisted with `consistent`).
   uint64_t consistent_at_lsn = 0;
+  // The epoch of the stream that began the copy (from CopyBegin; persisted with the copy state).
+  // Chunks reflect the volumes of that primary at LSNs this log may not hold yet, so an
+  // interrupted copy resumes only on a stream of the same epoch (the same primary run: a primary
+  // begins a new epoch on every restart, and only a restart can lose records of its log).
+  uint64_t copy_epoch = 0;
+  // The epoch, in the copying primary's history, of the record at consistent_at_lsn (persisted
+  // with it). While the log has not reached consistent_at_lsn the volumes hold records it does not
+  // hold; the handshake checks them against the primary's history through this.
+  uint64_t consistent_at_epoch = 0;
 };
 
 enum class RefuseCode : uint8_t {
@@ -105,9 +117,12 @@ struct HandshakeDecision {
 // unknown group -> refuse; is_primary -> refuse kNotReplica; hello.epoch < newest_epoch -> refuse
 // kStaleEpoch; volume count or sizes differ -> refuse kVolumeMismatch; the replica holds records
 // beyond CommonPrefix -> refuse kDiverged (reason names the LSN and both epochs); copy in progress
-// -> full copy resuming at the persisted point, if the primary still holds last_lsn + 1, else a
-// full copy from the start; not consistent -> full copy; last_lsn + 1 < hello.first_lsn -> full
-// copy; else stream from last_lsn + 1.
+// -> full copy resuming at the persisted point, if the hello's epoch is the copy's epoch and the
+// primary still holds last_lsn + 1, else a full copy from the start; not consistent -> full copy;
+// a completed copy whose consistent_at_lsn the log has not reached, where the primary's history
+// does not have consistent_at_epoch at consistent_at_lsn (the volumes hold records the primary
+// lost: they cannot become a prefix state of its log) -> full copy from the start; last_lsn + 1 <
+// hello.first_lsn -> full copy; else stream from last_lsn + 1.
 HandshakeDecision DecideHandshake(const PrimaryHello& hello, const ReplicaView& view);
 
 // ---------------------------------------------------------------------------------------------
@@ -157,7 +172,15 @@ struct PeerStatus {
   Positions positions;
   bool in_sync_set = false;  // sync peers only: writes wait for it
   bool degraded = false;     // a sync peer that left the sync set
-  uint64_t next_lsn = 0;     // next LSN to send
+  // Its positions count for the release points: from a handshake of this PrimaryGroup that
+  // decided to stream (the replica's log is the one they describe), or from the confirmed end of
+  // a full copy (copy_pending). Until then it holds no record for the release points: a sync peer
+  // in the sync set holds back every WRITE and FLUSH not released before (see OnDecision).
+  bool confirmed = false;
+  // A full copy to it is not known complete: from the decision until the replica reports the
+  // copy done and its received and durable reach the copy's end LSN.
+  bool copy_pending = false;
+  uint64_t next_lsn = 0;  // next LSN to send
   uint64_t inflight_bytes = 0;
   uint64_t window_bytes = 0;
   Nanos rtt = 0;               // min RTT over the last 10 s, 0 if unknown
@@ -175,7 +198,9 @@ class PrimaryGroup {
   PrimaryGroup(PrimaryGroup&&) noexcept;
   PrimaryGroup& operator=(PrimaryGroup&&) noexcept;
 
-  // Peers (from config). A peer starts kDisconnected, positions from `initial` (persisted).
+  // Peers (from config). A peer starts kDisconnected, positions from `initial` (persisted), not
+  // confirmed: they count for the release points only after its handshake decides to stream (a
+  // replica may have been resynced, or be in a copy, while this primary was down).
   void AddPeer(const std::string& peer, const SenderOptions& options, Positions initial, Nanos now);
 
   // The local log: records up to `lsn` are in the local log; `bytes` is the stored size of the
@@ -184,6 +209,12 @@ class PrimaryGroup {
   void OnLocalDurable(uint64_t lsn);
   // The local log dropped records below `first_lsn` (retention).
   void OnLocalTruncate(uint64_t first_lsn);
+  // The local applier has applied records up to `lsn` to the volumes. A full copy from the start
+  // is based on this LSN (OnDecision's copy_base_lsn), which can be below every peer's durable LSN,
+  // so the lag index keeps every record after min(applied, every peer's durable): a copy's base is
+  // then always in it and the lag of the copied peer stays exact. Call it as the applier advances;
+  // until it is first called nothing is dropped from the index.
+  void OnLocalApplied(uint64_t lsn);
 
   // Link events.
   void OnConnected(const std::string& peer, Nanos now);  // Hello sent -> kHandshake
@@ -192,10 +223,23 @@ class PrimaryGroup {
   // copy_base_lsn + 1 (or from d.start_lsn when resuming). Returns the LSN to stream from.
   // A full copy from the start replaces the peer's log, so it is the one event that lowers the
   // peer's known positions: received and durable become copy_base_lsn (retention must keep every
-  // record after it), applied at most that. kRefuse -> kRefused with the reason in last_error.
+  // record after it), applied at most that. copy_base_lsn must be at least the LSN last given to
+  // OnLocalApplied (the lag index keeps records only from there). kRefuse -> kRefused with the
+  // reason in last_error.
+  // kStreamFrom confirms the peer's positions (PeerStatus::confirmed). Any kFullCopy makes the
+  // peer copy_pending and unconfirmed: it holds records up to the copy's base only as copied
+  // chunks, and a replica is consistent (promotable) only once the copy is complete and its log
+  // reaches the copy's end LSN. Until then it counts as holding no record for the release points,
+  // so a sync peer in the sync set holds back every WRITE and FLUSH not released before the
+  // decision (the release points may drop); with sync_degrade_after it leaves the sync set once
+  // the oldest of those has waited that long, and rejoins only when the copy is complete. kRefuse
+  // unconfirms too.
   uint64_t OnDecision(const std::string& peer, const HandshakeDecision& d, uint64_t copy_base_lsn,
                       Nanos now);
-  void OnCopyDone(const std::string& peer, Nanos now);  // kCopying -> kStreaming
+  // The last chunk is sent, then CopyDone{end_lsn}: kCopying -> kStreaming. The copy is complete
+  // for the release points once the replica reports positions without `copying` and with received
+  // and durable at least end_lsn.
+  void OnCopyDone(const std::string& peer, uint64_t end_lsn, Nanos now);
   void OnDisconnected(const std::string& peer, const std::string& reason, Nanos now);
   // A position update. Values below what is known are ignored (never go backwards). Returns true
   // if a release point may have moved.
@@ -264,8 +308,9 @@ class ReplicaReceiver {
   void OnCopyBegin(uint64_t epoch, uint64_t log_start_lsn, const History& primary_history);
   // A chunk was written: the copy resumes at (volume, next_offset) after a restart (persist).
   void OnCopyChunk(uint32_t volume, uint64_t next_offset);
-  // The copy finished at L1: the replica is consistent once applied >= L1 (persist the view). The
-  // caller restarts its applier from log_start_lsn; applied is log_start_lsn - 1 from here.
+  // The copy finished at L1: the replica is consistent once applied >= L1 (persist the view, with
+  // consistent_at_epoch: the epoch of L1 in the stream's history). The caller restarts its
+  // applier from log_start_lsn; applied is log_start_lsn - 1 from here.
   void OnCopyDone(uint64_t consistent_at_lsn);
 
   // Progress of the replica's own log and volumes.
@@ -281,6 +326,9 @@ class ReplicaReceiver {
   const Positions& positions() const;
 
   uint64_t newest_epoch() const;
+  // The epoch of `lsn` in the stream's history: what OnCopyDone records as consistent_at_epoch
+  // (for the caller to persist before it calls OnCopyDone).
+  uint64_t StreamEpochAt(uint64_t lsn) const;
   const ReplicaView& view() const;
   bool consistent() const;  // not copying, and applied >= the copy's consistent-at LSN
 

@@ -190,6 +190,7 @@ absl::StatusOr<std::shared_ptr<PrimaryReplicator>> PrimaryReplicator::Start(Grou
     r->core_.OnLocalTruncate(state.first_lsn);
   }
   r->core_.OnLocalDurable(log.durable_lsn());
+  r->core_.OnLocalApplied(group->applied_lsn());
 
   std::weak_ptr<PrimaryReplicator> weak = r;
   group->SetRecordsObserver([weak](std::span<const storage::LogRecordView> records) {
@@ -238,6 +239,8 @@ void PrimaryReplicator::OnRecords(std::span<const storage::LogRecordView> record
       core_.OnLocalAppend(r.lsn, stored, r.header.timestamp_ns, now);
       bytes += stored;
     }
+    // The observer runs after the batch is applied: a full copy's base is at least this.
+    if (!records.empty()) core_.OnLocalApplied(records.back().lsn);
   }
   // A small batch is shipped right here on the committer thread, before its WRITEs wait for the
   // sync peers: at low queue depth the hand-off to the worker was a large part of a sync write's
@@ -434,8 +437,9 @@ void PrimaryReplicator::OnMessage(Link& link, uint64_t generation, v1::FromRepli
     }
     case v1::FromReplica::kPosition: {
       const v1::Position& p = msg.position();
-      if (core_.OnPosition(link.opt.site, {p.received_lsn(), p.durable_lsn(), p.applied_lsn()},
-                           now)) {
+      core::Positions pos{p.received_lsn(), p.durable_lsn(), p.applied_lsn()};
+      pos.copying = p.copy_in_progress();
+      if (core_.OnPosition(link.opt.site, pos, now)) {
         ReleaseLocked(lock);
       }
       break;
@@ -542,11 +546,13 @@ void PrimaryReplicator::CopyStep(Link& link, core::Nanos now) {
     absl::Status st;
     bool finished = false;
     uint64_t len = 0;
+    uint64_t done_lsn = 0;
     if (vi >= group_->volume_count()) {
       // Every chunk is read: the copy equals the volumes as of some LSN <= last_lsn now.
       v1::CopyDone* d = msg.mutable_copy_done();
       d->set_epoch(epoch_);
-      d->set_lsn(log_->last_lsn());
+      done_lsn = log_->last_lsn();
+      d->set_lsn(done_lsn);
       finished = true;
     } else {
       storage::Volume& v = group_->volume(vi);
@@ -578,7 +584,7 @@ void PrimaryReplicator::CopyStep(Link& link, core::Nanos now) {
     stream->Send(std::move(msg));
     if (finished) {
       link.copying = false;
-      core_.OnCopyDone(link.opt.site, now);
+      core_.OnCopyDone(link.opt.site, done_lsn, now);
       spdlog::info("group {}: full copy to {} sent ({} bytes)", log_->name(), link.opt.site,
                    link.copy_total);
       return;
@@ -692,6 +698,8 @@ void PrimaryReplicator::FillStatus(v1::GroupStatus* out) const {
     ps->set_applied_lsn(p.positions.applied);
     ps->set_in_sync_set(p.in_sync_set);
     ps->set_degraded(p.degraded);
+    ps->set_copy_pending(p.copy_pending);
+    ps->set_confirmed(p.confirmed);
     ps->set_lag_lsns(p.lag.lsns);
     ps->set_lag_bytes(p.lag.bytes);
     ps->set_lag_seconds(p.lag.oldest_timestamp_ns == 0 || p.lag.oldest_timestamp_ns > wall
@@ -748,6 +756,8 @@ core::ReplicaView ReplicaGroup::BuildView() const {
   }
   v.consistent = meta.consistent;
   v.consistent_at_lsn = meta.consistent_at_lsn;
+  v.copy_epoch = meta.copy_epoch;
+  v.consistent_at_epoch = meta.consistent_at_epoch;
   v.copy_in_progress = meta.copy_in_progress;
   v.copy_volume = meta.copy_volume;
   v.copy_offset = meta.copy_offset;
@@ -992,6 +1002,8 @@ void ReplicaGroup::HandleCopyBegin(Session& s, const v1::CopyBegin& m) {
   meta.copy_base_lsn = m.log_start_lsn() - 1;
   meta.consistent = false;
   meta.consistent_at_lsn = 0;
+  meta.copy_epoch = m.epoch();
+  meta.consistent_at_epoch = 0;
   // The reset log and the copy mark land in one synced write: a crash between them could leave a
   // reset log that still claims to be consistent.
   if (absl::Status st = log_->ResetForCopy(m.log_start_lsn(), m.epoch(), meta); !st.ok()) {
@@ -1086,6 +1098,10 @@ void ReplicaGroup::HandleCopyDone(Session& s, const v1::CopyDone& m) {
   meta.copy_in_progress = false;
   meta.consistent = true;
   meta.consistent_at_lsn = m.lsn();
+  {
+    std::lock_guard lock(mu_);
+    meta.consistent_at_epoch = rx_.StreamEpochAt(m.lsn());
+  }
   if (absl::Status st = log_->SetReplicaMeta(meta); !st.ok()) return Fail(s, st);
   {
     std::lock_guard lock(mu_);
@@ -1138,6 +1154,7 @@ void ReplicaGroup::SendAck() {
   pos->set_durable_lsn(p->durable);
   pos->set_applied_lsn(p->applied);
   pos->set_copied_bytes(copied);
+  pos->set_copy_in_progress(p->copying);
   s->stream().Send(std::move(out));
 }
 

@@ -192,6 +192,9 @@ class Sim {
     const Nanos degrade = variant >= 2 ? static_cast<Nanos>(rng_.Range(20, 200)) * kMs : 0;
     degrade_after_ = degrade;
     max_kept_ = rng_.Range(20, 200);
+    // Half the histories have an applier that often catches up with the log (before its fsync,
+    // as agent/node's does), half a slow one (copy bases far behind the peers).
+    applier_catch_up_ = rng_.Chance(0.5) ? 0.3 : 0.0;
     Nanos now = 0;
     for (int i = 0; i < 2; ++i) {
       auto r = std::make_unique<Replica>();
@@ -628,7 +631,7 @@ class Sim {
         done.lsn = applied_;
         Send(r, true, std::move(done));
         l.copying = false;
-        pg_.OnCopyDone(r.name, now_);
+        pg_.OnCopyDone(r.name, applied_, now_);
       }
     }
     for (int guard = 0; guard < 64; ++guard) {
@@ -769,6 +772,7 @@ class Sim {
       pg_.OnLocalAppend(lsn, truth_[lsn - 1].bytes, truth_[lsn - 1].timestamp_ns, now_);
     if (last_ > 0 && first_ > last_) pg_.OnLocalTruncate(first_);
     pg_.OnLocalDurable(durable_);
+    pg_.OnLocalApplied(applied_);
     // The release points restart from the recovered log.
     prev_wr_ = pg_.write_released();
     prev_fr_ = pg_.flush_released();
@@ -830,8 +834,12 @@ class Sim {
       durable_ = last_;
       pg_.OnLocalDurable(durable_);
     } else if (e < 70) {
-      applied_ = std::min(last_, applied_ + rng_.Range(1, 6));
+      // The applier may run ahead of the log's fsync (agent/node applies right after the append):
+      // copies then read records a primary crash can lose.
+      applied_ =
+          rng_.Chance(applier_catch_up_) ? last_ : std::min(last_, applied_ + rng_.Range(1, 6));
       primary_volume_ = states_[applied_];
+      pg_.OnLocalApplied(applied_);
     } else if (e < 82) {
       ReplicaApply(some);
     } else if (e < 86) {
@@ -891,8 +899,10 @@ class Sim {
         Trace(t);
       }
       for (size_t i = 0; i < replicas_.size(); ++i)
-        if (st[IndexFor(st, i)].in_sync_set)
+        if (st[IndexFor(st, i)].in_sync_set) {
+          CheckCanHold(*replicas_[i], lsn, "WRITE");
           replicas_[i]->must_written = std::max(replicas_[i]->must_written, lsn);
+        }
     }
     while (!pending_flushes_.empty() && pending_flushes_.front() <= fr) {
       const uint64_t target = pending_flushes_.front();
@@ -902,8 +912,29 @@ class Sim {
         Fail("invariant (a): FLUSH to " + std::to_string(target) +
              " completed while the local log is durable to " + std::to_string(durable_));
       for (size_t i = 0; i < replicas_.size(); ++i)
-        if (st[IndexFor(st, i)].in_sync_set)
+        if (st[IndexFor(st, i)].in_sync_set) {
+          CheckCanHold(*replicas_[i], target, "FLUSH");
           replicas_[i]->must_durable = std::max(replicas_[i]->must_durable, target);
+        }
+    }
+  }
+
+  // (a) at completion: a sync-set replica must be able to produce the completed I/O without the
+  // primary, i.e. it is not in the middle of a copy (its volumes are no image of anything), and a
+  // completed copy's end LSN is in its log (else it can never become consistent on its own).
+  void CheckCanHold(const Replica& r, uint64_t lsn, const char* what) {
+    if (lsn == 0) return;  // the empty prefix: nothing to hold
+    const ReplicaView& v = r.rx->view();
+    const std::string who = "replica " + r.name + " (" + core::ModeName(r.mode) + ")";
+    if (v.copy_in_progress || !v.consistent) {
+      Fail("invariant (a): " + std::string(what) + " " + std::to_string(lsn) +
+           " completed in sync mode while " + who +
+           (v.copy_in_progress ? " has a full copy in progress" : " never completed a copy"));
+    } else if (v.consistent_at_lsn > std::max(r.WrittenLast(), r.excused_written)) {
+      Fail("invariant (a): " + std::string(what) + " " + std::to_string(lsn) +
+           " completed in sync mode while " + who + " holds its copy's records up to " +
+           std::to_string(v.consistent_at_lsn) + " only in its volumes (log to " +
+           std::to_string(r.WrittenLast()) + ")");
     }
   }
 
@@ -1008,8 +1039,9 @@ class Sim {
   History history_{{1, 1}};
   uint32_t nblocks_ = 0;
   uint64_t max_kept_ = 0;
-  std::vector<Rec> truth_;                     // every record ever written; truth_[l - 1]
-  std::vector<uint64_t> cum_;                  // cumulative bytes through LSN l: cum_[l - 1]
+  double applier_catch_up_ = 0;  // chance that an applier step catches up with the log
+  std::vector<Rec> truth_;       // every record ever written; truth_[l - 1]
+  std::vector<uint64_t> cum_;    // cumulative bytes through LSN l: cum_[l - 1]
   std::vector<std::vector<uint64_t>> states_;  // the volume after LSN l: states_[l]
   uint64_t first_ = 1, last_ = 0, durable_ = 0, applied_ = 0;
   std::vector<uint64_t> primary_volume_;

@@ -146,6 +146,7 @@ TEST(DecideHandshake, ResumesInterruptedCopy) {
   ReplicaView v = View();
   v.consistent = false;
   v.copy_in_progress = true;
+  v.copy_epoch = 3;  // begun by this primary's epoch
   v.copy_volume = 1;
   v.copy_offset = 65536;
   HandshakeDecision d = DecideHandshake(Hello(), v);
@@ -161,6 +162,7 @@ TEST(DecideHandshake, RestartsCopyWhenLogTruncated) {
   ReplicaView v = View();
   v.consistent = false;
   v.copy_in_progress = true;
+  v.copy_epoch = 3;
   v.last_lsn = 40;  // the primary holds only from 50
   HandshakeDecision d = DecideHandshake(Hello(), v);
   EXPECT_EQ(d.kind, HandshakeDecision::Kind::kFullCopy);
@@ -193,6 +195,59 @@ TEST(DecideHandshake, FullCopyWhenBehindTruncation) {
   EXPECT_THAT(d.reason, HasSubstr("from LSN 50"));
   v.last_lsn = 49;
   EXPECT_EQ(DecideHandshake(Hello(), v).start_lsn, 50u);
+}
+
+// Regression (tests/sim --primary-restarts): a completed copy whose end LSN (consistent_at) the
+// log has not reached holds those records in its volumes only. They may be records the primary
+// lost in a crash (the copy read its volumes, which run ahead of its log's fsync): the replica
+// counts them as held and is copied again unless the primary's history has the same epoch there.
+TEST(DecideHandshake, CopyEndBeyondTheLogCountsAsHeldRecords) {
+  ReplicaView v = View();  // log to 150, copy completed at 170 in epoch 3 (not yet reached)
+  v.consistent_at_lsn = 170;
+  v.consistent_at_epoch = 3;
+  // The same lineage through 170: stream.
+  EXPECT_EQ(DecideHandshake(Hello(), v).kind, HandshakeDecision::Kind::kStreamFrom);
+  // The primary crashed keeping 160 and began epoch 4: records 161..170 of the copy are lost.
+  PrimaryHello h = Hello();
+  h.epoch = 4;
+  h.history = {{1, 1}, {3, 101}, {4, 161}};
+  HandshakeDecision d = DecideHandshake(h, v);
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kFullCopy);
+  EXPECT_FALSE(d.copy_resume);
+  EXPECT_THAT(d.reason, HasSubstr("up to LSN 170"));
+  EXPECT_THAT(d.reason, HasSubstr("epoch 4 there"));
+  // A primary whose log ends before 170 (same epoch so far) cannot hold them either.
+  h = Hello();
+  h.last_lsn = 165;
+  d = DecideHandshake(h, v);
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kFullCopy);
+  EXPECT_THAT(d.reason, HasSubstr("only up to LSN 165"));
+  // A clean restart (nothing lost, new epoch after 200) keeps them: stream.
+  h = Hello();
+  h.epoch = 4;
+  h.history = {{1, 1}, {3, 101}, {4, 201}};
+  EXPECT_EQ(DecideHandshake(h, v).kind, HandshakeDecision::Kind::kStreamFrom);
+  // Reached (the log holds 170): the ordinary divergence rules decide.
+  v.last_lsn = 170;
+  h.history = {{1, 1}, {3, 101}, {4, 161}};
+  EXPECT_EQ(DecideHandshake(h, v).code, RefuseCode::kDiverged);
+}
+
+// Regression: chunks of an interrupted copy show the primary's volumes at LSNs the replica's log
+// may not hold, so the copy resumes only with a primary of the epoch that began it.
+TEST(DecideHandshake, InterruptedCopyResumesOnlyInItsEpoch) {
+  ReplicaView v = View();
+  v.consistent = false;
+  v.copy_in_progress = true;
+  v.copy_epoch = 2;
+  v.copy_volume = 1;
+  v.copy_offset = 65536;
+  HandshakeDecision d = DecideHandshake(Hello(), v);  // epoch 3
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kFullCopy);
+  EXPECT_FALSE(d.copy_resume);
+  EXPECT_THAT(d.reason, HasSubstr("begun in epoch 2"));
+  v.copy_epoch = 3;
+  EXPECT_TRUE(DecideHandshake(Hello(), v).copy_resume);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -255,6 +310,9 @@ TEST(PrimaryGroup, SyncReleasePoints) {
   Append(g, 1, 10, 100, 0);
   g.OnLocalDurable(6);
   EXPECT_EQ(g.write_released(), 0u);
+  Stream(g, "s1", 1, 0);
+  Stream(g, "s2", 1, 0);
+  Stream(g, "a", 1, 0);
   EXPECT_TRUE(g.OnPosition("s1", {8, 5, 0}, 0));
   EXPECT_TRUE(g.OnPosition("s2", {9, 7, 0}, 0));
   EXPECT_TRUE(g.OnPosition("a", {10, 10, 10}, 0));
@@ -528,7 +586,7 @@ TEST(PrimaryGroup, FullCopyRegistersBaseAndStreamsAfterIt) {
   std::optional<SendPlan> plan = g.NextSend("p", 0);
   ASSERT_TRUE(plan);
   EXPECT_EQ(plan->from_lsn, 13u);
-  g.OnCopyDone("p", 0);
+  g.OnCopyDone("p", 14, 0);
   EXPECT_EQ(StatusOf(g, "p").state, LinkState::kStreaming);
   // A resumed copy streams from the replica's log end and keeps positions.
   g.OnDisconnected("p", "cut", 0);
@@ -537,6 +595,171 @@ TEST(PrimaryGroup, FullCopyRegistersBaseAndStreamsAfterIt) {
   d.start_lsn = 17;
   EXPECT_EQ(g.OnDecision("p", d, 25, 0), 17u);
   EXPECT_EQ(StatusOf(g, "p").positions, (Positions{12, 12, 12}));
+}
+
+// Regression (tests/sim --primary-restarts): a copy from the start is based on the applied LSN,
+// which can be below every peer's durable LSN; the lag index keeps the records after it, so the
+// copied peer's lag stays exact.
+TEST(PrimaryGroup, LagIsExactAfterACopyBelowEveryPeersDurable) {
+  PrimaryGroup g;
+  g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
+  g.AddPeer("q", Opts(Mode::kAsync), {}, 0);
+  for (uint64_t l = 1; l <= 30; ++l) g.OnLocalAppend(l, l, 5000 + l, 0);
+  g.OnLocalApplied(12);
+  Stream(g, "p", 1, 0);
+  Stream(g, "q", 1, 0);
+  g.OnPosition("p", {30, 30, 0}, 0);
+  g.OnPosition("q", {30, 30, 0}, 0);
+  g.OnLocalApplied(14);
+  // q is resynced: a copy from the start at the applied LSN 14.
+  g.OnDisconnected("q", "resync", 0);
+  g.OnConnected("q", 0);
+  HandshakeDecision d;
+  d.kind = HandshakeDecision::Kind::kFullCopy;
+  EXPECT_EQ(g.OnDecision("q", d, 14, 0), 15u);
+  Lag lag = StatusOf(g, "q").lag;
+  EXPECT_EQ(lag.lsns, 16u);
+  EXPECT_EQ(lag.bytes, (15u + 30) * 16 / 2);
+  EXPECT_EQ(lag.oldest_timestamp_ns, 5015u);
+  // The index drops records once both the applier and every peer are past them.
+  g.OnPosition("q", {20, 20, 0}, 0);
+  g.OnLocalApplied(30);
+  lag = StatusOf(g, "q").lag;
+  EXPECT_EQ(lag.bytes, (21u + 30) * 10 / 2);
+  EXPECT_EQ(lag.oldest_timestamp_ns, 5021u);
+}
+
+// Regression (tests/sim --primary-restarts): a sync peer that takes a full copy holds records up
+// to the copy's base only as copied chunks, and is consistent only once the copy is complete and
+// its log reaches the copy's end. Until the replica reports that, it holds no write: WRITEs and
+// FLUSHes not released at the decision wait (they used to complete on the copy's base).
+TEST(PrimaryGroup, SyncPeerUnderACopyHoldsNoWriteUntilTheCopyIsComplete) {
+  PrimaryGroup g;
+  g.AddPeer("s", Opts(Mode::kSync), {}, 0);
+  Stream(g, "s", 1, 0);
+  Append(g, 1, 30, 10, 0);
+  g.OnLocalDurable(30);
+  g.OnLocalApplied(30);
+  g.OnPosition("s", {5, 5, 5}, 0);
+  EXPECT_EQ(g.write_released(), 5u);
+  // The replica was resynced: a copy from the start at 20.
+  g.OnDisconnected("s", "resync", 0);
+  g.OnConnected("s", 0);
+  HandshakeDecision d;
+  d.kind = HandshakeDecision::Kind::kFullCopy;
+  EXPECT_EQ(g.OnDecision("s", d, 20, 0), 21u);
+  PeerStatus st = StatusOf(g, "s");
+  EXPECT_EQ(st.positions, (Positions{20, 20, 5}));  // its log restarts after 20
+  EXPECT_TRUE(st.copy_pending);
+  EXPECT_FALSE(st.confirmed);
+  EXPECT_TRUE(st.in_sync_set);
+  EXPECT_EQ(g.write_released(), 0u);  // not 20: LSNs 6..20 are nowhere at the replica yet
+  EXPECT_EQ(g.flush_released(), 0u);
+  Positions copying{25, 25, 20};
+  copying.copying = true;
+  g.OnPosition("s", copying, 0);
+  EXPECT_EQ(g.write_released(), 0u);
+  g.OnCopyDone("s", 28, 0);
+  copying.received = copying.durable = 30;
+  g.OnPosition("s", copying, 0);  // sent before the replica had CopyDone
+  EXPECT_EQ(g.write_released(), 0u);
+  // The replica persisted the copy's end: it holds the copy up to 20 and its log after it.
+  EXPECT_TRUE(g.OnPosition("s", {30, 30, 20}, 0));
+  st = StatusOf(g, "s");
+  EXPECT_FALSE(st.copy_pending);
+  EXPECT_TRUE(st.confirmed);
+  EXPECT_EQ(g.write_released(), 30u);
+  EXPECT_EQ(g.flush_released(), 30u);
+}
+
+TEST(PrimaryGroup, CopyIsCompleteOnlyOnceTheLogReachesItsEnd) {
+  PrimaryGroup g;
+  g.AddPeer("s", Opts(Mode::kSync), {}, 0);
+  Append(g, 1, 30, 10, 0);
+  g.OnLocalDurable(30);
+  g.OnLocalApplied(10);
+  g.OnConnected("s", 0);
+  HandshakeDecision d;
+  d.kind = HandshakeDecision::Kind::kFullCopy;
+  g.OnDecision("s", d, 10, 0);
+  g.OnCopyDone("s", 25, 0);
+  // Copy done at the replica, but its log ends at 22 < 25: it cannot become consistent alone.
+  g.OnPosition("s", {22, 22, 10}, 0);
+  EXPECT_TRUE(StatusOf(g, "s").copy_pending);
+  EXPECT_EQ(g.write_released(), 0u);
+  g.OnPosition("s", {25, 24, 12}, 0);
+  EXPECT_EQ(g.write_released(), 0u);  // durable too
+  g.OnPosition("s", {26, 25, 12}, 0);
+  EXPECT_EQ(g.write_released(), 26u);
+  EXPECT_EQ(g.flush_released(), 25u);
+  // A cut and a resumed copy keep it pending; a new copy from the start makes it pending again.
+  g.OnDisconnected("s", "cut", 0);
+  g.OnConnected("s", 0);
+  g.OnDecision("s", d, 30, 0);
+  EXPECT_TRUE(StatusOf(g, "s").copy_pending);
+  EXPECT_EQ(g.write_released(), 0u);
+}
+
+TEST(PrimaryGroup, SyncPeerUnderACopyDegradesOnTheOldestWriteItHoldsBack) {
+  PrimaryGroup g;
+  g.AddPeer("s", Opts(Mode::kSync, 100 * kMs), {}, 0);
+  Stream(g, "s", 1, 0);
+  Append(g, 1, 4, 100, 0);
+  g.OnPosition("s", {4, 4, 0}, 0);
+  Append(g, 5, 5, 100, 10 * kMs);  // waits from 10 ms
+  g.OnLocalApplied(5);
+  g.OnPosition("s", {5, 5, 0}, 20 * kMs);
+  g.OnDisconnected("s", "resync", 30 * kMs);
+  g.OnConnected("s", 40 * kMs);
+  Append(g, 6, 6, 100, 45 * kMs);
+  HandshakeDecision d;
+  d.kind = HandshakeDecision::Kind::kFullCopy;
+  g.OnDecision("s", d, 5, 50 * kMs);
+  // Everything after the release point at the decision (5) waits; the oldest is 6 from 45 ms.
+  EXPECT_EQ(g.write_released(), 0u);
+  EXPECT_EQ(g.NextDeadline(), 145 * kMs);
+  g.OnLocalTruncate(7);  // the log may drop them: the clock does not depend on it
+  EXPECT_EQ(g.NextDeadline(), 145 * kMs);
+  EXPECT_FALSE(g.OnTick(144 * kMs));
+  EXPECT_TRUE(g.OnTick(145 * kMs));
+  PeerStatus st = StatusOf(g, "s");
+  EXPECT_TRUE(st.degraded);
+  EXPECT_EQ(g.write_released(), 6u);
+  // Caught up but the copy is not confirmed: it does not rejoin.
+  g.OnCopyDone("s", 6, 150 * kMs);
+  Positions copying{6, 6, 5};
+  copying.copying = true;
+  g.OnPosition("s", copying, 160 * kMs);
+  g.OnTick(160 * kMs);
+  EXPECT_TRUE(StatusOf(g, "s").degraded);
+  g.OnPosition("s", {6, 6, 6}, 170 * kMs);
+  EXPECT_FALSE(StatusOf(g, "s").degraded);
+  EXPECT_EQ(g.write_released(), 6u);
+}
+
+// Regression (tests/sim --primary-restarts): positions persisted by an earlier run of the primary
+// count only once the peer's handshake decides to stream: the replica may have been resynced or
+// be in a copy meanwhile, and a FLUSH must not complete on the strength of a log it no longer has.
+TEST(PrimaryGroup, PersistedPositionsCountAfterTheHandshake) {
+  PrimaryGroup g;
+  g.AddPeer("s", Opts(Mode::kSync), {10, 10, 10}, 0);
+  Append(g, 1, 10, 100, 0);
+  g.OnLocalDurable(10);
+  EXPECT_FALSE(StatusOf(g, "s").confirmed);
+  EXPECT_EQ(g.write_released(), 0u);
+  EXPECT_EQ(g.flush_released(), 0u);
+  Stream(g, "s", 11, 0);
+  EXPECT_TRUE(StatusOf(g, "s").confirmed);
+  EXPECT_EQ(g.write_released(), 10u);
+  EXPECT_EQ(g.flush_released(), 10u);
+  // A refusal means its log is not the one they describe.
+  g.OnDisconnected("s", "cut", 0);
+  g.OnConnected("s", 0);
+  HandshakeDecision d;
+  d.kind = HandshakeDecision::Kind::kRefuse;
+  d.code = RefuseCode::kVolumeMismatch;
+  g.OnDecision("s", d, 0, 0);
+  EXPECT_EQ(g.flush_released(), 0u);
 }
 
 TEST(PrimaryGroup, StartsFromALogThatDoesNotBeginAtOne) {
@@ -706,6 +929,43 @@ TEST(ReplicaReceiver, FullCopyLifecycle) {
   EXPECT_FALSE(restarted.consistent());
   restarted.OnApplied(128);
   EXPECT_TRUE(restarted.consistent());
+}
+
+TEST(ReplicaReceiver, CopyRecordsItsEpochsAndReportsWhenDone) {
+  ReplicaView v = View();
+  v.consistent = false;
+  v.history.clear();
+  v.last_lsn = 0;
+  ReplicaReceiver r(v);
+  PrimaryHello h = Hello();  // epoch 3, history {1,1},{3,101}, last 200
+  ASSERT_EQ(r.OnHello(h).kind, HandshakeDecision::Kind::kFullCopy);
+  EXPECT_EQ(r.TakeAck(), std::nullopt);  // nothing until CopyBegin
+  r.OnCopyBegin(3, 91);
+  EXPECT_EQ(r.view().copy_epoch, 3u);
+  std::optional<Positions> a = r.TakeAck();
+  ASSERT_TRUE(a);
+  EXPECT_TRUE(a->copying);
+  EXPECT_EQ(a->received, 90u);
+  // The end LSN is past the Hello's last LSN: written in the primary's own epoch.
+  r.OnCopyDone(230);
+  EXPECT_EQ(r.view().consistent_at_lsn, 230u);
+  EXPECT_EQ(r.view().consistent_at_epoch, 3u);
+  a = r.TakeAck();
+  ASSERT_TRUE(a);
+  EXPECT_FALSE(a->copying);
+  // A copy whose end is in an older epoch of the history.
+  ReplicaReceiver r2(v);
+  r2.OnHello(h);
+  r2.OnCopyBegin(3, 51);
+  r2.OnCopyDone(95);
+  EXPECT_EQ(r2.view().consistent_at_epoch, 1u);
+  // Restarted mid-copy: still reports the copy in progress.
+  ReplicaReceiver r3(r.view());
+  EXPECT_FALSE(r3.positions().copying);
+  ReplicaView mid = v;
+  mid.copy_in_progress = true;
+  mid.copy_epoch = 3;
+  EXPECT_TRUE(ReplicaReceiver(mid).positions().copying);
 }
 
 TEST(ReplicaReceiver, CopyOfEmptyPrimaryBeginsEpochWithFirstBatch) {
