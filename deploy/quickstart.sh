@@ -66,7 +66,7 @@ group g0 synchronously over mutual TLS to site-b (pid $(cat "$STATE/site-b/tvill
 serves the copy read-only at $URI_B.
 Write: qemu-io -f raw -c "write -P 0x5a 0 64k" $URI_A
        fio --ioengine=nbd --uri=$URI_A --rw=randwrite --bs=4k --iodepth=16 --size=64M --name=w
-Watch: watch -n1 $CTL --state-dir $STATE/site-a status
+Watch: $CTL --state-dir $STATE/site-a status --watch 1
        tail -f $STATE/site-a/tvillingd.log $STATE/site-b/tvillingd.log
 Check: cmp <(nbdcopy $URI_A -) <(nbdcopy $URI_B -) && echo identical
 Stop:  kill \$(cat $STATE/site-a/tvillingd.pid) \$(cat $STATE/site-b/tvillingd.pid)

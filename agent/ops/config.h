@@ -257,8 +257,8 @@ struct ReplicationConfig {
   // `keepalive_ms`: a link silent this long is cut and redialled; heartbeats go out more often.
   // Default 10000.
   uint32_t keepalive_ms = 10000;
-  // `replica_sync_interval_ms`: as a replica, fsync received records at least this often even when
-  // the primary does not ask (async peers). Default 5.
+  // `replica_sync_interval_ms`: reserved (accepted, no effect yet): a replica fsyncs every batch it
+  // receives. Default 5.
   uint32_t replica_sync_interval_ms = 5;
 };
 
