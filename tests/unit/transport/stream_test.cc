@@ -10,6 +10,7 @@
 #include <mutex>
 #include <optional>
 #include <sstream>
+#include <thread>
 
 #include "agent/transport/tls.h"
 #include "tests/unit/transport/pki.h"
@@ -222,8 +223,15 @@ TEST_F(StreamTest, ClientFromOtherCaIsRefusedAtHandshake) {
   ASSERT_TRUE(log.w.WaitFor([&] { return !log.closed.empty(); }));
   EXPECT_EQ(log.closed[0].code(), absl::StatusCode::kUnavailable) << log.closed[0];
   EXPECT_TRUE(log.messages.empty());
-  std::lock_guard<std::mutex> l(acceptor_.w.mu);
-  EXPECT_EQ(acceptor_.accepted, 0);
+  {
+    std::lock_guard<std::mutex> l(acceptor_.w.mu);
+    EXPECT_EQ(acceptor_.accepted, 0);
+  }
+  // Debian's gRPC 1.51 can trip "ref_counted.h: assertion failed: prior > 0" on one of its own
+  // threads when the process exits while it still cleans up the failed handshake (seen once in
+  // ~20 full runs, after the test had passed). Let that cleanup finish before teardown.
+  c.reset();
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
 }
 
 TEST_F(StreamTest, ServerCloseStatusReachesClient) {
