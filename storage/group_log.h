@@ -134,6 +134,9 @@ struct GroupLogOptions {
   // caller's thread (its callback runs there, before AppendReplicated returns) instead of waking
   // the committer.
   bool replicated_inline_when_idle = true;
+  // A batch in which every record waits for durability (FUA appends, Sync() callers) is written
+  // with a synced write on the committer when the syncer is idle, instead of being handed to it.
+  bool sync_on_committer_when_all_durable = true;
   RetentionOptions retention;
   // Called on the committer thread after a batch is in the log (written, maybe not yet fsynced),
   // with the batch's records in LSN order, before any append callback of the batch runs. The

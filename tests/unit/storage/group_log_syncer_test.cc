@@ -99,7 +99,15 @@ class GroupLogSyncerTest : public ::testing::Test {
     store_.reset();
   }
 
-  void Open(GroupLogOptions o = {}) {
+  // The syncer's path throughout: a batch of FUA appends alone would otherwise be written with a
+  // synced write on the committer while the syncer is idle (the default).
+  static GroupLogOptions ThroughTheSyncer() {
+    GroupLogOptions o;
+    o.sync_on_committer_when_all_durable = false;
+    return o;
+  }
+
+  void Open(GroupLogOptions o = ThroughTheSyncer()) {
     o.on_batch_written = [this](std::span<const LogRecordView>) {
       std::unique_lock lock(gate_mu_);
       if (gate_closed_) {
@@ -371,7 +379,7 @@ TEST_F(GroupLogSyncerTest, ReplicatedAppendCompletesBeforeTheFsyncOfASyncInItsBa
 
   // Through the committer (on an idle log the append would be written on this thread, which the
   // gate below would then stop).
-  GroupLogOptions o;
+  GroupLogOptions o = ThroughTheSyncer();
   o.replicated_inline_when_idle = false;
   Open(o);
   // LSN 1 stops the committer at the gate, so the next records and the Sync() share a batch.
@@ -561,6 +569,31 @@ TEST_F(GroupLogSyncerTest, StopWithAnFsyncHeldReturnsOnlyAfterItAndEveryCallback
   EXPECT_GE(later_fua->durable_at_call, 3u);
   EXPECT_GE(sync->durable_at_call, 3u);
   EXPECT_GE(log_->durable_lsn(), 3u);
+}
+
+// The default: a batch whose every record waits for durability, with the syncer idle, is one
+// synced write on the committer (no hand-off); a Sync() with records not yet durable still goes
+// to the syncer and waits for its fsync.
+TEST_F(GroupLogSyncerTest, AllDurableBatchIsOneSyncedWriteOnTheCommitter) {
+  GroupLogOptions o;  // defaults
+  Open(o);
+  const uint64_t syncs_before = fault_.wal_syncs();
+  OutcomePtr fua = Append(1, /*fua=*/true);
+  ASSERT_TRUE(Eventually([&] { return fua->done(); }));
+  EXPECT_TRUE(fua->result().ok()) << fua->result();
+  EXPECT_EQ(fua->durable_at_call, 1u) << "completed before it was durable";
+  EXPECT_EQ(fault_.wal_syncs() - syncs_before, 1u);
+
+  OutcomePtr plain = Append(2, /*fua=*/false);
+  ASSERT_TRUE(Eventually([&] { return plain->done(); }));
+  fault_.HoldWalSyncs();
+  OutcomePtr sync = Sync();
+  ASSERT_TRUE(AwaitHeld());
+  EXPECT_FALSE(sync->done());
+  EXPECT_EQ(log_->durable_lsn(), 1u);
+  fault_.ReleaseWalSyncs();
+  EXPECT_TRUE(Eventually([&] { return sync->done(); }));
+  EXPECT_EQ(log_->durable_lsn(), 2u);
 }
 
 }  // namespace
