@@ -1044,11 +1044,22 @@ absl::Status GroupLog::SetReplicaMeta(const ReplicaMeta& meta) {
   return absl::OkStatus();
 }
 
-absl::Status GroupLog::ResetForCopy(uint64_t log_start_lsn, uint64_t epoch,
+absl::Status GroupLog::ResetForCopy(uint64_t log_start_lsn, std::vector<EpochStart> history,
                                     const std::optional<ReplicaMeta>& meta) {
   if (log_start_lsn == 0 || log_start_lsn == UINT64_MAX) {
     return absl::InvalidArgumentError(
         fmt::format("group {}: cannot start the log at LSN {}", name_, log_start_lsn));
+  }
+  for (size_t i = 0; i < history.size(); ++i) {
+    const EpochStart& e = history[i];
+    const bool ordered =
+        i == 0 || (e.epoch > history[i - 1].epoch && e.first_lsn > history[i - 1].first_lsn);
+    if (e.epoch == 0 || e.first_lsn == 0 || e.first_lsn >= log_start_lsn || !ordered) {
+      return absl::InvalidArgumentError(fmt::format(
+          "group {}: history entry {} (epoch {} from LSN {}) is not a valid history of the "
+          "records before LSN {}",
+          name_, i, e.epoch, e.first_lsn, log_start_lsn));
+    }
   }
   std::lock_guard write_lock(replica_meta_write_mu_);
   std::unique_lock lock(mu_);
@@ -1073,7 +1084,7 @@ absl::Status GroupLog::ResetForCopy(uint64_t log_start_lsn, uint64_t epoch,
   wb.DeleteRange(EncodeLogKey(group_id_, 0), EncodeLogKey(group_id_, UINT64_MAX));
   wb.DeleteRange(MetaKey(group_id_, 'h'), MetaKey(group_id_, 'h' + 1));
   wb.DeleteRange(MetaKey(group_id_, 's'), MetaKey(group_id_, 's' + 1));
-  wb.Put(MetaKey(group_id_, 'h', epoch), U64s({log_start_lsn}));
+  for (const EpochStart& e : history) wb.Put(MetaKey(group_id_, 'h', e.epoch), U64s({e.first_lsn}));
   wb.Put(MetaKey(group_id_, 'f'), U64s({log_start_lsn}));
   if (meta) wb.Put(MetaKey(group_id_, 'r'), EncodeReplicaMeta(*meta));
   const uint64_t old_applied = applied_lsn_;
@@ -1093,9 +1104,9 @@ absl::Status GroupLog::ResetForCopy(uint64_t log_start_lsn, uint64_t epoch,
   meta_dirty_ = false;
   first_lsn_ = log_start_lsn;
   next_lsn_ = log_start_lsn;
-  current_epoch_ = epoch;
+  current_epoch_ = history.empty() ? 0 : history.back().epoch;
   pending_epoch_.reset();
-  history_ = {{epoch, log_start_lsn}};
+  history_ = std::move(history);
   segments_.clear();
   segments_.push_back(Segment{log_start_lsn, last, 0, 0, 0});
   bytes_ = 0;

@@ -262,12 +262,18 @@ class GroupLog {
       const std::function<absl::Status(uint64_t lsn, std::string_view stored_value)>& fn) const;
 
   // Replica, full copy: drops every record and starts the log over at `log_start_lsn` (> 0):
-  // first_lsn = next LSN = log_start_lsn, last = durable = applied = log_start_lsn - 1, history =
-  // {(epoch, log_start_lsn)}, segments dropped; and, if given, `meta` is stored in the same synced
-  // WriteBatch (pass copy_in_progress = true there, so a crash never leaves a reset log with a
-  // `consistent` mark, nor a copy mark on the old log). Waits for a batch being written; REQUIRES
-  // nothing queued (FailedPrecondition otherwise: stop what appends first). Peer positions stay.
-  absl::Status ResetForCopy(uint64_t log_start_lsn, uint64_t epoch,
+  // first_lsn = next LSN = log_start_lsn, last = durable = applied = log_start_lsn - 1, segments
+  // dropped, and the history becomes `history`: the copying primary's history up to
+  // log_start_lsn - 1 (the records the copy stands for), so later handshakes compare that prefix
+  // too. Its entries must have increasing epochs (> 0) and increasing first LSNs in
+  // [1, log_start_lsn - 1] (InvalidArgument otherwise); empty when log_start_lsn is 1. The log's
+  // current epoch becomes that of the last entry (0 if none): the first record of a newer epoch
+  // writes its own entry, as with any AppendReplicated. The history and, if given, `meta` are
+  // stored in the same synced WriteBatch as the reset (pass copy_in_progress = true in `meta`, so
+  // a crash never leaves a reset log with a `consistent` mark, nor a copy mark on the old log).
+  // Waits for a batch being written; REQUIRES nothing queued (FailedPrecondition otherwise: stop
+  // what appends first). Peer positions stay.
+  absl::Status ResetForCopy(uint64_t log_start_lsn, std::vector<EpochStart> history,
                             const std::optional<ReplicaMeta>& meta = std::nullopt);
 
   // Replica/role metadata: written with a synced write before SetReplicaMeta returns.
@@ -277,8 +283,9 @@ class GroupLog {
   uint64_t last_lsn() const { return last_lsn_.load(std::memory_order_acquire); }
   uint64_t durable_lsn() const { return durable_lsn_.load(std::memory_order_acquire); }
   GroupLogState State() const;
-  // The epoch of the newest record queued, or the one ResetForCopy gave (a BeginEpoch not yet used
-  // by a record does not count), and the epoch history. State() has both too.
+  // The epoch of the newest record queued, or of the last history entry ResetForCopy installed (a
+  // BeginEpoch not yet used by a record does not count), and the epoch history. State() has both
+  // too.
   uint64_t current_epoch() const;
   std::vector<EpochStart> history() const;
 

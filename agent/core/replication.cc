@@ -66,6 +66,13 @@ uint64_t EpochAt(const History& history, uint64_t lsn) {
   return epoch;
 }
 
+History HistoryUpTo(const History& history, uint64_t lsn) {
+  History out;
+  for (const EpochStart& e : history)
+    if (e.first_lsn <= lsn) out.push_back(e);
+  return out;
+}
+
 uint64_t CommonPrefix(const History& a, uint64_t a_last, const History& b, uint64_t b_last) {
   const uint64_t limit = std::min(a_last, b_last);
   // EpochAt is piecewise constant, changing only at some history entry's first_lsn; so the first
@@ -765,9 +772,7 @@ void ReplicaReceiver::OnCopyBegin(uint64_t epoch, uint64_t log_start_lsn,
   awaiting_copy_begin_ = false;
   acked_once_ = false;
   const uint64_t base = log_start_lsn == 0 ? 0 : log_start_lsn - 1;
-  view_.history.clear();
-  for (const EpochStart& e : primary_history)
-    if (e.first_lsn <= base) view_.history.push_back(e);
+  view_.history = HistoryUpTo(primary_history, base);
   view_.last_lsn = base;
   accepted_ = base;
   view_.consistent = false;

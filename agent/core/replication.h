@@ -32,6 +32,12 @@ using History = std::vector<EpochStart>;
 // lsn; 0 if there is none (or lsn == 0).
 uint64_t EpochAt(const History& history, uint64_t lsn);
 
+// The entries of `history` with first_lsn <= lsn: the history of a log that ends at `lsn`. After a
+// full copy with base L0 the replica's log history is HistoryUpTo(primary's history, L0), in
+// core's view (ReplicaReceiver::OnCopyBegin) and in the log the node resets
+// (GroupLog::ResetForCopy).
+History HistoryUpTo(const History& history, uint64_t lsn);
+
 // The longest common prefix of two logs, given their histories and last LSNs: the largest L <=
 // min(a_last, b_last) such that EpochAt(a, l) == EpochAt(b, l) for every l in [1, L]. (Within one
 // epoch only one site writes, so equal epochs at an LSN mean equal records.)
@@ -302,8 +308,8 @@ class ReplicaReceiver {
   BatchCheck OnBatch(uint64_t epoch, uint64_t first_lsn, uint32_t count);
   // Full copy: the log is reset to start at log_start_lsn (nothing held yet). The view's history
   // becomes the primary's history (`primary_history`, from CopyBegin; the Hello's if omitted) up
-  // to log_start_lsn - 1, so later handshakes compare the copied prefix too. Positions drop to
-  // log_start_lsn - 1.
+  // to log_start_lsn - 1 (HistoryUpTo), so later handshakes compare the copied prefix too; the
+  // caller persists that same history with the reset log. Positions drop to log_start_lsn - 1.
   void OnCopyBegin(uint64_t epoch, uint64_t log_start_lsn);
   void OnCopyBegin(uint64_t epoch, uint64_t log_start_lsn, const History& primary_history);
   // A chunk was written: the copy resumes at (volume, next_offset) after a restart (persist).

@@ -859,6 +859,7 @@ void ReplicaGroup::HandleHello(Session& s, const v1::Hello& hello) {
       sender_group_id_ = hello.sender_group_id();
       epoch_ = hello.epoch();
       s.accepted = true;
+      s.history = ph.history;
       last_error_.clear();
     } else {
       last_error_ = d.reason;
@@ -1004,16 +1005,22 @@ void ReplicaGroup::HandleCopyBegin(Session& s, const v1::CopyBegin& m) {
   meta.consistent_at_lsn = 0;
   meta.copy_epoch = m.epoch();
   meta.consistent_at_epoch = 0;
-  // The reset log and the copy mark land in one synced write: a crash between them could leave a
-  // reset log that still claims to be consistent.
-  if (absl::Status st = log_->ResetForCopy(m.log_start_lsn(), m.epoch(), meta); !st.ok()) {
+  // The copy stands for the primary's records up to L0, so the log's history is the primary's
+  // (the Hello's, docs/replication.md) up to L0: the same history core's view gets below, and what
+  // BuildView reads back after a restart. The reset log, that history and the copy mark land in
+  // one synced write: a crash between them could leave a reset log that still claims to be
+  // consistent, or one whose history later handshakes would find diverged from the primary's.
+  const core::History copied = core::HistoryUpTo(s.history, m.log_start_lsn() - 1);
+  std::vector<storage::EpochStart> history;
+  for (const core::EpochStart& e : copied) history.push_back({e.epoch, e.first_lsn});
+  if (absl::Status st = log_->ResetForCopy(m.log_start_lsn(), std::move(history), meta); !st.ok()) {
     return Fail(s, st);
   }
   group_->ResetAppliedLsn(m.log_start_lsn() - 1);
   {
     std::lock_guard lock(mu_);
     synced_lsn_ = m.log_start_lsn() - 1;
-    rx_.OnCopyBegin(m.epoch(), m.log_start_lsn());
+    rx_.OnCopyBegin(m.epoch(), m.log_start_lsn(), s.history);
     copy_bytes_since_checkpoint_ = 0;
     copy_done_bytes_ = 0;
     copy_total_bytes_ = 0;

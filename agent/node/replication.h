@@ -201,6 +201,7 @@ class ReplicaGroup::Session : public std::enable_shared_from_this<ReplicaGroup::
   ReplicaStream& stream() { return *stream_; }
   const std::string& peer() const { return peer_; }
   bool accepted = false;  // the Hello was accepted
+  core::History history;  // the accepted Hello's: what a CopyBegin's copy stands for
   bool closed = false;
 
  private:

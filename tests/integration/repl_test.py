@@ -14,6 +14,9 @@ Scenarios (each is a ctest; see tests/integration/CMakeLists.txt):
   full_copy_new_replica  a replica that joins late (after data was written) gets a full copy while
                      writes continue, is inconsistent until it completes, then identical
   behind_retention   a replica that fell behind the primary's hard cap gets a full copy, identical
+  reconnect_after_copy  a replica that got a full copy with base L0 > 0 (of a primary whose history
+                     has two epochs) streams again after its restarts (SIGTERM, kill -9) and after
+                     the primary's restart: never refused as diverged, no second copy, identical
   refuse_wrong_ca, refuse_expired_cert, refuse_other_tenant, refuse_stale_epoch,
   refuse_diverged    each refusal seen with its reason, and no data accepted
   refuse_malformed_batch, refuse_oversized_message, refuse_out_of_order
@@ -204,6 +207,76 @@ def behind_retention(c):
     b.start()
     wait_caught_up(a, [b], timeout_s=90)
     assert_identical(a, [b])
+
+
+def reconnect_after_copy(c):
+    # The copy's base L0 is > 0 and the primary's history has more than one epoch, so a replica
+    # whose log does not hold the primary's history up to L0 after the copy would be refused as
+    # diverged at LSN 1 on its next handshake.
+    a, b = pair(c, "async")
+    a.start()
+    qemu_io(a, "write -P 0x41 0 4M", "flush")
+    a.stop()
+    a.start()  # epoch 2: the history now has two entries
+    qemu_io(a, "write -P 0x42 8M 4M", "flush")
+    base = u64(a.group().get("last_lsn"))
+    if base == 0 or u64(a.group().get("epoch")) < 2:
+        raise TestFailure(f"site-a should have records in a second epoch: {a.group()}")
+    b.start()
+    load = threading.Thread(target=fio, args=(a,), kwargs={"size": "32M", "runtime": 3})
+    load.start()
+    load.join()
+    qemu_io(a, "flush")
+
+    def streams_again(what):
+        def ok():
+            err = (a.peer(b.site) or {}).get("last_error", "")
+            if "diverged" in err:
+                raise TestFailure(f"{what}: site-a's peer site-b reports: {err}")
+            with open(b.log_path) as f:
+                refused = [x for x in f if "refusing the stream" in x]
+            if refused:
+                raise TestFailure(f"{what}: site-b refused its primary: {refused[-1].strip()}")
+            last = u64(a.group().get("last_lsn"))
+            g = b.group()
+            p = a.peer(b.site) or {}
+            return (g.get("consistent") and u64(g.get("applied_lsn")) >= last and
+                    u64(p.get("applied_lsn")) >= last and p.get("link_state") == "streaming")
+        wait_for(f"site-b to stream again ({what})", ok, 60, 0.3)
+        assert_identical(a, [b])
+        log(f"{what}: site-b streams and is identical")
+
+    streams_again("after the full copy")
+    copies = lambda: sum("full copy from" in x and "begins" in x  # noqa: E731
+                         for x in open(b.log_path))
+    if copies() != 1:
+        raise TestFailure(f"expected one full copy on site-b, saw {copies()}")
+
+    b.stop()
+    qemu_io(a, "write -P 0x43 16M 1M", "flush")
+    b.start()
+    streams_again("site-b restarted (SIGTERM)")
+
+    load = threading.Thread(target=fio, args=(a,), kwargs={"size": "16M", "runtime": 3})
+    load.start()
+    time.sleep(1.5)
+    b.kill9()
+    log("site-b killed with SIGKILL under load")
+    load.join()
+    b.start()
+    qemu_io(a, "flush")
+    streams_again("site-b restarted after kill -9")
+
+    a.stop()
+    a.start()  # a new epoch; site-b must accept the longer history
+    qemu_io(a, "write -P 0x44 20M 1M", "flush")
+    streams_again("site-a restarted")
+    b.stop()
+    qemu_io(a, "write -P 0x45 24M 1M", "flush")
+    b.start()
+    streams_again("site-b restarted after site-a's restart")
+    if copies() != 1:
+        raise TestFailure(f"a reconnect needed another full copy: {copies()} copies on site-b")
 
 
 def refuse_wrong_ca(c):
@@ -477,7 +550,7 @@ def refuse_out_of_order(c):
 
 SCENARIOS = {f.__name__: f for f in (link_cut, 
     two_sites_sync, three_sites, sync_waits_for_peer, replica_kill9, full_copy_new_replica,
-    behind_retention, refuse_wrong_ca, refuse_expired_cert, refuse_other_tenant,
+    behind_retention, reconnect_after_copy, refuse_wrong_ca, refuse_expired_cert, refuse_other_tenant,
     refuse_stale_epoch, refuse_diverged, refuse_malformed_batch, refuse_oversized_message,
     refuse_out_of_order)}
 

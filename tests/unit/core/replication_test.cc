@@ -43,6 +43,16 @@ TEST(CommonPrefix, EdgeCases) {
   EXPECT_EQ(CommonPrefix({{1, 1}, {2, 5}, {3, 5}}, 9, {{1, 1}, {3, 5}}, 9), 9u);
 }
 
+TEST(HistoryUpTo, KeepsEntriesThatStartAtOrBeforeTheLsn) {
+  History h{{1, 1}, {3, 101}, {4, 150}};
+  EXPECT_EQ(HistoryUpTo(h, 0), History{});
+  EXPECT_EQ(HistoryUpTo(h, 1), (History{{1, 1}}));
+  EXPECT_EQ(HistoryUpTo(h, 100), (History{{1, 1}}));
+  EXPECT_EQ(HistoryUpTo(h, 101), (History{{1, 1}, {3, 101}}));
+  EXPECT_EQ(HistoryUpTo(h, 1000), h);
+  EXPECT_EQ(HistoryUpTo({}, 5), History{});
+}
+
 PrimaryHello Hello() {
   PrimaryHello h;
   h.group = "g";
@@ -966,6 +976,52 @@ TEST(ReplicaReceiver, CopyRecordsItsEpochsAndReportsWhenDone) {
   mid.copy_in_progress = true;
   mid.copy_epoch = 3;
   EXPECT_TRUE(ReplicaReceiver(mid).positions().copying);
+}
+
+// Regression (reconnect after a copy with base L0 > 0 refused as diverged at LSN 1): the node
+// persisted the copied log's history as {(copy epoch, L0 + 1)}, so the view rebuilt after any
+// restart disagreed with every primary whose history starts at LSN 1. What a restarted replica
+// reads back must be core's own view after the copy: the primary's history up to L0.
+TEST(ReplicaReceiver, ReconnectAfterCopyWithBaseAboveZeroIsNotDiverged) {
+  ReplicaView v = View();
+  v.consistent = false;
+  v.history.clear();
+  v.last_lsn = 0;
+  v.newest_epoch = 0;
+  ReplicaReceiver r(v);
+  const PrimaryHello h = Hello();  // epoch 3, history {1,1},{3,101}, last 200
+  ASSERT_EQ(r.OnHello(h).kind, HandshakeDecision::Kind::kFullCopy);
+  r.OnCopyBegin(3, 181, h.history);  // L0 = 180
+  EXPECT_EQ(r.view().history, HistoryUpTo(h.history, 180));
+  ASSERT_EQ(r.OnBatch(3, 181, 20).verdict, ReplicaReceiver::BatchCheck::Verdict::kAppend);
+  r.OnAppended(200);
+  r.OnCopyDone(200);
+  r.OnApplied(200);
+  ASSERT_TRUE(r.consistent());
+
+  // The replica restarts: its view is rebuilt from what the log persisted.
+  ReplicaView persisted = r.view();
+  persisted.history = HistoryUpTo(h.history, 180);  // what GroupLog::ResetForCopy now installs
+  EXPECT_EQ(persisted.history, r.view().history);
+  ReplicaReceiver restarted(persisted);
+  HandshakeDecision d = restarted.OnHello(h);
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kStreamFrom) << d.reason;
+  EXPECT_EQ(d.start_lsn, 201u);
+  // And after the primary restarted (epoch 5, first record at 201).
+  PrimaryHello later = h;
+  later.epoch = 5;
+  later.history.push_back({5, 201});
+  ReplicaReceiver restarted2(persisted);
+  d = restarted2.OnHello(later);
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kStreamFrom) << d.reason;
+  EXPECT_TRUE(restarted2.OnBatch(5, 201, 3).begins_epoch);
+
+  // The history the log used to persist: refused as diverged at LSN 1, forever.
+  ReplicaView buggy = persisted;
+  buggy.history = {{3, 181}};
+  d = ReplicaReceiver(buggy).OnHello(h);
+  EXPECT_EQ(d.code, RefuseCode::kDiverged);
+  EXPECT_THAT(d.reason, HasSubstr("split at LSN 1"));
 }
 
 TEST(ReplicaReceiver, CopyOfEmptyPrimaryBeginsEpochWithFirstBatch) {

@@ -391,14 +391,14 @@ TEST_F(ReplicationLogTest, ResetForCopyThenStreamFromLogStartSurvivesReopen) {
   meta.newest_epoch_seen = 5;
   meta.copy_in_progress = true;
   meta.copy_base_lsn = 20;
-  ASSERT_TRUE(replica_->ResetForCopy(21, 5, meta).ok());
+  ASSERT_TRUE(replica_->ResetForCopy(21, primary_->history(), meta).ok());
   GroupLogState s = replica_->State();
   EXPECT_EQ(s.first_lsn, 21u);
   EXPECT_EQ(s.last_lsn, 20u);
   EXPECT_EQ(s.durable_lsn, 20u);
   EXPECT_EQ(s.applied_lsn, 20u);
   EXPECT_EQ(s.current_epoch, 5u);
-  EXPECT_EQ(s.history, (std::vector<EpochStart>{{5, 21}}));
+  EXPECT_EQ(s.history, (std::vector<EpochStart>{{5, 1}})) << "the primary's, up to L0";
   EXPECT_EQ(s.bytes, 0u);
   EXPECT_EQ(s.replica, meta);
   EXPECT_EQ(replica_->ReadRange(1, 8, [](const LogRecordView&) { return absl::OkStatus(); }).code(),
@@ -418,7 +418,7 @@ TEST_F(ReplicationLogTest, ResetForCopyThenStreamFromLogStartSurvivesReopen) {
   EXPECT_EQ(s.last_lsn, 30u);
   EXPECT_EQ(s.applied_lsn, 20u);
   EXPECT_EQ(s.current_epoch, 5u);
-  EXPECT_EQ(s.history, (std::vector<EpochStart>{{5, 21}}));
+  EXPECT_EQ(s.history, (std::vector<EpochStart>{{5, 1}}));
   EXPECT_EQ(s.bytes, 10 * (kRecordHeaderSize + 100));
   EXPECT_EQ(s.replica, meta);
   ASSERT_EQ(s.peers.size(), 1u);
@@ -434,6 +434,98 @@ TEST_F(ReplicationLogTest, ResetForCopyThenStreamFromLogStartSurvivesReopen) {
   auto first = replica_->EnforceRetention(0);
   ASSERT_TRUE(first.ok()) << first.status();
   EXPECT_EQ(*first, 30u);
+}
+
+// Regression (reconnect after a copy with base L0 > 0 refused as diverged at LSN 1): the reset
+// stored the history {(copy epoch, L0 + 1)}, which a restarted replica read back and compared with
+// its primary's history from LSN 1. The reset log must hold the primary's history up to L0, also
+// after a reopen, and go on recording epochs from there like the primary's log.
+TEST_F(ReplicationLogTest, ResetForCopyPersistsThePrimarysHistoryUpToTheBase) {
+  // The primary: epoch 1 for LSN 1..10, epoch 3 for 11..30, epoch 4 from 41.
+  ASSERT_TRUE(primary_->BeginEpoch(1).ok());
+  FillPrimary(10);
+  ASSERT_TRUE(primary_->BeginEpoch(3).ok());
+  FillPrimary(20);
+  ASSERT_TRUE(primary_->BeginEpoch(4).ok());
+  FillPrimary(10);
+  const std::vector<EpochStart> primary_history{{1, 1}, {3, 11}, {4, 31}};
+  ASSERT_EQ(primary_->history(), primary_history);
+
+  // L0 = 20, inside epoch 3: the copied prefix has two epochs.
+  ReplicaMeta meta;
+  meta.newest_epoch_seen = 4;
+  meta.copy_in_progress = true;
+  meta.copy_base_lsn = 20;
+  meta.copy_epoch = 4;
+  ASSERT_TRUE(replica_->ResetForCopy(21, {{1, 1}, {3, 11}}, meta).ok());
+  EXPECT_EQ(replica_->history(), (std::vector<EpochStart>{{1, 1}, {3, 11}}));
+  EXPECT_EQ(replica_->current_epoch(), 3u);
+  OpenReplica();  // a crash right after the reset
+  GroupLogState s = replica_->State();
+  EXPECT_EQ(s.history, (std::vector<EpochStart>{{1, 1}, {3, 11}}));
+  EXPECT_EQ(s.current_epoch, 3u);
+  EXPECT_EQ(s.last_lsn, 20u);
+  EXPECT_EQ(s.replica, meta);
+
+  // Records 21..30 (epoch 3) add nothing; 31 begins epoch 4 as in the primary's log.
+  auto r = ReplicateWait(replica_, primary_->group_id(), 21, Parsed(Ship(primary_, 21, 40)), true);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, 40u);
+  EXPECT_EQ(replica_->history(), primary_history);
+  OpenReplica();
+  s = replica_->State();
+  EXPECT_EQ(s.history, primary_history);
+  EXPECT_EQ(s.current_epoch, 4u);
+  EXPECT_EQ(s.last_lsn, 40u);
+  EXPECT_TRUE(replica_->Verify().ok()) << replica_->Verify();
+}
+
+TEST_F(ReplicationLogTest, ResetForCopyAtAnEpochBoundaryRecordsTheNextEpochWithItsFirstRecord) {
+  // L0 = 10 is the last record of epoch 1: the copy's records begin epoch 3, which the reset does
+  // not claim; the first replicated record writes its entry.
+  ASSERT_TRUE(primary_->BeginEpoch(1).ok());
+  FillPrimary(10);
+  ASSERT_TRUE(primary_->BeginEpoch(3).ok());
+  FillPrimary(5);
+  ASSERT_TRUE(replica_->BeginEpoch(7).ok());  // the old log's epochs go with it
+  ASSERT_TRUE(AppendWait(replica_, WriteReq(0, "old")).ok());
+  ASSERT_TRUE(replica_->ResetForCopy(11, {{1, 1}}).ok());
+  EXPECT_EQ(replica_->current_epoch(), 1u);
+  auto r = ReplicateWait(replica_, primary_->group_id(), 11, Parsed(Ship(primary_, 11, 15)), true);
+  ASSERT_TRUE(r.ok()) << r.status();
+  OpenReplica();
+  EXPECT_EQ(replica_->history(), (std::vector<EpochStart>{{1, 1}, {3, 11}}));
+  EXPECT_EQ(replica_->history(), primary_->history());
+  EXPECT_EQ(replica_->current_epoch(), 3u);
+  EXPECT_TRUE(replica_->Verify().ok()) << replica_->Verify();
+
+  // A copy of an empty primary: no history yet.
+  ASSERT_TRUE(replica_->ResetForCopy(1, {}).ok());
+  EXPECT_TRUE(replica_->history().empty());
+  EXPECT_EQ(replica_->current_epoch(), 0u);
+  OpenReplica();
+  EXPECT_TRUE(replica_->history().empty());
+  EXPECT_EQ(replica_->last_lsn(), 0u);
+}
+
+TEST_F(ReplicationLogTest, ResetForCopyRefusesAHistoryThatIsNotOfTheCopiedPrefix) {
+  ASSERT_TRUE(AppendWait(replica_, WriteReq(0, "kept")).ok());
+  ASSERT_TRUE(SyncWait(replica_).ok());
+  const GroupLogState before = replica_->State();
+  for (const std::vector<EpochStart>& h : std::vector<std::vector<EpochStart>>{
+           {{1, 1}, {3, 21}},  // begins at the log start: not part of the copied prefix
+           {{1, 1}, {3, 30}},  // beyond it
+           {{3, 1}, {1, 5}},   // epochs going backwards
+           {{1, 5}, {3, 5}},   // first LSNs not increasing
+           {{0, 1}},           // epoch 0
+           {{1, 0}},           // LSN 0
+       }) {
+    absl::Status st = replica_->ResetForCopy(21, h);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+    EXPECT_TRUE(Contains(st, "LSN 21")) << st;
+  }
+  EXPECT_EQ(replica_->State().history, before.history) << "nothing changed";
+  EXPECT_EQ(replica_->last_lsn(), before.last_lsn);
 }
 
 TEST_F(ReplicationLogTest, ResetForCopyRefusesWhileRecordsAreQueued) {
@@ -454,19 +546,19 @@ TEST_F(ReplicationLogTest, ResetForCopyRefusesWhileRecordsAreQueued) {
   replica_->Append(WriteReq(0, "a"), [&](absl::StatusOr<uint64_t>) { completed++; });
   entered.get_future().wait();
   replica_->Append(WriteReq(0, "b"), [&](absl::StatusOr<uint64_t>) { completed++; });
-  absl::Status st = replica_->ResetForCopy(100, 3);
+  absl::Status st = replica_->ResetForCopy(100, {{3, 1}});
   EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
   EXPECT_TRUE(Contains(st, "LSN 2..2")) << st;
   release.set_value();
   ASSERT_TRUE(SyncWait(replica_).ok());
   EXPECT_EQ(completed.load(), 2);
   // Idle now (a batch may still be finishing: ResetForCopy waits for it).
-  ASSERT_TRUE(replica_->ResetForCopy(100, 3).ok());
+  ASSERT_TRUE(replica_->ResetForCopy(100, {{3, 1}}).ok());
   EXPECT_EQ(replica_->last_lsn(), 99u);
   auto lsn = AppendWait(replica_, WriteReq(0, "c"));
   ASSERT_TRUE(lsn.ok());
   EXPECT_EQ(*lsn, 100u);
-  EXPECT_EQ(replica_->ResetForCopy(0, 3).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(replica_->ResetForCopy(0, {}).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(ReplicationLogTest, ReplicaMetaPersistsAcrossReopen) {
