@@ -87,12 +87,14 @@ class Setup:
 
     def _start(self, args, kind, mode, tls):
         self.a = self.c.agent("site-a")
+        self.a.test_tuning = args.test_tuning
         self.b = None
         g = {"name": "g0", "primary": "site-a", "size": "2GiB"}
         if kind == "single":
             self.a.write_config([g])
         else:
             self.b = self.c.agent("site-b")
+            self.b.test_tuning = args.test_tuning
             self.a.tls = self.b.tls = tls
             acl_b = [("site-a" if tls else "*", "site-a", ["g0"])]
             acl_a = [("site-b" if tls else "*", "site-b", ["g0"])]
@@ -228,6 +230,9 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", choices=["throughput", "sync_lat", "lag"])
     ap.add_argument("--out", help="write the figures to this JSON file")
+    ap.add_argument("--test-tuning", action="store_true",
+                    help="the integration tests' settings (checkpoints every 200 ms, 200 us batch "
+                    "delay) instead of the product's defaults")
     args = ap.parse_args()
     reps = 1 if args.quick else args.reps
     results = {}

@@ -75,6 +75,9 @@ class Agent:
         self.ca = "ca.pem"
         self.tls = True
         self.extra_log = ""
+        # Test settings: frequent checkpoints and short batching delays exercise those paths in a
+        # short test. Benchmarks set this to False to run the product's defaults.
+        self.test_tuning = True
 
     @property
     def address(self):
@@ -89,13 +92,13 @@ class Agent:
             f'site = "{self.site}"',
             f'state_dir = "{self.state_dir}"',
             "[log]",
-            "checkpoint_interval_ms = 200",
+            "checkpoint_interval_ms = 200" if self.test_tuning else "",
             self.extra_log,
             "[nbd]",
             f'unix_sockets = ["{self.nbd_socket}"]',
             "[replication]",
             f'listen = "{self.host}:{self.repl_port}"',
-            "max_batch_delay_us = 200",
+            "max_batch_delay_us = 200" if self.test_tuning else "",
             "[control]",
             f'unix_socket = "{self.control_socket}"',
         ]
