@@ -693,6 +693,7 @@ ReplicaReceiver::ReplicaReceiver(ReplicaView view) : view_(std::move(view)) {
   accepted_ = view_.last_lsn;
   pos_.received = view_.last_lsn;
   pos_.durable = view_.last_lsn;
+  synced_ = view_.last_lsn;
   pos_.copying = view_.copy_in_progress;
 }
 
@@ -784,6 +785,7 @@ void ReplicaReceiver::OnCopyBegin(uint64_t epoch, uint64_t log_start_lsn,
   view_.consistent_at_epoch = 0;
   pos_.received = base;
   pos_.durable = base;
+  synced_ = base;
   pos_.applied = std::min(pos_.applied, base);
   pos_.copying = true;
 }
@@ -806,10 +808,12 @@ void ReplicaReceiver::OnCopyDone(uint64_t consistent_at_lsn) {
 void ReplicaReceiver::OnAppended(uint64_t last_lsn) {
   view_.last_lsn = std::max(view_.last_lsn, last_lsn);
   pos_.received = std::max(pos_.received, last_lsn);
+  pos_.durable = std::max(pos_.durable, std::min(synced_, view_.last_lsn));
 }
 
 void ReplicaReceiver::OnDurable(uint64_t lsn) {
-  pos_.durable = std::max(pos_.durable, std::min(lsn, view_.last_lsn));
+  synced_ = std::max(synced_, lsn);
+  pos_.durable = std::max(pos_.durable, std::min(synced_, view_.last_lsn));
 }
 
 void ReplicaReceiver::OnApplied(uint64_t lsn) { pos_.applied = std::max(pos_.applied, lsn); }

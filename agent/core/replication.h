@@ -320,6 +320,8 @@ class ReplicaReceiver {
   void OnCopyDone(uint64_t consistent_at_lsn);
 
   // Progress of the replica's own log and volumes.
+  // The two may come in either order for the same records (a log may report an fsync before the
+  // append's own callback): durable is reported up to min(highest fsynced, appended).
   void OnAppended(uint64_t last_lsn);
   void OnDurable(uint64_t lsn);
   void OnApplied(uint64_t lsn);
@@ -343,6 +345,7 @@ class ReplicaReceiver {
 
   ReplicaView view_;
   Positions pos_;
+  uint64_t synced_ = 0;  // highest LSN reported fsynced (OnDurable), perhaps not yet appended
   Positions acked_;
   bool acked_once_ = false;
   // The stream being served: its Hello (epoch and history). Batches check against it.

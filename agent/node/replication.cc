@@ -961,15 +961,14 @@ void ReplicaGroup::HandleBatch(Session& s, v1::Batch& batch) {
     if (a) Fail(*a, st);
   };
   // The two callbacks may run in either order (a Sync can find the batch written and fsync on its
-  // own thread before the committer has run the append's callback), so each one applies what the
-  // other may have recorded first; core clamps durable to what was appended.
+  // own thread before the committer has run the append's callback); core keeps what was reported
+  // fsynced and reports durable up to what was appended.
   log_->AppendReplicated(gid, first, std::move(*records), /*sync=*/false,
                          [this, fail](absl::StatusOr<uint64_t> appended) {
                            if (!appended.ok()) return fail(appended.status());
                            {
                              std::lock_guard lock(mu_);
                              rx_.OnAppended(*appended);
-                             rx_.OnDurable(synced_lsn_);
                            }
                            SendAck();
                          });
@@ -979,7 +978,6 @@ void ReplicaGroup::HandleBatch(Session& s, v1::Batch& batch) {
         if (!st.ok()) return fail(st);
         {
           std::lock_guard lock(mu_);
-          synced_lsn_ = std::max(synced_lsn_, last);
           rx_.OnDurable(last);
         }
         SendAck();
@@ -1019,7 +1017,6 @@ void ReplicaGroup::HandleCopyBegin(Session& s, const v1::CopyBegin& m) {
   group_->ResetAppliedLsn(m.log_start_lsn() - 1);
   {
     std::lock_guard lock(mu_);
-    synced_lsn_ = m.log_start_lsn() - 1;
     rx_.OnCopyBegin(m.epoch(), m.log_start_lsn(), s.history);
     copy_bytes_since_checkpoint_ = 0;
     copy_done_bytes_ = 0;

@@ -183,9 +183,6 @@ class ReplicaGroup {
   uint64_t epoch_ = 0;
   uint64_t copy_bytes_since_checkpoint_ = 0;
   uint64_t copy_done_bytes_ = 0;
-  // Highest LSN a Sync() confirmed fsynced (HandleBatch). GUARDED_BY(mu_); lowered with the log
-  // by a copy reset.
-  uint64_t synced_lsn_ = 0;
   uint64_t copy_total_bytes_ = 0;
   std::string last_error_;
   bool stopping_ = false;

@@ -815,6 +815,18 @@ TEST(ReplicaReceiver, AppendsNextBatch) {
   EXPECT_EQ(r.positions().received, 160u);
 }
 
+// The log may report an fsync before the append's own callback has run: that fsync still counts
+// once the append is reported (durable never passes what was appended).
+TEST(ReplicaReceiver, DurableReportedBeforeItsAppendCountsOnceAppended) {
+  ReplicaReceiver r = Receiver();
+  ASSERT_EQ(r.OnBatch(3, 151, 10).verdict, ReplicaReceiver::BatchCheck::Verdict::kAppend);
+  r.OnDurable(160);
+  EXPECT_EQ(r.positions().durable, 150u);
+  r.OnAppended(160);
+  EXPECT_EQ(r.positions().received, 160u);
+  EXPECT_EQ(r.positions().durable, 160u);
+}
+
 TEST(ReplicaReceiver, SkipsResentPrefix) {
   ReplicaReceiver r = Receiver();
   auto c = r.OnBatch(3, 141, 20);
