@@ -322,6 +322,12 @@ class ClientReactor final : public grpc::ClientBidiReactor<v1::ToReplica, v1::Fr
     self_ = shared_from_this();
     stub_ = std::make_unique<v1::Replication::Stub>(std::move(channel));
     stub_->async()->Stream(&ctx_, this);
+    // Send and Close touch the call from outside the reactions (the committer thread, the
+    // link's loop). Without a hold, gRPC may run OnDone and free the call between Send's
+    // check of ended_ and its StartWrite (seen as "pure virtual method called" when a replica
+    // was killed under load). The hold is removed once the stream has ended and no thread is
+    // inside such a call (ReleaseHoldIfIdle).
+    AddHold();
     StartRead(&in_);
     StartCall();
   }
@@ -335,9 +341,11 @@ class ClientReactor final : public grpc::ClientBidiReactor<v1::ToReplica, v1::Fr
       queue_.push_back(std::move(msg));
       if (writing_) return;
       writing_ = true;
+      ++outside_calls_;
       to_write = &queue_.front();
     }
     StartWrite(to_write);
+    LeaveOutsideCall();
   }
 
   uint64_t queued_bytes() const override {
@@ -349,20 +357,33 @@ class ClientReactor final : public grpc::ClientBidiReactor<v1::ToReplica, v1::Fr
     bool cancel = false;
     {
       std::lock_guard<std::mutex> l(mu_);
-      if (!ended_) {
-        ended_ = true;
-        cancel = !done_;
-        // OnDone may win the race to Deliver (on another thread); it reports this status then.
-        close_status_ = status;
+      ended_ = true;
+      // OnDone may win the race to Deliver (on another thread); it reports this status then.
+      if (!close_status_) close_status_ = status;
+      if (holding_) {  // the call is alive until the hold goes
+        cancel = true;
+        ++outside_calls_;
       }
     }
-    // ctx_ lives as long as *this; TryCancel outside mu_ because reactions may run inline.
-    if (cancel) ctx_.TryCancel();
+    // TryCancel outside mu_ because reactions may run inline.
+    if (cancel) {
+      ctx_.TryCancel();
+      LeaveOutsideCall();
+    } else {
+      ReleaseHoldIfIdle();
+    }
     Deliver(std::move(status));
   }
 
   void OnReadDone(bool ok) override {
-    if (!ok) return;  // the server ended the stream; OnDone brings its status
+    if (!ok) {  // the server ended the stream; OnDone brings its status
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        ended_ = true;
+      }
+      ReleaseHoldIfIdle();
+      return;
+    }
     {
       std::lock_guard<std::recursive_mutex> cb(cb_mu_);
       if (!reported_) on_message_(std::move(in_));
@@ -382,17 +403,22 @@ class ClientReactor final : public grpc::ClientBidiReactor<v1::ToReplica, v1::Fr
         queue_.clear();
         queued_bytes_ = 0;
         writing_ = false;
-        return;
+        ended_ = true;  // a write fails only once the call is over
+      } else {
+        queued_bytes_ -= queue_.front().ByteSizeLong();
+        queue_.pop_front();
+        if (queue_.empty() || ended_) {
+          writing_ = false;
+        } else {
+          next = &queue_.front();
+        }
       }
-      queued_bytes_ -= queue_.front().ByteSizeLong();
-      queue_.pop_front();
-      if (queue_.empty() || ended_) {
-        writing_ = false;
-        return;
-      }
-      next = &queue_.front();
     }
-    StartWrite(next);
+    if (next != nullptr) {
+      StartWrite(next);  // inside a reaction: the call is alive
+    } else if (!ok) {
+      ReleaseHoldIfIdle();
+    }
   }
 
   void OnDone(const grpc::Status& s) override {
@@ -414,6 +440,26 @@ class ClientReactor final : public grpc::ClientBidiReactor<v1::ToReplica, v1::Fr
   }
 
  private:
+  // A thread left a call into gRPC made from outside the reactions.
+  void LeaveOutsideCall() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      --outside_calls_;
+    }
+    ReleaseHoldIfIdle();
+  }
+
+  // Removes the hold once the stream has ended (no more writes start) and no thread is inside
+  // a call into gRPC from outside the reactions; OnDone may run from then on.
+  void ReleaseHoldIfIdle() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (!holding_ || !ended_ || outside_calls_ > 0) return;
+      holding_ = false;
+    }
+    RemoveHold();
+  }
+
   // Reports the end once; cb_mu_ is recursive so that Close works from inside a callback.
   void Deliver(absl::Status status) {
     std::lock_guard<std::recursive_mutex> cb(cb_mu_);
@@ -436,9 +482,11 @@ class ClientReactor final : public grpc::ClientBidiReactor<v1::ToReplica, v1::Fr
   std::deque<v1::ToReplica> queue_;
   uint64_t queued_bytes_ = 0;
   bool writing_ = false;
-  bool ended_ = false;                        // Close called or the RPC is over
+  bool ended_ = false;                        // Close called or the RPC is over: no new writes
   std::optional<absl::Status> close_status_;  // set by Close
   bool done_ = false;
+  bool holding_ = true;    // the hold added in Begin is still in place
+  int outside_calls_ = 0;  // threads inside StartWrite/TryCancel from Send/Close
 };
 
 }  // namespace

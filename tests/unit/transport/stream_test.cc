@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <fstream>
@@ -289,6 +290,44 @@ TEST_F(StreamTest, InsecureWorks) {
   }
   // `log` dies with this scope: Close guarantees no callback touches it afterwards.
   c->Close(absl::CancelledError("test over"));
+}
+
+// Sends from threads outside gRPC's reactions race with the stream's end (the server closes it,
+// or the client cancels it from a third thread). Before the client held the call open for such
+// Sends, the primary crashed with "pure virtual method called" when a replica was killed under
+// load: OnDone freed the call between Send's check and its StartWrite. ASan sees the old bug here.
+TEST_F(StreamTest, SendsFromOtherThreadsRaceWithTheEnd) {
+  acceptor_.close_with = absl::AbortedError("closed by the test server");
+  StartServer(grpc::InsecureServerCredentials());
+  auto channel = MakeChannel(Target(), grpc::InsecureChannelCredentials(), "");
+  for (int round = 0; round < 60; ++round) {
+    ClientLog log;
+    auto c = ClientStream::Open(channel, log.OnMessage(), log.OnClosed());
+    std::atomic<bool> stop{false};
+    std::vector<std::thread> senders;
+    for (int t = 0; t < 2; ++t) {
+      senders.emplace_back([&, t] {
+        for (uint64_t i = 0; !stop.load(); ++i) c->Send(Batch(1 + 10 * (2 * i + t)));
+      });
+    }
+    std::thread closer;
+    if (round % 3 == 0) {  // a client-side Close racing with the Sends and the server's end
+      closer = std::thread([&] { c->Close(absl::CancelledError("closed by the test client")); });
+    }
+    ASSERT_TRUE(log.w.WaitFor([&] { return !log.closed.empty(); }));
+    stop = true;
+    for (auto& s : senders) s.join();
+    if (closer.joinable()) closer.join();
+    c->Close(absl::CancelledError("test round over"));
+    std::lock_guard<std::mutex> l(log.w.mu);
+    EXPECT_EQ(log.closed.size(), 1u);
+  }
+  {
+    std::lock_guard<std::mutex> l(acceptor_.w.mu);
+    // The 40 rounds without a client-side Close end only by the server's; the others may be
+    // cancelled before the server sees them.
+    EXPECT_GE(acceptor_.accepted, 40);
+  }
 }
 
 TEST_F(StreamTest, ShutdownWithOpenStreamIsQuick) {
