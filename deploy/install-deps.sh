@@ -8,7 +8,7 @@ BUILD_PKGS=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   librocksdb-dev libboost-dev libssl-dev openssl
   libabsl-dev libtomlplusplus-dev libspdlog-dev libfmt-dev libcli11-dev
-  libxxhash-dev libzstd-dev liblz4-dev libsystemd-dev
+  libxxhash-dev libzstd-dev liblz4-dev libsystemd-dev libnbd-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   clang libclang-rt-14-dev clang-format
 )
@@ -17,18 +17,22 @@ TEST_PKGS=(
   iproute2 iputils-ping iperf3 nftables socat procps psmisc kmod curl
   etcd-server etcd-client
 )
+# The WAN lab (bench/run): QEMU's mirror as the side-by-side peer, plots.
+LAB_PKGS=(
+  qemu-system-common python3-matplotlib
+)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 missing=()
-for p in "${BUILD_PKGS[@]}" "${TEST_PKGS[@]}"; do
+for p in "${BUILD_PKGS[@]}" "${TEST_PKGS[@]}" "${LAB_PKGS[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
     missing+=("$p")
   fi
 done
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "install-deps: all ${#BUILD_PKGS[@]}+${#TEST_PKGS[@]} packages present"
+  echo "install-deps: all ${#BUILD_PKGS[@]}+${#TEST_PKGS[@]}+${#LAB_PKGS[@]} packages present"
   exit 0
 fi
 echo "install-deps: installing ${missing[*]}"
