@@ -29,6 +29,7 @@ PROFILES = {
     "metro": (1.0, "1gbit", 0.0),
     "regional": (10.0, "1gbit", 0.0),
     "continental": (25.0, "1gbit", 0.0),
+    "continental-loss": (25.0, "1gbit", 0.1),
     "continental-200m": (25.0, "200mbit", 0.0),
     "continental-200m-loss": (25.0, "200mbit", 0.1),
 }
