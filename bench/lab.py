@@ -75,10 +75,15 @@ class Lab:
                f"net.ipv4.tcp_congestion_control={cc}")
         # The socket buffer caps of net.core are not per namespace on every kernel: set them where
         # the namespace has them, else on the host, and record what is in force.
+        # (sysctl exits 0 even when the namespace refuses the key: read the value back.) The host
+        # values are restored by close().
+        self.host_sysctls = {}
         for key in ("net.core.rmem_max", "net.core.wmem_max"):
-            r = sh("ip", "netns", "exec", self.ns[0], "sysctl", "-q", "-w", f"{key}={big}",
-                   check=False)
-            if r.returncode != 0:
+            sh("ip", "netns", "exec", self.ns[0], "sysctl", "-q", "-w", f"{key}={big}",
+               check=False)
+            now = sh("ip", "netns", "exec", self.ns[0], "sysctl", "-n", key).stdout.strip()
+            if int(now) < big:
+                self.host_sysctls[key] = sh("sysctl", "-n", key).stdout.strip()
                 sh("sysctl", "-q", "-w", f"{key}={big}")
         for key in ("net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem", "net.core.rmem_max",
                     "net.core.wmem_max", "net.ipv4.tcp_congestion_control"):
@@ -166,6 +171,9 @@ class Lab:
         self._stop_link()
         for ns in self.ns:
             sh("ip", "netns", "del", ns, check=False)
+        for key, val in getattr(self, "host_sysctls", {}).items():
+            sh("sysctl", "-q", "-w", f"{key}={val}", check=False)
+        self.host_sysctls = {}
 
     # --- measurements of the link itself ---
 
