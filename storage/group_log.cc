@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <chrono>
 #include <cstring>
 
 namespace tvilling::storage {
@@ -498,7 +499,9 @@ void GroupLog::Sync(SyncDone done, bool fsync_here) {
 
 absl::Status GroupLog::SyncWritten(uint64_t target) {
   if (absl::Status h = health_->status(); !h.ok()) return h;
+  const auto started = std::chrono::steady_clock::now();
   rocksdb::Status s = db_->FlushWAL(/*sync=*/true);
+  fsync_latency_.RecordSince(started);
   if (!s.ok()) {
     absl::Status st = FromRocks(s, fmt::format("group {}: syncing log at LSN {}", name_, target));
     health_->Fail(st);
@@ -672,7 +675,9 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
   if (st.ok() && (wb.Count() > 0 || sync_here)) {
     rocksdb::WriteOptions wo;
     wo.sync = sync_here;
+    const auto started = std::chrono::steady_clock::now();
     const rocksdb::Status s = wb.Count() > 0 ? db_->Write(wo, &wb) : db_->FlushWAL(/*sync=*/true);
+    if (sync_here) fsync_latency_.RecordSince(started);
     if (!s.ok()) {
       const uint64_t at = batch.empty() ? last_lsn_.load() + 1 : batch.front().lsn;
       st = FromRocks(s, fmt::format("group {}: writing log at LSN {}", name_, at));
