@@ -15,6 +15,7 @@ stopped the link metrics show it down.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,32 @@ def v(fams, name, **labels):
     if x is None:
         raise TestFailure(f"no series {name}{labels}")
     return x
+
+
+DEPLOY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "deploy")
+USED_FILES = [os.path.join(DEPLOY, "prometheus", "tvilling.rules.yml"),
+              os.path.join(DEPLOY, "grafana", "tvilling.json")]
+# Series that exist only once something happened (an error series appears with its first error).
+APPEAR_LATER = {"tvilling_client_io_errors_total"}
+
+
+def check_names_used(scraped):
+    """Every tvilling_* name in the alert rules and the dashboard is one the agents export."""
+    known = set()
+    for fams in scraped:
+        for name, fam in fams.items():
+            known.add(name)
+            if fam["type"] == "histogram":
+                known.update(name + s for s in ("_bucket", "_count", "_sum"))
+    known |= APPEAR_LATER
+    for path in USED_FILES:
+        with open(path) as f:
+            used = set(re.findall(r"\btvilling_[a-z0-9_]+", f.read()))
+        unknown = sorted(used - known)
+        if unknown:
+            raise TestFailure(f"{os.path.relpath(path, DEPLOY)} uses metrics no agent exports: "
+                              f"{unknown}")
+        log(f"{os.path.relpath(path, DEPLOY)}: all {len(used)} metric names exist")
 
 
 def lag(fams):
@@ -168,6 +195,8 @@ def replication(c):
     if v(fb, "tvilling_nbd_request_errors_total") < 1:
         raise TestFailure("the refused write to the replica is not in "
                           "tvilling_nbd_request_errors_total")
+
+    check_names_used([fams, fb])
 
     # The replica goes away: the primary reports the link down.
     b.stop()
