@@ -618,6 +618,8 @@ TEST(LoadConfigTest, ExampleConfigIsValid) {
   EXPECT_EQ(config->agent.state_dir, state_dir);
   ASSERT_EQ(config->nbd.listen.size(), 1u);
   EXPECT_EQ(config->nbd.listen[0].ToString(), "127.0.0.1:10809");
+  ASSERT_TRUE(config->metrics.listen.has_value());
+  EXPECT_EQ(config->metrics.listen->ToString(), "127.0.0.1:9464");
   ASSERT_EQ(config->groups.size(), 1u);
   EXPECT_EQ(config->groups[0].name, "g0");
   ASSERT_EQ(config->groups[0].volumes.size(), 1u);
