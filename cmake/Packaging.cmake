@@ -8,6 +8,7 @@
 #   /usr/share/doc/tvilling/examples/                   example configs
 #   /usr/share/tvilling/make-dev-pki.sh                 the development PKI script
 #   /usr/share/tvilling/prometheus, grafana             alert rules and dashboard
+#   /usr/share/bash-completion/completions/tvillingctl  bash completion
 # postinst creates the system user `tvilling`, /var/lib/tvilling (0750) and /etc/tvilling.
 include(GNUInstallDirs)
 
@@ -27,6 +28,8 @@ install(FILES ${PROJECT_SOURCE_DIR}/deploy/prometheus/tvilling.rules.yml
   DESTINATION ${CMAKE_INSTALL_DATADIR}/tvilling/prometheus)
 install(FILES ${PROJECT_SOURCE_DIR}/deploy/grafana/tvilling.json
   DESTINATION ${CMAKE_INSTALL_DATADIR}/tvilling/grafana)
+install(FILES ${PROJECT_SOURCE_DIR}/deploy/bash-completion/tvillingctl
+  DESTINATION ${CMAKE_INSTALL_DATADIR}/bash-completion/completions)
 
 # Man pages from the binaries' own --help and --version, plus the sections in deploy/man/*.h2m.
 find_program(HELP2MAN help2man)

@@ -5,7 +5,8 @@
 #   - tvillingd --version and tvillingctl --version run from /usr/bin
 #   - the user tvilling exists; /var/lib/tvilling is tvilling:tvilling 0750; /etc/tvilling exists
 #   - the installed unit passes `systemd-analyze verify` (man pages included: its Documentation=)
-#   - the man pages open; the example config checks with the installed binary
+#   - the man pages open; bash completion works; the example config checks with the installed
+#     binary
 #   - nothing was started: no process runs as tvilling
 #   - dpkg -r removes the binaries and the unit, and keeps /var/lib/tvilling (the data)
 #
@@ -27,8 +28,8 @@ getent passwd tvilling >/dev/null && had_user=1
 [ -e /var/lib/tvilling ] && had_state=1
 [ -e /etc/tvilling ] && had_etc=1
 cleanup() {
-  if [ $installed -eq 1 ]; then dpkg -r tvilling >/dev/null 2>&1 || true; fi
-  dpkg --purge tvilling >/dev/null 2>&1 || true
+  if [ $installed -eq 1 ]; then dpkg_wait -r tvilling >/dev/null 2>&1 || true; fi
+  dpkg_wait --purge tvilling >/dev/null 2>&1 || true
   [ $had_state -eq 1 ] || rmdir /var/lib/tvilling 2>/dev/null || true
   [ $had_etc -eq 1 ] || rmdir /etc/tvilling 2>/dev/null || true
   if [ $had_user -eq 0 ] && getent passwd tvilling >/dev/null; then
@@ -39,6 +40,20 @@ cleanup() {
 }
 trap cleanup EXIT
 fail() { echo "FAIL: $*"; exit 1; }
+# dpkg with patience: another apt or dpkg on the machine holds its lock for a while.
+dpkg_wait() {
+  local try out
+  for try in $(seq 1 90); do
+    if out=$(dpkg "$@" 2>&1); then
+      printf '%s\n' "$out"
+      return 0
+    fi
+    grep -q "lock" <<<"$out" || { printf '%s\n' "$out"; return 1; }
+    sleep 2
+  done
+  printf '%s\n' "$out"
+  return 1
+}
 
 (cd "$build" && cpack -G DEB -B "$tmp/out" >"$tmp/cpack.log" 2>&1) ||
   { cat "$tmp/cpack.log"; fail "cpack -G DEB"; }
@@ -49,7 +64,7 @@ info=$(dpkg-deb -I "$deb")
 grep -q "Architecture: amd64" <<<"$info" || fail "not an amd64 package"
 
 installed=1
-dpkg -i "$deb" >"$tmp/dpkg.log" 2>&1 || { cat "$tmp/dpkg.log"; fail "dpkg -i"; }
+dpkg_wait -i "$deb" >"$tmp/dpkg.log" 2>&1 || { cat "$tmp/dpkg.log"; fail "dpkg -i"; }
 echo "installed"
 
 version=$(/usr/bin/tvillingd --version)
@@ -75,6 +90,11 @@ if command -v man >/dev/null; then
   echo "man pages open"
 fi
 
+completion=/usr/share/bash-completion/completions/tvillingctl
+bash "$src/tests/integration/bash_completion_test.sh" "$completion" /usr/bin/tvillingctl \
+  >"$tmp/completion.log" || { cat "$tmp/completion.log"; fail "bash completion"; }
+echo "bash completion works with the installed tvillingctl"
+
 /usr/share/tvilling/make-dev-pki.sh "$tmp/pki" >/dev/null || fail "make-dev-pki.sh"
 /usr/bin/tvillingd --config /usr/share/doc/tvilling/examples/single-node.toml \
   --state-dir "$tmp/state" --check-config || fail "the example config does not check"
@@ -82,7 +102,7 @@ fi
 if pgrep -u tvilling >/dev/null; then fail "a process runs as tvilling after install"; fi
 echo "nothing started"
 
-dpkg -r tvilling >"$tmp/dpkg-r.log" 2>&1 || { cat "$tmp/dpkg-r.log"; fail "dpkg -r"; }
+dpkg_wait -r tvilling >"$tmp/dpkg-r.log" 2>&1 || { cat "$tmp/dpkg-r.log"; fail "dpkg -r"; }
 installed=0
 [ ! -e /usr/bin/tvillingd ] || fail "/usr/bin/tvillingd is still there after dpkg -r"
 [ ! -e "$unit" ] || fail "$unit is still there after dpkg -r"
