@@ -23,6 +23,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -311,6 +312,28 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
   // Signal handlers go in before the listeners (and before READY): a SIGTERM that arrives right
   // after start must take the clean path, not the default action.
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);
+  // SIGHUP (systemctl reload): re-read the TLS certificates; open streams stay.
+  boost::asio::signal_set reload_signals(io, SIGHUP);
+  std::function<void()> wait_reload = [&] {
+    reload_signals.async_wait([&](const boost::system::error_code& err, int) {
+      if (err) return;
+      ops::Notify("RELOADING=1\nSTATUS=reloading the TLS certificates");
+      if (!replication || !config.tls.enabled()) {
+        spdlog::info("SIGHUP: no TLS certificates to reload (no peers or tls.insecure)");
+      } else if (absl::Status st = replication->ReloadTls(); !st.ok()) {
+        spdlog::error("SIGHUP: TLS certificates not reloaded, the current ones stay: {}", Msg(st));
+      } else {
+        spdlog::info(
+            "SIGHUP: TLS certificates reloaded from {}; new handshakes use them, open streams "
+            "continue",
+            config.tls.cert.string());
+      }
+      ops::Notify(fmt::format("READY=1\nSTATUS=serving {} group(s) as site {}", groups.size(),
+                              config.agent.site));
+      wait_reload();
+    });
+  };
+  wait_reload();
 
   nbd::FrontendOptions so;
   for (const ops::ListenAddress& a : config.nbd.listen) so.tcp_listen.push_back({a.host, a.port});
@@ -381,6 +404,7 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
     spdlog::info("signal {}: shutting down (answering in-flight requests, flushing the log)",
                  signo);
     ops::Notify(fmt::format("STOPPING=1\nSTATUS=signal {}: draining in-flight requests", signo));
+    reload_signals.cancel();
     status.Stop();
     server.Stop();
     drain_watch = std::thread([&] {

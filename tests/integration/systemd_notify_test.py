@@ -10,9 +10,10 @@ binds itself (systemd is not PID 1 here), as systemd would see it for a Type=not
 2. STATUS= lines come before READY=1, the one naming the group's log replay among them.
 3. The moment READY=1 arrives, every listener accepts a connection at the first try.
 4. WATCHDOG=1 pings follow, about every 200 ms (WATCHDOG_USEC / 2).
-5. SIGTERM: STOPPING=1, then a clean exit (0).
-6. A restart after writes replays the log before READY=1 (the STATUS line and the log say so).
-7. Every line tvillingd wrote to stderr is one JSON object with ts, level and msg.
+5. SIGHUP (ExecReload): RELOADING=1, then READY=1 again; the agent goes on.
+6. SIGTERM: STOPPING=1, then a clean exit (0).
+7. A restart after writes replays the log before READY=1 (the STATUS line and the log say so).
+8. Every line tvillingd wrote to stderr is one JSON object with ts, level and msg.
 """
 
 import argparse
@@ -174,6 +175,12 @@ def run_once(args, cfg, state, ports, notify, stderr_path, expect_replay):
         if expect_replay is not None:
             expect_replay(proc)
         else:
+            # SIGHUP (ExecReload): RELOADING=1, then READY=1 again once the certificates are
+            # reloaded, and the agent goes on.
+            os.killpg(proc.pid, signal.SIGHUP)
+            reloading = notify.wait_for("RELOADING=1", 10, proc)
+            again = notify.wait_for("READY=1", 10, proc)
+            log(f"SIGHUP: {reloading!r} then {again!r}")
             # Leave records behind that the next start must replay (the checkpoint is 1 s away).
             import nbd
             h = nbd.NBD()
