@@ -373,6 +373,10 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
             src.log = g->log().State();
             src.hard_cap_bytes = config.log.hard_cap_bytes;
             src.fsync = g->log().fsync_latency().Read();
+            const storage::GroupLog::Counters& c = g->log().counters();
+            src.appended_records = c.records.load(std::memory_order_relaxed);
+            src.appended_bytes = c.bytes.load(std::memory_order_relaxed);
+            src.commits = c.commits.load(std::memory_order_relaxed);
             const node::GroupRuntimeStats r = g->Stats();
             src.checkpoints = r.checkpoints;
             src.replayed_records = r.replayed_records;

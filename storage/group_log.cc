@@ -607,6 +607,7 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
   views.reserve(batch.size());
   bool need_sync = !syncs.empty();
   absl::Status st;
+  uint64_t batch_bytes = 0;
   // The records (payload copies included) go into the batch without the lock: the batch is ours.
   for (Pending& p : batch) {
     char key[kLogKeySize];
@@ -617,6 +618,7 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
     wb.Put(rocksdb::SliceParts(&key_slice, 1), rocksdb::SliceParts(value_parts, 2));
     views.push_back({p.lsn, p.header, p.payload});
     need_sync |= p.req.sync;
+    batch_bytes += kRecordHeaderSize + p.payload.size();
   }
   {
     // Metadata that describes these records goes into the same batch.
@@ -687,6 +689,9 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
   }
   if (st.ok() && !batch.empty()) {
     last_lsn_.store(batch.back().lsn, std::memory_order_release);
+    counters_.records.fetch_add(batch.size(), std::memory_order_relaxed);
+    counters_.bytes.fetch_add(batch_bytes, std::memory_order_relaxed);
+    counters_.commits.fetch_add(1, std::memory_order_relaxed);
     if (options_.on_batch_written) st = options_.on_batch_written(views);
   }
   if (sync_here) {

@@ -287,6 +287,15 @@ class GroupLog {
   // How long each fsync of this group's log took (the syncer's, an inline Sync()'s, or a synced
   // write on the committer, which includes the write). For the metrics endpoint.
   const LatencyHistogram& fsync_latency() const { return fsync_latency_; }
+  // Since open: records and their stored bytes (header + payload) written to this log, and the
+  // batches (one RocksDB write each) they went in. On a primary that is what clients wrote; on a
+  // replica what it received. For the metrics endpoint (throughput, mean batch size).
+  struct Counters {
+    std::atomic<uint64_t> records{0};
+    std::atomic<uint64_t> bytes{0};
+    std::atomic<uint64_t> commits{0};
+  };
+  const Counters& counters() const { return counters_; }
   // The epoch of the newest record queued, or of the last history entry ResetForCopy installed (a
   // BeginEpoch not yet used by a record does not count), and the epoch history. State() has both
   // too.
@@ -425,6 +434,7 @@ class GroupLog {
   std::thread committer_;
   std::thread syncer_;              // fsyncs what the committer wrote (SyncerLoop)
   LatencyHistogram fsync_latency_;  // every fsync of the log (a synced write counts as one)
+  Counters counters_;
 };
 
 }  // namespace tvilling::storage

@@ -143,6 +143,17 @@ void AppendGroupMetrics(const std::string& site, const GroupMetricsSource& g, Ex
             l, D(g.hard_cap_bytes));
   out.Histogram("tvilling_log_fsync_duration_seconds",
                 "Duration of the group log's fsyncs (a synced write counts as one).", l, g.fsync);
+  out.Counter("tvilling_log_appended_records_total",
+              "Records written to the group's log since start (a primary: client writes; a "
+              "replica: what it received).",
+              l, D(g.appended_records));
+  out.Counter("tvilling_log_appended_bytes_total",
+              "Stored bytes (record header + payload) written to the group's log since start.", l,
+              D(g.appended_bytes));
+  out.Counter("tvilling_log_commits_total",
+              "Batches the group's records were written in (one RocksDB write each); records / "
+              "commits is the mean batch size.",
+              l, D(g.commits));
   out.Counter("tvilling_group_checkpoints_total",
               "Checkpoints (volumes fsynced, applied LSN recorded) since start.", l,
               D(g.checkpoints));

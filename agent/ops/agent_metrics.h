@@ -25,6 +25,9 @@ struct GroupMetricsSource {
   storage::GroupLogState log;   // first_lsn, bytes
   uint64_t hard_cap_bytes = 0;  // [log] hard_cap, 0 = none
   storage::LatencyHistogram::Snapshot fsync;
+  uint64_t appended_records = 0;  // storage::GroupLog::counters()
+  uint64_t appended_bytes = 0;
+  uint64_t commits = 0;
   uint64_t checkpoints = 0;
   uint64_t replayed_records = 0;
   std::vector<std::pair<std::string, std::shared_ptr<const VolumeIoMetrics>>> volumes;
