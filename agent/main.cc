@@ -380,8 +380,10 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
             const node::GroupRuntimeStats r = g->Stats();
             src.checkpoints = r.checkpoints;
             src.replayed_records = r.replayed_records;
-            for (const auto& [volume, counters] : io_metrics[g->name()]) {
-              src.volumes.emplace_back(volume, counters);
+            if (auto it = io_metrics.find(g->name()); it != io_metrics.end()) {
+              for (const auto& [volume, counters] : it->second) {
+                src.volumes.emplace_back(volume, counters);
+              }
             }
             ops::AppendGroupMetrics(config.agent.site, src, out);
           }

@@ -125,7 +125,11 @@ void AppendStatusMetrics(const v1::StatusReply& status, Exposition& out) {
       out.Gauge("tvilling_group_rpo_bound_seconds", std::string("Age of the oldest record") + why,
                 l, seconds);
     }
-    for (const v1::PeerStatus& p : g.peers()) AppendPeer(l, p, out);
+    for (const v1::PeerStatus& p : g.peers()) {
+      // A replica that no primary has streamed to yet knows no peer name: nothing to label (the
+      // primary's own series cover that link).
+      if (!p.peer().empty()) AppendPeer(l, p, out);
+    }
   }
 }
 

@@ -11,6 +11,7 @@
 #include <boost/asio/write.hpp>
 #include <string>
 
+#include "agent/ops/agent_metrics.h"
 #include "agent/ops/metrics_server.h"
 
 namespace tvilling::ops {
@@ -80,6 +81,64 @@ TEST(VolumeIoMetricsTest, CountsBytesOfSuccessesAndErrorsByCode) {
   EXPECT_THAT(text, HasSubstr("tvilling_client_io_errors_total{group=\"g0\",volume=\"v\",op="
                               "\"flush\",code=\"UNAVAILABLE\"} 1\n"));
   EXPECT_THAT(text, Not(HasSubstr("op=\"read\",code=")));
+}
+
+TEST(StatusMetricsTest, PrimaryRpoBoundIsTheMostCurrentPeersLagAndStatesAreSets) {
+  v1::StatusReply r;
+  r.mutable_agent()->set_site("site-a");
+  r.mutable_agent()->set_version("9.9.9");
+  v1::GroupStatus* g = r.add_groups();
+  g->set_name("g0");
+  g->set_role("primary");
+  g->set_epoch(3);
+  g->set_last_lsn(100);
+  v1::PeerStatus* b = g->add_peers();
+  b->set_peer("site-b");
+  b->set_mode("sync");
+  b->set_link_state("streaming");
+  b->set_lag_lsns(2);
+  b->set_lag_bytes(8192);
+  b->set_lag_seconds(0.25);
+  b->set_rtt_us(1500);
+  v1::PeerStatus* c = g->add_peers();
+  c->set_peer("site-c");
+  c->set_mode("async");
+  c->set_link_state("disconnected");
+  c->set_lag_lsns(40);
+  c->set_lag_bytes(1 << 20);
+  c->set_lag_seconds(12.5);
+  v1::GroupStatus* g1 = r.add_groups();  // a replica no primary has streamed to yet
+  g1->set_name("g1");
+  g1->set_role("replica");
+  g1->add_peers()->set_link_state("disconnected");
+  Exposition e;
+  AppendStatusMetrics(r, e);
+  const std::string t = e.Render();
+  EXPECT_THAT(t, HasSubstr("tvilling_agent_info{site=\"site-a\",version=\"9.9.9\"} 1\n"));
+  EXPECT_THAT(t, HasSubstr("tvilling_group_rpo_bound_records{site=\"site-a\",group=\"g0\"} 2\n"));
+  EXPECT_THAT(t, HasSubstr("tvilling_group_rpo_bound_bytes{site=\"site-a\",group=\"g0\"} 8192\n"));
+  EXPECT_THAT(t,
+              HasSubstr("tvilling_group_rpo_bound_seconds{site=\"site-a\",group=\"g0\"} 0.25\n"));
+  EXPECT_THAT(t,
+              HasSubstr("tvilling_group_role{site=\"site-a\",group=\"g0\",role=\"primary\"} 1\n"));
+  EXPECT_THAT(t,
+              HasSubstr("tvilling_group_role{site=\"site-a\",group=\"g0\",role=\"replica\"} 0\n"));
+  EXPECT_THAT(t, HasSubstr("tvilling_peer_up{site=\"site-a\",group=\"g0\",peer=\"site-b\"} 1\n"));
+  EXPECT_THAT(t, HasSubstr("tvilling_peer_up{site=\"site-a\",group=\"g0\",peer=\"site-c\"} 0\n"));
+  EXPECT_THAT(t, HasSubstr("tvilling_peer_link_state{site=\"site-a\",group=\"g0\",peer=\"site-c\","
+                           "state=\"disconnected\"} 1\n"));
+  EXPECT_THAT(t, HasSubstr("tvilling_peer_link_state{site=\"site-a\",group=\"g0\",peer=\"site-c\","
+                           "state=\"streaming\"} 0\n"));
+  EXPECT_THAT(t,
+              HasSubstr("tvilling_peer_rtt_seconds{site=\"site-a\",group=\"g0\",peer=\"site-b\"} "
+                        "0.0015\n"));
+  EXPECT_THAT(
+      t, HasSubstr("tvilling_peer_sync_mode{site=\"site-a\",group=\"g0\",peer=\"site-b\"} 1\n"));
+  // The replica's unnamed peer is left out; its role is.
+  EXPECT_THAT(t, Not(HasSubstr("peer=\"\"")));
+  EXPECT_THAT(t,
+              HasSubstr("tvilling_group_role{site=\"site-a\",group=\"g1\",role=\"replica\"} 1\n"));
+  EXPECT_THAT(t, Not(HasSubstr("tvilling_group_rpo_bound_seconds{site=\"site-a\",group=\"g1\"}")));
 }
 
 // One HTTP/1.1 exchange on a fresh connection; returns the whole response.
