@@ -8,6 +8,9 @@
 #   - the man pages open; bash completion works; the example config checks with the installed
 #     binary
 #   - nothing was started: no process runs as tvilling
+#   - walkthrough.py: the packaged PKI script and two-site examples, two agents run as tvilling
+#     under a NOTIFY_SOCKET harness (READY=1, a mirrored write read back on the replica,
+#     STOPPING=1 and exit 0)
 #   - dpkg -r removes the binaries and the unit, and keeps /var/lib/tvilling (the data)
 #
 # It refuses to run (exit 77 = skipped) if a tvilling package is already installed, so that it
@@ -101,6 +104,12 @@ echo "bash completion works with the installed tvillingctl"
 
 if pgrep -u tvilling >/dev/null; then fail "a process runs as tvilling after install"; fi
 echo "nothing started"
+
+# What docs/operations.md has an operator do: certificates, the example configs, two agents as the
+# service user under a NOTIFY_SOCKET harness, a mirrored write.
+chmod 755 "$tmp"  # the agents run as tvilling and must reach $tmp/walk
+mkdir "$tmp/walk"
+/usr/bin/python3 "$src/tests/package/walkthrough.py" "$tmp/walk" || fail "the walkthrough"
 
 dpkg_wait -r tvilling >"$tmp/dpkg-r.log" 2>&1 || { cat "$tmp/dpkg-r.log"; fail "dpkg -r"; }
 installed=0
