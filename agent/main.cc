@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <atomic>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -22,6 +23,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -33,8 +35,12 @@
 #include "agent/node/group_runtime.h"
 #include "agent/node/replication.h"
 #include "agent/node/replication_service.h"
+#include "agent/ops/agent_metrics.h"
 #include "agent/ops/config.h"
 #include "agent/ops/logging.h"
+#include "agent/ops/metrics.h"
+#include "agent/ops/metrics_server.h"
+#include "agent/ops/systemd.h"
 #include "storage/group_log.h"
 
 #ifndef TVILLING_VERSION
@@ -163,6 +169,11 @@ class StatusReporter {
  private:
   void Report() {
     const nbd::FrontendStats& n = frontend_.stats();
+    std::string summary = fmt::format("serving {} group(s)", groups_.size());
+    for (const auto& g : groups_) {
+      summary += fmt::format("; {} last LSN {}", g->name(), g->log().last_lsn());
+    }
+    ops::NotifyStatus(summary);
     for (const auto& g : groups_) {
       const storage::GroupLogState s = g->log().State();
       const node::GroupRuntimeStats r = g->Stats();
@@ -202,6 +213,7 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
     }
   }
 
+  ops::NotifyStatus(fmt::format("opening the log store {}", config.log.dir.string()));
   auto store = OpenStore(config);
   if (!store.ok()) {
     spdlog::error("{}", Msg(store.status()));
@@ -210,6 +222,7 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
   std::vector<std::unique_ptr<node::GroupRuntime>> groups;
   const auto started = std::chrono::steady_clock::now();
   for (const ops::GroupConfig& g : config.groups) {
+    ops::NotifyStatus(fmt::format("opening group {} (replaying its log)", g.name));
     auto group = node::GroupRuntime::Open(**store, GroupOptions(config, g));
     if (!group.ok()) {
       spdlog::error("{}", Msg(group.status()));
@@ -265,7 +278,8 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
       return kExitRuntime;
     }
   }
-  auto control = node::ControlServer::Start(config.control.unix_socket, [&](v1::StatusReply* out) {
+  ops::NotifyStatus("starting listeners");
+  const auto fill_status = [&](v1::StatusReply* out) {
     out->mutable_agent()->set_site(config.agent.site);
     out->mutable_agent()->set_version(TVILLING_VERSION);
     out->mutable_agent()->set_uptime_s(static_cast<uint64_t>(
@@ -287,7 +301,8 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
       gs->set_write_released(g->log().last_lsn());
       gs->set_flush_released(g->log().durable_lsn());
     }
-  });
+  };
+  auto control = node::ControlServer::Start(config.control.unix_socket, fill_status);
   if (!control.ok()) {
     spdlog::error("{}", Msg(control.status()));
     return kExitRuntime;
@@ -297,6 +312,28 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
   // Signal handlers go in before the listeners (and before READY): a SIGTERM that arrives right
   // after start must take the clean path, not the default action.
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);
+  // SIGHUP (systemctl reload): re-read the TLS certificates; open streams stay.
+  boost::asio::signal_set reload_signals(io, SIGHUP);
+  std::function<void()> wait_reload = [&] {
+    reload_signals.async_wait([&](const boost::system::error_code& err, int) {
+      if (err) return;
+      ops::Notify("RELOADING=1\nSTATUS=reloading the TLS certificates");
+      if (!replication || !config.tls.enabled()) {
+        spdlog::info("SIGHUP: no TLS certificates to reload (no peers or tls.insecure)");
+      } else if (absl::Status st = replication->ReloadTls(); !st.ok()) {
+        spdlog::error("SIGHUP: TLS certificates not reloaded, the current ones stay: {}", Msg(st));
+      } else {
+        spdlog::info(
+            "SIGHUP: TLS certificates reloaded from {}; new handshakes use them, open streams "
+            "continue",
+            config.tls.cert.string());
+      }
+      ops::Notify(fmt::format("READY=1\nSTATUS=serving {} group(s) as site {}", groups.size(),
+                              config.agent.site));
+      wait_reload();
+    });
+  };
+  wait_reload();
 
   nbd::FrontendOptions so;
   for (const ops::ListenAddress& a : config.nbd.listen) so.tcp_listen.push_back({a.host, a.port});
@@ -304,12 +341,61 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
   so.max_inflight_requests = config.nbd.max_inflight_requests;
   so.max_inflight_bytes = config.nbd.max_inflight_bytes;
   nbd::Frontend server(io, so);
-  for (const auto& g : groups) {
-    for (const auto& e : g->exports()) server.AddExport(e);
+  // Client I/O is counted per volume by a decorator around each export (for /metrics).
+  std::map<std::string, std::vector<std::pair<std::string, std::shared_ptr<ops::VolumeIoMetrics>>>>
+      io_metrics;
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const auto& exports = groups[i]->exports();
+    for (size_t v = 0; v < exports.size(); ++v) {
+      auto m = std::make_shared<ops::VolumeIoMetrics>();
+      const std::string& volume = v < config.groups[i].volumes.size()
+                                      ? config.groups[i].volumes[v].name
+                                      : exports[v]->info().name;
+      io_metrics[groups[i]->name()].emplace_back(volume, m);
+      server.AddExport(std::make_shared<ops::MeteredExport>(exports[v], std::move(m)));
+    }
   }
   if (absl::Status st = server.Start(); !st.ok()) {
     spdlog::error("nbd: {}", Msg(st));
     return kExitRuntime;
+  }
+  std::unique_ptr<ops::MetricsServer> metrics;
+  if (config.metrics.listen) {
+    auto m = ops::MetricsServer::Start(
+        config.metrics.listen->host, config.metrics.listen->port, [&]() -> std::string {
+          ops::Exposition out;
+          v1::StatusReply status;
+          fill_status(&status);
+          ops::AppendStatusMetrics(status, out);
+          for (const auto& g : groups) {
+            ops::GroupMetricsSource src;
+            src.name = g->name();
+            src.log = g->log().State();
+            src.hard_cap_bytes = config.log.hard_cap_bytes;
+            src.fsync = g->log().fsync_latency().Read();
+            const storage::GroupLog::Counters& c = g->log().counters();
+            src.appended_records = c.records.load(std::memory_order_relaxed);
+            src.appended_bytes = c.bytes.load(std::memory_order_relaxed);
+            src.commits = c.commits.load(std::memory_order_relaxed);
+            const node::GroupRuntimeStats r = g->Stats();
+            src.checkpoints = r.checkpoints;
+            src.replayed_records = r.replayed_records;
+            if (auto it = io_metrics.find(g->name()); it != io_metrics.end()) {
+              for (const auto& [volume, counters] : it->second) {
+                src.volumes.emplace_back(volume, counters);
+              }
+            }
+            ops::AppendGroupMetrics(config.agent.site, src, out);
+          }
+          ops::AppendNbdMetrics(config.agent.site, server.stats(), out);
+          return out.Render();
+        });
+    if (!m.ok()) {
+      spdlog::error("{}", Msg(m.status()));
+      return kExitRuntime;
+    }
+    metrics = std::move(*m);
+    spdlog::info("metrics: serving http://{}/metrics", config.metrics.listen->ToString());
   }
   StatusReporter status(io, status_interval, groups, server);
   status.Start();
@@ -323,6 +409,8 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
     if (err) return;
     spdlog::info("signal {}: shutting down (answering in-flight requests, flushing the log)",
                  signo);
+    ops::Notify(fmt::format("STOPPING=1\nSTATUS=signal {}: draining in-flight requests", signo));
+    reload_signals.cancel();
     status.Stop();
     server.Stop();
     drain_watch = std::thread([&] {
@@ -335,10 +423,27 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
   spdlog::info("tvillingd {} site {} serving {} group(s); state in {}", TVILLING_VERSION,
                config.agent.site, groups.size(), config.agent.state_dir.string());
 
+  // Every listener accepts and every log is replayed: only now is the agent ready.
+  ops::Notify(fmt::format("READY=1\nSTATUS=serving {} group(s) as site {}", groups.size(),
+                          config.agent.site));
+  std::unique_ptr<ops::Watchdog> watchdog;
+  if (auto interval = ops::WatchdogInterval()) {
+    std::vector<ops::Watchdog::Loop> loops = {{"nbd", &io}};
+    if (metrics) loops.push_back({"metrics", &metrics->io()});
+    watchdog = std::make_unique<ops::Watchdog>(std::move(loops), *interval,
+                                               [] { ops::Notify("WATCHDOG=1"); });
+    watchdog->Start();
+    spdlog::info("systemd watchdog: {} ms; pinging every {} ms while the event loops answer",
+                 interval->count() / 1000, interval->count() / 2000);
+  }
+
   std::vector<std::thread> threads;
   for (uint32_t i = 1; i < config.nbd.threads; ++i) threads.emplace_back([&io] { io.run(); });
   io.run();
   for (auto& t : threads) t.join();
+  // The NBD loop has stopped on purpose (STOPPING=1 was sent); the drain is bounded by the
+  // timeouts below, within the unit's TimeoutStopSec.
+  if (watchdog) watchdog->Stop();
   {
     std::lock_guard l(drain_mu);
     drained = true;
@@ -346,6 +451,7 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
   drain_cv.notify_all();
   if (drain_watch.joinable()) drain_watch.join();
 
+  if (metrics) metrics->Stop();
   (*control)->Shutdown();
   for (auto& p : primaries) p->Stop();
   if (replication) replication->Shutdown();

@@ -9,13 +9,13 @@ BUILD_PKGS=(
   librocksdb-dev libboost-dev libssl-dev openssl
   libabsl-dev libtomlplusplus-dev libspdlog-dev libfmt-dev libcli11-dev
   libxxhash-dev libzstd-dev liblz4-dev libsystemd-dev libnbd-dev
-  libgtest-dev libgmock-dev libbenchmark-dev
+  libgtest-dev libgmock-dev libbenchmark-dev prometheus-cpp-dev help2man
   clang libclang-rt-14-dev clang-format
 )
 TEST_PKGS=(
   qemu-utils libnbd-bin python3-libnbd nbdkit fio fuse3 e2fsprogs util-linux
   iproute2 iputils-ping iperf3 nftables socat procps psmisc kmod curl
-  etcd-server etcd-client
+  etcd-server etcd-client prometheus
 )
 # The WAN lab (bench/run): QEMU's mirror as the side-by-side peer, plots.
 LAB_PKGS=(

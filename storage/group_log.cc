@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <chrono>
 #include <cstring>
 
 namespace tvilling::storage {
@@ -498,7 +499,9 @@ void GroupLog::Sync(SyncDone done, bool fsync_here) {
 
 absl::Status GroupLog::SyncWritten(uint64_t target) {
   if (absl::Status h = health_->status(); !h.ok()) return h;
+  const auto started = std::chrono::steady_clock::now();
   rocksdb::Status s = db_->FlushWAL(/*sync=*/true);
+  fsync_latency_.RecordSince(started);
   if (!s.ok()) {
     absl::Status st = FromRocks(s, fmt::format("group {}: syncing log at LSN {}", name_, target));
     health_->Fail(st);
@@ -604,6 +607,7 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
   views.reserve(batch.size());
   bool need_sync = !syncs.empty();
   absl::Status st;
+  uint64_t batch_bytes = 0;
   // The records (payload copies included) go into the batch without the lock: the batch is ours.
   for (Pending& p : batch) {
     char key[kLogKeySize];
@@ -614,6 +618,7 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
     wb.Put(rocksdb::SliceParts(&key_slice, 1), rocksdb::SliceParts(value_parts, 2));
     views.push_back({p.lsn, p.header, p.payload});
     need_sync |= p.req.sync;
+    batch_bytes += kRecordHeaderSize + p.payload.size();
   }
   {
     // Metadata that describes these records goes into the same batch.
@@ -672,7 +677,9 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
   if (st.ok() && (wb.Count() > 0 || sync_here)) {
     rocksdb::WriteOptions wo;
     wo.sync = sync_here;
+    const auto started = std::chrono::steady_clock::now();
     const rocksdb::Status s = wb.Count() > 0 ? db_->Write(wo, &wb) : db_->FlushWAL(/*sync=*/true);
+    if (sync_here) fsync_latency_.RecordSince(started);
     if (!s.ok()) {
       const uint64_t at = batch.empty() ? last_lsn_.load() + 1 : batch.front().lsn;
       st = FromRocks(s, fmt::format("group {}: writing log at LSN {}", name_, at));
@@ -682,6 +689,9 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
   }
   if (st.ok() && !batch.empty()) {
     last_lsn_.store(batch.back().lsn, std::memory_order_release);
+    counters_.records.fetch_add(batch.size(), std::memory_order_relaxed);
+    counters_.bytes.fetch_add(batch_bytes, std::memory_order_relaxed);
+    counters_.commits.fetch_add(1, std::memory_order_relaxed);
     if (options_.on_batch_written) st = options_.on_batch_written(views);
   }
   if (sync_here) {

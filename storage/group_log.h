@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "storage/bytes.h"
+#include "storage/latency_histogram.h"
 #include "storage/log_record.h"
 
 namespace rocksdb {
@@ -283,6 +284,18 @@ class GroupLog {
   uint64_t last_lsn() const { return last_lsn_.load(std::memory_order_acquire); }
   uint64_t durable_lsn() const { return durable_lsn_.load(std::memory_order_acquire); }
   GroupLogState State() const;
+  // How long each fsync of this group's log took (the syncer's, an inline Sync()'s, or a synced
+  // write on the committer, which includes the write). For the metrics endpoint.
+  const LatencyHistogram& fsync_latency() const { return fsync_latency_; }
+  // Since open: records and their stored bytes (header + payload) written to this log, and the
+  // batches (one RocksDB write each) they went in. On a primary that is what clients wrote; on a
+  // replica what it received. For the metrics endpoint (throughput, mean batch size).
+  struct Counters {
+    std::atomic<uint64_t> records{0};
+    std::atomic<uint64_t> bytes{0};
+    std::atomic<uint64_t> commits{0};
+  };
+  const Counters& counters() const { return counters_; }
   // The epoch of the newest record queued, or of the last history entry ResetForCopy installed (a
   // BeginEpoch not yet used by a record does not count), and the epoch history. State() has both
   // too.
@@ -419,7 +432,9 @@ class GroupLog {
   uint64_t bytes_ = 0;
   ReplicaMeta replica_meta_;
   std::thread committer_;
-  std::thread syncer_;  // fsyncs what the committer wrote (SyncerLoop)
+  std::thread syncer_;              // fsyncs what the committer wrote (SyncerLoop)
+  LatencyHistogram fsync_latency_;  // every fsync of the log (a synced write counts as one)
+  Counters counters_;
 };
 
 }  // namespace tvilling::storage

@@ -92,10 +92,14 @@ class ReplicationService::Impl final : public Dialer, public transport::StreamAc
 
   absl::Status Init() {
     if (config_.tls.enabled()) {
-      auto m = transport::LoadTls(Files(config_.tls));
-      if (!m.ok()) return m.status();
-      server_creds_ = transport::ServerCredentials(*m);
-      channel_creds_ = transport::ChannelCredentials(*m);
+      // Reloadable (SIGHUP): the checked files are copied into the state directory and gRPC
+      // watches that copy (transport::ReloadableTls).
+      auto tls = transport::ReloadableTls::Create(Files(config_.tls),
+                                                  config_.agent.state_dir / "tls-active");
+      if (!tls.ok()) return tls.status();
+      tls_ = std::move(*tls);
+      server_creds_ = tls_->server_credentials();
+      channel_creds_ = tls_->channel_credentials();
     } else {
       spdlog::warn(
           "replication: tls.insecure is set: streams between agents are neither "
@@ -229,6 +233,7 @@ class ReplicationService::Impl final : public Dialer, public transport::StreamAc
     std::string tls_name;
   };
   const ops::Config& config_;
+  std::unique_ptr<transport::ReloadableTls> tls_;
   std::shared_ptr<grpc::ServerCredentials> server_creds_;
   std::shared_ptr<grpc::ChannelCredentials> channel_creds_;
   std::map<std::string, Target> targets_;
@@ -270,6 +275,11 @@ absl::Status ReplicationService::Start() {
   spdlog::info("replication: listening on {} ({})", listen,
                impl_->config_.tls.enabled() ? "mutual TLS" : "INSECURE plain TCP");
   return absl::OkStatus();
+}
+
+absl::Status ReplicationService::ReloadTls() {
+  if (!impl_->tls_) return absl::FailedPreconditionError("TLS is off (tls.insecure)");
+  return impl_->tls_->Reload();
 }
 
 void ReplicationService::Shutdown() {

@@ -38,6 +38,10 @@ class ReplicationService {
   void AddPrimaryGroup(const std::string& group);
   // Starts listening on [replication] listen.
   absl::Status Start();
+  // Re-reads the [tls] files (SIGHUP). If they pass the checks of CheckTls, new handshakes (new
+  // streams, redials) use them within a second; open streams are not touched. Otherwise the error
+  // names the file and the current certificates stay.
+  absl::Status ReloadTls();
   void Shutdown();
 
  private:

@@ -150,7 +150,8 @@ class Reader {
   Reader(Errors* errors, Positions* positions) : errors_(*errors), positions_(*positions) {}
 
   void ReadRoot(const toml::table& root, Config* config) {
-    CheckKeys(root, "", {"agent", "log", "nbd", "group", "tls", "replication", "acl", "control"});
+    CheckKeys(root, "",
+              {"agent", "log", "nbd", "group", "tls", "replication", "acl", "control", "metrics"});
     if (const toml::table* t = SubTable(root, "", "agent")) ReadAgent(*t, &config->agent);
     if (const toml::table* t = SubTable(root, "", "log")) ReadLog(*t, &config->log);
     if (const toml::table* t = SubTable(root, "", "nbd")) ReadNbd(*t, &config->nbd);
@@ -163,6 +164,7 @@ class Reader {
       ReadAcl(t, path, &config->acl.emplace_back());
     });
     if (const toml::table* t = SubTable(root, "", "control")) ReadControl(*t, &config->control);
+    if (const toml::table* t = SubTable(root, "", "metrics")) ReadMetrics(*t, &config->metrics);
   }
 
  private:
@@ -292,6 +294,20 @@ class Reader {
     const std::string path = "control";
     CheckKeys(t, path, {"unix_socket"});
     ReadPath(t, path, "unix_socket", &control->unix_socket);
+  }
+
+  void ReadMetrics(const toml::table& t, MetricsConfig* metrics) {
+    const std::string path = "metrics";
+    CheckKeys(t, path, {"listen"});
+    std::string listen;
+    if (ReadString(t, path, "listen", &listen)) {
+      absl::StatusOr<ListenAddress> parsed = ParseListenAddress(listen);
+      if (parsed.ok()) {
+        metrics->listen = *parsed;
+      } else {
+        errors_.Add("metrics.listen", std::string(parsed.status().message()));
+      }
+    }
   }
 
   void ReadVolume(const toml::table& t, const std::string& path, VolumeConfig* volume) {
@@ -1124,6 +1140,21 @@ void ValidateControl(Config& config, Errors& errors) {
   }
 }
 
+void ValidateMetrics(const Config& config, Errors& errors) {
+  if (!config.metrics.listen.has_value()) return;
+  const ListenAddress& m = *config.metrics.listen;
+  absl::StatusOr<ListenAddress> parsed = ParseListenAddress(m.ToString());
+  if (!parsed.ok()) errors.Add("metrics.listen", std::string(parsed.status().message()));
+  for (size_t i = 0; i < config.nbd.listen.size(); ++i) {
+    if (config.nbd.listen[i] == m) {
+      errors.Add("metrics.listen", fmt::format("\"{}\" is also nbd.listen[{}]", m.ToString(), i));
+    }
+  }
+  if (config.replication.listen.has_value() && *config.replication.listen == m) {
+    errors.Add("metrics.listen", fmt::format("\"{}\" is also replication.listen", m.ToString()));
+  }
+}
+
 void ValidateInto(Config& config, Errors& errors) {
   ValidateAgent(config.agent, errors);
   ValidateLog(config.log, config.agent.state_dir, errors);
@@ -1133,6 +1164,7 @@ void ValidateInto(Config& config, Errors& errors) {
   ValidateReplication(config, errors);
   ValidateAcl(config, errors);
   ValidateControl(config, errors);
+  ValidateMetrics(config, errors);
 }
 
 }  // namespace

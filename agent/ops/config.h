@@ -14,6 +14,7 @@
 //   [replication]  listen, tuning       where peers connect; windows, batching, keepalive
 //   [[acl]]    identity, site, groups   which certificate may act as which site, for which groups
 //   [control]  unix_socket              the control API that tvillingctl talks to
+//   [metrics]  listen                   the Prometheus endpoint (GET /metrics)
 //
 // docs/configuration.md describes every key for operators.
 //
@@ -22,7 +23,7 @@
 // `tvilling.toml:14:8: group[0].volume[1].size: must be a multiple of 512 bytes, got 1000`). A
 // config that loads is complete: defaults are filled in and every path is absolute, so nothing
 // downstream needs to check it again (TLS files were readable when the config was validated). Later
-// issues add [etcd] and [metrics] tables next to these; an older agent rejects them as unknown keys
+// issues add an [etcd] table next to these; an older agent rejects them as unknown keys
 // rather than silently ignoring them. A single-node config needs none of the replication tables.
 #pragma once
 
@@ -282,6 +283,13 @@ struct ControlConfig {
   std::filesystem::path unix_socket = "tvillingd.sock";
 };
 
+// [metrics]: the Prometheus endpoint (GET /metrics, docs/operations.md).
+struct MetricsConfig {
+  // `listen`: "host:port" (IP literal) of the HTTP listener. Default none: no endpoint. Must
+  // differ from nbd.listen and replication.listen.
+  std::optional<ListenAddress> listen;
+};
+
 struct Config {
   // Where the config came from (a file name), used in messages.
   std::string source;
@@ -295,6 +303,7 @@ struct Config {
   // [[acl]]: default none (no stream is accepted).
   std::vector<AclConfig> acl;
   ControlConfig control;
+  MetricsConfig metrics;
 
   // Whether any group has a peer, i.e. this agent replicates at all.
   [[nodiscard]] bool HasPeers() const;

@@ -8,6 +8,7 @@
 
 #include <fmt/format.h>
 #include <spdlog/logger.h>
+#include <spdlog/sinks/dup_filter_sink.h>
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
@@ -286,6 +287,13 @@ void SetupLogging(const LoggingOptions& options, spdlog::sink_ptr sink) {
   if (sink == nullptr) sink = std::make_shared<spdlog::sinks::stderr_sink_mt>();
   const bool journal = options.journal.value_or(StderrIsJournal());
   sink->set_formatter(MakeLogFormatter(options.format, journal));
+  if (options.repeat_window.count() > 0) {
+    // spdlog's duplicate filter: consecutive identical payloads within the window are counted,
+    // not written.
+    auto dedup = std::make_shared<spdlog::sinks::dup_filter_sink_mt>(options.repeat_window);
+    dedup->add_sink(std::move(sink));
+    sink = std::move(dedup);
+  }
   auto logger = std::make_shared<spdlog::logger>("tvillingd", std::move(sink));
   logger->set_level(options.level);
   spdlog::set_default_logger(std::move(logger));

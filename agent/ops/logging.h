@@ -7,7 +7,8 @@
 // Under systemd (stderr is the stream named by $JOURNAL_STREAM) text lines carry no timestamp,
 // since journald adds its own, and every line starts with a syslog priority prefix ("<6>") that
 // journald turns into the entry's priority and strips. Messages are one line: newlines and other
-// control characters are escaped.
+// control characters are escaped. Consecutive repeats of one line are logged once per window
+// (LoggingOptions::repeat_window).
 //
 // Code logs with spdlog as usual (spdlog::info("...")); Log() adds key=value fields.
 #pragma once
@@ -16,6 +17,7 @@
 #include <spdlog/common.h>
 #include <spdlog/formatter.h>
 
+#include <chrono>
 #include <concepts>
 #include <cstdint>
 #include <initializer_list>
@@ -33,6 +35,10 @@ struct LoggingOptions {
   LogFormat format = LogFormat::kText;
   // Journald mode (no timestamps in text, "<N>" priority prefixes). Unset = StderrIsJournal().
   std::optional<bool> journal;
+  // Repeats of the line just logged (same level-independent text and fields) within this window
+  // are dropped and counted; the next different line is preceded by "Skipped N duplicate
+  // messages..". A link that fails every second then logs once per window. 0 = log every line.
+  std::chrono::milliseconds repeat_window{10'000};
 };
 
 // "trace", "debug", "info", "warn" (or "warning"), "error", "critical".

@@ -1,11 +1,19 @@
 // tls.cc: TLS file checks with OpenSSL and gRPC credentials (see tls.h).
 #include "agent/transport/tls.h"
 
+#include <fcntl.h>
+#include <grpcpp/security/credentials.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_certificate_verifier.h>
+#include <grpcpp/security/tls_credentials_options.h>
 #include <openssl/bio.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 #include <openssl/x509_vfy.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -165,6 +173,101 @@ std::shared_ptr<grpc::ChannelCredentials> ChannelCredentials(const TlsMaterial& 
   o.pem_private_key = tls.key_pem;
   o.pem_cert_chain = tls.cert_pem;
   return grpc::SslCredentials(o);
+}
+
+namespace {
+
+// Writes `data` to dir/name through a temporary file and rename, so a reader sees the old or the
+// new file, never a partial one.
+absl::Status WriteAtomically(const std::filesystem::path& dir, const std::string& name,
+                             const std::string& data, mode_t mode) {
+  const std::filesystem::path tmp = dir / ("." + name + ".tmp");
+  const std::filesystem::path final_path = dir / name;
+  const int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+  if (fd < 0) {
+    return absl::FailedPreconditionError(
+        fmt::format("tls: cannot write {}: {}", tmp.string(), strerror(errno)));
+  }
+  size_t done = 0;
+  while (done < data.size()) {
+    const ssize_t n = write(fd, data.data() + done, data.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int err = errno;
+      close(fd);
+      return absl::FailedPreconditionError(
+          fmt::format("tls: cannot write {}: {}", tmp.string(), strerror(err)));
+    }
+    done += static_cast<size_t>(n);
+  }
+  fchmod(fd, mode);
+  close(fd);
+  if (rename(tmp.c_str(), final_path.c_str()) != 0) {
+    return absl::FailedPreconditionError(fmt::format(
+        "tls: cannot rename {} to {}: {}", tmp.string(), final_path.string(), strerror(errno)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ReloadableTls>> ReloadableTls::Create(
+    const TlsFiles& files, const std::filesystem::path& active_dir, unsigned refresh_seconds) {
+  absl::StatusOr<TlsMaterial> m = LoadTls(files);
+  if (!m.ok()) return m.status();
+  auto tls = std::unique_ptr<ReloadableTls>(new ReloadableTls());
+  tls->files_ = files;
+  tls->active_dir_ = active_dir;
+  tls->refresh_seconds_ = std::max(1u, refresh_seconds);
+  std::error_code ec;
+  std::filesystem::create_directories(active_dir, ec);
+  if (ec) {
+    return absl::FailedPreconditionError(
+        fmt::format("tls: cannot create {}: {}", active_dir.string(), ec.message()));
+  }
+  std::filesystem::permissions(active_dir, std::filesystem::perms::owner_all, ec);
+  if (absl::Status st = tls->Install(*m); !st.ok()) return st;
+
+  auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+      (active_dir / "key.pem").string(), (active_dir / "cert.pem").string(),
+      (active_dir / "ca.pem").string(), tls->refresh_seconds_);
+  grpc::experimental::TlsServerCredentialsOptions so(provider);
+  so.watch_root_certs();
+  so.watch_identity_key_cert_pairs();
+  so.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  tls->server_ = grpc::experimental::TlsServerCredentials(so);
+  grpc::experimental::TlsChannelCredentialsOptions co;
+  co.set_certificate_provider(provider);
+  co.watch_root_certs();
+  co.watch_identity_key_cert_pairs();
+  co.set_verify_server_certs(true);
+  // The server's certificate must carry the name dialled (or the tls_name override), as with
+  // SslCredentials.
+  co.set_certificate_verifier(std::make_shared<grpc::experimental::HostNameCertificateVerifier>());
+  co.set_check_call_host(true);
+  tls->channel_ = grpc::experimental::TlsCredentials(co);
+  if (!tls->server_ || !tls->channel_) {
+    return absl::InternalError("tls: gRPC refused the TLS credentials options");
+  }
+  return tls;
+}
+
+absl::Status ReloadableTls::Install(const TlsMaterial& m) {
+  // Three renames: a refresh of gRPC's watcher that falls between them may read a mixed set, which
+  // lasts one refresh period at most (handshakes in it fail and are retried by the dialer).
+  if (absl::Status st = WriteAtomically(active_dir_, "ca.pem", m.ca_pem, 0600); !st.ok()) {
+    return st;
+  }
+  if (absl::Status st = WriteAtomically(active_dir_, "key.pem", m.key_pem, 0600); !st.ok()) {
+    return st;
+  }
+  return WriteAtomically(active_dir_, "cert.pem", m.cert_pem, 0600);
+}
+
+absl::Status ReloadableTls::Reload() {
+  absl::StatusOr<TlsMaterial> m = LoadTls(files_);
+  if (!m.ok()) return m.status();
+  return Install(*m);
 }
 
 std::vector<std::string> PeerIdentities(const grpc::AuthContext& ctx) {

@@ -34,6 +34,34 @@ std::shared_ptr<grpc::ServerCredentials> ServerCredentials(const TlsMaterial& tl
 // Client side: presents our certificate, verifies the server's against the CA.
 std::shared_ptr<grpc::ChannelCredentials> ChannelCredentials(const TlsMaterial& tls);
 
+// Mutual-TLS credentials whose certificates can be replaced while the agent runs (SIGHUP,
+// `systemctl reload`) without touching established streams: only new handshakes use the new
+// files. The configured files are validated with LoadTls and then copied, each by an atomic
+// rename, into `active_dir`, which gRPC's FileWatcherCertificateProvider re-reads every
+// `refresh_seconds`; so gRPC only ever sees files that passed the checks, and a file the operator
+// is still writing is never picked up. Both credentials (the server's and the dialer's) follow.
+class ReloadableTls {
+ public:
+  static absl::StatusOr<std::unique_ptr<ReloadableTls>> Create(
+      const TlsFiles& files, const std::filesystem::path& active_dir, unsigned refresh_seconds = 1);
+  // Re-reads the configured files. If they pass LoadTls they become active (for handshakes from
+  // at most refresh_seconds later); otherwise the error names the file and the current
+  // certificates stay.
+  absl::Status Reload();
+  std::shared_ptr<grpc::ServerCredentials> server_credentials() const { return server_; }
+  std::shared_ptr<grpc::ChannelCredentials> channel_credentials() const { return channel_; }
+  unsigned refresh_seconds() const { return refresh_seconds_; }
+
+ private:
+  ReloadableTls() = default;
+  absl::Status Install(const TlsMaterial& m);
+  TlsFiles files_;
+  std::filesystem::path active_dir_;
+  unsigned refresh_seconds_ = 1;
+  std::shared_ptr<grpc::ServerCredentials> server_;
+  std::shared_ptr<grpc::ChannelCredentials> channel_;
+};
+
 // The verified peer's names: the certificate's CN first, then its SAN entries, without duplicates.
 // Empty for an unauthenticated (insecure) call.
 std::vector<std::string> PeerIdentities(const grpc::AuthContext& ctx);

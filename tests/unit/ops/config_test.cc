@@ -618,6 +618,8 @@ TEST(LoadConfigTest, ExampleConfigIsValid) {
   EXPECT_EQ(config->agent.state_dir, state_dir);
   ASSERT_EQ(config->nbd.listen.size(), 1u);
   EXPECT_EQ(config->nbd.listen[0].ToString(), "127.0.0.1:10809");
+  ASSERT_TRUE(config->metrics.listen.has_value());
+  EXPECT_EQ(config->metrics.listen->ToString(), "127.0.0.1:9464");
   ASSERT_EQ(config->groups.size(), 1u);
   EXPECT_EQ(config->groups[0].name, "g0");
   ASSERT_EQ(config->groups[0].volumes.size(), 1u);
@@ -1264,6 +1266,33 @@ TEST(ReplicationConfigTest, ControlSocket) {
   EXPECT_THAT(ErrorOf(Replace(kMinimal, "[nbd]", "[nbd]\nunix_sockets = [\"tvillingd.sock\"]")),
               HasSubstr("control.unix_socket: \"/srv/t/tvillingd.sock\" is also "
                         "nbd.unix_sockets[0]"));
+}
+
+TEST(MetricsConfigTest, ListenIsOptionalAndValidated) {
+  absl::StatusOr<Config> none = Parse(kMinimal);
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_FALSE(none->metrics.listen.has_value());
+
+  absl::StatusOr<Config> set = Parse(Append(kMinimal, "[metrics]\nlisten = \"127.0.0.1:9464\"\n"));
+  ASSERT_TRUE(set.ok()) << set.status();
+  ASSERT_TRUE(set->metrics.listen.has_value());
+  EXPECT_EQ(*set->metrics.listen, (ListenAddress{"127.0.0.1", 9464}));
+  absl::StatusOr<Config> v6 = Parse(Append(kMinimal, "[metrics]\nlisten = \"[::]:9464\"\n"));
+  ASSERT_TRUE(v6.ok()) << v6.status();
+  EXPECT_EQ(v6->metrics.listen->ToString(), "[::]:9464");
+
+  // Bad input names the file, line, key and what is wrong.
+  EXPECT_THAT(
+      ErrorOf(Append(kMinimal, "[metrics]\nlisten = \"localhost:9464\"\n")),
+      HasSubstr("test.toml:16:1: metrics.listen: invalid listen address \"localhost:9464\""));
+  EXPECT_THAT(ErrorOf(Append(kMinimal, "[metrics]\nlisten = \"127.0.0.1:0\"\n")),
+              HasSubstr("metrics.listen:"));
+  EXPECT_THAT(ErrorOf(Append(kMinimal, "[metrics]\nlisten = 9464\n")),
+              HasSubstr("metrics.listen: expected a string"));
+  EXPECT_THAT(ErrorOf(Append(kMinimal, "[metrics]\nlisten = \"127.0.0.1:10809\"\n")),
+              HasSubstr("metrics.listen: \"127.0.0.1:10809\" is also nbd.listen[0]"));
+  EXPECT_THAT(ErrorOf(Append(kMinimal, "[metrics]\nlisen = \"127.0.0.1:9464\"\n")),
+              HasSubstr("unknown key \"lisen\" (did you mean \"listen\"?)"));
 }
 
 // ---- the shipped replication examples ----

@@ -138,6 +138,36 @@ TEST_F(LoggingSinkTest, LevelFiltersAndPlainSpdlogCallsWork) {
   EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), 2);
 }
 
+TEST_F(LoggingSinkTest, RepeatsAreLoggedOncePerWindowAndCounted) {
+  Setup(LogFormat::kJson, spdlog::level::info);
+  for (int i = 0; i < 5; ++i) {
+    Log(spdlog::level::warn, "cannot connect", {{"peer", "site-b"}, {"error", "refused"}});
+  }
+  Log(spdlog::level::warn, "cannot connect", {{"peer", "site-c"}, {"error", "refused"}});
+  spdlog::info("connected");
+  const std::string text = out_.str();
+  EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), 4) << text;
+  const size_t first = text.find("\"peer\":\"site-b\"");
+  ASSERT_NE(first, std::string::npos);
+  EXPECT_EQ(text.find("\"peer\":\"site-b\"", first + 1), std::string::npos) << text;
+  const size_t skipped = text.find("\"msg\":\"Skipped 4 duplicate messages..\"");
+  ASSERT_NE(skipped, std::string::npos) << text;
+  EXPECT_LT(skipped, text.find("\"peer\":\"site-c\""));
+  EXPECT_THAT(text, HasSubstr("\"msg\":\"connected\""));
+}
+
+TEST_F(LoggingSinkTest, RepeatWindowZeroLogsEveryLine) {
+  auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(out_);
+  SetupLogging(LoggingOptions{.level = spdlog::level::info,
+                              .format = LogFormat::kText,
+                              .journal = false,
+                              .repeat_window = std::chrono::milliseconds(0)},
+               sink);
+  for (int i = 0; i < 3; ++i) spdlog::warn("same");
+  const std::string text = out_.str();
+  EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), 3) << text;
+}
+
 TEST_F(LoggingSinkTest, SeparatorBytesInDataCannotForgeFields) {
   Setup(LogFormat::kJson, spdlog::level::info);
   Log(spdlog::level::info,

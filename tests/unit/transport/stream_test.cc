@@ -235,6 +235,110 @@ TEST_F(StreamTest, ClientFromOtherCaIsRefusedAtHandshake) {
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
 }
 
+// Certificate rotation with ReloadableTls: the server's certificate is replaced (by one from
+// another CA, so the two are told apart by who can still connect) while a stream is open. The open
+// stream keeps working; new handshakes see the new certificate; a broken set of files is refused
+// by Reload and the certificate in use stays.
+TEST_F(StreamTest, ReloadedCertificatesServeNewHandshakesAndKeepOpenStreams) {
+  const std::filesystem::path dir = PkiDir().parent_path() / "reload";
+  std::filesystem::create_directories(dir);
+  {
+    std::ofstream bundle(dir / "ca.pem");
+    bundle << Slurp(PkiDir() / "ca.pem") << Slurp(PkiDir() / "other-ca.pem");
+  }
+  auto put = [&](const std::string& from_leaf) {
+    std::filesystem::copy_file(PkiDir() / (from_leaf + ".pem"), dir / "server.pem",
+                               std::filesystem::copy_options::overwrite_existing);
+    std::filesystem::copy_file(PkiDir() / (from_leaf + ".key"), dir / "server.key",
+                               std::filesystem::copy_options::overwrite_existing);
+  };
+  put("site-b");
+  const TlsFiles files{dir / "ca.pem", dir / "server.pem", dir / "server.key"};
+  auto tls = ReloadableTls::Create(files, dir / "active", 1);
+  ASSERT_TRUE(tls.ok()) << tls.status();
+  StartServer((*tls)->server_credentials());
+
+  // Clients that trust only one of the two CAs (each with a certificate the server accepts).
+  auto client_trusting = [&](const std::string& ca) {
+    TlsMaterial m{Slurp(PkiDir() / (ca + ".pem")), Slurp(PkiDir() / "site-a.pem"),
+                  Slurp(PkiDir() / "site-a.key")};
+    return MakeChannel(Target(), ChannelCredentials(m), "");
+  };
+  // Opens a stream, sends a Hello and waits for the answer or the end; true if answered.
+  size_t probes_ok = 0;
+  auto handshake_ok = [&](std::shared_ptr<grpc::Channel> channel) {
+    ClientLog log;
+    auto c = ClientStream::Open(std::move(channel), log.OnMessage(), log.OnClosed());
+    c->Send(Hello());
+    EXPECT_TRUE(log.w.WaitFor([&] { return !log.messages.empty() || !log.closed.empty(); }));
+    const bool ok = !log.messages.empty();
+    c->Close(absl::CancelledError("probe done"));
+    if (ok) ++probes_ok;
+    return ok;
+  };
+
+  ClientLog log;
+  auto open = ClientStream::Open(client_trusting("ca"), log.OnMessage(), log.OnClosed());
+  open->Send(Hello());
+  open->Send(Batch(42));
+  ASSERT_TRUE(log.w.WaitFor([&] { return log.messages.size() == 2; }));
+  EXPECT_FALSE(handshake_ok(client_trusting("other-ca")));  // site-b's cert is from "ca"
+
+  // Rotate to a certificate from the other CA.
+  put("other-site-a");
+  ASSERT_TRUE((*tls)->Reload().ok());
+  const auto deadline = std::chrono::steady_clock::now() + 15s;
+  bool rotated = false;
+  while (!rotated && std::chrono::steady_clock::now() < deadline) {
+    rotated = handshake_ok(client_trusting("other-ca"));
+    if (!rotated) std::this_thread::sleep_for(200ms);
+  }
+  ASSERT_TRUE(rotated) << "new handshakes never saw the new certificate";
+  EXPECT_FALSE(handshake_ok(client_trusting("ca")));
+
+  // The stream opened before the rotation is still the same stream and still works.
+  open->Send(Batch(52));
+  ASSERT_TRUE(log.w.WaitFor([&] { return log.messages.size() == 3; }));
+  EXPECT_TRUE(log.closed.empty());
+  // On the server: every stream accepted except the first one (the probes) has ended, and the
+  // first one has not.
+  ASSERT_TRUE(acceptor_.w.WaitFor([&] { return acceptor_.closed.size() == probes_ok; }));
+  {
+    std::lock_guard<std::mutex> l(acceptor_.w.mu);
+    EXPECT_EQ(acceptor_.accepted, static_cast<int>(probes_ok) + 1);
+  }
+
+  // A key that does not match its certificate is refused, naming the file; the rotated
+  // certificate stays in use.
+  std::filesystem::copy_file(PkiDir() / "site-c.key", dir / "server.key",
+                             std::filesystem::copy_options::overwrite_existing);
+  absl::Status bad = (*tls)->Reload();
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(std::string(bad.message()).find("server"), std::string::npos) << bad;
+  std::this_thread::sleep_for(1500ms);  // past a refresh of the watcher
+  EXPECT_TRUE(handshake_ok(client_trusting("other-ca")));
+  open->Send(Batch(62));
+  ASSERT_TRUE(log.w.WaitFor([&] { return log.messages.size() == 4; }));
+  open->Close(absl::CancelledError("done"));
+}
+
+// The dialer's reloadable credentials still check the server's name (the tls_name override).
+TEST_F(StreamTest, ReloadableChannelCredentialsCheckTheServerName) {
+  StartTlsServer();  // site-b
+  auto tls = ReloadableTls::Create(Files("site-a"), PkiDir().parent_path() / "active-a", 1);
+  ASSERT_TRUE(tls.ok()) << tls.status();
+  for (const auto& [name, want_ok] : {std::pair<std::string, bool>{"site-b", true},
+                                      std::pair<std::string, bool>{"site-c", false}}) {
+    ClientLog log;
+    auto c = ClientStream::Open(MakeChannel(Target(), (*tls)->channel_credentials(), name),
+                                log.OnMessage(), log.OnClosed());
+    c->Send(Hello());
+    ASSERT_TRUE(log.w.WaitFor([&] { return !log.messages.empty() || !log.closed.empty(); }));
+    EXPECT_EQ(!log.messages.empty(), want_ok) << "tls_name " << name;
+    c->Close(absl::CancelledError("done"));
+  }
+}
+
 TEST_F(StreamTest, ServerCloseStatusReachesClient) {
   acceptor_.close_with = absl::PermissionDeniedError("x");
   StartTlsServer();

@@ -1,0 +1,193 @@
+// agent_metrics.cc: the families tvillingd exports (docs/operations.md, "Metrics").
+#include "agent/ops/agent_metrics.h"
+
+#include <algorithm>
+#include <limits>
+
+#include "agent/nbd/frontend.h"
+
+namespace tvilling::ops {
+namespace {
+
+constexpr std::string_view kRoles[] = {"primary", "replica"};
+// core::LinkStateName's values on the primary, and the replica's view of its primary's stream.
+constexpr std::string_view kLinkStates[] = {"disconnected", "handshake", "copying", "streaming",
+                                            "refused"};
+
+double D(uint64_t v) { return static_cast<double>(v); }
+double B(bool v) { return v ? 1.0 : 0.0; }
+
+MetricLabels With(MetricLabels labels, std::string key, std::string value) {
+  labels.emplace_back(std::move(key), std::move(value));
+  return labels;
+}
+
+void AppendPeer(const MetricLabels& group_labels, const v1::PeerStatus& p, Exposition& out) {
+  const MetricLabels l = With(group_labels, "peer", p.peer());
+  // A state set: one series per known state, 1 for the current one (and the current one even if it
+  // is a state this list does not know yet).
+  bool known = false;
+  for (std::string_view s : kLinkStates) {
+    known |= s == p.link_state();
+    out.Gauge("tvilling_peer_link_state",
+              "State of the replication link to the peer: 1 for the current state.",
+              With(l, "state", std::string(s)), B(s == p.link_state()));
+  }
+  if (!known && !p.link_state().empty()) {
+    out.Gauge("tvilling_peer_link_state",
+              "State of the replication link to the peer: 1 for the current state.",
+              With(l, "state", p.link_state()), 1);
+  }
+  out.Gauge("tvilling_peer_up",
+            "1 if a replication stream to or from the peer is established (streaming or copying).",
+            l, B(p.link_state() == "streaming" || p.link_state() == "copying"));
+  out.Gauge("tvilling_peer_sync_mode", "1 if the peer is a sync peer, 0 if async.", l,
+            B(p.mode() == "sync"));
+  out.Gauge("tvilling_peer_in_sync_set", "1 if WRITEs wait for this peer.", l, B(p.in_sync_set()));
+  out.Gauge("tvilling_peer_degraded",
+            "1 if this sync peer was dropped from the sync set (sync_degrade_after_ms).", l,
+            B(p.degraded()));
+  out.Gauge("tvilling_peer_received_lsn", "Last LSN in the peer's log.", l, D(p.received_lsn()));
+  out.Gauge("tvilling_peer_durable_lsn", "Last LSN fsynced in the peer's log.", l,
+            D(p.durable_lsn()));
+  out.Gauge("tvilling_peer_applied_lsn", "Last LSN written to the peer's volumes.", l,
+            D(p.applied_lsn()));
+  out.Gauge("tvilling_peer_lag_records",
+            "Records not yet durable at the peer (last LSN - the peer's durable LSN).", l,
+            D(p.lag_lsns()));
+  out.Gauge("tvilling_peer_lag_bytes", "Bytes of the records not yet durable at the peer.", l,
+            D(p.lag_bytes()));
+  out.Gauge("tvilling_peer_lag_seconds",
+            "Age of the oldest record not yet durable at the peer (0 when caught up).", l,
+            p.lag_seconds());
+  out.Gauge("tvilling_peer_rtt_seconds", "Measured round-trip time to the peer (0 = not yet).", l,
+            D(p.rtt_us()) / 1e6);
+  out.Gauge("tvilling_peer_window_bytes", "Current flow-control window to the peer.", l,
+            D(p.window_bytes()));
+  out.Gauge("tvilling_peer_inflight_bytes", "Bytes sent to the peer and not yet received.", l,
+            D(p.inflight_bytes()));
+  out.Gauge("tvilling_peer_copy_total_bytes",
+            "Size of the running full copy to or from the peer (0 when none runs).", l,
+            D(p.copy_total_bytes()));
+  out.Gauge("tvilling_peer_copy_done_bytes", "Bytes of the running full copy done so far.", l,
+            D(p.copy_done_bytes()));
+  out.Gauge("tvilling_peer_copy_pending",
+            "1 while a full copy to the peer is not yet confirmed complete.", l,
+            B(p.copy_pending()));
+}
+
+}  // namespace
+
+void AppendStatusMetrics(const v1::StatusReply& status, Exposition& out) {
+  const std::string& site = status.agent().site();
+  const MetricLabels agent = {{"site", site}};
+  out.Gauge("tvilling_agent_info", "Always 1; labels: the agent's site and version.",
+            With(agent, "version", status.agent().version()), 1);
+  out.Gauge("tvilling_agent_uptime_seconds", "Seconds since the agent started.", agent,
+            D(status.agent().uptime_s()));
+  for (const v1::GroupStatus& g : status.groups()) {
+    const MetricLabels l = With(agent, "group", g.name());
+    for (std::string_view r : kRoles) {
+      out.Gauge("tvilling_group_role", "This agent's role in the group: 1 for the current role.",
+                With(l, "role", std::string(r)), B(r == g.role()));
+    }
+    out.Gauge("tvilling_group_epoch", "Current epoch (term of primaryship) of the group's log.", l,
+              D(g.epoch()));
+    out.Gauge("tvilling_group_consistent",
+              "1 if the group's volumes equal the primary's at some LSN (a replica in or right "
+              "after a full copy is 0 and can never be promoted).",
+              l, B(g.consistent()));
+    out.Gauge("tvilling_group_last_lsn", "Last LSN in the local log.", l, D(g.last_lsn()));
+    out.Gauge("tvilling_group_durable_lsn", "Last LSN fsynced in the local log.", l,
+              D(g.durable_lsn()));
+    out.Gauge("tvilling_group_applied_lsn", "Last LSN written to the local volumes.", l,
+              D(g.applied_lsn()));
+    out.Gauge("tvilling_group_write_released_lsn", "Primary: WRITEs up to this LSN have completed.",
+              l, D(g.write_released()));
+    out.Gauge("tvilling_group_flush_released_lsn",
+              "Primary: FLUSH/FUA up to this LSN have completed.", l, D(g.flush_released()));
+    if (g.role() == "primary" && g.peers_size() > 0) {
+      // What a fail-over to the most current peer would lose now: the records it does not hold
+      // durably. With a sync peer in the sync set this is at most the writes still in flight.
+      uint64_t records = std::numeric_limits<uint64_t>::max();
+      uint64_t bytes = std::numeric_limits<uint64_t>::max();
+      double seconds = std::numeric_limits<double>::infinity();
+      for (const v1::PeerStatus& p : g.peers()) {
+        records = std::min<uint64_t>(records, p.lag_lsns());
+        bytes = std::min<uint64_t>(bytes, p.lag_bytes());
+        seconds = std::min(seconds, p.lag_seconds());
+      }
+      const char* why =
+          " a fail-over to the most current peer would lose now (the minimum of the peers' "
+          "lag).";
+      out.Gauge("tvilling_group_rpo_bound_records", std::string("Records") + why, l, D(records));
+      out.Gauge("tvilling_group_rpo_bound_bytes", std::string("Bytes") + why, l, D(bytes));
+      out.Gauge("tvilling_group_rpo_bound_seconds", std::string("Age of the oldest record") + why,
+                l, seconds);
+    }
+    for (const v1::PeerStatus& p : g.peers()) {
+      // A replica that no primary has streamed to yet knows no peer name: nothing to label (the
+      // primary's own series cover that link).
+      if (!p.peer().empty()) AppendPeer(l, p, out);
+    }
+  }
+}
+
+void AppendGroupMetrics(const std::string& site, const GroupMetricsSource& g, Exposition& out) {
+  const MetricLabels l = {{"site", site}, {"group", g.name}};
+  out.Gauge("tvilling_log_bytes", "Bytes of the records the group's log holds.", l, D(g.log.bytes));
+  out.Gauge("tvilling_log_first_lsn", "Oldest LSN still held in the group's log.", l,
+            D(g.log.first_lsn));
+  out.Gauge("tvilling_log_retained_records",
+            "Records the group's log holds (the retained window, last - first + 1).", l,
+            D(g.log.last_lsn >= g.log.first_lsn ? g.log.last_lsn - g.log.first_lsn + 1 : 0));
+  out.Gauge("tvilling_log_hard_cap_bytes",
+            "The configured [log] hard_cap (0 = none): above it records a peer still needs are "
+            "dropped and that peer needs a full copy.",
+            l, D(g.hard_cap_bytes));
+  out.Histogram("tvilling_log_fsync_duration_seconds",
+                "Duration of the group log's fsyncs (a synced write counts as one).", l, g.fsync);
+  out.Counter("tvilling_log_appended_records_total",
+              "Records written to the group's log since start (a primary: client writes; a "
+              "replica: what it received).",
+              l, D(g.appended_records));
+  out.Counter("tvilling_log_appended_bytes_total",
+              "Stored bytes (record header + payload) written to the group's log since start.", l,
+              D(g.appended_bytes));
+  out.Counter("tvilling_log_commits_total",
+              "Batches the group's records were written in (one RocksDB write each); records / "
+              "commits is the mean batch size.",
+              l, D(g.commits));
+  out.Counter("tvilling_group_checkpoints_total",
+              "Checkpoints (volumes fsynced, applied LSN recorded) since start.", l,
+              D(g.checkpoints));
+  out.Gauge("tvilling_group_replayed_records", "Records replayed from the log at start.", l,
+            D(g.replayed_records));
+  for (const auto& [volume, io] : g.volumes) {
+    if (io) io->AppendTo(out, With(l, "volume", volume));
+  }
+}
+
+void AppendNbdMetrics(const std::string& site, const nbd::FrontendStats& s, Exposition& out) {
+  const MetricLabels l = {{"site", site}};
+  auto load = [](const std::atomic<uint64_t>& a) { return D(a.load(std::memory_order_relaxed)); };
+  out.Counter("tvilling_nbd_connections_total", "NBD connections accepted.", l,
+              load(s.connections));
+  out.Gauge("tvilling_nbd_connections_open", "NBD connections open now.", l,
+            load(s.connections_open));
+  out.Counter("tvilling_nbd_handshakes_refused_total",
+              "NBD handshakes that were malformed, truncated or aborted.", l,
+              load(s.handshakes_refused));
+  out.Counter("tvilling_nbd_requests_total", "NBD transmission requests read.", l,
+              load(s.requests));
+  out.Counter("tvilling_nbd_request_errors_total", "NBD requests answered with an error.", l,
+              load(s.request_errors));
+  out.Counter("tvilling_nbd_requests_refused_total",
+              "NBD requests refused by validation (client bugs: out of range, bad flags).", l,
+              load(s.requests_refused));
+  out.Counter("tvilling_nbd_backpressure_waits_total",
+              "Times an NBD connection paused reading at its in-flight limit.", l,
+              load(s.backpressure_waits));
+}
+
+}  // namespace tvilling::ops

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# bash_completion_test.sh COMPLETION TVILLINGCTL: the completion offers tvillingctl's commands and
+# the options of the global level and of a command, read from the real binary's --help.
+set -uo pipefail
+completion=$1 ctl=$(realpath "$2")
+# shellcheck source=/dev/null
+source "$completion"
+complete_line() {  # complete_line WORD...: the completions for the last word
+  COMP_WORDS=("$ctl" "$@")
+  COMP_CWORD=$((${#COMP_WORDS[@]} - 1))
+  _tvillingctl
+  [ ${#COMPREPLY[@]} -eq 0 ] || printf '%s\n' "${COMPREPLY[@]}" | sort | tr '\n' ' '
+}
+fail=0
+expect() {  # expect "WANT" WORD...
+  local want=$1 got
+  shift
+  got=$(complete_line "$@")
+  if [ "$got" != "$want" ]; then
+    echo "FAIL: tvillingctl $* <TAB>: got '$got', want '$want'"
+    fail=1
+  else
+    echo "ok: tvillingctl $* <TAB> -> $got"
+  fi
+}
+expect "status " ""
+expect "status " "st"
+expect "" "nothing"
+expect "--socket --state-dir " "--s"
+expect "--count --help --json --watch " "status" "--"
+expect "--json " "--socket" "/tmp/x.sock" "status" "--j"
+expect "status " "--timeout" "3" ""
+dir=$(mktemp -d /tmp/tvilling-compl.XXXXXX)
+mkdir "$dir/state-a"
+expect "$dir/state-a " "--state-dir" "$dir/sta"
+rm -rf "$dir"
+exit $fail
