@@ -17,6 +17,9 @@ Scenarios (each is a ctest; see tests/integration/CMakeLists.txt):
                      the last primary and serves writes
   two_sites_refuse   the primary is killed (-9): the replica, with two sites and no witness,
                      refuses automatic fail-over and says why
+  switchover_dry_run  `tvillingctl switchover --dry-run` on the primary prints a possible plan
+                     (steps, target lag, expected pause) and changes nothing; on the replica it is
+                     refused with the reason (exit 3)
   etcd_unreachable   etcd never answers: the agent says so naming the endpoints, keeps the
                      primary's writes held (never completes one without etcd), and stops cleanly
 """
@@ -260,8 +263,34 @@ def etcd_unreachable(c):
         raise TestFailure("the held write was not failed at shutdown")
 
 
+def switchover_dry_run(c):
+    etcd, a, b = started_pair(c)
+    h = a.connect()
+    h.pwrite(b"\x66" * 65536, 0)
+    h.flush()
+    h.shutdown()
+    wait_for("site-b streaming", lambda: (a.peer("site-b") or {}).get("link_state") == "streaming",
+             30, 0.2)
+
+    def ctl(agent, *args):
+        return subprocess.run([c.tvillingctl, "--socket", agent.control_socket, "switchover",
+                               *args], capture_output=True, text=True, timeout=30)
+    r = ctl(a, "--group", "g0", "--to", "site-b", "--dry-run")
+    log(f"site-a plan (rc {r.returncode}):\n{r.stdout}{r.stderr}")
+    if r.returncode != 0 or "possible now" not in r.stdout or "2. wait until site-b's durable" \
+            not in r.stdout:
+        raise TestFailure("the dry run on the primary did not print a possible plan")
+    r = ctl(b, "--group", "g0", "--to", "site-b", "--dry-run")
+    if r.returncode != 3 or "run the switchover on its primary" not in r.stdout:
+        raise TestFailure(f"the dry run on the replica was not refused: rc {r.returncode}\n"
+                          f"{r.stdout}{r.stderr}")
+    leader = etcd.get("/tvilling/groups/g0/leader")
+    if leader != "site-a":
+        raise TestFailure(f"a dry run changed the leader key to {leader!r}")
+
+
 SCENARIOS = {f.__name__: f for f in (elects_configured_primary, suspends_without_etcd,
-                                     two_sites_refuse, etcd_unreachable)}
+                                     two_sites_refuse, etcd_unreachable, switchover_dry_run)}
 
 if __name__ == "__main__":
     if shutil.which("etcd") is None:
