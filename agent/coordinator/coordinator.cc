@@ -249,6 +249,15 @@ void Coordinator::WorkerLoop() {
       PublishAndReadReports();
       next_reports = Clock::now() + options_.report_interval;
     }
+    bool rewatch;
+    {
+      std::lock_guard l(mu_);
+      rewatch = need_watch_ && session_ != 0;
+    }
+    if (rewatch && ReadLeadersAndWatch()) {
+      std::lock_guard l(mu_);
+      need_watch_ = false;
+    }
   }
 }
 
@@ -306,21 +315,30 @@ void Coordinator::NewSession() {
   }
   // What etcd holds now; the watch continues from there.
   PublishAndReadReports();
-  int64_t revision = 0;
-  for (size_t i = 0; i < bindings_.size(); ++i) {
-    auto r = client_->Get(LeaderKey(options_.prefix, bindings_[i].failover.group));
-    if (!r.ok()) continue;  // the watch or a later read brings it
-    revision = std::max(revision, r->revision);
-    std::lock_guard l(mu_);
-    HandleLocked(i, core::EvLeader{r->kvs.empty() ? core::LeaderView{} : ViewOf(r->kvs[0])});
-  }
-  bool restart;
+  const bool watching = ReadLeadersAndWatch();
+  std::lock_guard l(mu_);
+  need_watch_ = !watching;
+}
+
+bool Coordinator::ReadLeadersAndWatch() {
+  // One read of every group's keys gives one revision that the watch continues from, so no
+  // change of any leader key falls between the read and the watch.
+  const std::string prefix = options_.prefix + "/groups/";
+  auto r = client_->Range(prefix, PrefixEnd(prefix));
+  if (!r.ok()) return false;  // the worker tries again
   {
     std::lock_guard l(mu_);
-    restart = watcher_compacted_;
-    watcher_compacted_ = false;
+    for (size_t i = 0; i < bindings_.size(); ++i) {
+      const std::string key = LeaderKey(options_.prefix, bindings_[i].failover.group);
+      core::LeaderView v;
+      for (const KeyValue& kv : r->kvs) {
+        if (kv.key == key) v = ViewOf(kv);
+      }
+      HandleLocked(i, core::EvLeader{v});
+    }
   }
-  if (!watcher_ || restart) StartWatcher(revision + 1);
+  StartWatcher(r->revision + 1);
+  return true;
 }
 
 core::LeaderView Coordinator::ViewOf(const KeyValue& kv) const {
@@ -335,12 +353,11 @@ void Coordinator::StartWatcher(int64_t from_revision) {
       Watcher::Callbacks{
           [this](const std::vector<WatchEvent>& events, int64_t) { OnWatch(events); },
           [this](int64_t) {
-            // Re-read everything with a new session round (it restarts the watch).
+            // The revision to resume from is gone: the worker re-reads the keys and starts a new
+            // watch from there.
             std::lock_guard l(mu_);
-            watcher_compacted_ = true;
-            for (size_t i = 0; i < machines_.size(); ++i) {
-              Enqueue({Work::Kind::kReadLeader, i, {}});
-            }
+            need_watch_ = true;
+            cv_.notify_all();
           },
           nullptr});
 }

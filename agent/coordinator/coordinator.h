@@ -101,6 +101,9 @@ class Coordinator {
   void Campaign(size_t i);
   void ReadLeader(size_t i);
   void PublishAndReadReports();
+  // Reads every group's leader key at one revision and watches from the next. False: etcd did not
+  // answer (try again later).
+  bool ReadLeadersAndWatch();
   void StartWatcher(int64_t from_revision);
   void OnWatch(const std::vector<WatchEvent>& events);
   core::LeaderView ViewOf(const KeyValue& kv) const;
@@ -119,7 +122,7 @@ class Coordinator {
 
   std::unique_ptr<LeaseKeeper> keeper_;  // worker thread only (and Stop)
   std::unique_ptr<Watcher> watcher_;     // worker thread only (and Stop)
-  bool watcher_compacted_ = false;       // guarded by mu_
+  bool need_watch_ = false;  // guarded by mu_: (re)read the keys and watch
   std::string last_session_error_;       // worker thread only
   std::chrono::steady_clock::time_point last_session_error_at_;
   std::thread ticker_;
