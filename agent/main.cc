@@ -32,6 +32,7 @@
 
 #include "agent/nbd/frontend.h"
 #include "agent/node/control_service.h"
+#include "agent/node/coordination.h"
 #include "agent/node/group_runtime.h"
 #include "agent/node/replication.h"
 #include "agent/node/replication_service.h"
@@ -278,6 +279,17 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
       return kExitRuntime;
     }
   }
+  // The fail-over coordinator (docs/coordinator.md), before any export serves: a primary's
+  // client I/O waits until etcd confirms it.
+  std::unique_ptr<coordinator::Coordinator> coordinator;
+  if (config.coordinator) {
+    auto c = node::StartCoordination(config, groups, group_status);
+    if (!c.ok()) {
+      spdlog::error("coordinator: {}", Msg(c.status()));
+      return kExitRuntime;
+    }
+    coordinator = std::move(*c);
+  }
   ops::NotifyStatus("starting listeners");
   const auto fill_status = [&](v1::StatusReply* out) {
     out->mutable_agent()->set_site(config.agent.site);
@@ -413,11 +425,14 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
     reload_signals.cancel();
     status.Stop();
     server.Stop();
+    // Writes held by a suspended primary (lease not renewed) cannot complete now.
+    for (auto& g : groups) g->FailHeldIo(absl::UnavailableError("tvillingd is shutting down"));
     drain_watch = std::thread([&] {
       std::unique_lock l(drain_mu);
       if (drain_cv.wait_for(l, std::chrono::seconds(10), [&] { return drained; })) return;
       spdlog::warn("in-flight writes still wait for sync peers after 10 s; failing them");
       for (auto& p : primaries) p->Stop();
+      for (auto& g : groups) g->FailHeldIo(absl::UnavailableError("tvillingd is shutting down"));
     });
   });
   spdlog::info("tvillingd {} site {} serving {} group(s); state in {}", TVILLING_VERSION,
@@ -453,6 +468,7 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
 
   if (metrics) metrics->Stop();
   (*control)->Shutdown();
+  if (coordinator) coordinator->Stop();
   for (auto& p : primaries) p->Stop();
   if (replication) replication->Shutdown();
   for (auto& r : replicas) r->Stop();

@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "agent/cli/switchover.h"
 #include "tvilling/v1/control.grpc.pb.h"
 
 namespace tvilling::cli {
@@ -271,6 +272,17 @@ int RunTvillingctl(int argc, const char* const* argv, std::ostream& out, std::os
     status->add_option("--count", watch_count, "with --watch: stop after N reports")
         ->type_name("N")
         ->check(CLI::Range(uint64_t{1}, UINT64_MAX));
+    SwitchoverArgs sw;
+    CLI::App* switchover = app.add_subcommand(
+        "switchover", "move a group's primary to another site (--dry-run: the plan)");
+    switchover->add_option("--group", sw.group, "the group")->required();
+    switchover->add_option("--to", sw.to, "the site to promote")->required()->type_name("SITE");
+    switchover->add_flag("--dry-run", sw.dry_run, "print the plan and change nothing");
+    switchover
+        ->add_option("--timeout", sw.timeout_s,
+                     "seconds the target may take to catch up (default 30)")
+        ->type_name("SECONDS")
+        ->check(CLI::Range(0.001, 86400.0));
     app.require_subcommand(1);
     try {
       app.parse(argc, argv);
@@ -297,6 +309,7 @@ int RunTvillingctl(int argc, const char* const* argv, std::ostream& out, std::os
       watch.count = watch_count;
       return Status(path.string(), timeout, json, out, err, watch);
     }
+    if (switchover->parsed()) return Switchover(path.string(), timeout, sw, out, err);
     err << "tvillingctl: no command\n";
     return kExitUsage;
   } catch (const std::exception& e) {

@@ -32,6 +32,38 @@ class VolumeExport final : public nbd::Export {
   }
 
   void Write(uint64_t offset, storage::Bytes data, bool fua, Done done) override {
+    Fenced(std::move(done), [this, offset, data = std::move(data), fua](Done d) mutable {
+      DoWrite(offset, std::move(data), fua, std::move(d));
+    });
+  }
+  void Flush(Done done) override {
+    Fenced(std::move(done), [this](Done d) mutable { DoFlush(std::move(d)); });
+  }
+  void Trim(uint64_t offset, uint32_t length, bool fua, Done done) override {
+    Fenced(std::move(done), [this, offset, length, fua](Done d) mutable {
+      DoTrim(offset, length, fua, std::move(d));
+    });
+  }
+  void WriteZeroes(uint64_t offset, uint32_t length, bool fua, bool no_hole, Done done) override {
+    Fenced(std::move(done), [this, offset, length, fua, no_hole](Done d) mutable {
+      DoWriteZeroes(offset, length, fua, no_hole, std::move(d));
+    });
+  }
+
+ private:
+  // Every mutating operation passes the group's I/O fence twice: before it starts and when it
+  // completes (GroupRuntime::SuspendIo).
+  template <class Start>
+  void Fenced(Done done, Start start) {
+    done = group_->GuardCompletion(std::move(done));
+    group_->RunFenced(
+        [start = std::move(start), done = std::move(done)](const absl::Status* fail) mutable {
+          if (fail != nullptr) return std::move(done)(*fail);
+          start(std::move(done));
+        });
+  }
+
+  void DoWrite(uint64_t offset, storage::Bytes data, bool fua, Done done) {
     storage::AppendRequest req;
     req.type = storage::RecordType::kWrite;
     req.flags = fua ? storage::kRecordFlagFua : 0;
@@ -43,7 +75,7 @@ class VolumeExport final : public nbd::Export {
     Append(std::move(req), std::move(done));
   }
 
-  void Flush(Done done) override {
+  void DoFlush(Done done) {
     CompletionGate* gate = group_->gate();
     if (gate == nullptr) {
       log_->Sync([done = std::move(done)](absl::Status st) mutable { std::move(done)(st); });
@@ -57,7 +89,7 @@ class VolumeExport final : public nbd::Export {
     });
   }
 
-  void Trim(uint64_t offset, uint32_t length, bool fua, Done done) override {
+  void DoTrim(uint64_t offset, uint32_t length, bool fua, Done done) {
     storage::AppendRequest req;
     req.type = storage::RecordType::kTrim;
     req.flags = fua ? storage::kRecordFlagFua : 0;
@@ -68,7 +100,7 @@ class VolumeExport final : public nbd::Export {
     Append(std::move(req), std::move(done));
   }
 
-  void WriteZeroes(uint64_t offset, uint32_t length, bool fua, bool no_hole, Done done) override {
+  void DoWriteZeroes(uint64_t offset, uint32_t length, bool fua, bool no_hole, Done done) {
     storage::AppendRequest req;
     req.type = storage::RecordType::kWriteZeroes;
     req.flags = static_cast<uint16_t>((fua ? storage::kRecordFlagFua : 0) |
@@ -80,7 +112,6 @@ class VolumeExport final : public nbd::Export {
     Append(std::move(req), std::move(done));
   }
 
- private:
   void Append(storage::AppendRequest req, Done done) {
     CompletionGate* gate = group_->gate();
     if (gate == nullptr) {
@@ -107,6 +138,76 @@ class VolumeExport final : public nbd::Export {
 }  // namespace
 
 GroupRuntime::GroupRuntime(GroupRuntimeOptions options) : options_(std::move(options)) {}
+
+void GroupRuntime::SuspendIo(const std::string& reason) {
+  {
+    std::lock_guard l(fence_mu_);
+    if (io_suspended_) return;
+    io_suspended_ = true;
+  }
+  spdlog::warn("group {}: client I/O suspended: {}", options_.name, reason);
+}
+
+void GroupRuntime::ResumeIo() {
+  std::vector<HeldOp> ops;
+  std::vector<std::pair<nbd::Export::Done, absl::Status>> done;
+  {
+    std::lock_guard l(fence_mu_);
+    if (!io_suspended_) return;
+    io_suspended_ = false;
+    ops.swap(held_ops_);
+    done.swap(held_done_);
+  }
+  spdlog::info("group {}: client I/O resumed ({} held completion(s), {} held request(s))",
+               options_.name, done.size(), ops.size());
+  for (auto& [d, st] : done) std::move(d)(st);
+  for (auto& op : ops) std::move(op)(nullptr);
+}
+
+void GroupRuntime::FailHeldIo(const absl::Status& status) {
+  std::vector<HeldOp> ops;
+  std::vector<std::pair<nbd::Export::Done, absl::Status>> done;
+  {
+    std::lock_guard l(fence_mu_);
+    ops.swap(held_ops_);
+    done.swap(held_done_);
+  }
+  if (!ops.empty() || !done.empty()) {
+    spdlog::warn("group {}: failing {} held request(s): {}", options_.name,
+                 ops.size() + done.size(), std::string(status.message()));
+  }
+  for (auto& [d, st] : done) std::move(d)(status);
+  for (auto& op : ops) std::move(op)(&status);
+}
+
+bool GroupRuntime::io_suspended() const {
+  std::lock_guard l(fence_mu_);
+  return io_suspended_;
+}
+
+void GroupRuntime::RunFenced(HeldOp op) {
+  {
+    std::lock_guard l(fence_mu_);
+    if (io_suspended_) {
+      held_ops_.push_back(std::move(op));
+      return;
+    }
+  }
+  std::move(op)(nullptr);
+}
+
+nbd::Export::Done GroupRuntime::GuardCompletion(nbd::Export::Done done) {
+  return [this, done = std::move(done)](absl::Status st) mutable {
+    if (st.ok()) {
+      std::lock_guard l(fence_mu_);
+      if (io_suspended_) {
+        held_done_.emplace_back(std::move(done), st);
+        return;
+      }
+    }
+    std::move(done)(st);
+  };
+}
 
 GroupRuntime::~GroupRuntime() { (void)Stop(); }
 

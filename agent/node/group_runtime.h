@@ -105,6 +105,22 @@ class GroupRuntime {
   // as of `lsn` as far as the log is concerned.
   void ResetAppliedLsn(uint64_t lsn);
 
+  // I/O fencing (docs/coordinator.md). While suspended, client writes, trims, write-zeroes and
+  // flushes are held, not failed: a new one waits before it reaches the log, and one already in the
+  // log does not complete. ResumeIo runs and completes what was held; FailHeldIo fails it (a
+  // demoted primary: the client sees an error and retries elsewhere) and stays suspended. Reads
+  // are served throughout. `reason` is logged.
+  void SuspendIo(const std::string& reason);
+  void ResumeIo();
+  void FailHeldIo(const absl::Status& status);
+  bool io_suspended() const;
+  // Used by the exports: run `op` now (nullptr) or when resumed, or with the error it must fail
+  // with. Held operations keep their order.
+  using HeldOp = absl::AnyInvocable<void(const absl::Status* fail) &&>;
+  void RunFenced(HeldOp op);
+  // Wraps a completion so that a success reported while suspended is held until ResumeIo.
+  nbd::Export::Done GuardCompletion(nbd::Export::Done done);
+
   // Fsyncs the volumes, records the applied LSN, enforces retention. Also run by the checkpointer.
   absl::Status Checkpoint();
   // Stops the checkpointer and takes a final checkpoint; then makes the log durable.
@@ -131,6 +147,11 @@ class GroupRuntime {
   absl::Status apply_failed_;
   std::atomic<uint64_t> applied_lsn_{0};
   std::atomic<uint64_t> applied_bytes_since_checkpoint_{0};
+
+  mutable std::mutex fence_mu_;
+  bool io_suspended_ = false;  // guarded by fence_mu_
+  std::vector<HeldOp> held_ops_;
+  std::vector<std::pair<nbd::Export::Done, absl::Status>> held_done_;
 
   std::mutex checkpoint_mu_;  // serialises Checkpoint()
   std::atomic<uint64_t> checkpointed_lsn_{0};

@@ -151,7 +151,8 @@ class Reader {
 
   void ReadRoot(const toml::table& root, Config* config) {
     CheckKeys(root, "",
-              {"agent", "log", "nbd", "group", "tls", "replication", "acl", "control", "metrics"});
+              {"agent", "log", "nbd", "group", "tls", "replication", "acl", "control", "metrics",
+               "coordinator"});
     if (const toml::table* t = SubTable(root, "", "agent")) ReadAgent(*t, &config->agent);
     if (const toml::table* t = SubTable(root, "", "log")) ReadLog(*t, &config->log);
     if (const toml::table* t = SubTable(root, "", "nbd")) ReadNbd(*t, &config->nbd);
@@ -165,6 +166,9 @@ class Reader {
     });
     if (const toml::table* t = SubTable(root, "", "control")) ReadControl(*t, &config->control);
     if (const toml::table* t = SubTable(root, "", "metrics")) ReadMetrics(*t, &config->metrics);
+    if (const toml::table* t = SubTable(root, "", "coordinator")) {
+      ReadCoordinator(*t, &config->coordinator.emplace());
+    }
   }
 
  private:
@@ -308,6 +312,35 @@ class Reader {
         errors_.Add("metrics.listen", std::string(parsed.status().message()));
       }
     }
+  }
+
+  void ReadCoordinator(const toml::table& t, CoordinatorConfig* c) {
+    const std::string path = "coordinator";
+    CheckKeys(t, path,
+              {"endpoints", "prefix", "ca", "cert", "key", "server_name", "lease_ttl_ms",
+               "suspend_after_ms", "policy", "witness", "no_failover", "max_lag", "max_lag_ms",
+               "anti_flap_ms", "timeout_ms"});
+    ForEachString(t, path, "endpoints", [&](const std::string&, const std::string& value) {
+      c->endpoints.push_back(value);
+    });
+    ReadString(t, path, "prefix", &c->prefix);
+    ReadPath(t, path, "ca", &c->ca);
+    ReadPath(t, path, "cert", &c->cert);
+    ReadPath(t, path, "key", &c->key);
+    ReadString(t, path, "server_name", &c->server_name);
+    ReadUint(t, path, "lease_ttl_ms", &c->lease_ttl_ms);
+    ReadUint(t, path, "suspend_after_ms", &c->suspend_after_ms);
+    ReadChoice(t, path, "policy",
+               {{"automatic", FailoverPolicy::kAutomatic},
+                {"manual", FailoverPolicy::kManual},
+                {"approve", FailoverPolicy::kApprove}},
+               &c->policy);
+    ReadString(t, path, "witness", &c->witness);
+    ReadBool(t, path, "no_failover", &c->no_failover);
+    ReadSize(t, path, "max_lag", &c->max_lag_bytes);
+    ReadUint(t, path, "max_lag_ms", &c->max_lag_ms);
+    ReadUint(t, path, "anti_flap_ms", &c->anti_flap_ms);
+    ReadUint(t, path, "timeout_ms", &c->timeout_ms);
   }
 
   void ReadVolume(const toml::table& t, const std::string& path, VolumeConfig* volume) {
@@ -1155,6 +1188,106 @@ void ValidateMetrics(const Config& config, Errors& errors) {
   }
 }
 
+bool IsEtcdEndpoint(std::string_view e) {
+  if (e.find("://") != std::string_view::npos) return false;
+  const size_t colon = e.rfind(':');
+  if (colon == std::string_view::npos || colon == 0 || colon + 1 >= e.size()) return false;
+  const std::string_view port = e.substr(colon + 1);
+  if (port.size() > 5) return false;
+  uint32_t p = 0;
+  for (char ch : port) {
+    if (ch < '0' || ch > '9') return false;
+    p = p * 10 + static_cast<uint32_t>(ch - '0');
+  }
+  return p > 0 && p < 65536;
+}
+
+void ValidateCoordinator(Config& config, Errors& errors) {
+  if (!config.coordinator) return;
+  CoordinatorConfig& c = *config.coordinator;
+  if (c.endpoints.empty()) {
+    errors.Add("coordinator.endpoints",
+               "required: the etcd members' client addresses, e.g. [\"10.0.0.1:2379\", "
+               "\"10.0.1.1:2379\", \"10.0.2.1:2379\"]");
+  } else if (c.endpoints.size() > 16) {
+    errors.Add("coordinator.endpoints", fmt::format("at most 16, got {}", c.endpoints.size()));
+  }
+  for (size_t i = 0; i < c.endpoints.size(); ++i) {
+    if (!IsEtcdEndpoint(c.endpoints[i])) {
+      errors.Add(fmt::format("coordinator.endpoints[{}]", i),
+                 fmt::format("\"{}\" is not \"host:port\" (without a scheme such as http://), "
+                             "e.g. \"10.0.0.1:2379\"",
+                             c.endpoints[i]));
+    }
+  }
+  if (c.prefix.empty() || c.prefix.front() != '/' || c.prefix.back() == '/') {
+    errors.Add("coordinator.prefix",
+               fmt::format("must start with '/' and not end with one, got \"{}\"", c.prefix));
+  }
+  if (c.cert.empty() != c.key.empty()) {
+    errors.Add(c.cert.empty() ? "coordinator.cert" : "coordinator.key",
+               "coordinator.cert and coordinator.key go together (a client certificate for "
+               "etcd's --client-cert-auth)");
+  }
+  if ((!c.cert.empty() || !c.server_name.empty()) && c.ca.empty()) {
+    errors.Add("coordinator.ca",
+               "required with coordinator.cert or coordinator.server_name: the PEM file of the CA "
+               "that signs the etcd members' certificates");
+  }
+  const struct {
+    const char* key;
+    fs::path* path;
+    PemKind kind;
+  } files[] = {{"coordinator.ca", &c.ca, PemKind::kCertificate},
+               {"coordinator.cert", &c.cert, PemKind::kCertificate},
+               {"coordinator.key", &c.key, PemKind::kPrivateKey}};
+  for (const auto& file : files) {
+    if (file.path->empty()) continue;
+    *file.path = Resolve(config.agent.state_dir, *file.path);
+    if (std::string problem = CheckPemFile(*file.path, file.kind); !problem.empty()) {
+      errors.Add(file.key, problem);
+    }
+  }
+  if (c.lease_ttl_ms < kMinLeaseTtlMs || c.lease_ttl_ms > kMaxLeaseTtlMs) {
+    errors.Add("coordinator.lease_ttl_ms",
+               fmt::format("must be from {} to {} (etcd refuses shorter leases), got {}",
+                           kMinLeaseTtlMs, kMaxLeaseTtlMs, c.lease_ttl_ms));
+  } else if (c.suspend_after_ms == 0) {
+    c.suspend_after_ms = c.lease_ttl_ms / 2;
+  } else if (c.suspend_after_ms >= c.lease_ttl_ms || c.suspend_after_ms < c.lease_ttl_ms / 3) {
+    errors.Add("coordinator.suspend_after_ms",
+               fmt::format("must be at least lease_ttl_ms / 3 ({}: two keep-alives) and less than "
+                           "lease_ttl_ms ({}: a primary must stop before its lease can end), "
+                           "got {}",
+                           c.lease_ttl_ms / 3, c.lease_ttl_ms, c.suspend_after_ms));
+  }
+  if (!c.witness.empty()) {
+    if (!IsSiteName(c.witness)) {
+      errors.Add("coordinator.witness",
+                 fmt::format("\"{}\" is not a site name ([a-z0-9-]{{1,63}})", c.witness));
+    }
+    for (size_t i = 0; i < config.groups.size(); ++i) {
+      const GroupConfig& g = config.groups[i];
+      bool holds = g.primary == c.witness || config.agent.site == c.witness;
+      for (const PeerConfig& p : g.peers) holds = holds || p.site == c.witness;
+      if (holds) {
+        errors.Add("coordinator.witness",
+                   fmt::format("\"{}\" holds group \"{}\": a witness runs only an etcd member",
+                               c.witness, g.name));
+        break;
+      }
+    }
+  }
+  if (c.timeout_ms < 100 || c.timeout_ms > 60'000) {
+    errors.Add("coordinator.timeout_ms",
+               fmt::format("must be from 100 to 60000, got {}", c.timeout_ms));
+  }
+  if (c.anti_flap_ms > 86'400'000) {
+    errors.Add("coordinator.anti_flap_ms",
+               fmt::format("must be at most 86400000 (1 day), got {}", c.anti_flap_ms));
+  }
+}
+
 void ValidateInto(Config& config, Errors& errors) {
   ValidateAgent(config.agent, errors);
   ValidateLog(config.log, config.agent.state_dir, errors);
@@ -1165,6 +1298,7 @@ void ValidateInto(Config& config, Errors& errors) {
   ValidateAcl(config, errors);
   ValidateControl(config, errors);
   ValidateMetrics(config, errors);
+  ValidateCoordinator(config, errors);
 }
 
 }  // namespace

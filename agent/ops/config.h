@@ -15,6 +15,7 @@
 //   [[acl]]    identity, site, groups   which certificate may act as which site, for which groups
 //   [control]  unix_socket              the control API that tvillingctl talks to
 //   [metrics]  listen                   the Prometheus endpoint (GET /metrics)
+//   [coordinator]  endpoints, policy    fail-over on etcd (docs/coordinator.md)
 //
 // docs/configuration.md describes every key for operators.
 //
@@ -23,7 +24,7 @@
 // `tvilling.toml:14:8: group[0].volume[1].size: must be a multiple of 512 bytes, got 1000`). A
 // config that loads is complete: defaults are filled in and every path is absolute, so nothing
 // downstream needs to check it again (TLS files were readable when the config was validated). Later
-// issues add an [etcd] table next to these; an older agent rejects them as unknown keys
+// issues add tables next to these; an older agent rejects them as unknown keys
 // rather than silently ignoring them. A single-node config needs none of the replication tables.
 #pragma once
 
@@ -290,6 +291,43 @@ struct MetricsConfig {
   std::optional<ListenAddress> listen;
 };
 
+// [coordinator]: the fail-over coordinator on etcd (docs/coordinator.md). Absent: roles are
+// static, from each group's `primary`.
+enum class FailoverPolicy { kAutomatic, kManual, kApprove };
+inline constexpr uint32_t kMinLeaseTtlMs = 2000;  // etcd refuses shorter leases
+inline constexpr uint32_t kMaxLeaseTtlMs = 600'000;
+struct CoordinatorConfig {
+  // `endpoints`: the etcd members' client addresses, "host:port" (no scheme). Required, 1 to 16.
+  std::vector<std::string> endpoints;
+  // `prefix`: every key the coordinator writes is under it. Default "/tvilling".
+  std::string prefix = "/tvilling";
+  // `ca`, `cert`, `key`: TLS to etcd (relative to state_dir). `ca` alone: TLS without a client
+  // certificate; with `cert` and `key`: etcd's --client-cert-auth. None: plain TCP.
+  std::filesystem::path ca, cert, key;
+  // `server_name`: the name the members' certificates carry, if not the endpoint's host.
+  std::string server_name;
+  // `lease_ttl_ms`: TTL of this agent's etcd lease (its session). Default 3000.
+  uint32_t lease_ttl_ms = 3000;
+  // `suspend_after_ms`: a primary suspends client I/O this long after the send time of its last
+  // answered keep-alive. Default lease_ttl_ms / 2; at least lease_ttl_ms / 3 (two keep-alives)
+  // and less than lease_ttl_ms.
+  uint32_t suspend_after_ms = 0;
+  // `policy`: "automatic", "manual" or "approve". Default "automatic".
+  FailoverPolicy policy = FailoverPolicy::kAutomatic;
+  // `witness`: a third site that runs only an etcd member; without one, groups with two sites
+  // refuse automatic fail-over.
+  std::string witness;
+  // `no_failover`: never promote this site automatically. Default false.
+  bool no_failover = false;
+  // `max_lag` / `max_lag_ms`: the lag gate of a candidate. Defaults 1 MiB and 10000.
+  uint64_t max_lag_bytes = 1ull << 20;
+  uint32_t max_lag_ms = 10'000;
+  // `anti_flap_ms`: no automatic promotion this soon after a leader change. Default 60000.
+  uint32_t anti_flap_ms = 60'000;
+  // `timeout_ms`: deadline of one etcd call (across endpoints). Default 3000.
+  uint32_t timeout_ms = 3000;
+};
+
 struct Config {
   // Where the config came from (a file name), used in messages.
   std::string source;
@@ -304,6 +342,7 @@ struct Config {
   std::vector<AclConfig> acl;
   ControlConfig control;
   MetricsConfig metrics;
+  std::optional<CoordinatorConfig> coordinator;
 
   // Whether any group has a peer, i.e. this agent replicates at all.
   [[nodiscard]] bool HasPeers() const;

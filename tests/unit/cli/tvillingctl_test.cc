@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "agent/cli/ctl.h"
+#include "agent/cli/switchover.h"
 #include "tvilling/v1/control.grpc.pb.h"
 
 namespace tvilling::cli {
@@ -337,6 +338,33 @@ TEST(FormatTest, Numbers) {
   EXPECT_EQ(FormatUptime(723), "12m03s");
   EXPECT_EQ(FormatUptime(7384), "2h03m04s");
   EXPECT_EQ(FormatUptime(3 * 86400 + 4 * 3600 + 5 * 60 + 6), "3d04h05m");
+}
+
+TEST_F(TvillingctlTest, SwitchoverDryRunPrintsThePlanOrWhyNot) {
+  StartServer();
+  // The fixture's site-b link is "connected", not streaming: refused, with the plan and the reason.
+  Result r =
+      Ctl({"--socket", socket_, "switchover", "--group", "g0", "--to", "site-b", "--dry-run"});
+  EXPECT_EQ(r.code, kExitRefused) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("switchover of group g0 from site-a (epoch 3) to site-b: dry run, "
+                               "nothing changed"));
+  EXPECT_THAT(r.out, HasSubstr("1. pause new writes at site-a (held, not failed)"));
+  EXPECT_THAT(r.out, HasSubstr("lag 8.0 KiB / 0.003 s, rtt 250 us"));
+  EXPECT_THAT(r.out, HasSubstr("refused:\n    - site-b's link is connected"));
+  r = Ctl({"--socket", socket_, "switchover", "--group", "g0", "--to", "site-x", "--dry-run"});
+  EXPECT_EQ(r.code, kExitRefused);
+  EXPECT_THAT(r.out, HasSubstr("site-x is not a peer of group g0"));
+  r = Ctl({"--socket", socket_, "switchover", "--group", "g1", "--to", "site-b", "--dry-run"});
+  EXPECT_EQ(r.code, kExitRefused);
+  EXPECT_THAT(r.out, HasSubstr("is a replica of group g1: run the switchover on its primary"));
+  r = Ctl({"--socket", socket_, "switchover", "--group", "nope", "--to", "site-b", "--dry-run"});
+  EXPECT_EQ(r.code, kExitUsage);
+  EXPECT_THAT(r.err, HasSubstr("has no group \"nope\" (it has: g0, g1)"));
+  r = Ctl({"--socket", socket_, "switchover", "--group", "g0", "--to", "site-b"});
+  EXPECT_EQ(r.code, kExitUsage);
+  EXPECT_THAT(r.err, HasSubstr("only --dry-run is available yet"));
+  r = Ctl({"--socket", socket_, "switchover", "--to", "site-b", "--dry-run"});
+  EXPECT_EQ(r.code, kExitUsage);
 }
 
 }  // namespace

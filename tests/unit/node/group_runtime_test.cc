@@ -1,12 +1,15 @@
 // group_runtime_test.cc: a group on a real RocksDB and real volume files: writes through the export
 // land in the log and the volume, replay after a crash, refusal to serve when the replay range is
-// corrupt, checkpoints and truncation.
+// corrupt, checkpoints and truncation, and the I/O fence a coordinator suspends and resumes.
 #include "agent/node/group_runtime.h"
 
 #include <gtest/gtest.h>
 #include <rocksdb/db.h>
 
 #include <future>
+#include <mutex>
+#include <optional>
+#include <thread>
 
 #include "tests/unit/storage/temp_dir.h"
 
@@ -183,6 +186,128 @@ TEST_F(GroupRuntimeTest, VolumeErrorsNameTheGroupAndVolume) {
   ASSERT_FALSE(g.ok());
   EXPECT_NE(g.status().message().find("group g0: volume vol1"), absl::string_view::npos)
       << g.status();
+}
+
+// ---- I/O fencing (SuspendIo / ResumeIo / FailHeldIo) ----
+
+// Completes a write "in the log" only when the test says so (stands in for replication).
+class ManualGate : public CompletionGate {
+ public:
+  void WriteInLog(uint64_t, bool, nbd::Export::Done done) override {
+    std::lock_guard l(mu);
+    held.push_back(std::move(done));
+  }
+  void FlushedLocally(uint64_t, nbd::Export::Done done) override {
+    std::move(done)(absl::OkStatus());
+  }
+  size_t size() {
+    std::lock_guard l(mu);
+    return held.size();
+  }
+  void ReleaseAll() {
+    std::vector<nbd::Export::Done> h;
+    {
+      std::lock_guard l(mu);
+      h.swap(held);
+    }
+    for (auto& d : h) std::move(d)(absl::OkStatus());
+  }
+  std::mutex mu;
+  std::vector<nbd::Export::Done> held;
+};
+
+struct Completion {
+  std::mutex mu;
+  std::optional<absl::Status> status;
+  nbd::Export::Done done() {
+    return [this](absl::Status s) {
+      std::lock_guard l(mu);
+      status = s;
+    };
+  }
+  std::optional<absl::Status> get() {
+    std::lock_guard l(mu);
+    return status;
+  }
+};
+
+TEST_F(GroupRuntimeTest, SuspendedIoHoldsNewWritesBeforeTheLogAndResumesThem) {
+  OpenStore();
+  auto g = OpenGroup();
+  ASSERT_TRUE(g.ok()) << g.status();
+  auto& e = (*g)->exports()[0];
+  (*g)->SuspendIo("test");
+  EXPECT_TRUE((*g)->io_suspended());
+  Completion w, f;
+  e->Write(0, Bytes::Copy("held"), false, w.done());
+  e->Flush(f.done());
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(w.get().has_value());
+  EXPECT_FALSE(f.get().has_value());
+  EXPECT_EQ((*g)->log().last_lsn(), 0u) << "a held write must not reach the log";
+  // Reads are served while suspended.
+  std::string buf(4, 'x');
+  ASSERT_TRUE(Wait([&](auto d) { e->Read(0, 4, buf.data(), std::move(d)); }).ok());
+  EXPECT_EQ(buf, std::string(4, '\0'));
+  (*g)->ResumeIo();
+  for (int i = 0; i < 200 && !(w.get() && f.get()); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_TRUE(w.get().has_value());
+  EXPECT_TRUE(w.get()->ok());
+  ASSERT_TRUE(f.get().has_value());
+  EXPECT_TRUE(f.get()->ok());
+  EXPECT_EQ((*g)->log().last_lsn(), 1u);
+}
+
+TEST_F(GroupRuntimeTest, SuspendHoldsCompletionsOfWritesAlreadyInFlight) {
+  OpenStore();
+  auto g = OpenGroup();
+  ASSERT_TRUE(g.ok()) << g.status();
+  auto gate = std::make_shared<ManualGate>();
+  (*g)->SetCompletionGate(gate);
+  auto& e = (*g)->exports()[0];
+  Completion w;
+  e->Write(0, Bytes::Copy("in flight"), false, w.done());
+  for (int i = 0; i < 200 && gate->size() == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_EQ(gate->size(), 1u) << "the write should be in the log, waiting for the gate";
+  (*g)->SuspendIo("test");
+  gate->ReleaseAll();  // replication says done, but the fence holds it
+  EXPECT_FALSE(w.get().has_value()) << "a write completed while I/O was suspended";
+  (*g)->ResumeIo();
+  ASSERT_TRUE(w.get().has_value());
+  EXPECT_TRUE(w.get()->ok());
+}
+
+TEST_F(GroupRuntimeTest, FailHeldIoFailsWhatWasHeldAndStaysSuspended) {
+  OpenStore();
+  auto g = OpenGroup();
+  ASSERT_TRUE(g.ok()) << g.status();
+  auto gate = std::make_shared<ManualGate>();
+  (*g)->SetCompletionGate(gate);
+  auto& e = (*g)->exports()[0];
+  Completion in_flight, held;
+  e->Write(0, Bytes::Copy("a"), false, in_flight.done());
+  for (int i = 0; i < 200 && gate->size() == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  (*g)->SuspendIo("test");
+  gate->ReleaseAll();
+  e->Write(4096, Bytes::Copy("b"), false, held.done());
+  (*g)->FailHeldIo(absl::UnavailableError("no longer primary"));
+  ASSERT_TRUE(in_flight.get().has_value());
+  EXPECT_EQ(in_flight.get()->code(), absl::StatusCode::kUnavailable);
+  ASSERT_TRUE(held.get().has_value());
+  EXPECT_EQ(held.get()->code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ((*g)->log().last_lsn(), 1u) << "the held write never reached the log";
+  EXPECT_TRUE((*g)->io_suspended());
+  Completion later;
+  e->Write(8192, Bytes::Copy("c"), false, later.done());
+  EXPECT_FALSE(later.get().has_value()) << "still suspended after FailHeldIo";
+  (*g)->FailHeldIo(absl::UnavailableError("stop"));
+  EXPECT_TRUE(later.get().has_value());
 }
 
 }  // namespace

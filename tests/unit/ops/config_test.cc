@@ -329,6 +329,84 @@ TEST(ConfigTest, NegativeNumbersAreRejected) {
 
 // ---- sizes ----
 
+// ---- [coordinator] ----
+
+TEST(CoordinatorConfigTest, AbsentMeansStaticRolesAndDefaultsAreFilled) {
+  absl::StatusOr<Config> config = Parse(kMinimal);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_FALSE(config->coordinator.has_value());
+
+  config =
+      Parse(Append(kMinimal, "[coordinator]\nendpoints = [\"127.0.0.1:2379\", \"h2:2379\"]\n"));
+  ASSERT_TRUE(config.ok()) << config.status();
+  ASSERT_TRUE(config->coordinator.has_value());
+  const CoordinatorConfig& c = *config->coordinator;
+  EXPECT_EQ(c.endpoints, (std::vector<std::string>{"127.0.0.1:2379", "h2:2379"}));
+  EXPECT_EQ(c.prefix, "/tvilling");
+  EXPECT_EQ(c.lease_ttl_ms, 3000u);
+  EXPECT_EQ(c.suspend_after_ms, 1500u);
+  EXPECT_EQ(c.policy, FailoverPolicy::kAutomatic);
+  EXPECT_EQ(c.max_lag_bytes, 1u << 20);
+  EXPECT_TRUE(c.ca.empty());
+  Config again = *config;
+  ASSERT_TRUE(Validate(again).ok());
+  EXPECT_EQ(again.coordinator->suspend_after_ms, 1500u);
+}
+
+TEST(CoordinatorConfigTest, EveryKeyIsRead) {
+  absl::StatusOr<Config> config = Parse(Append(kMinimal, R"([coordinator]
+endpoints = ["10.0.0.1:2379"]
+prefix = "/prod/tv"
+lease_ttl_ms = 6000
+suspend_after_ms = 2500
+policy = "approve"
+witness = "wit-3"
+no_failover = true
+max_lag = "16MiB"
+max_lag_ms = 5000
+anti_flap_ms = 600000
+timeout_ms = 2000
+)"));
+  ASSERT_TRUE(config.ok()) << config.status();
+  const CoordinatorConfig& c = *config->coordinator;
+  EXPECT_EQ(c.prefix, "/prod/tv");
+  EXPECT_EQ(c.lease_ttl_ms, 6000u);
+  EXPECT_EQ(c.suspend_after_ms, 2500u);
+  EXPECT_EQ(c.policy, FailoverPolicy::kApprove);
+  EXPECT_EQ(c.witness, "wit-3");
+  EXPECT_TRUE(c.no_failover);
+  EXPECT_EQ(c.max_lag_bytes, 16u << 20);
+  EXPECT_EQ(c.max_lag_ms, 5000u);
+  EXPECT_EQ(c.anti_flap_ms, 600000u);
+  EXPECT_EQ(c.timeout_ms, 2000u);
+}
+
+TEST(CoordinatorConfigTest, BrokenValuesNameTheKey) {
+  const std::string base = Append(kMinimal, "[coordinator]\n");
+  EXPECT_THAT(ErrorOf(base), HasSubstr("coordinator.endpoints: required"));
+  EXPECT_THAT(ErrorOf(base + "endpoints = [\"http://10.0.0.1:2379\"]\n"),
+              HasSubstr("coordinator.endpoints[0]: \"http://10.0.0.1:2379\" is not \"host:port\""));
+  EXPECT_THAT(ErrorOf(base + "endpoints = [\"10.0.0.1\"]\n"),
+              HasSubstr("coordinator.endpoints[0]"));
+  const std::string ok = base + "endpoints = [\"10.0.0.1:2379\"]\n";
+  EXPECT_THAT(ErrorOf(ok + "lease_ttl_ms = 1000\n"),
+              HasSubstr("coordinator.lease_ttl_ms: must be from 2000"));
+  EXPECT_THAT(ErrorOf(ok + "suspend_after_ms = 3000\n"),
+              HasSubstr("coordinator.suspend_after_ms: must be at least lease_ttl_ms / 3 (1000"));
+  EXPECT_THAT(ErrorOf(ok + "suspend_after_ms = 500\n"), HasSubstr("coordinator.suspend_after_ms"));
+  EXPECT_THAT(ErrorOf(ok + "policy = \"sometimes\"\n"),
+              HasSubstr("coordinator.policy: must be \"automatic\" or \"manual\" or \"approve\""));
+  EXPECT_THAT(ErrorOf(ok + "prefix = \"tv/\"\n"), HasSubstr("coordinator.prefix"));
+  EXPECT_THAT(ErrorOf(ok + "cert = \"/x.pem\"\n"),
+              AllOf(HasSubstr("coordinator.cert and coordinator.key go together"),
+                    HasSubstr("coordinator.ca: required")));
+  EXPECT_THAT(ErrorOf(ok + "ca = \"/nonexistent/etcd-ca.pem\"\n"),
+              AllOf(HasSubstr("coordinator.ca"), HasSubstr("/nonexistent/etcd-ca.pem")));
+  EXPECT_THAT(ErrorOf(ok + "witness = \"sto-1\"\n"),
+              HasSubstr("coordinator.witness: \"sto-1\" holds group \"g0\""));
+  EXPECT_THAT(ErrorOf(ok + "endpoint = [\"x:1\"]\n"), HasSubstr("coordinator.endpoint"));
+}
+
 TEST(ParseSizeTest, AcceptsIntegersAndBinaryUnits) {
   const std::pair<std::string_view, uint64_t> cases[] = {
       {"0", 0},

@@ -1,0 +1,26 @@
+// switchover.h: `tvillingctl switchover --group G --to SITE [--dry-run] [--timeout S]`
+// (docs/coordinator.md, "Switchover"). Only --dry-run is built: it asks the local agent (the
+// group's primary) for its status and prints core::PlanSwitchover's plan: the steps, the target's
+// current lag and the expected write pause, or why the switchover would be refused.
+#pragma once
+
+#include <chrono>
+#include <ostream>
+#include <string>
+
+namespace tvilling::cli {
+
+// A plan that cannot be carried out (its reasons are printed).
+inline constexpr int kExitRefused = 3;
+
+struct SwitchoverArgs {
+  std::string group;
+  std::string to;
+  bool dry_run = false;
+  double timeout_s = 30;  // how long the target may take to catch up
+};
+
+int Switchover(const std::string& socket, std::chrono::milliseconds rpc_timeout,
+               const SwitchoverArgs& args, std::ostream& out, std::ostream& err);
+
+}  // namespace tvilling::cli

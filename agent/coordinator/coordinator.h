@@ -1,0 +1,132 @@
+// coordinator.h: drives one core::FailoverMachine per group from etcd (docs/coordinator.md).
+//
+// The agent holds one etcd lease, its session, kept alive by a LeaseKeeper. Per group it
+//   - publishes its site report under the session:   <prefix>/groups/<g>/sites/<site>
+//   - campaigns for the leader key under the session: <prefix>/groups/<g>/leader   (value: site;
+//     the key's create revision is the epoch)
+//   - as primary, publishes the primary report, guarded by its epoch: <prefix>/groups/<g>/primary
+//   - as a candidate under the approve policy, publishes its plan:    <prefix>/groups/<g>/pending
+// and watches <prefix>/groups/ for leader changes.
+//
+// Threads: a ticker feeds EvTick every `tick` and carries out the machines' local actions at once
+// (suspend/resume I/O: never delayed by a slow etcd call); a worker makes the etcd calls the
+// machines ask for and publishes and reads the reports every `report_interval`; the keeper's and
+// the watcher's threads feed renewals and leader changes. One mutex guards the machines; a
+// GroupBinding's callbacks run under it and must not block.
+#pragma once
+
+#include <absl/status/status.h>
+#include <absl/status/statusor.h>
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "agent/coordinator/etcd_client.h"
+#include "agent/core/failover.h"
+
+namespace tvilling::coordinator {
+
+struct GroupBinding {
+  core::FailoverOptions failover;
+  // This site's report for the group (durable LSN, consistent, no_failover).
+  std::function<core::SiteReport()> site_report;
+  // The primary's report, when this site serves the group as primary (nullopt otherwise).
+  std::function<std::optional<core::PrimaryReport>()> primary_report;
+  // Carries out a local action (suspend/resume I/O, promote, demote, follow, refused, pending).
+  std::function<void(const core::FailoverAction&)> apply;
+};
+
+struct CoordinatorOptions {
+  EtcdOptions etcd;
+  std::string prefix = "/tvilling";
+  std::string site;
+  Millis lease_ttl{3000};
+  Millis tick{50};
+  Millis report_interval{1000};
+};
+
+// Keys and values (docs/coordinator.md, "Keys in etcd").
+std::string LeaderKey(const std::string& prefix, const std::string& group);
+std::string SitesPrefix(const std::string& prefix, const std::string& group);
+std::string PrimaryKey(const std::string& prefix, const std::string& group);
+std::string PendingKey(const std::string& prefix, const std::string& group);
+std::string EncodeSiteReport(const core::SiteReport& r);
+std::optional<core::SiteReport> DecodeSiteReport(const std::string& value);
+std::string EncodePrimaryReport(const core::PrimaryReport& r);
+std::optional<core::PrimaryReport> DecodePrimaryReport(const std::string& value);
+
+class Coordinator {
+ public:
+  static absl::StatusOr<std::unique_ptr<Coordinator>> Start(CoordinatorOptions options,
+                                                            std::vector<GroupBinding> groups);
+  ~Coordinator();
+  Coordinator(const Coordinator&) = delete;
+  Coordinator& operator=(const Coordinator&) = delete;
+  // Stops the threads and revokes the session (its keys go at once; a primary's I/O stays
+  // suspended).
+  void Stop();
+
+  struct GroupView {
+    std::string group;
+    std::string state;
+    uint64_t epoch = 0;
+    core::LeaderView leader;
+    std::string last_refusal;
+  };
+  std::vector<GroupView> Snapshot() const;
+
+ private:
+  struct Work {
+    enum class Kind { kNewSession, kCampaign, kReadLeader, kPublishPending, kClearPending };
+    Kind kind;
+    size_t group = 0;
+    std::string message;
+  };
+  Coordinator(CoordinatorOptions options, std::vector<GroupBinding> groups);
+  core::Nanos Now() const;
+  // REQUIRES: mu_. Handles `event` for group `i` and dispatches the actions.
+  void HandleLocked(size_t i, const core::FailoverEvent& event);
+  void HandleAllLocked(const core::FailoverEvent& event);
+  void Enqueue(Work w);  // REQUIRES: mu_
+  void TickerLoop();
+  void WorkerLoop();
+  void NewSession();
+  void Campaign(size_t i);
+  void ReadLeader(size_t i);
+  void PublishAndReadReports();
+  // Reads every group's leader key at one revision and watches from the next. False: etcd did not
+  // answer (try again later).
+  bool ReadLeadersAndWatch();
+  void StartWatcher(int64_t from_revision);
+  void OnWatch(const std::vector<WatchEvent>& events);
+  core::LeaderView ViewOf(const KeyValue& kv) const;
+
+  const CoordinatorOptions options_;
+  std::vector<GroupBinding> bindings_;
+  std::unique_ptr<EtcdClient> client_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool stopping_ = false;
+  std::vector<std::unique_ptr<core::FailoverMachine>> machines_;
+  std::deque<Work> work_;
+  bool session_requested_ = false;
+  int64_t session_ = 0;
+
+  std::unique_ptr<LeaseKeeper> keeper_;  // worker thread only (and Stop)
+  std::unique_ptr<Watcher> watcher_;     // worker thread only (and Stop)
+  bool need_watch_ = false;  // guarded by mu_: (re)read the keys and watch
+  std::string last_session_error_;       // worker thread only
+  std::chrono::steady_clock::time_point last_session_error_at_;
+  std::thread ticker_;
+  std::thread worker_;
+};
+
+}  // namespace tvilling::coordinator

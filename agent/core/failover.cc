@@ -1,0 +1,431 @@
+// failover.cc: see failover.h and docs/coordinator.md.
+#include "agent/core/failover.h"
+
+#include <algorithm>
+#include <cstdio>
+
+namespace tvilling::core {
+namespace {
+
+std::string Ms(Nanos n) { return std::to_string(n / 1'000'000) + " ms"; }
+
+std::string Seconds(Nanos n) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f s", static_cast<double>(n) / 1e9);
+  return buf;
+}
+
+}  // namespace
+
+const char* FailoverPolicyName(FailoverPolicy p) {
+  switch (p) {
+    case FailoverPolicy::kAutomatic:
+      return "automatic";
+    case FailoverPolicy::kManual:
+      return "manual";
+    case FailoverPolicy::kApprove:
+      return "approve";
+  }
+  return "?";
+}
+
+const char* ActionName(FailoverAction::Kind k) {
+  using K = FailoverAction::Kind;
+  switch (k) {
+    case K::kCampaign:
+      return "campaign";
+    case K::kPromote:
+      return "promote";
+    case K::kDemote:
+      return "demote";
+    case K::kFollow:
+      return "follow";
+    case K::kSuspendIo:
+      return "suspend-io";
+    case K::kResumeIo:
+      return "resume-io";
+    case K::kReadLeader:
+      return "read-leader";
+    case K::kNewSession:
+      return "new-session";
+    case K::kPublishPending:
+      return "publish-pending";
+    case K::kClearPending:
+      return "clear-pending";
+    case K::kRefused:
+      return "refused";
+  }
+  return "?";
+}
+
+const char* FailoverMachine::StateName(State s) {
+  switch (s) {
+    case State::kStarting:
+      return "starting";
+    case State::kReplica:
+      return "replica";
+    case State::kLeaderless:
+      return "leaderless";
+    case State::kCampaigning:
+      return "campaigning";
+    case State::kAwaitingApproval:
+      return "awaiting-approval";
+    case State::kPrimary:
+      return "primary";
+    case State::kSuspended:
+      return "suspended";
+  }
+  return "?";
+}
+
+std::string CandidatePlan::Describe() const {
+  std::string s;
+  if (winner.empty()) {
+    s = "no eligible candidate";
+  } else {
+    s = "promote " + winner;
+    if (loss.none()) {
+      s += " (loses nothing)";
+    } else {
+      s += " (loses LSN " + std::to_string(loss.from_lsn) + ".." + std::to_string(loss.to_lsn) +
+           ", " + std::to_string(loss.bytes) + " bytes, " + Seconds(loss.age) + " of writes)";
+    }
+  }
+  bool first = true;
+  for (const auto& [site, why] : refused) {
+    s += first ? "; not eligible: " : ", ";
+    s += site + " (" + why + ")";
+    first = false;
+  }
+  return s;
+}
+
+CandidatePlan ChooseCandidate(const FailoverOptions& o,
+                              const std::map<std::string, SiteReport>& sites,
+                              const std::optional<PrimaryReport>& primary,
+                              const std::string& exclude) {
+  CandidatePlan plan;
+  std::vector<std::string> order = o.sites;
+  std::sort(order.begin(), order.end());
+  const SiteReport* best = nullptr;
+  const PeerLag* best_lag = nullptr;
+  for (const std::string& site : order) {
+    if (site == exclude) continue;
+    auto it = sites.find(site);
+    if (it == sites.end()) {
+      plan.refused[site] = "no report: its agent has no etcd session";
+      continue;
+    }
+    const SiteReport& r = it->second;
+    if (!r.consistent) {
+      plan.refused[site] = "inconsistent";
+      continue;
+    }
+    if (r.no_failover) {
+      plan.refused[site] = "marked no-failover";
+      continue;
+    }
+    if (!primary) {
+      plan.refused[site] = "no report from a primary: its lag is unknown";
+      continue;
+    }
+    const PeerLag* lag = nullptr;
+    if (site != primary->site) {
+      auto p = primary->peers.find(site);
+      if (p == primary->peers.end()) {
+        plan.refused[site] = "the primary's last report has no lag for it";
+        continue;
+      }
+      lag = &p->second;
+      // The replica may have caught up since the primary's report: what it holds now is what
+      // counts; the report's figures are then an upper bound.
+      if (r.durable_lsn < primary->last_lsn &&
+          (lag->bytes > o.max_lag_bytes || lag->age > o.max_lag_time)) {
+        plan.refused[site] = "lag " + std::to_string(lag->bytes) + " bytes / " + Seconds(lag->age) +
+                             " exceeds the gate (" + std::to_string(o.max_lag_bytes) + " bytes / " +
+                             Seconds(o.max_lag_time) + ")";
+        continue;
+      }
+    }
+    if (best == nullptr || r.durable_lsn > best->durable_lsn) {
+      best = &r;
+      best_lag = lag;
+      plan.winner = site;
+    }
+  }
+  if (best != nullptr) {
+    plan.loss.from_lsn = best->durable_lsn + 1;
+    plan.loss.to_lsn = primary->last_lsn;
+    if (!plan.loss.none() && best_lag != nullptr) {
+      plan.loss.bytes = best_lag->bytes;
+      plan.loss.age = best_lag->age;
+    }
+  }
+  return plan;
+}
+
+FailoverMachine::FailoverMachine(FailoverOptions options) : o_(std::move(options)) {}
+
+bool FailoverMachine::automatic_refused_for_lack_of_witness() const {
+  return o_.policy == FailoverPolicy::kAutomatic && o_.sites.size() < 3 && o_.witness.empty();
+}
+
+bool FailoverMachine::Ours(const LeaderView& v) const {
+  return v.present && v.site == o_.site && session_ != 0 && v.lease == session_;
+}
+
+std::vector<FailoverAction> FailoverMachine::Handle(Nanos now, const FailoverEvent& event) {
+  std::vector<FailoverAction> out;
+  using K = FailoverAction::Kind;
+  if (std::holds_alternative<EvTick>(event)) {
+    CheckLease(now, out);
+    Evaluate(now, out);
+  } else if (auto* s = std::get_if<EvSessionStarted>(&event)) {
+    session_ = s->lease;
+    last_renewal_sent_ = s->sent;
+    if (leader_known_) OnLeader(now, leader_, out);
+  } else if (auto* r = std::get_if<EvSessionRenewed>(&event)) {
+    if (session_ != 0 && r->sent > last_renewal_sent_) last_renewal_sent_ = r->sent;
+    if (state_ == State::kSuspended && LeaseFresh(now)) {
+      // The lease lives; whether the key is still ours (same epoch) needs a read (again on every
+      // renewal until one answers: a read can fail).
+      confirm_pending_ = true;
+      out.push_back({K::kReadLeader, {}, 0, "lease renewed: confirming the leader key", {}});
+    }
+    CheckLease(now, out);
+  } else if (std::holds_alternative<EvSessionLost>(event)) {
+    session_ = 0;
+    if (state_ == State::kPrimary || state_ == State::kSuspended) {
+      LoseLeadership("", 0, "the etcd lease is gone (so is the leader key under it)", out);
+    } else if (state_ == State::kAwaitingApproval) {
+      out.push_back({K::kClearPending, {}, 0, "the etcd lease is gone", {}});
+    }
+    state_ = State::kStarting;
+    out.push_back({K::kNewSession, {}, 0, "the etcd lease is gone", {}});
+  } else if (auto* l = std::get_if<EvLeader>(&event)) {
+    OnLeader(now, l->leader, out);
+  } else if (auto* c = std::get_if<EvCampaignDone>(&event)) {
+    if (state_ != State::kCampaigning) {
+      OnLeader(now, c->leader, out);
+    } else if (c->won && Ours(c->leader)) {
+      OnLeader(now, c->leader, out);
+    } else if (c->leader.present) {
+      OnLeader(now, c->leader, out);
+    } else {
+      // The Txn failed (etcd unreachable?): try again on a later tick, not in a loop.
+      state_ = State::kLeaderless;
+      if (!leaderless_since_) leaderless_since_ = now;
+    }
+  } else if (auto* st = std::get_if<EvSites>(&event)) {
+    sites_ = st->sites;
+    Evaluate(now, out);
+  } else if (auto* p = std::get_if<EvPrimaryReport>(&event)) {
+    primary_report_ = p->report;
+    primary_report_known_ = true;
+    Evaluate(now, out);
+  } else if (auto* a = std::get_if<EvApprove>(&event)) {
+    if (a->site != o_.site) return out;
+    if (state_ == State::kAwaitingApproval) {
+      out.push_back({K::kClearPending, {}, 0, "approved by " + a->who, {}});
+      Campaign(out);
+    } else {
+      Refuse("",
+             "approval by " + a->who + " ignored: no promotion of " + o_.site +
+                 " is pending (state " + StateName(state_) + ")",
+             out);
+    }
+  } else if (auto* pr = std::get_if<EvPromote>(&event)) {
+    if (state_ == State::kPrimary || state_ == State::kSuspended) return out;
+    if (leader_.present && !Ours(leader_)) {
+      Refuse("",
+             "promote by " + pr->who + " refused: " + leader_.site +
+                 " holds the leader key (epoch " + std::to_string(leader_.epoch) +
+                 "); use a switchover",
+             out);
+    } else if (session_ == 0) {
+      Refuse("", "promote by " + pr->who + " refused: no etcd session", out);
+    } else if (auto it = sites_.find(o_.site); it == sites_.end() || !it->second.consistent) {
+      Refuse("", "promote by " + pr->who + " refused: " + o_.site + " is not consistent", out);
+    } else if (state_ != State::kCampaigning) {
+      Campaign(out);
+    }
+  }
+  return out;
+}
+
+void FailoverMachine::OnLeader(Nanos now, const LeaderView& v, std::vector<FailoverAction>& out) {
+  using K = FailoverAction::Kind;
+  const LeaderView prev = leader_;
+  const bool prev_known = leader_known_;
+  leader_known_ = true;
+  leader_ = v;
+  if (v.present && prev_known && prev.present && prev.epoch != v.epoch) last_leader_change_ = now;
+  if (v.present && prev_known && !prev.present && state_ != State::kStarting) {
+    last_leader_change_ = now;
+  }
+  if (session_ == 0) {
+    state_ = State::kStarting;
+    return;  // nothing can be decided without a session
+  }
+  if (Ours(v)) {
+    leaderless_since_.reset();
+    if (state_ == State::kPrimary || state_ == State::kSuspended) {
+      if (state_ == State::kSuspended && confirm_pending_ && v.epoch == epoch_) {
+        confirm_pending_ = false;
+        if (LeaseFresh(now)) {
+          state_ = State::kPrimary;
+          io_suspended_ = false;
+          out.push_back({K::kResumeIo, {}, epoch_, "lease renewed and leader key confirmed", {}});
+        }
+      }
+      return;
+    }
+    // We hold the key (our campaign's answer, or a watch that saw it first).
+    if (state_ == State::kAwaitingApproval) out.push_back({K::kClearPending, {}, 0, "", {}});
+    state_ = State::kPrimary;
+    epoch_ = v.epoch;
+    last_leader_change_ = now;
+    out.push_back({K::kPromote, o_.site, epoch_, "holds the leader key", {}});
+    if (LeaseFresh(now)) {
+      io_suspended_ = false;
+      out.push_back({K::kResumeIo, {}, epoch_, "primary", {}});
+    } else {
+      state_ = State::kSuspended;
+    }
+    return;
+  }
+  if (v.present) {
+    leaderless_since_.reset();
+    last_refusal_kind_.clear();  // a new leaderless episode reports its refusals again
+    const bool was_following = state_ == State::kReplica && prev_known && prev == v;
+    if (state_ == State::kPrimary || state_ == State::kSuspended) {
+      LoseLeadership(v.site, v.epoch, "the leader key is held by " + v.site, out);
+    }
+    if (state_ == State::kAwaitingApproval) {
+      out.push_back({K::kClearPending, {}, 0, v.site + " took the leader key", {}});
+    }
+    state_ = State::kReplica;
+    // Our own key from an earlier run (another lease) expires by itself: nobody to follow.
+    if (!was_following && v.site != o_.site) {
+      out.push_back({K::kFollow, v.site, v.epoch, "", {}});
+    }
+    return;
+  }
+  // Nobody holds the key.
+  if (state_ == State::kPrimary || state_ == State::kSuspended) {
+    LoseLeadership("", 0, "the leader key was deleted", out);
+  }
+  if (!leaderless_since_) leaderless_since_ = now;
+  if (state_ != State::kCampaigning && state_ != State::kAwaitingApproval) {
+    state_ = State::kLeaderless;
+  }
+  Evaluate(now, out);
+}
+
+void FailoverMachine::LoseLeadership(const std::string& follow, uint64_t epoch,
+                                     const std::string& why, std::vector<FailoverAction>& out) {
+  using K = FailoverAction::Kind;
+  if (!io_suspended_) {
+    io_suspended_ = true;
+    out.push_back({K::kSuspendIo, {}, epoch_, why, {}});
+  }
+  out.push_back({K::kDemote, follow, epoch, why, {}});
+  epoch_ = 0;
+  confirm_pending_ = false;
+  state_ = follow.empty() ? State::kLeaderless : State::kReplica;
+}
+
+void FailoverMachine::CheckLease(Nanos now, std::vector<FailoverAction>& out) {
+  if (state_ != State::kPrimary || LeaseFresh(now)) return;
+  state_ = State::kSuspended;
+  confirm_pending_ = false;
+  if (!io_suspended_) {
+    io_suspended_ = true;
+    out.push_back({FailoverAction::Kind::kSuspendIo,
+                   {},
+                   epoch_,
+                   "the etcd lease was not renewed for " + Ms(now - last_renewal_sent_) +
+                       " (I/O is suspended " + Ms(o_.suspend_after) +
+                       " after the last renewal, before the " + Ms(o_.lease_ttl) +
+                       " lease could end at etcd)",
+                   {}});
+  }
+}
+
+void FailoverMachine::Refuse(const std::string& kind, const std::string& why,
+                             std::vector<FailoverAction>& out) {
+  // An empty kind (an answer to an operator's command) is always emitted.
+  const bool repeat = !kind.empty() && kind == last_refusal_kind_;
+  if (!kind.empty()) last_refusal_kind_ = kind;
+  last_refusal_ = why;
+  if (repeat) return;
+  out.push_back({FailoverAction::Kind::kRefused, o_.site, 0, "group " + o_.group + ": " + why, {}});
+}
+
+void FailoverMachine::Campaign(std::vector<FailoverAction>& out) {
+  state_ = State::kCampaigning;
+  out.push_back({FailoverAction::Kind::kCampaign, o_.site, 0, "", {}});
+}
+
+void FailoverMachine::Evaluate(Nanos now, std::vector<FailoverAction>& out) {
+  using K = FailoverAction::Kind;
+  if (state_ != State::kLeaderless && state_ != State::kAwaitingApproval) return;
+  if (session_ == 0 || !primary_report_known_) return;
+  // Bootstrap: a new group (no primary ever reported) starts on its configured primary, and the
+  // last primary may always take its key back (nobody can be ahead of it).
+  if ((!primary_report_ && o_.site == o_.configured_primary) ||
+      (primary_report_ && primary_report_->site == o_.site)) {
+    if (state_ == State::kAwaitingApproval) out.push_back({K::kClearPending, {}, 0, "", {}});
+    Campaign(out);
+    return;
+  }
+  if (!leaderless_since_ || now - *leaderless_since_ < o_.settle) return;
+  const std::string lost =
+      primary_report_ ? "the primary " + primary_report_->site + " is gone" : "no primary";
+  if (o_.policy == FailoverPolicy::kManual) {
+    Refuse(
+        "manual",
+        lost +
+            " and the policy is manual: waiting for `tvillingctl promote` on the site to promote",
+        out);
+    return;
+  }
+  if (automatic_refused_for_lack_of_witness()) {
+    Refuse("witness",
+           lost +
+               ", but automatic fail-over is refused: the group has only two sites and no witness, "
+               "so neither can tell a lost peer from a partition (both could promote); add a "
+               "third etcd member at another site (coordinator.witness) or use policy "
+               "\"approve\" or \"manual\"",
+           out);
+    return;
+  }
+  if (last_leader_change_ && now - *last_leader_change_ < o_.anti_flap) {
+    Refuse("anti-flap",
+           lost + ", but the last leader change was " + Seconds(now - *last_leader_change_) +
+               " ago: anti-flapping holds automatic promotion until " + Seconds(o_.anti_flap) +
+               " have passed",
+           out);
+    return;
+  }
+  const CandidatePlan plan = ChooseCandidate(o_, sites_, primary_report_);
+  if (plan.winner.empty()) {
+    Refuse("no-candidate:" + plan.Describe(), lost + ": " + plan.Describe(), out);
+    return;
+  }
+  if (plan.winner != o_.site) return;  // the winner campaigns
+  if (o_.policy == FailoverPolicy::kAutomatic) {
+    Campaign(out);
+    return;
+  }
+  const std::string msg = lost + ": " + plan.Describe() +
+                          "; waiting for `tvillingctl failover approve --group " + o_.group +
+                          " --site " + o_.site + "`";
+  if (state_ != State::kAwaitingApproval || msg != pending_for_) {
+    state_ = State::kAwaitingApproval;
+    pending_for_ = msg;
+    out.push_back({K::kPublishPending, o_.site, 0, msg, plan.loss});
+  }
+}
+
+}  // namespace tvilling::core

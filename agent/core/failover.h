@@ -1,0 +1,235 @@
+// failover.h: the fail-over decisions of one group at one site, as a pure state machine
+// (docs/coordinator.md).
+//
+// No sockets, threads, etcd or clock reads: the coordinator (agent/coordinator/) feeds it events —
+// what it read or watched in etcd, its lease's renewals, operator commands, and the monotonic time
+// `now` — and carries out the actions it returns (campaign for the leader key, promote, demote,
+// suspend or resume client I/O, publish an approval request, log a refusal).
+//
+// The rules (docs/coordinator.md has the argument):
+// - The primary of a group is the site whose value is in the group's leader key, written under
+//   that site's etcd lease ("session"). The key's create revision is the primary's epoch.
+// - A primary suspends client I/O once `suspend_after` (default TTL/2) has passed on ITS OWN
+//   monotonic clock since it sent the last keep-alive that etcd answered. Its lease cannot end at
+//   etcd before `sent + TTL` (etcd renews it for TTL when it handles the request, after it was
+//   sent; etcd may extend a lease, never shorten it), so the primary stops before anyone can take
+//   the key. It resumes only after a fresh renewal AND a read of the leader key that still shows
+//   it, with the same epoch.
+// - When the leader key is gone, a replica may take it only if it is eligible: its site reports
+//   it consistent, it is not marked no-failover, and its lag, as the last primary report gave it,
+//   is within the gate (bytes and seconds). Among the eligible sites the most advanced durable
+//   LSN wins (ties: the smaller site name); only the winner campaigns (the leader key's
+//   create-if-absent Txn decides races anyway).
+// - Anti-flapping: no automatic promotion within `anti_flap` of the last leader change this site
+//   observed.
+// - Policy: kAutomatic campaigns; kApprove publishes the plan and its loss bound and waits for
+//   an approval naming this site; kManual never campaigns on its own (only an operator's promote).
+// - Two sites without a witness refuse automatic fail-over (a partition and a lost site look the
+//   same from either side); the refusal says so.
+// - Bootstrap: with no leader key and no primary report in etcd (a new group), or when the last
+//   primary report names this site (it was the last primary, so nothing can be ahead of it), the
+//   configured primary campaigns at once.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "agent/core/replication.h"  // Nanos
+
+namespace tvilling::core {
+
+enum class FailoverPolicy : uint8_t { kAutomatic, kManual, kApprove };
+const char* FailoverPolicyName(FailoverPolicy p);
+
+struct FailoverOptions {
+  std::string group;
+  std::string site;                // this agent's site
+  std::vector<std::string> sites;  // every site that holds the group, this one included
+  std::string configured_primary;  // the config's `primary` (bootstrap only)
+  std::string witness;             // a third site that holds only an etcd member ("" = none)
+  FailoverPolicy policy = FailoverPolicy::kAutomatic;
+  Nanos lease_ttl = 3'000'000'000;
+  // Suspend I/O this long after the send time of the last answered keep-alive. Must be < TTL.
+  Nanos suspend_after = 1'500'000'000;
+  // Lag gate for candidates (as of the primary's last report): both must hold.
+  uint64_t max_lag_bytes = 1ull << 20;
+  Nanos max_lag_time = 10'000'000'000;
+  // No automatic promotion within this long of the last observed leader change.
+  Nanos anti_flap = 60'000'000'000;
+  // A leaderless group waits this long before candidates decide (site reports settle).
+  Nanos settle = 1'000'000'000;
+};
+
+// The leader key as read or watched.
+struct LeaderView {
+  bool present = false;
+  std::string site;
+  uint64_t epoch = 0;  // the key's create revision
+  int64_t lease = 0;
+  bool operator==(const LeaderView&) const = default;
+};
+
+// What a site publishes under its own lease (so it vanishes with the site's session).
+struct SiteReport {
+  uint64_t durable_lsn = 0;
+  bool consistent = false;
+  bool no_failover = false;
+};
+
+struct PeerLag {
+  uint64_t lsn = 0;    // the peer's durable LSN as the primary knew it
+  uint64_t bytes = 0;  // bytes in (lsn, last_lsn]
+  Nanos age = 0;       // capture age of the oldest of those records when reported
+};
+
+// What the primary publishes (not under a lease: it outlives the primary, for loss accounting).
+struct PrimaryReport {
+  std::string site;
+  uint64_t epoch = 0;
+  uint64_t last_lsn = 0;
+  std::map<std::string, PeerLag> peers;
+};
+
+// The data a promotion of `site` would lose, as of the primary's last report.
+struct LossBound {
+  uint64_t from_lsn = 0;  // first LSN lost (durable + 1)
+  uint64_t to_lsn = 0;    // last LSN lost (primary's last); from > to: nothing
+  uint64_t bytes = 0;
+  Nanos age = 0;
+  bool none() const { return from_lsn > to_lsn; }
+};
+
+struct CandidatePlan {
+  std::string winner;                          // "" if nobody is eligible
+  LossBound loss;                              // if winner != ""
+  std::map<std::string, std::string> refused;  // site -> why it is not eligible
+  std::string Describe() const;
+};
+
+// The choice every site computes alike from the same reports (pure).
+CandidatePlan ChooseCandidate(const FailoverOptions& o,
+                              const std::map<std::string, SiteReport>& sites,
+                              const std::optional<PrimaryReport>& primary,
+                              const std::string& exclude = {});
+
+// ---- events ----
+struct EvTick {};
+struct EvSessionStarted {  // a new lease; `sent` = when the LeaseGrant was sent
+  int64_t lease = 0;
+  Nanos sent = 0;
+};
+struct EvSessionRenewed {  // a keep-alive answered with TTL > 0; `sent` = when it was sent
+  Nanos sent = 0;
+};
+struct EvSessionLost {};  // etcd says the lease is gone
+struct EvLeader {         // the leader key as read or watched
+  LeaderView leader;
+};
+struct EvCampaignDone {  // answer of a kCampaign Txn; `leader` = the key after it
+  bool won = false;
+  LeaderView leader;
+};
+struct EvSites {
+  std::map<std::string, SiteReport> sites;
+};
+struct EvPrimaryReport {
+  std::optional<PrimaryReport> report;
+};
+struct EvApprove {  // tvillingctl failover approve
+  std::string site;
+  std::string who;
+};
+struct EvPromote {  // tvillingctl promote (manual), on the site to promote
+  std::string who;
+};
+using FailoverEvent =
+    std::variant<EvTick, EvSessionStarted, EvSessionRenewed, EvSessionLost, EvLeader,
+                 EvCampaignDone, EvSites, EvPrimaryReport, EvApprove, EvPromote>;
+
+// ---- actions ----
+struct FailoverAction {
+  enum class Kind : uint8_t {
+    kCampaign,        // Txn: create the leader key with this site under the session lease
+    kPromote,         // become primary in `epoch`
+    kDemote,          // stop being primary (I/O stays suspended); follow `site` if not empty
+    kFollow,          // (as a replica) the primary is `site` in `epoch`
+    kSuspendIo,       // stop completing client I/O (hold it)
+    kResumeIo,        // complete client I/O again
+    kReadLeader,      // read the leader key and report it with EvLeader
+    kNewSession,      // grant a new lease (the old one is gone)
+    kPublishPending,  // approve policy: publish `message` (plan, loss) and wait
+    kClearPending,
+    kRefused,  // an automatic fail-over was refused: `message` says why
+  };
+  Kind kind;
+  std::string site;
+  uint64_t epoch = 0;
+  std::string message;
+  LossBound loss;
+};
+const char* ActionName(FailoverAction::Kind k);
+
+class FailoverMachine {
+ public:
+  enum class State : uint8_t {
+    kStarting,          // no session or no leader observation yet
+    kReplica,           // another site holds the leader key
+    kLeaderless,        // nobody holds it
+    kCampaigning,       // our Txn is in flight
+    kAwaitingApproval,  // approve policy: waiting for the operator
+    kPrimary,           // we hold the key; I/O allowed
+    kSuspended,         // we may hold the key, but cannot prove it: I/O suspended
+  };
+  static const char* StateName(State s);
+
+  explicit FailoverMachine(FailoverOptions options);
+  std::vector<FailoverAction> Handle(Nanos now, const FailoverEvent& event);
+
+  State state() const { return state_; }
+  uint64_t epoch() const { return epoch_; }
+  const LeaderView& leader() const { return leader_; }
+  const std::string& last_refusal() const { return last_refusal_; }
+  const FailoverOptions& options() const { return o_; }
+  // The instant I/O must be suspended at if no renewal comes (primary only).
+  Nanos suspend_deadline() const { return last_renewal_sent_ + o_.suspend_after; }
+  // Two sites and no witness: automatic fail-over is refused (docs/coordinator.md).
+  bool automatic_refused_for_lack_of_witness() const;
+
+ private:
+  void OnLeader(Nanos now, const LeaderView& v, std::vector<FailoverAction>& out);
+  void Evaluate(Nanos now, std::vector<FailoverAction>& out);
+  void CheckLease(Nanos now, std::vector<FailoverAction>& out);
+  // Emits a kRefused once per `kind` of refusal (not on every tick while its figures change).
+  void Refuse(const std::string& kind, const std::string& why, std::vector<FailoverAction>& out);
+  void Campaign(std::vector<FailoverAction>& out);
+  void LoseLeadership(const std::string& follow, uint64_t epoch, const std::string& why,
+                      std::vector<FailoverAction>& out);
+  bool Ours(const LeaderView& v) const;
+  bool LeaseFresh(Nanos now) const {
+    return session_ != 0 && now < last_renewal_sent_ + o_.suspend_after;
+  }
+
+  const FailoverOptions o_;
+  State state_ = State::kStarting;
+  int64_t session_ = 0;
+  Nanos last_renewal_sent_ = 0;
+  bool leader_known_ = false;
+  LeaderView leader_;
+  uint64_t epoch_ = 0;  // ours, while primary/suspended
+  bool io_suspended_ = true;
+  bool confirm_pending_ = false;  // kReadLeader sent while suspended
+  std::optional<Nanos> leaderless_since_;
+  std::optional<Nanos> last_leader_change_;
+  std::map<std::string, SiteReport> sites_;
+  std::optional<PrimaryReport> primary_report_;
+  bool primary_report_known_ = false;
+  std::string last_refusal_;
+  std::string last_refusal_kind_;
+  std::string pending_for_;  // kAwaitingApproval: the plan we published
+};
+
+}  // namespace tvilling::core

@@ -1,0 +1,166 @@
+// coordination.cc: see coordination.h.
+#include "agent/node/coordination.h"
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <set>
+
+namespace tvilling::node {
+namespace {
+
+using Kind = core::FailoverAction::Kind;
+
+core::FailoverPolicy Policy(ops::FailoverPolicy p) {
+  switch (p) {
+    case ops::FailoverPolicy::kAutomatic:
+      return core::FailoverPolicy::kAutomatic;
+    case ops::FailoverPolicy::kManual:
+      return core::FailoverPolicy::kManual;
+    case ops::FailoverPolicy::kApprove:
+      return core::FailoverPolicy::kApprove;
+  }
+  return core::FailoverPolicy::kManual;
+}
+
+constexpr core::Nanos kMsNs = 1'000'000;
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<coordinator::Coordinator>> StartCoordination(
+    const ops::Config& config, const std::vector<std::unique_ptr<GroupRuntime>>& groups,
+    const std::map<std::string, std::function<void(v1::GroupStatus*)>>& status) {
+  const ops::CoordinatorConfig& c = *config.coordinator;
+  coordinator::CoordinatorOptions o;
+  o.etcd.endpoints = c.endpoints;
+  if (!c.ca.empty()) {
+    o.etcd.tls = coordinator::EtcdTls{c.ca, c.cert, c.key, c.server_name};
+  }
+  o.etcd.call_timeout = coordinator::Millis(c.timeout_ms);
+  o.etcd.attempt_timeout = coordinator::Millis(std::min<uint32_t>(1000, c.timeout_ms));
+  o.prefix = c.prefix;
+  o.site = config.agent.site;
+  o.lease_ttl = coordinator::Millis(c.lease_ttl_ms);
+
+  std::vector<coordinator::GroupBinding> bindings;
+  for (size_t i = 0; i < config.groups.size(); ++i) {
+    const ops::GroupConfig& g = config.groups[i];
+    GroupRuntime* rt = groups[i].get();
+    const bool configured_primary = g.IsPrimary(config.agent.site);
+    coordinator::GroupBinding b;
+    core::FailoverOptions& f = b.failover;
+    f.group = g.name;
+    f.site = config.agent.site;
+    std::set<std::string> sites{config.agent.site, g.primary};
+    for (const ops::PeerConfig& p : g.peers) sites.insert(p.site);
+    f.sites.assign(sites.begin(), sites.end());
+    f.configured_primary = g.primary;
+    f.witness = c.witness;
+    f.policy = Policy(c.policy);
+    f.lease_ttl = c.lease_ttl_ms * kMsNs;
+    f.suspend_after = c.suspend_after_ms * kMsNs;
+    f.max_lag_bytes = c.max_lag_bytes;
+    f.max_lag_time = c.max_lag_ms * kMsNs;
+    f.anti_flap = c.anti_flap_ms * kMsNs;
+    f.settle = 1000 * kMsNs;
+
+    std::function<void(v1::GroupStatus*)> fill;
+    if (auto it = status.find(g.name); it != status.end()) fill = it->second;
+    const bool no_failover = c.no_failover;
+    b.site_report = [rt, fill, no_failover, configured_primary] {
+      core::SiteReport r;
+      r.no_failover = no_failover;
+      if (fill) {
+        v1::GroupStatus s;
+        fill(&s);
+        r.durable_lsn = s.durable_lsn();
+        r.consistent = s.consistent();
+      } else {
+        r.durable_lsn = rt->log().durable_lsn();
+        r.consistent = configured_primary;
+      }
+      return r;
+    };
+    b.primary_report = [rt, fill, configured_primary]() -> std::optional<core::PrimaryReport> {
+      if (!configured_primary) return std::nullopt;
+      core::PrimaryReport r;
+      r.last_lsn = rt->log().last_lsn();
+      if (fill) {
+        v1::GroupStatus s;
+        fill(&s);
+        r.last_lsn = s.last_lsn();
+        for (const v1::PeerStatus& p : s.peers()) {
+          r.peers[p.peer()] = core::PeerLag{p.durable_lsn(), p.lag_bytes(),
+                                            static_cast<core::Nanos>(p.lag_seconds() * 1e9)};
+        }
+      }
+      return r;
+    };
+    const std::string group = g.name;
+    b.apply = [rt, group, configured_primary](const core::FailoverAction& a) {
+      switch (a.kind) {
+        case Kind::kSuspendIo:
+          rt->SuspendIo(fmt::format("coordinator: {}", a.message));
+          break;
+        case Kind::kResumeIo:
+          if (configured_primary) {
+            rt->ResumeIo();
+          } else {
+            spdlog::error(
+                "group {}: the coordinator would resume client I/O here, but this agent "
+                "serves the group as a replica (run-time role changes are not "
+                "implemented yet)",
+                group);
+          }
+          break;
+        case Kind::kPromote:
+          if (configured_primary) {
+            spdlog::info("group {}: coordinator: this site holds the leader key (etcd epoch {})",
+                         group, a.epoch);
+          } else {
+            spdlog::error(
+                "group {}: coordinator: this site was elected primary (etcd epoch {}), but "
+                "switching a running replica to primary is not implemented yet: it stays a "
+                "replica; restart it with primary = this site to take over",
+                group, a.epoch);
+          }
+          break;
+        case Kind::kDemote:
+          spdlog::warn("group {}: coordinator: no longer primary: {}{}", group, a.message,
+                       a.site.empty() ? "" : fmt::format(" (new primary {})", a.site));
+          rt->FailHeldIo(absl::UnavailableError(
+              fmt::format("group {}: this site is no longer primary ({})", group, a.message)));
+          break;
+        case Kind::kFollow:
+          spdlog::info("group {}: coordinator: primary is {} (etcd epoch {})", group, a.site,
+                       a.epoch);
+          break;
+        case Kind::kRefused:
+          spdlog::warn("{}", a.message);
+          break;
+        case Kind::kPublishPending:
+          spdlog::warn("group {}: coordinator: {}", group, a.message);
+          break;
+        default:
+          spdlog::debug("group {}: coordinator: {} {}", group, core::ActionName(a.kind), a.message);
+          break;
+      }
+    };
+    if (configured_primary) {
+      rt->SuspendIo("waiting for the coordinator to confirm this site as primary in etcd");
+    }
+    bindings.push_back(std::move(b));
+  }
+  for (const ops::GroupConfig& g : config.groups) {
+    if (g.peers.size() == 1 && c.witness.empty() && c.policy == ops::FailoverPolicy::kAutomatic) {
+      spdlog::warn(
+          "group {}: two sites and no coordinator.witness: automatic fail-over will be refused "
+          "(neither site can tell a lost peer from a partition)",
+          g.name);
+    }
+  }
+  return coordinator::Coordinator::Start(std::move(o), std::move(bindings));
+}
+
+}  // namespace tvilling::node
