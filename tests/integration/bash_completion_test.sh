@@ -23,13 +23,15 @@ expect() {  # expect "WANT" WORD...
     echo "ok: tvillingctl $* <TAB> -> $got"
   fi
 }
-expect "status " ""
+expect "status switchover " ""
 expect "status " "st"
+expect "switchover " "sw"
 expect "" "nothing"
 expect "--socket --state-dir " "--s"
 expect "--count --help --json --watch " "status" "--"
 expect "--json " "--socket" "/tmp/x.sock" "status" "--j"
-expect "status " "--timeout" "3" ""
+expect "status switchover " "--timeout" "3" ""
+expect "--dry-run " "switchover" "--group" "g0" "--d"
 dir=$(mktemp -d /tmp/tvilling-compl.XXXXXX)
 mkdir "$dir/state-a"
 expect "$dir/state-a " "--state-dir" "$dir/sta"
