@@ -116,9 +116,30 @@ struct PrimaryReplicator::Link {
   // A thread is in Ship() for this link (the worker, or the committer's fast path): Ship() reads
   // and sends outside mu_, so only one may run per link or batches could go out of order.
   bool shipping = false;
-  // Token bucket for rate_limit_bytes_per_s.
-  double tokens = 0;
+  // Token bucket for rate_limit_bytes_per_s: full at the start, at most 100 ms of the rate (or
+  // 64 KiB). A message is sent whenever the bucket is not in debt, and what it costs beyond the
+  // tokens is waited off afterwards (rate_wait_until), so a batch larger than the bucket still
+  // goes out, and over time the link carries no more than the rate.
+  double tokens = 0;  // filled at the first charge
   core::Nanos tokens_at = 0;
+
+  void ChargeRate(uint64_t bytes, core::Nanos now) {
+    if (opt.rate_limit_bytes_per_s == 0) return;
+    const double rate = static_cast<double>(opt.rate_limit_bytes_per_s);
+    const double burst = std::max(rate / 10, 64.0 * 1024);
+    if (tokens_at == 0) {
+      tokens = burst;
+    } else {
+      tokens = std::min(burst, tokens + rate * static_cast<double>(now - tokens_at) /
+                                            static_cast<double>(kSecond));
+    }
+    tokens_at = now;
+    tokens -= static_cast<double>(bytes);
+    if (tokens < 0) {
+      rate_wait_until =
+          now + static_cast<core::Nanos>(-tokens / rate * static_cast<double>(kSecond));
+    }
+  }
   // Full copy.
   bool copying = false;
   uint32_t copy_volume = 0;
@@ -515,20 +536,10 @@ void PrimaryReplicator::ShipLocked(Link& link, core::Nanos now,
       return;
     }
     if (count == 0) return;
+    const uint64_t msg_bytes = msg.ByteSizeLong();
     stream->Send(std::move(msg));
     core_.OnSent(link.opt.site, first, last, bytes, now);
-    if (link.opt.rate_limit_bytes_per_s > 0) {
-      const double rate = static_cast<double>(link.opt.rate_limit_bytes_per_s);
-      const double burst = std::max(rate / 10, 4.0 * (1 << 20));
-      link.tokens = std::min(burst, link.tokens + rate * static_cast<double>(now - link.tokens_at) /
-                                                      static_cast<double>(kSecond));
-      link.tokens_at = now;
-      link.tokens -= static_cast<double>(bytes);
-      if (link.tokens < 0) {
-        link.rate_wait_until =
-            now + static_cast<core::Nanos>(-link.tokens / rate * static_cast<double>(kSecond));
-      }
-    }
+    link.ChargeRate(msg_bytes, now);
   }
 }
 
@@ -537,6 +548,7 @@ void PrimaryReplicator::CopyStep(Link& link, core::Nanos now) {
   while (!stopping_ && link.stream && link.copying) {
     std::shared_ptr<PrimaryStream> stream = link.stream;
     if (stream->queued_bytes() >= options_.max_queued_bytes) return;
+    if (link.rate_wait_until > now) return;  // the copy shares the link's rate_limit
     const uint64_t gen = link.generation;
     const uint32_t vi = link.copy_volume;
     const uint64_t off = link.copy_offset;
@@ -581,7 +593,9 @@ void PrimaryReplicator::CopyStep(Link& link, core::Nanos now) {
                  now);
       return;
     }
+    const uint64_t msg_bytes = msg.ByteSizeLong();
     stream->Send(std::move(msg));
+    link.ChargeRate(msg_bytes, now);
     if (finished) {
       link.copying = false;
       core_.OnCopyDone(link.opt.site, done_lsn, now);
@@ -655,11 +669,14 @@ void PrimaryReplicator::WorkerLoop() {
         link.last_heartbeat = now;
       }
       deadline = std::min(deadline, link.last_heartbeat + options_.heartbeat_interval);
-      if (link.rate_wait_until > now) deadline = std::min(deadline, link.rate_wait_until);
       lock.unlock();
       Ship(link, now);
       CopyStep(link, now);
       lock.lock();
+      // After shipping: a send may just have put the link in debt.
+      if (link.stream && link.rate_wait_until > now) {
+        deadline = std::min(deadline, link.rate_wait_until);
+      }
     }
     if (auto d = core_.NextDeadline()) deadline = std::min(deadline, std::max(*d, now));
     if (now >= next_persist) {

@@ -548,7 +548,38 @@ def refuse_out_of_order(c):
     probe_refusals(c, OUT_OF_ORDER_CASES)
 
 
-SCENARIOS = {f.__name__: f for f in (link_cut, 
+def rate_limit(c):
+    """rate_limit caps what goes to the peer, the log stream and the full copy alike: 16 MiB of
+    random data already on the primary's volume (the copy) and 16 MiB written afterwards (the
+    stream), at 4 MiB/s, take at least ~7 s to reach the peer, and not much more."""
+    rate = 4 * MIB
+    a, b = pair(c, "async", a_extra={"rate_limit": '"4MiB"', "compression": '"none"'})
+    a.start()
+    fio(a, rw="write", bs="1m", size="16M", iodepth=4, extra=["--refill_buffers"])
+    qemu_io(a, "flush")
+    t0 = time.monotonic()
+    b.start()
+    wait_for("the full copy to reach the peer",
+             lambda: (a.peer("site-b") or {}).get("link_state") == "streaming"
+             and b.group().get("consistent"), 120, 0.1)
+    t_copy = time.monotonic() - t0
+    log(f"16 MiB copied in {t_copy:.1f} s at a {rate // MIB} MiB/s cap")
+    if t_copy < 16 * MIB / rate * 0.8:
+        raise TestFailure(f"the full copy took {t_copy:.1f} s: faster than rate_limit allows")
+    t0 = time.monotonic()
+    fio(a, rw="write", bs="1m", size="16M", iodepth=4, extra=["--refill_buffers", "--offset=32M"])
+    qemu_io(a, "flush")
+    wait_caught_up(a, [b], timeout_s=120)
+    t_stream = time.monotonic() - t0
+    log(f"16 MiB streamed in {t_stream:.1f} s at a {rate // MIB} MiB/s cap")
+    if t_stream < 16 * MIB / rate * 0.8:
+        raise TestFailure(f"16 MiB streamed in {t_stream:.1f} s: faster than rate_limit allows")
+    if t_stream > 16 * MIB / rate * 3:
+        raise TestFailure(f"16 MiB streamed in {t_stream:.1f} s: far slower than the cap")
+    assert_identical(a, [b])
+
+
+SCENARIOS = {f.__name__: f for f in (link_cut, rate_limit,
     two_sites_sync, three_sites, sync_waits_for_peer, replica_kill9, full_copy_new_replica,
     behind_retention, reconnect_after_copy, refuse_wrong_ca, refuse_expired_cert, refuse_other_tenant,
     refuse_stale_epoch, refuse_diverged, refuse_malformed_batch, refuse_oversized_message,
