@@ -26,7 +26,7 @@ cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DTVILLING_SANITIZE=a
   -DTVILLING_BENCH=OFF >/dev/null
 cmake --build build-asan -j "$JOBS" --target tvilling_storage_tests tvilling_nbd_tests \
   tvilling_ops_tests tvilling_metrics_tests tvilling_node_tests tvilling_core_tests \
-  tvilling_transport_tests \
+  tvilling_transport_tests tvilling_coordinator_tests \
   tvilling_cli_tests log_crash_writer
 
 step "unit tests under ASan+UBSan"
