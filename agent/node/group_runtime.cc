@@ -8,6 +8,8 @@
 #include <chrono>
 #include <future>
 
+#include "storage/thread_name.h"
+
 namespace tvilling::node {
 namespace {
 
@@ -271,7 +273,10 @@ absl::StatusOr<std::unique_ptr<GroupRuntime>> GroupRuntime::Open(storage::LogSto
     g->exports_.push_back(std::make_shared<VolumeExport>(g.get(), g->log_, g->volumes_[i].get(),
                                                          static_cast<uint32_t>(i), info));
   }
-  g->checkpointer_ = std::thread([gp = g.get()] { gp->CheckpointerLoop(); });
+  g->checkpointer_ = std::thread([gp = g.get()] {
+    storage::SetThreadName("tvl-checkpoint");
+    gp->CheckpointerLoop();
+  });
   return g;
 }
 
