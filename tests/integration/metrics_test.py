@@ -156,6 +156,10 @@ def replication(c):
         raise TestFailure(f"last LSN {last} after {WRITES} writes")
     if v(fams, "tvilling_peer_durable_lsn", group="g0", peer="site-b") != last:
         raise TestFailure("the peer's durable LSN is not the last LSN although lag is 0")
+    # The replica's applied LSN rides on its acks (no message of its own): once idle, the primary
+    # must still learn that the last record was applied.
+    wait_for("site-a to see site-b's applied LSN reach the last LSN", lambda: v(
+        scrape(a), "tvilling_peer_applied_lsn", group="g0", peer="site-b") == last, 15, 0.25)
     for name in ["tvilling_group_rpo_bound_records", "tvilling_group_rpo_bound_bytes",
                  "tvilling_group_rpo_bound_seconds"]:
         if v(fams, name, group="g0") != 0:
