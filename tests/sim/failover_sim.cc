@@ -16,7 +16,8 @@
 //
 // Faults: site crashes (the log keeps only what was fsynced; the FailoverMachine, lease and
 // streams are gone; the site restarts later), partitions between a site and etcd, partitions
-// between two sites (they cut the replication stream), etcd leader changes.
+// between two sites (they cut the replication stream), etcd leader changes. Each site's clock runs
+// at its own rate, within 1 % of etcd's.
 //
 // The glue does what agent/coordinator and agent/node do with the machine's actions: kPromote makes
 // the site a primary in the key's epoch (a PrimaryGroup over its log, a new history entry),
@@ -197,6 +198,7 @@ class Sim {
     max_lag_bytes_ = rng_.Chance(0.5) ? 0 : 64 * 4096;
     for (int i = 0; i < kSites; ++i) {
       sites_[i].name = std::string(1, static_cast<char>('a' + i));
+      drift_ppm_[i] = static_cast<int64_t>(rng_.Range(0, 20'000)) - 10'000;
       for (int j = 0; j < kSites; ++j) latency_[i][j] = static_cast<Nanos>(rng_.Range(1, 8)) * kMs;
     }
     for (int i = 0; i < kSites; ++i) Start(i);
@@ -297,10 +299,13 @@ class Sim {
 
   // ---- the machine's actions --------------------------------------------------------------
 
+  // Site i's monotonic clock: it runs at its own rate (within 1 % of etcd's).
+  Nanos Local(int i) const { return now_ + now_ / 1'000'000 * drift_ppm_[i]; }
+
   void Handle(int i, const core::FailoverEvent& ev) {
     Site& s = sites_[i];
     if (!s.up) return;
-    Act(i, s.m->Handle(now_, ev));
+    Act(i, s.m->Handle(Local(i), ev));
   }
 
   void Act(int i, const std::vector<FailoverAction>& actions) {
@@ -373,7 +378,7 @@ class Sim {
 
   void NewSession(int i) {
     Site& s = sites_[i];
-    const Nanos sent = now_;
+    const Nanos sent = Local(i);
     s.session_requested = now_;
     s.session_pending = true;
     Etcd(i, [this, i, sent]() -> std::function<void()> {
@@ -392,7 +397,7 @@ class Sim {
   void KeepAlive(int i) {
     Site& s = sites_[i];
     const int64_t id = s.lease;
-    const Nanos sent = now_;
+    const Nanos sent = Local(i);
     Etcd(i, [this, i, id, sent]() -> std::function<void()> {
       const bool alive = LeaseAlive(id);
       if (alive) leases_[id] = std::max(leases_[id], now_ + ttl_);
@@ -1029,6 +1034,16 @@ class Sim {
            "[log " + std::to_string(s.last()) + "/" + std::to_string(s.durable) + "] ";
     }
     r += "key=" + (key_.present ? key_.site + "@" + std::to_string(key_.epoch) : "none");
+    if (primary_report_) {
+      r += "; primary report: " + primary_report_->site + " epoch " +
+           std::to_string(primary_report_->epoch) + " last " +
+           std::to_string(primary_report_->last_lsn);
+      for (const auto& [peer, lag] : primary_report_->peers) {
+        r += ", " + peer + " durable " + std::to_string(lag.lsn) + " lag " +
+             std::to_string(lag.bytes) + " bytes";
+      }
+    }
+    r += "; lag gate " + std::to_string(max_lag_bytes_) + " bytes";
     return r;
   }
 
@@ -1040,6 +1055,7 @@ class Sim {
   double loss_ = 0;
   uint64_t max_lag_bytes_ = 0;
   Mode modes_[kSites];
+  int64_t drift_ppm_[kSites] = {};
   Nanos latency_[kSites][kSites] = {};
   Nanos last_data_at_[kSites][kSites] = {};
   bool part_[kSites][kSites] = {};
