@@ -59,7 +59,7 @@ VerifyResult Check(const LogBuilder& b, MemImage& img, Mode mode = Mode::kSync,
   return r.value_or(VerifyResult{});
 }
 
-TEST(Block, RoundTrip) {
+TEST(CheckBlock, RoundTrip) {
   std::vector<char> buf(kBlockSize);
   EncodeBlock(7, 123456789, 42, buf.data());
   const Decoded d = DecodeBlock(buf.data());
@@ -69,7 +69,7 @@ TEST(Block, RoundTrip) {
   EXPECT_EQ(d.block, 42u);
 }
 
-TEST(Block, ZeroTornForeign) {
+TEST(CheckBlock, ZeroTornForeign) {
   std::vector<char> a(kBlockSize, 0), b(kBlockSize);
   EXPECT_EQ(DecodeBlock(a.data()).kind, Decoded::Kind::kZero);
   EncodeBlock(1, 1, 3, a.data());
@@ -85,7 +85,7 @@ TEST(Block, ZeroTornForeign) {
   EXPECT_EQ(DecodeBlock(junk.data()).kind, Decoded::Kind::kForeign);
 }
 
-TEST(Log, ParsesAndIgnoresTornLastLine) {
+TEST(CheckLog, ParsesAndIgnoresTornLastLine) {
   LogBuilder b;
   b.I(1, 0, 100).C(1, 150).I(2, 1, 160);
   b.text += "R 170 fail nbd+unix:///x\nC 2 200 5";  // the last line has no newline
@@ -97,7 +97,7 @@ TEST(Log, ParsesAndIgnoresTornLastLine) {
   EXPECT_EQ(l.failed_connects, 1u);
 }
 
-TEST(Log, RefusesMalformedWithLine) {
+TEST(CheckLog, RefusesMalformedWithLine) {
   std::string err;
   EXPECT_FALSE(ParseLog("hello\n", "a.log", &err));
   EXPECT_NE(err.find("a.log:1: not a tvilling-check log"), std::string::npos) << err;
@@ -115,7 +115,7 @@ TEST(Log, RefusesMalformedWithLine) {
   EXPECT_NE(err.find("does not increase"), std::string::npos) << err;
 }
 
-TEST(Verify, LatestCompletedPresentIsOk) {
+TEST(CheckVerify, LatestCompletedPresentIsOk) {
   LogBuilder b;
   b.I(1, 0, 100).C(1, 110).I(2, 0, 120).C(2, 130).I(3, 1, 140).C(3, 150);
   MemImage img(8);
@@ -128,7 +128,7 @@ TEST(Verify, LatestCompletedPresentIsOk) {
   EXPECT_EQ(r.held, 2u);
 }
 
-TEST(Verify, InFlightWriteMayOrMayNotBePresent) {
+TEST(CheckVerify, InFlightWriteMayOrMayNotBePresent) {
   LogBuilder b;
   b.I(1, 0, 100).C(1, 110).I(2, 0, 120);  // 2 never completed
   MemImage with(8), without(8);
@@ -138,7 +138,7 @@ TEST(Verify, InFlightWriteMayOrMayNotBePresent) {
   EXPECT_TRUE(Check(b, without).ok());
 }
 
-TEST(Verify, OlderVersionOfCompletedWriteIsMissing) {
+TEST(CheckVerify, OlderVersionOfCompletedWriteIsMissing) {
   LogBuilder b;
   b.I(1, 0, 100).C(1, 110).I(2, 0, 120).C(2, 130);
   MemImage img(8);
@@ -153,7 +153,7 @@ TEST(Verify, OlderVersionOfCompletedWriteIsMissing) {
   EXPECT_EQ(Check(b, zero).counts.at("missing"), 2u);
 }
 
-TEST(Verify, FailedWriteThenRetrySupersedes) {
+TEST(CheckVerify, FailedWriteThenRetrySupersedes) {
   // Write 1 failed (connection lost, fate unknown), write 2 to the same block completed after.
   LogBuilder b;
   b.I(1, 0, 100).C(1, 110, 108).I(2, 0, 120).C(2, 130);
@@ -165,7 +165,7 @@ TEST(Verify, FailedWriteThenRetrySupersedes) {
   EXPECT_TRUE(Check(b, ok).ok());
 }
 
-TEST(Verify, TornForeignMisplacedUnknown) {
+TEST(CheckVerify, TornForeignMisplacedUnknown) {
   LogBuilder b;
   b.I(1, 0, 100).C(1, 110).I(2, 1, 120).C(2, 130);
   MemImage img(8);
@@ -185,7 +185,7 @@ TEST(Verify, TornForeignMisplacedUnknown) {
   EXPECT_EQ(r.counts.at("missing"), 1u);  // block 1's completed write is torn away
 }
 
-TEST(Verify, PrefixBrokenInAsyncMode) {
+TEST(CheckVerify, PrefixBrokenInAsyncMode) {
   // 1 completes before 2 is issued; the image has 2 but not 1: not a prefix.
   LogBuilder b;
   b.I(1, 0, 100).C(1, 110).I(2, 1, 120).C(2, 130);
@@ -200,7 +200,7 @@ TEST(Verify, PrefixBrokenInAsyncMode) {
   EXPECT_TRUE(Check(c, img, Mode::kAsync).ok());
 }
 
-TEST(Verify, AsyncCountsMissingAgainstBound) {
+TEST(CheckVerify, AsyncCountsMissingAgainstBound) {
   LogBuilder b;
   b.I(1, 0, 100).C(1, 110).I(2, 1, 120).C(2, 130).I(3, 2, 140).C(3, 150).I(4, 0, 160).C(4, 170);
   MemImage img(8);
@@ -215,7 +215,7 @@ TEST(Verify, AsyncCountsMissingAgainstBound) {
   EXPECT_EQ(Check(b, img, Mode::kSync).counts.at("missing"), 3u);
 }
 
-TEST(Verify, TwoWritersRealTimeOrder) {
+TEST(CheckVerify, TwoWritersRealTimeOrder) {
   LogBuilder a;
   a.I(1, 0, 100).C(1, 110);
   LogBuilder b;
@@ -235,7 +235,7 @@ TEST(Verify, TwoWritersRealTimeOrder) {
   EXPECT_NE(err.find("two logs for writer 1"), std::string::npos);
 }
 
-TEST(Verify, ImageTooSmall) {
+TEST(CheckVerify, ImageTooSmall) {
   LogBuilder b;
   MemImage img(4);
   std::string err;

@@ -96,12 +96,22 @@ def verify(log_path, image, mode="sync", bound=None, expect=0):
     return r.stdout
 
 
-def wait_applied(agent):
-    """Waits until the agent has applied all of its log (its volume holds every record)."""
+def wait_applied(agent, settle_s=1.5):
+    """Waits until the agent has applied all of its log (its volume holds every record) and its
+    log has stopped growing for settle_s (a replica resumed from SIGSTOP still drains what its
+    socket buffered from a primary that is gone; reading a volume while it is applied to is not
+    a snapshot)."""
+    seen = {"last": None, "since": time.monotonic()}
+
     def done():
         g = agent.group()
         last = u64(g.get("last_lsn"))
-        return (last,) if u64(g.get("applied_lsn")) >= last else None
+        if u64(g.get("applied_lsn")) < last:
+            return None
+        if last != seen["last"]:
+            seen["last"], seen["since"] = last, time.monotonic()
+            return None
+        return (last,) if time.monotonic() - seen["since"] >= settle_s else None
     return wait_for(f"{agent.site} to apply its log", done, 60, 0.2)[0]
 
 
