@@ -305,6 +305,9 @@ class Sim {
   void Handle(int i, const core::FailoverEvent& ev) {
     Site& s = sites_[i];
     if (!s.up) return;
+    if (trace_) {
+      if (const auto* e = std::get_if<EvSites>(&ev)) last_sites_[i] = e->sites;
+    }
     Act(i, s.m->Handle(Local(i), ev));
   }
 
@@ -316,6 +319,13 @@ class Sim {
               std::to_string(a.epoch) + " " + a.message);
       switch (a.kind) {
         case K::kCampaign: {
+          if (trace_) {
+            std::string v = s.name + " campaigns; site reports it has:";
+            for (const auto& [site, r] : last_sites_[i]) {
+              v += " " + site + " durable " + std::to_string(r.durable_lsn);
+            }
+            Trace(v);
+          }
           const int64_t lease = s.lease;
           const uint64_t nr = ++s.campaigns;
           const uint64_t inc = s.incarnation;
@@ -1056,6 +1066,7 @@ class Sim {
   uint64_t max_lag_bytes_ = 0;
   Mode modes_[kSites];
   int64_t drift_ppm_[kSites] = {};
+  std::map<std::string, SiteReport> last_sites_[kSites];  // --trace: the last EvSites per site
   Nanos latency_[kSites][kSites] = {};
   Nanos last_data_at_[kSites][kSites] = {};
   bool part_[kSites][kSites] = {};
