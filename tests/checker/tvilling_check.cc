@@ -148,14 +148,27 @@ class Writer {
     }
   }
 
+  // Connects within 5 s (a primary that is partitioned away, or stopped, must not hang the run).
   nbd_handle* Connect(const std::string& uri) {
     nbd_handle* h = nbd_create();
     if (h == nullptr) IoError(std::string("nbd_create: ") + nbd_get_error());
-    const bool ok = nbd_connect_uri(h, uri.c_str()) == 0;
+    std::string err;
+    bool ok = nbd_aio_connect_uri(h, uri.c_str()) == 0;
+    const int64_t deadline = NowNs() + 5'000'000'000;
+    while (ok && nbd_aio_is_connecting(h) == 1) {
+      if (NowNs() > deadline) {
+        ok = false;
+        err = "timed out after 5 s";
+      } else if (nbd_poll(h, 100) < 0) {
+        ok = false;
+      }
+    }
+    ok = ok && nbd_aio_is_ready(h) == 1;
+    if (!ok && err.empty()) err = nbd_get_error() ? nbd_get_error() : "not ready";
     Log("R " + std::to_string(NowNs()) + (ok ? " ok " : " fail ") + uri + "\n");
     if (!ok) {
       ++failed_connects_;
-      std::fprintf(stderr, "tvilling-check: connect %s: %s\n", uri.c_str(), nbd_get_error());
+      std::fprintf(stderr, "tvilling-check: connect %s: %s\n", uri.c_str(), err.c_str());
       nbd_close(h);
       return nullptr;
     }
