@@ -93,6 +93,14 @@ def check_saved(c, a, fork, last, epoch, want):
     return f
 
 
+def check_restored_not_copied(a):
+    """A got its extents restored, never a full copy (the fallback would converge too)."""
+    with open(a.log_path) as f:
+        text = f.read()
+    if "full copy from" in text or "restore of the rejoin's extents from" not in text:
+        raise TestFailure(f"site-a was not restored by extents:\n{a.tail()}")
+
+
 def old_primary_rejoins(c):
     unreplicated = [["write -P 0x22 1M 64k"], ["write -P 0x23 6M 128k"], ["write -P 0x24 20M 4k"]]
     a, b, fork, last, epoch = diverge(c, unreplicated)
@@ -103,6 +111,7 @@ def old_primary_rejoins(c):
     f = check_saved(c, a, fork, last, epoch, [(1 << 20, 64 << 10), (6 << 20, 128 << 10),
                                               (20 << 20, 4 << 10)])
     assert_identical(b, [a])
+    check_restored_not_copied(a)
     qemu_io(a, "read -P 0x11 1M 32k", "read -P 0x33 1056k 64k", "read -P 0x11 6M 128k",
             "read -P 0 20M 4k", "read -P 0x34 40M 64k", read_only=True)
     # A follows B from here.
@@ -154,6 +163,7 @@ def kill9_during_restore(c):
     wait_caught_up(b, [a], timeout_s=120)
     check_saved(c, a, fork, last, epoch, [(8 << 20, 24 << 20), (32 << 20, 24 << 20)])
     assert_identical(b, [a])
+    check_restored_not_copied(a)
     qemu_io(a, "read -P 0 8M 2M", "read -P 0x43 10M 1M", "read -P 0x45 30M 1M",
             "read -P 0x44 60M 64k", read_only=True)
 
