@@ -1099,8 +1099,8 @@ absl::Status GroupLog::WaitIdleLocked(std::unique_lock<std::mutex>& lock, std::s
   return health_->status();
 }
 
-absl::Status GroupLog::CutBackTo(uint64_t fork_lsn, std::vector<EpochStart> history,
-                                 const ReplicaMeta& meta) {
+absl::Status GroupLog::CutBackTo(uint64_t fork_lsn, uint64_t expected_last_lsn,
+                                 std::vector<EpochStart> history, const ReplicaMeta& meta) {
   if (fork_lsn == UINT64_MAX) {
     return absl::InvalidArgumentError(
         fmt::format("group {}: cannot cut at LSN {}", name_, fork_lsn));
@@ -1113,6 +1113,12 @@ absl::Status GroupLog::CutBackTo(uint64_t fork_lsn, std::vector<EpochStart> hist
     return st;
   }
   const uint64_t last = last_lsn_.load();
+  if (last != expected_last_lsn) {
+    return absl::FailedPreconditionError(
+        fmt::format("group {}: cannot cut the log back to LSN {}: it ends at LSN {}, not at the "
+                    "LSN {} the caller saved up to",
+                    name_, fork_lsn, last, expected_last_lsn));
+  }
   if (fork_lsn >= last) {
     return absl::InvalidArgumentError(fmt::format(
         "group {}: cannot cut the log back to LSN {}: it ends at LSN {}", name_, fork_lsn, last));

@@ -300,8 +300,10 @@ class GroupLog {
   // caller saves the records first (docs/replication.md: nothing accepted is thrown away
   // silently). Waits for a batch being written; REQUIRES nothing queued (FailedPrecondition
   // otherwise). A fork below first_lsn - 1 leaves an empty log starting at fork_lsn + 1.
-  absl::Status CutBackTo(uint64_t fork_lsn, std::vector<EpochStart> history,
-                         const ReplicaMeta& meta);
+  // `expected_last_lsn` is the last LSN the caller saved: if the log has grown since (an append
+  // that raced the save), nothing is cut (FailedPrecondition naming both LSNs).
+  absl::Status CutBackTo(uint64_t fork_lsn, uint64_t expected_last_lsn,
+                         std::vector<EpochStart> history, const ReplicaMeta& meta);
 
   // Replica/role metadata: written with a synced write before SetReplicaMeta returns.
   absl::Status SetReplicaMeta(const ReplicaMeta& meta);

@@ -1100,11 +1100,15 @@ absl::Status ReplicaGroup::Rejoin(const core::HandshakeDecision& d,
   }
   std::vector<storage::EpochStart> history;
   for (const core::EpochStart& e : plan.history) history.push_back({e.epoch, e.first_lsn});
-  // The applier stops before the cut and stays stopped until the restore (or copy) is done: the
-  // restored chunks and the records after the applied LSN are merged then, as in a full copy.
+  // Refused if anything was appended after the save (nothing is cut that is not in the file).
+  if (absl::Status st = log_->CutBackTo(fork, state.last_lsn, std::move(history), meta); !st.ok()) {
+    return st;
+  }
+  // Nothing is appended until the decision goes out. The applier stays stopped until the restore
+  // (or copy) is done: the restored chunks and the records after the applied LSN are merged then,
+  // as in a full copy (a restart keeps it stopped: GroupRuntime::Open).
   group_->PauseApply();
   group_->ResetAppliedLsn(std::min(group_->applied_lsn(), plan.applied_lsn));
-  if (absl::Status st = log_->CutBackTo(fork, std::move(history), meta); !st.ok()) return st;
   spdlog::warn("group {}: rejoin at fork LSN {}: {}; log cut back to LSN {}; {}", log_->name(),
                fork, saved, fork, plan.reason);
   return absl::OkStatus();

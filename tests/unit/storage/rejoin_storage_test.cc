@@ -78,7 +78,7 @@ TEST_F(CutBackTest, CutsRecordsHistoryAndAppliedAtomicallyAndSurvivesReopen) {
   meta.consistent = false;
   meta.restore_pending = true;
   meta.restore_extents = {{1, 5120, 2048}, {1, 65536, 4096}};
-  ASSERT_TRUE(log_->CutBackTo(8, {{1, 1}}, meta).ok());
+  ASSERT_TRUE(log_->CutBackTo(8, 25, {{1, 1}}, meta).ok());
   auto check = [&] {
     GroupLogState s = log_->State();
     EXPECT_EQ(s.first_lsn, 1u);
@@ -126,7 +126,7 @@ TEST_F(CutBackTest, ForkBelowTheFirstRecordLeavesAnEmptyLog) {
   ASSERT_TRUE(log_->SetAppliedLsn(12).ok());
   ASSERT_TRUE(SyncWait(log_).ok());
   ASSERT_TRUE(log_->TruncateBefore(9).ok());
-  ASSERT_TRUE(log_->CutBackTo(5, {{1, 1}}, ReplicaMeta{}).ok());
+  ASSERT_TRUE(log_->CutBackTo(5, 25, {{1, 1}}, ReplicaMeta{}).ok());
   Open();
   GroupLogState s = log_->State();
   EXPECT_EQ(s.first_lsn, 6u);
@@ -138,9 +138,16 @@ TEST_F(CutBackTest, ForkBelowTheFirstRecordLeavesAnEmptyLog) {
 TEST_F(CutBackTest, RefusesBadArguments) {
   Open();
   Fill();
-  EXPECT_EQ(log_->CutBackTo(25, {{1, 1}, {2, 11}}, {}).code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(log_->CutBackTo(8, {{1, 1}, {2, 11}}, {}).code(), absl::StatusCode::kInvalidArgument)
+  EXPECT_EQ(log_->CutBackTo(25, 25, {{1, 1}, {2, 11}}, {}).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(log_->CutBackTo(8, 25, {{1, 1}, {2, 11}}, {}).code(),
+            absl::StatusCode::kInvalidArgument)
       << "a history entry after the fork";
+  const absl::Status grew = log_->CutBackTo(8, 24, {{1, 1}}, {});
+  EXPECT_EQ(grew.code(), absl::StatusCode::kFailedPrecondition) << "the log grew after the save";
+  EXPECT_NE(std::string(grew.message()).find("ends at LSN 25, not at the LSN 24"),
+            std::string::npos)
+      << grew;
   EXPECT_EQ(log_->State().last_lsn, 25u);
 }
 
@@ -157,7 +164,7 @@ TEST_F(CutBackTest, KillBeforeOrAfterTheCutLeavesOldOrNewState) {
       if (after) {
         ReplicaMeta meta;
         meta.restore_pending = true;
-        if (!log_->CutBackTo(8, {{1, 1}}, meta).ok()) _exit(3);
+        if (!log_->CutBackTo(8, 25, {{1, 1}}, meta).ok()) _exit(3);
       }
       kill(getpid(), SIGKILL);
       _exit(4);
