@@ -11,6 +11,7 @@
 
 #include "storage/divergent_file.h"
 #include "storage/group_log.h"
+#include "tests/unit/storage/fault_env.h"
 #include "tests/unit/storage/temp_dir.h"
 
 namespace tvilling::storage {
@@ -180,6 +181,50 @@ TEST_F(CutBackTest, KillBeforeOrAfterTheCutLeavesOldOrNewState) {
     EXPECT_TRUE(log_->Verify().ok()) << log_->Verify();
     log_ = nullptr;
     store_.reset();
+  }
+}
+
+// A power cut (the fault env drops whatever was not synced): right after CutBackTo returned the
+// cut log is what comes back; when the cut's write fails (the power is already gone), the old log
+// comes back intact.
+TEST(CutBackPowerCut, SyncedCutSurvivesAFailedOneChangesNothing) {
+  for (bool cut_before_crash : {true, false}) {
+    SCOPED_TRACE(cut_before_crash ? "cut, then power cut" : "power cut during the cut");
+    TempDir dir;
+    FaultEnv fault;
+    {
+      auto store = LogStore::Open({.dir = dir.path() / "db", .env = fault.env()});
+      ASSERT_TRUE(store.ok()) << store.status();
+      auto log = (*store)->OpenGroup("g", {.segment_records = 4});
+      ASSERT_TRUE(log.ok());
+      ASSERT_TRUE((*log)->BeginEpoch(1).ok());
+      for (int i = 1; i <= 10; ++i) ASSERT_TRUE(AppendWait(*log, Write(0, i * 512, "a")).ok());
+      ASSERT_TRUE((*log)->BeginEpoch(2).ok());
+      for (int i = 11; i <= 20; ++i) ASSERT_TRUE(AppendWait(*log, Write(0, i * 512, "b")).ok());
+      ASSERT_TRUE(SyncWait(*log).ok());
+      ReplicaMeta meta;
+      meta.restore_pending = true;
+      meta.restore_extents = {{0, 5632, 5120}};
+      if (cut_before_crash) {
+        ASSERT_TRUE((*log)->CutBackTo(10, 20, {{1, 1}}, meta).ok());
+        fault.Crash();
+      } else {
+        fault.Crash();
+        EXPECT_FALSE((*log)->CutBackTo(10, 20, {{1, 1}}, meta).ok());
+      }
+      store->reset();
+    }
+    ASSERT_TRUE(fault.DropUnsyncedData().ok());
+    auto store = LogStore::Open({.dir = dir.path() / "db", .env = fault.env()});
+    ASSERT_TRUE(store.ok()) << store.status();
+    auto log = (*store)->OpenGroup("g", {.segment_records = 4});
+    ASSERT_TRUE(log.ok()) << log.status();
+    const GroupLogState s = (*log)->State();
+    EXPECT_EQ(s.last_lsn, cut_before_crash ? 10u : 20u);
+    EXPECT_EQ(s.history.size(), cut_before_crash ? 1u : 2u);
+    EXPECT_EQ(s.replica.restore_pending, cut_before_crash);
+    EXPECT_EQ(s.replica.restore_extents.size(), cut_before_crash ? 1u : 0u);
+    EXPECT_TRUE((*log)->Verify().ok()) << (*log)->Verify();
   }
 }
 
