@@ -141,31 +141,32 @@ def old_primary_rejoins(c):
 
 
 def kill9_during_restore(c):
-    # 48 MiB of unreplicated data (two writes: NBD requests are at most 32 MiB); B sends to A at
-    # most 8 MiB/s: the restore takes ~6 s.
+    # 48 MiB of unreplicated data (two writes: NBD requests are at most 32 MiB). B writes data of
+    # its own over the same range (the restore copies data, not zero ranges, which cost nothing on
+    # the wire), and sends to A at most 8 MiB/s: the restore takes several seconds.
     unreplicated = [["write -P 0x42 8M 24M"], ["write -P 0x42 32M 24M"]]
     a, b, fork, last, epoch = diverge(c, unreplicated,
                                       b_extra={"rate_limit": '"8MiB"', "compression": '"none"'})
-    qemu_io(b, "write -P 0x43 10M 1M", "write -P 0x44 60M 64k", "flush")
+    qemu_io(b, "write -P 0x43 8M 24M", "write -P 0x44 32M 24M", "write -P 0x45 60M 64k",
+            "flush")
     a.start()
 
     def restoring():
         p = (a.group().get("peers") or [{}])[0]
         return p if p.get("link_state") == "restoring" and u64(p.get("copy_done_bytes")) > 0 \
             else None
-    p = wait_for("site-a to be restoring", restoring, 60, 0.05)
+    p = wait_for("site-a to be restoring", restoring, 90, 0.05)
     log(f"site-a restoring: {u64(p.get('copy_done_bytes'))} of {u64(p.get('copy_total_bytes'))} "
         f"bytes; kill -9")
     a.kill9()
-    qemu_io(b, "write -P 0x45 30M 1M", "flush")
-    time.sleep(0.5)
+    qemu_io(b, "write -P 0x46 30M 1M", "flush")
     a.start()
-    wait_caught_up(b, [a], timeout_s=120)
+    wait_caught_up(b, [a], timeout_s=180)
     check_saved(c, a, fork, last, epoch, [(8 << 20, 24 << 20), (32 << 20, 24 << 20)])
     assert_identical(b, [a])
     check_restored_not_copied(a)
-    qemu_io(a, "read -P 0 8M 2M", "read -P 0x43 10M 1M", "read -P 0x45 30M 1M",
-            "read -P 0x44 60M 64k", read_only=True)
+    qemu_io(a, "read -P 0x43 8M 22M", "read -P 0x46 30M 1M", "read -P 0x43 31M 1M",
+            "read -P 0x44 32M 24M", "read -P 0x45 60M 64k", read_only=True)
 
 
 if __name__ == "__main__":
