@@ -43,6 +43,7 @@
 #include "agent/ops/metrics_server.h"
 #include "agent/ops/systemd.h"
 #include "storage/group_log.h"
+#include "storage/thread_name.h"
 
 #ifndef TVILLING_VERSION
 #define TVILLING_VERSION "0.0.0"
@@ -101,6 +102,7 @@ node::GroupRuntimeOptions GroupOptions(const ops::Config& config, const ops::Gro
   o.exports_read_only = !g.IsPrimary(config.agent.site);
   o.log = LogOptions(config.log);
   o.checkpoint_interval_ms = config.log.checkpoint_interval_ms;
+  o.writeback_bytes = config.log.volume_writeback_bytes;
   for (const ops::VolumeConfig& v : g.volumes) {
     node::VolumeSpec spec;
     spec.name = v.name;
@@ -195,7 +197,49 @@ class StatusReporter {
   std::map<std::string, uint64_t> last_reported_;
 };
 
-int Run(const ops::Config& config, std::chrono::seconds status_interval) {
+// SIGHUP: re-reads the config file and applies the peers' `rate_limit` to the running links
+// (docs/operations.md, "systemd"). Every other change needs a restart; the file is checked in full
+// first, and a broken file changes nothing.
+void ReloadRateLimits(
+    const std::filesystem::path& file, const std::optional<std::filesystem::path>& state_dir,
+    const std::vector<std::pair<std::string, std::shared_ptr<node::PrimaryReplicator>>>&
+        primaries) {
+  auto fresh = ops::LoadConfig(file, state_dir);
+  if (!fresh.ok()) {
+    spdlog::error("SIGHUP: {} not reloaded, the running settings stay: {}", file.string(),
+                  Msg(fresh.status()));
+    return;
+  }
+  size_t changed = 0;
+  for (const auto& [group, replicator] : primaries) {
+    const ops::GroupConfig* now = nullptr;
+    for (const auto& g : fresh->groups) {
+      if (g.name == group) now = &g;
+    }
+    if (now == nullptr) {
+      spdlog::warn("SIGHUP: group {} is gone from {}; removing a group needs a restart", group,
+                   file.string());
+      continue;
+    }
+    for (const ops::PeerConfig& p : now->peers) {
+      const std::optional<uint64_t> was =
+          replicator->SetRateLimit(p.site, p.rate_limit_bytes_per_second);
+      if (!was) {
+        spdlog::warn("SIGHUP: group {}: peer {} is new; adding a peer needs a restart", group,
+                     p.site);
+      } else if (*was != p.rate_limit_bytes_per_second) {
+        ++changed;
+        spdlog::info("SIGHUP: group {} peer {}: rate_limit {} -> {} bytes/s (0 = none)", group,
+                     p.site, *was, p.rate_limit_bytes_per_second);
+      }
+    }
+  }
+  if (changed == 0) spdlog::info("SIGHUP: no rate_limit changed in {}", file.string());
+}
+
+int Run(const ops::Config& config, const std::filesystem::path& config_file,
+        const std::optional<std::filesystem::path>& state_dir_override,
+        std::chrono::seconds status_interval) {
   std::error_code ec;
   std::filesystem::create_directories(config.agent.state_dir, ec);
   if (ec) {
@@ -240,7 +284,7 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
   // Replication: replicas first (so a primary's stream finds them), then the primaries' links.
   std::unique_ptr<node::ReplicationService> replication;
   std::vector<std::unique_ptr<node::ReplicaGroup>> replicas;
-  std::vector<std::shared_ptr<node::PrimaryReplicator>> primaries;
+  std::vector<std::pair<std::string, std::shared_ptr<node::PrimaryReplicator>>> primaries;
   std::map<std::string, std::function<void(v1::GroupStatus*)>> group_status;
   if (config.HasPeers()) {
     auto svc = node::ReplicationService::Create(config);
@@ -261,7 +305,7 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
         spdlog::error("group {}: {}", g.name, Msg(p.status()));
         return kExitRuntime;
       }
-      primaries.push_back(*p);
+      primaries.push_back({g.name, *p});
       group_status[g.name] = [p = *p](v1::GroupStatus* out) { p->FillStatus(out); };
     } else {
       auto r = std::make_unique<node::ReplicaGroup>(rt, node::ReplicaOptionsFor(config, g));
@@ -324,12 +368,13 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
   // Signal handlers go in before the listeners (and before READY): a SIGTERM that arrives right
   // after start must take the clean path, not the default action.
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);
-  // SIGHUP (systemctl reload): re-read the TLS certificates; open streams stay.
+  // SIGHUP (systemctl reload): re-read the TLS certificates and the peers' rate caps; open
+  // streams stay.
   boost::asio::signal_set reload_signals(io, SIGHUP);
   std::function<void()> wait_reload = [&] {
     reload_signals.async_wait([&](const boost::system::error_code& err, int) {
       if (err) return;
-      ops::Notify("RELOADING=1\nSTATUS=reloading the TLS certificates");
+      ops::Notify("RELOADING=1\nSTATUS=reloading the TLS certificates and rate caps");
       if (!replication || !config.tls.enabled()) {
         spdlog::info("SIGHUP: no TLS certificates to reload (no peers or tls.insecure)");
       } else if (absl::Status st = replication->ReloadTls(); !st.ok()) {
@@ -340,6 +385,7 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
             "continue",
             config.tls.cert.string());
       }
+      if (!primaries.empty()) ReloadRateLimits(config_file, state_dir_override, primaries);
       ops::Notify(fmt::format("READY=1\nSTATUS=serving {} group(s) as site {}", groups.size(),
                               config.agent.site));
       wait_reload();
@@ -431,7 +477,7 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
       std::unique_lock l(drain_mu);
       if (drain_cv.wait_for(l, std::chrono::seconds(10), [&] { return drained; })) return;
       spdlog::warn("in-flight writes still wait for sync peers after 10 s; failing them");
-      for (auto& p : primaries) p->Stop();
+      for (auto& p : primaries) p.second->Stop();
       for (auto& g : groups) g->FailHeldIo(absl::UnavailableError("tvillingd is shutting down"));
     });
   });
@@ -453,7 +499,12 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
   }
 
   std::vector<std::thread> threads;
-  for (uint32_t i = 1; i < config.nbd.threads; ++i) threads.emplace_back([&io] { io.run(); });
+  for (uint32_t i = 1; i < config.nbd.threads; ++i) {
+    threads.emplace_back([&io] {
+      storage::SetThreadName("tvl-nbd");
+      io.run();
+    });
+  }
   io.run();
   for (auto& t : threads) t.join();
   // The NBD loop has stopped on purpose (STOPPING=1 was sent); the drain is bounded by the
@@ -469,7 +520,7 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
   if (metrics) metrics->Stop();
   (*control)->Shutdown();
   if (coordinator) coordinator->Stop();
-  for (auto& p : primaries) p->Stop();
+  for (auto& p : primaries) p.second->Stop();
   if (replication) replication->Shutdown();
   for (auto& r : replicas) r->Stop();
   primaries.clear();
@@ -551,5 +602,5 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (verify_log) return VerifyLogs(*config);
-  return Run(*config, std::chrono::seconds(status_seconds));
+  return Run(*config, config_file, sd, std::chrono::seconds(status_seconds));
 }

@@ -26,6 +26,8 @@
 #include <chrono>
 #include <cstring>
 
+#include "storage/thread_name.h"
+
 namespace tvilling::storage {
 namespace {
 
@@ -217,8 +219,14 @@ absl::StatusOr<GroupLog*> LogStore::OpenGroup(const std::string& group,
   }
   auto log = std::unique_ptr<GroupLog>(new GroupLog(db_.get(), &health_, group, gid, options));
   if (absl::Status st = log->Load(); !st.ok()) return st;
-  log->committer_ = std::thread([l = log.get()] { l->CommitterLoop(); });
-  log->syncer_ = std::thread([l = log.get()] { l->SyncerLoop(); });
+  log->committer_ = std::thread([l = log.get()] {
+    SetThreadName("tvl-commit");
+    l->CommitterLoop();
+  });
+  log->syncer_ = std::thread([l = log.get()] {
+    SetThreadName("tvl-fsync");
+    l->SyncerLoop();
+  });
   GroupLog* out = log.get();
   groups_.emplace(group, std::move(log));
   return out;

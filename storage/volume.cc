@@ -541,6 +541,8 @@ absl::Status Volume::Flush() {
   return absl::OkStatus();
 }
 
+void Volume::StartWriteback() { (void)::sync_file_range(fd_, 0, 0, SYNC_FILE_RANGE_WRITE); }
+
 void Volume::DropCleanCache() {
   // Advisory: a failure only means the pages stay cached.
   (void)::posix_fadvise(fd_, 0, 0, POSIX_FADV_DONTNEED);

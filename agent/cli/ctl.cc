@@ -67,10 +67,18 @@ std::string PeerState(const v1::PeerStatus& peer) {
 std::string CopyProgress(const v1::PeerStatus& peer) {
   if (peer.copy_total_bytes() == 0) return "-";
   const uint64_t done = std::min(peer.copy_done_bytes(), peer.copy_total_bytes());
-  return fmt::format(
-      "{:.1f}% ({} of {})",
-      100.0 * static_cast<double>(done) / static_cast<double>(peer.copy_total_bytes()),
-      FormatBytesIec(done), FormatBytesIec(peer.copy_total_bytes()));
+  const double fraction = static_cast<double>(done) / static_cast<double>(peer.copy_total_bytes());
+  // A 10-cell bar, then the figures: [####------] 45.0% (460.8 MiB of 1.0 GiB) 52.3 MiB/s ETA 11s
+  const size_t cells = static_cast<size_t>(fraction * 10.0);
+  std::string out = "[" + std::string(cells, '#') +
+                    std::string(10 - std::min<size_t>(cells, 10), '-') + "] " +
+                    fmt::format("{:.1f}% ({} of {})", 100.0 * fraction, FormatBytesIec(done),
+                                FormatBytesIec(peer.copy_total_bytes()));
+  if (peer.copy_bytes_per_s() > 0) {
+    out += fmt::format(" {}/s ETA {}", FormatBytesIec(peer.copy_bytes_per_s()),
+                       FormatUptime(static_cast<uint64_t>(peer.copy_eta_s() + 0.5)));
+  }
+  return out;
 }
 
 // Exit code and message for a socket that is missing or is not a socket, before gRPC tries it

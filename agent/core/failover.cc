@@ -218,6 +218,7 @@ std::vector<FailoverAction> FailoverMachine::Handle(Nanos now, const FailoverEve
     }
   } else if (auto* st = std::get_if<EvSites>(&event)) {
     sites_ = st->sites;
+    sites_read_ = now;
     Evaluate(now, out);
   } else if (auto* p = std::get_if<EvPrimaryReport>(&event)) {
     primary_report_ = p->report;
@@ -414,6 +415,10 @@ void FailoverMachine::Evaluate(Nanos now, std::vector<FailoverAction>& out) {
     return;
   }
   if (plan.winner != o_.site) return;  // the winner campaigns
+  // ... on site reports read after the settle: a site that was cut off from etcd, or has just
+  // started, may hold reports from before the other sites had sessions (or none at all), and would
+  // choose itself over a more advanced site that holds writes it lacks.
+  if (!sites_read_ || *sites_read_ < *leaderless_since_ + o_.settle) return;
   if (o_.policy == FailoverPolicy::kAutomatic) {
     Campaign(out);
     return;

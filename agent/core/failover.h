@@ -20,6 +20,9 @@
 //   is within the gate (bytes and seconds). Among the eligible sites the most advanced durable
 //   LSN wins (ties: the smaller site name); only the winner campaigns (the leader key's
 //   create-if-absent Txn decides races anyway).
+// - Candidates decide only on site reports that arrived at least `settle` after the leader key
+//   vanished (EvSites is re-read periodically): a site cut off from etcd, or just started, may
+//   hold an old view in which a more advanced site has no report.
 // - Anti-flapping: no automatic promotion within `anti_flap` of the last leader change this site
 //   observed.
 // - Policy: kAutomatic campaigns; kApprove publishes the plan and its loss bound and waits for
@@ -225,6 +228,7 @@ class FailoverMachine {
   std::optional<Nanos> leaderless_since_;
   std::optional<Nanos> last_leader_change_;
   std::map<std::string, SiteReport> sites_;
+  std::optional<Nanos> sites_read_;  // when the last EvSites arrived
   std::optional<PrimaryReport> primary_report_;
   bool primary_report_known_ = false;
   std::string last_refusal_;

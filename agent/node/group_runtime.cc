@@ -8,6 +8,8 @@
 #include <chrono>
 #include <future>
 
+#include "storage/thread_name.h"
+
 namespace tvilling::node {
 namespace {
 
@@ -273,7 +275,10 @@ absl::StatusOr<std::unique_ptr<GroupRuntime>> GroupRuntime::Open(storage::LogSto
     g->exports_.push_back(std::make_shared<VolumeExport>(g.get(), g->log_, g->volumes_[i].get(),
                                                          static_cast<uint32_t>(i), info));
   }
-  g->checkpointer_ = std::thread([gp = g.get()] { gp->CheckpointerLoop(); });
+  g->checkpointer_ = std::thread([gp = g.get()] {
+    storage::SetThreadName("tvl-checkpoint");
+    gp->CheckpointerLoop();
+  });
   return g;
 }
 
@@ -302,9 +307,15 @@ absl::Status GroupRuntime::ApplyLocked(std::span<const storage::LogRecordView> r
     bytes += r.header.length;
   }
   if (!records.empty()) applied_lsn_.store(records.back().lsn, std::memory_order_release);
-  if (applied_bytes_since_checkpoint_.fetch_add(bytes) + bytes >= options_.checkpoint_bytes) {
-    cv_.notify_one();
+  const bool checkpoint_due =
+      applied_bytes_since_checkpoint_.fetch_add(bytes) + bytes >= options_.checkpoint_bytes;
+  bool writeback_due = false;
+  if (options_.writeback_bytes > 0 &&
+      applied_bytes_since_writeback_.fetch_add(bytes) + bytes >= options_.writeback_bytes) {
+    applied_bytes_since_writeback_.store(0);
+    writeback_due = !writeback_due_.exchange(true);
   }
+  if (checkpoint_due || writeback_due) cv_.notify_one();
   return absl::OkStatus();
 }
 
@@ -387,11 +398,26 @@ absl::Status GroupRuntime::Checkpoint() {
 
 void GroupRuntime::CheckpointerLoop() {
   std::unique_lock lock(mu_);
+  auto next_checkpoint =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.checkpoint_interval_ms);
   while (!stopping_) {
-    cv_.wait_for(lock, std::chrono::milliseconds(options_.checkpoint_interval_ms), [&] {
-      return stopping_ || applied_bytes_since_checkpoint_.load() >= options_.checkpoint_bytes;
+    const bool woken = cv_.wait_until(lock, next_checkpoint, [&] {
+      return stopping_ || writeback_due_.load() ||
+             applied_bytes_since_checkpoint_.load() >= options_.checkpoint_bytes;
     });
     if (stopping_) break;
+    if (writeback_due_.exchange(false)) {
+      lock.unlock();
+      for (auto& v : volumes_) v->StartWriteback();
+      writebacks_.fetch_add(1);
+      lock.lock();
+    }
+    if (woken && applied_bytes_since_checkpoint_.load() < options_.checkpoint_bytes &&
+        std::chrono::steady_clock::now() < next_checkpoint) {
+      continue;  // woken for a writeback only
+    }
+    next_checkpoint = std::chrono::steady_clock::now() +
+                      std::chrono::milliseconds(options_.checkpoint_interval_ms);
     lock.unlock();
     if (absl::Status st = Checkpoint(); !st.ok()) {
       spdlog::error("group {}: checkpoint failed (will retry): {}", options_.name,
@@ -425,6 +451,7 @@ GroupRuntimeStats GroupRuntime::Stats() const {
   s.checkpoints = checkpoints_.load();
   s.applied_lsn = applied_lsn_.load();
   s.checkpointed_lsn = checkpointed_lsn_.load();
+  s.writebacks = writebacks_.load();
   return s;
 }
 

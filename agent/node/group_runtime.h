@@ -43,6 +43,10 @@ struct GroupRuntimeOptions {
   // many bytes were applied since the last checkpoint.
   uint64_t checkpoint_interval_ms = 1000;
   uint64_t checkpoint_bytes = 32ull << 20;
+  // Between checkpoints, start the volumes' writeback (without waiting) each time this many bytes
+  // were applied since the last start, so that dirty data does not pile up for the checkpoint's
+  // fdatasync (docs/benchmarks.md: the lag spikes). 0 = only at checkpoints.
+  uint64_t writeback_bytes = 8ull << 20;
   // Start with the applier paused (a replica whose full copy is in progress): records are
   // appended to the log but not applied, and nothing is replayed at Open.
   bool start_apply_paused = false;
@@ -68,6 +72,7 @@ struct GroupRuntimeStats {
   uint64_t checkpoints = 0;
   uint64_t applied_lsn = 0;       // in the volumes' page cache
   uint64_t checkpointed_lsn = 0;  // in the volumes, durably
+  uint64_t writebacks = 0;        // writeback starts between checkpoints
 };
 
 class GroupRuntime {
@@ -147,6 +152,9 @@ class GroupRuntime {
   absl::Status apply_failed_;
   std::atomic<uint64_t> applied_lsn_{0};
   std::atomic<uint64_t> applied_bytes_since_checkpoint_{0};
+  std::atomic<uint64_t> applied_bytes_since_writeback_{0};
+  std::atomic<bool> writeback_due_{false};
+  std::atomic<uint64_t> writebacks_{0};
 
   mutable std::mutex fence_mu_;
   bool io_suspended_ = false;  // guarded by fence_mu_

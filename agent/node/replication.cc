@@ -12,6 +12,7 @@
 
 #include "agent/transport/codec.h"
 #include "storage/divergent_file.h"
+#include "storage/thread_name.h"
 
 namespace tvilling::node {
 namespace {
@@ -173,7 +174,17 @@ struct PrimaryReplicator::Link {
   uint64_t restore_min_applied = 0;
   uint64_t copy_total = 0;
   uint64_t copy_done = 0;
+  core::Nanos copy_started_at = 0;  // for the rate and ETA in the status
+  uint64_t copy_done_at_start = 0;  // a resumed copy starts part-way
   std::string last_error;
+  // Counters since the replicator started (metrics: tvilling_peer_sent_*_total, ...).
+  uint64_t sent_batches = 0;
+  uint64_t sent_records = 0;
+  uint64_t sent_log_bytes = 0;   // records as they are in the log (before compression)
+  uint64_t sent_wire_bytes = 0;  // batch messages as serialised (after compression)
+  uint64_t sent_copy_bytes = 0;  // full-copy messages as serialised
+  uint64_t dials = 0;
+  uint64_t disconnects = 0;
 };
 
 PrimaryReplicator::PrimaryReplicator(GroupRuntime* group, PrimaryOptions options, Dialer* dialer)
@@ -245,7 +256,10 @@ absl::StatusOr<std::shared_ptr<PrimaryReplicator>> PrimaryReplicator::Start(Grou
     if (auto self = weak.lock()) self->OnRecords(records);
   });
   if (r->has_sync_peer_) group->SetCompletionGate(r);
-  r->worker_ = std::thread([raw = r.get()] { raw->WorkerLoop(); });
+  r->worker_ = std::thread([raw = r.get()] {
+    storage::SetThreadName("tvl-ship");
+    raw->WorkerLoop();
+  });
   return r;
 }
 
@@ -293,14 +307,25 @@ void PrimaryReplicator::OnRecords(std::span<const storage::LogRecordView> record
   // A small batch is shipped right here on the committer thread, before its WRITEs wait for the
   // sync peers: at low queue depth the hand-off to the worker was a large part of a sync write's
   // latency. Large batches (throughput) go to the worker so the committer keeps writing.
-  if (bytes <= kInlineShipBytes) {
+  const bool inline_ship = bytes <= kInlineShipBytes;
+  if (inline_ship) {
     for (auto& link : links_) Ship(*link, now);
   }
   {
     std::lock_guard lock(mu_);
+    if (inline_ship && !WorkerHasWorkLocked(now)) return;
     work_ = true;
   }
   cv_.notify_one();
+}
+
+bool PrimaryReplicator::WorkerHasWorkLocked(core::Nanos now) const {
+  for (const auto& link : links_) {
+    if (!link->stream) continue;  // the worker's redial timer covers it
+    if (link->copying || link->shipping) return true;
+    if (core_.NextSend(link->opt.site, now)) return true;
+  }
+  return core_.NextDeadline().has_value();
 }
 
 void PrimaryReplicator::WriteInLog(uint64_t lsn, bool durable, nbd::Export::Done done) {
@@ -358,6 +383,7 @@ void PrimaryReplicator::ReleaseLocked(std::unique_lock<std::mutex>& lock) {
 void PrimaryReplicator::Dial(Link& link, core::Nanos now) {
   // REQUIRES: mu_ held by the caller (the worker), released around the dial itself.
   const uint64_t gen = ++link.generation;
+  ++link.dials;
   Dialer::Callbacks cb;
   std::weak_ptr<PrimaryReplicator> weak = weak_from_this();
   Link* lp = &link;
@@ -408,6 +434,7 @@ void PrimaryReplicator::Disconnect(Link& link, const std::string& reason, core::
   // Closed by the worker outside mu_: the transport runs on_closed inside Close, and that
   // callback takes mu_.
   if (link.stream) pending_close_.push_back({std::move(link.stream), reason});
+  ++link.disconnects;
   ++link.generation;
   link.copying = false;
   link.last_error = reason;
@@ -468,6 +495,8 @@ void PrimaryReplicator::OnMessage(Link& link, uint64_t generation, v1::FromRepli
         link.copy_total = 0;
         for (const core::Extent& e : d.extents) link.copy_total += e.length;
         link.copy_done = 0;
+        link.copy_started_at = now;
+        link.copy_done_at_start = 0;
         spdlog::info("group {}: restoring {} extent(s) ({} bytes) to {} ({}), log from LSN {}",
                      log_->name(), d.extents.size(), link.copy_total, link.opt.site, d.reason,
                      d.start_lsn);
@@ -490,6 +519,8 @@ void PrimaryReplicator::OnMessage(Link& link, uint64_t generation, v1::FromRepli
           link.copy_done += group_->volume(i).size();
         }
         link.copy_done += link.copy_offset;
+        link.copy_started_at = now;
+        link.copy_done_at_start = link.copy_done;
         spdlog::info("group {}: full copy to {} ({}): {} from volume {} offset {}, log from LSN {}",
                      log_->name(), link.opt.site, d.reason, d.copy_resume ? "resuming" : "starting",
                      link.copy_volume, link.copy_offset, base + 1);
@@ -532,6 +563,11 @@ void PrimaryReplicator::OnMessage(Link& link, uint64_t generation, v1::FromRepli
       Disconnect(link, fmt::format("peer {} sent an unexpected message", link.opt.site), now);
       break;
   }
+  // A position or heartbeat (most messages) wakes the worker only if it opened the window for
+  // something or a timer is due; a decision or a disconnect always does.
+  const bool routine =
+      msg.msg_case() == v1::FromReplica::kPosition || msg.msg_case() == v1::FromReplica::kHeartbeat;
+  if (routine && generation == link.generation && !WorkerHasWorkLocked(now)) return;
   work_ = true;
   cv_.notify_one();
 }
@@ -596,6 +632,10 @@ void PrimaryReplicator::ShipLocked(Link& link, core::Nanos now,
     stream->Send(std::move(msg));
     core_.OnSent(link.opt.site, first, last, bytes, now);
     link.ChargeRate(msg_bytes, now);
+    ++link.sent_batches;
+    link.sent_records += count;
+    link.sent_log_bytes += bytes;
+    link.sent_wire_bytes += msg_bytes;
   }
 }
 
@@ -673,6 +713,7 @@ void PrimaryReplicator::CopyStep(Link& link, core::Nanos now) {
     const uint64_t msg_bytes = msg.ByteSizeLong();
     stream->Send(std::move(msg));
     link.ChargeRate(msg_bytes, now);
+    link.sent_copy_bytes += msg_bytes;
     if (finished) {
       link.copying = false;
       core_.OnCopyDone(link.opt.site, done_lsn, now);
@@ -692,6 +733,25 @@ void PrimaryReplicator::CopyStep(Link& link, core::Nanos now) {
       link.copy_offset = 0;
     }
   }
+}
+
+std::optional<uint64_t> PrimaryReplicator::SetRateLimit(const std::string& peer_site,
+                                                        uint64_t bytes_per_s) {
+  std::lock_guard lock(mu_);
+  for (auto& l : links_) {
+    if (l->opt.site != peer_site) continue;
+    const uint64_t was = l->opt.rate_limit_bytes_per_s;
+    if (was != bytes_per_s) {
+      l->opt.rate_limit_bytes_per_s = bytes_per_s;
+      // Start the bucket afresh at the new rate; a wait for a debt at the old rate ends now.
+      l->tokens_at = 0;
+      l->rate_wait_until = 0;
+      work_ = true;
+      cv_.notify_one();
+    }
+    return was;
+  }
+  return std::nullopt;
 }
 
 void PrimaryReplicator::PersistPeerPositions() {
@@ -812,8 +872,25 @@ void PrimaryReplicator::FillStatus(v1::GroupStatus* out) const {
       if (l->copying || p.state == core::LinkState::kCopying) {
         ps->set_copy_total_bytes(l->copy_total);
         ps->set_copy_done_bytes(l->copy_done);
+        // Rate since this copy (or its resumption) began; no ETA in its first second.
+        const core::Nanos elapsed = now - l->copy_started_at;
+        if (l->copying && elapsed >= kSecond && l->copy_done > l->copy_done_at_start) {
+          const double rate = static_cast<double>(l->copy_done - l->copy_done_at_start) /
+                              (static_cast<double>(elapsed) / kSecond);
+          ps->set_copy_bytes_per_s(static_cast<uint64_t>(rate));
+          ps->set_copy_eta_s(
+              static_cast<double>(l->copy_total - std::min(l->copy_done, l->copy_total)) / rate);
+        }
       }
       ps->set_last_error(p.last_error.empty() ? l->last_error : p.last_error);
+      ps->set_rate_limit_bytes_per_s(l->opt.rate_limit_bytes_per_s);
+      ps->set_sent_batches(l->sent_batches);
+      ps->set_sent_records(l->sent_records);
+      ps->set_sent_log_bytes(l->sent_log_bytes);
+      ps->set_sent_wire_bytes(l->sent_wire_bytes);
+      ps->set_sent_copy_bytes(l->sent_copy_bytes);
+      ps->set_dials(l->dials);
+      ps->set_disconnects(l->disconnects);
     }
   }
 }
@@ -1372,6 +1449,10 @@ void ReplicaGroup::HandleCopyDone(Session& s, const v1::CopyDone& m) {
 void ReplicaGroup::OnApplied(std::span<const storage::LogRecordView> records) {
   if (records.empty() || group_->apply_paused()) return;
   NoteApplied(records.back().lsn);
+  // The applied LSN rides on the next ack: the durable one that follows every batch (its fsync
+  // takes longer than the apply). Only when that ack has already gone does it need its own
+  // message. NoteApplied ran first, so an ack taken from here on carries it.
+  if (log_->durable_lsn() < records.back().lsn) return;
   SendAck();
 }
 

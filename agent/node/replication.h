@@ -95,6 +95,11 @@ class PrimaryReplicator final : public CompletionGate,
   // Closes the streams and joins the worker. Client I/O still waiting is failed with Unavailable.
   void Stop();
 
+  // Changes the rate cap of the link to `peer_site` (0 = none) without touching the stream
+  // (SIGHUP). The token bucket starts afresh at the new rate. Returns the previous cap, or
+  // nullopt if the group has no such peer.
+  std::optional<uint64_t> SetRateLimit(const std::string& peer_site, uint64_t bytes_per_s);
+
   // CompletionGate
   void WriteInLog(uint64_t lsn, bool durable, nbd::Export::Done done) override;
   void FlushedLocally(uint64_t lsn, nbd::Export::Done done) override;
@@ -118,6 +123,10 @@ class PrimaryReplicator final : public CompletionGate,
   // Completes client I/O that the release points now allow. REQUIRES: mu_ held via `lock`; unlocks
   // it to run the callbacks.
   void ReleaseLocked(std::unique_lock<std::mutex>& lock);
+  // REQUIRES: mu_. Whether the worker has something to do now or a timer to set: a link with a
+  // batch due, a copy running, or a coalescing deadline. Threads that handled an event themselves
+  // wake the worker only then (each needless wake-up is a futex round trip per write).
+  bool WorkerHasWorkLocked(core::Nanos now) const;
   void PersistPeerPositions();
 
   GroupRuntime* const group_;

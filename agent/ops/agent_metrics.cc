@@ -22,7 +22,8 @@ MetricLabels With(MetricLabels labels, std::string key, std::string value) {
   return labels;
 }
 
-void AppendPeer(const MetricLabels& group_labels, const v1::PeerStatus& p, Exposition& out) {
+void AppendPeer(const MetricLabels& group_labels, const v1::PeerStatus& p, bool sender,
+                Exposition& out) {
   const MetricLabels l = With(group_labels, "peer", p.peer());
   // A state set: one series per known state, 1 for the current one (and the current one even if it
   // is a state this list does not know yet).
@@ -74,6 +75,28 @@ void AppendPeer(const MetricLabels& group_labels, const v1::PeerStatus& p, Expos
   out.Gauge("tvilling_peer_copy_pending",
             "1 while a full copy to the peer is not yet confirmed complete.", l,
             B(p.copy_pending()));
+  if (!sender) return;
+  // What the primary sent on this link since it became primary here.
+  out.Gauge("tvilling_peer_rate_limit_bytes_per_second",
+            "The link's rate cap (rate_limit; 0 = none). Changed by a reload.", l,
+            D(p.rate_limit_bytes_per_s()));
+  out.Counter("tvilling_peer_sent_batches_total", "Log batches sent to the peer.", l,
+              D(p.sent_batches()));
+  out.Counter("tvilling_peer_sent_records_total", "Log records sent to the peer (resends count).",
+              l, D(p.sent_records()));
+  out.Counter("tvilling_peer_sent_log_bytes_total",
+              "Bytes of the log records sent to the peer, as in the log (before compression).", l,
+              D(p.sent_log_bytes()));
+  out.Counter("tvilling_peer_sent_wire_bytes_total",
+              "Bytes of the batch messages sent to the peer, after compression; "
+              "log_bytes / wire_bytes is the compression ratio.",
+              l, D(p.sent_wire_bytes()));
+  out.Counter("tvilling_peer_sent_copy_bytes_total",
+              "Bytes of full-copy messages sent to the peer.", l, D(p.sent_copy_bytes()));
+  out.Counter("tvilling_peer_dials_total", "Streams opened to the peer (each starts a handshake).",
+              l, D(p.dials()));
+  out.Counter("tvilling_peer_disconnects_total",
+              "Streams to the peer that ended, failed dials included.", l, D(p.disconnects()));
 }
 
 }  // namespace
@@ -128,7 +151,7 @@ void AppendStatusMetrics(const v1::StatusReply& status, Exposition& out) {
     for (const v1::PeerStatus& p : g.peers()) {
       // A replica that no primary has streamed to yet knows no peer name: nothing to label (the
       // primary's own series cover that link).
-      if (!p.peer().empty()) AppendPeer(l, p, out);
+      if (!p.peer().empty()) AppendPeer(l, p, g.role() == "primary", out);
     }
   }
 }

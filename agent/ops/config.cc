@@ -183,7 +183,7 @@ class Reader {
     const std::string path = "log";
     CheckKeys(t, path,
               {"dir", "write_buffer", "max_batch_bytes", "max_batch_records", "retention_bytes",
-               "retention_seconds", "hard_cap", "checkpoint_interval_ms"});
+               "retention_seconds", "hard_cap", "checkpoint_interval_ms", "volume_writeback"});
     ReadPath(t, path, "dir", &log->dir);
     ReadSize(t, path, "write_buffer", &log->write_buffer_bytes);
     ReadSize(t, path, "max_batch_bytes", &log->max_batch_bytes);
@@ -192,6 +192,7 @@ class Reader {
     ReadUint(t, path, "retention_seconds", &log->retention_seconds);
     ReadSize(t, path, "hard_cap", &log->hard_cap_bytes);
     ReadUint(t, path, "checkpoint_interval_ms", &log->checkpoint_interval_ms);
+    ReadSize(t, path, "volume_writeback", &log->volume_writeback_bytes);
   }
 
   void ReadNbd(const toml::table& t, NbdConfig* nbd) {

@@ -115,6 +115,9 @@ struct LogConfig {
   // `checkpoint_interval_ms`: how often the applier fsyncs the volumes and records the applied LSN,
   // i.e. how much log a restart may replay. Default 1000.
   uint32_t checkpoint_interval_ms = 1000;
+  // `volume_writeback`: bytes; between checkpoints the applier starts the volumes' writeback
+  // (without waiting) each time this much was applied. Default 8 MiB; 0 = only at checkpoints.
+  uint64_t volume_writeback_bytes = 8ull << 20;
 };
 
 // One TCP listener: an IP literal and a port (host names are not resolved; bind to what is

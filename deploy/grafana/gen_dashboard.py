@@ -71,6 +71,17 @@ ts("Log write throughput", [(f'rate(tvilling_log_appended_bytes_total{{{sel}}}[$
 ts("Mean log batch", [(f'rate(tvilling_log_appended_records_total{{{sel}}}[$__rate_interval]) / rate(tvilling_log_commits_total{{{sel}}}[$__rate_interval])', "{{site}} {{group}}")], "none", 12, 55,
    desc="Records per log commit (one RocksDB write, at most one fsync).")
 
+row("Links (primary side)", 63)
+ts("Sent to peers", [(f'rate(tvilling_peer_sent_wire_bytes_total{{{sel}}}[$__rate_interval])', "{{site}} → {{peer}} on the wire"),
+                     (f'rate(tvilling_peer_sent_log_bytes_total{{{sel}}}[$__rate_interval])', "{{site}} → {{peer}} log bytes"),
+                     (f'tvilling_peer_rate_limit_bytes_per_second{{{sel}}} > 0', "{{site}} → {{peer}} rate cap")], "Bps", 0, 64, w=8,
+   desc="Batches as sent (after compression) and the records they carry, against the link's rate cap (reloadable).")
+ts("Compression ratio", [(f'rate(tvilling_peer_sent_log_bytes_total{{{sel}}}[$__rate_interval]) / rate(tvilling_peer_sent_wire_bytes_total{{{sel}}}[$__rate_interval])', "{{site}} → {{peer}}")], "none", 8, 64, w=8,
+   desc="Log bytes per wire byte; 1 when the data does not compress (batches that do not shrink go uncompressed).")
+ts("Stream churn", [(f'increase(tvilling_peer_disconnects_total{{{sel}}}[$__rate_interval])', "{{site}} → {{peer}} disconnects"),
+                    (f'rate(tvilling_peer_sent_records_total{{{sel}}}[$__rate_interval]) / rate(tvilling_peer_sent_batches_total{{{sel}}}[$__rate_interval])', "{{site}} → {{peer}} records per batch")], "none", 16, 64, w=8,
+   desc="Streams that ended (a flapping link) and the mean batch size.")
+
 def var(name, label, query):
     return {"name": name, "label": label, "type": "query", "refresh": 2, "includeAll": True, "multi": True,
             "datasource": {"type": "prometheus", "uid": "${datasource}"},

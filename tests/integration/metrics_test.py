@@ -17,6 +17,7 @@ stopped the link metrics show it down.
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -155,6 +156,10 @@ def replication(c):
         raise TestFailure(f"last LSN {last} after {WRITES} writes")
     if v(fams, "tvilling_peer_durable_lsn", group="g0", peer="site-b") != last:
         raise TestFailure("the peer's durable LSN is not the last LSN although lag is 0")
+    # The replica's applied LSN rides on its acks (no message of its own): once idle, the primary
+    # must still learn that the last record was applied.
+    wait_for("site-a to see site-b's applied LSN reach the last LSN", lambda: v(
+        scrape(a), "tvilling_peer_applied_lsn", group="g0", peer="site-b") == last, 15, 0.25)
     for name in ["tvilling_group_rpo_bound_records", "tvilling_group_rpo_bound_bytes",
                  "tvilling_group_rpo_bound_seconds"]:
         if v(fams, name, group="g0") != 0:
@@ -177,6 +182,26 @@ def replication(c):
     if not 1 <= v(fams, "tvilling_log_commits_total", group="g0") <= v(
             fams, "tvilling_log_appended_records_total", group="g0"):
         raise TestFailure("log commits not between 1 and the number of records")
+
+    # What site-a sent on the link: every record at least once, incompressible data not shrunk.
+    sent_records = v(fams, "tvilling_peer_sent_records_total", group="g0", peer="site-b")
+    log_bytes = v(fams, "tvilling_peer_sent_log_bytes_total", group="g0", peer="site-b")
+    wire_bytes = v(fams, "tvilling_peer_sent_wire_bytes_total", group="g0", peer="site-b")
+    batches = v(fams, "tvilling_peer_sent_batches_total", group="g0", peer="site-b")
+    log(f"sent: {batches:.0f} batches, {sent_records:.0f} records, {log_bytes:.0f} log bytes, "
+        f"{wire_bytes:.0f} wire bytes")
+    if sent_records < last or log_bytes < WRITES * 2 * MIB:
+        raise TestFailure(f"site-a counted {sent_records} records / {log_bytes} bytes sent, "
+                          f"fewer than the {last} records / {WRITES * 2 * MIB} bytes written")
+    if not 1 <= batches <= sent_records:
+        raise TestFailure(f"{batches} batches for {sent_records} records")
+    if not log_bytes <= wire_bytes <= 1.01 * log_bytes + 4096 * batches:
+        raise TestFailure(f"random data went out as {wire_bytes} wire bytes for {log_bytes} "
+                          "log bytes (no compression can shrink it; overhead must be small)")
+    if v(fams, "tvilling_peer_rate_limit_bytes_per_second", group="g0", peer="site-b") != 2 * MIB:
+        raise TestFailure("tvilling_peer_rate_limit_bytes_per_second is not the configured 2 MiB")
+    if v(fams, "tvilling_peer_dials_total", group="g0", peer="site-b") < 1:
+        raise TestFailure("no dial counted although the link streamed")
 
     # The replica: its role, its applied LSN, and a refused write counted by code.
     def replica_applied():
@@ -216,6 +241,80 @@ def replication(c):
     if v(fams, "tvilling_peer_link_state", group="g0", peer="site-b", state="streaming") != 0:
         raise TestFailure("link_state still says streaming after the replica stopped")
     log(f"promtool: {'checked every scrape' if PROMTOOL else 'not installed; strict parser only'}")
+
+
+def sent_rate(a, seconds):
+    """Wire bytes per second sent to site-b over `seconds`, from the primary's counter."""
+    def wire():
+        return v(scrape(a), "tvilling_peer_sent_wire_bytes_total", group="g0", peer="site-b")
+    w0, t0 = wire(), time.monotonic()
+    time.sleep(seconds)
+    w1, t1 = wire(), time.monotonic()
+    return (w1 - w0) / (t1 - t0)
+
+
+def rate_reload(c):
+    """SIGHUP applies a changed rate_limit to the running link (no redial); a broken file on
+    SIGHUP changes nothing and the agent keeps serving."""
+    a = c.agent("site-a")
+    b = c.agent("site-b")
+    g = {"name": "g0", "primary": "site-a", "size": "128MiB"}
+    acl_a = [("site-b", "site-b", ["g0"])]
+
+    def config_a(rate):
+        a.write_config([dict(g, peers=[(b, "async", {"rate_limit": f'"{rate}"',
+                                                     "compression": '"none"'})])], acl=acl_a)
+        if not hasattr(a, "metrics_port"):
+            enable_metrics(a)
+        else:  # the same port: the running agent keeps its listener
+            with open(a.config_path, "a") as f:
+                f.write(f'[metrics]\nlisten = "127.0.0.1:{a.metrics_port}"\n')
+
+    config_a("1MiB")
+    b.write_config([dict(g, peers=[(a, "async", None)])], acl=[("site-a", "site-a", ["g0"])])
+    b.start()
+    a.start()
+    wait_for("the link to stream", lambda: (a.peer("site-b") or {}).get("link_state")
+             == "streaming", 30)
+    h = a.connect()
+    try:
+        # 96 MiB of random data: at 1 MiB/s the link is busy for the whole test.
+        for i in range(48):
+            h.pwrite(os.urandom(2 * MIB), i * 2 * MIB)
+        h.flush()
+    finally:
+        h.shutdown()
+    dials = v(scrape(a), "tvilling_peer_dials_total", group="g0", peer="site-b")
+    slow = sent_rate(a, 3)
+    log(f"at rate_limit 1MiB: {slow / MIB:.2f} MiB/s on the wire")
+    if not 0.5 * MIB <= slow <= 1.5 * MIB:
+        raise TestFailure(f"sent {slow / MIB:.2f} MiB/s with rate_limit 1MiB")
+
+    # A broken file: nothing changes, the agent stays up and says why.
+    with open(a.config_path, "a") as f:
+        f.write("[replication\n")
+    os.kill(a.proc.pid, signal.SIGHUP)
+    wait_for("site-a to log the refused reload", lambda: "not reloaded" in a.tail(20), 10)
+    if a.proc.poll() is not None:
+        raise TestFailure("site-a exited on a SIGHUP with a broken config")
+    if v(scrape(a), "tvilling_peer_rate_limit_bytes_per_second", group="g0",
+         peer="site-b") != MIB:
+        raise TestFailure("a broken config file changed the rate cap")
+
+    config_a("8MiB")
+    os.kill(a.proc.pid, signal.SIGHUP)
+    wait_for("site-a to apply the new rate cap", lambda: v(
+        scrape(a), "tvilling_peer_rate_limit_bytes_per_second", group="g0",
+        peer="site-b") == 8 * MIB, 10)
+    fast = sent_rate(a, 3)
+    log(f"after SIGHUP with rate_limit 8MiB: {fast / MIB:.2f} MiB/s on the wire")
+    if fast < 3 * slow or fast > 8 * 1.5 * MIB:
+        raise TestFailure(f"sent {fast / MIB:.2f} MiB/s after raising the cap to 8 MiB/s "
+                          f"(was {slow / MIB:.2f})")
+    if v(scrape(a), "tvilling_peer_dials_total", group="g0", peer="site-b") != dials:
+        raise TestFailure("the reload redialled the link (it must keep the stream)")
+    if "rate_limit 1048576 -> 8388608" not in a.tail(200):
+        raise TestFailure("the reload did not log the changed rate")
 
 
 def parser_rejects(_c=None):
@@ -259,4 +358,4 @@ if __name__ == "__main__":
             sys.exit(1)
         log("PASS parser_rejects")
         sys.exit(0)
-    sys.exit(run_main({"replication": replication}))
+    sys.exit(run_main({"replication": replication, "rate_reload": rate_reload}))

@@ -75,6 +75,8 @@ v1::StatusReply FixedReply() {
   c->set_window_bytes(8 << 20);
   c->set_copy_total_bytes(1ull << 30);
   c->set_copy_done_bytes(483183821);
+  c->set_copy_bytes_per_s(54840934);  // 52.3 MiB/s
+  c->set_copy_eta_s(11.3);
   c->set_last_error("connection reset by peer");
 
   v1::GroupStatus* g1 = reply.add_groups();
@@ -165,7 +167,8 @@ TEST_F(TvillingctlTest, StatusPrintsTables) {
       "  site-b  sync   connected  1200      1198     1100     in-sync-set  2         8.0 KiB  "
       "0.003  250us   4.0 MiB  64.0 KiB   -\n"
       "  site-c  async  copying    900       900      0        -            300       1.2 MiB  "
-      "4.200  12.5ms  8.0 MiB  0 B        45.0% (460.8 MiB of 1.0 GiB)\n"
+      "4.200  12.5ms  8.0 MiB  0 B        [####------] 45.0% (460.8 MiB of 1.0 GiB) 52.3 MiB/s "
+      "ETA 11s\n"
       "  site-c: last error: connection reset by peer\n"
       "\n"
       "g1 role:replica epoch:2 consistent:no\n"

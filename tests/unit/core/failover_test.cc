@@ -232,14 +232,22 @@ TEST(FailoverLease, LeaseLostOrKeyDeletedDemotesAtOnce) {
 // A replica b of primary a, with reports from all three sites; a then vanishes.
 struct Replica {
   Fixture f;
+  std::map<std::string, SiteReport> sites;
   explicit Replica(std::string /*site*/, FailoverOptions o, int64_t lease,
-                   std::map<std::string, SiteReport> sites, PrimaryReport report)
-      : f(std::move(o), lease) {
+                   std::map<std::string, SiteReport> s, PrimaryReport report)
+      : f(std::move(o), lease), sites(std::move(s)) {
     f.Start(0, report, Leader("a", 42, 101));
-    f.m.Handle(0, EvSites{std::move(sites)});
+    f.m.Handle(0, EvSites{sites});
   }
   std::vector<FailoverAction> LoseLeader(Nanos at) {
     return f.m.Handle(at, EvLeader{LeaderView{}});
+  }
+  // What the coordinator does every second: read the site reports again, then tick.
+  std::vector<FailoverAction> Tick(Nanos at) {
+    std::vector<FailoverAction> all = f.m.Handle(at, EvSites{sites});
+    std::vector<FailoverAction> t = f.m.Handle(at, EvTick{});
+    all.insert(all.end(), t.begin(), t.end());
+    return all;
   }
 };
 
@@ -258,10 +266,10 @@ TEST(FailoverAutomatic, MostAdvancedEligibleReplicaCampaignsAfterSettling) {
   const Nanos t = 100 * kS;  // well past anti-flapping
   EXPECT_TRUE(b.LoseLeader(t).empty());
   EXPECT_TRUE(c.LoseLeader(t).empty());
-  EXPECT_TRUE(b.f.m.Handle(t + 999 * kMs, EvTick{}).empty());
-  auto acts = b.f.m.Handle(t + 1 * kS, EvTick{});
+  EXPECT_TRUE(b.Tick(t + 999 * kMs).empty());
+  auto acts = b.Tick(t + 1 * kS);
   EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kCampaign));
-  EXPECT_TRUE(c.f.m.Handle(t + 1 * kS, EvTick{}).empty()) << "c is behind b: it does not run";
+  EXPECT_TRUE(c.Tick(t + 1 * kS).empty()) << "c is behind b: it does not run";
   // b wins: promote in the new key's epoch (its lease was renewed meanwhile).
   b.f.m.Handle(t + 1050 * kMs, EvSessionRenewed{t + 1000 * kMs});
   acts = b.f.m.Handle(t + 1100 * kMs, EvCampaignDone{true, Leader("b", 80, 102)});
@@ -270,6 +278,28 @@ TEST(FailoverAutomatic, MostAdvancedEligibleReplicaCampaignsAfterSettling) {
   acts = c.f.m.Handle(t + 1100 * kMs, EvLeader{Leader("b", 80, 102)});
   EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kFollow));
   EXPECT_EQ(acts[0].site, "b");
+}
+
+// Found by tests/sim/failover_sim.cc (seed 1556 --mixed): c, cut off from etcd, last read the site
+// reports when b had no session; it must not choose from that old view once the key vanishes.
+TEST(FailoverAutomatic, DecidesOnlyOnSiteReportsReadAfterSettling) {
+  auto report = ReportFor(100, {100, 0, 0}, {90, 4096, kS});
+  Replica c("c", Opts("c"), 103, {{"c", {90, true, false}}}, report);  // b has no report yet
+  const Nanos t = 100 * kS;
+  EXPECT_TRUE(c.LoseLeader(t).empty());
+  // Settled, but the reports it holds were read before: it waits for a fresh read.
+  EXPECT_TRUE(c.f.m.Handle(t + 1 * kS, EvTick{}).empty());
+  EXPECT_TRUE(c.f.m.Handle(t + 5 * kS, EvTick{}).empty());
+  EXPECT_EQ(c.f.m.state(), S::kLeaderless);
+  // The fresh read shows b, more advanced: c does not run.
+  EXPECT_TRUE(c.f.m.Handle(t + 5100 * kMs, EvSites{Sites(100, 90)}).empty());
+  EXPECT_EQ(c.f.m.state(), S::kLeaderless);
+  // Had the fresh read shown c alone, c would run.
+  Replica c2("c", Opts("c"), 103, {{"c", {90, true, false}}}, report);
+  c2.LoseLeader(t);
+  EXPECT_TRUE(c2.f.m.Handle(t + 2 * kS, EvTick{}).empty());
+  EXPECT_THAT(Kinds(c2.f.m.Handle(t + 2100 * kMs, EvSites{{{"c", {90, true, false}}}})),
+              ::testing::ElementsAre(K::kCampaign));
 }
 
 TEST(ChooseCandidate, LagGateEligibilityTiesAndLossBound) {
@@ -316,13 +346,13 @@ TEST(FailoverAutomatic, NobodyEligibleIsRefusedWithReasons) {
   auto report = ReportFor(100, {50, 5 << 20, 2 * kS}, {40, 6 << 20, 3 * kS});
   Replica b("b", Opts("b"), 102, Sites(50, 40), report);
   b.LoseLeader(100 * kS);
-  auto acts = b.f.m.Handle(102 * kS, EvTick{});
+  auto acts = b.Tick(102 * kS);
   ASSERT_THAT(Kinds(acts), ::testing::ElementsAre(K::kRefused));
   EXPECT_THAT(acts[0].message, HasSubstr("the primary a is gone: no eligible candidate"));
   EXPECT_THAT(acts[0].message, HasSubstr("b (lag 5242880 bytes"));
   EXPECT_THAT(acts[0].message, HasSubstr("c (lag 6291456 bytes"));
   // Not repeated every tick.
-  EXPECT_TRUE(b.f.m.Handle(103 * kS, EvTick{}).empty());
+  EXPECT_TRUE(b.Tick(103 * kS).empty());
   // c catches up (its report now within what a had): still not eligible for lag? The report is
   // the primary's last one, and c's durable is below its last LSN: the gate stands.
   EXPECT_TRUE(b.f.m.Handle(104 * kS, EvSites{Sites(50, 60)}).empty());
@@ -340,8 +370,8 @@ TEST(FailoverAutomatic, AntiFlappingHoldsPromotionAfterARecentLeaderChange) {
   ASSERT_THAT(Kinds(acts), ::testing::ElementsAre(K::kRefused));
   EXPECT_THAT(acts[0].message, HasSubstr("anti-flapping"));
   EXPECT_THAT(acts[0].message, HasSubstr("12.0 s ago"));
-  EXPECT_TRUE(b.f.m.Handle(69 * kS, EvTick{}).empty());
-  acts = b.f.m.Handle(70 * kS, EvTick{});
+  EXPECT_TRUE(b.Tick(69 * kS).empty());
+  acts = b.Tick(70 * kS);
   EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kCampaign));
 }
 
@@ -373,7 +403,7 @@ TEST(FailoverPolicy, ApprovePublishesThePlanWithItsLossAndWaits) {
   auto report = ReportFor(100, {95, 5000, 2 * kS}, {90, 10000, 3 * kS});
   Replica b("b", Opts("b", FailoverPolicy::kApprove), 102, Sites(95, 90), report);
   b.LoseLeader(100 * kS);
-  auto acts = b.f.m.Handle(101 * kS, EvTick{});
+  auto acts = b.Tick(101 * kS);
   ASSERT_THAT(Kinds(acts), ::testing::ElementsAre(K::kPublishPending));
   EXPECT_EQ(acts[0].loss.from_lsn, 96u);
   EXPECT_EQ(acts[0].loss.to_lsn, 100u);
@@ -381,7 +411,7 @@ TEST(FailoverPolicy, ApprovePublishesThePlanWithItsLossAndWaits) {
   EXPECT_THAT(acts[0].message, HasSubstr("loses LSN 96..100, 5000 bytes, 2.0 s of writes"));
   EXPECT_THAT(acts[0].message, HasSubstr("tvillingctl failover approve --group g --site b"));
   EXPECT_EQ(b.f.m.state(), S::kAwaitingApproval);
-  EXPECT_TRUE(b.f.m.Handle(150 * kS, EvTick{}).empty()) << "waits, however long";
+  EXPECT_TRUE(b.Tick(150 * kS).empty()) << "waits, however long";
   // An approval for another site is not ours; ours starts the campaign.
   EXPECT_TRUE(b.f.m.Handle(151 * kS, EvApprove{"c", "op"}).empty());
   acts = b.f.m.Handle(152 * kS, EvApprove{"b", "CN=alice"});
@@ -392,7 +422,7 @@ TEST(FailoverPolicy, ApprovalWithdrawnWhenTheOldPrimaryReturns) {
   auto report = ReportFor(100, {95, 5000, 2 * kS}, {90, 10000, 3 * kS});
   Replica b("b", Opts("b", FailoverPolicy::kApprove), 102, Sites(95, 90), report);
   b.LoseLeader(100 * kS);
-  b.f.m.Handle(101 * kS, EvTick{});
+  b.Tick(101 * kS);
   auto acts = b.f.m.Handle(102 * kS, EvLeader{Leader("a", 90, 111)});
   EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kClearPending, K::kFollow));
   acts = b.f.m.Handle(103 * kS, EvApprove{"b", "late"});
@@ -416,7 +446,7 @@ TEST(FailoverTwoSites, AutomaticRefusedWithoutAWitnessAndSaysWhy) {
   Replica b2("b", o, 102, {{"b", {100, true, false}}}, report);
   EXPECT_FALSE(b2.f.m.automatic_refused_for_lack_of_witness());
   b2.LoseLeader(100 * kS);
-  acts = b2.f.m.Handle(102 * kS, EvTick{});
+  acts = b2.Tick(102 * kS);
   EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kCampaign));
 
   // approve is allowed with two sites: a human decides that the peer is really gone.
@@ -424,7 +454,7 @@ TEST(FailoverTwoSites, AutomaticRefusedWithoutAWitnessAndSaysWhy) {
   o.policy = FailoverPolicy::kApprove;
   Replica b3("b", o, 102, {{"b", {100, true, false}}}, report);
   b3.LoseLeader(100 * kS);
-  acts = b3.f.m.Handle(102 * kS, EvTick{});
+  acts = b3.Tick(102 * kS);
   EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kPublishPending));
 }
 

@@ -177,6 +177,38 @@ TEST_F(GroupRuntimeTest, CheckpointRecordsAppliedLsnAndTruncatesAppliedSegments)
   EXPECT_EQ((*g)->Stats().checkpoints, 1u);
 }
 
+TEST_F(GroupRuntimeTest, StartsVolumeWritebackBetweenCheckpoints) {
+  for (const uint64_t writeback_bytes : {uint64_t{64} << 10, uint64_t{0}}) {
+    SCOPED_TRACE(writeback_bytes);
+    OpenStore();
+    auto o = Options();
+    o.writeback_bytes = writeback_bytes;
+    auto g = GroupRuntime::Open(*store_, o);
+    ASSERT_TRUE(g.ok()) << g.status();
+    auto e = (*g)->exports()[0];
+    for (int i = 0; i < 64; ++i) {  // 256 KiB: four times the writeback step
+      ASSERT_TRUE(Wait([&](auto d) {
+                    e->Write(4096ull * i, Bytes::Copy(std::string(4096, 'w')), false, std::move(d));
+                  }).ok());
+    }
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (writeback_bytes > 0 && (*g)->Stats().writebacks == 0 &&
+           std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    if (writeback_bytes > 0) {
+      EXPECT_GE((*g)->Stats().writebacks, 1u);
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      EXPECT_EQ((*g)->Stats().writebacks, 0u);
+    }
+    EXPECT_EQ((*g)->Stats().checkpoints, 0u) << "a writeback is not a checkpoint";
+    ASSERT_TRUE((*g)->Stop().ok());
+    g->reset();
+    store_.reset();
+  }
+}
+
 TEST_F(GroupRuntimeTest, VolumeErrorsNameTheGroupAndVolume) {
   OpenStore();
   auto o = Options();

@@ -83,6 +83,7 @@ TEST(ConfigTest, MinimalConfigGetsDefaults) {
   EXPECT_EQ(config->log.retention_seconds, 0u);
   EXPECT_EQ(config->log.hard_cap_bytes, 0u);
   EXPECT_EQ(config->log.checkpoint_interval_ms, 1000u);
+  EXPECT_EQ(config->log.volume_writeback_bytes, 8ull << 20);
   ASSERT_EQ(config->nbd.listen.size(), 1u);
   EXPECT_EQ(config->nbd.listen[0], (ListenAddress{"127.0.0.1", 10809}));
   EXPECT_TRUE(config->nbd.unix_sockets.empty());
@@ -114,6 +115,7 @@ retention_bytes = "1GiB"
 retention_seconds = 3600
 hard_cap = "2GiB"
 checkpoint_interval_ms = 250
+volume_writeback = "0"
 [nbd]
 listen = ["[::1]:10810", "0.0.0.0:10809"]
 unix_sockets = ["run/nbd.sock", "/run/tv.sock"]
@@ -145,6 +147,7 @@ size = "512 MiB"
   EXPECT_EQ(config->log.retention_seconds, 3600u);
   EXPECT_EQ(config->log.hard_cap_bytes, 2ull << 30);
   EXPECT_EQ(config->log.checkpoint_interval_ms, 250u);
+  EXPECT_EQ(config->log.volume_writeback_bytes, 0u);
   ASSERT_EQ(config->nbd.listen.size(), 2u);
   EXPECT_EQ(config->nbd.listen[0], (ListenAddress{"::1", 10810}));
   EXPECT_EQ(config->nbd.listen[0].ToString(), "[::1]:10810");
