@@ -307,7 +307,7 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
       primaries.push_back({g.name, *p});
       group_status[g.name] = [p = *p](v1::GroupStatus* out) { p->FillStatus(out); };
     } else {
-      auto r = std::make_unique<node::ReplicaGroup>(rt, node::ReplicaOptions{config.agent.site});
+      auto r = std::make_unique<node::ReplicaGroup>(rt, node::ReplicaOptionsFor(config, g));
       replication->AddReplica(g.name, r.get());
       group_status[g.name] = [r = r.get()](v1::GroupStatus* out) { r->FillStatus(out); };
       replicas.push_back(std::move(r));

@@ -9,7 +9,8 @@
 //   'M' gid(BE32) 'f'           -> first LSN kept after truncation (u64 LE)
 //   'M' gid(BE32) 'p' peer      -> peer position (4 x u64 LE)
 //   'M' gid(BE32) 's' first(BE64) -> closed segment (last, bytes, first_ts, last_ts: 4 x u64 LE)
-//   'M' gid(BE32) 'r'           -> replica/role metadata (ReplicaMeta: 10 x u64 LE)
+//   'M' gid(BE32) 'r'           -> replica/role metadata (ReplicaMeta: 12 x u64 LE, then
+//                                  3 x u64 LE per restore extent)
 #include "storage/group_log.h"
 
 #include <fmt/format.h>
@@ -74,9 +75,12 @@ std::string MetaKey(uint32_t gid, char tag, std::string_view name) {
 // Field order is the on-disk order (docs/log-format.md); new fields go at the end, and a shorter
 // value from an older build reads them as 0.
 std::string EncodeReplicaMeta(const ReplicaMeta& m) {
-  return U64s({m.newest_epoch_seen, m.copy_in_progress ? 1u : 0u, m.copy_volume, m.copy_offset,
-               m.copy_base_lsn, m.consistent_at_lsn, m.consistent ? 1u : 0u, m.primary_epoch,
-               m.copy_epoch, m.consistent_at_epoch});
+  std::string s =
+      U64s({m.newest_epoch_seen, m.copy_in_progress ? 1u : 0u, m.copy_volume, m.copy_offset,
+            m.copy_base_lsn, m.consistent_at_lsn, m.consistent ? 1u : 0u, m.primary_epoch,
+            m.copy_epoch, m.consistent_at_epoch, m.restore_pending ? 1u : 0u, m.restore_epoch});
+  for (const VolumeExtent& e : m.restore_extents) s += U64s({e.volume, e.offset, e.length});
+  return s;
 }
 ReplicaMeta DecodeReplicaMeta(std::string_view v) {
   ReplicaMeta m;
@@ -90,6 +94,12 @@ ReplicaMeta DecodeReplicaMeta(std::string_view v) {
   m.primary_epoch = U64At(v, 7);
   m.copy_epoch = U64At(v, 8);
   m.consistent_at_epoch = U64At(v, 9);
+  m.restore_pending = U64At(v, 10) != 0;
+  m.restore_epoch = U64At(v, 11);
+  for (size_t i = 12; (i + 3) * 8 <= v.size(); i += 3) {
+    m.restore_extents.push_back(
+        {static_cast<uint32_t>(U64At(v, i)), U64At(v, i + 1), U64At(v, i + 2)});
+  }
   return m;
 }
 
@@ -1062,27 +1072,25 @@ absl::Status GroupLog::SetReplicaMeta(const ReplicaMeta& meta) {
   return absl::OkStatus();
 }
 
-absl::Status GroupLog::ResetForCopy(uint64_t log_start_lsn, std::vector<EpochStart> history,
-                                    const std::optional<ReplicaMeta>& meta) {
-  if (log_start_lsn == 0 || log_start_lsn == UINT64_MAX) {
-    return absl::InvalidArgumentError(
-        fmt::format("group {}: cannot start the log at LSN {}", name_, log_start_lsn));
-  }
+absl::Status GroupLog::ValidateHistory(const std::vector<EpochStart>& history,
+                                       uint64_t next_lsn) const {
   for (size_t i = 0; i < history.size(); ++i) {
     const EpochStart& e = history[i];
     const bool ordered =
         i == 0 || (e.epoch > history[i - 1].epoch && e.first_lsn > history[i - 1].first_lsn);
-    if (e.epoch == 0 || e.first_lsn == 0 || e.first_lsn >= log_start_lsn || !ordered) {
+    if (e.epoch == 0 || e.first_lsn == 0 || e.first_lsn >= next_lsn || !ordered) {
       return absl::InvalidArgumentError(fmt::format(
           "group {}: history entry {} (epoch {} from LSN {}) is not a valid history of the "
           "records before LSN {}",
-          name_, i, e.epoch, e.first_lsn, log_start_lsn));
+          name_, i, e.epoch, e.first_lsn, next_lsn));
     }
   }
-  std::lock_guard write_lock(replica_meta_write_mu_);
-  std::unique_lock lock(mu_);
-  // A batch being written or a sync in flight would move last/durable after the reset: wait for
-  // them (they finish on their own). Queued records are the caller's to stop.
+  return absl::OkStatus();
+}
+
+absl::Status GroupLog::WaitIdleLocked(std::unique_lock<std::mutex>& lock, std::string_view what) {
+  // A batch being written or a sync in flight would move last/durable afterwards: wait for them
+  // (they finish on their own). Queued records are the caller's to stop.
   idle_cv_.wait(lock, [&] {
     return !failed_.ok() || stopping_ || !queue_.empty() ||
            (!committing_ && sync_waiters_.empty() && inline_syncs_ == 0 && !syncing_ &&
@@ -1091,12 +1099,112 @@ absl::Status GroupLog::ResetForCopy(uint64_t log_start_lsn, std::vector<EpochSta
   if (!failed_.ok()) return failed_;
   if (stopping_) return absl::UnavailableError(fmt::format("group {}: log is stopping", name_));
   if (!queue_.empty()) {
-    return absl::FailedPreconditionError(fmt::format(
-        "group {}: cannot reset the log for a full copy while records are queued (LSN {}..{}); "
-        "stop the appends first",
-        name_, queue_.front().lsn, queue_.back().lsn));
+    return absl::FailedPreconditionError(
+        fmt::format("group {}: cannot {} while records are queued (LSN {}..{}); stop the appends "
+                    "first",
+                    name_, what, queue_.front().lsn, queue_.back().lsn));
   }
-  if (absl::Status h = health_->status(); !h.ok()) return h;
+  return health_->status();
+}
+
+absl::Status GroupLog::CutBackTo(uint64_t fork_lsn, uint64_t expected_last_lsn,
+                                 std::vector<EpochStart> history, const ReplicaMeta& meta) {
+  if (fork_lsn == UINT64_MAX) {
+    return absl::InvalidArgumentError(
+        fmt::format("group {}: cannot cut at LSN {}", name_, fork_lsn));
+  }
+  if (absl::Status st = ValidateHistory(history, fork_lsn + 1); !st.ok()) return st;
+  std::lock_guard write_lock(replica_meta_write_mu_);
+  std::unique_lock lock(mu_);
+  if (absl::Status st = WaitIdleLocked(lock, fmt::format("cut the log back to LSN {}", fork_lsn));
+      !st.ok()) {
+    return st;
+  }
+  const uint64_t last = last_lsn_.load();
+  if (last != expected_last_lsn) {
+    return absl::FailedPreconditionError(
+        fmt::format("group {}: cannot cut the log back to LSN {}: it ends at LSN {}, not at the "
+                    "LSN {} the caller saved up to",
+                    name_, fork_lsn, last, expected_last_lsn));
+  }
+  if (fork_lsn >= last) {
+    return absl::InvalidArgumentError(fmt::format(
+        "group {}: cannot cut the log back to LSN {}: it ends at LSN {}", name_, fork_lsn, last));
+  }
+  // The segments that end at or before the fork stay; the rest is dropped and the open segment
+  // rebuilt from the records that remain after the last closed one.
+  std::deque<Segment> segments = segments_;
+  rocksdb::WriteBatch wb;
+  while (!segments.empty() && segments.back().last_lsn > fork_lsn) {
+    const Segment& seg = segments.back();
+    if (segments.size() < segments_.size() || seg.first_lsn != segments_.back().first_lsn) {
+      wb.Delete(MetaKey(group_id_, 's', seg.first_lsn));  // a closed one
+    }
+    segments.pop_back();
+  }
+  const uint64_t first = std::min(first_lsn_, fork_lsn + 1);
+  const uint64_t open_from = segments.empty() ? first : segments.back().last_lsn + 1;
+  Segment open{open_from, open_from - 1, 0, 0, 0};
+  uint64_t bytes = 0;
+  for (const Segment& seg : segments) bytes += seg.bytes;
+  if (open_from <= fork_lsn) {
+    absl::Status st = ReadRange(open_from, fork_lsn, [&](const LogRecordView& r) {
+      open.last_lsn = r.lsn;
+      open.bytes += kRecordHeaderSize + r.payload.size();
+      if (open.first_timestamp_ns == 0) open.first_timestamp_ns = r.header.timestamp_ns;
+      open.last_timestamp_ns = r.header.timestamp_ns;
+      return absl::OkStatus();
+    });
+    if (!st.ok()) return st;
+  }
+  bytes += open.bytes;
+  segments.push_back(open);
+  wb.DeleteRange(EncodeLogKey(group_id_, fork_lsn + 1), EncodeLogKey(group_id_, UINT64_MAX));
+  wb.DeleteRange(MetaKey(group_id_, 'h'), MetaKey(group_id_, 'h' + 1));
+  for (const EpochStart& e : history) wb.Put(MetaKey(group_id_, 'h', e.epoch), U64s({e.first_lsn}));
+  wb.Put(MetaKey(group_id_, 'f'), U64s({first}));
+  wb.Put(MetaKey(group_id_, 'r'), EncodeReplicaMeta(meta));
+  const uint64_t old_applied = applied_lsn_;
+  applied_lsn_ = std::min(applied_lsn_, fork_lsn);
+  (void)WriteMetaLocked(&wb);  // the applied LSN (and peers) with the cut
+  rocksdb::WriteOptions wo;
+  wo.sync = true;
+  rocksdb::Status s = db_->Write(wo, &wb);
+  if (!s.ok()) {
+    applied_lsn_ = old_applied;
+    absl::Status st =
+        FromRocks(s, fmt::format("group {}: cutting the log back to LSN {}", name_, fork_lsn));
+    health_->Fail(st);
+    if (failed_.ok()) failed_ = st;  // nothing is queued, so nothing else to fail
+    return st;
+  }
+  meta_dirty_ = false;
+  first_lsn_ = first;
+  next_lsn_ = fork_lsn + 1;
+  current_epoch_ = history.empty() ? 0 : history.back().epoch;
+  pending_epoch_.reset();
+  history_ = std::move(history);
+  segments_ = std::move(segments);
+  bytes_ = bytes;
+  replica_meta_ = meta;
+  last_lsn_.store(fork_lsn, std::memory_order_release);
+  durable_lsn_.store(fork_lsn, std::memory_order_release);
+  lock.unlock();
+  std::lock_guard notify_lock(notify_mu_);
+  notified_lsn_ = fork_lsn;  // later advances are reported from here
+  return absl::OkStatus();
+}
+
+absl::Status GroupLog::ResetForCopy(uint64_t log_start_lsn, std::vector<EpochStart> history,
+                                    const std::optional<ReplicaMeta>& meta) {
+  if (log_start_lsn == 0 || log_start_lsn == UINT64_MAX) {
+    return absl::InvalidArgumentError(
+        fmt::format("group {}: cannot start the log at LSN {}", name_, log_start_lsn));
+  }
+  if (absl::Status st = ValidateHistory(history, log_start_lsn); !st.ok()) return st;
+  std::lock_guard write_lock(replica_meta_write_mu_);
+  std::unique_lock lock(mu_);
+  if (absl::Status st = WaitIdleLocked(lock, "reset the log for a full copy"); !st.ok()) return st;
   const uint64_t last = log_start_lsn - 1;
   rocksdb::WriteBatch wb;
   wb.DeleteRange(EncodeLogKey(group_id_, 0), EncodeLogKey(group_id_, UINT64_MAX));

@@ -180,6 +180,14 @@ struct PeerPosition {
   bool operator==(const PeerPosition&) const = default;
 };
 
+// A byte range of one volume (a rejoin's extents to restore; core::Extent in the log).
+struct VolumeExtent {
+  uint32_t volume = 0;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  bool operator==(const VolumeExtent&) const = default;
+};
+
 // Replication state of the group at this agent (docs/replication.md, "Roles and epochs", "Full
 // copy", "Replica"), persisted with a synced write by SetReplicaMeta / ResetForCopy and loaded at
 // open. A brand-new log has consistent = false; a primary's own log is consistent by definition,
@@ -196,6 +204,12 @@ struct ReplicaMeta {
   uint64_t primary_epoch = 0;        // the epoch this agent began as primary (0 = never)
   uint64_t copy_epoch = 0;           // the epoch of the stream that began the copy (CopyBegin)
   uint64_t consistent_at_epoch = 0;  // epoch of the record at consistent_at_lsn (core::ReplicaView)
+  // Rejoin (docs/replication.md, "Rejoin"): the log was cut back to a fork and the volumes still
+  // hold the saved records' data in restore_extents, to be copied from the primary; the resume
+  // point is (copy_volume, copy_offset), valid on a stream of restore_epoch.
+  bool restore_pending = false;
+  uint64_t restore_epoch = 0;
+  std::vector<VolumeExtent> restore_extents;
   bool operator==(const ReplicaMeta&) const = default;
 };
 
@@ -276,6 +290,20 @@ class GroupLog {
   // what appends first). Peer positions stay.
   absl::Status ResetForCopy(uint64_t log_start_lsn, std::vector<EpochStart> history,
                             const std::optional<ReplicaMeta>& meta = std::nullopt);
+
+  // Replica, rejoin of a diverged log: drops every record after `fork_lsn` (< last_lsn, >= 0) and
+  // the history entries that start after it (`history` is the history of the records up to
+  // fork_lsn: the log's own, cut, as core::PlanRejoin computes it; the same checks as
+  // ResetForCopy's), lowers the applied LSN to at most fork_lsn, and stores `meta`, all in one
+  // synced WriteBatch: after a crash the log is either the old one or the cut one with its meta.
+  // last = durable = fork_lsn; the log's current epoch becomes that of the last entry. The
+  // caller saves the records first (docs/replication.md: nothing accepted is thrown away
+  // silently). Waits for a batch being written; REQUIRES nothing queued (FailedPrecondition
+  // otherwise). A fork below first_lsn - 1 leaves an empty log starting at fork_lsn + 1.
+  // `expected_last_lsn` is the last LSN the caller saved: if the log has grown since (an append
+  // that raced the save), nothing is cut (FailedPrecondition naming both LSNs).
+  absl::Status CutBackTo(uint64_t fork_lsn, uint64_t expected_last_lsn,
+                         std::vector<EpochStart> history, const ReplicaMeta& meta);
 
   // Replica/role metadata: written with a synced write before SetReplicaMeta returns.
   absl::Status SetReplicaMeta(const ReplicaMeta& meta);
@@ -384,6 +412,10 @@ class GroupLog {
   void Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& syncs, bool write_meta);
   absl::Status WriteMetaLocked(
       void* write_batch);  // REQUIRES: mu_ held; write_batch: rocksdb::WriteBatch*
+  // Waits until no batch is being written and no sync is in flight; then OK if nothing is
+  // queued (else FailedPrecondition naming `what`). REQUIRES: `lock` holds mu_.
+  absl::Status WaitIdleLocked(std::unique_lock<std::mutex>& lock, std::string_view what);
+  absl::Status ValidateHistory(const std::vector<EpochStart>& history, uint64_t next_lsn) const;
   // Makes the log refuse further appends and fails everything queued (callbacks run unlocked).
   void FailQueued(absl::Status status);
   // Runs p's callback (if it has one) with its LSN or `st`.

@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "agent/cli/divergent.h"
 #include "agent/cli/switchover.h"
 #include "tvilling/v1/control.grpc.pb.h"
 
@@ -291,6 +292,8 @@ int RunTvillingctl(int argc, const char* const* argv, std::ostream& out, std::os
                      "seconds the target may take to catch up (default 30)")
         ->type_name("SECONDS")
         ->check(CLI::Range(0.001, 86400.0));
+    DivergentArgs div;
+    const DivergentCommands divergent = AddDivergentCommands(app, &div);
     app.require_subcommand(1);
     try {
       app.parse(argc, argv);
@@ -318,6 +321,16 @@ int RunTvillingctl(int argc, const char* const* argv, std::ostream& out, std::os
       return Status(path.string(), timeout, json, out, err, watch);
     }
     if (switchover->parsed()) return Switchover(path.string(), timeout, sw, out, err);
+    if (divergent.show->parsed()) {
+      // The files, not the agent: <state dir>/divergent (the socket's directory by default).
+      std::filesystem::path dir = div.dir;
+      if (dir.empty()) {
+        dir = (state_dir.empty() ? path.parent_path() : std::filesystem::path(state_dir)) /
+              "divergent";
+      }
+      return DivergentShow(dir, div, out, err);
+    }
+    if (divergent.export_->parsed()) return DivergentExport(div, out, err);
     err << "tvillingctl: no command\n";
     return kExitUsage;
   } catch (const std::exception& e) {

@@ -88,6 +88,48 @@ uint64_t CommonPrefix(const History& a, uint64_t a_last, const History& b, uint6
   return limit;
 }
 
+std::vector<Extent> MergeExtents(std::vector<Extent> extents) {
+  std::erase_if(extents, [](const Extent& e) { return e.length == 0; });
+  std::sort(extents.begin(), extents.end(), [](const Extent& a, const Extent& b) {
+    return a.volume != b.volume ? a.volume < b.volume : a.offset < b.offset;
+  });
+  std::vector<Extent> out;
+  for (const Extent& e : extents) {
+    if (!out.empty() && out.back().volume == e.volume &&
+        e.offset <= out.back().offset + out.back().length) {
+      Extent& b = out.back();
+      b.length = std::max(b.offset + b.length, e.offset + e.length) - b.offset;
+    } else {
+      out.push_back(e);
+    }
+  }
+  return out;
+}
+
+std::vector<Extent> ExtentsFrom(const std::vector<Extent>& extents, uint32_t volume,
+                                uint64_t offset) {
+  std::vector<Extent> out;
+  for (const Extent& e : extents) {
+    if (e.volume < volume) continue;
+    if (e.volume > volume || e.offset >= offset) {
+      out.push_back(e);
+    } else if (e.offset + e.length > offset) {
+      out.push_back({e.volume, offset, e.offset + e.length - offset});
+    }
+  }
+  return out;
+}
+
+bool ExtentsCover(const std::vector<Extent>& extents, uint32_t volume, uint64_t offset,
+                  uint64_t length) {
+  for (const Extent& e : extents) {
+    if (e.volume == volume && offset >= e.offset && offset - e.offset <= e.length &&
+        length <= e.length - (offset - e.offset))
+      return true;
+  }
+  return false;
+}
+
 namespace {
 
 std::string U(uint64_t v) { return std::to_string(v); }
@@ -134,11 +176,20 @@ HandshakeDecision DecideHandshake(const PrimaryHello& hello, const ReplicaView& 
     std::string primary_side = split <= hello.last_lsn
                                    ? "epoch " + U(EpochAt(hello.history, split))
                                    : "no record (its log ends at " + U(hello.last_lsn) + ")";
-    return Refuse(RefuseCode::kDiverged,
-                  "diverged: the logs split at LSN " + U(split) + ": this replica holds epoch " +
-                      U(EpochAt(view.history, split)) + " there and records up to " +
-                      U(view.last_lsn) + ", " + from + " has " + primary_side +
-                      "; resync the replica (full copy)");
+    const std::string what = "the logs split at LSN " + U(split) + ": this replica holds epoch " +
+                             U(EpochAt(view.history, split)) + " there and records up to " +
+                             U(view.last_lsn) + ", " + from + " has " + primary_side;
+    if (view.on_divergence == OnDivergence::kRefuse) {
+      return Refuse(
+          RefuseCode::kDiverged,
+          "diverged: " + what + "; on_divergence = refuse: resync the replica (full copy)");
+    }
+    HandshakeDecision d;
+    d.kind = HandshakeDecision::Kind::kRejoin;
+    d.fork_lsn = common;
+    d.reason = "rejoin: " + what + "; saving records " + U(split) + ".." + U(view.last_lsn) +
+               " and cutting the log back to LSN " + U(common);
+    return d;
   }
   HandshakeDecision d;
   const bool primary_holds_next = view.last_lsn + 1 >= hello.first_lsn;
@@ -161,6 +212,32 @@ HandshakeDecision DecideHandshake(const PrimaryHello& hello, const ReplicaView& 
       d.reason = "full copy: the interrupted copy cannot resume: its log ends at LSN " +
                  U(view.last_lsn) + " but " + from + " holds records only from LSN " +
                  U(hello.first_lsn) + "; starting over";
+    }
+    return d;
+  }
+  if (view.restore_pending) {
+    if (!primary_holds_next) {
+      d.kind = HandshakeDecision::Kind::kFullCopy;
+      d.reason = "full copy: restoring the extents of a rejoin needs the records from LSN " +
+                 U(view.last_lsn + 1) + " but " + from + " holds records only from LSN " +
+                 U(hello.first_lsn);
+      return d;
+    }
+    d.kind = HandshakeDecision::Kind::kRestore;
+    d.start_lsn = view.last_lsn + 1;
+    if (hello.epoch == view.restore_epoch) {
+      d.copy_resume = true;
+      d.copy_volume = view.copy_volume;
+      d.copy_offset = view.copy_offset;
+      d.extents = ExtentsFrom(view.restore_extents, view.copy_volume, view.copy_offset);
+      d.reason = "restore: resuming the restore of " + U(view.restore_extents.size()) +
+                 " extent(s) at volume " + U(view.copy_volume) + " offset " + U(view.copy_offset) +
+                 ", log from LSN " + U(d.start_lsn);
+    } else {
+      // Chunks restored so far may show records a primary of another epoch lost: all again.
+      d.extents = view.restore_extents;
+      d.reason = "restore: copying the " + U(view.restore_extents.size()) +
+                 " extent(s) the saved divergent records touched, log from LSN " + U(d.start_lsn);
     }
     return d;
   }
@@ -195,6 +272,36 @@ HandshakeDecision DecideHandshake(const PrimaryHello& hello, const ReplicaView& 
   d.start_lsn = view.last_lsn + 1;
   d.reason = "streaming from LSN " + U(d.start_lsn);
   return d;
+}
+
+RejoinPlan PlanRejoin(const ReplicaView& view, uint64_t fork_lsn, std::vector<Extent> tail_extents,
+                      uint64_t applied_lsn) {
+  RejoinPlan p;
+  p.fork_lsn = fork_lsn;
+  p.history = HistoryUpTo(view.history, fork_lsn);
+  p.applied_lsn = std::min(applied_lsn, fork_lsn);
+  if (view.restore_pending) {
+    tail_extents.insert(tail_extents.end(), view.restore_extents.begin(),
+                        view.restore_extents.end());
+  }
+  p.extents = MergeExtents(std::move(tail_extents));
+  if (view.copy_in_progress) {
+    p.reason = "a full copy is in progress: it goes on (from the start) after the cut";
+  } else if (!view.consistent && !view.restore_pending) {
+    p.reason = "the volumes were not consistent before (no completed copy): full copy";
+  } else if (view.consistent_at_lsn > fork_lsn) {
+    p.reason = "the volumes hold a copy up to LSN " + U(view.consistent_at_lsn) +
+               ", beyond the fork at LSN " + U(fork_lsn) +
+               ", whose records the log never held: full copy";
+  } else if (p.extents.size() > kMaxRestoreExtents) {
+    p.reason = U(p.extents.size()) + " extents to restore, more than " + U(kMaxRestoreExtents) +
+               ": full copy";
+  } else {
+    p.restore = true;
+    p.reason = "restoring " + U(p.extents.size()) + " extent(s) from the primary";
+  }
+  if (!p.restore) p.extents.clear();
+  return p;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -464,7 +571,8 @@ uint64_t PrimaryGroup::OnDecision(const std::string& peer, const HandshakeDecisi
   Impl::Peer& p = it->second;
   switch (d.kind) {
     case HandshakeDecision::Kind::kRefuse:
-      impl_->Unconfirm(p);  // its log is not the one its positions described
+    case HandshakeDecision::Kind::kRejoin:  // never on the wire; treated as a refusal
+      impl_->Unconfirm(p);                  // its log is not the one its positions described
       p.state = LinkState::kRefused;
       p.last_error = std::string("refused (") + RefuseCodeName(d.code) + "): " + d.reason;
       p.next_lsn = 0;
@@ -477,13 +585,15 @@ uint64_t PrimaryGroup::OnDecision(const std::string& peer, const HandshakeDecisi
       p.next_lsn = std::max<uint64_t>(d.start_lsn, 1);
       break;
     case HandshakeDecision::Kind::kFullCopy:
+    case HandshakeDecision::Kind::kRestore:
+      // A restore is a copy of some extents over the replica's own log: like a resumed copy.
       impl_->Unconfirm(p);
       p.copy_pending = true;
       p.copy_end_sent = false;
       p.copy_end = 0;
       p.copy_confirmed = false;
       p.state = LinkState::kCopying;
-      if (d.copy_resume) {
+      if (d.copy_resume || d.kind == HandshakeDecision::Kind::kRestore) {
         p.next_lsn = std::max<uint64_t>(d.start_lsn, 1);
       } else {
         // The peer's log is replaced by one starting at copy_base_lsn + 1.
@@ -694,7 +804,7 @@ ReplicaReceiver::ReplicaReceiver(ReplicaView view) : view_(std::move(view)) {
   pos_.received = view_.last_lsn;
   pos_.durable = view_.last_lsn;
   synced_ = view_.last_lsn;
-  pos_.copying = view_.copy_in_progress;
+  pos_.copying = view_.copy_in_progress || view_.restore_pending;
 }
 
 uint64_t ReplicaReceiver::LogEpoch() const {
@@ -710,6 +820,13 @@ HandshakeDecision ReplicaReceiver::OnHello(const PrimaryHello& hello) {
   // A copy from the start replaces the log: positions of the old log would mislead the primary,
   // which has registered the copy's base already.
   awaiting_copy_begin_ = d.kind == HandshakeDecision::Kind::kFullCopy && !d.copy_resume;
+  if (d.kind == HandshakeDecision::Kind::kRestore) {
+    view_.restore_epoch = hello.epoch;
+    if (!d.copy_resume) {
+      view_.copy_volume = 0;
+      view_.copy_offset = 0;
+    }
+  }
   stream_epoch_ = hello.epoch;
   stream_history_ = hello.history;
   acked_once_ = false;
@@ -783,6 +900,9 @@ void ReplicaReceiver::OnCopyBegin(uint64_t epoch, uint64_t log_start_lsn,
   view_.consistent_at_lsn = 0;
   view_.copy_epoch = epoch;
   view_.consistent_at_epoch = 0;
+  view_.restore_pending = false;  // the copy replaces every byte
+  view_.restore_epoch = 0;
+  view_.restore_extents.clear();
   pos_.received = base;
   pos_.durable = base;
   synced_ = base;
@@ -802,6 +922,9 @@ void ReplicaReceiver::OnCopyDone(uint64_t consistent_at_lsn) {
   // The copy's records up to L1 were written by the primary of this stream: its history says
   // their epochs (records after the Hello's last LSN are in its own epoch, the history's last).
   view_.consistent_at_epoch = StreamEpochAt(consistent_at_lsn);
+  view_.restore_pending = false;
+  view_.restore_epoch = 0;
+  view_.restore_extents.clear();
   pos_.copying = false;  // the next ack tells the primary (the caller persisted the view first)
 }
 
@@ -834,7 +957,8 @@ uint64_t ReplicaReceiver::StreamEpochAt(uint64_t lsn) const {
 const ReplicaView& ReplicaReceiver::view() const { return view_; }
 
 bool ReplicaReceiver::consistent() const {
-  return view_.consistent && !view_.copy_in_progress && pos_.applied >= view_.consistent_at_lsn;
+  return view_.consistent && !view_.copy_in_progress && !view_.restore_pending &&
+         pos_.applied >= view_.consistent_at_lsn;
 }
 
 }  // namespace tvilling::core

@@ -55,6 +55,25 @@ struct Positions {
   bool operator==(const Positions&) const = default;
 };
 
+// A byte range of one volume of the group.
+struct Extent {
+  uint32_t volume = 0;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  bool operator==(const Extent&) const = default;
+};
+// Sorted by (volume, offset), overlapping and adjacent ranges merged, empty ones dropped.
+std::vector<Extent> MergeExtents(std::vector<Extent> extents);
+// The part of merged `extents` at or after position (volume, offset) in (volume, offset) order:
+// what a restore still has to copy after a chunk that ended there.
+std::vector<Extent> ExtentsFrom(const std::vector<Extent>& extents, uint32_t volume,
+                                uint64_t offset);
+// Whether [offset, offset + length) of `volume` lies inside one of merged `extents`.
+bool ExtentsCover(const std::vector<Extent>& extents, uint32_t volume, uint64_t offset,
+                  uint64_t length);
+// A rejoin restores at most this many (merged) extents; beyond it a full copy is simpler.
+inline constexpr size_t kMaxRestoreExtents = 65536;
+
 // ---------------------------------------------------------------------------------------------
 // Handshake (decided by the replica)
 
@@ -68,8 +87,14 @@ struct PrimaryHello {
   uint64_t last_lsn = 0;
 };
 
+// What a replica does when its log holds records the primary's history does not (the
+// group's `on_divergence`; docs/replication.md, "Divergence"). The config's default is kRejoin;
+// a view built without a config refuses, as before rejoin existed.
+enum class OnDivergence : uint8_t { kRefuse, kRejoin };
+
 struct ReplicaView {
   bool group_known = false;
+  OnDivergence on_divergence = OnDivergence::kRefuse;
   bool is_primary = false;    // this agent is itself configured primary of the group
   uint64_t newest_epoch = 0;  // newest epoch this agent has seen (persisted)
   History history;            // of its log
@@ -93,6 +118,14 @@ struct ReplicaView {
   // with it). While the log has not reached consistent_at_lsn the volumes hold records it does not
   // hold; the handshake checks them against the primary's history through this.
   uint64_t consistent_at_epoch = 0;
+  // Rejoin (docs/replication.md, "Rejoin"): the log was cut back to a fork LSN and the volumes
+  // still hold the saved tail's data in `restore_extents` (merged): those extents are copied from
+  // the primary before the replica is consistent again. The resume point is (copy_volume,
+  // copy_offset) in extent order; it is valid only on a stream of `restore_epoch` (the epoch of
+  // the stream that began restoring; 0 = not begun).
+  bool restore_pending = false;
+  uint64_t restore_epoch = 0;
+  std::vector<Extent> restore_extents;
 };
 
 enum class RefuseCode : uint8_t {
@@ -108,7 +141,11 @@ enum class RefuseCode : uint8_t {
 const char* RefuseCodeName(RefuseCode c);
 
 struct HandshakeDecision {
-  enum class Kind : uint8_t { kStreamFrom, kFullCopy, kRefuse };
+  // kRejoin never goes on the wire: the replica saves its records after fork_lsn, cuts its log
+  // back to fork_lsn (PlanRejoin) and decides again on the cut log. kRestore: the primary copies
+  // `extents` (CopyChunks, then CopyDone; no CopyBegin: the log is kept) while the log streams
+  // from start_lsn.
+  enum class Kind : uint8_t { kStreamFrom, kFullCopy, kRefuse, kRejoin, kRestore };
   Kind kind = Kind::kRefuse;
   uint64_t start_lsn =
       0;  // kStreamFrom: first LSN to send. kFullCopy resume: the log continues here
@@ -116,20 +153,46 @@ struct HandshakeDecision {
   uint32_t copy_volume = 0;
   uint64_t copy_offset = 0;
   RefuseCode code = RefuseCode::kNone;
-  std::string reason;  // for an operator, always set (also for kFullCopy: why)
+  std::string reason;           // for an operator, always set (also for kFullCopy: why)
+  uint64_t fork_lsn = 0;        // kRejoin: the last LSN both logs share
+  std::vector<Extent> extents;  // kRestore: what is left to copy (from the resume point)
 };
 
 // The replica's answer to a Hello (docs/replication.md, "The stream"). Rules, in order:
 // unknown group -> refuse; is_primary -> refuse kNotReplica; hello.epoch < newest_epoch -> refuse
 // kStaleEpoch; volume count or sizes differ -> refuse kVolumeMismatch; the replica holds records
-// beyond CommonPrefix -> refuse kDiverged (reason names the LSN and both epochs); copy in progress
+// beyond CommonPrefix -> refuse kDiverged (reason names the LSN and both epochs) if
+// view.on_divergence is kRefuse, else kRejoin with fork_lsn = CommonPrefix; copy in progress
 // -> full copy resuming at the persisted point, if the hello's epoch is the copy's epoch and the
-// primary still holds last_lsn + 1, else a full copy from the start; not consistent -> full copy;
+// primary still holds last_lsn + 1, else a full copy from the start; restore pending -> kRestore
+// of the extents (resuming at the persisted point if hello.epoch is restore_epoch) if the primary
+// holds last_lsn + 1, else a full copy from the start; not consistent -> full copy;
 // a completed copy whose consistent_at_lsn the log has not reached, where the primary's history
 // does not have consistent_at_epoch at consistent_at_lsn (the volumes hold records the primary
 // lost: they cannot become a prefix state of its log) -> full copy from the start; last_lsn + 1 <
 // hello.first_lsn -> full copy; else stream from last_lsn + 1.
 HandshakeDecision DecideHandshake(const PrimaryHello& hello, const ReplicaView& view);
+
+// What a replica persists when it cuts its log back to a fork (after saving the records after it).
+struct RejoinPlan {
+  uint64_t fork_lsn = 0;
+  History history;           // the log's history after the cut: HistoryUpTo(view.history, fork)
+  uint64_t applied_lsn = 0;  // the applied checkpoint after the cut: min(applied, fork)
+  // Restore the extents the saved records touched (and any still pending from an earlier
+  // rejoin), merged; else the volumes are no image of anything and a full copy follows
+  // (consistent = false, no restore pending).
+  bool restore = false;
+  std::vector<Extent> extents;
+  std::string reason;  // for an operator
+};
+// A replica whose log diverged at `fork_lsn` (a kRejoin decision) and whose records after it
+// touched `tail_extents`. The extents can be restored when the volumes were an image before
+// (consistent, or a restore pending from an earlier rejoin: the two merge), no full copy is in
+// progress, a completed copy's end (consistent_at_lsn) is not beyond the fork (else the volumes
+// hold copied data of records after the fork that the log never held, at unknown places), and at
+// most kMaxRestoreExtents remain after merging. Otherwise a full copy.
+RejoinPlan PlanRejoin(const ReplicaView& view, uint64_t fork_lsn, std::vector<Extent> tail_extents,
+                      uint64_t applied_lsn);
 
 // ---------------------------------------------------------------------------------------------
 // Primary side
@@ -289,7 +352,9 @@ class ReplicaReceiver {
   explicit ReplicaReceiver(ReplicaView view);
 
   // Decides the handshake (DecideHandshake) and, when hello.epoch > newest_epoch, raises it: the
-  // caller persists newest_epoch() BEFORE sending the decision.
+  // caller persists newest_epoch() BEFORE sending the decision. On kRestore the view's
+  // restore_epoch becomes hello.epoch and, unless resuming, the resume point (copy_volume,
+  // copy_offset) goes back to the start: persist both with the epoch.
   HandshakeDecision OnHello(const PrimaryHello& hello);
 
   struct BatchCheck {
@@ -316,7 +381,8 @@ class ReplicaReceiver {
   void OnCopyChunk(uint32_t volume, uint64_t next_offset);
   // The copy finished at L1: the replica is consistent once applied >= L1 (persist the view, with
   // consistent_at_epoch: the epoch of L1 in the stream's history). The caller restarts its
-  // applier from log_start_lsn; applied is log_start_lsn - 1 from here.
+  // applier from log_start_lsn; applied is log_start_lsn - 1 from here. Ends a restore of
+  // extents (kRestore) too: no restore is pending after it.
   void OnCopyDone(uint64_t consistent_at_lsn);
 
   // Progress of the replica's own log and volumes.

@@ -240,7 +240,9 @@ absl::StatusOr<std::unique_ptr<GroupRuntime>> GroupRuntime::Open(storage::LogSto
   g->log_ = *log;
   // A replica whose full copy was interrupted must not apply anything until the copy completes
   // (docs/replication.md, "Full copy"): the copied chunks and the log are merged then.
-  g->apply_paused_ = g->options_.start_apply_paused || g->log_->replica_meta().copy_in_progress;
+  // Nor one restoring a rejoin's extents (docs/replication.md, "Rejoin"): the same merge.
+  g->apply_paused_ = g->options_.start_apply_paused || g->log_->replica_meta().copy_in_progress ||
+                     g->log_->replica_meta().restore_pending;
 
   // Replay what the volumes may not hold yet. New appends cannot arrive: no export serves yet.
   const storage::GroupLogState state = g->log_->State();

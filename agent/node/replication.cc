@@ -8,8 +8,10 @@
 
 #include <algorithm>
 #include <future>
+#include <limits>
 
 #include "agent/transport/codec.h"
+#include "storage/divergent_file.h"
 #include "storage/thread_name.h"
 
 namespace tvilling::node {
@@ -59,9 +61,20 @@ v1::Decision ToProto(const core::HandshakeDecision& d, uint64_t epoch) {
       out.set_kind(v1::Decision::FULL_COPY);
       break;
     case core::HandshakeDecision::Kind::kRefuse:
+    case core::HandshakeDecision::Kind::kRejoin:  // never sent: decided again after the cut
       out.set_kind(v1::Decision::REFUSE);
       break;
+    case core::HandshakeDecision::Kind::kRestore:
+      out.set_kind(v1::Decision::RESTORE);
+      break;
   }
+  for (const core::Extent& e : d.extents) {
+    v1::Extent* x = out.add_restore_extents();
+    x->set_volume(e.volume);
+    x->set_offset(e.offset);
+    x->set_length(e.length);
+  }
+  out.set_fork_lsn(d.fork_lsn);
   out.set_start_lsn(d.start_lsn);
   out.set_epoch(epoch);
   out.set_reason(d.reason);
@@ -81,6 +94,9 @@ core::HandshakeDecision FromProto(const v1::Decision& d) {
     case v1::Decision::FULL_COPY:
       out.kind = core::HandshakeDecision::Kind::kFullCopy;
       break;
+    case v1::Decision::RESTORE:
+      out.kind = core::HandshakeDecision::Kind::kRestore;
+      break;
     default:
       out.kind = core::HandshakeDecision::Kind::kRefuse;
       break;
@@ -91,6 +107,10 @@ core::HandshakeDecision FromProto(const v1::Decision& d) {
   out.copy_offset = d.copy_offset();
   out.code = static_cast<core::RefuseCode>(d.code());
   out.reason = d.reason();
+  out.fork_lsn = d.fork_lsn();
+  for (const v1::Extent& e : d.restore_extents()) {
+    out.extents.push_back({e.volume(), e.offset(), e.length()});
+  }
   return out;
 }
 
@@ -144,7 +164,14 @@ struct PrimaryReplicator::Link {
   // Full copy.
   bool copying = false;
   uint32_t copy_volume = 0;
-  uint64_t copy_offset = 0;
+  uint64_t copy_offset = 0;  // a restore: the offset within restore_extents[restore_index]
+  // A restore (Decision RESTORE) copies only these extents, sorted and disjoint.
+  bool restore = false;
+  std::vector<core::Extent> restore_extents;
+  size_t restore_index = 0;
+  // A restore's chunks must show the volumes at an LSN the replica replays from: at least the
+  // LSN before the decision's start (the replica's log end). The applier may lag the log.
+  uint64_t restore_min_applied = 0;
   uint64_t copy_total = 0;
   uint64_t copy_done = 0;
   core::Nanos copy_started_at = 0;  // for the rate and ETA in the status
@@ -446,7 +473,38 @@ void PrimaryReplicator::OnMessage(Link& link, uint64_t generation, v1::FromRepli
         break;
       }
       link.backoff = kMinBackoff;
-      if (d.kind == core::HandshakeDecision::Kind::kFullCopy) {
+      link.restore = false;
+      if (d.kind == core::HandshakeDecision::Kind::kRestore) {
+        const uint64_t base = d.start_lsn == 0 ? 0 : d.start_lsn - 1;
+        if (base > log_->last_lsn()) {
+          Disconnect(link,
+                     fmt::format("{} asked for a restore with its log at LSN {}, beyond this "
+                                 "log's last LSN {}",
+                                 link.opt.site, base, log_->last_lsn()),
+                     now);
+          break;
+        }
+        core_.OnDecision(link.opt.site, d, base, now);
+        link.copying = true;
+        link.restore = true;
+        link.restore_extents = d.extents;
+        link.restore_index = 0;
+        link.restore_min_applied = base;
+        link.copy_volume = 0;
+        link.copy_offset = 0;
+        link.copy_total = 0;
+        for (const core::Extent& e : d.extents) link.copy_total += e.length;
+        link.copy_done = 0;
+        link.copy_started_at = now;
+        link.copy_done_at_start = 0;
+        spdlog::info("group {}: restoring {} extent(s) ({} bytes) to {} ({}), log from LSN {}",
+                     log_->name(), d.extents.size(), link.copy_total, link.opt.site, d.reason,
+                     d.start_lsn);
+        storage::PeerPosition pos;
+        pos.peer = link.opt.site;
+        pos.durable_lsn = base;
+        (void)log_->SetPeerPosition(pos);
+      } else if (d.kind == core::HandshakeDecision::Kind::kFullCopy) {
         const uint64_t base = d.copy_resume ? d.start_lsn - 1 : group_->applied_lsn();
         core_.OnDecision(link.opt.site, d, base, now);
         link.copying = true;
@@ -588,8 +646,29 @@ void PrimaryReplicator::CopyStep(Link& link, core::Nanos now) {
     if (stream->queued_bytes() >= options_.max_queued_bytes) return;
     if (link.rate_wait_until > now) return;  // the copy shares the link's rate_limit
     const uint64_t gen = link.generation;
-    const uint32_t vi = link.copy_volume;
-    const uint64_t off = link.copy_offset;
+    uint32_t vi = link.copy_volume;
+    uint64_t off = link.copy_offset;
+    uint64_t max_len = std::numeric_limits<uint64_t>::max();
+    bool all_read = vi >= group_->volume_count();
+    if (link.restore) {
+      if (group_->applied_lsn() < link.restore_min_applied) return;  // the worker comes back
+      all_read = link.restore_index >= link.restore_extents.size();
+      if (!all_read) {
+        const core::Extent& e = link.restore_extents[link.restore_index];
+        vi = e.volume;
+        off = e.offset + link.copy_offset;
+        max_len = e.length - link.copy_offset;
+        if (vi >= group_->volume_count() || e.offset > group_->volume(vi).size() ||
+            e.length > group_->volume(vi).size() - e.offset || e.length == 0) {
+          Disconnect(link,
+                     fmt::format("{} asked to restore volume {} {}+{}, outside the group's "
+                                 "volumes",
+                                 link.opt.site, e.volume, e.offset, e.length),
+                     now);
+          return;
+        }
+      }
+    }
     lock.unlock();
 
     v1::ToReplica msg;
@@ -597,7 +676,7 @@ void PrimaryReplicator::CopyStep(Link& link, core::Nanos now) {
     bool finished = false;
     uint64_t len = 0;
     uint64_t done_lsn = 0;
-    if (vi >= group_->volume_count()) {
+    if (all_read) {
       // Every chunk is read: the copy equals the volumes as of some LSN <= last_lsn now.
       v1::CopyDone* d = msg.mutable_copy_done();
       d->set_epoch(epoch_);
@@ -606,7 +685,7 @@ void PrimaryReplicator::CopyStep(Link& link, core::Nanos now) {
       finished = true;
     } else {
       storage::Volume& v = group_->volume(vi);
-      len = std::min<uint64_t>(options_.copy_chunk_bytes, v.size() - off);
+      len = std::min<uint64_t>({options_.copy_chunk_bytes, v.size() - off, max_len});
       std::string data(len, '\0');
       st = v.Read(off, std::span<char>(data.data(), data.size()));
       v1::CopyChunk* c = msg.mutable_copy_chunk();
@@ -644,7 +723,12 @@ void PrimaryReplicator::CopyStep(Link& link, core::Nanos now) {
     }
     link.copy_offset += len;
     link.copy_done += len;
-    if (link.copy_offset >= group_->volume(vi).size()) {
+    if (link.restore) {
+      if (link.copy_offset >= link.restore_extents[link.restore_index].length) {
+        ++link.restore_index;
+        link.copy_offset = 0;
+      }
+    } else if (link.copy_offset >= group_->volume(vi).size()) {
       ++link.copy_volume;
       link.copy_offset = 0;
     }
@@ -853,6 +937,14 @@ core::ReplicaView ReplicaGroup::BuildView() const {
   v.copy_in_progress = meta.copy_in_progress;
   v.copy_volume = meta.copy_volume;
   v.copy_offset = meta.copy_offset;
+  // Nowhere to save the records after a fork: refuse, as before rejoin existed.
+  v.on_divergence =
+      options_.divergent_dir.empty() ? core::OnDivergence::kRefuse : options_.on_divergence;
+  v.restore_pending = meta.restore_pending;
+  v.restore_epoch = meta.restore_epoch;
+  for (const storage::VolumeExtent& e : meta.restore_extents) {
+    v.restore_extents.push_back({e.volume, e.offset, e.length});
+  }
   return v;
 }
 
@@ -932,10 +1024,59 @@ void ReplicaGroup::HandleHello(Session& s, const v1::Hello& hello) {
     if (stopping_) return;
     rx_ = core::ReplicaReceiver(BuildView());
     rx_.OnApplied(group_->applied_lsn());
+    d = core::DecideHandshake(ph, rx_.view());
+    if (d.kind == core::HandshakeDecision::Kind::kRejoin && active_ && active_.get() != &s) {
+      // The log is about to be cut: the stream that fed it ends first.
+      previous = std::move(active_);
+      previous->closed = true;
+    }
+  }
+  if (d.kind == core::HandshakeDecision::Kind::kRejoin) {
+    if (previous) {
+      previous->stream().Close(
+          absl::AbortedError(fmt::format("superseded by a new stream from {}", s.peer())));
+      previous.reset();
+    }
+    spdlog::warn("group {}: stream from {}: {}", log_->name(), s.peer(), d.reason);
+    absl::Status st = WaitLogIdle(*log_);
+    if (st.ok()) st = Rejoin(d, ph);
+    if (!st.ok()) {
+      // The log is the old one or the cut one (CutBackTo is atomic); the next Hello decides again.
+      return Fail(s, absl::Status(st.code(), fmt::format("rejoin at fork LSN {} failed: {}",
+                                                         d.fork_lsn, std::string(st.message()))));
+    }
+  }
+  const std::string rejoined =
+      d.kind == core::HandshakeDecision::Kind::kRejoin ? d.reason + "; then " : "";
+  const uint64_t fork_lsn = d.fork_lsn;
+  {
+    std::lock_guard lock(mu_);
+    if (stopping_) return;
+    rx_ = core::ReplicaReceiver(BuildView());
+    rx_.OnApplied(group_->applied_lsn());
     d = rx_.OnHello(ph);
+    if (d.kind == core::HandshakeDecision::Kind::kRejoin) {
+      // The cut log still diverges: a bug, never a loop.
+      d.kind = core::HandshakeDecision::Kind::kRefuse;
+      d.code = core::RefuseCode::kDiverged;
+      d.reason = "diverged again right after the cut: " + d.reason;
+    }
+    d.reason = rejoined + d.reason;
+    d.fork_lsn = fork_lsn;
     storage::ReplicaMeta meta = log_->replica_meta();
-    if (rx_.newest_epoch() > meta.newest_epoch_seen) {
-      meta.newest_epoch_seen = rx_.newest_epoch();
+    bool persist = false;
+    if (d.kind == core::HandshakeDecision::Kind::kRestore) {
+      // The restore's resume point is valid on streams of this epoch only (core decided it).
+      meta.restore_epoch = rx_.view().restore_epoch;
+      meta.copy_volume = rx_.view().copy_volume;
+      meta.copy_offset = rx_.view().copy_offset;
+      persist = true;
+      copy_done_bytes_ = 0;
+      copy_total_bytes_ = 0;
+      for (const core::Extent& e : rx_.view().restore_extents) copy_total_bytes_ += e.length;
+    }
+    if (rx_.newest_epoch() > meta.newest_epoch_seen || persist) {
+      meta.newest_epoch_seen = std::max(meta.newest_epoch_seen, rx_.newest_epoch());
       if (absl::Status st = log_->SetReplicaMeta(meta); !st.ok()) {
         d.kind = core::HandshakeDecision::Kind::kRefuse;
         d.code = core::RefuseCode::kProtocol;
@@ -975,6 +1116,79 @@ void ReplicaGroup::HandleHello(Session& s, const v1::Hello& hello) {
                hello.epoch(), d.reason);
   s.stream().Send(std::move(out));
   SendAck();
+}
+
+absl::Status ReplicaGroup::Rejoin(const core::HandshakeDecision& d,
+                                  const core::PrimaryHello& hello) {
+  const storage::GroupLogState state = log_->State();
+  const uint64_t fork = d.fork_lsn;
+  if (fork >= state.last_lsn) return absl::OkStatus();  // nothing after the fork (raced)
+  // Records the log dropped already (retention) cannot be saved; their data is only in the
+  // volumes, at places nobody knows any more: then the extents cannot be restored either.
+  const uint64_t from = std::max(fork + 1, state.first_lsn);
+  std::vector<core::Extent> extents;
+  std::string saved = "no record (the log had dropped them)";
+  if (from <= state.last_lsn) {
+    timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    storage::DivergentFileInfo info;
+    info.group = log_->name();
+    info.group_id = log_->group_id();
+    info.fork_lsn = fork;
+    info.first_lsn = from;
+    info.last_lsn = state.last_lsn;
+    info.saved_unix_ns =
+        static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + static_cast<uint64_t>(ts.tv_nsec);
+    info.primary_epoch = hello.epoch;
+    info.primary_site = hello.site;
+    auto w = storage::DivergentFileWriter::Create(options_.divergent_dir, info);
+    if (!w.ok()) return w.status();
+    absl::Status st = log_->ReadRaw(from, state.last_lsn, UINT64_MAX, UINT32_MAX,
+                                    [&](uint64_t lsn, std::string_view value) -> absl::Status {
+                                      const storage::RecordHeader h =
+                                          storage::PeekRecordHeader(value);
+                                      extents.push_back({h.volume, h.offset, h.length});
+                                      return (*w)->Add(lsn, value);
+                                    });
+    if (!st.ok()) return st;
+    auto path = (*w)->Finish();
+    if (!path.ok()) return path.status();
+    saved = fmt::format("records {}..{} saved to {}", from, state.last_lsn, path->string());
+  }
+  core::ReplicaView view = BuildView();
+  if (from != fork + 1) {
+    view.consistent = false;
+    view.restore_pending = false;
+  }
+  const core::RejoinPlan plan =
+      core::PlanRejoin(view, fork, std::move(extents), group_->applied_lsn());
+  storage::ReplicaMeta meta = log_->replica_meta();
+  meta.newest_epoch_seen = std::max(meta.newest_epoch_seen, hello.epoch);
+  if (!meta.copy_in_progress) {
+    meta.consistent = false;
+    meta.restore_pending = plan.restore;
+    meta.restore_epoch = 0;
+    meta.restore_extents.clear();
+    for (const core::Extent& e : plan.extents) {
+      meta.restore_extents.push_back({e.volume, e.offset, e.length});
+    }
+    meta.copy_volume = 0;
+    meta.copy_offset = 0;
+  }
+  std::vector<storage::EpochStart> history;
+  for (const core::EpochStart& e : plan.history) history.push_back({e.epoch, e.first_lsn});
+  // Refused if anything was appended after the save (nothing is cut that is not in the file).
+  if (absl::Status st = log_->CutBackTo(fork, state.last_lsn, std::move(history), meta); !st.ok()) {
+    return st;
+  }
+  // Nothing is appended until the decision goes out. The applier stays stopped until the restore
+  // (or copy) is done: the restored chunks and the records after the applied LSN are merged then,
+  // as in a full copy (a restart keeps it stopped: GroupRuntime::Open).
+  group_->PauseApply();
+  group_->ResetAppliedLsn(std::min(group_->applied_lsn(), plan.applied_lsn));
+  spdlog::warn("group {}: rejoin at fork LSN {}: {}; log cut back to LSN {}; {}", log_->name(),
+               fork, saved, fork, plan.reason);
+  return absl::OkStatus();
 }
 
 void ReplicaGroup::HandleBatch(Session& s, v1::Batch& batch) {
@@ -1095,6 +1309,9 @@ void ReplicaGroup::HandleCopyBegin(Session& s, const v1::CopyBegin& m) {
   meta.consistent_at_lsn = 0;
   meta.copy_epoch = m.epoch();
   meta.consistent_at_epoch = 0;
+  meta.restore_pending = false;  // the copy replaces every byte
+  meta.restore_epoch = 0;
+  meta.restore_extents.clear();
   // The copy stands for the primary's records up to L0, so the log's history is the primary's
   // (the Hello's, docs/replication.md) up to L0: the same history core's view gets below, and what
   // BuildView reads back after a restart. The reset log, that history and the copy mark land in
@@ -1124,9 +1341,20 @@ void ReplicaGroup::HandleCopyBegin(Session& s, const v1::CopyBegin& m) {
 }
 
 void ReplicaGroup::HandleCopyChunk(Session& s, const v1::CopyChunk& m) {
-  if (!s.accepted || !log_->replica_meta().copy_in_progress) {
+  const storage::ReplicaMeta cur = log_->replica_meta();
+  if (!s.accepted || (!cur.copy_in_progress && !cur.restore_pending)) {
     return Fail(s, absl::InvalidArgumentError(
                        fmt::format("{} sent a copy chunk while no copy is in progress", s.peer())));
+  }
+  if (!cur.copy_in_progress) {
+    std::vector<core::Extent> extents;
+    for (const auto& e : cur.restore_extents) extents.push_back({e.volume, e.offset, e.length});
+    if (!core::ExtentsCover(extents, m.volume(), m.offset(), m.length())) {
+      return Fail(s, absl::InvalidArgumentError(fmt::format(
+                         "{} sent a copy chunk for volume {} {}+{}, outside the extents being "
+                         "restored",
+                         s.peer(), m.volume(), m.offset(), m.length())));
+    }
   }
   if (m.volume() >= group_->volume_count()) {
     return Fail(s,
@@ -1181,7 +1409,8 @@ void ReplicaGroup::HandleCopyChunk(Session& s, const v1::CopyChunk& m) {
 }
 
 void ReplicaGroup::HandleCopyDone(Session& s, const v1::CopyDone& m) {
-  if (!s.accepted || !log_->replica_meta().copy_in_progress) {
+  const storage::ReplicaMeta cur = log_->replica_meta();
+  if (!s.accepted || (!cur.copy_in_progress && !cur.restore_pending)) {
     return Fail(s, absl::InvalidArgumentError(
                        fmt::format("{} sent CopyDone while no copy is in progress", s.peer())));
   }
@@ -1191,7 +1420,13 @@ void ReplicaGroup::HandleCopyDone(Session& s, const v1::CopyDone& m) {
   // "Copy complete, consistent once consistent_at is applied": core::ReplicaReceiver derives the
   // replica's consistency from these two and the applied LSN, so nothing else is persisted.
   storage::ReplicaMeta meta = log_->replica_meta();
+  const bool restore = !meta.copy_in_progress;
   meta.copy_in_progress = false;
+  meta.restore_pending = false;
+  meta.restore_epoch = 0;
+  meta.restore_extents.clear();
+  meta.copy_volume = 0;
+  meta.copy_offset = 0;
   meta.consistent = true;
   meta.consistent_at_lsn = m.lsn();
   {
@@ -1203,8 +1438,8 @@ void ReplicaGroup::HandleCopyDone(Session& s, const v1::CopyDone& m) {
     std::lock_guard lock(mu_);
     rx_.OnCopyDone(m.lsn());
   }
-  spdlog::info("group {}: full copy from {} received; consistent once LSN {} is applied",
-               log_->name(), s.peer(), m.lsn());
+  spdlog::info("group {}: {} from {} received; consistent once LSN {} is applied", log_->name(),
+               restore ? "restore of the rejoin's extents" : "full copy", s.peer(), m.lsn());
   if (absl::Status st = group_->ResumeApply(); !st.ok()) return Fail(s, st);
   // Records applied by the catch-up did not pass through the observer.
   NoteApplied(group_->applied_lsn());
@@ -1270,11 +1505,14 @@ void ReplicaGroup::FillStatus(v1::GroupStatus* out) const {
   v1::PeerStatus* ps = out->add_peers();
   ps->set_peer(active_peer_);
   ps->set_mode(active_mode_);
-  ps->set_link_state(active_ ? (meta.copy_in_progress ? "copying" : "streaming") : "disconnected");
+  ps->set_link_state(active_ ? (meta.copy_in_progress  ? "copying"
+                                : meta.restore_pending ? "restoring"
+                                                       : "streaming")
+                             : "disconnected");
   ps->set_received_lsn(log_->last_lsn());
   ps->set_durable_lsn(log_->durable_lsn());
   ps->set_applied_lsn(group_->applied_lsn());
-  if (meta.copy_in_progress) {
+  if (meta.copy_in_progress || meta.restore_pending) {
     ps->set_copy_total_bytes(copy_total_bytes_);
     ps->set_copy_done_bytes(copy_done_bytes_);
   }

@@ -20,6 +20,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
@@ -149,6 +150,10 @@ class PrimaryReplicator final : public CompletionGate,
 
 struct ReplicaOptions {
   std::string site;
+  // Where a rejoin saves the records after the fork (docs/replication.md, "Rejoin"); empty = a
+  // diverged replica refuses whatever on_divergence says (nowhere to save them).
+  std::filesystem::path divergent_dir;
+  core::OnDivergence on_divergence = core::OnDivergence::kRejoin;
   // Fsync the volumes and persist the copy's resume point after this many copied bytes.
   uint64_t copy_checkpoint_bytes = 64ull << 20;
 };
@@ -169,6 +174,10 @@ class ReplicaGroup {
  private:
   friend class Session;
   void HandleHello(Session& s, const v1::Hello& hello);
+  // A kRejoin decision: saves the records after d.fork_lsn to a divergent file, cuts the log back
+  // and persists core::PlanRejoin's outcome; then the caller decides again on the cut log.
+  // REQUIRES: mu_ not held; no stream appends (the Hello is being handled).
+  absl::Status Rejoin(const core::HandshakeDecision& d, const core::PrimaryHello& hello);
   void HandleBatch(Session& s, v1::Batch& batch);
   void HandleCopyBegin(Session& s, const v1::CopyBegin& m);
   void HandleCopyChunk(Session& s, const v1::CopyChunk& m);

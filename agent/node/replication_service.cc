@@ -86,6 +86,16 @@ PrimaryOptions PrimaryOptionsFor(const ops::Config& config, const ops::GroupConf
   return o;
 }
 
+ReplicaOptions ReplicaOptionsFor(const ops::Config& config, const ops::GroupConfig& group) {
+  ReplicaOptions o;
+  o.site = config.agent.site;
+  o.divergent_dir = config.agent.state_dir / "divergent";
+  o.on_divergence = group.on_divergence == ops::GroupConfig::OnDivergence::kRefuse
+                        ? core::OnDivergence::kRefuse
+                        : core::OnDivergence::kRejoin;
+  return o;
+}
+
 class ReplicationService::Impl final : public Dialer, public transport::StreamAcceptor {
  public:
   explicit Impl(const ops::Config& config) : config_(config) {}

@@ -26,6 +26,9 @@ absl::Status CheckTls(const ops::Config& config);
 
 // The replicator options of a group this agent is primary of.
 PrimaryOptions PrimaryOptionsFor(const ops::Config& config, const ops::GroupConfig& group);
+// The replica's options of `group` (the divergent-record directory under state_dir, the group's
+// on_divergence).
+ReplicaOptions ReplicaOptionsFor(const ops::Config& config, const ops::GroupConfig& group);
 
 class ReplicationService {
  public:

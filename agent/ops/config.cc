@@ -217,12 +217,23 @@ class Reader {
   void ReadGroups(const toml::table& root, std::vector<GroupConfig>* groups) {
     ForEachTable(root, "", "group", [&](const std::string& path, const toml::table& t) {
       GroupConfig& group = groups->emplace_back();
-      CheckKeys(t, path, {"name", "volume", "primary", "peer"});
+      CheckKeys(t, path, {"name", "volume", "primary", "peer", "on_divergence"});
       ReadString(t, path, "name", &group.name);
       ForEachTable(t, path, "volume", [&](const std::string& vpath, const toml::table& v) {
         ReadVolume(v, vpath, &group.volumes.emplace_back());
       });
       ReadString(t, path, "primary", &group.primary);
+      std::string on_divergence;
+      if (ReadString(t, path, "on_divergence", &on_divergence)) {
+        if (on_divergence == "rejoin") {
+          group.on_divergence = GroupConfig::OnDivergence::kRejoin;
+        } else if (on_divergence == "refuse") {
+          group.on_divergence = GroupConfig::OnDivergence::kRefuse;
+        } else {
+          errors_.Add(JoinKey(path, "on_divergence"),
+                      fmt::format("\"{}\": expected \"rejoin\" or \"refuse\"", on_divergence));
+        }
+      }
       ForEachTable(t, path, "peer", [&](const std::string& ppath, const toml::table& p) {
         ReadPeer(p, ppath, &group.peers.emplace_back());
       });

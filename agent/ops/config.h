@@ -217,6 +217,13 @@ struct GroupConfig {
   std::string primary;
   // [[group.peer]]: the other sites that hold this group. Default none (a local-only group).
   std::vector<PeerConfig> peers;
+  // `on_divergence`: what this agent does as a replica when its log holds records the primary's
+  // history does not (an old primary's unreplicated writes; docs/replication.md, "Rejoin"):
+  // "rejoin" (default) saves them to a file under state_dir/divergent, cuts the log back to the
+  // fork and restores the extents they touched from the primary; "refuse" refuses the stream
+  // (the operator resyncs).
+  enum class OnDivergence { kRejoin, kRefuse };
+  OnDivergence on_divergence = OnDivergence::kRejoin;
 
   // Whether this agent is the group's primary (valid after Validate).
   [[nodiscard]] bool IsPrimary(std::string_view own_site) const { return primary == own_site; }

@@ -85,7 +85,8 @@ class Agent:
 
     def write_config(self, groups, acl=None):
         """groups: list of dicts {name, primary, size, volumes (list of names), peers: [(agent,
-        mode, extra dict)]}; acl: list of (identity, site, [groups])."""
+        mode, extra dict)], extra: dict of more group keys}; acl: list of (identity, site,
+        [groups])."""
         pki = self.cluster.pki
         lines = [
             "[agent]",
@@ -113,6 +114,8 @@ class Agent:
             lines += ["[tls]", "insecure = true"]
         for g in groups:
             lines += ["[[group]]", f'name = "{g["name"]}"', f'primary = "{g["primary"]}"']
+            for k, val in (g.get("extra") or {}).items():
+                lines.append(f"{k} = {val}")
             for v in g.get("volumes", ["vol0"]):
                 lines += [
                     "[[group.volume]]",

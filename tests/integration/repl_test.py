@@ -18,7 +18,8 @@ Scenarios (each is a ctest; see tests/integration/CMakeLists.txt):
                      has two epochs) streams again after its restarts (SIGTERM, kill -9) and after
                      the primary's restart: never refused as diverged, no second copy, identical
   refuse_wrong_ca, refuse_expired_cert, refuse_other_tenant, refuse_stale_epoch,
-  refuse_diverged    each refusal seen with its reason, and no data accepted
+  refuse_diverged    each refusal seen with its reason, and no data accepted (refuse_diverged with
+                     on_divergence = "refuse"; the default rejoins: rejoin_test.py)
   refuse_malformed_batch, refuse_oversized_message, refuse_out_of_order
                      repl_probe (--probe) stands in for the primary with its certificate and sends
                      one bad message per case: the replica ends the stream with an error naming the
@@ -371,7 +372,9 @@ def refuse_diverged(c):
     a.stop()
     g2 = {"name": "g0", "primary": "site-b"}
     b.write_config([dict(g2, peers=[(a, "async", None)])], acl=acl_all)
-    a.write_config([dict(g2, peers=[(b, "async", None)])], acl=acl_all)
+    # The default rejoins (tests/integration/rejoin_test.py); this group asks for the refusal.
+    a.write_config([dict(g2, peers=[(b, "async", None)], extra={"on_divergence": '"refuse"'})],
+                   acl=acl_all)
     b.start()
     qemu_io(b, "write -P 0x73 0 1M", "flush")
     a.start()

@@ -12,6 +12,9 @@
 //   (c) positions and release points held by PrimaryGroup never go backwards (except the one
 //       documented reset when a full copy from the start replaces the peer's log);
 //   (d) the lag PrimaryGroup reports equals the truth computed from the simulated logs.
+// With --rejoin a diverged replica rejoins instead of being refused (docs/replication.md,
+// "Rejoin"): its saved tail must be exactly the records the primary lost, and after the cut and
+// the restore of the extents it is a prefix of the primary's log and (b) holds again.
 // A failing seed prints the seed, the step, the invariant and the command that replays it.
 // --planted-bug makes the simulated replica misbehave, to show the invariants catch it.
 #include <algorithm>
@@ -45,13 +48,20 @@ constexpr uint64_t kBlockSize = 4096;
 constexpr uint64_t kMaxRecordBytes = 9000;
 constexpr uint64_t kNoDivergence = ~0ull;
 
-enum class Plant { kNone, kAckBeforeDurable, kAckBeforeAppend, kCopyDoneEarly };
+enum class Plant {
+  kNone,
+  kAckBeforeDurable,
+  kAckBeforeAppend,
+  kCopyDoneEarly,
+  kRestoreSkipsChunks  // --rejoin: the replica drops the chunks of a restore
+};
 
 std::optional<Plant> ParsePlant(const std::string& s) {
   if (s == "none") return Plant::kNone;
   if (s == "ack-before-durable") return Plant::kAckBeforeDurable;
   if (s == "ack-before-append") return Plant::kAckBeforeAppend;
   if (s == "copy-done-early") return Plant::kCopyDoneEarly;
+  if (s == "restore-skips-chunks") return Plant::kRestoreSkipsChunks;
   return std::nullopt;
 }
 
@@ -122,6 +132,11 @@ struct Link {
   bool first_batch = true;  // the first batch of a connection may overlap (exercises skipping)
   // Primary-side copy task.
   bool copying = false;
+  // A restore (kRestore) copies only these blocks, once the applier reached restore_min.
+  bool restore = false;
+  std::vector<uint32_t> restore_blocks;
+  size_t restore_next = 0;
+  uint64_t restore_min = 0;
   uint32_t copy_next_block = 0;
   bool copy_begin_in_flight = false;
 };
@@ -180,11 +195,13 @@ struct Failure {
 
 class Sim {
  public:
-  Sim(uint64_t seed, Plant plant, bool trace, bool both_sync, bool primary_restarts)
+  Sim(uint64_t seed, Plant plant, bool trace, bool both_sync, bool primary_restarts,
+      bool rejoin = false)
       : rng_{seed * 0x2545F4914F6CDD1Dull + 1},
         plant_(plant),
         trace_(trace),
-        primary_restarts_enabled_(primary_restarts) {
+        primary_restarts_enabled_(primary_restarts || rejoin),
+        rejoin_(rejoin) {
     nblocks_ = static_cast<uint32_t>(rng_.Range(4, 24));
     states_.push_back(std::vector<uint64_t>(nblocks_, 0));
     primary_volume_ = states_[0];
@@ -205,6 +222,7 @@ class Sim {
       ReplicaView v;
       v.group_known = true;
       v.volume_sizes = {nblocks_ * kBlockSize};
+      v.on_divergence = rejoin_ ? core::OnDivergence::kRejoin : core::OnDivergence::kRefuse;
       r->rx = std::make_unique<ReplicaReceiver>(v);
       core::SenderOptions o;
       o.mode = r->mode;
@@ -276,7 +294,9 @@ class Sim {
                     std::to_string(degrades_) + ", rejoins " + std::to_string(rejoins_) +
                     ", primary restarts " + std::to_string(primary_restarts_) + " (epoch " +
                     std::to_string(epoch_) + "), divergences " + std::to_string(divergences_) +
-                    ", resyncs " + std::to_string(resyncs_);
+                    ", resyncs " + std::to_string(resyncs_) + ", rejoins after divergence " +
+                    std::to_string(rejoins_done_) + " (saved " + std::to_string(saved_records_) +
+                    " records, restores " + std::to_string(restores_) + ")";
     return s;
   }
   uint64_t copies() const { return copies_; }
@@ -284,6 +304,8 @@ class Sim {
   uint64_t degrades() const { return degrades_; }
   uint64_t primary_restarts() const { return primary_restarts_; }
   uint64_t resyncs() const { return resyncs_; }
+  uint64_t rejoins_after_divergence() const { return rejoins_done_; }
+  uint64_t restores() const { return restores_; }
 
  private:
   void Trace(const std::string& s) {
@@ -400,7 +422,7 @@ class Sim {
   }
 
   void ReplicaApply(Replica& r) {
-    if (r.rx->view().copy_in_progress) return;
+    if (r.rx->view().copy_in_progress || r.rx->view().restore_pending) return;
     uint64_t n = rng_.Range(1, 6);
     while (n-- > 0 && r.applied < r.DurableLast()) {
       if (r.applied + 1 < r.log_start) {
@@ -457,6 +479,7 @@ class Sim {
     v.group_known = true;
     v.newest_epoch = r.rx->newest_epoch();
     v.volume_sizes = {nblocks_ * kBlockSize};
+    v.on_divergence = r.rx->view().on_divergence;
     r.rx = std::make_unique<ReplicaReceiver>(v);
     r.log_start = 1;
     r.log.clear();
@@ -475,11 +498,87 @@ class Sim {
     ClearDivergence(r);
   }
 
+  // The replica's side of a kRejoin (agent/node's ReplicaGroup::Rejoin): save the records after
+  // the fork (checked against the ground truth: exactly the lineage the primary lost), cut the
+  // log back, persist core::PlanRejoin's outcome. Returns false on a failure.
+  bool Rejoin(Replica& r, const HandshakeDecision& d, const PrimaryHello& hello) {
+    const uint64_t fork = d.fork_lsn;
+    if (!r.Diverged() || fork > r.div_point) {
+      Fail("invariant (rejoin): " + r.name + " rejoins at fork " + std::to_string(fork) +
+           " but its divergence point is " +
+           (r.div_point == kNoDivergence ? std::string("none") : std::to_string(r.div_point)));
+      return false;
+    }
+    std::vector<core::Extent> extents;
+    bool complete = true;
+    for (uint64_t lsn = fork + 1; lsn <= r.WrittenLast(); ++lsn) {
+      if (lsn < r.log_start) {
+        complete = false;  // only in the volumes (a copy's base): not saved, places unknown
+        continue;
+      }
+      const Rec& rec = r.log[lsn - r.log_start];
+      extents.push_back({0, rec.block * kBlockSize, kBlockSize});
+      ++saved_records_;
+    }
+    ReplicaView v = r.rx->view();
+    if (!complete) {
+      v.consistent = false;
+      v.restore_pending = false;
+    }
+    const core::RejoinPlan plan = core::PlanRejoin(v, fork, extents, r.applied);
+    Trace("rejoin " + r.name + " at fork " + std::to_string(fork) + ": saved " +
+          std::to_string(extents.size()) + " record(s); " + plan.reason);
+    // The cut, as GroupLog::CutBackTo does it.
+    if (fork + 1 < r.log_start) {
+      r.log.clear();
+      r.log_start = fork + 1;
+    } else {
+      r.log.resize(fork + 1 - r.log_start);
+    }
+    r.durable_count = std::min(r.durable_count, r.log.size());
+    r.sync_target = std::min(r.sync_target, r.log.size());
+    r.applied = plan.applied_lsn;
+    v = r.rx->view();
+    v.history = plan.history;
+    v.last_lsn = fork;
+    v.newest_epoch = std::max(v.newest_epoch, hello.epoch);
+    if (!v.copy_in_progress) {
+      v.consistent = false;
+      v.restore_pending = plan.restore;
+      v.restore_extents = plan.extents;
+      v.restore_epoch = 0;
+      v.copy_volume = 0;
+      v.copy_offset = 0;
+    }
+    r.rx = std::make_unique<ReplicaReceiver>(v);
+    r.rx->OnApplied(r.applied);
+    r.must_written = std::min(r.must_written, fork);
+    r.must_durable = std::min(r.must_durable, fork);
+    ClearDivergence(r);
+    ++rejoins_done_;
+    return true;
+  }
+
   void ReplicaReceive(Replica& r, Msg& m) {
     switch (m.kind) {
       case Msg::Kind::kHello: {
+        // Appends of an earlier stream land first (agent/node waits for its log to be idle).
+        if (r.appending) {
+          r.append_done_at = now_;
+          ReplicaDisk(r);
+          if (failure_) return;
+        }
         HandshakeDecision d = r.rx->OnHello(m.hello);
         Trace("replica " + r.name + " decides: " + d.reason);
+        if (d.kind == HandshakeDecision::Kind::kRejoin) {
+          if (!Rejoin(r, d, m.hello)) return;
+          d = r.rx->OnHello(m.hello);
+          Trace("replica " + r.name + " decides after the cut: " + d.reason);
+          if (d.kind == HandshakeDecision::Kind::kRejoin) {
+            Fail("invariant (rejoin): " + r.name + " still diverges after the cut: " + d.reason);
+            return;
+          }
+        }
         // Ground truth from the simulated logs: a replica holding records the primary lost must be
         // refused (diverged); one that does not must not be.
         const bool refused_diverged =
@@ -539,14 +638,19 @@ class Sim {
         break;
       }
       case Msg::Kind::kCopyChunk:
+        if (plant_ == Plant::kRestoreSkipsChunks && r.rx->view().restore_pending) break;
         for (size_t i = 0; i < m.values.size(); ++i) r.volume[m.first_block + i] = m.values[i];
         r.rx->OnCopyChunk(0, (m.first_block + m.values.size()) * kBlockSize);
         break;
-      case Msg::Kind::kCopyDone:
+      case Msg::Kind::kCopyDone: {
+        // A restore keeps the log and the applied LSN: the applier resumes from it.
+        const bool restore = r.rx->view().restore_pending && !r.rx->view().copy_in_progress;
         r.rx->OnCopyDone(plant_ == Plant::kCopyDoneEarly ? r.log_start - 1 : m.lsn);
-        r.applied = r.log_start - 1;
-        Trace("replica " + r.name + " copy done at " + std::to_string(m.lsn));
+        if (!restore) r.applied = r.log_start - 1;
+        Trace("replica " + r.name + (restore ? " restore" : " copy") + " done at " +
+              std::to_string(m.lsn));
         break;
+      }
       case Msg::Kind::kPing: {
         Msg out{Msg::Kind::kPong};
         out.ping_sent = m.ping_sent;
@@ -577,8 +681,22 @@ class Sim {
           return;
         }
         l.hello_acked = true;
+        l.restore = false;
         if (d.kind == HandshakeDecision::Kind::kStreamFrom) {
           pg_.OnDecision(r.name, d, 0, now_);
+          break;
+        }
+        if (d.kind == HandshakeDecision::Kind::kRestore) {
+          pg_.OnDecision(r.name, d, d.start_lsn - 1, now_);
+          l.copying = true;
+          l.restore = true;
+          l.restore_blocks.clear();
+          for (const core::Extent& e : d.extents)
+            for (uint64_t off = e.offset; off < e.offset + e.length; off += kBlockSize)
+              l.restore_blocks.push_back(static_cast<uint32_t>(off / kBlockSize));
+          l.restore_next = 0;
+          l.restore_min = d.start_lsn - 1;
+          ++restores_;
           break;
         }
         // Full copy: base it on the applied LSN (docs/replication.md, "Full copy").
@@ -618,7 +736,20 @@ class Sim {
   void Ship(Replica& r) {
     Link& l = r.link;
     if (!l.up || !l.hello_acked) return;
-    if (l.copying && rng_.Chance(0.5)) {
+    if (l.copying && l.restore && applied_ >= l.restore_min && rng_.Chance(0.5)) {
+      if (l.restore_next < l.restore_blocks.size()) {
+        Msg m{Msg::Kind::kCopyChunk};
+        m.first_block = l.restore_blocks[l.restore_next++];
+        m.values.push_back(primary_volume_[m.first_block]);  // the volume as of applied_ now
+        Send(r, true, std::move(m));
+      } else {
+        Msg done{Msg::Kind::kCopyDone};
+        done.lsn = applied_;
+        Send(r, true, std::move(done));
+        l.copying = false;
+        pg_.OnCopyDone(r.name, applied_, now_);
+      }
+    } else if (l.copying && !l.restore && rng_.Chance(0.5)) {
       const uint32_t n = static_cast<uint32_t>(rng_.Range(1, 4));
       Msg m{Msg::Kind::kCopyChunk};
       m.first_block = l.copy_next_block;
@@ -1029,6 +1160,8 @@ class Sim {
   Plant plant_;
   bool trace_;
   bool primary_restarts_enabled_ = false;
+  bool rejoin_ = false;
+  uint64_t rejoins_done_ = 0, restores_ = 0, saved_records_ = 0;
   bool quiet_ = false;
   int step_ = 0;
   Nanos now_ = 0;
@@ -1062,8 +1195,9 @@ class Sim {
 int Usage() {
   std::fprintf(stderr,
                "usage: tvilling_sim [--seed N] [--seeds COUNT | --seeds A:B] [--steps S] "
-               "[--both-sync] [--primary-restarts] "
-               "[--planted-bug none|ack-before-durable|ack-before-append|copy-done-early] "
+               "[--both-sync] [--primary-restarts] [--rejoin] "
+               "[--planted-bug none|ack-before-durable|ack-before-append|copy-done-early|"
+               "restore-skips-chunks] "
                "[--expect-failure] [--trace]\n"
                "  --seeds COUNT runs seeds N..N+COUNT-1; --seeds A:B runs seeds A..B\n");
   return 2;
@@ -1074,6 +1208,7 @@ int Main(int argc, char** argv) {
   int steps = 300;
   std::string plant_name = "none";
   bool expect_failure = false, trace = false, both_sync = false, primary_restarts = false;
+  bool rejoin = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
@@ -1100,6 +1235,8 @@ int Main(int argc, char** argv) {
       both_sync = true;
     } else if (a == "--primary-restarts") {
       primary_restarts = true;
+    } else if (a == "--rejoin") {
+      rejoin = true;  // implies --primary-restarts
     } else if (a == "--trace") {
       trace = true;
     } else {
@@ -1108,22 +1245,25 @@ int Main(int argc, char** argv) {
   }
   std::optional<Plant> plant = ParsePlant(plant_name);
   if (!plant || steps <= 0 || seeds == 0) return Usage();
-  uint64_t copies = 0, crashes = 0, degrades = 0, restarts = 0, resyncs = 0;
+  uint64_t copies = 0, crashes = 0, degrades = 0, restarts = 0, resyncs = 0, rejoins = 0,
+           restores = 0;
   for (uint64_t s = seed; s < seed + seeds; ++s) {
-    Sim sim(s, *plant, trace, both_sync, primary_restarts);
+    Sim sim(s, *plant, trace, both_sync, primary_restarts, rejoin);
     std::optional<Failure> f = sim.Run(steps);
     copies += sim.copies();
     crashes += sim.crashes();
     degrades += sim.degrades();
     restarts += sim.primary_restarts();
     resyncs += sim.resyncs();
+    rejoins += sim.rejoins_after_divergence();
+    restores += sim.restores();
     if (f) {
       std::printf(
           "seed %llu step %d: %s\n  (%s)\n  replay: tvilling_sim --seed %llu "
-          "--steps %d%s%s%s%s --trace\n",
+          "--steps %d%s%s%s%s%s --trace\n",
           static_cast<unsigned long long>(s), f->step, f->what.c_str(), sim.Summary().c_str(),
           static_cast<unsigned long long>(s), steps, both_sync ? " --both-sync" : "",
-          primary_restarts ? " --primary-restarts" : "",
+          primary_restarts ? " --primary-restarts" : "", rejoin ? " --rejoin" : "",
           plant_name == "none" ? "" : " --planted-bug ",
           plant_name == "none" ? "" : plant_name.c_str());
       if (expect_failure) {
@@ -1137,10 +1277,11 @@ int Main(int argc, char** argv) {
   }
   std::printf(
       "%llu seeds x %d steps ok (full copies %llu, replica crashes %llu, sync peers "
-      "degraded %llu, primary restarts %llu, resyncs %llu)\n",
+      "degraded %llu, primary restarts %llu, resyncs %llu, rejoins %llu, restores %llu)\n",
       static_cast<unsigned long long>(seeds), steps, static_cast<unsigned long long>(copies),
       static_cast<unsigned long long>(crashes), static_cast<unsigned long long>(degrades),
-      static_cast<unsigned long long>(restarts), static_cast<unsigned long long>(resyncs));
+      static_cast<unsigned long long>(restarts), static_cast<unsigned long long>(resyncs),
+      static_cast<unsigned long long>(rejoins), static_cast<unsigned long long>(restores));
   if (expect_failure) {
     std::printf("planted bug %s NOT found in %llu seeds\n", plant_name.c_str(),
                 static_cast<unsigned long long>(seeds));

@@ -1056,3 +1056,259 @@ TEST(ReplicaReceiver, CopyOfEmptyPrimaryBeginsEpochWithFirstBatch) {
 
 }  // namespace
 }  // namespace tvilling::core
+
+// ---------------------------------------------------------------------------------------------
+// Rejoin of a diverged replica (docs/replication.md, "Rejoin")
+
+namespace tvilling::core {
+namespace {
+
+TEST(Extents, MergeSortsJoinsAndDropsEmpty) {
+  std::vector<Extent> in{{1, 100, 10}, {0, 50, 10}, {0, 0, 10}, {0, 10, 5},
+                         {0, 55, 20},  {1, 0, 0},   {1, 200, 1}};
+  EXPECT_EQ(MergeExtents(in),
+            (std::vector<Extent>{{0, 0, 15}, {0, 50, 25}, {1, 100, 10}, {1, 200, 1}}));
+  EXPECT_EQ(MergeExtents({}), std::vector<Extent>{});
+  // Contained ranges do not shrink the container.
+  EXPECT_EQ(MergeExtents({{0, 0, 100}, {0, 10, 5}}), (std::vector<Extent>{{0, 0, 100}}));
+}
+
+TEST(Extents, FromResumePointAndCover) {
+  const std::vector<Extent> e{{0, 0, 15}, {0, 50, 25}, {1, 100, 10}};
+  EXPECT_EQ(ExtentsFrom(e, 0, 0), e);
+  EXPECT_EQ(ExtentsFrom(e, 0, 60), (std::vector<Extent>{{0, 60, 15}, {1, 100, 10}}));
+  EXPECT_EQ(ExtentsFrom(e, 0, 75), (std::vector<Extent>{{1, 100, 10}}));
+  EXPECT_EQ(ExtentsFrom(e, 1, 0), (std::vector<Extent>{{1, 100, 10}}));
+  EXPECT_EQ(ExtentsFrom(e, 1, 110), std::vector<Extent>{});
+  EXPECT_EQ(ExtentsFrom(e, 2, 0), std::vector<Extent>{});
+  EXPECT_TRUE(ExtentsCover(e, 0, 50, 25));
+  EXPECT_TRUE(ExtentsCover(e, 0, 60, 5));
+  EXPECT_FALSE(ExtentsCover(e, 0, 60, 16));
+  EXPECT_FALSE(ExtentsCover(e, 1, 0, 1));
+  EXPECT_FALSE(ExtentsCover(e, 0, 15, 1));
+}
+
+ReplicaView RejoinView() {
+  ReplicaView v;
+  v.group_known = true;
+  v.on_divergence = OnDivergence::kRejoin;
+  v.newest_epoch = 2;
+  v.history = {{1, 1}, {2, 101}};  // an old primary: went on in epoch 2 from 101 to 130
+  v.last_lsn = 130;
+  v.volume_sizes = {1 << 20};
+  v.consistent = true;
+  return v;
+}
+
+PrimaryHello RejoinHello() {
+  PrimaryHello h;
+  h.group = "g";
+  h.site = "b";
+  h.epoch = 3;
+  h.history = {{1, 1}, {3, 121}};  // promoted after LSN 120
+  h.volume_sizes = {1 << 20};
+  h.first_lsn = 1;
+  h.last_lsn = 160;
+  return h;
+}
+
+TEST(Rejoin, DivergedReplicaRejoinsAtTheFork) {
+  HandshakeDecision d = DecideHandshake(RejoinHello(), RejoinView());
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kRejoin);
+  EXPECT_EQ(d.fork_lsn, 100u);  // epoch 2 from 101 at the replica, epoch 1 up to 120 at the primary
+  EXPECT_THAT(d.reason, HasSubstr("LSN 101"));
+  EXPECT_THAT(d.reason, HasSubstr("101..130"));
+}
+
+TEST(Rejoin, RefuseConfigKeepsTheRefusal) {
+  ReplicaView v = RejoinView();
+  v.on_divergence = OnDivergence::kRefuse;
+  HandshakeDecision d = DecideHandshake(RejoinHello(), v);
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kRefuse);
+  EXPECT_EQ(d.code, RefuseCode::kDiverged);
+  EXPECT_THAT(d.reason, HasSubstr("on_divergence = refuse"));
+}
+
+// The view after the cut that PlanRejoin describes, as the node rebuilds it from the log.
+ReplicaView AfterCut(ReplicaView v, const RejoinPlan& p) {
+  v.history = p.history;
+  v.last_lsn = p.fork_lsn;
+  if (!v.copy_in_progress) {
+    v.consistent = false;
+    v.restore_pending = p.restore;
+    v.restore_extents = p.extents;
+    v.restore_epoch = 0;
+    v.copy_volume = 0;
+    v.copy_offset = 0;
+  }
+  return v;
+}
+
+TEST(Rejoin, ForkInsideTheAppliedRangeRestoresAndStreamsFromTheFork) {
+  const ReplicaView v = RejoinView();
+  RejoinPlan p = PlanRejoin(v, 100, {{0, 4096, 4096}, {0, 0, 4096}, {0, 65536, 512}}, 125);
+  EXPECT_TRUE(p.restore);
+  EXPECT_EQ(p.applied_lsn, 100u);  // the volumes hold records up to 125: cut to the fork
+  EXPECT_EQ(p.history, (History{{1, 1}}));
+  EXPECT_EQ(p.extents, (std::vector<Extent>{{0, 0, 8192}, {0, 65536, 512}}));
+  // Applied below the fork stays.
+  EXPECT_EQ(PlanRejoin(v, 100, {}, 90).applied_lsn, 90u);
+
+  ReplicaReceiver rx(AfterCut(v, p));
+  EXPECT_TRUE(rx.positions().copying);
+  EXPECT_FALSE(rx.consistent());
+  HandshakeDecision d = rx.OnHello(RejoinHello());
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kRestore);
+  EXPECT_EQ(d.start_lsn, 101u);
+  EXPECT_FALSE(d.copy_resume);
+  EXPECT_EQ(d.extents, p.extents);
+  EXPECT_EQ(rx.view().restore_epoch, 3u);
+  // Acks flow during a restore (no CopyBegin comes), marked as copying.
+  auto ack = rx.TakeAck();
+  ASSERT_TRUE(ack.has_value());
+  EXPECT_TRUE(ack->copying);
+  // Records after the fork come in the primary's epochs.
+  EXPECT_EQ(rx.OnBatch(1, 101, 20).verdict, ReplicaReceiver::BatchCheck::Verdict::kAppend);
+  rx.OnAppended(120);
+  auto c = rx.OnBatch(3, 121, 40);
+  EXPECT_EQ(c.verdict, ReplicaReceiver::BatchCheck::Verdict::kAppend);
+  EXPECT_TRUE(c.begins_epoch);
+  rx.OnAppended(160);
+  rx.OnCopyDone(160);
+  EXPECT_FALSE(rx.view().restore_pending);
+  EXPECT_FALSE(rx.consistent());
+  rx.OnApplied(160);
+  EXPECT_TRUE(rx.consistent());
+  EXPECT_FALSE(rx.TakeAck()->copying);
+}
+
+TEST(Rejoin, InterruptedRestoreResumesOnlyInItsEpoch) {
+  ReplicaView v =
+      AfterCut(RejoinView(), PlanRejoin(RejoinView(), 100, {{0, 0, 8192}, {0, 65536, 512}}, 100));
+  v.restore_epoch = 3;
+  v.copy_volume = 0;
+  v.copy_offset = 4096;
+  v.last_lsn = 140;
+  v.history = {{1, 1}, {3, 121}};
+  HandshakeDecision d = DecideHandshake(RejoinHello(), v);
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kRestore);
+  EXPECT_TRUE(d.copy_resume);
+  EXPECT_EQ(d.start_lsn, 141u);
+  EXPECT_EQ(d.extents, (std::vector<Extent>{{0, 4096, 4096}, {0, 65536, 512}}));
+  // A primary of a newer epoch (restarted: it may have lost records that restored chunks show)
+  // restores every extent again.
+  PrimaryHello h = RejoinHello();
+  h.epoch = 4;
+  h.history = {{1, 1}, {3, 121}, {4, 161}};
+  d = DecideHandshake(h, v);
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kRestore);
+  EXPECT_FALSE(d.copy_resume);
+  EXPECT_EQ(d.extents, (std::vector<Extent>{{0, 0, 8192}, {0, 65536, 512}}));
+}
+
+TEST(Rejoin, ForkBeforeThePrimarysLogStartMeansFullCopy) {
+  PrimaryHello h = RejoinHello();
+  h.first_lsn = 110;  // the primary no longer holds 101..109
+  ReplicaView v = RejoinView();
+  HandshakeDecision d = DecideHandshake(h, v);
+  ASSERT_EQ(d.kind, HandshakeDecision::Kind::kRejoin);  // the tail is saved first
+  RejoinPlan p = PlanRejoin(v, d.fork_lsn, {{0, 0, 4096}}, 130);
+  d = DecideHandshake(h, AfterCut(v, p));
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kFullCopy);
+  EXPECT_FALSE(d.copy_resume);
+  EXPECT_THAT(d.reason, HasSubstr("only from LSN 110"));
+}
+
+TEST(Rejoin, CopyInProgressOrNeverConsistentMeansFullCopy) {
+  ReplicaView v = RejoinView();
+  v.copy_in_progress = true;
+  v.consistent = false;
+  v.copy_epoch = 2;
+  RejoinPlan p = PlanRejoin(v, 100, {{0, 0, 4096}}, 90);
+  EXPECT_FALSE(p.restore);
+  EXPECT_TRUE(p.extents.empty());
+  HandshakeDecision d = DecideHandshake(RejoinHello(), AfterCut(v, p));
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kFullCopy);
+  EXPECT_FALSE(d.copy_resume);  // begun in epoch 2, the primary is in 3
+
+  v = RejoinView();
+  v.consistent = false;
+  p = PlanRejoin(v, 100, {{0, 0, 4096}}, 90);
+  EXPECT_FALSE(p.restore);
+  EXPECT_EQ(DecideHandshake(RejoinHello(), AfterCut(v, p)).kind,
+            HandshakeDecision::Kind::kFullCopy);
+}
+
+TEST(Rejoin, CopyEndBeyondTheForkMeansFullCopy) {
+  ReplicaView v = RejoinView();
+  v.consistent_at_lsn = 110;  // the volumes hold a copy of records up to 110
+  v.consistent_at_epoch = 2;
+  RejoinPlan p = PlanRejoin(v, 100, {{0, 0, 4096}}, 130);
+  EXPECT_FALSE(p.restore);
+  EXPECT_THAT(p.reason, HasSubstr("beyond the fork"));
+  v.consistent_at_lsn = 100;
+  EXPECT_TRUE(PlanRejoin(v, 100, {{0, 0, 4096}}, 130).restore);
+}
+
+TEST(Rejoin, TooManyExtentsMeansFullCopy) {
+  std::vector<Extent> many;
+  for (uint64_t i = 0; i <= kMaxRestoreExtents; ++i) many.push_back({0, i * 8192, 4096});
+  EXPECT_FALSE(PlanRejoin(RejoinView(), 100, many, 130).restore);
+  many.pop_back();
+  EXPECT_TRUE(PlanRejoin(RejoinView(), 100, many, 130).restore);
+}
+
+// Diverged twice: a replica whose restore is pending (it rejoined B, got records of B's epoch)
+// meets C, which lost B's last records: it saves and cuts again, and restores the union.
+TEST(Rejoin, DivergedTwiceMergesThePendingExtents) {
+  ReplicaView v = AfterCut(RejoinView(), PlanRejoin(RejoinView(), 100, {{0, 0, 4096}}, 130));
+  v.restore_epoch = 3;
+  v.copy_offset = 2048;
+  v.history = {{1, 1}, {3, 121}};
+  v.last_lsn = 150;  // B's records 101..150 (epoch 3 from 121)
+  PrimaryHello c = RejoinHello();
+  c.site = "c";
+  c.epoch = 5;
+  c.history = {{1, 1}, {3, 121}, {5, 141}};  // C had B's records up to 140 only
+  c.last_lsn = 170;
+  HandshakeDecision d = DecideHandshake(c, v);
+  ASSERT_EQ(d.kind, HandshakeDecision::Kind::kRejoin);
+  EXPECT_EQ(d.fork_lsn, 140u);
+  RejoinPlan p = PlanRejoin(v, d.fork_lsn, {{0, 4096, 4096}, {0, 1 << 19, 4096}}, 100);
+  EXPECT_TRUE(p.restore);
+  EXPECT_EQ(p.extents, (std::vector<Extent>{{0, 0, 8192}, {0, 1 << 19, 4096}}));
+  EXPECT_EQ(p.applied_lsn, 100u);
+  d = DecideHandshake(c, AfterCut(v, p));
+  EXPECT_EQ(d.kind, HandshakeDecision::Kind::kRestore);
+  EXPECT_FALSE(d.copy_resume);  // from the start: C is another epoch
+  EXPECT_EQ(d.start_lsn, 141u);
+  EXPECT_EQ(d.extents, p.extents);
+}
+
+TEST(Rejoin, PrimaryTreatsRestoreAsAResumedCopy) {
+  PrimaryGroup g;
+  SenderOptions so;
+  so.mode = Mode::kSync;
+  g.AddPeer("a", so, {}, 0);
+  for (uint64_t l = 1; l <= 160; ++l) g.OnLocalAppend(l, 100, l, 0);
+  g.OnLocalDurable(160);
+  g.OnLocalApplied(160);
+  g.OnConnected("a", 0);
+  HandshakeDecision d;
+  d.kind = HandshakeDecision::Kind::kRestore;
+  d.start_lsn = 101;
+  d.extents = {{0, 0, 4096}};
+  EXPECT_EQ(g.OnDecision("a", d, 160, 0), 101u);
+  auto st = g.Status(0);
+  EXPECT_TRUE(st[0].copy_pending);
+  EXPECT_FALSE(st[0].confirmed);
+  EXPECT_EQ(st[0].state, LinkState::kCopying);
+  EXPECT_EQ(g.write_released(), 0u);  // a sync peer in a restore holds writes back
+  g.OnCopyDone("a", 160, 0);
+  g.OnPosition("a", {160, 160, 100, false}, 0);
+  EXPECT_TRUE(g.Status(0)[0].confirmed);
+  EXPECT_EQ(g.flush_released(), 160u);
+}
+
+}  // namespace
+}  // namespace tvilling::core

@@ -261,7 +261,7 @@ TEST(ConfigTest, UnknownKeysAreErrorsWithTheirPath) {
       HasSubstr("test.toml:15:2: agents: unknown key \"agents\" (did you mean \"agent\"?)"));
   EXPECT_THAT(ErrorOf(Replace(kMinimal, "name = \"g0\"", "name = \"g0\"\ncolour = \"blue\"")),
               HasSubstr("group[0].colour: unknown key \"colour\" (known keys here: name, volume, "
-                        "primary, peer)"));
+                        "primary, peer, on_divergence)"));
   // Tables of later issues are unknown to this agent, not ignored.
   EXPECT_THAT(ErrorOf(Append(kMinimal, "[[peer]]\nsite = \"x\"\n")),
               HasSubstr("test.toml:15:3: peer: unknown key \"peer\""));
@@ -855,6 +855,17 @@ TEST(ReplicationConfigTest, PairGetsDefaults) {
   EXPECT_EQ(async->groups[0].peers[0].mode, PeerMode::kAsync);
   EXPECT_EQ(PeerModeName(PeerMode::kSync), "sync");
   EXPECT_EQ(CompressionName(Compression::kZstd), "zstd");
+  EXPECT_EQ(group.on_divergence, GroupConfig::OnDivergence::kRejoin);
+}
+
+TEST(ReplicationConfigTest, OnDivergence) {
+  absl::StatusOr<Config> refuse = Parse(
+      Replace(kPair, "primary = \"site-a\"", "primary = \"site-a\"\non_divergence = \"refuse\""));
+  ASSERT_TRUE(refuse.ok()) << refuse.status();
+  EXPECT_EQ(refuse->groups[0].on_divergence, GroupConfig::OnDivergence::kRefuse);
+  EXPECT_THAT(ErrorOf(Replace(kPair, "primary = \"site-a\"",
+                              "primary = \"site-a\"\non_divergence = \"discard\"")),
+              HasSubstr("group[0].on_divergence: \"discard\": expected \"rejoin\" or \"refuse\""));
 }
 
 TEST(ReplicationConfigTest, SingleNodeNeedsNoneOfIt) {
