@@ -1022,9 +1022,11 @@ void ReplicaGroup::HandleHello(Session& s, const v1::Hello& hello) {
   {
     std::lock_guard lock(mu_);
     if (stopping_) return;
-    rx_ = core::ReplicaReceiver(BuildView());
-    rx_.OnApplied(group_->applied_lsn());
-    d = core::DecideHandshake(ph, rx_.view());
+    // Decided on a view of its own: the receiver of the active stream stays as it is unless this
+    // Hello is accepted (a refused stranger or stale primary must not disturb the stream).
+    core::ReplicaReceiver probe(BuildView());
+    probe.OnApplied(group_->applied_lsn());
+    d = core::DecideHandshake(ph, probe.view());
     if (d.kind == core::HandshakeDecision::Kind::kRejoin && active_ && active_.get() != &s) {
       // The log is about to be cut: the stream that fed it ends first.
       previous = std::move(active_);
@@ -1052,9 +1054,9 @@ void ReplicaGroup::HandleHello(Session& s, const v1::Hello& hello) {
   {
     std::lock_guard lock(mu_);
     if (stopping_) return;
-    rx_ = core::ReplicaReceiver(BuildView());
-    rx_.OnApplied(group_->applied_lsn());
-    d = rx_.OnHello(ph);
+    core::ReplicaReceiver rx(BuildView());
+    rx.OnApplied(group_->applied_lsn());
+    d = rx.OnHello(ph);
     if (d.kind == core::HandshakeDecision::Kind::kRejoin) {
       // The cut log still diverges: a bug, never a loop.
       d.kind = core::HandshakeDecision::Kind::kRefuse;
@@ -1067,24 +1069,26 @@ void ReplicaGroup::HandleHello(Session& s, const v1::Hello& hello) {
     bool persist = false;
     if (d.kind == core::HandshakeDecision::Kind::kRestore) {
       // The restore's resume point is valid on streams of this epoch only (core decided it).
-      meta.restore_epoch = rx_.view().restore_epoch;
-      meta.copy_volume = rx_.view().copy_volume;
-      meta.copy_offset = rx_.view().copy_offset;
+      meta.restore_epoch = rx.view().restore_epoch;
+      meta.copy_volume = rx.view().copy_volume;
+      meta.copy_offset = rx.view().copy_offset;
       persist = true;
       copy_done_bytes_ = 0;
       copy_total_bytes_ = 0;
-      for (const core::Extent& e : rx_.view().restore_extents) copy_total_bytes_ += e.length;
+      for (const core::Extent& e : rx.view().restore_extents) copy_total_bytes_ += e.length;
     }
-    if (rx_.newest_epoch() > meta.newest_epoch_seen || persist) {
-      meta.newest_epoch_seen = std::max(meta.newest_epoch_seen, rx_.newest_epoch());
+    if (rx.newest_epoch() > meta.newest_epoch_seen || persist) {
+      meta.newest_epoch_seen = std::max(meta.newest_epoch_seen, rx.newest_epoch());
       if (absl::Status st = log_->SetReplicaMeta(meta); !st.ok()) {
         d.kind = core::HandshakeDecision::Kind::kRefuse;
         d.code = core::RefuseCode::kProtocol;
-        d.reason = fmt::format("cannot persist epoch {}: {}", rx_.newest_epoch(),
+        d.reason = fmt::format("cannot persist epoch {}: {}", rx.newest_epoch(),
                                std::string(st.message()));
       }
     }
+    const uint64_t answer_epoch = rx.newest_epoch();
     if (d.kind != core::HandshakeDecision::Kind::kRefuse) {
+      rx_ = std::move(rx);
       if (active_ && active_.get() != &s) previous = std::move(active_);
       active_ = s.shared_from_this();
       active_peer_ = hello.sender_site();
@@ -1096,8 +1100,14 @@ void ReplicaGroup::HandleHello(Session& s, const v1::Hello& hello) {
       last_error_.clear();
     } else {
       last_error_ = d.reason;
+      // A refused Hello of a newer epoch still fences the older primary streaming now: its
+      // batches are refused from here on (the receiver knows the newer epoch) and it is cut.
+      if (active_ && active_.get() != &s && rx.newest_epoch() > epoch_) {
+        previous = std::move(active_);
+        rx_ = std::move(rx);
+      }
     }
-    *out.mutable_decision() = ToProto(d, rx_.newest_epoch());
+    *out.mutable_decision() = ToProto(d, answer_epoch);
   }
   if (previous) {
     previous->closed = true;

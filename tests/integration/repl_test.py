@@ -350,9 +350,19 @@ def refuse_stale_epoch(c):
              u64(b.group().get("last_lsn")) and u64(d.group().get("epoch")) >= 2, 60)
     if u64(b.group().get("epoch")) <= 1:
         raise TestFailure(f"site-b did not begin a new epoch: {b.group()}")
+    cuts = u64(b.peer("site-c").get("disconnects"))
     a.resume()
     expect_refusal(d, a, "stale epoch")
     qemu_io(d, "read -P 0x62 0 1M", read_only=True)
+    # The refused stale primary must not disturb site-b's stream to site-c (a refused Hello once
+    # reset the receiver of the active stream, whose next batch was then refused and cut).
+    qemu_io(b, "write -P 0x63 1M 1M", "flush")
+    wait_for("site-c to apply site-b's second write", lambda: u64(d.group().get("applied_lsn")) >=
+             u64(b.group().get("last_lsn")), 60)
+    if u64(b.peer("site-c").get("disconnects")) != cuts:
+        raise TestFailure(f"site-b's stream to site-c was cut while site-c refused site-a: "
+                          f"{b.peer('site-c')}")
+    qemu_io(d, "read -P 0x63 1M 1M", read_only=True)
 
 
 def refuse_diverged(c):
