@@ -33,6 +33,7 @@
 #include "agent/nbd/frontend.h"
 #include "agent/node/control_service.h"
 #include "agent/node/coordination.h"
+#include "agent/node/group_controller.h"
 #include "agent/node/group_runtime.h"
 #include "agent/node/replication.h"
 #include "agent/node/replication_service.h"
@@ -237,11 +238,9 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
     groups.push_back(std::move(*group));
   }
 
-  // Replication: replicas first (so a primary's stream finds them), then the primaries' links.
+  // Replication: the service first, then one controller per group, which owns the group's role
+  // (primary or replica) and can switch it while the agent runs (node/group_controller.h).
   std::unique_ptr<node::ReplicationService> replication;
-  std::vector<std::unique_ptr<node::ReplicaGroup>> replicas;
-  std::vector<std::shared_ptr<node::PrimaryReplicator>> primaries;
-  std::map<std::string, std::function<void(v1::GroupStatus*)>> group_status;
   if (config.HasPeers()) {
     auto svc = node::ReplicationService::Create(config);
     if (!svc.ok()) {
@@ -250,28 +249,34 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
     }
     replication = std::move(*svc);
   }
+  std::vector<std::unique_ptr<node::GroupController>> controllers;
   for (size_t i = 0; i < config.groups.size(); ++i) {
     const ops::GroupConfig& g = config.groups[i];
-    node::GroupRuntime* rt = groups[i].get();
-    if (g.peers.empty()) continue;
-    if (g.IsPrimary(config.agent.site)) {
-      auto p = node::PrimaryReplicator::Start(rt, node::PrimaryOptionsFor(config, g),
-                                              replication->dialer());
-      if (!p.ok()) {
-        spdlog::error("group {}: {}", g.name, Msg(p.status()));
-        return kExitRuntime;
-      }
-      primaries.push_back(*p);
-      group_status[g.name] = [p = *p](v1::GroupStatus* out) { p->FillStatus(out); };
-    } else {
-      auto r = std::make_unique<node::ReplicaGroup>(rt, node::ReplicaOptions{config.agent.site});
-      replication->AddReplica(g.name, r.get());
-      group_status[g.name] = [r = r.get()](v1::GroupStatus* out) { r->FillStatus(out); };
-      replicas.push_back(std::move(r));
-    }
+    node::GroupControllerOptions co;
+    co.site = config.agent.site;
+    co.has_peers = !g.peers.empty();
+    co.coordinated = config.coordinator.has_value();
+    if (co.has_peers) co.primary = node::PrimaryOptionsFor(config, g);
+    co.replica = node::ReplicaOptions{config.agent.site};
+    node::ReplicationService* svc = co.has_peers ? replication.get() : nullptr;
+    controllers.push_back(
+        std::make_unique<node::GroupController>(groups[i].get(), std::move(co), svc));
   }
-  for (const ops::GroupConfig& g : config.groups) {
-    if (g.IsPrimary(config.agent.site) && replication) replication->AddPrimaryGroup(g.name);
+  // Every site starts as a replica under a coordinator (the configured primary holds its writes
+  // until etcd elects it); without one the config's primary is the primary.
+  for (size_t i = 0; i < config.groups.size(); ++i) {
+    const ops::GroupConfig& g = config.groups[i];
+    const bool primary = g.IsPrimary(config.agent.site);
+    absl::Status st;
+    if (config.coordinator) {
+      st = controllers[i]->Start(node::GroupRole::kReplica, /*await_election=*/primary);
+    } else {
+      st = controllers[i]->Start(primary ? node::GroupRole::kPrimary : node::GroupRole::kReplica);
+    }
+    if (!st.ok()) {
+      spdlog::error("group {}: {}", g.name, Msg(st));
+      return kExitRuntime;
+    }
   }
   if (replication) {
     if (absl::Status st = replication->Start(); !st.ok()) {
@@ -283,7 +288,7 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
   // client I/O waits until etcd confirms it.
   std::unique_ptr<coordinator::Coordinator> coordinator;
   if (config.coordinator) {
-    auto c = node::StartCoordination(config, groups, group_status);
+    auto c = node::StartCoordination(config, controllers);
     if (!c.ok()) {
       spdlog::error("coordinator: {}", Msg(c.status()));
       return kExitRuntime;
@@ -297,21 +302,10 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
     out->mutable_agent()->set_uptime_s(static_cast<uint64_t>(
         std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - started)
             .count()));
-    for (const auto& g : groups) {
+    for (const auto& c : controllers) {
       v1::GroupStatus* gs = out->add_groups();
-      gs->set_name(g->name());
-      if (auto it = group_status.find(g->name()); it != group_status.end()) {
-        it->second(gs);
-        continue;
-      }
-      gs->set_role("primary");
-      gs->set_consistent(true);
-      gs->set_epoch(g->log().State().current_epoch);
-      gs->set_last_lsn(g->log().last_lsn());
-      gs->set_durable_lsn(g->log().durable_lsn());
-      gs->set_applied_lsn(g->applied_lsn());
-      gs->set_write_released(g->log().last_lsn());
-      gs->set_flush_released(g->log().durable_lsn());
+      gs->set_name(c->name());
+      c->FillStatus(gs);
     }
   };
   auto control = node::ControlServer::Start(config.control.unix_socket, fill_status);
@@ -431,7 +425,7 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
       std::unique_lock l(drain_mu);
       if (drain_cv.wait_for(l, std::chrono::seconds(10), [&] { return drained; })) return;
       spdlog::warn("in-flight writes still wait for sync peers after 10 s; failing them");
-      for (auto& p : primaries) p->Stop();
+      for (auto& c : controllers) c->StopPrimary();
       for (auto& g : groups) g->FailHeldIo(absl::UnavailableError("tvillingd is shutting down"));
     });
   });
@@ -469,11 +463,10 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
   if (metrics) metrics->Stop();
   (*control)->Shutdown();
   if (coordinator) coordinator->Stop();
-  for (auto& p : primaries) p->Stop();
+  for (auto& c : controllers) c->StopPrimary();
   if (replication) replication->Shutdown();
-  for (auto& r : replicas) r->Stop();
-  primaries.clear();
-  replicas.clear();
+  for (auto& c : controllers) c->Stop();
+  controllers.clear();
   int rc = 0;
   for (auto& g : groups) {
     if (absl::Status st = g->Stop(); !st.ok()) {
