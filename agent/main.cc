@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "agent/nbd/frontend.h"
+#include "agent/node/audit_log.h"
 #include "agent/node/control_service.h"
 #include "agent/node/coordination.h"
 #include "agent/node/group_controller.h"
@@ -249,6 +250,12 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
     }
     replication = std::move(*svc);
   }
+  // The audit log of operator commands and role switches (etcd with a [coordinator], else a file).
+  auto audit = node::AuditLog::Open(config);
+  if (!audit.ok()) {
+    spdlog::error("audit log: {}", Msg(audit.status()));
+    return kExitRuntime;
+  }
   std::vector<std::unique_ptr<node::GroupController>> controllers;
   for (size_t i = 0; i < config.groups.size(); ++i) {
     const ops::GroupConfig& g = config.groups[i];
@@ -258,6 +265,15 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
     co.coordinated = config.coordinator.has_value();
     if (co.has_peers) co.primary = node::PrimaryOptionsFor(config, g);
     co.replica = node::ReplicaOptions{config.agent.site};
+    co.on_switch = [a = audit->get(), group = g.name](const std::string& action, bool ok,
+                                                      const std::string& detail) {
+      v1::AuditRecord r;
+      r.set_group(group);
+      r.set_action(action);
+      r.set_outcome(ok ? "ok" : "refused");
+      r.set_detail(detail);
+      a->RecordLater(std::move(r));
+    };
     node::ReplicationService* svc = co.has_peers ? replication.get() : nullptr;
     controllers.push_back(
         std::make_unique<node::GroupController>(groups[i].get(), std::move(co), svc));
@@ -308,7 +324,126 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
       c->FillStatus(gs);
     }
   };
-  auto control = node::ControlServer::Start(config.control.unix_socket, fill_status);
+  node::ControlHandlers handlers;
+  handlers.status = fill_status;
+  const auto find_group = [&](const std::string& name) -> node::GroupController* {
+    for (auto& c : controllers) {
+      if (c->name() == name) return c.get();
+    }
+    return nullptr;
+  };
+  // Every command is audited with its outcome; `run` answers it.
+  const auto audited = [&](const std::string& action, const v1::RoleRequest& req,
+                           const std::function<absl::StatusOr<v1::RoleReply>(
+                               node::GroupController&, const std::string& who)>& run)
+      -> absl::StatusOr<v1::RoleReply> {
+    const std::string who =
+        fmt::format("{} (uid {})", req.user().empty() ? "?" : req.user(), req.uid());
+    node::GroupController* c = find_group(req.group());
+    absl::StatusOr<v1::RoleReply> r =
+        c == nullptr ? absl::NotFoundError(fmt::format("group {} is not configured on site {}",
+                                                       req.group(), config.agent.site))
+                     : run(*c, who);
+    v1::AuditRecord rec;
+    rec.set_group(req.group());
+    rec.set_action(action);
+    rec.set_user(req.user());
+    rec.set_uid(req.uid());
+    rec.set_outcome(r.ok() ? (r->message().rfind("requested", 0) == 0 ? "requested" : "ok")
+                           : "refused");
+    rec.set_detail(r.ok() ? r->message() : std::string(r.status().message()));
+    spdlog::info("group {}: {} by {}: {}: {}", req.group(), action, who, rec.outcome(),
+                 rec.detail());
+    if (absl::Status st = (*audit)->Record(rec); !st.ok()) {
+      spdlog::error("audit: {}", Msg(st));
+      if (r.ok()) {
+        r->set_message(r->message() + fmt::format(" (WARNING: not audited: {})", Msg(st)));
+      }
+    }
+    return r;
+  };
+  const auto role_reply = [](node::GroupController& c, std::string message) {
+    v1::RoleReply out;
+    out.set_message(std::move(message));
+    out.set_role(node::GroupRoleName(c.role()));
+    out.set_epoch(c.epoch());
+    return out;
+  };
+  // Under a coordinator an operator's command goes to the group's state machine: a refusal comes
+  // back as a kRefused action.
+  const auto command = [&](node::GroupController& c, const core::FailoverEvent& ev,
+                           const std::string& requested) -> absl::StatusOr<v1::RoleReply> {
+    auto actions = coordinator->Command(c.name(), ev);
+    if (!actions.ok()) return actions.status();
+    for (const core::FailoverAction& a : *actions) {
+      if (a.kind == core::FailoverAction::Kind::kRefused) {
+        return absl::FailedPreconditionError(a.message);
+      }
+    }
+    return role_reply(c, requested);
+  };
+  handlers.promote = [&](const v1::RoleRequest& req) {
+    return audited(
+        "promote", req,
+        [&](node::GroupController& c, const std::string& who) -> absl::StatusOr<v1::RoleReply> {
+          if (coordinator) {
+            return command(
+                c, core::EvPromote{who},
+                fmt::format("requested: site {} campaigns for the leader key of group {} "
+                            "(tvillingctl status shows when it is primary)",
+                            config.agent.site, c.name()));
+          }
+          if (absl::Status st = c.Promote(0, fmt::format("tvillingctl promote by {}", who));
+              !st.ok()) {
+            return st.code() == absl::StatusCode::kFailedPrecondition
+                       ? st
+                       : absl::FailedPreconditionError(st.message());
+          }
+          return role_reply(c, fmt::format("site {} is the primary of group {} in epoch {}",
+                                           config.agent.site, c.name(), c.epoch()));
+        });
+  };
+  handlers.demote = [&](const v1::RoleRequest& req) {
+    return audited(
+        "demote", req,
+        [&](node::GroupController& c, const std::string& who) -> absl::StatusOr<v1::RoleReply> {
+          if (coordinator) {
+            return absl::FailedPreconditionError(fmt::format(
+                "group {} is coordinated by etcd: the leader key decides the primary; use "
+                "tvillingctl switchover on the primary (demote is for groups without "
+                "[coordinator])",
+                c.name()));
+          }
+          if (absl::Status st = c.Demote(fmt::format("tvillingctl demote by {}", who)); !st.ok()) {
+            return absl::FailedPreconditionError(st.message());
+          }
+          return role_reply(
+              c, fmt::format("site {} is a replica of group {}", config.agent.site, c.name()));
+        });
+  };
+  handlers.approve = [&](const v1::RoleRequest& req) {
+    return audited(
+        "approve", req,
+        [&](node::GroupController& c, const std::string& who) -> absl::StatusOr<v1::RoleReply> {
+          if (!coordinator) {
+            return absl::FailedPreconditionError(
+                "this agent has no [coordinator]: there is no fail-over to approve");
+          }
+          const std::string site = req.site().empty() ? config.agent.site : req.site();
+          if (site != config.agent.site) {
+            return absl::FailedPreconditionError(
+                fmt::format("approve the promotion of {} on {}'s agent (this is {})", site, site,
+                            config.agent.site));
+          }
+          return command(c, core::EvApprove{site, who},
+                         fmt::format("requested: site {} campaigns for the leader key of group {}",
+                                     site, c.name()));
+        });
+  };
+  handlers.history = [&](const v1::HistoryRequest& req) {
+    return (*audit)->List(req.group(), req.limit());
+  };
+  auto control = node::ControlServer::Start(config.control.unix_socket, std::move(handlers));
   if (!control.ok()) {
     spdlog::error("{}", Msg(control.status()));
     return kExitRuntime;

@@ -167,7 +167,17 @@ void Coordinator::Enqueue(Work w) {
   cv_.notify_all();
 }
 
-void Coordinator::HandleLocked(size_t i, const core::FailoverEvent& event) {
+absl::StatusOr<std::vector<core::FailoverAction>> Coordinator::Command(
+    const std::string& group, const core::FailoverEvent& event) {
+  std::lock_guard l(mu_);
+  for (size_t i = 0; i < bindings_.size(); ++i) {
+    if (bindings_[i].failover.group == group) return HandleLocked(i, event);
+  }
+  return absl::NotFoundError(fmt::format("group {} is not coordinated on this site", group));
+}
+
+std::vector<core::FailoverAction> Coordinator::HandleLocked(size_t i,
+                                                            const core::FailoverEvent& event) {
   std::vector<core::FailoverAction> actions = machines_[i]->Handle(Now(), event);
   for (const core::FailoverAction& a : actions) {
     switch (a.kind) {
@@ -192,6 +202,7 @@ void Coordinator::HandleLocked(size_t i, const core::FailoverEvent& event) {
     }
     if (bindings_[i].apply) bindings_[i].apply(a);
   }
+  return actions;
 }
 
 void Coordinator::HandleAllLocked(const core::FailoverEvent& event) {

@@ -82,6 +82,12 @@ class Coordinator {
   };
   std::vector<GroupView> Snapshot() const;
 
+  // An operator's command for `group` (core::EvPromote / core::EvApprove), handled at once: the
+  // actions it produced are carried out as usual and returned (a kRefused says why, kCampaign
+  // that the site now campaigns for the leader key). NotFound for an unknown group.
+  absl::StatusOr<std::vector<core::FailoverAction>> Command(const std::string& group,
+                                                            const core::FailoverEvent& event);
+
  private:
   struct Work {
     enum class Kind { kNewSession, kCampaign, kReadLeader, kPublishPending, kClearPending };
@@ -92,7 +98,7 @@ class Coordinator {
   Coordinator(CoordinatorOptions options, std::vector<GroupBinding> groups);
   core::Nanos Now() const;
   // REQUIRES: mu_. Handles `event` for group `i` and dispatches the actions.
-  void HandleLocked(size_t i, const core::FailoverEvent& event);
+  std::vector<core::FailoverAction> HandleLocked(size_t i, const core::FailoverEvent& event);
   void HandleAllLocked(const core::FailoverEvent& event);
   void Enqueue(Work w);  // REQUIRES: mu_
   void TickerLoop();

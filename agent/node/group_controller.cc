@@ -109,6 +109,7 @@ absl::Status GroupController::PromoteLocked(uint64_t epoch, const std::string& w
   }
   if (absl::Status st = CheckPromotable(); !st.ok()) {
     spdlog::error("{}", Msg(st));
+    if (options_.on_switch) options_.on_switch("promoted", false, Msg(st));
     return st;
   }
   spdlog::info("group {}: promoting this site to primary ({}){}", name(), why,
@@ -134,6 +135,7 @@ absl::Status GroupController::PromoteLocked(uint64_t epoch, const std::string& w
     if (!p.ok()) {
       spdlog::error("group {}: promotion refused, staying a replica: {}", name(), Msg(p.status()));
       BecomeReplica();
+      if (options_.on_switch) options_.on_switch("promoted", false, Msg(p.status()));
       return p.status();
     }
     started = *p;
@@ -148,8 +150,11 @@ absl::Status GroupController::PromoteLocked(uint64_t epoch, const std::string& w
     // Resume under mu_: a CoordinatorSuspend that comes meanwhile waits, so it always wins.
     if (!options_.coordinated || coordinator_allows_io_) runtime_->ResumeIo();
   }
-  spdlog::info("group {}: this site is primary{}", name(),
-               started ? fmt::format(" in epoch {}", started->epoch()) : std::string());
+  const std::string done =
+      fmt::format("this site is primary{}",
+                  started ? fmt::format(" in epoch {}", started->epoch()) : std::string());
+  spdlog::info("group {}: {}", name(), done);
+  if (options_.on_switch) options_.on_switch("promoted", true, fmt::format("{} ({})", done, why));
   return absl::OkStatus();
 }
 
@@ -199,6 +204,7 @@ absl::Status GroupController::DemoteLocked(const std::string& why) {
   // 4. The new primary's Hello finds a replica (the handshake decides stream/copy/refuse).
   if (options_.has_peers) BecomeReplica();
   spdlog::info("group {}: this site is a replica now", name());
+  if (options_.on_switch) options_.on_switch("demoted", true, why);
   return absl::OkStatus();
 }
 

@@ -61,6 +61,9 @@ struct GroupControllerOptions {
   bool has_peers = false;
   // With a [coordinator]: client I/O resumes only after CoordinatorResume.
   bool coordinated = false;
+  // Told of every switch carried out or refused ("promoted"/"demoted", ok, what and why), for the
+  // audit log. Runs on the switching thread: must not block.
+  std::function<void(const std::string& action, bool ok, const std::string& detail)> on_switch;
 };
 
 class GroupController {

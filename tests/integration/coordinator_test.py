@@ -446,9 +446,75 @@ def switchover_dry_run(c):
         raise TestFailure(f"a dry run changed the leader key to {leader!r}")
 
 
+def ctl(c, agent, *args, stdin=subprocess.DEVNULL):
+    r = subprocess.run([c.tvillingctl, "--socket", agent.control_socket, *args],
+                       capture_output=True, text=True, timeout=60, stdin=stdin)
+    log(f"{agent.site}$ tvillingctl {' '.join(args)} -> rc {r.returncode}: "
+        f"{(r.stdout + r.stderr).strip()}")
+    return r
+
+
+def manual_promote_demote(c):
+    """Without etcd, roles move only by operator commands: demote the primary, promote the replica
+    (a new epoch), the old primary follows it; each command, and each refusal, is audited."""
+    a, b = c.agent("site-a"), c.agent("site-b")
+    g = {"name": "g0", "primary": "site-a", "size": "64MiB"}
+    a.write_config([dict(g, peers=[(b, "sync", None)])], acl=[("site-b", "site-b", ["g0"])])
+    b.write_config([dict(g, peers=[(a, "sync", None)])], acl=[("site-a", "site-a", ["g0"])])
+    b.start()
+    a.start()
+    h = a.connect()
+    h.pwrite(b"\x31" * 65536, 0)
+    h.flush()
+    wait_caught_up(a, [b])
+    epoch_a = u64(a.group().get("epoch"))
+    if ctl(c, a, "demote", "--group", "g0").returncode != 2:
+        raise TestFailure("demote without --yes and without a terminal did not refuse (exit 2)")
+    if a.group().get("role") != "primary":
+        raise TestFailure("an unconfirmed demote changed the role")
+    r = ctl(c, a, "demote", "--group", "g0", "--yes")
+    if r.returncode != 0 or a.group().get("role") != "replica":
+        raise TestFailure("demote failed")
+    try:
+        h.pwrite(b"\x32" * 4096, 0)
+        raise TestFailure("a write on the demoted site's open connection completed")
+    except nbd.Error as e:
+        if e.errno != errno.ESHUTDOWN and "ESHUTDOWN" not in str(e):
+            raise TestFailure(f"the write after demotion failed with {e}, not ESHUTDOWN")
+        log(f"write at the demoted site: {e.string}")
+    h.shutdown()
+    r = ctl(c, b, "promote", "--group", "g0", "--yes")
+    if r.returncode != 0:
+        raise TestFailure("promote failed")
+    st = b.group()
+    if st.get("role") != "primary" or u64(st.get("epoch")) <= epoch_a:
+        raise TestFailure(f"site-b after promote: {st.get('role')} epoch {st.get('epoch')} "
+                          f"(site-a's was {epoch_a})")
+    h = b.connect()
+    h.pwrite(b"\x33" * 65536, 65536)
+    h.flush()
+    h.shutdown()
+    wait_for("site-b streaming to site-a", lambda: (b.peer("site-a") or {}).get("link_state")
+             == "streaming", 30, 0.2)
+    wait_caught_up(b, [a])
+    assert_identical(b, [a])
+    r = ctl(c, b, "failover", "approve", "--group", "g0")
+    if r.returncode != 3 or "no [coordinator]" not in r.stderr:
+        raise TestFailure("approve without a coordinator was not refused (exit 3)")
+    hist = ctl(c, b, "history", "--group", "g0").stdout
+    if not re.search(r"g0  promote  ok  by \S+ \(uid \d+\) at site-b", hist) or \
+            not re.search(r"g0  approve  refused", hist) or \
+            not re.search(r"g0  promoted  ok  by coordinator at site-b", hist):
+        raise TestFailure(f"site-b's history lacks the promotion or the refusal:\n{hist}")
+    hist = ctl(c, a, "history", "--json").stdout
+    actions = [json.loads(line)["action"] for line in hist.splitlines()]
+    if "demote" not in actions or "demoted" not in actions:
+        raise TestFailure(f"site-a's history lacks the demotion: {actions}")
+
+
 SCENARIOS = {f.__name__: f for f in (elects_configured_primary, suspends_without_etcd,
                                      two_sites_refuse, etcd_unreachable, switchover_dry_run,
-                                     elected_replica_takes_over)}
+                                     elected_replica_takes_over, manual_promote_demote)}
 
 if __name__ == "__main__":
     if shutil.which("etcd") is None:
