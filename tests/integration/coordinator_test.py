@@ -101,6 +101,10 @@ class Etcd:
         out = self.ctl("get", "--print-value-only", key)
         return out.strip() if out else ""
 
+    def create_revision_of(self, key):
+        kvs = json.loads(self.ctl("get", "-w", "json", key)).get("kvs") or []
+        return int(kvs[0]["create_revision"]) if kvs else 0
+
     def pause(self):
         os.kill(self.proc.pid, signal.SIGSTOP)
 
@@ -512,9 +516,71 @@ def manual_promote_demote(c):
         raise TestFailure(f"site-a's history lacks the demotion: {actions}")
 
 
+def manual_policy_promote(c):
+    """policy = "manual" with etcd: the primary is killed, nobody takes over on its own;
+    `tvillingctl promote` on the replica campaigns and promotes it; commands refused by the state
+    machine say why (exit 3); the audit records are in etcd."""
+    etcd = Etcd(c).start()
+    a, b = c.agent("site-a"), c.agent("site-b")
+    g = {"name": "g0", "primary": "site-a", "size": "64MiB"}
+    a.write_config([dict(g, peers=[(b, "sync", None)])], acl=[("site-b", "site-b", ["g0"])])
+    b.write_config([dict(g, peers=[(a, "async", None)])], acl=[("site-a", "site-a", ["g0"])])
+    for agent in (a, b):
+        with open(agent.config_path, "a") as f:
+            f.write(f'\n[coordinator]\nendpoints = ["{etcd.endpoint}"]\n'
+                    f'lease_ttl_ms = {LEASE_TTL_MS}\npolicy = "manual"\nanti_flap_ms = 0\n')
+    b.start()
+    a.start()
+    wait_for("site-a to hold the leader key", lambda: etcd.get("/tvilling/groups/g0/leader")
+             == "site-a", 30, 0.2)
+    h = a.connect()
+    h.pwrite(b"\x55" * 65536, 0)
+    h.flush()
+    h.shutdown()
+    wait_caught_up(a, [b])
+    wait_for("site-b consistent in etcd", lambda: "consistent=1" in
+             etcd.get("/tvilling/groups/g0/sites/site-b"), 20, 0.2)
+    r = ctl(c, b, "promote", "--group", "g0", "--yes")
+    if r.returncode != 3 or "site-a holds the leader key" not in r.stderr:
+        raise TestFailure("promote while site-a holds the key was not refused (exit 3)")
+    r = ctl(c, b, "demote", "--group", "g0", "--yes")
+    if r.returncode != 3 or "switchover" not in r.stderr:
+        raise TestFailure("demote under a coordinator was not refused (exit 3)")
+    a.kill9()
+    log("site-a killed (-9)")
+    wait_for("site-b to wait for an operator", lambda: log_has(
+        b, r"waiting for `tvillingctl promote`[^\n]*|policy is manual[^\n]*"),
+        LEASE_TTL_MS / 1000 + 15, 0.2)
+    if etcd.get("/tvilling/groups/g0/leader") != "":
+        raise TestFailure("someone took the leader key under the manual policy")
+    r = ctl(c, b, "failover", "approve", "--group", "g0")
+    if r.returncode != 3 or "no promotion of site-b is pending" not in r.stderr:
+        raise TestFailure("approve with nothing pending was not refused (exit 3)")
+    r = ctl(c, b, "promote", "--group", "g0", "--yes")
+    if r.returncode != 0 or "requested" not in r.stdout:
+        raise TestFailure("promote on the replica after the primary's loss failed")
+    wait_for("site-b primary", lambda: b.group().get("role") == "primary", 15, 0.1)
+    epoch = etcd.create_revision_of("/tvilling/groups/g0/leader")
+    if u64(b.group().get("epoch")) != epoch:
+        raise TestFailure(f"site-b's epoch {b.group().get('epoch')} is not the key's {epoch}")
+    h = b.connect()
+    h.pwrite(b"\x66" * 4096, 65536)
+    h.flush()
+    h.shutdown()
+    hist = ctl(c, b, "history", "--group", "g0").stdout
+    for want in (r"promote  refused", r"demote  refused", r"approve  refused",
+                 r"promote  requested", r"promoted  ok  by coordinator at site-b"):
+        if not re.search(want, hist):
+            raise TestFailure(f"history lacks {want!r}:\n{hist}")
+    keys = etcd.ctl("get", "--prefix", "--keys-only", "/tvilling/groups/g0/audit/")
+    if len([k for k in keys.split() if k]) < 5:
+        raise TestFailure(f"the audit records are not in etcd: {keys}")
+
+
 SCENARIOS = {f.__name__: f for f in (elects_configured_primary, suspends_without_etcd,
                                      two_sites_refuse, etcd_unreachable, switchover_dry_run,
-                                     elected_replica_takes_over, manual_promote_demote)}
+                                     elected_replica_takes_over, manual_promote_demote,
+                                     manual_policy_promote)}
 
 if __name__ == "__main__":
     if shutil.which("etcd") is None:
