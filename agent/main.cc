@@ -24,6 +24,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <functional>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -196,6 +197,121 @@ class StatusReporter {
   const nbd::Frontend& frontend_;
   std::map<std::string, uint64_t> last_reported_;
 };
+
+// A controlled switchover of one group from this site (its primary) to `req.to()`
+// (docs/coordinator.md, "Switchover"): pause, drain, hand the leader key over, wait for the target
+// to hold it. The demotion that follows (the coordinator's kDemote) fails the held writes.
+absl::StatusOr<v1::SwitchoverReply> RunSwitchover(const ops::Config& config,
+                                                  node::GroupController* c,
+                                                  coordinator::Coordinator* coord,
+                                                  const v1::SwitchoverRequest& req) {
+  using Clock = std::chrono::steady_clock;
+  const auto ms = [](Clock::duration d) {
+    return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(d).count());
+  };
+  if (c == nullptr) {
+    return absl::NotFoundError(
+        fmt::format("group {} is not configured on site {}", req.group(), config.agent.site));
+  }
+  if (coord == nullptr) {
+    return absl::FailedPreconditionError(
+        "a switchover moves the etcd leader key: this agent has no [coordinator] (without one, "
+        "tvillingctl demote here and tvillingctl promote on the target)");
+  }
+  const std::string& site = config.agent.site;
+  if (c->role() != node::GroupRole::kPrimary || c->switching()) {
+    return absl::FailedPreconditionError(
+        fmt::format("site {} is not the primary of group {}: run the switchover on its primary",
+                    site, c->name()));
+  }
+  if (req.to() == site) {
+    return absl::FailedPreconditionError(fmt::format("site {} is already the primary", site));
+  }
+  const auto peer_of = [&](v1::PeerStatus* out) {
+    v1::GroupStatus st;
+    c->FillStatus(&st);
+    for (const v1::PeerStatus& p : st.peers()) {
+      if (p.peer() == req.to()) {
+        *out = p;
+        return true;
+      }
+    }
+    return false;
+  };
+  v1::PeerStatus peer;
+  if (!peer_of(&peer)) {
+    return absl::FailedPreconditionError(
+        fmt::format("{} is not a peer of group {}", req.to(), c->name()));
+  }
+  if (peer.link_state() != "streaming") {
+    return absl::FailedPreconditionError(fmt::format(
+        "the link to {} is {}, not streaming: it cannot catch up", req.to(), peer.link_state()));
+  }
+  const uint64_t epoch = c->epoch();
+  const std::optional<core::LeaderView> leader = coord->Leader(c->name());
+  if (!leader || !leader->present || leader->site != site || leader->epoch != epoch) {
+    return absl::FailedPreconditionError(fmt::format(
+        "site {} does not hold the leader key of group {} in epoch {}", site, c->name(), epoch));
+  }
+  const auto timeout = std::chrono::milliseconds(req.timeout_ms() ? req.timeout_ms() : 30000);
+  const Clock::time_point t0 = Clock::now();
+  c->Pause(fmt::format("switchover to {}: new writes held", req.to()));
+  // Every write admitted before the pause is in the log: its last LSN is the target's goal.
+  c->runtime().WaitFencedIdle();
+  {
+    std::promise<absl::Status> p;
+    auto f = p.get_future();
+    c->runtime().log().Sync([&p](absl::Status st) { p.set_value(st); });
+    (void)f.get();
+  }
+  const uint64_t last = c->runtime().log().last_lsn();
+  for (;;) {
+    if (!peer_of(&peer)) peer.Clear();
+    if (peer.durable_lsn() >= last) break;
+    if (Clock::now() - t0 > timeout) {
+      c->Unpause();
+      return absl::FailedPreconditionError(fmt::format(
+          "{} did not catch up within {} ms (its durable LSN {} of {}); rolled back: writes "
+          "resumed on {} after a pause of {} ms, nothing changed",
+          req.to(), timeout.count(), peer.durable_lsn(), last, site, ms(Clock::now() - t0)));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  const Clock::time_point drained = Clock::now();
+  if (absl::Status st = coord->Handover(c->name(), epoch, req.to()); !st.ok()) {
+    c->Unpause();
+    return absl::FailedPreconditionError(fmt::format(
+        "the hand-over of the leader key failed: {}; writes resumed on {}", Msg(st), site));
+  }
+  // The key is gone: this site's machine demotes it (the held writes fail, retryable) and the
+  // target campaigns at once.
+  const Clock::time_point deadline =
+      Clock::now() + std::max<Clock::duration>(timeout, std::chrono::seconds(10));
+  std::optional<core::LeaderView> now_leader;
+  for (;;) {
+    now_leader = coord->Leader(c->name());
+    if (now_leader && now_leader->present && now_leader->site == req.to()) break;
+    if (Clock::now() > deadline) {
+      return absl::DeadlineExceededError(fmt::format(
+          "the leader key was handed to {} but it has not taken it within {} ms; this site is a "
+          "replica now and takes the key back as the last primary once the hand-over expires "
+          "(2 x lease TTL)",
+          req.to(), ms(Clock::now() - drained)));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  const Clock::time_point moved = Clock::now();
+  v1::SwitchoverReply out;
+  out.set_pause_ms(ms(moved - t0));
+  out.set_drain_ms(ms(drained - t0));
+  out.set_last_lsn(last);
+  out.set_new_epoch(now_leader->epoch);
+  out.set_message(fmt::format(
+      "{} is the primary of group {} in epoch {} (the leader key's create revision); {} is its "
+      "replica; LSN {} was durable at {} before the hand-over",
+      req.to(), c->name(), now_leader->epoch, site, last, req.to()));
+  return out;
+}
 
 int Run(const ops::Config& config, std::chrono::seconds status_interval) {
   std::error_code ec;
@@ -442,6 +558,25 @@ int Run(const ops::Config& config, std::chrono::seconds status_interval) {
   };
   handlers.history = [&](const v1::HistoryRequest& req) {
     return (*audit)->List(req.group(), req.limit());
+  };
+  handlers.switchover =
+      [&](const v1::SwitchoverRequest& req) -> absl::StatusOr<v1::SwitchoverReply> {
+    const std::string who =
+        fmt::format("{} (uid {})", req.user().empty() ? "?" : req.user(), req.uid());
+    absl::StatusOr<v1::SwitchoverReply> r =
+        RunSwitchover(config, find_group(req.group()), coordinator.get(), req);
+    v1::AuditRecord rec;
+    rec.set_group(req.group());
+    rec.set_action("switchover");
+    rec.set_user(req.user());
+    rec.set_uid(req.uid());
+    rec.set_outcome(r.ok() ? "ok" : "refused");
+    rec.set_detail(fmt::format("to {}: {}", req.to(),
+                               r.ok() ? r->message() : std::string(r.status().message())));
+    spdlog::info("group {}: switchover by {}: {}: {}", req.group(), who, rec.outcome(),
+                 rec.detail());
+    if (absl::Status st = (*audit)->Record(rec); !st.ok()) spdlog::error("audit: {}", Msg(st));
+    return r;
   };
   auto control = node::ControlServer::Start(config.control.unix_socket, std::move(handlers));
   if (!control.ok()) {

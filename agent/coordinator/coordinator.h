@@ -57,6 +57,7 @@ std::string LeaderKey(const std::string& prefix, const std::string& group);
 std::string SitesPrefix(const std::string& prefix, const std::string& group);
 std::string PrimaryKey(const std::string& prefix, const std::string& group);
 std::string PendingKey(const std::string& prefix, const std::string& group);
+std::string HandoverKey(const std::string& prefix, const std::string& group);
 std::string EncodeSiteReport(const core::SiteReport& r);
 std::optional<core::SiteReport> DecodeSiteReport(const std::string& value);
 std::string EncodePrimaryReport(const core::PrimaryReport& r);
@@ -87,6 +88,15 @@ class Coordinator {
   // that the site now campaigns for the leader key). NotFound for an unknown group.
   absl::StatusOr<std::vector<core::FailoverAction>> Command(const std::string& group,
                                                             const core::FailoverEvent& event);
+
+  // A switchover's hand-over of `group` from this site (the primary in `epoch`) to `to`: one Txn,
+  // guarded by the leader key's create revision and value, deletes the key and names `to` in
+  // <prefix>/groups/<g>/handover (etcd refuses a Txn that deletes and re-creates one key). The
+  // target then campaigns at once (core::EvHandover). FailedPrecondition if the key is not ours in
+  // that epoch; Unavailable if etcd does not answer (the Txn may or may not have been applied).
+  absl::Status Handover(const std::string& group, uint64_t epoch, const std::string& to);
+  // The group's leader as this site's machine sees it.
+  std::optional<core::LeaderView> Leader(const std::string& group) const;
 
  private:
   struct Work {

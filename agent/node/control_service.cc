@@ -50,6 +50,10 @@ class ControlServer::Service final : public v1::Control::Service {
                        v1::HistoryReply* reply) override {
     return Answer(h_.history, *req, reply);
   }
+  grpc::Status Switchover(grpc::ServerContext*, const v1::SwitchoverRequest* req,
+                          v1::SwitchoverReply* reply) override {
+    return Answer(h_.switchover, *req, reply);
+  }
 
  private:
   ControlHandlers h_;

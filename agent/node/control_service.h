@@ -23,6 +23,7 @@ struct ControlHandlers {
   // An error status is answered as is (FailedPrecondition: refused, with the reason).
   std::function<absl::StatusOr<v1::RoleReply>(const v1::RoleRequest&)> promote, demote, approve;
   std::function<absl::StatusOr<v1::HistoryReply>(const v1::HistoryRequest&)> history;
+  std::function<absl::StatusOr<v1::SwitchoverReply>(const v1::SwitchoverRequest&)> switchover;
 };
 
 class ControlServer {

@@ -148,7 +148,7 @@ absl::Status GroupController::PromoteLocked(uint64_t epoch, const std::string& w
     await_election_ = false;
     runtime_->SetWritable(true);
     // Resume under mu_: a CoordinatorSuspend that comes meanwhile waits, so it always wins.
-    if (!options_.coordinated || coordinator_allows_io_) runtime_->ResumeIo();
+    if (!paused_ && (!options_.coordinated || coordinator_allows_io_)) runtime_->ResumeIo();
   }
   const std::string done =
       fmt::format("this site is primary{}",
@@ -200,6 +200,7 @@ absl::Status GroupController::DemoteLocked(const std::string& why) {
     if (primary) old_primaries_.push_back(primary);
     primary_.reset();
     role_ = GroupRole::kReplica;
+    paused_ = false;  // a switchover's pause ends with the demotion
   }
   // 4. The new primary's Hello finds a replica (the handshake decides stream/copy/refuse).
   if (options_.has_peers) BecomeReplica();
@@ -246,7 +247,21 @@ void GroupController::CoordinatorResume() {
   std::lock_guard l(mu_);
   coordinator_allows_io_ = true;
   // A replica (being promoted, or not) resumes when its promotion completes.
-  if (role_ == GroupRole::kPrimary) runtime_->ResumeIo();
+  if (role_ == GroupRole::kPrimary && !paused_) runtime_->ResumeIo();
+}
+
+void GroupController::Pause(const std::string& reason) {
+  std::lock_guard l(mu_);
+  paused_ = true;
+  runtime_->SuspendIo(reason);
+}
+
+void GroupController::Unpause() {
+  std::lock_guard l(mu_);
+  paused_ = false;
+  if (role_ == GroupRole::kPrimary && (!options_.coordinated || coordinator_allows_io_)) {
+    runtime_->ResumeIo();
+  }
 }
 
 void GroupController::WorkerLoop() {

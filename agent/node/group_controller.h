@@ -101,6 +101,10 @@ class GroupController {
   // The coordinator's fence: suspend now; resume only once this site is primary.
   void CoordinatorSuspend(const std::string& reason);
   void CoordinatorResume();
+  // A switchover's write pause: hold new writes (and completions) until Unpause; I/O resumes then
+  // only if nothing else holds it (the coordinator's fence, a demotion).
+  void Pause(const std::string& reason);
+  void Unpause();
 
   GroupRole role() const;
   uint64_t epoch() const;
@@ -130,6 +134,7 @@ class GroupController {
   GroupRole role_ = GroupRole::kReplica;
   bool await_election_ = false;
   bool coordinator_allows_io_ = false;
+  bool paused_ = false;
   std::shared_ptr<PrimaryReplicator> primary_;
   ReplicaGroup* replica_ = nullptr;
   std::vector<std::shared_ptr<PrimaryReplicator>> old_primaries_;

@@ -577,10 +577,183 @@ def manual_policy_promote(c):
         raise TestFailure(f"the audit records are not in etcd: {keys}")
 
 
+class WriteLoad:
+    """One writer thread through NBD to whichever site is primary: block k of the first 4 MiB gets
+    a unique 4 KiB; a write that fails (ESHUTDOWN from a demoted site, a read-only export) is
+    retried, after reconnecting to the current primary, until acknowledged. `acked` holds the
+    last acknowledged content of each block."""
+
+    def __init__(self, sites):
+        import threading
+        self.sites = sites
+        self.acked = {}
+        self.failed = 0
+        self.count = 0
+        self.stop_flag = False
+        self.error = None
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def primary(self):
+        for s in self.sites:
+            st = s.try_status()
+            for g in (st or {}).get("groups", []):
+                if g.get("name") == "g0" and g.get("role") == "primary":
+                    return s
+        return None
+
+    def run(self):
+        h = None
+        k = 0
+        try:
+            while not self.stop_flag:
+                data = (b"%08d" % k) * 512
+                block = k % 1024
+                while not self.stop_flag:
+                    try:
+                        if h is None:
+                            p = self.primary()
+                            if p is None:
+                                time.sleep(0.01)
+                                continue
+                            h = p.connect()
+                            if h.is_read_only():
+                                h.shutdown()
+                                h = None
+                                time.sleep(0.01)
+                                continue
+                        h.pwrite(data, block * 4096)
+                        self.acked[block] = data
+                        self.count += 1
+                        break
+                    except nbd.Error:
+                        self.failed += 1
+                        try:
+                            if h is not None:
+                                h.shutdown()
+                        except nbd.Error:
+                            pass
+                        h = None
+                        time.sleep(0.01)
+                k += 1
+        except Exception as e:  # noqa: BLE001 - reported by stop()
+            self.error = e
+        finally:
+            if h is not None:
+                try:
+                    h.shutdown()
+                except nbd.Error:
+                    pass
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.stop_flag = True
+        self.thread.join(60)
+        if self.error:
+            raise TestFailure(f"the write load failed: {self.error}")
+        log(f"write load: {self.count} writes acknowledged, {self.failed} failed and retried")
+
+    def check(self, agent):
+        h = agent.connect()
+        try:
+            for block, data in sorted(self.acked.items()):
+                if h.pread(4096, block * 4096) != data:
+                    raise TestFailure(f"{agent.site}: block {block} lost its last acknowledged "
+                                      f"write")
+        finally:
+            h.shutdown()
+        log(f"{agent.site}: all {len(self.acked)} blocks hold their last acknowledged write")
+
+
+def switchover_pair(c):
+    etcd = Etcd(c).start()
+    a, b = coordinated_pair(c, [etcd.endpoint], extra="anti_flap_ms = 0\n")
+    b.start()
+    a.start()
+    wait_for("site-a to hold the leader key", lambda: etcd.get("/tvilling/groups/g0/leader")
+             == "site-a", 30, 0.2)
+    wait_for("site-a primary", lambda: a.group().get("role") == "primary", 15, 0.1)
+    wait_for("site-b streaming", lambda: (a.peer("site-b") or {}).get("link_state") ==
+             "streaming", 30, 0.2)
+    return etcd, a, b
+
+
+def switchover(c, from_agent, to_site, timeout="10"):
+    r = ctl(c, from_agent, "switchover", "--group", "g0", "--to", to_site, "--timeout", timeout)
+    m = re.search(r"write pause: (\d+) ms", r.stdout)
+    return r, (int(m.group(1)) if m else None)
+
+
+def switchover_there_and_back(c):
+    etcd, a, b = switchover_pair(c)
+    load = WriteLoad([a, b]).start()
+    wait_for("writes flowing", lambda: load.count > 200, 30, 0.05)
+    epoch_a = etcd.create_revision_of("/tvilling/groups/g0/leader")
+    r, pause = switchover(c, a, "site-b")
+    if r.returncode != 0 or pause is None:
+        raise TestFailure("switchover A->B failed")
+    if etcd.get("/tvilling/groups/g0/leader") != "site-b":
+        raise TestFailure("the leader key is not site-b's after the switchover")
+    wait_for("site-b primary", lambda: b.group().get("role") == "primary", 10, 0.05)
+    epoch_b = u64(b.group().get("epoch"))
+    if epoch_b <= epoch_a or epoch_b != etcd.create_revision_of("/tvilling/groups/g0/leader"):
+        raise TestFailure(f"site-b's epoch {epoch_b}: not the new key's (site-a's was {epoch_a})")
+    wait_for("site-a a replica", lambda: a.group().get("role") == "replica", 10, 0.05)
+    n = load.count
+    wait_for("writes flowing at site-b", lambda: load.count > n + 200, 30, 0.05)
+    wait_for("site-a streaming from site-b", lambda: (b.peer("site-a") or {}).get("link_state")
+             == "streaming", 30, 0.1)
+    r, pause_back = switchover(c, b, "site-a")
+    if r.returncode != 0 or pause_back is None:
+        raise TestFailure("switchover B->A failed")
+    wait_for("site-a primary again", lambda: a.group().get("role") == "primary", 10, 0.05)
+    n = load.count
+    wait_for("writes flowing at site-a", lambda: load.count > n + 200, 30, 0.05)
+    load.stop()
+    log(f"MEASURED write pause: A->B {pause} ms, B->A {pause_back} ms")
+    wait_caught_up(a, [b])
+    load.check(a)
+    assert_identical(a, [b])
+    hist = ctl(c, a, "history", "--group", "g0").stdout
+    if len(re.findall(r"switchover  ok", hist)) != 2:
+        raise TestFailure(f"the history lacks the two switchovers:\n{hist}")
+
+
+def switchover_rolls_back(c):
+    etcd, a, b = switchover_pair(c)
+    load = WriteLoad([a, b]).start()
+    wait_for("writes flowing", lambda: load.count > 200, 30, 0.05)
+    b.pause()
+    log("site-b frozen (SIGSTOP)")
+    try:
+        r, _ = switchover(c, a, "site-b", timeout="1.5")
+        if r.returncode != 3 or "did not catch up" not in r.stderr or "rolled back" not in \
+                r.stderr:
+            raise TestFailure("the switchover to a frozen target did not roll back (exit 3)")
+        if etcd.get("/tvilling/groups/g0/leader") != "site-a" or \
+                a.group().get("role") != "primary":
+            raise TestFailure("site-a is not the primary after the roll-back")
+    finally:
+        b.resume()
+    log("site-b thawed (SIGCONT)")
+    n = load.count
+    wait_for("writes flowing at site-a after the roll-back", lambda: load.count > n + 200, 60,
+             0.05)
+    load.stop()
+    if load.failed:
+        raise TestFailure(f"{load.failed} writes failed although the primary never changed")
+    wait_caught_up(a, [b])
+    load.check(a)
+    assert_identical(a, [b])
+
+
 SCENARIOS = {f.__name__: f for f in (elects_configured_primary, suspends_without_etcd,
                                      two_sites_refuse, etcd_unreachable, switchover_dry_run,
                                      elected_replica_takes_over, manual_promote_demote,
-                                     manual_policy_promote)}
+                                     manual_policy_promote, switchover_there_and_back,
+                                     switchover_rolls_back)}
 
 if __name__ == "__main__":
     if shutil.which("etcd") is None:
