@@ -24,6 +24,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <functional>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -31,8 +32,10 @@
 #include <vector>
 
 #include "agent/nbd/frontend.h"
+#include "agent/node/audit_log.h"
 #include "agent/node/control_service.h"
 #include "agent/node/coordination.h"
+#include "agent/node/group_controller.h"
 #include "agent/node/group_runtime.h"
 #include "agent/node/replication.h"
 #include "agent/node/replication_service.h"
@@ -199,10 +202,9 @@ class StatusReporter {
 // SIGHUP: re-reads the config file and applies the peers' `rate_limit` to the running links
 // (docs/operations.md, "systemd"). Every other change needs a restart; the file is checked in full
 // first, and a broken file changes nothing.
-void ReloadRateLimits(
-    const std::filesystem::path& file, const std::optional<std::filesystem::path>& state_dir,
-    const std::vector<std::pair<std::string, std::shared_ptr<node::PrimaryReplicator>>>&
-        primaries) {
+void ReloadRateLimits(const std::filesystem::path& file,
+                      const std::optional<std::filesystem::path>& state_dir,
+                      const std::vector<std::unique_ptr<node::GroupController>>& controllers) {
   auto fresh = ops::LoadConfig(file, state_dir);
   if (!fresh.ok()) {
     spdlog::error("SIGHUP: {} not reloaded, the running settings stay: {}", file.string(),
@@ -210,7 +212,8 @@ void ReloadRateLimits(
     return;
   }
   size_t changed = 0;
-  for (const auto& [group, replicator] : primaries) {
+  for (const auto& controller : controllers) {
+    const std::string& group = controller->name();
     const ops::GroupConfig* now = nullptr;
     for (const auto& g : fresh->groups) {
       if (g.name == group) now = &g;
@@ -222,7 +225,7 @@ void ReloadRateLimits(
     }
     for (const ops::PeerConfig& p : now->peers) {
       const std::optional<uint64_t> was =
-          replicator->SetRateLimit(p.site, p.rate_limit_bytes_per_second);
+          controller->SetRateLimit(p.site, p.rate_limit_bytes_per_second);
       if (!was) {
         spdlog::warn("SIGHUP: group {}: peer {} is new; adding a peer needs a restart", group,
                      p.site);
@@ -234,6 +237,121 @@ void ReloadRateLimits(
     }
   }
   if (changed == 0) spdlog::info("SIGHUP: no rate_limit changed in {}", file.string());
+}
+
+// A controlled switchover of one group from this site (its primary) to `req.to()`
+// (docs/coordinator.md, "Switchover"): pause, drain, hand the leader key over, wait for the target
+// to hold it. The demotion that follows (the coordinator's kDemote) fails the held writes.
+absl::StatusOr<v1::SwitchoverReply> RunSwitchover(const ops::Config& config,
+                                                  node::GroupController* c,
+                                                  coordinator::Coordinator* coord,
+                                                  const v1::SwitchoverRequest& req) {
+  using Clock = std::chrono::steady_clock;
+  const auto ms = [](Clock::duration d) {
+    return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(d).count());
+  };
+  if (c == nullptr) {
+    return absl::NotFoundError(
+        fmt::format("group {} is not configured on site {}", req.group(), config.agent.site));
+  }
+  if (coord == nullptr) {
+    return absl::FailedPreconditionError(
+        "a switchover moves the etcd leader key: this agent has no [coordinator] (without one, "
+        "tvillingctl demote here and tvillingctl promote on the target)");
+  }
+  const std::string& site = config.agent.site;
+  if (c->role() != node::GroupRole::kPrimary || c->switching()) {
+    return absl::FailedPreconditionError(
+        fmt::format("site {} is not the primary of group {}: run the switchover on its primary",
+                    site, c->name()));
+  }
+  if (req.to() == site) {
+    return absl::FailedPreconditionError(fmt::format("site {} is already the primary", site));
+  }
+  const auto peer_of = [&](v1::PeerStatus* out) {
+    v1::GroupStatus st;
+    c->FillStatus(&st);
+    for (const v1::PeerStatus& p : st.peers()) {
+      if (p.peer() == req.to()) {
+        *out = p;
+        return true;
+      }
+    }
+    return false;
+  };
+  v1::PeerStatus peer;
+  if (!peer_of(&peer)) {
+    return absl::FailedPreconditionError(
+        fmt::format("{} is not a peer of group {}", req.to(), c->name()));
+  }
+  if (peer.link_state() != "streaming") {
+    return absl::FailedPreconditionError(fmt::format(
+        "the link to {} is {}, not streaming: it cannot catch up", req.to(), peer.link_state()));
+  }
+  const uint64_t epoch = c->epoch();
+  const std::optional<core::LeaderView> leader = coord->Leader(c->name());
+  if (!leader || !leader->present || leader->site != site || leader->epoch != epoch) {
+    return absl::FailedPreconditionError(fmt::format(
+        "site {} does not hold the leader key of group {} in epoch {}", site, c->name(), epoch));
+  }
+  const auto timeout = std::chrono::milliseconds(req.timeout_ms() ? req.timeout_ms() : 30000);
+  const Clock::time_point t0 = Clock::now();
+  c->Pause(fmt::format("switchover to {}: new writes held", req.to()));
+  // Every write admitted before the pause is in the log: its last LSN is the target's goal.
+  c->runtime().WaitFencedIdle();
+  {
+    std::promise<absl::Status> p;
+    auto f = p.get_future();
+    c->runtime().log().Sync([&p](absl::Status st) { p.set_value(st); });
+    (void)f.get();
+  }
+  const uint64_t last = c->runtime().log().last_lsn();
+  for (;;) {
+    if (!peer_of(&peer)) peer.Clear();
+    if (peer.durable_lsn() >= last) break;
+    if (Clock::now() - t0 > timeout) {
+      c->Unpause();
+      return absl::FailedPreconditionError(fmt::format(
+          "{} did not catch up within {} ms (its durable LSN {} of {}); rolled back: writes "
+          "resumed on {} after a pause of {} ms, nothing changed",
+          req.to(), timeout.count(), peer.durable_lsn(), last, site, ms(Clock::now() - t0)));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  const Clock::time_point drained = Clock::now();
+  if (absl::Status st = coord->Handover(c->name(), epoch, req.to()); !st.ok()) {
+    c->Unpause();
+    return absl::FailedPreconditionError(fmt::format(
+        "the hand-over of the leader key failed: {}; writes resumed on {}", Msg(st), site));
+  }
+  // The key is gone: this site's machine demotes it (the held writes fail, retryable) and the
+  // target campaigns at once.
+  const Clock::time_point deadline =
+      Clock::now() + std::max<Clock::duration>(timeout, std::chrono::seconds(10));
+  std::optional<core::LeaderView> now_leader;
+  for (;;) {
+    now_leader = coord->Leader(c->name());
+    if (now_leader && now_leader->present && now_leader->site == req.to()) break;
+    if (Clock::now() > deadline) {
+      return absl::DeadlineExceededError(fmt::format(
+          "the leader key was handed to {} but it has not taken it within {} ms; this site is a "
+          "replica now and takes the key back as the last primary once the hand-over expires "
+          "(2 x lease TTL)",
+          req.to(), ms(Clock::now() - drained)));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  const Clock::time_point moved = Clock::now();
+  v1::SwitchoverReply out;
+  out.set_pause_ms(ms(moved - t0));
+  out.set_drain_ms(ms(drained - t0));
+  out.set_last_lsn(last);
+  out.set_new_epoch(now_leader->epoch);
+  out.set_message(fmt::format(
+      "{} is the primary of group {} in epoch {} (the leader key's create revision); {} is its "
+      "replica; LSN {} was durable at {} before the hand-over",
+      req.to(), c->name(), now_leader->epoch, site, last, req.to()));
+  return out;
 }
 
 int Run(const ops::Config& config, const std::filesystem::path& config_file,
@@ -280,11 +398,9 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
     groups.push_back(std::move(*group));
   }
 
-  // Replication: replicas first (so a primary's stream finds them), then the primaries' links.
+  // Replication: the service first, then one controller per group, which owns the group's role
+  // (primary or replica) and can switch it while the agent runs (node/group_controller.h).
   std::unique_ptr<node::ReplicationService> replication;
-  std::vector<std::unique_ptr<node::ReplicaGroup>> replicas;
-  std::vector<std::pair<std::string, std::shared_ptr<node::PrimaryReplicator>>> primaries;
-  std::map<std::string, std::function<void(v1::GroupStatus*)>> group_status;
   if (config.HasPeers()) {
     auto svc = node::ReplicationService::Create(config);
     if (!svc.ok()) {
@@ -293,28 +409,49 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
     }
     replication = std::move(*svc);
   }
+  // The audit log of operator commands and role switches (etcd with a [coordinator], else a file).
+  auto audit = node::AuditLog::Open(config);
+  if (!audit.ok()) {
+    spdlog::error("audit log: {}", Msg(audit.status()));
+    return kExitRuntime;
+  }
+  std::vector<std::unique_ptr<node::GroupController>> controllers;
   for (size_t i = 0; i < config.groups.size(); ++i) {
     const ops::GroupConfig& g = config.groups[i];
-    node::GroupRuntime* rt = groups[i].get();
-    if (g.peers.empty()) continue;
-    if (g.IsPrimary(config.agent.site)) {
-      auto p = node::PrimaryReplicator::Start(rt, node::PrimaryOptionsFor(config, g),
-                                              replication->dialer());
-      if (!p.ok()) {
-        spdlog::error("group {}: {}", g.name, Msg(p.status()));
-        return kExitRuntime;
-      }
-      primaries.push_back({g.name, *p});
-      group_status[g.name] = [p = *p](v1::GroupStatus* out) { p->FillStatus(out); };
-    } else {
-      auto r = std::make_unique<node::ReplicaGroup>(rt, node::ReplicaOptionsFor(config, g));
-      replication->AddReplica(g.name, r.get());
-      group_status[g.name] = [r = r.get()](v1::GroupStatus* out) { r->FillStatus(out); };
-      replicas.push_back(std::move(r));
-    }
+    node::GroupControllerOptions co;
+    co.site = config.agent.site;
+    co.has_peers = !g.peers.empty();
+    co.coordinated = config.coordinator.has_value();
+    if (co.has_peers) co.primary = node::PrimaryOptionsFor(config, g);
+    co.replica = node::ReplicaOptionsFor(config, g);
+    co.on_switch = [a = audit->get(), group = g.name](const std::string& action, bool ok,
+                                                      const std::string& detail) {
+      v1::AuditRecord r;
+      r.set_group(group);
+      r.set_action(action);
+      r.set_outcome(ok ? "ok" : "refused");
+      r.set_detail(detail);
+      a->RecordLater(std::move(r));
+    };
+    node::ReplicationService* svc = co.has_peers ? replication.get() : nullptr;
+    controllers.push_back(
+        std::make_unique<node::GroupController>(groups[i].get(), std::move(co), svc));
   }
-  for (const ops::GroupConfig& g : config.groups) {
-    if (g.IsPrimary(config.agent.site) && replication) replication->AddPrimaryGroup(g.name);
+  // Every site starts as a replica under a coordinator (the configured primary holds its writes
+  // until etcd elects it); without one the config's primary is the primary.
+  for (size_t i = 0; i < config.groups.size(); ++i) {
+    const ops::GroupConfig& g = config.groups[i];
+    const bool primary = g.IsPrimary(config.agent.site);
+    absl::Status st;
+    if (config.coordinator) {
+      st = controllers[i]->Start(node::GroupRole::kReplica, /*await_election=*/primary);
+    } else {
+      st = controllers[i]->Start(primary ? node::GroupRole::kPrimary : node::GroupRole::kReplica);
+    }
+    if (!st.ok()) {
+      spdlog::error("group {}: {}", g.name, Msg(st));
+      return kExitRuntime;
+    }
   }
   if (replication) {
     if (absl::Status st = replication->Start(); !st.ok()) {
@@ -326,7 +463,7 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
   // client I/O waits until etcd confirms it.
   std::unique_ptr<coordinator::Coordinator> coordinator;
   if (config.coordinator) {
-    auto c = node::StartCoordination(config, groups, group_status);
+    auto c = node::StartCoordination(config, controllers);
     if (!c.ok()) {
       spdlog::error("coordinator: {}", Msg(c.status()));
       return kExitRuntime;
@@ -340,24 +477,151 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
     out->mutable_agent()->set_uptime_s(static_cast<uint64_t>(
         std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - started)
             .count()));
-    for (const auto& g : groups) {
+    for (const auto& c : controllers) {
       v1::GroupStatus* gs = out->add_groups();
-      gs->set_name(g->name());
-      if (auto it = group_status.find(g->name()); it != group_status.end()) {
-        it->second(gs);
-        continue;
-      }
-      gs->set_role("primary");
-      gs->set_consistent(true);
-      gs->set_epoch(g->log().State().current_epoch);
-      gs->set_last_lsn(g->log().last_lsn());
-      gs->set_durable_lsn(g->log().durable_lsn());
-      gs->set_applied_lsn(g->applied_lsn());
-      gs->set_write_released(g->log().last_lsn());
-      gs->set_flush_released(g->log().durable_lsn());
+      gs->set_name(c->name());
+      c->FillStatus(gs);
     }
   };
-  auto control = node::ControlServer::Start(config.control.unix_socket, fill_status);
+  node::ControlHandlers handlers;
+  handlers.status = fill_status;
+  const auto find_group = [&](const std::string& name) -> node::GroupController* {
+    for (auto& c : controllers) {
+      if (c->name() == name) return c.get();
+    }
+    return nullptr;
+  };
+  // Every command is audited with its outcome; `run` answers it.
+  const auto audited = [&](const std::string& action, const v1::RoleRequest& req,
+                           const std::function<absl::StatusOr<v1::RoleReply>(
+                               node::GroupController&, const std::string& who)>& run)
+      -> absl::StatusOr<v1::RoleReply> {
+    const std::string who =
+        fmt::format("{} (uid {})", req.user().empty() ? "?" : req.user(), req.uid());
+    node::GroupController* c = find_group(req.group());
+    absl::StatusOr<v1::RoleReply> r =
+        c == nullptr ? absl::NotFoundError(fmt::format("group {} is not configured on site {}",
+                                                       req.group(), config.agent.site))
+                     : run(*c, who);
+    v1::AuditRecord rec;
+    rec.set_group(req.group());
+    rec.set_action(action);
+    rec.set_user(req.user());
+    rec.set_uid(req.uid());
+    rec.set_outcome(r.ok() ? (r->message().rfind("requested", 0) == 0 ? "requested" : "ok")
+                           : "refused");
+    rec.set_detail(r.ok() ? r->message() : std::string(r.status().message()));
+    spdlog::info("group {}: {} by {}: {}: {}", req.group(), action, who, rec.outcome(),
+                 rec.detail());
+    if (absl::Status st = (*audit)->Record(rec); !st.ok()) {
+      spdlog::error("audit: {}", Msg(st));
+      if (r.ok()) {
+        r->set_message(r->message() + fmt::format(" (WARNING: not audited: {})", Msg(st)));
+      }
+    }
+    return r;
+  };
+  const auto role_reply = [](node::GroupController& c, std::string message) {
+    v1::RoleReply out;
+    out.set_message(std::move(message));
+    out.set_role(node::GroupRoleName(c.role()));
+    out.set_epoch(c.epoch());
+    return out;
+  };
+  // Under a coordinator an operator's command goes to the group's state machine: a refusal comes
+  // back as a kRefused action.
+  const auto command = [&](node::GroupController& c, const core::FailoverEvent& ev,
+                           const std::string& requested) -> absl::StatusOr<v1::RoleReply> {
+    auto actions = coordinator->Command(c.name(), ev);
+    if (!actions.ok()) return actions.status();
+    for (const core::FailoverAction& a : *actions) {
+      if (a.kind == core::FailoverAction::Kind::kRefused) {
+        return absl::FailedPreconditionError(a.message);
+      }
+    }
+    return role_reply(c, requested);
+  };
+  handlers.promote = [&](const v1::RoleRequest& req) {
+    return audited(
+        "promote", req,
+        [&](node::GroupController& c, const std::string& who) -> absl::StatusOr<v1::RoleReply> {
+          if (coordinator) {
+            return command(
+                c, core::EvPromote{who},
+                fmt::format("requested: site {} campaigns for the leader key of group {} "
+                            "(tvillingctl status shows when it is primary)",
+                            config.agent.site, c.name()));
+          }
+          if (absl::Status st = c.Promote(0, fmt::format("tvillingctl promote by {}", who));
+              !st.ok()) {
+            return st.code() == absl::StatusCode::kFailedPrecondition
+                       ? st
+                       : absl::FailedPreconditionError(st.message());
+          }
+          return role_reply(c, fmt::format("site {} is the primary of group {} in epoch {}",
+                                           config.agent.site, c.name(), c.epoch()));
+        });
+  };
+  handlers.demote = [&](const v1::RoleRequest& req) {
+    return audited(
+        "demote", req,
+        [&](node::GroupController& c, const std::string& who) -> absl::StatusOr<v1::RoleReply> {
+          if (coordinator) {
+            return absl::FailedPreconditionError(fmt::format(
+                "group {} is coordinated by etcd: the leader key decides the primary; use "
+                "tvillingctl switchover on the primary (demote is for groups without "
+                "[coordinator])",
+                c.name()));
+          }
+          if (absl::Status st = c.Demote(fmt::format("tvillingctl demote by {}", who)); !st.ok()) {
+            return absl::FailedPreconditionError(st.message());
+          }
+          return role_reply(
+              c, fmt::format("site {} is a replica of group {}", config.agent.site, c.name()));
+        });
+  };
+  handlers.approve = [&](const v1::RoleRequest& req) {
+    return audited(
+        "approve", req,
+        [&](node::GroupController& c, const std::string& who) -> absl::StatusOr<v1::RoleReply> {
+          if (!coordinator) {
+            return absl::FailedPreconditionError(
+                "this agent has no [coordinator]: there is no fail-over to approve");
+          }
+          const std::string site = req.site().empty() ? config.agent.site : req.site();
+          if (site != config.agent.site) {
+            return absl::FailedPreconditionError(
+                fmt::format("approve the promotion of {} on {}'s agent (this is {})", site, site,
+                            config.agent.site));
+          }
+          return command(c, core::EvApprove{site, who},
+                         fmt::format("requested: site {} campaigns for the leader key of group {}",
+                                     site, c.name()));
+        });
+  };
+  handlers.history = [&](const v1::HistoryRequest& req) {
+    return (*audit)->List(req.group(), req.limit());
+  };
+  handlers.switchover =
+      [&](const v1::SwitchoverRequest& req) -> absl::StatusOr<v1::SwitchoverReply> {
+    const std::string who =
+        fmt::format("{} (uid {})", req.user().empty() ? "?" : req.user(), req.uid());
+    absl::StatusOr<v1::SwitchoverReply> r =
+        RunSwitchover(config, find_group(req.group()), coordinator.get(), req);
+    v1::AuditRecord rec;
+    rec.set_group(req.group());
+    rec.set_action("switchover");
+    rec.set_user(req.user());
+    rec.set_uid(req.uid());
+    rec.set_outcome(r.ok() ? "ok" : "refused");
+    rec.set_detail(fmt::format("to {}: {}", req.to(),
+                               r.ok() ? r->message() : std::string(r.status().message())));
+    spdlog::info("group {}: switchover by {}: {}: {}", req.group(), who, rec.outcome(),
+                 rec.detail());
+    if (absl::Status st = (*audit)->Record(rec); !st.ok()) spdlog::error("audit: {}", Msg(st));
+    return r;
+  };
+  auto control = node::ControlServer::Start(config.control.unix_socket, std::move(handlers));
   if (!control.ok()) {
     spdlog::error("{}", Msg(control.status()));
     return kExitRuntime;
@@ -384,7 +648,7 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
             "continue",
             config.tls.cert.string());
       }
-      if (!primaries.empty()) ReloadRateLimits(config_file, state_dir_override, primaries);
+      if (replication) ReloadRateLimits(config_file, state_dir_override, controllers);
       ops::Notify(fmt::format("READY=1\nSTATUS=serving {} group(s) as site {}", groups.size(),
                               config.agent.site));
       wait_reload();
@@ -476,7 +740,7 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
       std::unique_lock l(drain_mu);
       if (drain_cv.wait_for(l, std::chrono::seconds(10), [&] { return drained; })) return;
       spdlog::warn("in-flight writes still wait for sync peers after 10 s; failing them");
-      for (auto& p : primaries) p.second->Stop();
+      for (auto& c : controllers) c->StopPrimary();
       for (auto& g : groups) g->FailHeldIo(absl::UnavailableError("tvillingd is shutting down"));
     });
   });
@@ -519,11 +783,10 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
   if (metrics) metrics->Stop();
   (*control)->Shutdown();
   if (coordinator) coordinator->Stop();
-  for (auto& p : primaries) p.second->Stop();
+  for (auto& c : controllers) c->StopPrimary();
   if (replication) replication->Shutdown();
-  for (auto& r : replicas) r->Stop();
-  primaries.clear();
-  replicas.clear();
+  for (auto& c : controllers) c->Stop();
+  controllers.clear();
   int rc = 0;
   for (auto& g : groups) {
     if (absl::Status st = g->Stop(); !st.ok()) {

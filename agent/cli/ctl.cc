@@ -7,6 +7,7 @@
 #include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
@@ -14,10 +15,12 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <iostream>
 #include <thread>
 #include <vector>
 
 #include "agent/cli/divergent.h"
+#include "agent/cli/roles.h"
 #include "agent/cli/switchover.h"
 #include "tvilling/v1/control.grpc.pb.h"
 
@@ -294,6 +297,27 @@ int RunTvillingctl(int argc, const char* const* argv, std::ostream& out, std::os
         ->check(CLI::Range(0.001, 86400.0));
     DivergentArgs div;
     const DivergentCommands divergent = AddDivergentCommands(app, &div);
+    RoleArgs role;
+    CLI::App* promote = app.add_subcommand("promote", "make this site the group's primary");
+    promote->add_option("--group", role.group, "the group")->required();
+    promote->add_flag("--yes", role.yes, "do not ask for confirmation");
+    CLI::App* demote =
+        app.add_subcommand("demote", "make this site a replica of the group (no coordinator)");
+    demote->add_option("--group", role.group, "the group")->required();
+    demote->add_flag("--yes", role.yes, "do not ask for confirmation");
+    CLI::App* failover = app.add_subcommand("failover", "automatic fail-over under approval");
+    CLI::App* approve =
+        failover->add_subcommand("approve", "approve the pending promotion of this site");
+    approve->add_option("--group", role.group, "the group")->required();
+    approve->add_option("--site", role.site, "the site to promote (default: this agent's)")
+        ->type_name("SITE");
+    failover->require_subcommand(1);
+    HistoryArgs hist;
+    CLI::App* history =
+        app.add_subcommand("history", "the audit log: promotions, demotions, approvals, refusals");
+    history->add_option("--group", hist.group, "only this group");
+    history->add_option("--limit", hist.limit, "the newest N records")->type_name("N");
+    history->add_flag("--json", hist.json, "one JSON object per record and line");
     app.require_subcommand(1);
     try {
       app.parse(argc, argv);
@@ -331,6 +355,13 @@ int RunTvillingctl(int argc, const char* const* argv, std::ostream& out, std::os
       return DivergentShow(dir, div, out, err);
     }
     if (divergent.export_->parsed()) return DivergentExport(div, out, err);
+    if (promote->parsed() || demote->parsed() || approve->parsed()) {
+      role.command = promote->parsed() ? "promote" : demote->parsed() ? "demote" : "approve";
+      // A switch may wait for the log and the replication threads: allow more than a status.
+      const auto t = std::max(timeout, std::chrono::milliseconds(30000));
+      return RoleCommand(path.string(), t, role, isatty(STDIN_FILENO) != 0, std::cin, out, err);
+    }
+    if (history->parsed()) return History(path.string(), timeout, hist, out, err);
     err << "tvillingctl: no command\n";
     return kExitUsage;
   } catch (const std::exception& e) {

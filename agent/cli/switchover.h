@@ -1,7 +1,8 @@
 // switchover.h: `tvillingctl switchover --group G --to SITE [--dry-run] [--timeout S]`
-// (docs/coordinator.md, "Switchover"). Only --dry-run is built: it asks the local agent (the
-// group's primary) for its status and prints core::PlanSwitchover's plan: the steps, the target's
-// current lag and the expected write pause, or why the switchover would be refused.
+// (docs/coordinator.md, "Switchover"). --dry-run asks the local agent (the group's primary) for
+// its status and prints core::PlanSwitchover's plan: the steps, the target's current lag and the
+// expected write pause, or why the switchover would be refused. Without it the agent carries the
+// switchover out and the measured write pause is printed; a refusal or a roll-back exits 3.
 #pragma once
 
 #include <chrono>

@@ -167,7 +167,56 @@ void Coordinator::Enqueue(Work w) {
   cv_.notify_all();
 }
 
-void Coordinator::HandleLocked(size_t i, const core::FailoverEvent& event) {
+std::string HandoverKey(const std::string& prefix, const std::string& group) {
+  return fmt::format("{}/groups/{}/handover", prefix, group);
+}
+
+absl::Status Coordinator::Handover(const std::string& group, uint64_t epoch,
+                                   const std::string& to) {
+  size_t i = bindings_.size();
+  for (size_t j = 0; j < bindings_.size(); ++j) {
+    if (bindings_[j].failover.group == group) i = j;
+  }
+  if (i == bindings_.size()) {
+    return absl::NotFoundError(fmt::format("group {} is not coordinated on this site", group));
+  }
+  {
+    // Our own machine first: when the key goes, it must not take it back as the last primary.
+    std::lock_guard l(mu_);
+    HandleLocked(i, core::EvHandover{to});
+  }
+  const std::string leader = LeaderKey(options_.prefix, group);
+  auto r = client_->Txn(
+      {Compare::CreateRevision(leader, Compare::Result::kEqual, static_cast<int64_t>(epoch)),
+       Compare::Value(leader, Compare::Result::kEqual, options_.site)},
+      {TxnOp::Delete(leader), TxnOp::Put(HandoverKey(options_.prefix, group), to)}, {});
+  if (!r.ok()) return absl::UnavailableError(std::string(r.status().message()));
+  if (!r->succeeded) {
+    return absl::FailedPreconditionError(fmt::format(
+        "group {}: the leader key is not {}'s in epoch {} any more", group, options_.site, epoch));
+  }
+  return absl::OkStatus();
+}
+
+std::optional<core::LeaderView> Coordinator::Leader(const std::string& group) const {
+  std::lock_guard l(mu_);
+  for (const auto& m : machines_) {
+    if (m->options().group == group) return m->leader();
+  }
+  return std::nullopt;
+}
+
+absl::StatusOr<std::vector<core::FailoverAction>> Coordinator::Command(
+    const std::string& group, const core::FailoverEvent& event) {
+  std::lock_guard l(mu_);
+  for (size_t i = 0; i < bindings_.size(); ++i) {
+    if (bindings_[i].failover.group == group) return HandleLocked(i, event);
+  }
+  return absl::NotFoundError(fmt::format("group {} is not coordinated on this site", group));
+}
+
+std::vector<core::FailoverAction> Coordinator::HandleLocked(size_t i,
+                                                            const core::FailoverEvent& event) {
   std::vector<core::FailoverAction> actions = machines_[i]->Handle(Now(), event);
   for (const core::FailoverAction& a : actions) {
     switch (a.kind) {
@@ -192,6 +241,7 @@ void Coordinator::HandleLocked(size_t i, const core::FailoverEvent& event) {
     }
     if (bindings_[i].apply) bindings_[i].apply(a);
   }
+  return actions;
 }
 
 void Coordinator::HandleAllLocked(const core::FailoverEvent& event) {
@@ -365,6 +415,15 @@ void Coordinator::StartWatcher(int64_t from_revision) {
 void Coordinator::OnWatch(const std::vector<WatchEvent>& events) {
   std::lock_guard l(mu_);
   if (stopping_) return;
+  // A hand-over is put in the same Txn that deletes the leader key: handle it first, so that no
+  // site decides on the deletion without knowing whom it is for.
+  for (const WatchEvent& e : events) {
+    if (e.type != WatchEvent::Type::kPut) continue;
+    for (size_t i = 0; i < bindings_.size(); ++i) {
+      if (e.kv.key != HandoverKey(options_.prefix, bindings_[i].failover.group)) continue;
+      HandleLocked(i, core::EvHandover{e.kv.value});
+    }
+  }
   for (const WatchEvent& e : events) {
     for (size_t i = 0; i < bindings_.size(); ++i) {
       if (e.kv.key != LeaderKey(options_.prefix, bindings_[i].failover.group)) continue;
@@ -383,8 +442,12 @@ void Coordinator::Campaign(size_t i) {
   const std::string key = LeaderKey(options_.prefix, bindings_[i].failover.group);
   core::EvCampaignDone done;
   if (session != 0) {
-    auto r = client_->Txn({Compare::CreateRevision(key, Compare::Result::kEqual, 0)},
-                          {TxnOp::Put(key, options_.site, session)}, {TxnOp::Get(key)});
+    // The winner also clears a switchover's hand-over (it has done its job).
+    auto r =
+        client_->Txn({Compare::CreateRevision(key, Compare::Result::kEqual, 0)},
+                     {TxnOp::Put(key, options_.site, session),
+                      TxnOp::Delete(HandoverKey(options_.prefix, bindings_[i].failover.group))},
+                     {TxnOp::Get(key)});
     if (r.ok() && r->succeeded) {
       done.won = true;
       done.leader = {true, options_.site, static_cast<uint64_t>(r->revision), session};

@@ -57,6 +57,7 @@ std::string LeaderKey(const std::string& prefix, const std::string& group);
 std::string SitesPrefix(const std::string& prefix, const std::string& group);
 std::string PrimaryKey(const std::string& prefix, const std::string& group);
 std::string PendingKey(const std::string& prefix, const std::string& group);
+std::string HandoverKey(const std::string& prefix, const std::string& group);
 std::string EncodeSiteReport(const core::SiteReport& r);
 std::optional<core::SiteReport> DecodeSiteReport(const std::string& value);
 std::string EncodePrimaryReport(const core::PrimaryReport& r);
@@ -82,6 +83,21 @@ class Coordinator {
   };
   std::vector<GroupView> Snapshot() const;
 
+  // An operator's command for `group` (core::EvPromote / core::EvApprove), handled at once: the
+  // actions it produced are carried out as usual and returned (a kRefused says why, kCampaign
+  // that the site now campaigns for the leader key). NotFound for an unknown group.
+  absl::StatusOr<std::vector<core::FailoverAction>> Command(const std::string& group,
+                                                            const core::FailoverEvent& event);
+
+  // A switchover's hand-over of `group` from this site (the primary in `epoch`) to `to`: one Txn,
+  // guarded by the leader key's create revision and value, deletes the key and names `to` in
+  // <prefix>/groups/<g>/handover (etcd refuses a Txn that deletes and re-creates one key). The
+  // target then campaigns at once (core::EvHandover). FailedPrecondition if the key is not ours in
+  // that epoch; Unavailable if etcd does not answer (the Txn may or may not have been applied).
+  absl::Status Handover(const std::string& group, uint64_t epoch, const std::string& to);
+  // The group's leader as this site's machine sees it.
+  std::optional<core::LeaderView> Leader(const std::string& group) const;
+
  private:
   struct Work {
     enum class Kind { kNewSession, kCampaign, kReadLeader, kPublishPending, kClearPending };
@@ -92,7 +108,7 @@ class Coordinator {
   Coordinator(CoordinatorOptions options, std::vector<GroupBinding> groups);
   core::Nanos Now() const;
   // REQUIRES: mu_. Handles `event` for group `i` and dispatches the actions.
-  void HandleLocked(size_t i, const core::FailoverEvent& event);
+  std::vector<core::FailoverAction> HandleLocked(size_t i, const core::FailoverEvent& event);
   void HandleAllLocked(const core::FailoverEvent& event);
   void Enqueue(Work w);  // REQUIRES: mu_
   void TickerLoop();

@@ -235,6 +235,10 @@ std::vector<FailoverAction> FailoverMachine::Handle(Nanos now, const FailoverEve
                  " is pending (state " + StateName(state_) + ")",
              out);
     }
+  } else if (auto* h = std::get_if<EvHandover>(&event)) {
+    handover_to_ = h->to;
+    handover_at_ = now;
+    Evaluate(now, out);
   } else if (auto* pr = std::get_if<EvPromote>(&event)) {
     if (state_ == State::kPrimary || state_ == State::kSuspended) return out;
     if (leader_.present && !Ours(leader_)) {
@@ -268,6 +272,7 @@ void FailoverMachine::OnLeader(Nanos now, const LeaderView& v, std::vector<Failo
     state_ = State::kStarting;
     return;  // nothing can be decided without a session
   }
+  if (v.present) handover_to_.clear();
   if (Ours(v)) {
     leaderless_since_.reset();
     if (state_ == State::kPrimary || state_ == State::kSuspended) {
@@ -371,7 +376,16 @@ void FailoverMachine::Campaign(std::vector<FailoverAction>& out) {
 void FailoverMachine::Evaluate(Nanos now, std::vector<FailoverAction>& out) {
   using K = FailoverAction::Kind;
   if (state_ != State::kLeaderless && state_ != State::kAwaitingApproval) return;
-  if (session_ == 0 || !primary_report_known_) return;
+  if (session_ == 0) return;
+  // A switchover's hand-over (EvHandover): only its target campaigns, at once.
+  if (!handover_to_.empty() && now - handover_at_ < 2 * o_.lease_ttl) {
+    if (handover_to_ == o_.site && state_ != State::kCampaigning) {
+      if (state_ == State::kAwaitingApproval) out.push_back({K::kClearPending, {}, 0, "", {}});
+      Campaign(out);
+    }
+    return;
+  }
+  if (!primary_report_known_) return;
   // Bootstrap: a new group (no primary ever reported) starts on its configured primary, and the
   // last primary may always take its key back (nobody can be ahead of it).
   if ((!primary_report_ && o_.site == o_.configured_primary) ||

@@ -149,9 +149,17 @@ struct EvApprove {  // tvillingctl failover approve
 struct EvPromote {  // tvillingctl promote (manual), on the site to promote
   std::string who;
 };
+// A controlled switchover (docs/coordinator.md, "Switchover"): the primary deleted the leader key
+// and named `to` in <prefix>/groups/<g>/handover in one Txn. Until a leader appears, or for
+// 2 x lease TTL, `to` campaigns at once (whatever the policy) and no other site campaigns — not
+// even the last primary under the bootstrap rule. After that the usual rules apply (a target that
+// never campaigned: the old primary takes its key back as the last primary).
+struct EvHandover {
+  std::string to;
+};
 using FailoverEvent =
     std::variant<EvTick, EvSessionStarted, EvSessionRenewed, EvSessionLost, EvLeader,
-                 EvCampaignDone, EvSites, EvPrimaryReport, EvApprove, EvPromote>;
+                 EvCampaignDone, EvSites, EvPrimaryReport, EvApprove, EvPromote, EvHandover>;
 
 // ---- actions ----
 struct FailoverAction {
@@ -234,6 +242,8 @@ class FailoverMachine {
   std::string last_refusal_;
   std::string last_refusal_kind_;
   std::string pending_for_;  // kAwaitingApproval: the plan we published
+  std::string handover_to_;  // a switchover's target, until a leader appears or it expires
+  Nanos handover_at_ = 0;
 };
 
 }  // namespace tvilling::core

@@ -1,5 +1,6 @@
 // control_service.h: the agent's control API (proto/tvilling/v1/control.proto) on a unix socket,
-// for tvillingctl. Read-only for now (status); mutating calls come with the coordinator.
+// for tvillingctl: status, the operator's role commands (promote, demote, approve) and the audit
+// history. The handlers are the agent's (main.cc); a missing one answers UNIMPLEMENTED.
 //
 // The socket is created mode 0600 in the state directory: whoever can open it is as trusted as the
 // user running the agent, like DRBD's netlink or Ceph's admin socket.
@@ -17,12 +18,22 @@
 
 namespace tvilling::node {
 
+struct ControlHandlers {
+  std::function<void(v1::StatusReply* out)> status;
+  // An error status is answered as is (FailedPrecondition: refused, with the reason).
+  std::function<absl::StatusOr<v1::RoleReply>(const v1::RoleRequest&)> promote, demote, approve;
+  std::function<absl::StatusOr<v1::HistoryReply>(const v1::HistoryRequest&)> history;
+  std::function<absl::StatusOr<v1::SwitchoverReply>(const v1::SwitchoverRequest&)> switchover;
+};
+
 class ControlServer {
  public:
   using StatusFn = std::function<void(v1::StatusReply* out)>;
   // Listens on `socket_path` (an existing stale socket file is replaced).
   static absl::StatusOr<std::unique_ptr<ControlServer>> Start(
       const std::filesystem::path& socket_path, StatusFn status);
+  static absl::StatusOr<std::unique_ptr<ControlServer>> Start(
+      const std::filesystem::path& socket_path, ControlHandlers handlers);
   ~ControlServer();
   void Shutdown();
 

@@ -29,8 +29,7 @@ constexpr core::Nanos kMsNs = 1'000'000;
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<coordinator::Coordinator>> StartCoordination(
-    const ops::Config& config, const std::vector<std::unique_ptr<GroupRuntime>>& groups,
-    const std::map<std::string, std::function<void(v1::GroupStatus*)>>& status) {
+    const ops::Config& config, const std::vector<std::unique_ptr<GroupController>>& groups) {
   const ops::CoordinatorConfig& c = *config.coordinator;
   coordinator::CoordinatorOptions o;
   o.etcd.endpoints = c.endpoints;
@@ -46,8 +45,7 @@ absl::StatusOr<std::unique_ptr<coordinator::Coordinator>> StartCoordination(
   std::vector<coordinator::GroupBinding> bindings;
   for (size_t i = 0; i < config.groups.size(); ++i) {
     const ops::GroupConfig& g = config.groups[i];
-    GroupRuntime* rt = groups[i].get();
-    const bool configured_primary = g.IsPrimary(config.agent.site);
+    GroupController* ctl = groups[i].get();
     coordinator::GroupBinding b;
     core::FailoverOptions& f = b.failover;
     f.group = g.name;
@@ -65,76 +63,54 @@ absl::StatusOr<std::unique_ptr<coordinator::Coordinator>> StartCoordination(
     f.anti_flap = c.anti_flap_ms * kMsNs;
     f.settle = 1000 * kMsNs;
 
-    std::function<void(v1::GroupStatus*)> fill;
-    if (auto it = status.find(g.name); it != status.end()) fill = it->second;
     const bool no_failover = c.no_failover;
-    b.site_report = [rt, fill, no_failover, configured_primary] {
+    b.site_report = [ctl, no_failover] {
       core::SiteReport r;
       r.no_failover = no_failover;
-      if (fill) {
-        v1::GroupStatus s;
-        fill(&s);
-        r.durable_lsn = s.durable_lsn();
-        r.consistent = s.consistent();
-      } else {
-        r.durable_lsn = rt->log().durable_lsn();
-        r.consistent = configured_primary;
-      }
+      v1::GroupStatus s;
+      ctl->FillStatus(&s);
+      r.durable_lsn = s.durable_lsn();
+      r.consistent = s.consistent();
       return r;
     };
-    b.primary_report = [rt, fill, configured_primary]() -> std::optional<core::PrimaryReport> {
-      if (!configured_primary) return std::nullopt;
+    b.primary_report = [ctl]() -> std::optional<core::PrimaryReport> {
+      if (ctl->role() != GroupRole::kPrimary) return std::nullopt;
+      v1::GroupStatus s;
+      ctl->FillStatus(&s);
+      if (s.role() != "primary") return std::nullopt;
       core::PrimaryReport r;
-      r.last_lsn = rt->log().last_lsn();
-      if (fill) {
-        v1::GroupStatus s;
-        fill(&s);
-        r.last_lsn = s.last_lsn();
-        for (const v1::PeerStatus& p : s.peers()) {
-          r.peers[p.peer()] = core::PeerLag{p.durable_lsn(), p.lag_bytes(),
-                                            static_cast<core::Nanos>(p.lag_seconds() * 1e9)};
-        }
+      r.last_lsn = s.last_lsn();
+      for (const v1::PeerStatus& p : s.peers()) {
+        r.peers[p.peer()] = core::PeerLag{p.durable_lsn(), p.lag_bytes(),
+                                          static_cast<core::Nanos>(p.lag_seconds() * 1e9)};
       }
       return r;
     };
     const std::string group = g.name;
-    b.apply = [rt, group, configured_primary](const core::FailoverAction& a) {
+    // Runs under the coordinator's mutex: nothing here may block (a switch is queued on the
+    // controller's worker; the fence acts at once).
+    b.apply = [ctl, group](const core::FailoverAction& a) {
       switch (a.kind) {
         case Kind::kSuspendIo:
-          rt->SuspendIo(fmt::format("coordinator: {}", a.message));
+          ctl->CoordinatorSuspend(a.message);
           break;
         case Kind::kResumeIo:
-          if (configured_primary) {
-            rt->ResumeIo();
-          } else {
-            spdlog::error(
-                "group {}: the coordinator would resume client I/O here, but this agent "
-                "serves the group as a replica (run-time role changes are not "
-                "implemented yet)",
-                group);
-          }
+          ctl->CoordinatorResume();
           break;
         case Kind::kPromote:
-          if (configured_primary) {
-            spdlog::info("group {}: coordinator: this site holds the leader key (etcd epoch {})",
-                         group, a.epoch);
-          } else {
-            spdlog::error(
-                "group {}: coordinator: this site was elected primary (etcd epoch {}), but "
-                "switching a running replica to primary is not implemented yet: it stays a "
-                "replica; restart it with primary = this site to take over",
-                group, a.epoch);
-          }
+          spdlog::info("group {}: coordinator: this site holds the leader key (etcd epoch {})",
+                       group, a.epoch);
+          ctl->PostPromote(a.epoch, fmt::format("elected: holds the leader key in etcd"));
           break;
         case Kind::kDemote:
           spdlog::warn("group {}: coordinator: no longer primary: {}{}", group, a.message,
                        a.site.empty() ? "" : fmt::format(" (new primary {})", a.site));
-          rt->FailHeldIo(absl::UnavailableError(
-              fmt::format("group {}: this site is no longer primary ({})", group, a.message)));
+          ctl->PostDemote(fmt::format("coordinator: {}", a.message));
           break;
         case Kind::kFollow:
           spdlog::info("group {}: coordinator: primary is {} (etcd epoch {})", group, a.site,
                        a.epoch);
+          ctl->PostFollow(a.site);
           break;
         case Kind::kRefused:
           spdlog::warn("{}", a.message);
@@ -147,9 +123,6 @@ absl::StatusOr<std::unique_ptr<coordinator::Coordinator>> StartCoordination(
           break;
       }
     };
-    if (configured_primary) {
-      rt->SuspendIo("waiting for the coordinator to confirm this site as primary in etcd");
-    }
     bindings.push_back(std::move(b));
   }
   for (const ops::GroupConfig& g : config.groups) {

@@ -2,12 +2,13 @@
 // (docs/coordinator.md): what each group reports to etcd, and what the coordinator's actions do
 // to the group.
 //
-// What works today: the configured primary serves writes only while the coordinator has it hold
-// the group's leader key with a fresh lease (its client I/O starts suspended and is resumed on
-// promotion; suspended when the lease cannot be renewed in time; held writes are failed on
-// demotion). Replicas publish their durable LSN and consistency. Switching a running group between
-// primary and replica is not implemented yet: a replica that the coordinator elects logs that it
-// cannot take over, and stays a replica.
+// A site serves a group as primary only while the coordinator has it hold the group's leader key
+// with a fresh lease: every site starts as a replica (the configured primary with its client
+// writes held, not refused, until the election); the coordinator's promote starts the group's
+// replicator in the etcd epoch (the key's create revision) and its resume releases client I/O;
+// suspend holds it when the lease cannot be renewed in time; demote (or another site's key)
+// switches the group back to a replica and fails held writes (group_controller.h). Each site
+// publishes its durable LSN and consistency, the primary its lag report.
 #pragma once
 
 #include <absl/status/statusor.h>
@@ -19,17 +20,16 @@
 #include <vector>
 
 #include "agent/coordinator/coordinator.h"
-#include "agent/node/group_runtime.h"
+#include "agent/node/group_controller.h"
 #include "agent/ops/config.h"
 #include "tvilling/v1/control.pb.h"
 
 namespace tvilling::node {
 
 // Builds the coordinator for `config` (which must have a [coordinator] table) and starts it.
-// `status[group]` fills the group's status (as for tvillingctl). Suspends the client I/O of every
-// group this agent is configured primary of until the coordinator promotes it.
+// `groups[i]` is the controller of config.groups[i], started as a replica (GroupController::Start
+// with await_election for the configured primary).
 absl::StatusOr<std::unique_ptr<coordinator::Coordinator>> StartCoordination(
-    const ops::Config& config, const std::vector<std::unique_ptr<GroupRuntime>>& groups,
-    const std::map<std::string, std::function<void(v1::GroupStatus*)>>& status);
+    const ops::Config& config, const std::vector<std::unique_ptr<GroupController>>& groups);
 
 }  // namespace tvilling::node

@@ -23,11 +23,19 @@ uint64_t NowNs() {
 // volume, which holds every completed write (the applier runs before a write completes).
 class VolumeExport final : public nbd::Export {
  public:
+  // `info` as configured; `forced_read_only`: the spec itself is read-only (never writable).
   VolumeExport(GroupRuntime* group, storage::GroupLog* log, storage::Volume* volume, uint32_t index,
                nbd::ExportInfo info)
-      : group_(group), log_(log), volume_(volume), index_(index), info_(std::move(info)) {}
+      : group_(group),
+        log_(log),
+        volume_(volume),
+        index_(index),
+        info_rw_(info),
+        info_ro_(ReadOnly(std::move(info))) {}
 
-  const nbd::ExportInfo& info() const override { return info_; }
+  // Two immutable infos: a connection keeps the one it negotiated (the frontend holds a reference
+  // to it for the connection's life), a new connection gets the one for the group's current role.
+  const nbd::ExportInfo& info() const override { return group_->writable() ? info_rw_ : info_ro_; }
 
   void Read(uint64_t offset, uint32_t length, char* out, Done done) override {
     std::move(done)(volume_->Read(offset, std::span<char>(out, length)));
@@ -55,8 +63,18 @@ class VolumeExport final : public nbd::Export {
  private:
   // Every mutating operation passes the group's I/O fence twice: before it starts and when it
   // completes (GroupRuntime::SuspendIo).
+  static nbd::ExportInfo ReadOnly(nbd::ExportInfo info) {
+    info.read_only = true;
+    return info;
+  }
+
   template <class Start>
   void Fenced(Done done, Start start) {
+    if (!group_->writable() || info_rw_.read_only) {
+      // A connection negotiated while this site was primary, after a demotion.
+      return std::move(done)(absl::UnavailableError(
+          fmt::format("export {}: this site is not the group's primary", info_rw_.name)));
+    }
     done = group_->GuardCompletion(std::move(done));
     group_->RunFenced(
         [start = std::move(start), done = std::move(done)](const absl::Status* fail) mutable {
@@ -134,7 +152,8 @@ class VolumeExport final : public nbd::Export {
   storage::GroupLog* const log_;
   storage::Volume* const volume_;
   const uint32_t index_;
-  const nbd::ExportInfo info_;
+  const nbd::ExportInfo info_rw_;
+  const nbd::ExportInfo info_ro_;
 };
 
 }  // namespace
@@ -194,8 +213,33 @@ void GroupRuntime::RunFenced(HeldOp op) {
       held_ops_.push_back(std::move(op));
       return;
     }
+    ++fenced_running_;
   }
   std::move(op)(nullptr);
+  {
+    std::lock_guard l(fence_mu_);
+    if (--fenced_running_ == 0) fenced_idle_cv_.notify_all();
+  }
+}
+
+void GroupRuntime::WaitFencedIdle() {
+  std::unique_lock l(fence_mu_);
+  fenced_idle_cv_.wait(l, [&] { return fenced_running_ == 0; });
+}
+
+void GroupRuntime::SetCompletionGate(std::shared_ptr<CompletionGate> gate) {
+  std::lock_guard l(gates_mu_);
+  gate_.store(gate.get(), std::memory_order_release);
+  if (gate) gates_.push_back(std::move(gate));
+}
+
+void GroupRuntime::SetRecordsObserver(RecordsObserver fn) {
+  std::lock_guard l(observer_mu_);
+  observer_ = std::move(fn);
+}
+
+void GroupRuntime::SetWritable(bool writable) {
+  writable_.store(writable, std::memory_order_release);
 }
 
 nbd::Export::Done GroupRuntime::GuardCompletion(nbd::Export::Done done) {
@@ -243,6 +287,7 @@ absl::StatusOr<std::unique_ptr<GroupRuntime>> GroupRuntime::Open(storage::LogSto
   // Nor one restoring a rejoin's extents (docs/replication.md, "Rejoin"): the same merge.
   g->apply_paused_ = g->options_.start_apply_paused || g->log_->replica_meta().copy_in_progress ||
                      g->log_->replica_meta().restore_pending;
+  g->writable_ = !g->options_.exports_read_only;
 
   // Replay what the volumes may not hold yet. New appends cannot arrive: no export serves yet.
   const storage::GroupLogState state = g->log_->State();
@@ -271,7 +316,7 @@ absl::StatusOr<std::unique_ptr<GroupRuntime>> GroupRuntime::Open(storage::LogSto
     info.name = spec.export_name.empty() ? spec.name : spec.export_name;
     info.description = fmt::format("tvilling group {} volume {}", group, spec.name);
     info.size_bytes = g->volumes_[i]->size();
-    info.read_only = spec.volume.read_only || g->options_.exports_read_only;
+    info.read_only = spec.volume.read_only;
     g->exports_.push_back(std::make_shared<VolumeExport>(g.get(), g->log_, g->volumes_[i].get(),
                                                          static_cast<uint32_t>(i), info));
   }
@@ -287,6 +332,7 @@ absl::Status GroupRuntime::Apply(std::span<const storage::LogRecordView> records
     std::lock_guard lock(apply_mu_);
     if (absl::Status st = ApplyLocked(records); !st.ok()) return st;
   }
+  std::lock_guard lock(observer_mu_);
   if (observer_) observer_(records);
   return absl::OkStatus();
 }

@@ -89,12 +89,23 @@ class GroupRuntime {
   storage::Volume& volume(size_t i) { return *volumes_[i]; }
   size_t volume_count() const { return volumes_.size(); }
 
-  // Wiring for replication; call before any export serves.
-  void SetCompletionGate(std::shared_ptr<CompletionGate> gate) { gate_ = std::move(gate); }
+  // Wiring for replication. Both may change while exports serve (a role switch,
+  // group_controller.h): a replaced gate is kept alive until the runtime is destroyed (a WRITE in
+  // flight may still call it; a stopped replicator fails what it gets), and once
+  // SetRecordsObserver returns the old observer is not running and will not run again.
+  void SetCompletionGate(std::shared_ptr<CompletionGate> gate);
   // Called on the committer thread after each batch is in the log and applied, with its records.
   using RecordsObserver = std::function<void(std::span<const storage::LogRecordView> records)>;
-  void SetRecordsObserver(RecordsObserver fn) { observer_ = std::move(fn); }
-  CompletionGate* gate() const { return gate_.get(); }
+  void SetRecordsObserver(RecordsObserver fn);
+  CompletionGate* gate() const { return gate_.load(std::memory_order_acquire); }
+
+  // Whether the exports accept writes (the group's role, group_controller.h). While not writable,
+  // a WRITE/TRIM/WRITE_ZEROES/FLUSH fails at once with Unavailable (NBD ESHUTDOWN: retryable, the
+  // client should find the primary), before the I/O fence. The NBD handshake advertises the
+  // read-only flag as of the connection's negotiation: a client connected to a replica must
+  // reconnect after a promotion to write.
+  void SetWritable(bool writable);
+  bool writable() const { return writable_.load(std::memory_order_acquire); }
 
   // Full copy on a replica: pause the applier (records keep going into the log), and resume it,
   // which first applies every record after the applied LSN, in order.
@@ -114,6 +125,9 @@ class GroupRuntime {
   void ResumeIo();
   void FailHeldIo(const absl::Status& status);
   bool io_suspended() const;
+  // REQUIRES: suspended. Waits until no operation that passed the fence before the suspension is
+  // still handing its record to the log; after it, a log Sync() covers every admitted write.
+  void WaitFencedIdle();
   // Used by the exports: run `op` now (nullptr) or when resumed, or with the error it must fail
   // with. Held operations keep their order.
   using HeldOp = absl::AnyInvocable<void(const absl::Status* fail) &&>;
@@ -138,8 +152,12 @@ class GroupRuntime {
   std::vector<std::unique_ptr<storage::Volume>> volumes_;
   std::vector<std::shared_ptr<nbd::Export>> exports_;
 
-  std::shared_ptr<CompletionGate> gate_;
+  std::atomic<CompletionGate*> gate_{nullptr};
+  std::mutex gates_mu_;
+  std::vector<std::shared_ptr<CompletionGate>> gates_;  // every gate ever set (see above)
+  std::mutex observer_mu_;  // held while the observer runs (committer thread) or is replaced
   RecordsObserver observer_;
+  std::atomic<bool> writable_{true};
 
   // Applier state: touched on the committer thread (and by Open / ResumeApply under apply_mu_).
   std::mutex apply_mu_;
@@ -152,6 +170,8 @@ class GroupRuntime {
   bool io_suspended_ = false;  // guarded by fence_mu_
   std::vector<HeldOp> held_ops_;
   std::vector<std::pair<nbd::Export::Done, absl::Status>> held_done_;
+  int fenced_running_ = 0;  // guarded by fence_mu_: operations admitted and still starting
+  std::condition_variable fenced_idle_cv_;
 
   std::mutex checkpoint_mu_;  // serialises Checkpoint()
   std::atomic<uint64_t> checkpointed_lsn_{0};

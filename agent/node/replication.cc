@@ -203,8 +203,20 @@ absl::StatusOr<std::shared_ptr<PrimaryReplicator>> PrimaryReplicator::Start(Grou
   // Every start as primary begins a new epoch: records are shipped before they are fsynced, so
   // after a machine crash a replica may hold records this log lost; writing different records at
   // those LSNs in the same epoch would be undetectable (docs/replication.md, "Roles and epochs").
-  const uint64_t epoch =
-      std::max({meta.newest_epoch_seen, state.current_epoch, meta.primary_epoch}) + 1;
+  const uint64_t newest = std::max({meta.newest_epoch_seen, state.current_epoch, meta.primary_epoch,
+                                    state.history.empty() ? 0 : state.history.back().epoch});
+  uint64_t epoch = newest + 1;
+  if (r->options_.epoch != 0) {
+    if (r->options_.epoch <= newest) {
+      return absl::FailedPreconditionError(fmt::format(
+          "group {}: refusing to become primary in epoch {} (the etcd leader key's create "
+          "revision): this log has already seen epoch {}; a primary's epoch must be greater than "
+          "every epoch in the log's history (is the coordinator.prefix shared with another "
+          "cluster, or was etcd's data reset?)",
+          log.name(), r->options_.epoch, newest));
+    }
+    epoch = r->options_.epoch;
+  }
   spdlog::info("group {}: this site is primary; beginning epoch {}", log.name(), epoch);
   meta.primary_epoch = epoch;
   meta.newest_epoch_seen = std::max(meta.newest_epoch_seen, epoch);
@@ -910,12 +922,37 @@ ReplicaGroup::~ReplicaGroup() { Stop(); }
 
 void ReplicaGroup::Stop() {
   std::shared_ptr<Session> s;
+  bool first = false;
   {
-    std::lock_guard lock(mu_);
-    stopping_ = true;
-    s = std::move(active_);
+    std::unique_lock lock(mu_);
+    if (!stopping_) {
+      first = true;
+      stopping_ = true;
+      s = std::move(active_);
+    }
+    handlers_idle_cv_.wait(lock, [&] { return handlers_running_ == 0; });
   }
-  if (s) s->stream().Close(absl::UnavailableError("replica agent stopping"));
+  if (!first) return;
+  if (s) {
+    s->closed = true;
+    s->stream().Close(absl::UnavailableError("replica stopping (agent stopping or promoted)"));
+  }
+  // Appends the handlers queued land before Stop returns.
+  if (absl::Status st = WaitLogIdle(*log_); !st.ok()) {
+    spdlog::error("group {}: replica stop: {}", log_->name(), std::string(st.message()));
+  }
+}
+
+bool ReplicaGroup::EnterHandler() {
+  std::lock_guard lock(mu_);
+  if (stopping_) return false;
+  ++handlers_running_;
+  return true;
+}
+
+void ReplicaGroup::LeaveHandler() {
+  std::lock_guard lock(mu_);
+  if (--handlers_running_ == 0) handlers_idle_cv_.notify_all();
 }
 
 core::ReplicaView ReplicaGroup::BuildView() const {
@@ -955,6 +992,17 @@ std::shared_ptr<ReplicaGroup::Session> ReplicaGroup::Open(std::shared_ptr<Replic
 
 void ReplicaGroup::Session::OnMessage(v1::ToReplica& msg) {
   if (closed) return;
+  if (!group_->EnterHandler()) {
+    closed = true;
+    stream_->Close(absl::UnavailableError(fmt::format(
+        "group {}: this site no longer serves the group as a replica", group_->log_->name())));
+    return;
+  }
+  Dispatch(msg);
+  group_->LeaveHandler();
+}
+
+void ReplicaGroup::Session::Dispatch(v1::ToReplica& msg) {
   switch (msg.msg_case()) {
     case v1::ToReplica::kHello:
       return group_->HandleHello(*this, msg.hello());

@@ -80,6 +80,10 @@ struct PrimaryOptions {
   core::Nanos heartbeat_interval = 1'000'000'000;
   // A stream silent for this long (no message of any kind) is cut and redialled.
   core::Nanos link_timeout = 10'000'000'000;
+  // The epoch to begin. 0: one above every epoch this log has seen (no coordinator). Otherwise
+  // the etcd leader key's create revision (docs/coordinator.md), which must be above every epoch
+  // in the log's history and every epoch it has seen, or Start refuses (FailedPrecondition).
+  uint64_t epoch = 0;
 };
 
 class PrimaryReplicator final : public CompletionGate,
@@ -169,10 +173,16 @@ class ReplicaGroup {
                                 std::string peer_description);
 
   void FillStatus(v1::GroupStatus* out) const;
+  // Closes the accepted stream and refuses further messages; returns once no message of any
+  // stream is being handled, and every append they queued is in the log (a promotion may then
+  // begin a new epoch on this log).
   void Stop();
 
  private:
   friend class Session;
+  // Session::OnMessage runs between these: false if stopping (the message is dropped).
+  bool EnterHandler();
+  void LeaveHandler();
   void HandleHello(Session& s, const v1::Hello& hello);
   // A kRejoin decision: saves the records after d.fork_lsn to a divergent file, cuts the log back
   // and persists core::PlanRejoin's outcome; then the caller decides again on the cut log.
@@ -204,6 +214,8 @@ class ReplicaGroup {
   uint64_t copy_total_bytes_ = 0;
   std::string last_error_;
   bool stopping_ = false;
+  int handlers_running_ = 0;  // guarded by mu_
+  std::condition_variable handlers_idle_cv_;
 };
 
 class ReplicaGroup::Session : public std::enable_shared_from_this<ReplicaGroup::Session> {
@@ -220,6 +232,7 @@ class ReplicaGroup::Session : public std::enable_shared_from_this<ReplicaGroup::
   bool closed = false;
 
  private:
+  void Dispatch(v1::ToReplica& msg);
   ReplicaGroup* const group_;
   std::shared_ptr<ReplicaStream> stream_;
   const std::string peer_;

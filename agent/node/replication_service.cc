@@ -269,11 +269,13 @@ Dialer* ReplicationService::dialer() { return impl_.get(); }
 void ReplicationService::AddReplica(const std::string& group, ReplicaGroup* replica) {
   std::lock_guard lock(impl_->mu_);
   impl_->replicas_[group] = replica;
+  impl_->primaries_.erase(group);
 }
 
 void ReplicationService::AddPrimaryGroup(const std::string& group) {
   std::lock_guard lock(impl_->mu_);
   impl_->primaries_.insert(group);
+  impl_->replicas_.erase(group);
 }
 
 absl::Status ReplicationService::Start() {

@@ -37,6 +37,8 @@ class ReplicationService {
 
   Dialer* dialer();
   // Groups this agent holds: streams for them are accepted (replicas) or refused (primaries).
+  // Either call replaces the group's earlier role (a role switch); a stream already handed to a
+  // ReplicaGroup stays with it (ReplicaGroup::Stop ends it).
   void AddReplica(const std::string& group, ReplicaGroup* replica);
   void AddPrimaryGroup(const std::string& group);
   // Starts listening on [replication] listen.

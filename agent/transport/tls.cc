@@ -103,6 +103,21 @@ absl::Status CheckValidity(X509* cert, const std::filesystem::path& path) {
 
 }  // namespace
 
+absl::StatusOr<std::string> CertificateCommonName(const std::filesystem::path& cert) {
+  auto pem = ReadFile(cert, "certificate");
+  if (!pem.ok()) return pem.status();
+  auto certs = ParseCerts(*pem, cert, "certificate");
+  if (!certs.ok()) return certs.status();
+  char cn[256] = {};
+  const int n = X509_NAME_get_text_by_NID(X509_get_subject_name((*certs)[0].get()), NID_commonName,
+                                          cn, sizeof cn);
+  if (n < 0) {
+    return absl::InvalidArgumentError(
+        fmt::format("TLS certificate file {}: no subject common name", cert.string()));
+  }
+  return std::string(cn, static_cast<size_t>(n));
+}
+
 absl::StatusOr<TlsMaterial> LoadTls(const TlsFiles& files) {
   TlsMaterial m;
   auto ca = ReadFile(files.ca, "CA");

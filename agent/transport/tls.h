@@ -29,6 +29,10 @@ struct TlsMaterial {
 // expired on <date>"). Every error names the file it is about.
 absl::StatusOr<TlsMaterial> LoadTls(const TlsFiles& files);
 
+// The subject common name of the first certificate in `cert` (this site's identity, as peers see
+// it), for the audit log.
+absl::StatusOr<std::string> CertificateCommonName(const std::filesystem::path& cert);
+
 // Server side: requires and verifies a client certificate signed by the CA.
 std::shared_ptr<grpc::ServerCredentials> ServerCredentials(const TlsMaterial& tls);
 // Client side: presents our certificate, verifies the server's against the CA.

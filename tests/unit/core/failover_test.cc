@@ -734,3 +734,45 @@ TEST(FailoverSimulation, CatchesAPrimaryThatTrustsItsLeaseTooLong) {
 
 }  // namespace
 }  // namespace tvilling::core
+
+namespace tvilling::core {
+namespace {
+
+// A switchover's hand-over: only the named target campaigns, at once and whatever the policy;
+// the old primary (the last primary, which the bootstrap rule would let take its key back) waits
+// until the hand-over expires.
+TEST(FailoverHandover, OnlyTheTargetCampaignsAtOnceAndTheOldPrimaryWaits) {
+  Fixture a(Opts("a"), 101);
+  a.Start(0, Report("a", 500), Leader("a", 42, 101));
+  ASSERT_EQ(a.m.state(), S::kPrimary);
+  EXPECT_TRUE(a.m.Handle(1 * kS, EvHandover{"b"}).empty());
+  auto acts = a.m.Handle(1 * kS, EvLeader{LeaderView{}});
+  EXPECT_TRUE(Has(acts, K::kDemote));
+  EXPECT_FALSE(Has(acts, K::kCampaign)) << "the old primary must leave the key to the target";
+  EXPECT_FALSE(Has(a.m.Handle(2 * kS, EvTick{}), K::kCampaign));
+
+  Fixture b(Opts("b", FailoverPolicy::kManual), 102);
+  b.Start(0, Report("a", 500), Leader("a", 42, 101));
+  ASSERT_EQ(b.m.state(), S::kReplica);
+  EXPECT_TRUE(b.m.Handle(1 * kS, EvHandover{"b"}).empty()) << "the key is still a's";
+  acts = b.m.Handle(1 * kS, EvLeader{LeaderView{}});
+  EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kCampaign)) << "no settle, any policy";
+  acts = b.m.Handle(1 * kS + 5 * kMs, EvCampaignDone{true, Leader("b", 60, 102)});
+  EXPECT_TRUE(Has(acts, K::kPromote));
+
+  Fixture c(Opts("c"), 103);
+  c.Start(0, Report("a", 500), Leader("a", 42, 101));
+  c.m.Handle(1 * kS, EvHandover{"b"});
+  c.m.Handle(1 * kS, EvSites{{{"b", {500, true, false}}, {"c", {500, true, false}}}});
+  EXPECT_FALSE(Has(c.m.Handle(1 * kS, EvLeader{LeaderView{}}), K::kCampaign));
+  EXPECT_FALSE(Has(c.m.Handle(3 * kS, EvTick{}), K::kCampaign));
+  acts = c.m.Handle(3 * kS, EvLeader{Leader("b", 60, 102)});
+  EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kFollow));
+
+  // a target that never campaigns: after 2 x TTL the old primary takes its key back.
+  acts = a.m.Handle(1 * kS + 2 * 3 * kS, EvTick{});
+  EXPECT_TRUE(Has(acts, K::kCampaign));
+}
+
+}  // namespace
+}  // namespace tvilling::core
