@@ -477,10 +477,21 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
     out->mutable_agent()->set_uptime_s(static_cast<uint64_t>(
         std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - started)
             .count()));
+    std::vector<coordinator::Coordinator::GroupView> views;
+    if (coordinator) views = coordinator->Snapshot();
     for (const auto& c : controllers) {
       v1::GroupStatus* gs = out->add_groups();
       gs->set_name(c->name());
       c->FillStatus(gs);
+      for (const auto& v : views) {
+        if (v.group != c->name()) continue;
+        gs->set_coordinator_state(v.state);
+        if (v.leader.present) {
+          gs->set_leader_site(v.leader.site);
+          gs->set_leader_epoch(v.leader.epoch);
+        }
+        gs->set_failover_refusal(v.last_refusal);
+      }
     }
   };
   node::ControlHandlers handlers;

@@ -196,8 +196,18 @@ std::string FormatStatusText(const v1::StatusReply& reply) {
                      Or(agent.version(), "?"), FormatUptime(agent.uptime_s()));
   if (reply.groups().empty()) out += "no groups\n";
   for (const v1::GroupStatus& group : reply.groups()) {
-    out += fmt::format("\n{} role:{} epoch:{} consistent:{}\n", group.name(), Or(group.role(), "?"),
+    out += fmt::format("\n{} role:{} epoch:{} consistent:{}", group.name(), Or(group.role(), "?"),
                        group.epoch(), YesNo(group.consistent()));
+    if (!group.coordinator_state().empty()) {
+      out += fmt::format(" coordinator:{} leader:{}", group.coordinator_state(),
+                         group.leader_site().empty()
+                             ? std::string("none")
+                             : fmt::format("{}@{}", group.leader_site(), group.leader_epoch()));
+    }
+    out += "\n";
+    if (!group.failover_refusal().empty()) {
+      out += fmt::format("  automatic fail-over refused: {}\n", group.failover_refusal());
+    }
     Table lsns;
     lsns.Add({"LAST-LSN", "DURABLE", "APPLIED", "WRITE-RELEASED", "FLUSH-RELEASED"});
     lsns.Add({std::to_string(group.last_lsn()), std::to_string(group.durable_lsn()),

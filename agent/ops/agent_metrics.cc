@@ -13,6 +13,9 @@ constexpr std::string_view kRoles[] = {"primary", "replica"};
 // core::LinkStateName's values on the primary, and the replica's view of its primary's stream.
 constexpr std::string_view kLinkStates[] = {"disconnected", "handshake", "copying", "streaming",
                                             "refused"};
+constexpr std::string_view kCoordinatorStates[] = {"starting",    "replica",           "leaderless",
+                                                   "campaigning", "awaiting-approval", "primary",
+                                                   "suspended"};
 
 double D(uint64_t v) { return static_cast<double>(v); }
 double B(bool v) { return v ? 1.0 : 0.0; }
@@ -120,6 +123,31 @@ void AppendStatusMetrics(const v1::StatusReply& status, Exposition& out) {
               "1 if the group's volumes equal the primary's at some LSN (a replica in or right "
               "after a full copy is 0 and can never be promoted).",
               l, B(g.consistent()));
+    if (!g.coordinator_state().empty()) {
+      // The fail-over state machine (docs/coordinator.md) as a state set, like the link state.
+      bool known_state = false;
+      for (std::string_view st : kCoordinatorStates) {
+        known_state |= st == g.coordinator_state();
+        out.Gauge("tvilling_group_coordinator_state",
+                  "This site's fail-over state for the group: 1 for the current state "
+                  "(suspended: a primary whose lease renewal is overdue holds client I/O).",
+                  With(l, "state", std::string(st)), B(st == g.coordinator_state()));
+      }
+      if (!known_state) {
+        out.Gauge("tvilling_group_coordinator_state",
+                  "This site's fail-over state for the group: 1 for the current state "
+                  "(suspended: a primary whose lease renewal is overdue holds client I/O).",
+                  With(l, "state", g.coordinator_state()), 1);
+      }
+      out.Gauge("tvilling_group_leader_epoch",
+                "Create revision (epoch) of the group's leader key in etcd as this site last saw "
+                "it; 0 while nobody holds it.",
+                l, D(g.leader_epoch()));
+      out.Gauge("tvilling_group_failover_refused",
+                "1 while this site's last automatic fail-over decision was a refusal (the reason "
+                "is in tvillingctl status and the journal).",
+                l, B(!g.failover_refusal().empty()));
+    }
     out.Gauge("tvilling_group_last_lsn", "Last LSN in the local log.", l, D(g.last_lsn()));
     out.Gauge("tvilling_group_durable_lsn", "Last LSN fsynced in the local log.", l,
               D(g.durable_lsn()));

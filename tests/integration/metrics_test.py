@@ -70,7 +70,9 @@ DEPLOY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "d
 USED_FILES = [os.path.join(DEPLOY, "prometheus", "tvilling.rules.yml"),
               os.path.join(DEPLOY, "grafana", "tvilling.json")]
 # Series that exist only once something happened (an error series appears with its first error).
-APPEAR_LATER = {"tvilling_client_io_errors_total"}
+# The coordinator's series exist only with a [coordinator] (integration.coordinator.* scrape them).
+APPEAR_LATER = {"tvilling_client_io_errors_total", "tvilling_group_coordinator_state",
+                "tvilling_group_leader_epoch", "tvilling_group_failover_refused"}
 
 
 def check_names_used(scraped):

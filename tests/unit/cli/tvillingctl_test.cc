@@ -86,6 +86,10 @@ v1::StatusReply FixedReply() {
   g1->set_last_lsn(50);
   g1->set_durable_lsn(50);
   g1->set_applied_lsn(40);
+  g1->set_coordinator_state("replica");
+  g1->set_leader_site("site-a");
+  g1->set_leader_epoch(3);
+  g1->set_failover_refusal("a group of two sites without a witness");
   return reply;
 }
 
@@ -171,7 +175,8 @@ TEST_F(TvillingctlTest, StatusPrintsTables) {
       "ETA 11s\n"
       "  site-c: last error: connection reset by peer\n"
       "\n"
-      "g1 role:replica epoch:2 consistent:no\n"
+      "g1 role:replica epoch:2 consistent:no coordinator:replica leader:site-a@3\n"
+      "  automatic fail-over refused: a group of two sites without a witness\n"
       "  LAST-LSN  DURABLE  APPLIED  WRITE-RELEASED  FLUSH-RELEASED\n"
       "  50        50       40       0               0\n"
       "  no peers\n";
