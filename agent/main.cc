@@ -491,6 +491,7 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
           gs->set_leader_epoch(v.leader.epoch);
         }
         gs->set_failover_refusal(v.last_refusal);
+        gs->set_failover_paused(v.paused);
       }
     }
   };
@@ -610,6 +611,32 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
                                      site, c.name()));
         });
   };
+  const auto set_paused = [&](const v1::RoleRequest& req, bool paused) {
+    return audited(
+        paused ? "pause" : "resume", req,
+        [&](node::GroupController& c, const std::string& who) -> absl::StatusOr<v1::RoleReply> {
+          if (!coordinator) {
+            return absl::FailedPreconditionError(
+                "this agent has no [coordinator]: there is no automatic fail-over to pause");
+          }
+          const auto now = std::chrono::system_clock::now();
+          const std::string value = fmt::format(
+              "by {} at {} ({} ms since 1970)", who, config.agent.site,
+              std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch())
+                  .count());
+          if (absl::Status st = coordinator->SetPaused(c.name(), paused, value); !st.ok()) {
+            return absl::FailedPreconditionError(
+                fmt::format("etcd did not take the change: {}", Msg(st)));
+          }
+          return role_reply(
+              c, paused ? fmt::format("automatic fail-over of group {} is paused at every site "
+                                      "(switchover, promote and approve still work)",
+                                      c.name())
+                        : fmt::format("automatic fail-over of group {} is resumed", c.name()));
+        });
+  };
+  handlers.pause = [&](const v1::RoleRequest& req) { return set_paused(req, true); };
+  handlers.resume = [&](const v1::RoleRequest& req) { return set_paused(req, false); };
   handlers.history = [&](const v1::HistoryRequest& req) {
     return (*audit)->List(req.group(), req.limit());
   };

@@ -205,6 +205,9 @@ std::string FormatStatusText(const v1::StatusReply& reply) {
                              : fmt::format("{}@{}", group.leader_site(), group.leader_epoch()));
     }
     out += "\n";
+    if (group.failover_paused()) {
+      out += "  automatic fail-over paused (tvillingctl resume to let it act)\n";
+    }
     if (!group.failover_refusal().empty()) {
       out += fmt::format("  automatic fail-over refused: {}\n", group.failover_refusal());
     }
@@ -322,6 +325,11 @@ int RunTvillingctl(int argc, const char* const* argv, std::ostream& out, std::os
     approve->add_option("--site", role.site, "the site to promote (default: this agent's)")
         ->type_name("SITE");
     failover->require_subcommand(1);
+    CLI::App* pause =
+        app.add_subcommand("pause", "hold automatic fail-over of a group at every site");
+    pause->add_option("--group", role.group, "the group")->required();
+    CLI::App* resume = app.add_subcommand("resume", "let automatic fail-over act again");
+    resume->add_option("--group", role.group, "the group")->required();
     HistoryArgs hist;
     CLI::App* history =
         app.add_subcommand("history", "the audit log: promotions, demotions, approvals, refusals");
@@ -365,8 +373,13 @@ int RunTvillingctl(int argc, const char* const* argv, std::ostream& out, std::os
       return DivergentShow(dir, div, out, err);
     }
     if (divergent.export_->parsed()) return DivergentExport(div, out, err);
-    if (promote->parsed() || demote->parsed() || approve->parsed()) {
-      role.command = promote->parsed() ? "promote" : demote->parsed() ? "demote" : "approve";
+    if (promote->parsed() || demote->parsed() || approve->parsed() || pause->parsed() ||
+        resume->parsed()) {
+      role.command = promote->parsed()  ? "promote"
+                     : demote->parsed() ? "demote"
+                     : pause->parsed()  ? "pause"
+                     : resume->parsed() ? "resume"
+                                        : "approve";
       // A switch may wait for the log and the replication threads: allow more than a status.
       const auto t = std::max(timeout, std::chrono::milliseconds(30000));
       return RoleCommand(path.string(), t, role, isatty(STDIN_FILENO) != 0, std::cin, out, err);

@@ -52,7 +52,7 @@ std::string Time(uint64_t unix_ms) {
 int RoleCommand(const std::string& socket, std::chrono::milliseconds rpc_timeout,
                 const RoleArgs& args, bool interactive, std::istream& in, std::ostream& out,
                 std::ostream& err) {
-  const bool confirm = args.command != "approve" && !args.yes;
+  const bool confirm = (args.command == "promote" || args.command == "demote") && !args.yes;
   if (confirm) {
     if (!interactive) {
       err << fmt::format(
@@ -87,6 +87,10 @@ int RoleCommand(const std::string& socket, std::chrono::milliseconds rpc_timeout
     status = stub->Promote(&context, req, &reply);
   } else if (args.command == "demote") {
     status = stub->Demote(&context, req, &reply);
+  } else if (args.command == "pause") {
+    status = stub->Pause(&context, req, &reply);
+  } else if (args.command == "resume") {
+    status = stub->Resume(&context, req, &reply);
   } else {
     status = stub->Approve(&context, req, &reply);
   }

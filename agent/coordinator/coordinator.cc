@@ -153,7 +153,7 @@ std::vector<Coordinator::GroupView> Coordinator::Snapshot() const {
   std::vector<GroupView> out;
   for (const auto& m : machines_) {
     out.push_back({m->options().group, core::FailoverMachine::StateName(m->state()), m->epoch(),
-                   m->leader(), m->last_refusal()});
+                   m->leader(), m->last_refusal(), m->paused()});
   }
   return out;
 }
@@ -169,6 +169,22 @@ void Coordinator::Enqueue(Work w) {
 
 std::string HandoverKey(const std::string& prefix, const std::string& group) {
   return fmt::format("{}/groups/{}/handover", prefix, group);
+}
+
+std::string PausedKey(const std::string& prefix, const std::string& group) {
+  return fmt::format("{}/groups/{}/paused", prefix, group);
+}
+
+absl::Status Coordinator::SetPaused(const std::string& group, bool paused, const std::string& who) {
+  bool known = false;
+  for (const GroupBinding& b : bindings_) known |= b.failover.group == group;
+  if (!known) {
+    return absl::NotFoundError(fmt::format("group {} is not coordinated on this site", group));
+  }
+  const std::string key = PausedKey(options_.prefix, group);
+  absl::StatusOr<int64_t> r = paused ? client_->Put(key, who) : client_->DeleteRange(key);
+  if (!r.ok()) return absl::UnavailableError(std::string(r.status().message()));
+  return absl::OkStatus();
 }
 
 absl::Status Coordinator::Handover(const std::string& group, uint64_t epoch,
@@ -380,10 +396,14 @@ bool Coordinator::ReadLeadersAndWatch() {
     std::lock_guard l(mu_);
     for (size_t i = 0; i < bindings_.size(); ++i) {
       const std::string key = LeaderKey(options_.prefix, bindings_[i].failover.group);
+      const std::string paused = PausedKey(options_.prefix, bindings_[i].failover.group);
       core::LeaderView v;
+      core::EvPaused pause;
       for (const KeyValue& kv : r->kvs) {
         if (kv.key == key) v = ViewOf(kv);
+        if (kv.key == paused) pause = {true, kv.value};
       }
+      HandleLocked(i, pause);  // before the leader: a missing key must not start an election
       HandleLocked(i, core::EvLeader{v});
     }
   }
@@ -418,6 +438,11 @@ void Coordinator::OnWatch(const std::vector<WatchEvent>& events) {
   // A hand-over is put in the same Txn that deletes the leader key: handle it first, so that no
   // site decides on the deletion without knowing whom it is for.
   for (const WatchEvent& e : events) {
+    for (size_t i = 0; i < bindings_.size(); ++i) {
+      if (e.kv.key == PausedKey(options_.prefix, bindings_[i].failover.group)) {
+        HandleLocked(i, core::EvPaused{e.type == WatchEvent::Type::kPut, e.kv.value});
+      }
+    }
     if (e.type != WatchEvent::Type::kPut) continue;
     for (size_t i = 0; i < bindings_.size(); ++i) {
       if (e.kv.key != HandoverKey(options_.prefix, bindings_[i].failover.group)) continue;

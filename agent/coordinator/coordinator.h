@@ -58,6 +58,8 @@ std::string SitesPrefix(const std::string& prefix, const std::string& group);
 std::string PrimaryKey(const std::string& prefix, const std::string& group);
 std::string PendingKey(const std::string& prefix, const std::string& group);
 std::string HandoverKey(const std::string& prefix, const std::string& group);
+// Maintenance mode: present (value: who and when) while automatic fail-over is paused.
+std::string PausedKey(const std::string& prefix, const std::string& group);
 std::string EncodeSiteReport(const core::SiteReport& r);
 std::optional<core::SiteReport> DecodeSiteReport(const std::string& value);
 std::string EncodePrimaryReport(const core::PrimaryReport& r);
@@ -80,6 +82,7 @@ class Coordinator {
     uint64_t epoch = 0;
     core::LeaderView leader;
     std::string last_refusal;
+    bool paused = false;
   };
   std::vector<GroupView> Snapshot() const;
 
@@ -97,6 +100,9 @@ class Coordinator {
   absl::Status Handover(const std::string& group, uint64_t epoch, const std::string& to);
   // The group's leader as this site's machine sees it.
   std::optional<core::LeaderView> Leader(const std::string& group) const;
+  // tvillingctl pause / resume: writes or deletes the group's paused key (no lease: it outlives
+  // every agent); every site's machine learns it through the watch (core::EvPaused).
+  absl::Status SetPaused(const std::string& group, bool paused, const std::string& who);
 
  private:
   struct Work {

@@ -235,6 +235,10 @@ std::vector<FailoverAction> FailoverMachine::Handle(Nanos now, const FailoverEve
                  " is pending (state " + StateName(state_) + ")",
              out);
     }
+  } else if (auto* pz = std::get_if<EvPaused>(&event)) {
+    paused_ = pz->paused;
+    paused_by_ = pz->by;
+    Evaluate(now, out);
   } else if (auto* h = std::get_if<EvHandover>(&event)) {
     handover_to_ = h->to;
     handover_at_ = now;
@@ -397,6 +401,14 @@ void FailoverMachine::Evaluate(Nanos now, std::vector<FailoverAction>& out) {
   if (!leaderless_since_ || now - *leaderless_since_ < o_.settle) return;
   const std::string lost =
       primary_report_ ? "the primary " + primary_report_->site + " is gone" : "no primary";
+  if (paused_) {
+    Refuse("paused",
+           lost + ", but automatic fail-over is paused (" + paused_by_ +
+               "): waiting for `tvillingctl resume --group " + o_.group +
+               "`, or `tvillingctl promote` on the site to promote",
+           out);
+    return;
+  }
   if (o_.policy == FailoverPolicy::kManual) {
     Refuse(
         "manual",

@@ -157,9 +157,17 @@ struct EvPromote {  // tvillingctl promote (manual), on the site to promote
 struct EvHandover {
   std::string to;
 };
-using FailoverEvent =
-    std::variant<EvTick, EvSessionStarted, EvSessionRenewed, EvSessionLost, EvLeader,
-                 EvCampaignDone, EvSites, EvPrimaryReport, EvApprove, EvPromote, EvHandover>;
+// Maintenance mode (`tvillingctl pause` / `resume`, the key <prefix>/groups/<g>/paused): while
+// paused no site promotes itself automatically (a lost primary leaves the group without one until
+// an operator promotes or resumes); switchovers, promote and approve still work, and the last
+// primary may still take its own key back.
+struct EvPaused {
+  bool paused = false;
+  std::string by;  // who paused, as the key says
+};
+using FailoverEvent = std::variant<EvTick, EvSessionStarted, EvSessionRenewed, EvSessionLost,
+                                   EvLeader, EvCampaignDone, EvSites, EvPrimaryReport, EvApprove,
+                                   EvPromote, EvHandover, EvPaused>;
 
 // ---- actions ----
 struct FailoverAction {
@@ -204,6 +212,7 @@ class FailoverMachine {
   uint64_t epoch() const { return epoch_; }
   const LeaderView& leader() const { return leader_; }
   const std::string& last_refusal() const { return last_refusal_; }
+  bool paused() const { return paused_; }
   const FailoverOptions& options() const { return o_; }
   // The instant I/O must be suspended at if no renewal comes (primary only).
   Nanos suspend_deadline() const { return last_renewal_sent_ + o_.suspend_after; }
@@ -242,6 +251,8 @@ class FailoverMachine {
   std::string last_refusal_;
   std::string last_refusal_kind_;
   std::string pending_for_;  // kAwaitingApproval: the plan we published
+  bool paused_ = false;      // EvPaused
+  std::string paused_by_;
   std::string handover_to_;  // a switchover's target, until a leader appears or it expires
   Nanos handover_at_ = 0;
 };

@@ -46,6 +46,14 @@ class ControlServer::Service final : public v1::Control::Service {
                        v1::RoleReply* reply) override {
     return Answer(h_.approve, *req, reply);
   }
+  grpc::Status Pause(grpc::ServerContext*, const v1::RoleRequest* req,
+                     v1::RoleReply* reply) override {
+    return Answer(h_.pause, *req, reply);
+  }
+  grpc::Status Resume(grpc::ServerContext*, const v1::RoleRequest* req,
+                      v1::RoleReply* reply) override {
+    return Answer(h_.resume, *req, reply);
+  }
   grpc::Status History(grpc::ServerContext*, const v1::HistoryRequest* req,
                        v1::HistoryReply* reply) override {
     return Answer(h_.history, *req, reply);

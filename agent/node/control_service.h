@@ -21,7 +21,8 @@ namespace tvilling::node {
 struct ControlHandlers {
   std::function<void(v1::StatusReply* out)> status;
   // An error status is answered as is (FailedPrecondition: refused, with the reason).
-  std::function<absl::StatusOr<v1::RoleReply>(const v1::RoleRequest&)> promote, demote, approve;
+  std::function<absl::StatusOr<v1::RoleReply>(const v1::RoleRequest&)> promote, demote, approve,
+      pause, resume;
   std::function<absl::StatusOr<v1::HistoryReply>(const v1::HistoryRequest&)> history;
   std::function<absl::StatusOr<v1::SwitchoverReply>(const v1::SwitchoverRequest&)> switchover;
 };

@@ -143,6 +143,9 @@ void AppendStatusMetrics(const v1::StatusReply& status, Exposition& out) {
                 "Create revision (epoch) of the group's leader key in etcd as this site last saw "
                 "it; 0 while nobody holds it.",
                 l, D(g.leader_epoch()));
+      out.Gauge("tvilling_group_failover_paused",
+                "1 while automatic fail-over of the group is paused (tvillingctl pause).", l,
+                B(g.failover_paused()));
       out.Gauge("tvilling_group_failover_refused",
                 "1 while this site's last automatic fail-over decision was a refusal (the reason "
                 "is in tvillingctl status and the journal).",

@@ -424,6 +424,46 @@ def elected_replica_takes_over(c):
     log(f"site-a after restart: role {st.get('role')} epoch {st.get('epoch')}")
 
 
+def pause_holds_failover(c):
+    """tvillingctl pause: with the primary killed, nobody is promoted while paused (the
+    refusal says why); resume lets the most advanced replica take over at once."""
+    etcd = EtcdCluster(c).start()
+    a, b, cc = three_sites(c, etcd.endpoints)
+    b.start()
+    cc.start()
+    a.start()
+    wait_for("site-a primary", lambda: a.group().get("role") == "primary", 30, 0.2)
+    wait_for("both replicas consistent", lambda: all(
+        "consistent=1" in etcd.get(f"/tvilling/groups/g0/sites/{s}") for s in ("site-b", "site-c")),
+        30, 0.2)
+    r = ctl(c, b, "pause", "--group", "g0")
+    if r.returncode != 0 or "paused at every site" not in r.stdout:
+        raise TestFailure(f"pause failed: rc {r.returncode}")
+    if "by " not in etcd.get("/tvilling/groups/g0/paused"):
+        raise TestFailure("no paused key in etcd after tvillingctl pause")
+    wait_for("site-c to see the pause", lambda: cc.group().get("failover_paused") is True, 10, 0.1)
+    a.kill9()
+    t_kill = time.monotonic()
+    log("site-a killed (-9) while paused")
+    wait_for("the refusal that names the pause", lambda: log_has(b, r"fail-over is paused \(by "),
+             LEASE_TTL_MS / 1000 + 10, 0.2)
+    time.sleep(max(0.0, LEASE_TTL_MS / 1000 + 3 - (time.monotonic() - t_kill)))
+    if etcd.get("/tvilling/groups/g0/leader") != "":
+        raise TestFailure("a site took the leader key while fail-over was paused")
+    if b.group().get("role") != "replica" or cc.group().get("role") != "replica":
+        raise TestFailure("a replica was promoted while fail-over was paused")
+    r = ctl(c, cc, "resume", "--group", "g0")
+    if r.returncode != 0:
+        raise TestFailure(f"resume failed: rc {r.returncode}")
+    t_resume = time.monotonic()
+    wait_for("a new primary after resume", lambda: etcd.get("/tvilling/groups/g0/leader") in
+             ("site-b", "site-c"), 15, 0.05)
+    log(f"MEASURED leader key taken {time.monotonic() - t_resume:.2f} s after resume")
+    hist = ctl(c, b, "history", "--group", "g0").stdout
+    if not re.search(r"pause  ok", hist) or not re.search(r"resume  ok", hist):
+        raise TestFailure(f"the history lacks the pause and the resume:\n{hist}")
+
+
 def switchover_dry_run(c):
     etcd, a, b = started_pair(c)
     h = a.connect()
@@ -752,6 +792,7 @@ def switchover_rolls_back(c):
 SCENARIOS = {f.__name__: f for f in (elects_configured_primary, suspends_without_etcd,
                                      two_sites_refuse, etcd_unreachable, switchover_dry_run,
                                      elected_replica_takes_over, manual_promote_demote,
+                                     pause_holds_failover,
                                      manual_policy_promote, switchover_there_and_back,
                                      switchover_rolls_back)}
 

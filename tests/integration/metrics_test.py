@@ -72,7 +72,8 @@ USED_FILES = [os.path.join(DEPLOY, "prometheus", "tvilling.rules.yml"),
 # Series that exist only once something happened (an error series appears with its first error).
 # The coordinator's series exist only with a [coordinator] (integration.coordinator.* scrape them).
 APPEAR_LATER = {"tvilling_client_io_errors_total", "tvilling_group_coordinator_state",
-                "tvilling_group_leader_epoch", "tvilling_group_failover_refused"}
+                "tvilling_group_leader_epoch", "tvilling_group_failover_refused",
+                "tvilling_group_failover_paused"}
 
 
 def check_names_used(scraped):

@@ -386,6 +386,30 @@ TEST(FailoverPolicy, ManualWaitsForAnOperatorPromote) {
   EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kCampaign));
 }
 
+TEST(FailoverPolicy, PausedHoldsAutomaticPromotionUntilResumed) {
+  auto report = ReportFor(100, {100, 0, 0}, {90, 100, kS});
+  Replica b("b", Opts("b"), 102, Sites(100, 90), report);
+  EXPECT_TRUE(b.f.m.Handle(50 * kS, EvPaused{true, "by root at site-a"}).empty());
+  EXPECT_TRUE(b.f.m.paused());
+  b.LoseLeader(100 * kS);
+  auto acts = b.Tick(102 * kS);
+  ASSERT_THAT(Kinds(acts), ::testing::ElementsAre(K::kRefused));
+  EXPECT_THAT(acts[0].message, HasSubstr("paused (by root at site-a)"));
+  EXPECT_THAT(acts[0].message, HasSubstr("tvillingctl resume --group"));
+  EXPECT_TRUE(b.Tick(110 * kS).empty()) << "the refusal is said once";
+  EXPECT_EQ(b.f.m.state(), S::kLeaderless);
+  // An operator may still promote while paused.
+  Replica b2("b", Opts("b"), 102, Sites(100, 90), report);
+  b2.f.m.Handle(50 * kS, EvPaused{true, "x"});
+  b2.LoseLeader(100 * kS);
+  b2.Tick(102 * kS);
+  EXPECT_THAT(Kinds(b2.f.m.Handle(103 * kS, EvPromote{"operator"})),
+              ::testing::ElementsAre(K::kCampaign));
+  // Resumed: the most advanced replica campaigns at once.
+  acts = b.f.m.Handle(111 * kS, EvPaused{false, ""});
+  EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kCampaign));
+}
+
 TEST(FailoverPolicy, PromoteRefusedWhileAnotherSiteIsPrimaryOrWhenInconsistent) {
   auto report = ReportFor(100, {100, 0, 0}, {90, 100, kS});
   Replica b("b", Opts("b", FailoverPolicy::kManual), 102, Sites(100, 90), report);
