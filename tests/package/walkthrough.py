@@ -3,10 +3,13 @@
 
 Run by package_test.sh after `dpkg -i`, as root. Only installed files are used: the packaged PKI
 script, the packaged two-site example configs (their ports replaced by free ones, so that the test
-never collides with another agent on the machine), /usr/bin/tvillingd run as the service user
-`tvilling`, and /usr/bin/tvillingctl. Each agent runs under a NOTIFY_SOCKET harness (as systemd
-would run the unit): READY=1 must come, site-a must mirror writes to site-b (same bytes read back
-through site-b's read-only export), and SIGTERM must give STOPPING=1 and exit 0.
+never collides with another agent on the machine) with the `[coordinator]` table the guide
+describes pointing at Debian's etcd (one member on 127.0.0.1, stopped by PID), /usr/bin/tvillingd
+run as the service user `tvilling`, and /usr/bin/tvillingctl. Each agent runs under a
+NOTIFY_SOCKET harness (as systemd would run the unit): READY=1 must come, site-a must mirror writes
+to site-b (same bytes read back through site-b's read-only export), `tvillingctl switchover` must
+make site-b the primary (its write read back on site-a, the old primary, now its replica), and
+SIGTERM must give STOPPING=1 and exit 0.
 """
 
 import hashlib
@@ -55,7 +58,7 @@ def chown_tree(path):
 os.chmod(ROOT, 0o755)
 subprocess.run(["/usr/share/tvilling/make-dev-pki.sh", f"{ROOT}/pki"], check=True,
                stdout=subprocess.DEVNULL)
-ports = {k: free_port() for k in ("nbd-a", "nbd-b", "repl-a", "repl-b")}
+ports = {k: free_port() for k in ("nbd-a", "nbd-b", "repl-a", "repl-b", "etcd-c", "etcd-p")}
 swap = {"127.0.0.1:10809": f"127.0.0.1:{ports['nbd-a']}", "127.0.0.1:10909":
         f"127.0.0.1:{ports['nbd-b']}", "127.0.0.1:7301": f"127.0.0.1:{ports['repl-a']}",
         "127.0.0.1:7302": f"127.0.0.1:{ports['repl-b']}"}
@@ -63,6 +66,10 @@ for site in ("site-a", "site-b"):
     with open(f"/usr/share/doc/tvilling/examples/{site}.toml") as f:
         text = f.read()
     text = re.sub("|".join(re.escape(k) for k in swap), lambda m: swap[m.group(0)], text)
+    text += f"""
+[coordinator]
+endpoints = ["127.0.0.1:{ports['etcd-c']}"]
+"""
     with open(f"{ROOT}/{site}.toml", "w") as f:
         f.write(text)
     os.makedirs(f"{ROOT}/{site}", exist_ok=True)
@@ -70,7 +77,23 @@ chown_tree(ROOT)
 
 agents = {}
 notify = {}
+etcd = None
 try:
+    # etcd for the coordinator (docs/operations.md, "Sites, etcd and the witness"): one member.
+    url_c, url_p = f"http://127.0.0.1:{ports['etcd-c']}", f"http://127.0.0.1:{ports['etcd-p']}"
+    etcd = subprocess.Popen(
+        ["etcd", "--name", "m0", "--data-dir", f"{ROOT}/etcd", "--listen-client-urls", url_c,
+         "--advertise-client-urls", url_c, "--listen-peer-urls", url_p,
+         "--initial-advertise-peer-urls", url_p, "--initial-cluster", f"m0={url_p}",
+         "--logger", "zap", "--log-outputs", f"{ROOT}/etcd.log"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while subprocess.run(["etcdctl", "--endpoints", url_c, "endpoint", "health"],
+                         capture_output=True, env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
+                         timeout=10).returncode != 0:
+        if time.monotonic() > deadline:
+            fail("etcd did not become healthy within 30 s")
+        time.sleep(0.2)
     for site in ("site-b", "site-a"):  # the replica first, as the guide says
         path = f"{ROOT}/notify-{site}.sock"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -134,6 +157,38 @@ try:
         fail("site-b's copy differs from what was written on site-a")
     print(f"mirrored 1 MiB from site-a to site-b (LSN {last}), read back from site-b", flush=True)
 
+    # Planned switchover, as the runbook says: on the primary, to site-b.
+    r = subprocess.run(["/usr/bin/tvillingctl", "--state-dir", f"{ROOT}/site-a", "switchover",
+                        "--group", "g0", "--to", "site-b"], capture_output=True, text=True,
+                       timeout=90)
+    if r.returncode != 0 or "write pause:" not in r.stdout:
+        fail(f"switchover exited {r.returncode}: {r.stdout}{r.stderr}")
+    print(r.stdout.strip(), flush=True)
+    deadline = time.monotonic() + 60
+    while status("site-b")["role"] != "primary" or status("site-a")["role"] != "replica":
+        if time.monotonic() > deadline:
+            fail(f"roles after the switchover: site-a {status('site-a')}, site-b {status('site-b')}")
+        time.sleep(0.2)
+    data2 = os.urandom(1 << 20)
+    h = nbd.NBD()
+    h.connect_uri(f"nbd://127.0.0.1:{ports['nbd-b']}/vol0")
+    h.pwrite(data2, 8 << 20)
+    h.flush()
+    h.shutdown()
+    last = int(status("site-b")["last_lsn"])
+    deadline = time.monotonic() + 60
+    while int(status("site-a")["applied_lsn"]) < last:
+        if time.monotonic() > deadline:
+            fail(f"site-a did not apply site-b's LSN {last}: {status('site-a')}")
+        time.sleep(0.2)
+    h = nbd.NBD()
+    h.connect_uri(f"nbd://127.0.0.1:{ports['nbd-a']}/vol0")
+    got2, got1 = h.pread(len(data2), 8 << 20), h.pread(len(data), 4096)
+    h.shutdown()
+    if got2 != data2 or got1 != data:
+        fail("after the switchover site-a's copy differs from what was written")
+    print(f"switched over to site-b; its write mirrored back to site-a (LSN {last})", flush=True)
+
     for site in ("site-a", "site-b"):
         os.killpg(agents[site].pid, signal.SIGTERM)
         while True:
@@ -152,4 +207,7 @@ finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+    if etcd is not None and etcd.poll() is None:
+        etcd.kill()
+        etcd.wait()
 print("PASS walkthrough")
