@@ -279,7 +279,14 @@ void Coordinator::WorkerLoop() {
     bool have = false;
     {
       std::unique_lock l(mu_);
-      cv_.wait_until(l, next_reports, [&] { return stopping_ || !work_.empty(); });
+      // A leader key that vanished moves the next read of the site reports to the end of the
+      // settle time: the candidates decide on reports read after it (core::FailoverMachine), and
+      // waiting for the periodic read added up to a report interval to every fail-over.
+      if (reports_early_ && *reports_early_ < next_reports) next_reports = *reports_early_;
+      reports_early_.reset();
+      cv_.wait_until(l, next_reports, [&] {
+        return stopping_ || !work_.empty() || (reports_early_ && *reports_early_ < next_reports);
+      });
       if (stopping_) return;
       if (!work_.empty()) {
         w = std::move(work_.front());
@@ -452,6 +459,17 @@ void Coordinator::OnWatch(const std::vector<WatchEvent>& events) {
   for (const WatchEvent& e : events) {
     for (size_t i = 0; i < bindings_.size(); ++i) {
       if (e.kv.key != LeaderKey(options_.prefix, bindings_[i].failover.group)) continue;
+      if (e.type == WatchEvent::Type::kDelete) {
+        const core::LeaderView& was = machines_[i]->leader();
+        spdlog::info(
+            "group {}: coordinator: the leader key is gone (it was {}'s, epoch {}): its "
+            "lease ended or it was handed over",
+            bindings_[i].failover.group, was.present ? was.site : "nobody", was.epoch);
+        const auto at = Clock::now() + std::chrono::nanoseconds(bindings_[i].failover.settle) +
+                        std::chrono::milliseconds(5);
+        if (!reports_early_ || at < *reports_early_) reports_early_ = at;
+        cv_.notify_all();
+      }
       HandleLocked(i, core::EvLeader{e.type == WatchEvent::Type::kDelete ? core::LeaderView{}
                                                                          : ViewOf(e.kv)});
     }

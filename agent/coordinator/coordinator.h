@@ -145,7 +145,9 @@ class Coordinator {
   std::unique_ptr<LeaseKeeper> keeper_;  // worker thread only (and Stop)
   std::unique_ptr<Watcher> watcher_;     // worker thread only (and Stop)
   bool need_watch_ = false;              // guarded by mu_: (re)read the keys and watch
-  std::string last_session_error_;       // worker thread only
+  // Guarded by mu_: read the site reports at this time (a leader key vanished; see WorkerLoop).
+  std::optional<std::chrono::steady_clock::time_point> reports_early_;
+  std::string last_session_error_;  // worker thread only
   std::chrono::steady_clock::time_point last_session_error_at_;
   std::thread ticker_;
   std::thread worker_;

@@ -389,6 +389,7 @@ def elected_replica_takes_over(c):
              u64(b.group().get("epoch")) == epoch_b, 15, 0.05)
     # The agent's own log times the election and the switch (polling with etcdctl and tvillingctl
     # processes adds up to a second on a loaded machine).
+    t_seen = log_time(b, r"the leader key is gone \(it was site-a's") - wall_kill
     t_elect = log_time(b, r"this site holds the leader key \(etcd epoch %d\)" % epoch_b) - wall_kill
     t_promote = log_time(b, r"this site is primary in epoch %d" % epoch_b) - wall_kill
     h = b.connect()
@@ -397,7 +398,8 @@ def elected_replica_takes_over(c):
     h.flush()
     t_write = time.monotonic() - t_kill
     log(f"MEASURED lease TTL {LEASE_TTL_MS} ms: leader key gone {t_detect:.2f} s after the kill "
-        f"(detection, polled), site-b took the key {t_elect:.2f} s and was primary in epoch "
+        f"(detection, polled), site-b saw it gone {t_seen:.2f} s (its log), "
+        f"site-b took the key {t_elect:.2f} s and was primary in epoch "
         f"{epoch_b} {t_promote:.2f} s after it (its log), first write through NBD acknowledged "
         f"{t_write:.2f} s (polled)")
     if epoch_b <= epoch_a:
