@@ -3,6 +3,9 @@
 
 #include <algorithm>
 #include <limits>
+#include <span>
+#include <string>
+#include <string_view>
 
 #include "agent/nbd/frontend.h"
 
@@ -25,23 +28,25 @@ MetricLabels With(MetricLabels labels, std::string key, std::string value) {
   return labels;
 }
 
+// A state set: one series per known state, 1 for the current one (and the current one too if it
+// is a state the list does not know yet; nothing for an empty current state).
+void AppendStateSet(std::string_view name, std::string_view help, const MetricLabels& l,
+                    std::span<const std::string_view> states, const std::string& current,
+                    Exposition& out) {
+  bool known = false;
+  for (std::string_view s : states) {
+    known |= s == current;
+    out.Gauge(name, help, With(l, "state", std::string(s)), B(s == current));
+  }
+  if (!known && !current.empty()) out.Gauge(name, help, With(l, "state", current), 1);
+}
+
 void AppendPeer(const MetricLabels& group_labels, const v1::PeerStatus& p, bool sender,
                 Exposition& out) {
   const MetricLabels l = With(group_labels, "peer", p.peer());
-  // A state set: one series per known state, 1 for the current one (and the current one even if it
-  // is a state this list does not know yet).
-  bool known = false;
-  for (std::string_view s : kLinkStates) {
-    known |= s == p.link_state();
-    out.Gauge("tvilling_peer_link_state",
-              "State of the replication link to the peer: 1 for the current state.",
-              With(l, "state", std::string(s)), B(s == p.link_state()));
-  }
-  if (!known && !p.link_state().empty()) {
-    out.Gauge("tvilling_peer_link_state",
-              "State of the replication link to the peer: 1 for the current state.",
-              With(l, "state", p.link_state()), 1);
-  }
+  AppendStateSet("tvilling_peer_link_state",
+                 "State of the replication link to the peer: 1 for the current state.", l,
+                 kLinkStates, p.link_state(), out);
   out.Gauge("tvilling_peer_up",
             "1 if a replication stream to or from the peer is established (streaming or copying).",
             l, B(p.link_state() == "streaming" || p.link_state() == "copying"));
@@ -124,21 +129,10 @@ void AppendStatusMetrics(const v1::StatusReply& status, Exposition& out) {
               "after a full copy is 0 and can never be promoted).",
               l, B(g.consistent()));
     if (!g.coordinator_state().empty()) {
-      // The fail-over state machine (docs/coordinator.md) as a state set, like the link state.
-      bool known_state = false;
-      for (std::string_view st : kCoordinatorStates) {
-        known_state |= st == g.coordinator_state();
-        out.Gauge("tvilling_group_coordinator_state",
-                  "This site's fail-over state for the group: 1 for the current state "
-                  "(suspended: a primary whose lease renewal is overdue holds client I/O).",
-                  With(l, "state", std::string(st)), B(st == g.coordinator_state()));
-      }
-      if (!known_state) {
-        out.Gauge("tvilling_group_coordinator_state",
-                  "This site's fail-over state for the group: 1 for the current state "
-                  "(suspended: a primary whose lease renewal is overdue holds client I/O).",
-                  With(l, "state", g.coordinator_state()), 1);
-      }
+      AppendStateSet("tvilling_group_coordinator_state",
+                     "This site's fail-over state for the group: 1 for the current state "
+                     "(suspended: a primary whose lease renewal is overdue holds client I/O).",
+                     l, kCoordinatorStates, g.coordinator_state(), out);
       out.Gauge("tvilling_group_leader_epoch",
                 "Create revision (epoch) of the group's leader key in etcd as this site last saw "
                 "it; 0 while nobody holds it.",
