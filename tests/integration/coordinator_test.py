@@ -435,6 +435,11 @@ def pause_holds_failover(c):
     cc.start()
     a.start()
     wait_for("site-a primary", lambda: a.group().get("role") == "primary", 30, 0.2)
+    # Candidates need the primary's report (their lag) to be eligible: wait for one that shows
+    # both replicas caught up, as the fail-over test does.
+    wait_for("the primary's report with both peers caught up",
+             lambda: re.search(r"last=(\d+) peer\.site-b=\1,0,\d+ peer\.site-c=\1,0,\d+",
+                               etcd.get("/tvilling/groups/g0/primary")), 30, 0.2)
     wait_for("both replicas consistent", lambda: all(
         "consistent=1" in etcd.get(f"/tvilling/groups/g0/sites/{s}") for s in ("site-b", "site-c")),
         30, 0.2)
