@@ -320,6 +320,10 @@ TEST_F(StreamTest, ReloadedCertificatesServeNewHandshakesAndKeepOpenStreams) {
   open->Send(Batch(62));
   ASSERT_TRUE(log.w.WaitFor([&] { return log.messages.size() == 4; }));
   open->Close(absl::CancelledError("done"));
+  // The server uses `tls`'s credentials and certificate files: stop it before they go with this
+  // scope (TearDown would stop it only after them; CI saw the heap corrupted once at that exit).
+  server_->Shutdown();
+  server_.reset();
 }
 
 // The dialer's reloadable credentials still check the server's name (the tls_name override).
