@@ -245,6 +245,20 @@ GroupLog::GroupLog(rocksdb::DB* db, StoreHealth* health, std::string name, uint3
 
 GroupLog::~GroupLog() { Stop(); }
 
+absl::StatusOr<GroupLog::Segment> GroupLog::ScanSegment(uint64_t from, uint64_t to) {
+  Segment seg{from, from - 1, 0, 0, 0};
+  if (from > to) return seg;
+  absl::Status st = ReadRange(from, to, [&](const LogRecordView& r) {
+    seg.last_lsn = r.lsn;
+    seg.bytes += kRecordHeaderSize + r.payload.size();
+    if (seg.first_timestamp_ns == 0) seg.first_timestamp_ns = r.header.timestamp_ns;
+    seg.last_timestamp_ns = r.header.timestamp_ns;
+    return absl::OkStatus();
+  });
+  if (!st.ok()) return st;
+  return seg;
+}
+
 absl::Status GroupLog::Load() {
   const std::string ctx = fmt::format("group {}: loading log", name_);
   std::string v;
@@ -321,19 +335,10 @@ absl::Status GroupLog::Load() {
   while (!segments_.empty() && segments_.front().last_lsn < first_lsn_) segments_.pop_front();
   const uint64_t open_from = segments_.empty() ? first_lsn_ : segments_.back().last_lsn + 1;
   for (const Segment& seg : segments_) bytes_ += seg.bytes;
-  Segment open{open_from, open_from - 1, 0, 0, 0};
-  if (open_from <= last) {
-    st = ReadRange(open_from, last, [&](const LogRecordView& r) {
-      open.last_lsn = r.lsn;
-      open.bytes += kRecordHeaderSize + r.payload.size();
-      if (open.first_timestamp_ns == 0) open.first_timestamp_ns = r.header.timestamp_ns;
-      open.last_timestamp_ns = r.header.timestamp_ns;
-      return absl::OkStatus();
-    });
-    if (!st.ok()) return st;
-  }
-  bytes_ += open.bytes;
-  segments_.push_back(open);
+  auto open = ScanSegment(open_from, last);
+  if (!open.ok()) return open.status();
+  bytes_ += open->bytes;
+  segments_.push_back(*open);
   next_lsn_ = last + 1;
   last_lsn_.store(last, std::memory_order_release);
   durable_lsn_.store(last, std::memory_order_release);  // LogStore::Open synced the WAL
@@ -1144,21 +1149,12 @@ absl::Status GroupLog::CutBackTo(uint64_t fork_lsn, uint64_t expected_last_lsn,
   }
   const uint64_t first = std::min(first_lsn_, fork_lsn + 1);
   const uint64_t open_from = segments.empty() ? first : segments.back().last_lsn + 1;
-  Segment open{open_from, open_from - 1, 0, 0, 0};
   uint64_t bytes = 0;
   for (const Segment& seg : segments) bytes += seg.bytes;
-  if (open_from <= fork_lsn) {
-    absl::Status st = ReadRange(open_from, fork_lsn, [&](const LogRecordView& r) {
-      open.last_lsn = r.lsn;
-      open.bytes += kRecordHeaderSize + r.payload.size();
-      if (open.first_timestamp_ns == 0) open.first_timestamp_ns = r.header.timestamp_ns;
-      open.last_timestamp_ns = r.header.timestamp_ns;
-      return absl::OkStatus();
-    });
-    if (!st.ok()) return st;
-  }
-  bytes += open.bytes;
-  segments.push_back(open);
+  auto open = ScanSegment(open_from, fork_lsn);
+  if (!open.ok()) return open.status();
+  bytes += open->bytes;
+  segments.push_back(*open);
   wb.DeleteRange(EncodeLogKey(group_id_, fork_lsn + 1), EncodeLogKey(group_id_, UINT64_MAX));
   wb.DeleteRange(MetaKey(group_id_, 'h'), MetaKey(group_id_, 'h' + 1));
   for (const EpochStart& e : history) wb.Put(MetaKey(group_id_, 'h', e.epoch), U64s({e.first_lsn}));

@@ -385,6 +385,8 @@ class GroupLog {
   GroupLog(rocksdb::DB* db, StoreHealth* health, std::string name, uint32_t group_id,
            GroupLogOptions options);
   absl::Status Load();
+  // The open segment from the records in [from, to] (empty if from > to), read and checked.
+  absl::StatusOr<Segment> ScanSegment(uint64_t from, uint64_t to);
   struct SyncWaiter {
     uint64_t target_lsn;
     SyncDone done;
