@@ -122,6 +122,7 @@ class Coordinator {
   void NewSession();
   void Campaign(size_t i);
   void ReadLeader(size_t i);
+  void PublishSiteReports();
   void PublishAndReadReports();
   // Reads every group's leader key at one revision and watches from the next. False: etcd did not
   // answer (try again later).
@@ -147,6 +148,7 @@ class Coordinator {
   bool need_watch_ = false;              // guarded by mu_: (re)read the keys and watch
   // Guarded by mu_: read the site reports at this time (a leader key vanished; see WorkerLoop).
   std::optional<std::chrono::steady_clock::time_point> reports_early_;
+  bool publish_now_ = false;        // a leader key vanished: publish this site's reports now
   std::string last_session_error_;  // worker thread only
   std::chrono::steady_clock::time_point last_session_error_at_;
   std::thread ticker_;

@@ -64,7 +64,7 @@ struct FailoverOptions {
   // No automatic promotion within this long of the last observed leader change.
   Nanos anti_flap = 60'000'000'000;
   // A leaderless group waits this long before candidates decide (site reports settle).
-  Nanos settle = 1'000'000'000;
+  Nanos settle = 500'000'000;
 };
 
 // The leader key as read or watched.

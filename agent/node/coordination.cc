@@ -61,7 +61,7 @@ absl::StatusOr<std::unique_ptr<coordinator::Coordinator>> StartCoordination(
     f.max_lag_bytes = c.max_lag_bytes;
     f.max_lag_time = c.max_lag_ms * kMsNs;
     f.anti_flap = c.anti_flap_ms * kMsNs;
-    f.settle = 1000 * kMsNs;
+    f.settle = 500 * kMsNs;
 
     const bool no_failover = c.no_failover;
     b.site_report = [ctl, no_failover] {
