@@ -375,7 +375,7 @@ void Coordinator::NewSession() {
     last_session_error_.clear();
   }
   const int64_t id = lease->id;
-  const Millis interval = std::max(Millis(100), options_.lease_ttl / 6);
+  const Millis interval = std::max(Millis(100), options_.suspend_after * 3 / 8);
   keeper_ = std::make_unique<LeaseKeeper>(
       client_.get(), id, interval,
       LeaseKeeper::Callbacks{

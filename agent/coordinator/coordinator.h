@@ -48,6 +48,9 @@ struct CoordinatorOptions {
   std::string prefix = "/tvilling";
   std::string site;
   Millis lease_ttl{3000};
+  // The primary's self-fencing delay (core::FailoverOptions::suspend_after): keep-alives go out
+  // every 3/8 of it, so one can be lost and the next is still answered with time to spare.
+  Millis suspend_after{2000};
   Millis tick{50};
   Millis report_interval{1000};
 };

@@ -41,6 +41,7 @@ absl::StatusOr<std::unique_ptr<coordinator::Coordinator>> StartCoordination(
   o.prefix = c.prefix;
   o.site = config.agent.site;
   o.lease_ttl = coordinator::Millis(c.lease_ttl_ms);
+  o.suspend_after = coordinator::Millis(c.suspend_after_ms);
 
   std::vector<coordinator::GroupBinding> bindings;
   for (size_t i = 0; i < config.groups.size(); ++i) {

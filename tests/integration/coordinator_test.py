@@ -48,7 +48,7 @@ from repl_lib import (TestFailure, assert_identical, free_port, log, run_main, u
                       wait_caught_up, wait_for)
 
 LEASE_TTL_MS = 3000
-SUSPEND_AFTER_MS = 1500
+SUSPEND_AFTER_MS = 2000  # the default (2/3 of the TTL)
 
 
 class Etcd:
