@@ -6,6 +6,7 @@
 #include <pwd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <csignal>
 #include <cstdlib>
@@ -50,7 +51,8 @@ core::SwitchoverInput PlanInput(const std::string& site, const v1::GroupStatus& 
 
 // One Control.Switchover call (the agent pauses, drains, hands over, or rolls back).
 grpc::Status CallSwitchover(v1::Control::Stub* stub, const std::string& group,
-                            const std::string& to, double timeout_s, v1::SwitchoverReply* reply) {
+                            const std::string& to, double timeout_s, v1::SwitchoverReply* reply,
+                            const std::string& why = "") {
   grpc::ClientContext context;
   // The agent waits up to the timeout for the drain, then for the target to take the key.
   context.set_deadline(std::chrono::system_clock::now() +
@@ -62,6 +64,7 @@ grpc::Status CallSwitchover(v1::Control::Stub* stub, const std::string& group,
   req.set_timeout_ms(static_cast<uint64_t>(timeout_s * 1000));
   req.set_user(LocalUser());
   req.set_uid(getuid());
+  req.set_context(why);
   return stub->Switchover(&context, req, reply);
 }
 
@@ -202,7 +205,12 @@ int EvacuateRun(const std::shared_ptr<grpc::Channel>& channel, const std::string
       threads.emplace_back([&, group] {
         auto stub = v1::Control::NewStub(channel);
         v1::SwitchoverReply reply;
-        const grpc::Status st = CallSwitchover(stub.get(), group, args.to, args.timeout_s, &reply);
+        const size_t position =
+            std::find(order.groups.begin(), order.groups.end(), group) - order.groups.begin() + 1;
+        const std::string why = fmt::format("evacuation of {} to {}, group {} of {}", args.from,
+                                            args.to, position, order.groups.size());
+        const grpc::Status st =
+            CallSwitchover(stub.get(), group, args.to, args.timeout_s, &reply, why);
         GroupResult r = ClassifySwitchover(group, socket, st, reply);
         std::lock_guard<std::mutex> lock(mu);
         results.push_back(std::move(r));

@@ -1060,7 +1060,8 @@ def evacuate_site(c):
     for g in EVAC_GROUPS:
         assert_identical(b, [a, cc], group_volume(g))
         hist = ctl(c, a, "history", "--group", g).stdout
-        if len(re.findall(r"switchover  ok", hist)) != 1:
+        if len(re.findall(r"switchover  ok .* to site-b \(evacuation of site-a to site-b, "
+                          r"group \d of 3\)", hist)) != 1:
             raise TestFailure(f"the history of {g} lacks its switchover:\n{hist}")
 
 

@@ -409,6 +409,7 @@ class EvacControl final : public v1::Control::Service {
     {
       std::lock_guard<std::mutex> lock(mu);
       calls.push_back(req->group());
+      contexts.push_back(req->context());
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(60));
     --in_flight;
@@ -425,7 +426,8 @@ class EvacControl final : public v1::Control::Service {
 
   std::string fail;
   std::mutex mu;
-  std::vector<std::string> calls;  // GUARDED_BY(mu)
+  std::vector<std::string> calls;     // GUARDED_BY(mu)
+  std::vector<std::string> contexts;  // GUARDED_BY(mu)
   std::atomic<int> in_flight{0};
   std::atomic<int> max_in_flight{0};
 };
@@ -449,6 +451,9 @@ TEST_F(EvacuateTest, MovesEveryPrimaryGroupInOrder) {
   EXPECT_EQ(r.code, kExitOk) << r.out << r.err;
   EXPECT_EQ(evac_.calls, (std::vector<std::string>{"g2", "g0", "g1", "g3"}));
   EXPECT_EQ(evac_.max_in_flight.load(), 1);
+  ASSERT_EQ(evac_.contexts.size(), 4u);
+  EXPECT_EQ(evac_.contexts[0], "evacuation of site-a to site-b, group 1 of 4");
+  EXPECT_EQ(evac_.contexts[3], "evacuation of site-a to site-b, group 4 of 4");
   EXPECT_THAT(r.out, HasSubstr("evacuation of site-a to site-b: 4 group(s) in this order: "
                                "g2,g0,g1,g3; concurrency 1"));
   EXPECT_THAT(r.out, HasSubstr("stays: r0: site site-a is its replica, not its primary"));
