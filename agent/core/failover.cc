@@ -468,9 +468,11 @@ void FailoverMachine::Evaluate(Nanos now, std::vector<FailoverAction>& out) {
   if (plan.winner.empty() && sync_set_) {
     CandidatePlan loose = ChooseCandidate(o_, sites_, primary_report_);
     if (!loose.winner.empty()) {
-      outside = plan.Describe() + "; promoting " + loose.winner + " could lose writes completed " +
-                "in sync mode (" + loose.Describe() + ", as of the primary's last report; writes " +
-                "completed after it are lost too)";
+      CandidatePlan winner_only = loose;
+      winner_only.refused.clear();
+      outside = plan.Describe() + "; " + winner_only.Describe() +
+                " as of the primary's last report could lose writes completed in sync mode " +
+                "(and those completed after the report)";
       Refuse("sync-set:" + loose.winner,
              lost + ": " + outside + "; approve to promote it: `tvillingctl failover approve " +
                  "--group " + o_.group + " --site " + loose.winner + "`",
