@@ -50,6 +50,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import nbd
 
@@ -449,6 +450,9 @@ def three_sites_sync(c, endpoints, degrade_ms):
         with open(agent.config_path, "a") as f:
             f.write("\n[coordinator]\nendpoints = [" + ", ".join(f'"{e}"' for e in endpoints) +
                     f"]\nlease_ttl_ms = {LEASE_TTL_MS}\nanti_flap_ms = 0\n")
+    cc.metrics_port = free_port()
+    with open(cc.config_path, "a") as f:
+        f.write(f'\n[metrics]\nlisten = "127.0.0.1:{cc.metrics_port}"\n')
     return a, b, cc
 
 
@@ -551,6 +555,12 @@ def sync_set_refuses_outside(c):
     r = ctl(c, cc, "status")
     if not re.search(r"sync-set:\{site-b\} floor \d+ \(site-a@%d\)" % epoch_a, r.stdout):
         raise TestFailure(f"tvillingctl status on site-c does not show the sync set:\n{r.stdout}")
+    with urllib.request.urlopen(f"http://127.0.0.1:{cc.metrics_port}/metrics", timeout=10) as m:
+        text = m.read().decode("utf-8")
+    for name, value in (("tvilling_group_sync_set_members", 1),
+                        ("tvilling_group_sync_set_epoch", epoch_a)):
+        if not re.search(r"^%s\{[^}]*group=\"g0\"[^}]*\} %d$" % (name, value), text, re.M):
+            raise TestFailure(f"site-c's /metrics lacks {name} {value}")
     b.pause()
     try:
         log("site-b frozen (SIGSTOP)")
