@@ -203,6 +203,10 @@ std::string FormatStatusText(const v1::StatusReply& reply) {
                          group.leader_site().empty()
                              ? std::string("none")
                              : fmt::format("{}@{}", group.leader_site(), group.leader_epoch()));
+      if (!group.sync_set().empty()) {
+        out += fmt::format(" sync-set:{} ({}@{})", group.sync_set(), group.sync_set_site(),
+                           group.sync_set_epoch());
+      }
     }
     out += "\n";
     if (group.failover_paused()) {

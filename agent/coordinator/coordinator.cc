@@ -49,6 +49,33 @@ std::string PendingKey(const std::string& prefix, const std::string& group) {
   return prefix + "/groups/" + group + "/pending";
 }
 
+std::string SyncKey(const std::string& prefix, const std::string& group) {
+  return prefix + "/groups/" + group + "/sync";
+}
+
+std::string EncodeSyncSet(const core::PublishedSyncSet& s) {
+  return fmt::format("site={} epoch={} members={} floor={}", s.site, s.epoch,
+                     fmt::join(s.set.members, ","), s.set.floor_lsn);
+}
+
+std::optional<core::PublishedSyncSet> DecodeSyncSet(const std::string& value) {
+  auto f = Fields(value);
+  core::PublishedSyncSet s;
+  s.site = f["site"];
+  if (s.site.empty() || !ParseNum(f["epoch"], &s.epoch) ||
+      !ParseNum(f["floor"], &s.set.floor_lsn) || f.count("members") == 0) {
+    return std::nullopt;
+  }
+  std::istringstream in(f["members"]);
+  std::string m;
+  while (std::getline(in, m, ',')) {
+    if (m.empty()) return std::nullopt;
+    s.set.members.push_back(m);
+  }
+  if (!std::is_sorted(s.set.members.begin(), s.set.members.end())) return std::nullopt;
+  return s;
+}
+
 std::string EncodeSiteReport(const core::SiteReport& r) {
   return fmt::format("durable={} consistent={} no_failover={}", r.durable_lsn, r.consistent ? 1 : 0,
                      r.no_failover ? 1 : 0);
@@ -153,7 +180,7 @@ std::vector<Coordinator::GroupView> Coordinator::Snapshot() const {
   std::vector<GroupView> out;
   for (const auto& m : machines_) {
     out.push_back({m->options().group, core::FailoverMachine::StateName(m->state()), m->epoch(),
-                   m->leader(), m->last_refusal(), m->paused()});
+                   m->leader(), m->last_refusal(), m->paused(), m->sync_set()});
   }
   return out;
 }
@@ -290,7 +317,8 @@ void Coordinator::WorkerLoop() {
       reports_early_.reset();
       const auto deadline = std::min(next_reports, early);
       cv_.wait_until(l, deadline, [&] {
-        return stopping_ || !work_.empty() || publish_now_ || reports_early_.has_value();
+        return stopping_ || !work_.empty() || publish_now_ || sync_set_due_ ||
+               reports_early_.has_value();
       });
       if (stopping_) return;
       publish = std::exchange(publish_now_, false);
@@ -324,6 +352,14 @@ void Coordinator::WorkerLoop() {
         }
       }
     }
+    bool sync_due;
+    {
+      std::lock_guard l(mu_);
+      sync_due = sync_set_due_;
+      sync_set_due_ = false;
+    }
+    // Writes wait for this (a degrade, or a new epoch's first set): before the reports.
+    if (sync_due || Clock::now() >= next_reports) PublishSyncSets();
     // Every site publishes its position as soon as it sees the leader key vanish, so that the
     // candidates' read at the end of the settle time finds every reachable site's final report
     // (the periodic one may be a report interval old, or missing for a site that just started).
@@ -528,6 +564,53 @@ void Coordinator::ReadLeader(size_t i) {
   HandleLocked(i, core::EvLeader{r->kvs.empty() ? core::LeaderView{} : ViewOf(r->kvs[0])});
 }
 
+
+void Coordinator::SyncSetDue() {
+  {
+    std::lock_guard l(mu_);
+    sync_set_due_ = true;
+  }
+  cv_.notify_all();
+}
+
+void Coordinator::PublishSyncSets() {
+  for (size_t i = 0; i < bindings_.size(); ++i) {
+    const GroupBinding& b = bindings_[i];
+    if (!b.take_sync_set || !b.sync_set_published) continue;
+    std::optional<std::pair<uint64_t, core::SyncSet>> want = b.take_sync_set();
+    if (!want) continue;
+    const auto& [epoch, set] = *want;
+    const std::string& g = b.failover.group;
+    bool ours;
+    {
+      std::lock_guard l(mu_);
+      ours = session_ != 0 && machines_[i]->epoch() == epoch &&
+             machines_[i]->state() == core::FailoverMachine::State::kPrimary;
+    }
+    bool ok = false;
+    if (ours) {
+      const std::string leader = LeaderKey(options_.prefix, g);
+      const core::PublishedSyncSet value{options_.site, epoch, set};
+      // Only while the key is ours in this epoch, like the primary report.
+      auto r = client_->Txn(
+          {Compare::CreateRevision(leader, Compare::Result::kEqual, static_cast<int64_t>(epoch)),
+           Compare::Value(leader, Compare::Result::kEqual, options_.site)},
+          {TxnOp::Put(SyncKey(options_.prefix, g), EncodeSyncSet(value))}, {});
+      ok = r.ok() && r->succeeded;
+      if (ok) {
+        spdlog::info("group {}: coordinator: sync set {} published in etcd (epoch {}, revision {})",
+                     g, core::DescribeSyncSet(set), epoch, r->revision);
+      } else {
+        spdlog::warn("group {}: coordinator: could not publish the sync set {} (epoch {}): {}", g,
+                     core::DescribeSyncSet(set), epoch,
+                     r.ok() ? "the leader key is no longer ours in this epoch"
+                            : std::string(r.status().message()));
+      }
+    }
+    b.sync_set_published(epoch, set, ok);
+  }
+}
+
 void Coordinator::PublishSiteReports() {
   int64_t session;
   {
@@ -568,8 +651,24 @@ void Coordinator::PublishAndReadReports() {
     auto sites =
         client_->Range(SitesPrefix(options_.prefix, g), PrefixEnd(SitesPrefix(options_.prefix, g)));
     auto primary = client_->Get(PrimaryKey(options_.prefix, g));
+    // Read before the site reports are handled: a candidate decides on a set read after the
+    // leader key vanished (only the key's holder writes it), as it does on the reports.
+    auto sync = client_->Get(SyncKey(options_.prefix, g));
     std::lock_guard l(mu_);
     if (stopping_) return;
+    if (sync.ok() && sites.ok()) {
+      core::EvSyncSet ev;
+      if (!sync->kvs.empty()) {
+        ev.sync = DecodeSyncSet(sync->kvs[0].value);
+        if (!ev.sync) {
+          // A set that cannot be read cannot be followed: no automatic promotion on it.
+          spdlog::error("group {}: coordinator: unreadable sync set at {}: \"{}\"", g,
+                        SyncKey(options_.prefix, g), sync->kvs[0].value);
+          ev.sync = core::PublishedSyncSet{"?", 0, core::SyncSet{{"?"}, ~0ull}};
+        }
+      }
+      HandleLocked(i, ev);
+    }
     if (sites.ok()) {
       core::EvSites ev;
       for (const KeyValue& kv : sites->kvs) {

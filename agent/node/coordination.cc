@@ -87,6 +87,10 @@ absl::StatusOr<std::unique_ptr<coordinator::Coordinator>> StartCoordination(
       }
       return r;
     };
+    b.take_sync_set = [ctl] { return ctl->TakeSyncSetToPublish(); };
+    b.sync_set_published = [ctl](uint64_t epoch, const core::SyncSet& s, bool ok) {
+      ctl->SyncSetPublished(epoch, s, ok);
+    };
     const std::string group = g.name;
     // Runs under the coordinator's mutex: nothing here may block (a switch is queued on the
     // controller's worker; the fence acts at once).
@@ -134,7 +138,13 @@ absl::StatusOr<std::unique_ptr<coordinator::Coordinator>> StartCoordination(
           g.name);
     }
   }
-  return coordinator::Coordinator::Start(std::move(o), std::move(bindings));
+  auto started = coordinator::Coordinator::Start(std::move(o), std::move(bindings));
+  if (!started.ok()) return started;
+  // A primary's sync set goes to etcd as soon as it is due (writes may wait for it). A primary
+  // promoted before this is wired is published on the worker's next round (report_interval).
+  coordinator::Coordinator* coord = started->get();
+  for (const auto& ctl : groups) ctl->SetSyncSetNotify([coord] { coord->SyncSetDue(); });
+  return started;
 }
 
 }  // namespace tvilling::node

@@ -42,6 +42,16 @@ Scenarios (each is a ctest; see tests/integration/CMakeLists.txt):
                      and takes writes (none left paused)
   etcd_unreachable   etcd never answers: the agent says so naming the endpoints, keeps the
                      primary's writes held (never completes one without etcd), and stops cleanly
+  sync_set_degrade_then_failover  three sites (site-b sync with a short sync_degrade_after_ms,
+                     site-c async), three etcd members: the primary publishes its sync set
+                     {site-b}; site-b frozen (SIGSTOP), a write waits for the degrade and
+                     completes only after the smaller set {} (with its floor) is in etcd (the
+                     agent's log time of the publication, the key read right after); the primary
+                     killed, site-c (holding the floor) is promoted and has every completed write
+  sync_set_refuses_outside  the same with a long degrade limit: site-b frozen and the primary
+                     killed while the set is {site-b}; site-c is not promoted automatically, its
+                     refusal names the set, status shows it; `tvillingctl failover approve` on
+                     site-c promotes it
 """
 
 import datetime
@@ -54,6 +64,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import nbd
 
@@ -440,6 +451,165 @@ def elected_replica_takes_over(c):
         raise TestFailure("the restarted site-a took the leader key")
     st = a.group()
     log(f"site-a after restart: role {st.get('role')} epoch {st.get('epoch')}")
+
+
+def three_sites_sync(c, endpoints, degrade_ms):
+    """As three_sites, with site-a's sync peer site-b leaving the sync set after `degrade_ms`."""
+    a, b, cc = c.agent("site-a"), c.agent("site-b"), c.agent("site-c")
+    g = {"name": "g0", "primary": "site-a", "size": "64MiB"}
+    acl = [("site-a", "site-a", ["g0"]), ("site-b", "site-b", ["g0"]), ("site-c", "site-c", ["g0"])]
+    a.write_config([dict(g, peers=[(b, "sync", {"sync_degrade_after_ms": degrade_ms}),
+                                   (cc, "async", None)])], acl=acl)
+    b.write_config([dict(g, peers=[(a, "async", None), (cc, "async", None)])], acl=acl)
+    cc.write_config([dict(g, peers=[(a, "async", None), (b, "async", None)])], acl=acl)
+    for agent in (a, b, cc):
+        with open(agent.config_path, "a") as f:
+            f.write("\n[coordinator]\nendpoints = [" + ", ".join(f'"{e}"' for e in endpoints) +
+                    f"]\nlease_ttl_ms = {LEASE_TTL_MS}\nanti_flap_ms = 0\n")
+    cc.metrics_port = free_port()
+    with open(cc.config_path, "a") as f:
+        f.write(f'\n[metrics]\nlisten = "127.0.0.1:{cc.metrics_port}"\n')
+    return a, b, cc
+
+
+SYNC_KEY = "/tvilling/groups/g0/sync"
+
+
+def sync_set_started(c, degrade_ms):
+    etcd = EtcdCluster(c).start()
+    a, b, cc = three_sites_sync(c, etcd.endpoints, degrade_ms)
+    b.start()
+    cc.start()
+    a.start()
+    wait_for("site-a primary", lambda: a.group().get("role") == "primary", 30, 0.2)
+    epoch_a = etcd.create_revision("/tvilling/groups/g0/leader")
+    wait_for("site-a's sync set {site-b} in etcd", lambda: re.fullmatch(
+        r"site=site-a epoch=%d members=site-b floor=\d+" % epoch_a, etcd.get(SYNC_KEY)), 15, 0.1)
+    h = a.connect()
+    h.pwrite(b"\x55" * 65536, 0)
+    h.flush()
+    wait_for("the primary's report with both peers caught up",
+             lambda: re.search(r"last=(\d+) peer\.site-b=\1,0,\d+ peer\.site-c=\1,0,\d+",
+                               etcd.get("/tvilling/groups/g0/primary")), 30, 0.2)
+    wait_for("both replicas consistent", lambda: all(
+        "consistent=1" in etcd.get(f"/tvilling/groups/g0/sites/{s}") for s in ("site-b", "site-c")),
+        30, 0.2)
+    return etcd, a, b, cc, h, epoch_a
+
+
+def sync_set_degrade_then_failover(c):
+    degrade_ms = 1500
+    etcd, a, b, cc, h, epoch_a = sync_set_started(c, degrade_ms)
+    b.pause()
+    t_stop = time.monotonic()
+    log("site-b frozen (SIGSTOP)")
+    try:
+        payload = os.urandom(65536)
+        cookie = h.aio_pwrite(payload, 1 << 20)
+        # It waits for site-b until the degrade, and then until etcd holds the set without it.
+        # poll blocks until the reply arrives, so the time after it is the completion's (to a
+        # millisecond), not a polling interval's.
+        while True:
+            h.poll(1000)
+            if h.aio_command_completed(cookie):
+                break
+            if time.monotonic() - t_stop > 30:
+                raise TestFailure("the write did not complete within 30 s of freezing site-b")
+        t_done_wall = time.time()
+        waited = time.monotonic() - t_stop
+        h.flush()
+        key = etcd.get(SYNC_KEY)
+        log(f"write completed {waited:.2f} s after site-b was frozen; sync key: {key}")
+        m = re.fullmatch(r"site=site-a epoch=%d members= floor=(\d+)" % epoch_a, key)
+        if not m:
+            raise TestFailure(f"after the write completed without site-b, the sync key is {key!r}, "
+                              "not a set without site-b")
+        if waited < degrade_ms / 1000 - 0.1:
+            raise TestFailure(f"the write completed {waited:.2f} s after site-b was frozen, "
+                              f"before the degrade limit ({degrade_ms} ms)")
+        t_pub = log_time(a, r"sync set \{\} floor %s published in etcd \(epoch %d" %
+                         (m.group(1), epoch_a))
+        if t_pub > t_done_wall:
+            raise TestFailure(f"the write completed {t_pub - t_done_wall:.3f} s before etcd held "
+                              "the set without site-b")
+        log(f"MEASURED the write waited {waited:.2f} s for frozen site-b (degrade limit "
+            f"{degrade_ms} ms); the set without it was in etcd {t_done_wall - t_pub:.3f} s before "
+            "the completion was seen")
+        floor = int(m.group(1))
+        last = u64(a.group().get("last_lsn"))
+        if floor > last:
+            raise TestFailure(f"floor {floor} beyond the primary's last LSN {last}")
+        # More writes, now completing without site-b; site-c (async) catches up.
+        h.pwrite(b"\x66" * 65536, 2 << 20)
+        h.flush()
+        h.shutdown()
+        wait_for("the primary's report with site-c caught up",
+                 lambda: re.search(r"last=(\d+) .*peer\.site-c=\1,0,\d+",
+                                   etcd.get("/tvilling/groups/g0/primary")), 30, 0.2)
+        a.kill9()
+        log("site-a killed (-9); site-b still frozen")
+        wait_for("a new leader", lambda: etcd.get("/tvilling/groups/g0/leader") not in
+                 ("", "site-a"), LEASE_TTL_MS / 1000 + 15, 0.05)
+        leader = etcd.get("/tvilling/groups/g0/leader")
+        if leader != "site-c":
+            raise TestFailure(f"expected site-c (the set has no member, site-c holds the floor), "
+                              f"got {leader}")
+        wait_for("site-c primary", lambda: cc.group().get("role") == "primary", 15, 0.1)
+        wait_for("site-c's log applied", lambda: u64(cc.group().get("applied_lsn")) >=
+                 u64(cc.group().get("last_lsn")), 15, 0.1)
+        h = cc.connect()
+        if h.pread(65536, 1 << 20) != payload or h.pread(65536, 2 << 20) != b"\x66" * 65536:
+            raise TestFailure("site-c lacks a write that completed at site-a")
+        h.shutdown()
+    finally:
+        b.resume()
+
+
+def sync_set_refuses_outside(c):
+    etcd, a, b, cc, h, epoch_a = sync_set_started(c, 600000)
+    h.shutdown()
+    r = ctl(c, cc, "status")
+    if not re.search(r"sync-set:\{site-b\} floor \d+ \(site-a@%d\)" % epoch_a, r.stdout):
+        raise TestFailure(f"tvillingctl status on site-c does not show the sync set:\n{r.stdout}")
+    with urllib.request.urlopen(f"http://127.0.0.1:{cc.metrics_port}/metrics", timeout=10) as m:
+        text = m.read().decode("utf-8")
+    for name, value in (("tvilling_group_sync_set_members", 1),
+                        ("tvilling_group_sync_set_epoch", epoch_a)):
+        if not re.search(r"^%s\{[^}]*group=\"g0\"[^}]*\} %d$" % (name, value), text, re.M):
+            raise TestFailure(f"site-c's /metrics lacks {name} {value}")
+    b.pause()
+    try:
+        log("site-b frozen (SIGSTOP)")
+        a.kill9()
+        t_kill = time.monotonic()
+        log("site-a killed (-9)")
+        wait_for("site-c's refusal that names the sync set", lambda: log_has(
+            cc, r"site-c \(not in the sync set \{site-b\} floor \d+ published by site-a in "
+            r"epoch %d\)" % epoch_a), LEASE_TTL_MS / 1000 + 15, 0.2)
+        log("refusal: " + log_has(cc, r"the primary site-a is gone: .*"))
+        if not log_has(cc, r"tvillingctl failover approve --group g0 --site site-c"):
+            raise TestFailure("the refusal does not say how to approve site-c")
+        time.sleep(max(0.0, LEASE_TTL_MS / 1000 + 3 - (time.monotonic() - t_kill)))
+        if etcd.get("/tvilling/groups/g0/leader") != "":
+            raise TestFailure("a site outside the sync set took the leader key automatically")
+        if cc.group().get("role") != "replica":
+            raise TestFailure("site-c was promoted although it is not in the sync set")
+        if "site=site-c" not in etcd.get("/tvilling/groups/g0/pending"):
+            raise TestFailure("site-c's plan is not pending in etcd")
+        r = ctl(c, cc, "failover", "approve", "--group", "g0", "--site", "site-c")
+        if r.returncode != 0:
+            raise TestFailure(f"approve failed: rc {r.returncode} {r.stdout} {r.stderr}")
+        wait_for("site-c to take the key after the approval",
+                 lambda: etcd.get("/tvilling/groups/g0/leader") == "site-c", 15, 0.05)
+        wait_for("site-c primary", lambda: cc.group().get("role") == "primary", 15, 0.1)
+        wait_for("site-c's log applied", lambda: u64(cc.group().get("applied_lsn")) >=
+                 u64(cc.group().get("last_lsn")), 15, 0.1)
+        h = cc.connect()
+        if h.pread(65536, 0) != b"\x55" * 65536:
+            raise TestFailure("site-c lacks the write completed before site-b was frozen")
+        h.shutdown()
+    finally:
+        b.resume()
 
 
 def pause_holds_failover(c):
@@ -1138,7 +1308,8 @@ SCENARIOS = {f.__name__: f for f in (elects_configured_primary, suspends_without
                                      pause_holds_failover,
                                      manual_policy_promote, switchover_there_and_back,
                                      switchover_rolls_back, switchover_under_load_checked,
-                                     evacuate_site, evacuate_aborts)}
+                                     evacuate_site, evacuate_aborts,
+                                     sync_set_degrade_then_failover, sync_set_refuses_outside)}
 
 if __name__ == "__main__":
     if shutil.which("etcd") is None:
