@@ -564,7 +564,6 @@ void Coordinator::ReadLeader(size_t i) {
   HandleLocked(i, core::EvLeader{r->kvs.empty() ? core::LeaderView{} : ViewOf(r->kvs[0])});
 }
 
-
 void Coordinator::SyncSetDue() {
   {
     std::lock_guard l(mu_);
