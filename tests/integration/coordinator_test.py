@@ -175,17 +175,27 @@ class EtcdCluster:
         return int(kvs[0]["create_revision"]) if kvs else 0
 
 
+def local_first(agent, endpoints):
+    """The etcd endpoints as `agent` lists them: a member on the agent's own address first (the
+    agent talks to its own datacenter's member; bench/failover_bench.py --profile metro), the
+    rest in the given order. On 127.0.0.1 every member is local: the order is unchanged."""
+    return sorted(endpoints, key=lambda e: not e.startswith(agent.host + ":"))
+
+
+def endpoints_line(agent, endpoints):
+    return "endpoints = [" + ", ".join(f'"{e}"' for e in local_first(agent, endpoints)) + "]\n"
+
+
 def coordinated_pair(c, endpoints, extra=""):
     a = c.agent("site-a")
     b = c.agent("site-b")
     g = {"name": "g0", "primary": "site-a", "size": "64MiB"}
     a.write_config([dict(g, peers=[(b, "sync", None)])], acl=[("site-b", "site-b", ["g0"])])
     b.write_config([dict(g, peers=[(a, "sync", None)])], acl=[("site-a", "site-a", ["g0"])])
-    section = ("\n[coordinator]\nendpoints = [" + ", ".join(f'"{e}"' for e in endpoints) + "]\n"
-               f"lease_ttl_ms = {LEASE_TTL_MS}\nsuspend_after_ms = {SUSPEND_AFTER_MS}\n" + extra)
+    section = (f"lease_ttl_ms = {LEASE_TTL_MS}\nsuspend_after_ms = {SUSPEND_AFTER_MS}\n" + extra)
     for agent in (a, b):
         with open(agent.config_path, "a") as f:
-            f.write(section)
+            f.write("\n[coordinator]\n" + endpoints_line(agent, endpoints) + section)
     return a, b
 
 
@@ -362,8 +372,8 @@ def three_sites(c, endpoints):
                          (cc, [(a, "async"), (b, "async")])):
         agent.write_config([dict(g, peers=[(p, m, None) for p, m in peers])], acl=acl)
         with open(agent.config_path, "a") as f:
-            f.write("\n[coordinator]\nendpoints = [" + ", ".join(f'"{e}"' for e in endpoints) +
-                    f"]\nlease_ttl_ms = {LEASE_TTL_MS}\nanti_flap_ms = 0\n")
+            f.write("\n[coordinator]\n" + endpoints_line(agent, endpoints) +
+                    f"lease_ttl_ms = {LEASE_TTL_MS}\nanti_flap_ms = 0\n")
     return a, b, cc
 
 
