@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """failover_bench.py: switchover write pause and automatic fail-over times, on loopback (lan) or
-across the WAN lab's metro link.
+across the WAN lab's metro links.
 
   /usr/bin/python3 bench/failover_bench.py --tvillingd build/agent/tvillingd \
       --tvillingctl build/agent/cli/tvillingctl --pki deploy/pki/make-dev-pki.sh \
@@ -17,11 +17,11 @@ Real agents with mutual TLS and the Debian etcd binary, driven by the integratio
               m0, DC2 site-b and m1, DC3 site-c and m2 (the witness). Agents and etcd members
               listen on their namespace's address; etcd always has three members (also for the
               switchovers), so every etcd commit crosses a link, and a sync write from site-a to
-              site-b (or back) crosses one. The NBD client reaches the primary over its unix
+              site-b (or back) crosses one. Each agent lists its own datacenter's member first. The NBD client reaches the primary over its unix
               socket, i.e. it sits in the primary's datacenter. The namespaces and every server
               are removed by PID/name when the run ends, fails or is interrupted (Ctrl-C, SIGTERM).
 
-  switchover  two sites in sync mode and one etcd member, one writer through NBD (4 KiB, QD1,
+  switchover  two sites in sync mode and one etcd member (three on metro), one writer through NBD (4 KiB, QD1,
               retrying at the new primary), N switchovers back and forth; per switchover the
               write pause the agent measured (pause of new writes until the target holds the
               leader key) and its drain part (waiting for the target's durable LSN). Goal (issue
