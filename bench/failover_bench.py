@@ -5,7 +5,7 @@ across the WAN lab's metro links.
   /usr/bin/python3 bench/failover_bench.py --tvillingd build/agent/tvillingd \
       --tvillingctl build/agent/cli/tvillingctl --pki deploy/pki/make-dev-pki.sh \
       [--profile lan|metro --wanemu build/bench/wanemu] [--switchovers N] [--failovers K] \
-      [--out results.json]
+      [--out results.json] [--keep-logs DIR]
 
 Real agents with mutual TLS and the Debian etcd binary, driven by the integration tests' scenarios
 (tests/integration/coordinator_test.py), so what is measured is what those tests check.
@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -101,6 +102,20 @@ def check_placed(args, c, etcd=None):
                 raise RuntimeError(f"etcd has no member on {ip}: {members}")
 
 
+def keep_logs(args, c, name):
+    """--keep-logs DIR: the agents' and etcd members' logs of cluster `c` go to DIR/name/."""
+    if not args.keep_logs:
+        return
+    dst = os.path.join(args.keep_logs, name)
+    os.makedirs(dst, exist_ok=True)
+    for a in c.agents:
+        shutil.copy(a.log_path, os.path.join(dst, f"{a.site}.log"))
+    for d in os.listdir(c.tmp):
+        src = os.path.join(c.tmp, d, "etcd.log")
+        if d.startswith("etcd-") and os.path.exists(src):
+            shutil.copy(src, os.path.join(dst, f"{d}.log"))
+
+
 def etcd_leader(etcd):
     """Which member leads etcd (the name), or "?" ."""
     try:
@@ -147,6 +162,7 @@ def bench_switchover(args):
         if load.failed and not load.acked:
             raise RuntimeError("no write was acknowledged")
     finally:
+        keep_logs(args, c, "switchover")
         c.close()
     beyond = [p - d for p, d in zip(pauses, drains)]
     return {"n": len(pauses), "etcd_leader": leader, "pause_ms": pauses, "drain_ms": drains,
@@ -164,6 +180,7 @@ def bench_failover(args):
             ct.elected_replica_takes_over(c)
             check_placed(args, c)
         finally:
+            keep_logs(args, c, f"failover{i}")
             c.close()
         m = next((re.search(r"leader key gone ([\d.]+) s after the kill .*saw it gone ([\d.]+) s"
                             r".*took the key ([\d.]+) s and was primary in epoch \d+ ([\d.]+) s "
@@ -205,6 +222,7 @@ def main():
     ap.add_argument("--switchovers", type=int, default=10)
     ap.add_argument("--failovers", type=int, default=3)
     ap.add_argument("--out")
+    ap.add_argument("--keep-logs", metavar="DIR", help="copy every agent's and etcd's log here")
     args = ap.parse_args()
     if args.profile != "lan" and not (args.wanemu and os.access(args.wanemu, os.X_OK)):
         ap.error(f"--profile {args.profile} needs --wanemu (the bench/wanemu binary), "
