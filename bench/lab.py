@@ -1,7 +1,9 @@
 """lab.py: the WAN lab's sites and links (used by bench/run).
 
 Two sites are two network namespaces, `tvl<tag>a` and `tvl<tag>b`, addressed 10.213.<n>.1 and
-10.213.<n>.2. The link between them is
+10.213.<n>.2. With `sites=3` (bench/failover_bench.py: a witness site) there is a third, `tvl<tag>c`
+at 10.213.<n>.3, and every pair of sites has its own link of the same profile (a triangle: each
+namespace keeps its one address on every link, with a host route to each peer). A link is
 
   - `lan`: a veth pair, nothing added;
   - every other profile: two TUN devices relayed by bench/wanemu (one-way delay, optional jitter and
@@ -45,12 +47,17 @@ def sh(*cmd, check=True, timeout=60, capture=True):
 
 
 class Lab:
-    def __init__(self, wanemu, tag, net_index=0):
+    def __init__(self, wanemu, tag, net_index=0, sites=2):
+        if sites not in (2, 3):
+            raise ValueError(f"Lab: sites must be 2 or 3, not {sites}")
         self.wanemu_bin = wanemu
-        self.ns = (f"tvl{tag}a", f"tvl{tag}b")
-        self.ip = (f"10.213.{net_index}.1", f"10.213.{net_index}.2")
+        self.ns = tuple(f"tvl{tag}{x}" for x in "abc"[:sites])
+        self.ip = tuple(f"10.213.{net_index}.{i + 1}" for i in range(sites))
         self.dev = ("tvlA", "tvlB")
-        self.wanemu = None
+        # Every pair of sites has a link; the first (a-b) keeps the historical device names.
+        self.pairs = [(0, 1)] if sites == 2 else [(0, 1), (0, 2), (1, 2)]
+        self.wanemu = None  # the a-b link's relay
+        self.extra_wanemus = []  # the relays of the other pairs (sites=3)
         self.procs = []  # other servers started in the namespaces (iperf3, nbdkit, ...)
         self.profile = None
         self.sysctls = {}
@@ -100,8 +107,65 @@ class Lab:
                 self.wanemu.kill()
                 self.wanemu.wait()
             self.wanemu = None
+        for p in self.extra_wanemus:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.extra_wanemus = []
         for ns, dev in zip(self.ns, ("tvlvA", "tvlvB")):
             sh("ip", "-n", ns, "link", "del", dev, check=False)
+        for i, j in self.pairs[1:]:
+            sh("ip", "-n", self.ns[i], "link", "del", self._pair_dev(i, j, veth=True), check=False)
+
+    @staticmethod
+    def _pair_dev(i, j, veth):
+        """Device name in site i's namespace for its link to site j (pairs after a-b)."""
+        return f"tvl{'v' if veth else ''}{'abc'[i]}{'abc'[j]}"
+
+    def _start_wanemu(self, ns_a, dev_a, ns_b, dev_b, d, l):
+        p = subprocess.Popen(
+            [self.wanemu_bin, "--ns-a", ns_a, "--dev-a", dev_a, "--ns-b", ns_b, "--dev-b", dev_b,
+             "--delay-ms", str(d), "--loss-pct", str(l), "--max-seconds", "7200"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        line = p.stdout.readline().strip()
+        if line != "ready":
+            err = p.stderr.read() if p.poll() is not None else ""
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            raise RuntimeError(f"wanemu ({ns_a} <-> {ns_b}) did not start: {line} {err}")
+        return p
+
+    def _shape(self, ns, dev, r, d):
+        if r:
+            # burst >= rate x 1 ms keeps tbf's timer from capping the rate; the queue holds
+            # 2 x BDP so that the shaper, not a tail drop, sets the pace.
+            bits = RATE_BITS[r]
+            burst = max(int(bits / 8 / 1000), 64 * 1024)
+            sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+               "rate", r, "burst", str(burst), "latency", f"{max(50, int(4 * d) + 20)}ms")
+
+    def _extra_links(self, profile, d, r, l):
+        """The links of the pairs after a-b (sites=3): point-to-point addresses, so that each
+        namespace keeps one address and reaches each peer over that peer's own link."""
+        for i, j in self.pairs[1:]:
+            if profile == "lan":
+                di, dj = self._pair_dev(i, j, True), self._pair_dev(j, i, True)
+                sh("ip", "link", "add", di, "netns", self.ns[i], "type", "veth", "peer", "name",
+                   dj, "netns", self.ns[j])
+            else:
+                di, dj = self._pair_dev(i, j, False), self._pair_dev(j, i, False)
+                self.extra_wanemus.append(
+                    self._start_wanemu(self.ns[i], di, self.ns[j], dj, d, l))
+            for ns, dev, mine, peer in ((self.ns[i], di, self.ip[i], self.ip[j]),
+                                        (self.ns[j], dj, self.ip[j], self.ip[i])):
+                sh("ip", "-n", ns, "addr", "add", mine, "peer", peer, "dev", dev)
+                sh("ip", "-n", ns, "link", "set", dev, "mtu", str(MTU), "up")
+                if profile != "lan":
+                    self._shape(ns, dev, r, d)
 
     def link(self, profile, delay_ms=None, rate=None, loss=None):
         """(Re)builds the link for `profile`, or with explicit overrides (e.g. delay 0 and no rate
@@ -121,27 +185,16 @@ class Lab:
                 sh("ip", "-n", ns, "addr", "add", f"{mine}/24", "dev", dev)
                 sh("ip", "-n", ns, "link", "set", dev, "mtu", str(MTU), "up")
             self.devs = devs
+            self._extra_links(profile, d, r, l)
             return
-        self.wanemu = subprocess.Popen(
-            [self.wanemu_bin, "--ns-a", self.ns[0], "--dev-a", self.dev[0], "--ns-b", self.ns[1],
-             "--dev-b", self.dev[1], "--delay-ms", str(d), "--loss-pct", str(l),
-             "--max-seconds", "7200"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        line = self.wanemu.stdout.readline().strip()
-        if line != "ready":
-            raise RuntimeError(f"wanemu did not start: {line} {self.wanemu.stderr.read()}")
+        self.wanemu = self._start_wanemu(self.ns[0], self.dev[0], self.ns[1], self.dev[1], d, l)
         for ns, dev, mine, peer in ((self.ns[0], self.dev[0], self.ip[0], self.ip[1]),
                                     (self.ns[1], self.dev[1], self.ip[1], self.ip[0])):
             sh("ip", "-n", ns, "addr", "add", mine, "peer", peer, "dev", dev)
             sh("ip", "-n", ns, "link", "set", dev, "mtu", str(MTU), "up")
-            if r:
-                # burst >= rate x 1 ms keeps tbf's timer from capping the rate; the queue holds
-                # 2 x BDP so that the shaper, not a tail drop, sets the pace.
-                bits = RATE_BITS[r]
-                burst = max(int(bits / 8 / 1000), 64 * 1024)
-                sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                   "rate", r, "burst", str(burst), "latency", f"{max(50, int(4 * d) + 20)}ms")
+            self._shape(ns, dev, r, d)
         self.devs = self.dev
+        self._extra_links(profile, d, r, l)
 
     # --- processes in the namespaces ---
 
@@ -177,10 +230,10 @@ class Lab:
 
     # --- measurements of the link itself ---
 
-    def ping_rtt_ms(self, count=20):
+    def ping_rtt_ms(self, count=20, src=0, dst=1):
         rtts = []
-        r = sh("ip", "netns", "exec", self.ns[0], "ping", "-c", str(count), "-i", "0.05",
-               self.ip[1], timeout=60)
+        r = sh("ip", "netns", "exec", self.ns[src], "ping", "-c", str(count), "-i", "0.05",
+               self.ip[dst], timeout=60)
         for m in re.finditer(r"time=([\d.]+) ms", r.stdout):
             rtts.append(float(m.group(1)))
         rtts.sort()

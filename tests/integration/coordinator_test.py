@@ -76,13 +76,22 @@ LEASE_TTL_MS = 3000
 SUSPEND_AFTER_MS = 2000  # the default (2/3 of the TTL)
 
 
+def netns_prefix(netns):
+    return [] if netns is None else ["ip", "netns", "exec", netns]
+
+
 class Etcd:
-    """One etcd member on free 127.0.0.1 ports, data in the cluster's temp dir, stopped by PID."""
+    """One etcd member on free 127.0.0.1 ports, data in the cluster's temp dir, stopped by PID.
+    If the cluster's placement names it ("etcd-<name>"), it runs in that network namespace on that
+    address with the standard ports (2379, 2380), and etcdctl runs there too."""
 
     def __init__(self, c, name="m0"):
         self.dir = os.path.join(c.tmp, f"etcd-{name}")
-        self.client = free_port()
-        self.peer = free_port()
+        where = c.placement.get(f"etcd-{name}", {})
+        self.netns = where.get("netns")
+        self.host = where.get("host", "127.0.0.1")
+        self.client = free_port() if self.netns is None else 2379
+        self.peer = free_port() if self.netns is None else 2380
         self.name = name
         self.proc = None
         self.initial_cluster = None  # "m0=http://..,m1=.." for a member of a cluster
@@ -90,16 +99,21 @@ class Etcd:
 
     @property
     def endpoint(self):
-        return f"127.0.0.1:{self.client}"
+        return f"{self.host}:{self.client}"
+
+    @property
+    def peer_url(self):
+        return f"http://{self.host}:{self.peer}"
 
     def start(self):
-        url_c = f"http://127.0.0.1:{self.client}"
-        url_p = f"http://127.0.0.1:{self.peer}"
-        cmd = ["etcd", "--name", self.name, "--data-dir", os.path.join(self.dir, "data"),
-               "--listen-client-urls", url_c, "--advertise-client-urls", url_c,
-               "--listen-peer-urls", url_p, "--initial-advertise-peer-urls", url_p,
-               "--initial-cluster", self.initial_cluster or f"{self.name}={url_p}",
-               "--logger", "zap", "--log-outputs", os.path.join(self.dir, "etcd.log")]
+        url_c = f"http://{self.host}:{self.client}"
+        url_p = self.peer_url
+        cmd = netns_prefix(self.netns) + [
+            "etcd", "--name", self.name, "--data-dir", os.path.join(self.dir, "data"),
+            "--listen-client-urls", url_c, "--advertise-client-urls", url_c,
+            "--listen-peer-urls", url_p, "--initial-advertise-peer-urls", url_p,
+            "--initial-cluster", self.initial_cluster or f"{self.name}={url_p}",
+            "--logger", "zap", "--log-outputs", os.path.join(self.dir, "etcd.log")]
         os.makedirs(self.dir, exist_ok=True)
         with open(os.path.join(self.dir, "etcd.out"), "a") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
@@ -113,9 +127,10 @@ class Etcd:
                  lambda: self.ctl("endpoint", "health", check=False) is not None, 30, 0.2)
 
     def ctl(self, *args, check=True):
-        r = subprocess.run(["etcdctl", "--endpoints", self.endpoint, "--dial-timeout", "1s",
-                            "--command-timeout", "2s", *args], capture_output=True, text=True,
-                           timeout=10, env=dict(os.environ, ETCDCTL_API="3"))
+        r = subprocess.run(netns_prefix(self.netns) + [
+            "etcdctl", "--endpoints", self.endpoint, "--dial-timeout", "1s", "--command-timeout",
+            "2s", *args], capture_output=True, text=True, timeout=10,
+            env=dict(os.environ, ETCDCTL_API="3"))
         if r.returncode != 0:
             if check:
                 raise TestFailure(f"etcdctl {args}: {r.stderr}")
@@ -149,7 +164,7 @@ class EtcdCluster:
 
     def __init__(self, c, n=3):
         self.members = [Etcd(c, f"m{i}") for i in range(n)]
-        cluster = ",".join(f"{m.name}=http://127.0.0.1:{m.peer}" for m in self.members)
+        cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         for m in self.members:
             m.initial_cluster = cluster
 
@@ -165,9 +180,10 @@ class EtcdCluster:
         return [m.endpoint for m in self.members]
 
     def ctl(self, *args, check=True):
-        r = subprocess.run(["etcdctl", "--endpoints", ",".join(self.endpoints), "--dial-timeout",
-                            "1s", "--command-timeout", "2s", *args], capture_output=True,
-                           text=True, timeout=10, env=dict(os.environ, ETCDCTL_API="3"))
+        r = subprocess.run(netns_prefix(self.members[0].netns) + [
+            "etcdctl", "--endpoints", ",".join(self.endpoints), "--dial-timeout", "1s",
+            "--command-timeout", "2s", *args], capture_output=True, text=True, timeout=10,
+            env=dict(os.environ, ETCDCTL_API="3"))
         if r.returncode != 0:
             if check:
                 raise TestFailure(f"etcdctl {args}: {r.stderr}")
@@ -184,17 +200,27 @@ class EtcdCluster:
         return int(kvs[0]["create_revision"]) if kvs else 0
 
 
+def local_first(agent, endpoints):
+    """The etcd endpoints as `agent` lists them: a member on the agent's own address first (the
+    agent talks to its own datacenter's member; bench/failover_bench.py --profile metro), the
+    rest in the given order. On 127.0.0.1 every member is local: the order is unchanged."""
+    return sorted(endpoints, key=lambda e: not e.startswith(agent.host + ":"))
+
+
+def endpoints_line(agent, endpoints):
+    return "endpoints = [" + ", ".join(f'"{e}"' for e in local_first(agent, endpoints)) + "]\n"
+
+
 def coordinated_pair(c, endpoints, extra=""):
     a = c.agent("site-a")
     b = c.agent("site-b")
     g = {"name": "g0", "primary": "site-a", "size": "64MiB"}
     a.write_config([dict(g, peers=[(b, "sync", None)])], acl=[("site-b", "site-b", ["g0"])])
     b.write_config([dict(g, peers=[(a, "sync", None)])], acl=[("site-a", "site-a", ["g0"])])
-    section = ("\n[coordinator]\nendpoints = [" + ", ".join(f'"{e}"' for e in endpoints) + "]\n"
-               f"lease_ttl_ms = {LEASE_TTL_MS}\nsuspend_after_ms = {SUSPEND_AFTER_MS}\n" + extra)
+    section = (f"lease_ttl_ms = {LEASE_TTL_MS}\nsuspend_after_ms = {SUSPEND_AFTER_MS}\n" + extra)
     for agent in (a, b):
         with open(agent.config_path, "a") as f:
-            f.write(section)
+            f.write("\n[coordinator]\n" + endpoints_line(agent, endpoints) + section)
     return a, b
 
 
@@ -371,8 +397,8 @@ def three_sites(c, endpoints):
                          (cc, [(a, "async"), (b, "async")])):
         agent.write_config([dict(g, peers=[(p, m, None) for p, m in peers])], acl=acl)
         with open(agent.config_path, "a") as f:
-            f.write("\n[coordinator]\nendpoints = [" + ", ".join(f'"{e}"' for e in endpoints) +
-                    f"]\nlease_ttl_ms = {LEASE_TTL_MS}\nanti_flap_ms = 0\n")
+            f.write("\n[coordinator]\n" + endpoints_line(agent, endpoints) +
+                    f"lease_ttl_ms = {LEASE_TTL_MS}\nanti_flap_ms = 0\n")
     return a, b, cc
 
 
@@ -901,9 +927,11 @@ class WriteLoad:
         log(f"{agent.site}: all {len(self.acked)} blocks hold their last acknowledged write")
 
 
-def switchover_pair(c):
-    etcd = Etcd(c).start()
-    a, b = coordinated_pair(c, [etcd.endpoint], extra="anti_flap_ms = 0\n")
+def switchover_pair(c, members=1):
+    """Two sites in sync mode; etcd is one member, or a cluster of `members`."""
+    etcd = (Etcd(c) if members == 1 else EtcdCluster(c, members)).start()
+    a, b = coordinated_pair(c, etcd.endpoints if members > 1 else [etcd.endpoint],
+                            extra="anti_flap_ms = 0\n")
     b.start()
     a.start()
     wait_for("site-a to hold the leader key", lambda: etcd.get("/tvilling/groups/g0/leader")

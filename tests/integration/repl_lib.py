@@ -266,14 +266,22 @@ class Cluster:
         self.tvillingctl = os.path.abspath(tvillingctl)
         self.tmp = tempfile.mkdtemp(prefix=f"tvilling-{name}.")
         self.pki = os.path.join(self.tmp, "pki")
-        subprocess.run(["bash", pki_script, self.pki], check=True, stdout=subprocess.DEVNULL)
+        try:
+            subprocess.run(["bash", pki_script, self.pki], check=True, stdout=subprocess.DEVNULL)
+        except BaseException:  # also Ctrl-C: nobody else can remove the temp dir
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         self.agents = []
         self.probe = None  # tests/tools/repl_probe, if the run was given one
         self.cleanups = []
         self.failed = False
+        # Where an agent (by site) or an etcd member (by "etcd-<name>", coordinator_test.Etcd)
+        # runs: {"netns": NS, "host": ADDR}. bench/failover_bench.py --profile metro fills it with
+        # the lab's namespaces; a name not in it runs here on 127.0.0.1, as in every test.
+        self.placement = {}
 
     def agent(self, site, **kw):
-        a = Agent(self, site, **kw)
+        a = Agent(self, site, **{**self.placement.get(site, {}), **kw})
         self.agents.append(a)
         return a
 
