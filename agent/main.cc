@@ -297,6 +297,10 @@ absl::StatusOr<v1::SwitchoverReply> RunSwitchover(const ops::Config& config,
   const auto timeout = std::chrono::milliseconds(req.timeout_ms() ? req.timeout_ms() : 30000);
   const Clock::time_point t0 = Clock::now();
   c->Pause(fmt::format("switchover to {}: new writes held", req.to()));
+  // The target must show it is alive after the pause: with nothing to drain, its durable LSN
+  // alone would let the key go to a target that has hung (the group would then have no primary
+  // until the hand-over expires). A heartbeat sent now is echoed within one round trip.
+  c->HeartbeatNow();
   // Every write admitted before the pause is in the log: its last LSN is the target's goal.
   c->runtime().WaitFencedIdle();
   {
@@ -308,13 +312,18 @@ absl::StatusOr<v1::SwitchoverReply> RunSwitchover(const ops::Config& config,
   const uint64_t last = c->runtime().log().last_lsn();
   for (;;) {
     if (!peer_of(&peer)) peer.Clear();
-    if (peer.durable_lsn() >= last) break;
+    const bool answered =
+        peer.heartbeat_echo_age_us() >= 0 &&
+        std::chrono::microseconds(peer.heartbeat_echo_age_us()) <= Clock::now() - t0;
+    if (peer.durable_lsn() >= last && answered) break;
     if (Clock::now() - t0 > timeout) {
       c->Unpause();
       return absl::FailedPreconditionError(fmt::format(
-          "{} did not catch up within {} ms (its durable LSN {} of {}); rolled back: writes "
+          "{} did not catch up within {} ms (its durable LSN {} of {}{}); rolled back: writes "
           "resumed on {} after a pause of {} ms, nothing changed",
-          req.to(), timeout.count(), peer.durable_lsn(), last, site, ms(Clock::now() - t0)));
+          req.to(), timeout.count(), peer.durable_lsn(), last,
+          answered ? "" : ", and it did not answer a heartbeat sent when writes were paused", site,
+          ms(Clock::now() - t0)));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }

@@ -381,6 +381,15 @@ std::optional<uint64_t> GroupController::SetRateLimit(const std::string& peer_si
   return was;
 }
 
+void GroupController::HeartbeatNow() {
+  std::shared_ptr<PrimaryReplicator> primary;
+  {
+    std::lock_guard lock(mu_);
+    primary = primary_;
+  }
+  if (primary) primary->HeartbeatNow();
+}
+
 void GroupController::StopPrimary() {
   std::shared_ptr<PrimaryReplicator> p;
   {

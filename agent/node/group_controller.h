@@ -118,6 +118,8 @@ class GroupController {
   // primary now) and for every later promotion. Returns the previous cap, or nullopt if the group
   // has no such peer.
   std::optional<uint64_t> SetRateLimit(const std::string& peer_site, uint64_t bytes_per_s);
+  // Primary: a heartbeat on every link now (PrimaryReplicator::HeartbeatNow); nothing otherwise.
+  void HeartbeatNow();
 
   // The sync set in etcd (docs/coordinator.md, "Sync writes and the election"), for the
   // coordinator: `notify` is called (must not block) when the running primary has a set to

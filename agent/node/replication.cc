@@ -133,6 +133,7 @@ struct PrimaryReplicator::Link {
   core::Nanos backoff = kMinBackoff;
   core::Nanos last_heard = 0;
   core::Nanos last_heartbeat = 0;
+  core::Nanos last_echo = 0;  // send time of the newest heartbeat the peer echoed
   core::Nanos rate_wait_until = 0;
   // A thread is in Ship() for this link (the worker, or the committer's fast path): Ship() reads
   // and sends outside mu_, so only one may run per link or batches could go out of order.
@@ -570,6 +571,7 @@ void PrimaryReplicator::OnMessage(Link& link, uint64_t generation, v1::FromRepli
       const uint64_t echo = msg.heartbeat().echo_unix_ns();
       if (echo != 0 && static_cast<core::Nanos>(echo) <= now) {
         core_.OnRttSample(link.opt.site, now - static_cast<core::Nanos>(echo), now);
+        link.last_echo = std::max(link.last_echo, static_cast<core::Nanos>(echo));
       }
       break;
     }
@@ -768,6 +770,13 @@ std::optional<uint64_t> PrimaryReplicator::SetRateLimit(const std::string& peer_
   return std::nullopt;
 }
 
+void PrimaryReplicator::HeartbeatNow() {
+  std::lock_guard lock(mu_);
+  for (auto& l : links_) l->last_heartbeat = 0;  // the worker sends at once on a connected link
+  work_ = true;
+  cv_.notify_one();
+}
+
 void PrimaryReplicator::PersistPeerPositions() {
   std::vector<core::PeerStatus> peers;
   {
@@ -913,6 +922,7 @@ void PrimaryReplicator::FillStatus(v1::GroupStatus* out) const {
     ps->set_inflight_bytes(p.inflight_bytes);
     for (const auto& l : links_) {
       if (l->opt.site != p.peer) continue;
+      ps->set_heartbeat_echo_age_us(l->last_echo == 0 ? -1 : (now - l->last_echo) / 1000);
       if (l->copying || p.state == core::LinkState::kCopying) {
         ps->set_copy_total_bytes(l->copy_total);
         ps->set_copy_done_bytes(l->copy_done);

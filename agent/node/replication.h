@@ -110,6 +110,10 @@ class PrimaryReplicator final : public CompletionGate,
   // (SIGHUP). The token bucket starts afresh at the new rate. Returns the previous cap, or
   // nullopt if the group has no such peer.
   std::optional<uint64_t> SetRateLimit(const std::string& peer_site, uint64_t bytes_per_s);
+  // Sends a heartbeat on every connected link now (not at the next interval). Its echo shows in
+  // the peer's status as `heartbeat_echo_age_us`: a switchover waits for one sent after it paused
+  // writes, so that it never hands the leader key to a target that no longer answers.
+  void HeartbeatNow();
 
   // CompletionGate
   void WriteInLog(uint64_t lsn, bool durable, nbd::Export::Done done) override;

@@ -1009,6 +1009,28 @@ def switchover_rolls_back(c):
     wait_caught_up(a, [b])
     load.check(a)
     assert_identical(a, [b])
+    # Nothing to drain: the frozen target's durable LSN already equals the primary's last, so
+    # only the heartbeat the switchover sends when it pauses writes can tell that it hangs.
+    b.pause()
+    log("site-b frozen (SIGSTOP) with nothing to drain")
+    try:
+        r, _ = switchover(c, a, "site-b", timeout="1.5")
+        if r.returncode != 3 or "did not answer a heartbeat" not in r.stderr or \
+                "rolled back" not in r.stderr:
+            raise TestFailure("the switchover to a frozen, caught-up target did not roll back "
+                              f"(exit {r.returncode}): {r.stderr.strip()}")
+        if etcd.get("/tvilling/groups/g0/leader") != "site-a" or \
+                a.group().get("role") != "primary":
+            raise TestFailure("site-a is not the primary after the idle roll-back")
+    finally:
+        b.resume()
+    log("site-b thawed (SIGCONT)")
+    h = a.connect()
+    h.pwrite(b"\x77" * 4096, 0)
+    h.flush()
+    h.shutdown()
+    wait_caught_up(a, [b])
+    assert_identical(a, [b])
 
 
 # ---- switchover A->B->A under fio load with the checker; site evacuation -------------------------
