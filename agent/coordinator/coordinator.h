@@ -83,6 +83,8 @@ class Coordinator {
     core::LeaderView leader;
     std::string last_refusal;
     bool paused = false;
+    std::string pending_plan;  // approve policy: the plan awaiting approval ("" if none)
+    core::LossBound pending_loss;
   };
   std::vector<GroupView> Snapshot() const;
 
