@@ -399,6 +399,9 @@ def primary_partitioned(c):
                           "to check (it must, in async mode, until it suspends)")
     last_a = max(t for _, t in wa.done)
     first_new = min(t for _, t in wb.done)
+    if not last_a < first_new:
+        raise TestFailure(f"site-a completed a write {last_a - first_new:.3f} s after "
+                          f"{new.site} completed its first: two primaries at once")
     t_susp = first_log_time(a, r"client I/O suspended", wall_cut) - wall_cut
     t_prom = first_log_time(new, r"this site is primary in epoch %d" % epoch_new,
                             wall_cut) - wall_cut
@@ -406,9 +409,6 @@ def primary_partitioned(c):
         f"{last_a - t_cut:.3f} s (client), logged the suspension {t_susp:.3f} s; {new.site} logged "
         f"its promotion in epoch {epoch_new} {t_prom:.3f} s, completed its first write "
         f"{first_new - t_cut:.3f} s (client); gap {first_new - last_a:.3f} s")
-    if not last_a < first_new:
-        raise TestFailure(f"site-a completed a write {last_a - first_new:.3f} s after "
-                          f"{new.site} completed its first: two primaries at once")
     if not t_susp < t_prom:
         raise TestFailure(f"site-a logged its suspension {t_susp:.3f} s after the cut, not before "
                           f"{new.site}'s promotion ({t_prom:.3f} s)")
@@ -427,6 +427,8 @@ def primary_partitioned(c):
     log(f"site-a's held write {wa.pending_k} failed: {wa.outcome}")
     wb.stop(timeout_s=30)
     wa.stop()
+    if max(t for _, t in wa.done) != last_a:
+        raise TestFailure("site-a completed writes after the heal, as a demoted primary")
     wait_for("site-a a replica", lambda: a.group().get("role") == "replica", 15, 0.2)
     wait_caught_up(new, [a, third], timeout_s=60)
     assert_identical(new, [a, third])
