@@ -317,6 +317,13 @@ def first_log_time(agent, pattern, after):
     raise TestFailure(f"{agent.site}: no log line after the cut matches {pattern!r}")
 
 
+def logged_after(agent, pattern, after):
+    try:
+        return first_log_time(agent, pattern, after)
+    except TestFailure:
+        return None
+
+
 def read_blocks(agent, first, n):
     h = agent.connect()
     try:
@@ -376,8 +383,8 @@ def primary_partitioned(c):
     try:
         wb = TimedWriter("B", primary_among([b, cc]), 4096, 2000)
         wb.start()
-        wait_for("site-a to suspend client I/O", lambda: log_has(a, r"client I/O suspended"),
-                 LEASE_TTL_MS / 1000 + 5, 0.05)
+        wait_for("site-a to suspend client I/O", lambda: logged_after(
+            a, r"client I/O suspended", wall_cut), LEASE_TTL_MS / 1000 + 5, 0.05)
         wait_for("a new primary", lambda: etcd.get("/tvilling/groups/g0/leader") in
                  ("site-b", "site-c"), LEASE_TTL_MS / 1000 + SETTLE_S + 10, 0.1)
         leader = etcd.get("/tvilling/groups/g0/leader")
