@@ -438,6 +438,8 @@ def primary_partitioned(c):
         raise TestFailure("site-a completed writes after the heal, as a demoted primary")
     wait_for("site-a a replica", lambda: a.group().get("role") == "replica", 15, 0.2)
     wait_caught_up(new, [a, third], timeout_s=60)
+    if u64(a.group().get("epoch")) != epoch_new:
+        raise TestFailure(f"site-a's log is not in the new epoch {epoch_new}: {a.group()}")
     assert_identical(new, [a, third])
     check_divergent(c, a, new, wa, base, epoch_a)
     check_new_writes(new, wb)
