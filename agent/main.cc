@@ -665,7 +665,8 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
     rec.set_user(req.user());
     rec.set_uid(req.uid());
     rec.set_outcome(r.ok() ? "ok" : "refused");
-    rec.set_detail(fmt::format("to {}: {}", req.to(),
+    rec.set_detail(fmt::format("to {}{}: {}", req.to(),
+                               req.context().empty() ? "" : " (" + req.context() + ")",
                                r.ok() ? r->message() : std::string(r.status().message())));
     spdlog::info("group {}: switchover by {}: {}: {}", req.group(), who, rec.outcome(),
                  rec.detail());

@@ -275,20 +275,26 @@ void Coordinator::TickerLoop() {
 
 void Coordinator::WorkerLoop() {
   auto next_reports = Clock::now();
+  // A leader key that vanished asks for a read of the site reports right at the end of the settle
+  // time: the candidates decide on reports read after it (core::FailoverMachine), and waiting for
+  // the periodic read added up to a report interval to every fail-over. A periodic read that
+  // falls inside the settle time does not replace it.
+  constexpr auto kNone = Clock::time_point::max();
+  auto early = kNone;
   while (true) {
     Work w;
     bool have = false;
+    bool publish = false;
     {
       std::unique_lock l(mu_);
-      // A leader key that vanished moves the next read of the site reports to the end of the
-      // settle time: the candidates decide on reports read after it (core::FailoverMachine), and
-      // waiting for the periodic read added up to a report interval to every fail-over.
-      if (reports_early_ && *reports_early_ < next_reports) next_reports = *reports_early_;
+      if (reports_early_ && *reports_early_ < early) early = *reports_early_;
       reports_early_.reset();
-      cv_.wait_until(l, next_reports, [&] {
-        return stopping_ || !work_.empty() || (reports_early_ && *reports_early_ < next_reports);
+      const auto deadline = std::min(next_reports, early);
+      cv_.wait_until(l, deadline, [&] {
+        return stopping_ || !work_.empty() || publish_now_ || reports_early_.has_value();
       });
       if (stopping_) return;
+      publish = std::exchange(publish_now_, false);
       if (!work_.empty()) {
         w = std::move(work_.front());
         work_.pop_front();
@@ -319,7 +325,13 @@ void Coordinator::WorkerLoop() {
         }
       }
     }
-    if (Clock::now() >= next_reports) {
+    // Every site publishes its position as soon as it sees the leader key vanish, so that the
+    // candidates' read at the end of the settle time finds every reachable site's final report
+    // (the periodic one may be a report interval old, or missing for a site that just started).
+    if (publish) PublishSiteReports();
+    const auto now = Clock::now();
+    if (now >= next_reports || now >= early) {
+      if (now >= early) early = kNone;
       PublishAndReadReports();
       next_reports = Clock::now() + options_.report_interval;
     }
@@ -364,7 +376,7 @@ void Coordinator::NewSession() {
     last_session_error_.clear();
   }
   const int64_t id = lease->id;
-  const Millis interval = std::max(Millis(100), options_.lease_ttl / 6);
+  const Millis interval = std::max(Millis(100), options_.suspend_after * 3 / 8);
   keeper_ = std::make_unique<LeaseKeeper>(
       client_.get(), id, interval,
       LeaseKeeper::Callbacks{
@@ -469,6 +481,7 @@ void Coordinator::OnWatch(const std::vector<WatchEvent>& events) {
         const auto at = Clock::now() + std::chrono::nanoseconds(bindings_[i].failover.settle) +
                         std::chrono::milliseconds(5);
         if (!reports_early_ || at < *reports_early_) reports_early_ = at;
+        publish_now_ = true;
         cv_.notify_all();
       }
       HandleLocked(i, core::EvLeader{e.type == WatchEvent::Type::kDelete ? core::LeaderView{}
@@ -516,21 +529,30 @@ void Coordinator::ReadLeader(size_t i) {
   HandleLocked(i, core::EvLeader{r->kvs.empty() ? core::LeaderView{} : ViewOf(r->kvs[0])});
 }
 
-void Coordinator::PublishAndReadReports() {
+void Coordinator::PublishSiteReports() {
   int64_t session;
-  std::vector<std::pair<core::FailoverMachine::State, uint64_t>> states;
   {
     std::lock_guard l(mu_);
     session = session_;
+  }
+  if (session == 0) return;
+  for (const GroupBinding& b : bindings_) {
+    if (!b.site_report) continue;
+    (void)client_->Put(SitesPrefix(options_.prefix, b.failover.group) + options_.site,
+                       EncodeSiteReport(b.site_report()), session);
+  }
+}
+
+void Coordinator::PublishAndReadReports() {
+  PublishSiteReports();
+  std::vector<std::pair<core::FailoverMachine::State, uint64_t>> states;
+  {
+    std::lock_guard l(mu_);
     for (const auto& m : machines_) states.emplace_back(m->state(), m->epoch());
   }
   for (size_t i = 0; i < bindings_.size(); ++i) {
     const GroupBinding& b = bindings_[i];
     const std::string& g = b.failover.group;
-    if (session != 0 && b.site_report) {
-      (void)client_->Put(SitesPrefix(options_.prefix, g) + options_.site,
-                         EncodeSiteReport(b.site_report()), session);
-    }
     if (states[i].first == core::FailoverMachine::State::kPrimary && b.primary_report) {
       if (std::optional<core::PrimaryReport> pr = b.primary_report()) {
         pr->site = options_.site;

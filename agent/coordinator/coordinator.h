@@ -48,6 +48,9 @@ struct CoordinatorOptions {
   std::string prefix = "/tvilling";
   std::string site;
   Millis lease_ttl{3000};
+  // The primary's self-fencing delay (core::FailoverOptions::suspend_after): keep-alives go out
+  // every 3/8 of it, so one can be lost and the next is still answered with time to spare.
+  Millis suspend_after{2000};
   Millis tick{50};
   Millis report_interval{1000};
 };
@@ -124,6 +127,7 @@ class Coordinator {
   void NewSession();
   void Campaign(size_t i);
   void ReadLeader(size_t i);
+  void PublishSiteReports();
   void PublishAndReadReports();
   // Reads every group's leader key at one revision and watches from the next. False: etcd did not
   // answer (try again later).
@@ -149,6 +153,7 @@ class Coordinator {
   bool need_watch_ = false;              // guarded by mu_: (re)read the keys and watch
   // Guarded by mu_: read the site reports at this time (a leader key vanished; see WorkerLoop).
   std::optional<std::chrono::steady_clock::time_point> reports_early_;
+  bool publish_now_ = false;        // a leader key vanished: publish this site's reports now
   std::string last_session_error_;  // worker thread only
   std::chrono::steady_clock::time_point last_session_error_at_;
   std::thread ticker_;

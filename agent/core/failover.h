@@ -9,7 +9,7 @@
 // The rules (docs/coordinator.md has the argument):
 // - The primary of a group is the site whose value is in the group's leader key, written under
 //   that site's etcd lease ("session"). The key's create revision is the primary's epoch.
-// - A primary suspends client I/O once `suspend_after` (default TTL/2) has passed on ITS OWN
+// - A primary suspends client I/O once `suspend_after` (default 2/3 TTL) has passed on ITS OWN
 //   monotonic clock since it sent the last keep-alive that etcd answered. Its lease cannot end at
 //   etcd before `sent + TTL` (etcd renews it for TTL when it handles the request, after it was
 //   sent; etcd may extend a lease, never shorten it), so the primary stops before anyone can take
@@ -57,14 +57,14 @@ struct FailoverOptions {
   FailoverPolicy policy = FailoverPolicy::kAutomatic;
   Nanos lease_ttl = 3'000'000'000;
   // Suspend I/O this long after the send time of the last answered keep-alive. Must be < TTL.
-  Nanos suspend_after = 1'500'000'000;
+  Nanos suspend_after = 2'000'000'000;
   // Lag gate for candidates (as of the primary's last report): both must hold.
   uint64_t max_lag_bytes = 1ull << 20;
   Nanos max_lag_time = 10'000'000'000;
   // No automatic promotion within this long of the last observed leader change.
   Nanos anti_flap = 60'000'000'000;
   // A leaderless group waits this long before candidates decide (site reports settle).
-  Nanos settle = 1'000'000'000;
+  Nanos settle = 500'000'000;
 };
 
 // The leader key as read or watched.

@@ -41,6 +41,7 @@ absl::StatusOr<std::unique_ptr<coordinator::Coordinator>> StartCoordination(
   o.prefix = c.prefix;
   o.site = config.agent.site;
   o.lease_ttl = coordinator::Millis(c.lease_ttl_ms);
+  o.suspend_after = coordinator::Millis(c.suspend_after_ms);
 
   std::vector<coordinator::GroupBinding> bindings;
   for (size_t i = 0; i < config.groups.size(); ++i) {
@@ -61,7 +62,7 @@ absl::StatusOr<std::unique_ptr<coordinator::Coordinator>> StartCoordination(
     f.max_lag_bytes = c.max_lag_bytes;
     f.max_lag_time = c.max_lag_ms * kMsNs;
     f.anti_flap = c.anti_flap_ms * kMsNs;
-    f.settle = 1000 * kMsNs;
+    f.settle = 500 * kMsNs;
 
     const bool no_failover = c.no_failover;
     b.site_report = [ctl, no_failover] {

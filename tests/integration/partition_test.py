@@ -55,7 +55,7 @@ from repl_test import qemu_io  # noqa: E402
 
 LEASE_TTL_MS = 3000
 SUSPEND_AFTER_MS = 1500
-SETTLE_S = 1.0  # core::FailoverOptions::settle as the agent sets it (agent/node/coordination.cc)
+SETTLE_S = 0.5  # core::FailoverOptions::settle as the agent sets it (agent/node/coordination.cc)
 SKIP = 77
 CHECK = None  # tvilling-check, from --check
 BLOCK = 4096

@@ -398,7 +398,7 @@ class Sim {
       return [this, i, id, sent] {
         sites_[i].session_pending = false;
         sites_[i].lease = id;
-        sites_[i].next_keepalive = now_ + ttl_ / 6;
+        sites_[i].next_keepalive = now_ + ttl_ / 4;  // 3/8 of suspend_after, as the coordinator
         Handle(i, EvSessionStarted{id, sent});
       };
     });
@@ -510,7 +510,7 @@ class Sim {
     o.sites = {"a", "b", "c"};
     o.configured_primary = "a";
     o.lease_ttl = ttl_;
-    o.suspend_after = plant_ == Plant::kSuspendLate ? ttl_ * 2 : ttl_ / 2;
+    o.suspend_after = plant_ == Plant::kSuspendLate ? ttl_ * 2 : ttl_ * 2 / 3;
     o.max_lag_bytes = max_lag_bytes_;
     o.max_lag_time = 1000 * kMs * 1000;
     o.anti_flap = 2 * ttl_;
@@ -922,7 +922,7 @@ class Sim {
         NewSession(i);
       }
       if (s.lease != 0 && now_ >= s.next_keepalive) {
-        s.next_keepalive = now_ + ttl_ / 6;
+        s.next_keepalive = now_ + ttl_ / 4;  // 3/8 of suspend_after, as the coordinator
         KeepAlive(i);
       }
       if (now_ >= s.next_site_report) {
