@@ -507,6 +507,13 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
           gs->set_sync_set_epoch(v.sync_set->epoch);
           gs->set_sync_set_members(static_cast<uint32_t>(v.sync_set->set.members.size()));
         }
+        gs->set_failover_pending(v.pending_plan);
+        if (!v.pending_plan.empty() && !v.pending_loss.none()) {
+          gs->set_failover_pending_loss_from_lsn(v.pending_loss.from_lsn);
+          gs->set_failover_pending_loss_to_lsn(v.pending_loss.to_lsn);
+          gs->set_failover_pending_loss_bytes(v.pending_loss.bytes);
+          gs->set_failover_pending_loss_seconds(static_cast<double>(v.pending_loss.age) / 1e9);
+        }
       }
     }
   };
@@ -621,9 +628,15 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
                 fmt::format("approve the promotion of {} on {}'s agent (this is {})", site, site,
                             config.agent.site));
           }
-          return command(c, core::EvApprove{site, who},
-                         fmt::format("requested: site {} campaigns for the leader key of group {}",
-                                     site, c.name()));
+          // The reply and the audit record name the plan that was approved, with its loss bound.
+          std::string plan;
+          for (const auto& v : coordinator->Snapshot()) {
+            if (v.group == c.name()) plan = v.pending_plan;
+          }
+          return command(
+              c, core::EvApprove{site, who},
+              fmt::format("requested: site {} campaigns for the leader key of group {}{}", site,
+                          c.name(), plan.empty() ? "" : fmt::format(" (approved: {})", plan)));
         });
   };
   const auto set_paused = [&](const v1::RoleRequest& req, bool paused) {

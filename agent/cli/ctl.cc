@@ -212,7 +212,12 @@ std::string FormatStatusText(const v1::StatusReply& reply) {
     if (group.failover_paused()) {
       out += "  automatic fail-over paused (tvillingctl resume to let it act)\n";
     }
-    if (!group.failover_refusal().empty()) {
+    if (!group.failover_pending().empty()) {
+      out += fmt::format(
+          "  promotion pending approval: {}; approve with `tvillingctl failover approve --group "
+          "{}` on this site\n",
+          group.failover_pending(), group.name());
+    } else if (!group.failover_refusal().empty()) {
       out += fmt::format("  automatic fail-over refused: {}\n", group.failover_refusal());
     }
     Table lsns;

@@ -180,7 +180,8 @@ std::vector<Coordinator::GroupView> Coordinator::Snapshot() const {
   std::vector<GroupView> out;
   for (const auto& m : machines_) {
     out.push_back({m->options().group, core::FailoverMachine::StateName(m->state()), m->epoch(),
-                   m->leader(), m->last_refusal(), m->paused(), m->sync_set()});
+                   m->leader(), m->last_refusal(), m->paused(), m->sync_set(), m->pending_plan(),
+                   m->pending_loss()});
   }
   return out;
 }

@@ -98,6 +98,8 @@ class Coordinator {
     std::string last_refusal;
     bool paused = false;
     std::optional<core::PublishedSyncSet> sync_set;  // as last read from etcd
+    std::string pending_plan;  // approve policy: the plan awaiting approval ("" if none)
+    core::LossBound pending_loss;
   };
   std::vector<GroupView> Snapshot() const;
 

@@ -495,13 +495,15 @@ void FailoverMachine::Evaluate(Nanos now, std::vector<FailoverAction>& out) {
     Campaign(out);
     return;
   }
-  const std::string msg = lost + ": " + (outside.empty() ? plan.Describe() : outside) +
-                          "; waiting for `tvillingctl failover approve --group " + o_.group +
-                          " --site " + o_.site + "`";
-  if (state_ != State::kAwaitingApproval || msg != pending_for_) {
+  const std::string plan_text = lost + ": " + (outside.empty() ? plan.Describe() : outside);
+  if (state_ != State::kAwaitingApproval || plan_text != pending_for_) {
     state_ = State::kAwaitingApproval;
-    pending_for_ = msg;
-    out.push_back({K::kPublishPending, o_.site, 0, msg, plan.loss});
+    pending_for_ = plan_text;
+    pending_loss_ = plan.loss;
+    out.push_back({K::kPublishPending, o_.site, 0,
+                   plan_text + "; waiting for `tvillingctl failover approve --group " + o_.group +
+                       " --site " + o_.site + "`",
+                   plan.loss});
   }
 }
 

@@ -237,6 +237,15 @@ class FailoverMachine {
   uint64_t epoch() const { return epoch_; }
   const LeaderView& leader() const { return leader_; }
   const std::string& last_refusal() const { return last_refusal_; }
+  // Under the approve policy, while this site awaits approval: the plan it published (who is
+  // lost, whom to promote and its loss bound, without the hint how to approve) and that bound;
+  // "" and an empty bound otherwise.
+  std::string pending_plan() const {
+    return state_ == State::kAwaitingApproval ? pending_for_ : std::string();
+  }
+  LossBound pending_loss() const {
+    return state_ == State::kAwaitingApproval ? pending_loss_ : LossBound{};
+  }
   bool paused() const { return paused_; }
   const std::optional<PublishedSyncSet>& sync_set() const { return sync_set_; }
   const FailoverOptions& options() const { return o_; }
@@ -277,7 +286,8 @@ class FailoverMachine {
   std::optional<PublishedSyncSet> sync_set_;  // EvSyncSet
   std::string last_refusal_;
   std::string last_refusal_kind_;
-  std::string pending_for_;  // kAwaitingApproval: the plan we published
+  std::string pending_for_;  // kAwaitingApproval: the plan we published (pending_plan())
+  LossBound pending_loss_;   // ... and its loss bound
   bool paused_ = false;      // EvPaused
   std::string paused_by_;
   std::string handover_to_;  // a switchover's target, until a leader appears or it expires

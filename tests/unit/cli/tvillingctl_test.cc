@@ -92,6 +92,25 @@ v1::StatusReply FixedReply() {
   g1->set_leader_site("site-a");
   g1->set_leader_epoch(3);
   g1->set_failover_refusal("a group of two sites without a witness");
+
+  // A candidate under the approve policy: the plan and its loss bound, not an older refusal.
+  v1::GroupStatus* g2 = reply.add_groups();
+  g2->set_name("g2");
+  g2->set_role("replica");
+  g2->set_epoch(4);
+  g2->set_last_lsn(95);
+  g2->set_durable_lsn(95);
+  g2->set_applied_lsn(95);
+  g2->set_consistent(true);
+  g2->set_coordinator_state("awaiting-approval");
+  g2->set_failover_refusal("an older refusal");
+  g2->set_failover_pending(
+      "the primary site-a is gone: promote site-b (loses LSN 96..100, 5000 bytes, 2.0 s of "
+      "writes)");
+  g2->set_failover_pending_loss_from_lsn(96);
+  g2->set_failover_pending_loss_to_lsn(100);
+  g2->set_failover_pending_loss_bytes(5000);
+  g2->set_failover_pending_loss_seconds(2.0);
   return reply;
 }
 
@@ -181,6 +200,14 @@ TEST_F(TvillingctlTest, StatusPrintsTables) {
       "  automatic fail-over refused: a group of two sites without a witness\n"
       "  LAST-LSN  DURABLE  APPLIED  WRITE-RELEASED  FLUSH-RELEASED\n"
       "  50        50       40       0               0\n"
+      "  no peers\n"
+      "\n"
+      "g2 role:replica epoch:4 consistent:yes coordinator:awaiting-approval leader:none\n"
+      "  promotion pending approval: the primary site-a is gone: promote site-b (loses LSN "
+      "96..100, 5000 bytes, 2.0 s of writes); approve with `tvillingctl failover approve --group "
+      "g2` on this site\n"
+      "  LAST-LSN  DURABLE  APPLIED  WRITE-RELEASED  FLUSH-RELEASED\n"
+      "  95        95       95       0               0\n"
       "  no peers\n";
   EXPECT_EQ(r.out, want);
 }
@@ -203,7 +230,9 @@ TEST_F(TvillingctlTest, StatusJsonRoundTripsWithEveryField) {
         "\"write_released\":\"1200\"", "\"lag_seconds\":0.003", "\"in_sync_set\":true",
         "\"degraded\":false", "\"applied_lsn\":\"0\"", "\"copy_total_bytes\":\"0\"",
         "\"last_error\":\"\"", "\"last_error\":\"connection reset by peer\"",
-        "\"consistent\":false", "\"peers\":[]"}) {
+        "\"consistent\":false", "\"peers\":[]", "\"failover_pending\":\"\"",
+        "\"failover_pending_loss_from_lsn\":\"96\"", "\"failover_pending_loss_bytes\":\"5000\"",
+        "\"failover_pending_loss_seconds\":2"}) {
     EXPECT_THAT(r.out, HasSubstr(fragment));
   }
   EXPECT_THAT(r.out, Not(HasSubstr("lagSeconds")));
@@ -369,7 +398,7 @@ TEST_F(TvillingctlTest, SwitchoverDryRunPrintsThePlanOrWhyNot) {
   EXPECT_THAT(r.out, HasSubstr("is a replica of group g1: run the switchover on its primary"));
   r = Ctl({"--socket", socket_, "switchover", "--group", "nope", "--to", "site-b", "--dry-run"});
   EXPECT_EQ(r.code, kExitUsage);
-  EXPECT_THAT(r.err, HasSubstr("has no group \"nope\" (it has: g0, g1)"));
+  EXPECT_THAT(r.err, HasSubstr("has no group \"nope\" (it has: g0, g1, g2)"));
   // Without --dry-run the agent carries it out; this fixture serves Status only.
   r = Ctl({"--socket", socket_, "switchover", "--group", "g0", "--to", "site-b"});
   EXPECT_EQ(r.code, kExitUnreachable);

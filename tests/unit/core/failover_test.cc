@@ -493,11 +493,21 @@ TEST(FailoverPolicy, ApprovePublishesThePlanWithItsLossAndWaits) {
   EXPECT_THAT(acts[0].message, HasSubstr("loses LSN 96..100, 5000 bytes, 2.0 s of writes"));
   EXPECT_THAT(acts[0].message, HasSubstr("tvillingctl failover approve --group g --site b"));
   EXPECT_EQ(b.f.m.state(), S::kAwaitingApproval);
+  // tvillingctl status shows the plan and its bound while it waits.
+  EXPECT_EQ(b.f.m.pending_plan(),
+            "the primary a is gone: promote b (loses LSN 96..100, 5000 bytes, 2.0 s of writes); "
+            "not eligible: a (no report: its agent has no etcd session)");
+  EXPECT_EQ(b.f.m.pending_loss().from_lsn, 96u);
+  EXPECT_EQ(b.f.m.pending_loss().to_lsn, 100u);
+  EXPECT_EQ(b.f.m.pending_loss().bytes, 5000u);
+  EXPECT_EQ(b.f.m.pending_loss().age, 2 * kS);
   EXPECT_TRUE(b.Tick(150 * kS).empty()) << "waits, however long";
   // An approval for another site is not ours; ours starts the campaign.
   EXPECT_TRUE(b.f.m.Handle(151 * kS, EvApprove{"c", "op"}).empty());
   acts = b.f.m.Handle(152 * kS, EvApprove{"b", "CN=alice"});
   EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kClearPending, K::kCampaign));
+  EXPECT_EQ(b.f.m.pending_plan(), "") << "no longer pending once approved";
+  EXPECT_EQ(b.f.m.pending_loss().bytes, 0u);
 }
 
 TEST(FailoverPolicy, ApprovalWithdrawnWhenTheOldPrimaryReturns) {
@@ -505,8 +515,10 @@ TEST(FailoverPolicy, ApprovalWithdrawnWhenTheOldPrimaryReturns) {
   Replica b("b", Opts("b", FailoverPolicy::kApprove), 102, Sites(95, 90), report);
   b.LoseLeader(100 * kS);
   b.Tick(101 * kS);
+  EXPECT_NE(b.f.m.pending_plan(), "");
   auto acts = b.f.m.Handle(102 * kS, EvLeader{Leader("a", 90, 111)});
   EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kClearPending, K::kFollow));
+  EXPECT_EQ(b.f.m.pending_plan(), "") << "withdrawn";
   acts = b.f.m.Handle(103 * kS, EvApprove{"b", "late"});
   ASSERT_THAT(Kinds(acts), ::testing::ElementsAre(K::kRefused));
   EXPECT_THAT(acts[0].message, HasSubstr("no promotion of b is pending"));
