@@ -70,8 +70,8 @@ std::string PeerState(const v1::PeerStatus& peer) {
 
 std::string CopyProgress(const v1::PeerStatus& peer) {
   if (peer.copy_total_bytes() == 0) return "-";
-  return FormatProgressBar(peer.copy_done_bytes(), peer.copy_total_bytes(),
-                           peer.copy_bytes_per_s(), peer.copy_eta_s());
+  return FormatProgressBar(peer.copy_done_bytes(), peer.copy_total_bytes(), peer.copy_bytes_per_s(),
+                           peer.copy_eta_s());
 }
 
 // Exit code and message for a socket that is missing or is not a socket, before gRPC tries it
@@ -233,8 +233,8 @@ std::string FormatStatusText(const v1::StatusReply& reply) {
         const v1::VerifyStatus& v = peer.verify();
         out += fmt::format("  {}: verify: {}", peer.peer(), v.state());
         if (v.state() == "running") {
-          out += " " + FormatProgressBar(v.done_bytes(), v.total_bytes(), v.bytes_per_s(),
-                                         v.eta_s());
+          out +=
+              " " + FormatProgressBar(v.done_bytes(), v.total_bytes(), v.bytes_per_s(), v.eta_s());
         }
         out += fmt::format(", {} of {} chunk(s) compared, {} mismatching, {} unverified",
                            v.compared_chunks(), v.total_chunks(), v.mismatch_chunks(),
@@ -365,8 +365,9 @@ int RunTvillingctl(int argc, const char* const* argv, std::ostream& out, std::os
     verify->add_option("--peer", ver.peer, "only this peer (default: every peer)")
         ->type_name("SITE");
     verify
-        ->add_option("--rate", ver.rate_mib_s,
-                     "MiB/s read from the primary's volumes (default 64; the replica reads as much)")
+        ->add_option(
+            "--rate", ver.rate_mib_s,
+            "MiB/s read from the primary's volumes (default 64; the replica reads as much)")
         ->type_name("MiB/s")
         ->check(CLI::Range(0.001, 1e6));
     verify->add_flag("--resync", ver.resync,

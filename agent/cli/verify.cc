@@ -65,15 +65,13 @@ std::string FormatVerifyResult(const v1::VerifyProgress& p) {
       "group {} peer {}: {}: {} of {} chunk(s) compared ({} of {}) in {:.1f}s, {} mismatching "
       "({}), {} unverified, {} retried\n",
       p.group(), p.peer(), st.state(), st.compared_chunks(), st.total_chunks(),
-      FormatBytesIec(st.done_bytes()), FormatBytesIec(st.total_bytes()), secs,
-      st.mismatch_chunks(), FormatBytesIec(st.mismatch_bytes()), st.unverified_chunks(),
-      st.retried_chunks());
+      FormatBytesIec(st.done_bytes()), FormatBytesIec(st.total_bytes()), secs, st.mismatch_chunks(),
+      FormatBytesIec(st.mismatch_bytes()), st.unverified_chunks(), st.retried_chunks());
   for (const v1::VerifyRange& r : st.mismatches()) {
     out += fmt::format("  mismatch: volume {} offset {} length {} ({})\n", r.volume(), r.offset(),
                        r.length(), FormatBytesIec(r.length()));
   }
-  if (static_cast<uint64_t>(st.mismatches_size()) > 0 &&
-      st.mismatch_bytes() > 0) {
+  if (static_cast<uint64_t>(st.mismatches_size()) > 0 && st.mismatch_bytes() > 0) {
     uint64_t listed = 0;
     for (const v1::VerifyRange& r : st.mismatches()) listed += r.length();
     if (listed < st.mismatch_bytes()) {
@@ -83,17 +81,16 @@ std::string FormatVerifyResult(const v1::VerifyProgress& p) {
   }
   if (!st.resync().empty()) {
     out += fmt::format("  resync: {}{}\n", st.resync(),
-                       st.resynced_bytes() > 0
-                           ? fmt::format(" ({} restored from this site)",
-                                         FormatBytesIec(st.resynced_bytes()))
-                           : "");
+                       st.resynced_bytes() > 0 ? fmt::format(" ({} restored from this site)",
+                                                             FormatBytesIec(st.resynced_bytes()))
+                                               : "");
   }
   if (!st.error().empty()) out += fmt::format("  error: {}\n", st.error());
   return out;
 }
 
-int Verify(const std::string& socket, const VerifyArgs& args, bool progress_bar,
-           std::ostream& out, std::ostream& err) {
+int Verify(const std::string& socket, const VerifyArgs& args, bool progress_bar, std::ostream& out,
+           std::ostream& err) {
   auto channel = grpc::CreateChannel("unix:" + socket, grpc::InsecureChannelCredentials());
   auto stub = v1::Control::NewStub(channel);
   grpc::ClientContext context;  // no deadline: a verify takes as long as the volumes need

@@ -32,8 +32,8 @@ struct VerifyArgs {
   bool json = false;
 };
 
-int Verify(const std::string& socket, const VerifyArgs& args, bool progress_bar,
-           std::ostream& out, std::ostream& err);
+int Verify(const std::string& socket, const VerifyArgs& args, bool progress_bar, std::ostream& out,
+           std::ostream& err);
 
 // The exit code for the peers' final states ("identical", "mismatches", "incomplete", "failed",
 // "cancelled").

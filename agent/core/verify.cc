@@ -114,7 +114,8 @@ Nanos VerifyPacer::Reserve(Nanos now, uint64_t bytes) {
   const Nanos floor = now > kBurst ? now - kBurst : 0;
   next_ = std::max(next_, floor);
   const Nanos at = std::max(now, next_);
-  next_ += static_cast<Nanos>(static_cast<long double>(bytes) * 1e9L / static_cast<long double>(rate_));
+  next_ +=
+      static_cast<Nanos>(static_cast<long double>(bytes) * 1e9L / static_cast<long double>(rate_));
   return at;
 }
 

@@ -9,9 +9,9 @@
 // LSN again. If w1 == w2 and w1 <= a, no record touched the chunk during the read and the last one
 // that did is complete: the bytes read are the chunk's content at every LSN in
 // [max(w1, tracking start), a] (the tracking start is the applied LSN when the site began noting:
-// writes before it are unknown). Two samples whose intervals share an LSN describe the chunk at that
-// same LSN (every replica is a prefix of the primary's log), so their hashes must be equal; two
-// samples that share none are not compared (retried), never counted as a mismatch.
+// writes before it are unknown). Two samples whose intervals share an LSN describe the chunk at
+// that same LSN (every replica is a prefix of the primary's log), so their hashes must be equal;
+// two samples that share none are not compared (retried), never counted as a mismatch.
 #pragma once
 
 #include <cstdint>
@@ -87,7 +87,7 @@ struct ChunkRead {
 struct ChunkSample {
   uint64_t hash_high = 0;
   uint64_t hash_low = 0;
-  bool stable = false;  // false: a record was applied to the chunk during the read; retry
+  bool stable = false;      // false: a record was applied to the chunk during the read; retry
   uint64_t last_write = 0;  // w1, for ExtendSample
   uint64_t valid_from = 0;
   uint64_t valid_to = 0;

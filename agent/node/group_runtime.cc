@@ -270,8 +270,8 @@ absl::StatusOr<std::unique_ptr<GroupRuntime>> GroupRuntime::Open(storage::LogSto
                                       std::string(vol.status().message())));
     }
     g->volumes_.push_back(std::move(*vol));
-    const uint64_t blocks = (g->volumes_.back()->size() + core::kWriteTrackBytes - 1) /
-                            core::kWriteTrackBytes;
+    const uint64_t blocks =
+        (g->volumes_.back()->size() + core::kWriteTrackBytes - 1) / core::kWriteTrackBytes;
     g->last_write_.push_back(std::make_unique<std::atomic<uint64_t>[]>(blocks));
     g->last_write_blocks_.push_back(blocks);
   }

@@ -1270,8 +1270,7 @@ absl::Status ReplicaGroup::CheckVerifierLocked(const std::string& site, uint64_t
   const storage::ReplicaMeta meta = log_->replica_meta();
   if (meta.copy_in_progress || meta.restore_pending || pending_resync_ || !rx_.consistent()) {
     return absl::FailedPreconditionError(fmt::format(
-        "group {}: the replica is not consistent ({}): nothing to verify until it is",
-        log_->name(),
+        "group {}: the replica is not consistent ({}): nothing to verify until it is", log_->name(),
         meta.copy_in_progress  ? "full copy in progress"
         : meta.restore_pending ? "restore in progress"
         : pending_resync_      ? "a resync is waiting for the next stream"
@@ -1302,9 +1301,9 @@ absl::StatusOr<v1::VerifyChunksReply> ReplicaGroup::VerifyChunks(
     wait_for = std::max<uint64_t>(wait_for, c.valid_from());
   }
   if (bytes > core::kVerifyMaxRequestBytes) {
-    return absl::InvalidArgumentError(fmt::format(
-        "group {}: a verify request of {} bytes; at most {}", log_->name(), bytes,
-        core::kVerifyMaxRequestBytes));
+    return absl::InvalidArgumentError(
+        fmt::format("group {}: a verify request of {} bytes; at most {}", log_->name(), bytes,
+                    core::kVerifyMaxRequestBytes));
   }
   {
     std::lock_guard lock(mu_);
@@ -1312,13 +1311,13 @@ absl::StatusOr<v1::VerifyChunksReply> ReplicaGroup::VerifyChunks(
   }
   // Wait until the volumes hold the LSNs the primary's samples start at.
   const core::Nanos deadline =
-      MonotonicNow() + static_cast<core::Nanos>(std::min<uint32_t>(req.wait_ms(), 60'000)) *
-                           1'000'000;
+      MonotonicNow() +
+      static_cast<core::Nanos>(std::min<uint32_t>(req.wait_ms(), 60'000)) * 1'000'000;
   while (group_->applied_lsn() < wait_for) {
     if (MonotonicNow() >= deadline) {
-      return absl::DeadlineExceededError(fmt::format(
-          "group {}: the applied LSN {} did not reach {} within {} ms (replica behind)",
-          log_->name(), group_->applied_lsn(), wait_for, req.wait_ms()));
+      return absl::DeadlineExceededError(
+          fmt::format("group {}: the applied LSN {} did not reach {} within {} ms (replica behind)",
+                      log_->name(), group_->applied_lsn(), wait_for, req.wait_ms()));
     }
     {
       std::lock_guard lock(mu_);
@@ -1357,9 +1356,9 @@ absl::StatusOr<v1::MarkResyncReply> ReplicaGroup::MarkResync(const v1::MarkResyn
   }
   extents = core::MergeExtents(std::move(extents));
   if (extents.empty() || extents.size() > core::kMaxRestoreExtents) {
-    return absl::InvalidArgumentError(fmt::format(
-        "group {}: a resync of {} range(s); 1 to {} are allowed", log_->name(), extents.size(),
-        core::kMaxRestoreExtents));
+    return absl::InvalidArgumentError(
+        fmt::format("group {}: a resync of {} range(s); 1 to {} are allowed", log_->name(),
+                    extents.size(), core::kMaxRestoreExtents));
   }
   uint64_t bytes = 0;
   for (const core::Extent& e : extents) bytes += e.length;
@@ -1372,10 +1371,10 @@ absl::StatusOr<v1::MarkResyncReply> ReplicaGroup::MarkResync(const v1::MarkResyn
     previous = std::move(active_);
     previous->closed = true;
   }
-  const std::string why =
-      fmt::format("resync of {} range(s), {} bytes, asked by the verify of {}: reconnect to "
-                  "restore them",
-                  count, bytes, req.sender_site());
+  const std::string why = fmt::format(
+      "resync of {} range(s), {} bytes, asked by the verify of {}: reconnect to "
+      "restore them",
+      count, bytes, req.sender_site());
   spdlog::warn("group {}: {}", log_->name(), why);
   previous->stream().Close(absl::AbortedError(why));
   v1::MarkResyncReply reply;
@@ -1390,9 +1389,10 @@ absl::Status ReplicaGroup::ApplyPendingResync(const core::PrimaryHello& hello) {
     if (!pending_resync_) return absl::OkStatus();
     if (pending_resync_->site != hello.site || pending_resync_->epoch != hello.epoch) {
       if (hello.epoch > pending_resync_->epoch) {
-        spdlog::warn("group {}: dropping the resync asked by {} in epoch {}: a stream of epoch {} "
-                     "came first (verify again)",
-                     log_->name(), pending_resync_->site, pending_resync_->epoch, hello.epoch);
+        spdlog::warn(
+            "group {}: dropping the resync asked by {} in epoch {}: a stream of epoch {} "
+            "came first (verify again)",
+            log_->name(), pending_resync_->site, pending_resync_->epoch, hello.epoch);
         pending_resync_.reset();
       }
       return absl::OkStatus();
@@ -1424,9 +1424,10 @@ absl::Status ReplicaGroup::ApplyPendingResync(const core::PrimaryHello& hello) {
     (void)group_->ResumeApply();
     return st;
   }
-  spdlog::warn("group {}: restoring {} range(s) that a verify found different (applier paused at "
-               "LSN {}; inconsistent until the restore completes)",
-               log_->name(), all.size(), group_->applied_lsn());
+  spdlog::warn(
+      "group {}: restoring {} range(s) that a verify found different (applier paused at "
+      "LSN {}; inconsistent until the restore completes)",
+      log_->name(), all.size(), group_->applied_lsn());
   return absl::OkStatus();
 }
 

@@ -241,7 +241,7 @@ class ReplicaGroup {
     std::vector<core::Extent> extents;  // merged
   };
   std::optional<PendingResync> pending_resync_;  // guarded by mu_
-  int handlers_running_ = 0;  // guarded by mu_
+  int handlers_running_ = 0;                     // guarded by mu_
   std::condition_variable handlers_idle_cv_;
 };
 

@@ -10,8 +10,8 @@
 #include <thread>
 
 #include "agent/transport/stream.h"
-#include "storage/thread_name.h"
 #include "agent/transport/tls.h"
+#include "storage/thread_name.h"
 
 namespace tvilling::node {
 namespace {
@@ -166,24 +166,26 @@ class ReplicationService::Impl final : public Dialer,
   // reading the volumes) runs on one worker thread, one request at a time.
   void VerifyChunks(const v1::VerifyChunksRequest& req, std::vector<std::string> ids,
                     std::string address, Done<v1::VerifyChunksReply> done) override {
-    Queue(req.group(), req.sender_site(), std::move(ids), std::move(address),
-          [this, req, done](ReplicaGroup* g) {
-            if (g == nullptr) return done(absl::UnavailableError("the agent is stopping"));
-            done(g->VerifyChunks(req, [this] {
-              std::lock_guard lock(mu_);
-              return verify_stopping_;
-            }));
-          },
-          [done](absl::Status st) { done(std::move(st)); });
+    Queue(
+        req.group(), req.sender_site(), std::move(ids), std::move(address),
+        [this, req, done](ReplicaGroup* g) {
+          if (g == nullptr) return done(absl::UnavailableError("the agent is stopping"));
+          done(g->VerifyChunks(req, [this] {
+            std::lock_guard lock(mu_);
+            return verify_stopping_;
+          }));
+        },
+        [done](absl::Status st) { done(std::move(st)); });
   }
   void MarkResync(const v1::MarkResyncRequest& req, std::vector<std::string> ids,
                   std::string address, Done<v1::MarkResyncReply> done) override {
-    Queue(req.group(), req.sender_site(), std::move(ids), std::move(address),
-          [req, done](ReplicaGroup* g) {
-            if (g == nullptr) return done(absl::UnavailableError("the agent is stopping"));
-            done(g->MarkResync(req));
-          },
-          [done](absl::Status st) { done(std::move(st)); });
+    Queue(
+        req.group(), req.sender_site(), std::move(ids), std::move(address),
+        [req, done](ReplicaGroup* g) {
+          if (g == nullptr) return done(absl::UnavailableError("the agent is stopping"));
+          done(g->MarkResync(req));
+        },
+        [done](absl::Status st) { done(std::move(st)); });
   }
 
   // Checks the caller like a stream's Hello (ACL, group held as a replica here) and queues `work`

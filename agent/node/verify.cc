@@ -51,8 +51,8 @@ class Run {
     st_.set_total_bytes(plan_.total_bytes());
     st_.set_total_chunks(plan_.total_chunks());
     started_ = MonotonicNow();
-    spdlog::info("group {}: verify of peer {} begins: {} chunk(s), {} bytes", job_.group,
-                 job_.peer, plan_.total_chunks(), plan_.total_bytes());
+    spdlog::info("group {}: verify of peer {} begins: {} chunk(s), {} bytes", job_.group, job_.peer,
+                 plan_.total_chunks(), plan_.total_bytes());
     absl::Status s = Compare();
     if (!s.ok()) return Finish(cancelled_ ? "cancelled" : "failed", s);
     const std::string state = st_.mismatch_chunks() > 0     ? "mismatches"
@@ -95,8 +95,8 @@ class Run {
     const core::Nanos now = MonotonicNow();
     if (!force && now < next_report_) return true;
     next_report_ = now + std::chrono::nanoseconds(job_.progress_interval).count();
-    const core::VerifyRate rate = core::VerifyRateAt(st_.done_bytes(), st_.total_bytes(), started_,
-                                                     now);
+    const core::VerifyRate rate =
+        core::VerifyRateAt(st_.done_bytes(), st_.total_bytes(), started_, now);
     st_.set_bytes_per_s(rate.bytes_per_s);
     st_.set_eta_s(rate.eta_s);
     v1::VerifyStatus copy = st_;
@@ -114,23 +114,17 @@ class Run {
     return true;
   }
 
+  // New chunks go in batches of 16 MiB (a request's hashing takes tens of ms on the replica). A
+  // chunk to sample again goes alone: the shorter the time between the two sites' samples, the
+  // likelier they share an LSN when the chunk is being rewritten.
   std::vector<Pending> NextBatch() {
     std::vector<Pending> batch;
-    uint64_t bytes = 0;
-    while (!retry_.empty() && batch.size() < core::kVerifyMaxChunksPerRequest &&
-           bytes + retry_.front().chunk.length <= core::kVerifyMaxRequestBytes) {
-      bytes += retry_.front().chunk.length;
+    if (!retry_.empty()) {
       batch.push_back(retry_.front());
       retry_.pop_front();
+      return batch;
     }
-    if (batch.size() < core::kVerifyMaxChunksPerRequest && bytes < core::kVerifyMaxRequestBytes) {
-      // A batch of the default size: 16 MiB (a request's hashing takes tens of ms on the replica).
-      const size_t room = std::min<size_t>(16, core::kVerifyMaxChunksPerRequest - batch.size());
-      for (const core::VerifyChunk& c :
-           plan_.Next(room, std::min<uint64_t>(16ull << 20, core::kVerifyMaxRequestBytes - bytes))) {
-        batch.push_back({c, 0});
-      }
-    }
+    for (const core::VerifyChunk& c : plan_.Next(16, 16ull << 20)) batch.push_back({c, 0});
     return batch;
   }
 
@@ -151,7 +145,8 @@ class Run {
       // A refusal (not the accepted primary, not consistent) will not change by asking again.
       if (last.code() != absl::StatusCode::kUnavailable) break;
     }
-    return absl::Status(last.code(), fmt::format("peer {}: {}", job_.peer, std::string(last.message())));
+    return absl::Status(last.code(),
+                        fmt::format("peer {}: {}", job_.peer, std::string(last.message())));
   }
 
   absl::Status Compare() {
@@ -159,9 +154,9 @@ class Run {
     while (!plan_.done() || !retry_.empty()) {
       if (!Report(false)) return absl::CancelledError("verify cancelled");
       if (job_.still_primary && !job_.still_primary()) {
-        return absl::FailedPreconditionError(fmt::format(
-            "site {} is no longer the primary of group {} in epoch {}: verify stopped", job_.site,
-            job_.group, job_.epoch));
+        return absl::FailedPreconditionError(
+            fmt::format("site {} is no longer the primary of group {} in epoch {}: verify stopped",
+                        job_.site, job_.group, job_.epoch));
       }
       const std::vector<Pending> batch = NextBatch();
       if (batch.empty()) break;
@@ -171,8 +166,12 @@ class Run {
       req.set_sender_site(job_.site);
       req.set_epoch(job_.epoch);
       req.set_wait_ms(static_cast<uint32_t>(kReplicaWait.count()));
+      // Paced per batch, before it: the batch's chunks are then sampled back to back, right
+      // before the request (the replica's samples follow within milliseconds).
+      uint64_t batch_bytes = 0;
+      for (const Pending& p : batch) batch_bytes += p.chunk.length;
+      SleepUntil(pacer_.Reserve(MonotonicNow(), batch_bytes));
       for (const Pending& p : batch) {
-        SleepUntil(pacer_.Reserve(MonotonicNow(), p.chunk.length));
         auto s = SampleChunk(runtime_, p.chunk, buffer);
         if (!s.ok()) return s.status();
         mine.push_back(*s);
@@ -292,9 +291,9 @@ absl::StatusOr<core::ChunkSample> SampleChunk(GroupRuntime& runtime, const core:
   if (chunk.volume >= runtime.volume_count() ||
       chunk.offset > runtime.volume(chunk.volume).size() ||
       chunk.length > runtime.volume(chunk.volume).size() - chunk.offset || chunk.length == 0) {
-    return absl::InvalidArgumentError(fmt::format(
-        "group {}: verify chunk volume {} {}+{} is not inside the group's volumes", runtime.name(),
-        chunk.volume, chunk.offset, chunk.length));
+    return absl::InvalidArgumentError(
+        fmt::format("group {}: verify chunk volume {} {}+{} is not inside the group's volumes",
+                    runtime.name(), chunk.volume, chunk.offset, chunk.length));
   }
   buffer.resize(chunk.length);
   core::ChunkSample sample;

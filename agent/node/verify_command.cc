@@ -33,10 +33,11 @@ void VerifyRegistry::End(const std::string& group) {
 namespace {
 
 std::string Summary(const v1::VerifyStatus& st) {
-  std::string s = fmt::format("{}: {} of {} chunk(s) compared, {} mismatching ({} bytes), {} "
-                              "unverified",
-                              st.state(), st.compared_chunks(), st.total_chunks(),
-                              st.mismatch_chunks(), st.mismatch_bytes(), st.unverified_chunks());
+  std::string s = fmt::format(
+      "{}: {} of {} chunk(s) compared, {} mismatching ({} bytes), {} "
+      "unverified",
+      st.state(), st.compared_chunks(), st.total_chunks(), st.mismatch_chunks(),
+      st.mismatch_bytes(), st.unverified_chunks());
   for (int i = 0; i < st.mismatches_size() && i < 8; ++i) {
     const v1::VerifyRange& r = st.mismatches(i);
     s += fmt::format("{} {}@{}+{}", i == 0 ? "; ranges" : ",", r.volume(), r.offset(), r.length());

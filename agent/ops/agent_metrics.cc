@@ -64,8 +64,8 @@ void AppendVerify(const MetricLabels& l, const v1::VerifyStatus& v, Exposition& 
             "Chunks never sampled at a common LSN (rewritten faster than applied) in the running "
             "or last verify.",
             l, D(v.unverified_chunks()));
-  out.Gauge("tvilling_verify_rate_bytes_per_second", "Rate of the running verify (0 when none).",
-            l, v.state() == "running" ? D(v.bytes_per_s()) : 0.0);
+  out.Gauge("tvilling_verify_rate_bytes_per_second", "Rate of the running verify (0 when none).", l,
+            v.state() == "running" ? D(v.bytes_per_s()) : 0.0);
   out.Gauge("tvilling_verify_last_finished_timestamp_seconds",
             "Unix time the last verify of the peer finished (0 while the first runs).", l,
             D(v.finished_unix_ms()) / 1e3);

@@ -194,22 +194,22 @@ class Service final : public v1::Replication::CallbackService {
   }
 
  private:
-template <class Request, class Reply, class Fn>
-grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* ctx, const Request* req, Reply* reply, Fn fn) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  std::vector<std::string> ids;
-  if (auto auth = ctx->auth_context()) ids = PeerIdentities(*auth);
-  (acceptor_->*fn)(*req, std::move(ids), ctx->peer(),
-                   [reactor, reply](absl::StatusOr<Reply> r) {
-                     if (r.ok()) {
-                       *reply = std::move(*r);
-                       reactor->Finish(grpc::Status::OK);
-                     } else {
-                       reactor->Finish(ToGrpc(r.status()));
-                     }
-                   });
-  return reactor;
-}
+  template <class Request, class Reply, class Fn>
+  grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* ctx, const Request* req,
+                                  Reply* reply, Fn fn) {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    std::vector<std::string> ids;
+    if (auto auth = ctx->auth_context()) ids = PeerIdentities(*auth);
+    (acceptor_->*fn)(*req, std::move(ids), ctx->peer(), [reactor, reply](absl::StatusOr<Reply> r) {
+      if (r.ok()) {
+        *reply = std::move(*r);
+        reactor->Finish(grpc::Status::OK);
+      } else {
+        reactor->Finish(ToGrpc(r.status()));
+      }
+    });
+    return reactor;
+  }
   ServerImpl* server_;
   StreamAcceptor* acceptor_;
 };
@@ -552,8 +552,8 @@ void StreamAcceptor::VerifyChunks(const v1::VerifyChunksRequest&, std::vector<st
   done(absl::UnimplementedError("this agent does not serve verify"));
 }
 
-void StreamAcceptor::MarkResync(const v1::MarkResyncRequest&, std::vector<std::string>,
-                                std::string, Done<v1::MarkResyncReply> done) {
+void StreamAcceptor::MarkResync(const v1::MarkResyncRequest&, std::vector<std::string>, std::string,
+                                Done<v1::MarkResyncReply> done) {
   done(absl::UnimplementedError("this agent does not serve resync"));
 }
 
@@ -573,9 +573,9 @@ absl::StatusOr<Reply> CallUnary(const std::shared_ptr<grpc::Channel>& channel, c
 
 }  // namespace
 
-absl::StatusOr<v1::VerifyChunksReply> CallVerifyChunks(const std::shared_ptr<grpc::Channel>& channel,
-                                                       const v1::VerifyChunksRequest& req,
-                                                       std::chrono::milliseconds timeout) {
+absl::StatusOr<v1::VerifyChunksReply> CallVerifyChunks(
+    const std::shared_ptr<grpc::Channel>& channel, const v1::VerifyChunksRequest& req,
+    std::chrono::milliseconds timeout) {
   return CallUnary<v1::VerifyChunksReply>(channel, req, timeout,
                                           &v1::Replication::Stub::VerifyChunks);
 }

@@ -101,9 +101,9 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,
                                            const std::string& tls_name_override);
 
 // The unary verify calls on a channel from MakeChannel (sync; `timeout` is the deadline).
-absl::StatusOr<v1::VerifyChunksReply> CallVerifyChunks(const std::shared_ptr<grpc::Channel>& channel,
-                                                       const v1::VerifyChunksRequest& req,
-                                                       std::chrono::milliseconds timeout);
+absl::StatusOr<v1::VerifyChunksReply> CallVerifyChunks(
+    const std::shared_ptr<grpc::Channel>& channel, const v1::VerifyChunksRequest& req,
+    std::chrono::milliseconds timeout);
 absl::StatusOr<v1::MarkResyncReply> CallMarkResync(const std::shared_ptr<grpc::Channel>& channel,
                                                    const v1::MarkResyncRequest& req,
                                                    std::chrono::milliseconds timeout);

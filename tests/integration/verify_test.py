@@ -43,14 +43,15 @@ class Writer:
             rnd = random.Random(7)
             try:
                 while not self.stop_event.is_set():
-                    if rnd.random() < 0.5:
-                        off = rnd.choice([0, 5, 6, 20, 63]) * MIB + rnd.randrange(0, 256) * 4096
-                    else:
-                        off = rnd.randrange(0, SIZE // 4096 - 16) * 4096
-                    # Never the corrupted chunk: the test must find it (a write there would mend it).
-                    if 37 * MIB - 64 * 1024 <= off < 38 * MIB:
-                        continue
                     n = rnd.choice([4096, 16384, 65536])
+                    if rnd.random() < 0.5:
+                        off = (rnd.choice([0, 5, 6, 20, 63]) * MIB
+                               + rnd.randrange(0, (MIB - n) // 4096) * 4096)
+                    else:
+                        off = rnd.randrange(0, (SIZE - n) // 4096) * 4096
+                    # Never the corrupted chunk: the test must find it (a write there would mend it).
+                    if 37 * MIB - n < off < 38 * MIB:
+                        continue
                     h.pwrite(rnd.randbytes(n), off)
                     self.writes += 1
                     if self.writes % 32 == 0:
@@ -164,7 +165,7 @@ def corrupt_resync(c):
         raise TestFailure(f"no verify in the audit log:\n{hist.stdout}")
 
     # 3. Resync restores the range through the copy path.
-    st = one_result(verify(c, a, "--resync", expect_rc=5))
+    st = one_result(verify(c, a, "--resync", "--resync-timeout", "60", expect_rc=5))
     if u64(st["mismatch_chunks"]) != 1 or st["resync"] != "done" or u64(st["resynced_bytes"]) != MIB:
         raise TestFailure(f"expected the one range restored, got {st}")
 

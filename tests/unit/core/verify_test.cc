@@ -20,7 +20,7 @@ TEST(VerifyPlan, CutsEveryVolumeIntoChunksWithAShortLastOne) {
     ASSERT_LE(next.size(), 4u);
     all.insert(all.end(), next.begin(), next.end());
   }
-  const std::vector<VerifyChunk> want = {{0, 0, kMiB},       {0, kMiB, kMiB}, {0, 2 * kMiB, kMiB},
+  const std::vector<VerifyChunk> want = {{0, 0, kMiB},        {0, kMiB, kMiB}, {0, 2 * kMiB, kMiB},
                                          {0, 3 * kMiB, 4096}, {2, 0, kMiB},    {2, kMiB, kMiB}};
   EXPECT_EQ(all, want);
 }
