@@ -224,6 +224,43 @@ class Run {
     }
   }
 
+  // Compares the chunks of the mismatching ranges again (after a resync); returns how many do not
+  // match (differ, or never sampled at a common LSN).
+  absl::StatusOr<uint64_t> Recheck() {
+    std::string buffer;
+    uint64_t bad = 0;
+    for (const core::Extent& e : ranges_) {
+      for (uint64_t off = e.offset; off < e.offset + e.length; off += job_.chunk_bytes) {
+        const core::VerifyChunk c{e.volume, off,
+                                  std::min(job_.chunk_bytes, e.offset + e.length - off)};
+        core::ChunkVerdict v = core::ChunkVerdict::kRetry;
+        for (uint32_t attempt = 0;
+             attempt < core::kVerifyMaxAttempts && v == core::ChunkVerdict::kRetry; ++attempt) {
+          auto mine = SampleChunk(runtime_, c, buffer);
+          if (!mine.ok()) return mine.status();
+          v1::VerifyChunksRequest req;
+          req.set_group(job_.group);
+          req.set_sender_site(job_.site);
+          req.set_epoch(job_.epoch);
+          req.set_wait_ms(static_cast<uint32_t>(kReplicaWait.count()));
+          v1::VerifyChunkRequest* r = req.add_chunks();
+          r->set_volume(c.volume);
+          r->set_offset(c.offset);
+          r->set_length(static_cast<uint32_t>(c.length));
+          r->set_valid_from(mine->valid_from);
+          auto reply = Ask(req);
+          if (!reply.ok()) return reply.status();
+          const uint64_t applied_now = runtime_.applied_lsn();
+          const uint64_t note_now = runtime_.LastWriteLsn(c.volume, c.offset, c.length);
+          v = core::CompareChunk(core::ExtendSample(*mine, note_now, applied_now),
+                                 FromProto(reply->hashes(0)));
+        }
+        if (v != core::ChunkVerdict::kMatch) ++bad;
+      }
+    }
+    return bad;
+  }
+
   void Resync() {
     std::optional<v1::PeerStatus> before = job_.peer_status ? job_.peer_status() : std::nullopt;
     const uint64_t dials_before = before ? before->dials() : 0;
@@ -258,12 +295,25 @@ class Run {
         return;
       }
       const std::optional<v1::PeerStatus> p = job_.peer_status ? job_.peer_status() : std::nullopt;
-      if (p && p->dials() > dials_before && p->link_state() == "streaming" && !p->copy_pending() &&
-          p->confirmed()) {
+      if (!p || p->dials() <= dials_before || p->link_state() != "streaming" || p->copy_pending() ||
+          !p->confirmed()) {
+        continue;
+      }
+      // The peer streams again after a handshake since the mark: the restore (decided in that
+      // handshake) is complete. Proof, not inference: the ranges are compared again.
+      auto still = Recheck();
+      if (!still.ok()) {
+        st_.set_resync(fmt::format("failed: {}", std::string(still.status().message())));
+        return;
+      }
+      if (*still == 0) {
         st_.set_resync(ranges_truncated_ ? "done (only the listed ranges; verify again)" : "done");
         st_.set_resynced_bytes(bytes);
         return;
       }
+      spdlog::info("group {}: verify: {} chunk(s) at peer {} not yet equal after the restore",
+                   job_.group, *still, job_.peer);
+      std::this_thread::sleep_for(std::chrono::seconds(1));
     }
     st_.set_resync(fmt::format("failed: the restore did not complete within {} s",
                                job_.resync_timeout.count() / 1000));
