@@ -23,15 +23,17 @@ expect() {  # expect "WANT" WORD...
     echo "ok: tvillingctl $* <TAB> -> $got"
   fi
 }
-expect "demote divergent failover history pause promote resume status switchover " ""
+expect "demote divergent failover history pause promote resume status switchover verify " ""
 expect "status " "st"
 expect "switchover " "sw"
 expect "" "nothing"
 expect "--socket --state-dir " "--s"
 expect "--count --help --json --watch " "status" "--"
 expect "--json " "--socket" "/tmp/x.sock" "status" "--j"
-expect "demote divergent failover history pause promote resume status switchover " "--timeout" "3" ""
+expect "demote divergent failover history pause promote resume status switchover verify " "--timeout" "3" ""
 expect "--dry-run " "switchover" "--group" "g0" "--d"
+expect "--rate --resync --resync-timeout " "verify" "--group" "g0" "--r"
+expect "" "verify" "--rate" ""
 dir=$(mktemp -d /tmp/tvilling-compl.XXXXXX)
 mkdir "$dir/state-a"
 expect "$dir/state-a " "--state-dir" "$dir/sta"
