@@ -9,6 +9,7 @@ Scenarios (each is a ctest; see tests/integration/CMakeLists.txt):
                    verify --resync restores it through the copy path; verify (under writes again)
                    reports 0, and the volumes are byte-identical. Verify on the replica is refused
                    (exit 3).
+  corrupt_resync_sync  the same with B a sync peer
 """
 import json
 import os
@@ -105,15 +106,15 @@ def scrape(agent):
         return r.read().decode()
 
 
-def corrupt_resync(c):
+def corrupt_resync(c, mode="async"):
     a = c.agent("site-a")
     b = c.agent("site-b")
     g = {"name": "g0", "primary": "site-a", "size": "64MiB"}
-    a.write_config([dict(g, peers=[(b, "async", None)])], acl=[("site-b", "site-b", ["g0"])])
+    a.write_config([dict(g, peers=[(b, mode, None)])], acl=[("site-b", "site-b", ["g0"])])
     a.metrics_port = free_port()
     with open(a.config_path, "a") as f:
         f.write(f'[metrics]\nlisten = "127.0.0.1:{a.metrics_port}"\n')
-    b.write_config([dict(g, peers=[(a, "async", None)])], acl=[("site-a", "site-a", ["g0"])])
+    b.write_config([dict(g, peers=[(a, mode, None)])], acl=[("site-a", "site-a", ["g0"])])
     b.start()
     a.start()
     # Some data everywhere, then caught up.
@@ -177,7 +178,12 @@ def corrupt_resync(c):
     assert_identical(a, [b])
 
 
-SCENARIOS = {"corrupt_resync": corrupt_resync}
+SCENARIOS = {
+    "corrupt_resync": corrupt_resync,
+    # The same with a sync peer: its restore holds writes until confirmed (sync_degrade_after_ms
+    # = 0), and the verify under writes sees the replica at most one batch behind.
+    "corrupt_resync_sync": lambda c: corrupt_resync(c, "sync"),
+}
 
 if __name__ == "__main__":
     sys.exit(run_main(SCENARIOS))
