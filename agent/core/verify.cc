@@ -110,13 +110,13 @@ uint64_t VerifyWaitLsn(const std::vector<ChunkSample>& primary_samples) {
 Nanos VerifyPacer::Reserve(Nanos now, uint64_t bytes) {
   if (rate_ == 0) return now;
   constexpr Nanos kBurst = 100'000'000;  // 100 ms
-  // next_: when the bytes booked so far are paid for. Idle time earns at most a burst's worth.
+  // next_: when everything booked so far is paid for at the rate; idle time earns at most a burst.
+  // The bytes are paid before they are read (a large first batch waits too), so the mean rate
+  // holds from the start and the ETA computed from it is right.
   const Nanos floor = now > kBurst ? now - kBurst : 0;
-  next_ = std::max(next_, floor);
-  const Nanos at = std::max(now, next_);
-  next_ +=
-      static_cast<Nanos>(static_cast<long double>(bytes) * 1e9L / static_cast<long double>(rate_));
-  return at;
+  next_ = std::max(next_, floor) + static_cast<Nanos>(static_cast<long double>(bytes) * 1e9L /
+                                                      static_cast<long double>(rate_));
+  return std::max(now, next_ > kBurst ? next_ - kBurst : 0);
 }
 
 VerifyRate VerifyRateAt(uint64_t done_bytes, uint64_t total_bytes, Nanos started_at, Nanos now) {

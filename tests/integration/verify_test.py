@@ -21,7 +21,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from repl_lib import (MIB, TestFailure, assert_identical, free_port, log,  # noqa: E402
-                      run_main, u64, wait_caught_up)
+                      run_main, u64, wait_caught_up, wait_for)
 
 SIZE = 64 * MIB
 CORRUPT_AT = 37 * MIB + 4321  # inside chunk 37 of vol0
@@ -129,6 +129,27 @@ def corrupt_resync(c, mode="async"):
     # 1. Identical volumes under writes: no mismatch (the consistency rule).
     with Writer(a):
         check_identical(one_result(verify(c, a, "--rate", "16", expect_rc=0)), "verify under load")
+
+    # A slow verify shows its progress in the status while it runs (the control socket still
+    # answers), and a second verify of the group is refused meanwhile.
+    slow = subprocess.Popen([c.tvillingctl, "--socket", a.control_socket, "verify", "--group",
+                             "g0", "--rate", "8", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        def running():
+            v = a.peer("site-b").get("verify", {})
+            return v if v.get("state") == "running" and u64(v.get("done_bytes")) > 0 else None
+        v = wait_for("the status to show a running verify", running, 30, 0.2)
+        log(f"status during the verify: {v['done_bytes']} of {v['total_bytes']} bytes, "
+            f"{v['bytes_per_s']} bytes/s, ETA {v['eta_s']} s")
+        verify(c, a, expect_rc=3)
+        out, err = slow.communicate(timeout=120)
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+            slow.wait()
+    if slow.returncode != 0:
+        raise TestFailure(f"the slow verify exited {slow.returncode}: {out}{err}")
 
     # The replica refuses to run a verify (it is not the primary).
     verify(c, b, expect_rc=3)

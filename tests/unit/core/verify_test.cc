@@ -116,6 +116,10 @@ TEST(VerifyPacer, HoldsTheRateAfterABurst) {
   EXPECT_EQ(third, t0 + 100'000'000);
   const Nanos fourth = pacer.Reserve(third, kMiB);
   EXPECT_EQ(fourth, t0 + 200'000'000);
+  // A batch larger than the burst waits for its own cost first: 16 MiB at 8 MiB/s.
+  VerifyPacer batches(8 * kMiB);
+  EXPECT_EQ(batches.Reserve(t0, 16 * kMiB), t0 + 1'800'000'000);  // 100 ms of idle credit
+  EXPECT_EQ(batches.Reserve(t0 + 1'800'000'000, 16 * kMiB), t0 + 3'800'000'000);
   VerifyPacer unlimited(0);
   EXPECT_EQ(unlimited.Reserve(5, 1ull << 40), 5);
 }
