@@ -8,7 +8,8 @@ Scenarios (each is a ctest; see tests/integration/CMakeLists.txt):
                    found as exactly its 1 MiB chunk (exit 5, in the status, metrics and audit);
                    verify --resync restores it through the copy path; verify (under writes again)
                    reports 0, and the volumes are byte-identical. Verify on the replica is refused
-                   (exit 3).
+                   (exit 3), a second one while one runs too; progress shows in the status; a
+                   peer that is down fails the verify with its reason (exit 6).
   corrupt_resync_sync  the same with B a sync peer
 """
 import json
@@ -197,6 +198,12 @@ def corrupt_resync(c, mode="async"):
                         "verify after the resync")
     wait_caught_up(a, [b])
     assert_identical(a, [b])
+
+    # A peer that is down: the verify fails with the reason (exit 6), it does not hang.
+    b.stop()
+    st = one_result(verify(c, a, expect_rc=6))
+    if st["state"] != "failed" or "site-b" not in st["error"]:
+        raise TestFailure(f"expected a failed verify naming site-b, got {st}")
 
 
 SCENARIOS = {
