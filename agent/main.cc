@@ -495,6 +495,12 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
         }
         gs->set_failover_refusal(v.last_refusal);
         gs->set_failover_paused(v.paused);
+        if (v.sync_set) {
+          gs->set_sync_set(core::DescribeSyncSet(v.sync_set->set));
+          gs->set_sync_set_site(v.sync_set->site);
+          gs->set_sync_set_epoch(v.sync_set->epoch);
+          gs->set_sync_set_members(static_cast<uint32_t>(v.sync_set->set.members.size()));
+        }
       }
     }
   };
@@ -655,7 +661,8 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
     rec.set_user(req.user());
     rec.set_uid(req.uid());
     rec.set_outcome(r.ok() ? "ok" : "refused");
-    rec.set_detail(fmt::format("to {}: {}", req.to(),
+    rec.set_detail(fmt::format("to {}{}: {}", req.to(),
+                               req.context().empty() ? "" : " (" + req.context() + ")",
                                r.ok() ? r->message() : std::string(r.status().message())));
     spdlog::info("group {}: switchover by {}: {}: {}", req.group(), who, rec.outcome(),
                  rec.detail());

@@ -9,16 +9,20 @@
 # measured write pause, writes on site-b and reads that back on site-a. Everything keeps running
 # afterwards; the script prints how to use, watch and stop it.
 #
-#   deploy/quickstart.sh          # the demo above (stops and wipes an earlier run first)
-#   deploy/quickstart.sh stop     # stops every process it started (by PID) and deletes its state
+#   deploy/quickstart.sh            # the demo above (stops and wipes an earlier run first)
+#   deploy/quickstart.sh stop       # stops every process it started (by PID) and deletes its state
+#   deploy/quickstart.sh --no-build # the demo with the binaries already in $TVILLING_BUILD_DIR
+#                                   # (default ./build), without installing or building (tests)
+# If a step fails, every process it started is stopped (the logs stay in the state directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 STATE=${TVILLING_QUICKSTART_STATE:-$ROOT/quickstart-state}
 URI_A=nbd://127.0.0.1:10809/vol0
 URI_B=nbd://127.0.0.1:10909/vol0
-D=$ROOT/build/agent/tvillingd
-CTL=$ROOT/build/agent/cli/tvillingctl
+BUILD=${TVILLING_BUILD_DIR:-$ROOT/build}
+D=$BUILD/agent/tvillingd
+CTL=$BUILD/agent/cli/tvillingctl
 ETCD_MEMBERS=(site-a site-b witness)
 ETCD_CLIENT=(12379 12479 12579)
 ETCD_PEER=(12380 12480 12580)
@@ -48,12 +52,21 @@ if [ "${1:-}" = stop ]; then
   exit 0
 fi
 
-./deploy/install-deps.sh
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build build -j "$(nproc)" --target tvillingd tvillingctl
+if [ "${1:-}" != --no-build ]; then
+  ./deploy/install-deps.sh
+  cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+  cmake --build "$BUILD" -j "$(nproc)" --target tvillingd tvillingctl
+fi
 
 stop_all
 rm -rf "$STATE"
+on_exit() {
+  local rc=$?
+  [ "$rc" -eq 0 ] && return
+  echo "quickstart: failed (exit $rc); stopping what it started; logs stay in $STATE" >&2
+  stop_all
+}
+trap on_exit EXIT
 mkdir -p "$STATE/site-a" "$STATE/site-b"
 ./deploy/pki/make-dev-pki.sh "$STATE/pki" >/dev/null
 

@@ -193,6 +193,10 @@ std::string FormatStatusText(const v1::StatusReply& reply) {
                          group.leader_site().empty()
                              ? std::string("none")
                              : fmt::format("{}@{}", group.leader_site(), group.leader_epoch()));
+      if (!group.sync_set().empty()) {
+        out += fmt::format(" sync-set:{} ({}@{})", group.sync_set(), group.sync_set_site(),
+                           group.sync_set_epoch());
+      }
     }
     out += "\n";
     if (group.failover_paused()) {
@@ -321,12 +325,37 @@ int RunTvillingctl(int argc, const char* const* argv, std::ostream& out, std::os
     SwitchoverArgs sw;
     CLI::App* switchover = app.add_subcommand(
         "switchover", "move a group's primary to another site (--dry-run: the plan)");
-    switchover->add_option("--group", sw.group, "the group")->required();
+    EvacuateArgs evac;
+    bool all_groups = false;
+    CLI::Option* group_option = switchover->add_option("--group", sw.group, "the group");
+    CLI::Option* all_option =
+        switchover->add_flag("--all-groups", all_groups,
+                             "evacuate a site: every group whose primary is --from moves to --to");
+    group_option->excludes(all_option);
+    CLI::Option* from_option =
+        switchover
+            ->add_option("--from", evac.from,
+                         "with --all-groups: the site to evacuate (this agent's site)")
+            ->type_name("SITE");
+    from_option->needs(all_option);
     switchover->add_option("--to", sw.to, "the site to promote")->required()->type_name("SITE");
+    switchover
+        ->add_option("--concurrency", evac.concurrency,
+                     "with --all-groups: switchovers at a time (default 1)")
+        ->type_name("N")
+        ->check(CLI::Range(size_t{1}, size_t{1024}))
+        ->needs(all_option);
+    switchover
+        ->add_option("--order", evac.order,
+                     "with --all-groups: these groups first, in this order (then the others by "
+                     "name)")
+        ->type_name("G1,G2,...")
+        ->delimiter(',')
+        ->needs(all_option);
     switchover->add_flag("--dry-run", sw.dry_run, "print the plan and change nothing");
     switchover
         ->add_option("--timeout", sw.timeout_s,
-                     "seconds the target may take to catch up (default 30)")
+                     "seconds the target may take to catch up (default 30; per group)")
         ->type_name("SECONDS")
         ->check(CLI::Range(0.001, 86400.0));
     DivergentArgs div;
@@ -404,7 +433,23 @@ int RunTvillingctl(int argc, const char* const* argv, std::ostream& out, std::os
       watch.count = watch_count;
       return Status(path.string(), timeout, json, out, err, watch);
     }
-    if (switchover->parsed()) return Switchover(path.string(), timeout, sw, out, err);
+    if (switchover->parsed() && all_groups) {
+      if (evac.from.empty()) {
+        err << "tvillingctl: switchover --all-groups needs --from SITE (the site to evacuate)\n";
+        return kExitUsage;
+      }
+      evac.to = sw.to;
+      evac.dry_run = sw.dry_run;
+      evac.timeout_s = sw.timeout_s;
+      return Evacuate(path.string(), timeout, evac, out, err);
+    }
+    if (switchover->parsed()) {
+      if (sw.group.empty()) {
+        err << "tvillingctl: switchover needs --group G (or --all-groups --from SITE)\n";
+        return kExitUsage;
+      }
+      return Switchover(path.string(), timeout, sw, out, err);
+    }
     if (divergent.show->parsed()) {
       // The files, not the agent: <state dir>/divergent (the socket's directory by default).
       std::filesystem::path dir = div.dir;

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <ostream>
 #include <string>
+#include <vector>
 
 namespace tvilling::cli {
 
@@ -20,6 +21,18 @@ struct SwitchoverArgs {
   bool dry_run = false;
   double timeout_s = 30;  // how long the target may take to catch up
 };
+
+struct EvacuateArgs {
+  std::string from;
+  std::string to;
+  size_t concurrency = 1;
+  std::vector<std::string> order;  // these first, then the others in name order
+  bool dry_run = false;
+  double timeout_s = 30;  // per group, as SwitchoverArgs::timeout_s
+};
+
+int Evacuate(const std::string& socket, std::chrono::milliseconds rpc_timeout,
+             const EvacuateArgs& args, std::ostream& out, std::ostream& err);
 
 int Switchover(const std::string& socket, std::chrono::milliseconds rpc_timeout,
                const SwitchoverArgs& args, std::ostream& out, std::ostream& err);

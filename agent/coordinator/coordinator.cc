@@ -49,6 +49,33 @@ std::string PendingKey(const std::string& prefix, const std::string& group) {
   return prefix + "/groups/" + group + "/pending";
 }
 
+std::string SyncKey(const std::string& prefix, const std::string& group) {
+  return prefix + "/groups/" + group + "/sync";
+}
+
+std::string EncodeSyncSet(const core::PublishedSyncSet& s) {
+  return fmt::format("site={} epoch={} members={} floor={}", s.site, s.epoch,
+                     fmt::join(s.set.members, ","), s.set.floor_lsn);
+}
+
+std::optional<core::PublishedSyncSet> DecodeSyncSet(const std::string& value) {
+  auto f = Fields(value);
+  core::PublishedSyncSet s;
+  s.site = f["site"];
+  if (s.site.empty() || !ParseNum(f["epoch"], &s.epoch) ||
+      !ParseNum(f["floor"], &s.set.floor_lsn) || f.count("members") == 0) {
+    return std::nullopt;
+  }
+  std::istringstream in(f["members"]);
+  std::string m;
+  while (std::getline(in, m, ',')) {
+    if (m.empty()) return std::nullopt;
+    s.set.members.push_back(m);
+  }
+  if (!std::is_sorted(s.set.members.begin(), s.set.members.end())) return std::nullopt;
+  return s;
+}
+
 std::string EncodeSiteReport(const core::SiteReport& r) {
   return fmt::format("durable={} consistent={} no_failover={}", r.durable_lsn, r.consistent ? 1 : 0,
                      r.no_failover ? 1 : 0);
@@ -153,7 +180,7 @@ std::vector<Coordinator::GroupView> Coordinator::Snapshot() const {
   std::vector<GroupView> out;
   for (const auto& m : machines_) {
     out.push_back({m->options().group, core::FailoverMachine::StateName(m->state()), m->epoch(),
-                   m->leader(), m->last_refusal(), m->paused()});
+                   m->leader(), m->last_refusal(), m->paused(), m->sync_set()});
   }
   return out;
 }
@@ -274,20 +301,27 @@ void Coordinator::TickerLoop() {
 
 void Coordinator::WorkerLoop() {
   auto next_reports = Clock::now();
+  // A leader key that vanished asks for a read of the site reports right at the end of the settle
+  // time: the candidates decide on reports read after it (core::FailoverMachine), and waiting for
+  // the periodic read added up to a report interval to every fail-over. A periodic read that
+  // falls inside the settle time does not replace it.
+  constexpr auto kNone = Clock::time_point::max();
+  auto early = kNone;
   while (true) {
     Work w;
     bool have = false;
+    bool publish = false;
     {
       std::unique_lock l(mu_);
-      // A leader key that vanished moves the next read of the site reports to the end of the
-      // settle time: the candidates decide on reports read after it (core::FailoverMachine), and
-      // waiting for the periodic read added up to a report interval to every fail-over.
-      if (reports_early_ && *reports_early_ < next_reports) next_reports = *reports_early_;
+      if (reports_early_ && *reports_early_ < early) early = *reports_early_;
       reports_early_.reset();
-      cv_.wait_until(l, next_reports, [&] {
-        return stopping_ || !work_.empty() || (reports_early_ && *reports_early_ < next_reports);
+      const auto deadline = std::min(next_reports, early);
+      cv_.wait_until(l, deadline, [&] {
+        return stopping_ || !work_.empty() || publish_now_ || sync_set_due_ ||
+               reports_early_.has_value();
       });
       if (stopping_) return;
+      publish = std::exchange(publish_now_, false);
       if (!work_.empty()) {
         w = std::move(work_.front());
         work_.pop_front();
@@ -318,7 +352,21 @@ void Coordinator::WorkerLoop() {
         }
       }
     }
-    if (Clock::now() >= next_reports) {
+    bool sync_due;
+    {
+      std::lock_guard l(mu_);
+      sync_due = sync_set_due_;
+      sync_set_due_ = false;
+    }
+    // Writes wait for this (a degrade, or a new epoch's first set): before the reports.
+    if (sync_due || Clock::now() >= next_reports) PublishSyncSets();
+    // Every site publishes its position as soon as it sees the leader key vanish, so that the
+    // candidates' read at the end of the settle time finds every reachable site's final report
+    // (the periodic one may be a report interval old, or missing for a site that just started).
+    if (publish) PublishSiteReports();
+    const auto now = Clock::now();
+    if (now >= next_reports || now >= early) {
+      if (now >= early) early = kNone;
       PublishAndReadReports();
       next_reports = Clock::now() + options_.report_interval;
     }
@@ -363,7 +411,7 @@ void Coordinator::NewSession() {
     last_session_error_.clear();
   }
   const int64_t id = lease->id;
-  const Millis interval = std::max(Millis(100), options_.lease_ttl / 6);
+  const Millis interval = std::max(Millis(100), options_.suspend_after * 3 / 8);
   keeper_ = std::make_unique<LeaseKeeper>(
       client_.get(), id, interval,
       LeaseKeeper::Callbacks{
@@ -468,6 +516,7 @@ void Coordinator::OnWatch(const std::vector<WatchEvent>& events) {
         const auto at = Clock::now() + std::chrono::nanoseconds(bindings_[i].failover.settle) +
                         std::chrono::milliseconds(5);
         if (!reports_early_ || at < *reports_early_) reports_early_ = at;
+        publish_now_ = true;
         cv_.notify_all();
       }
       HandleLocked(i, core::EvLeader{e.type == WatchEvent::Type::kDelete ? core::LeaderView{}
@@ -515,21 +564,77 @@ void Coordinator::ReadLeader(size_t i) {
   HandleLocked(i, core::EvLeader{r->kvs.empty() ? core::LeaderView{} : ViewOf(r->kvs[0])});
 }
 
-void Coordinator::PublishAndReadReports() {
+
+void Coordinator::SyncSetDue() {
+  {
+    std::lock_guard l(mu_);
+    sync_set_due_ = true;
+  }
+  cv_.notify_all();
+}
+
+void Coordinator::PublishSyncSets() {
+  for (size_t i = 0; i < bindings_.size(); ++i) {
+    const GroupBinding& b = bindings_[i];
+    if (!b.take_sync_set || !b.sync_set_published) continue;
+    std::optional<std::pair<uint64_t, core::SyncSet>> want = b.take_sync_set();
+    if (!want) continue;
+    const auto& [epoch, set] = *want;
+    const std::string& g = b.failover.group;
+    bool ours;
+    {
+      std::lock_guard l(mu_);
+      ours = session_ != 0 && machines_[i]->epoch() == epoch &&
+             machines_[i]->state() == core::FailoverMachine::State::kPrimary;
+    }
+    bool ok = false;
+    if (ours) {
+      const std::string leader = LeaderKey(options_.prefix, g);
+      const core::PublishedSyncSet value{options_.site, epoch, set};
+      // Only while the key is ours in this epoch, like the primary report.
+      auto r = client_->Txn(
+          {Compare::CreateRevision(leader, Compare::Result::kEqual, static_cast<int64_t>(epoch)),
+           Compare::Value(leader, Compare::Result::kEqual, options_.site)},
+          {TxnOp::Put(SyncKey(options_.prefix, g), EncodeSyncSet(value))}, {});
+      ok = r.ok() && r->succeeded;
+      if (ok) {
+        spdlog::info("group {}: coordinator: sync set {} published in etcd (epoch {}, revision {})",
+                     g, core::DescribeSyncSet(set), epoch, r->revision);
+      } else {
+        spdlog::warn("group {}: coordinator: could not publish the sync set {} (epoch {}): {}", g,
+                     core::DescribeSyncSet(set), epoch,
+                     r.ok() ? "the leader key is no longer ours in this epoch"
+                            : std::string(r.status().message()));
+      }
+    }
+    b.sync_set_published(epoch, set, ok);
+  }
+}
+
+void Coordinator::PublishSiteReports() {
   int64_t session;
-  std::vector<std::pair<core::FailoverMachine::State, uint64_t>> states;
   {
     std::lock_guard l(mu_);
     session = session_;
+  }
+  if (session == 0) return;
+  for (const GroupBinding& b : bindings_) {
+    if (!b.site_report) continue;
+    (void)client_->Put(SitesPrefix(options_.prefix, b.failover.group) + options_.site,
+                       EncodeSiteReport(b.site_report()), session);
+  }
+}
+
+void Coordinator::PublishAndReadReports() {
+  PublishSiteReports();
+  std::vector<std::pair<core::FailoverMachine::State, uint64_t>> states;
+  {
+    std::lock_guard l(mu_);
     for (const auto& m : machines_) states.emplace_back(m->state(), m->epoch());
   }
   for (size_t i = 0; i < bindings_.size(); ++i) {
     const GroupBinding& b = bindings_[i];
     const std::string& g = b.failover.group;
-    if (session != 0 && b.site_report) {
-      (void)client_->Put(SitesPrefix(options_.prefix, g) + options_.site,
-                         EncodeSiteReport(b.site_report()), session);
-    }
     if (states[i].first == core::FailoverMachine::State::kPrimary && b.primary_report) {
       if (std::optional<core::PrimaryReport> pr = b.primary_report()) {
         pr->site = options_.site;
@@ -546,8 +651,24 @@ void Coordinator::PublishAndReadReports() {
     auto sites =
         client_->Range(SitesPrefix(options_.prefix, g), PrefixEnd(SitesPrefix(options_.prefix, g)));
     auto primary = client_->Get(PrimaryKey(options_.prefix, g));
+    // Read before the site reports are handled: a candidate decides on a set read after the
+    // leader key vanished (only the key's holder writes it), as it does on the reports.
+    auto sync = client_->Get(SyncKey(options_.prefix, g));
     std::lock_guard l(mu_);
     if (stopping_) return;
+    if (sync.ok() && sites.ok()) {
+      core::EvSyncSet ev;
+      if (!sync->kvs.empty()) {
+        ev.sync = DecodeSyncSet(sync->kvs[0].value);
+        if (!ev.sync) {
+          // A set that cannot be read cannot be followed: no automatic promotion on it.
+          spdlog::error("group {}: coordinator: unreadable sync set at {}: \"{}\"", g,
+                        SyncKey(options_.prefix, g), sync->kvs[0].value);
+          ev.sync = core::PublishedSyncSet{"?", 0, core::SyncSet{{"?"}, ~0ull}};
+        }
+      }
+      HandleLocked(i, ev);
+    }
     if (sites.ok()) {
       core::EvSites ev;
       for (const KeyValue& kv : sites->kvs) {

@@ -6,6 +6,8 @@
 //     the key's create revision is the epoch)
 //   - as primary, publishes the primary report, guarded by its epoch: <prefix>/groups/<g>/primary
 //   - as a candidate under the approve policy, publishes its plan:    <prefix>/groups/<g>/pending
+//   - as primary, publishes its sync set, guarded by its epoch, when the replicator asks:
+//                                                                      <prefix>/groups/<g>/sync
 // and watches <prefix>/groups/ for leader changes.
 //
 // Threads: a ticker feeds EvTick every `tick` and carries out the machines' local actions at once
@@ -41,6 +43,11 @@ struct GroupBinding {
   std::function<std::optional<core::PrimaryReport>()> primary_report;
   // Carries out a local action (suspend/resume I/O, promote, demote, follow, refused, pending).
   std::function<void(const core::FailoverAction&)> apply;
+  // The sync set (docs/coordinator.md, "Sync writes and the election"): the set this site's
+  // primary wants in etcd, with its epoch (taken: in flight), and the answer of the Txn that
+  // published it. Optional.
+  std::function<std::optional<std::pair<uint64_t, core::SyncSet>>()> take_sync_set;
+  std::function<void(uint64_t epoch, const core::SyncSet&, bool ok)> sync_set_published;
 };
 
 struct CoordinatorOptions {
@@ -48,6 +55,9 @@ struct CoordinatorOptions {
   std::string prefix = "/tvilling";
   std::string site;
   Millis lease_ttl{3000};
+  // The primary's self-fencing delay (core::FailoverOptions::suspend_after): keep-alives go out
+  // every 3/8 of it, so one can be lost and the next is still answered with time to spare.
+  Millis suspend_after{2000};
   Millis tick{50};
   Millis report_interval{1000};
 };
@@ -64,6 +74,10 @@ std::string EncodeSiteReport(const core::SiteReport& r);
 std::optional<core::SiteReport> DecodeSiteReport(const std::string& value);
 std::string EncodePrimaryReport(const core::PrimaryReport& r);
 std::optional<core::PrimaryReport> DecodePrimaryReport(const std::string& value);
+// The sync set: "site=a epoch=7 members=b,c floor=100" (members= empty: none).
+std::string SyncKey(const std::string& prefix, const std::string& group);
+std::string EncodeSyncSet(const core::PublishedSyncSet& s);
+std::optional<core::PublishedSyncSet> DecodeSyncSet(const std::string& value);
 
 class Coordinator {
  public:
@@ -83,8 +97,13 @@ class Coordinator {
     core::LeaderView leader;
     std::string last_refusal;
     bool paused = false;
+    std::optional<core::PublishedSyncSet> sync_set;  // as last read from etcd
   };
   std::vector<GroupView> Snapshot() const;
+
+  // A primary has a sync set to publish (GroupBinding::take_sync_set): the worker publishes it
+  // next. Does not block.
+  void SyncSetDue();
 
   // An operator's command for `group` (core::EvPromote / core::EvApprove), handled at once: the
   // actions it produced are carried out as usual and returned (a kRefused says why, kCampaign
@@ -122,7 +141,10 @@ class Coordinator {
   void NewSession();
   void Campaign(size_t i);
   void ReadLeader(size_t i);
+  void PublishSiteReports();
   void PublishAndReadReports();
+  // Publishes what take_sync_set gives, each in a Txn guarded by the leader key (worker thread).
+  void PublishSyncSets();
   // Reads every group's leader key at one revision and watches from the next. False: etcd did not
   // answer (try again later).
   bool ReadLeadersAndWatch();
@@ -145,8 +167,10 @@ class Coordinator {
   std::unique_ptr<LeaseKeeper> keeper_;  // worker thread only (and Stop)
   std::unique_ptr<Watcher> watcher_;     // worker thread only (and Stop)
   bool need_watch_ = false;              // guarded by mu_: (re)read the keys and watch
+  bool sync_set_due_ = false;            // guarded by mu_: SyncSetDue
   // Guarded by mu_: read the site reports at this time (a leader key vanished; see WorkerLoop).
   std::optional<std::chrono::steady_clock::time_point> reports_early_;
+  bool publish_now_ = false;        // a leader key vanished: publish this site's reports now
   std::string last_session_error_;  // worker thread only
   std::chrono::steady_clock::time_point last_session_error_at_;
   std::thread ticker_;

@@ -100,10 +100,16 @@ std::string CandidatePlan::Describe() const {
   return s;
 }
 
+std::string PublishedSyncSet::Describe() const {
+  return "the sync set " + DescribeSyncSet(set) + " published by " + site + " in epoch " +
+         std::to_string(epoch);
+}
+
 CandidatePlan ChooseCandidate(const FailoverOptions& o,
                               const std::map<std::string, SiteReport>& sites,
                               const std::optional<PrimaryReport>& primary,
-                              const std::string& exclude) {
+                              const std::string& exclude,
+                              const std::optional<PublishedSyncSet>& sync) {
   CandidatePlan plan;
   std::vector<std::string> order = o.sites;
   std::sort(order.begin(), order.end());
@@ -129,6 +135,22 @@ CandidatePlan ChooseCandidate(const FailoverOptions& o,
       plan.refused[site] = "no report from a primary: its lag is unknown";
       continue;
     }
+    // The sync set: its members hold every write completed in sync mode; with none, the floor
+    // bounds them. Its publisher completed those writes itself.
+    bool member = false;
+    if (sync && site != sync->site) {
+      const auto& m = sync->set.members;
+      member = std::find(m.begin(), m.end(), site) != m.end();
+      if (!m.empty() && !member) {
+        plan.refused[site] = "not in " + sync->Describe();
+        continue;
+      }
+      if (r.durable_lsn < sync->set.floor_lsn) {
+        plan.refused[site] = "durable LSN " + std::to_string(r.durable_lsn) +
+                             " is below the floor of " + sync->Describe();
+        continue;
+      }
+    }
     const PeerLag* lag = nullptr;
     if (site != primary->site) {
       auto p = primary->peers.find(site);
@@ -139,7 +161,7 @@ CandidatePlan ChooseCandidate(const FailoverOptions& o,
       lag = &p->second;
       // The replica may have caught up since the primary's report: what it holds now is what
       // counts; the report's figures are then an upper bound.
-      if (r.durable_lsn < primary->last_lsn &&
+      if (!member && r.durable_lsn < primary->last_lsn &&
           (lag->bytes > o.max_lag_bytes || lag->age > o.max_lag_time)) {
         plan.refused[site] = "lag " + std::to_string(lag->bytes) + " bytes / " + Seconds(lag->age) +
                              " exceeds the gate (" + std::to_string(o.max_lag_bytes) + " bytes / " +
@@ -235,6 +257,9 @@ std::vector<FailoverAction> FailoverMachine::Handle(Nanos now, const FailoverEve
                  " is pending (state " + StateName(state_) + ")",
              out);
     }
+  } else if (auto* ss = std::get_if<EvSyncSet>(&event)) {
+    sync_set_ = ss->sync;
+    Evaluate(now, out);
   } else if (auto* pz = std::get_if<EvPaused>(&event)) {
     paused_ = pz->paused;
     paused_by_ = pz->by;
@@ -435,7 +460,27 @@ void FailoverMachine::Evaluate(Nanos now, std::vector<FailoverAction>& out) {
            out);
     return;
   }
-  const CandidatePlan plan = ChooseCandidate(o_, sites_, primary_report_);
+  CandidatePlan plan = ChooseCandidate(o_, sites_, primary_report_, {}, sync_set_);
+  // Nobody the sync set allows: a site outside it may lack writes completed in sync mode, so only
+  // an operator may promote it (the approve path, with the loss bound).
+  bool needs_approval = o_.policy != FailoverPolicy::kAutomatic;
+  std::string outside;
+  if (plan.winner.empty() && sync_set_) {
+    CandidatePlan loose = ChooseCandidate(o_, sites_, primary_report_);
+    if (!loose.winner.empty()) {
+      CandidatePlan winner_only = loose;
+      winner_only.refused.clear();
+      outside = plan.Describe() + "; " + winner_only.Describe() +
+                " as of the primary's last report could lose writes completed in sync mode " +
+                "(and those completed after the report)";
+      Refuse("sync-set:" + loose.winner,
+             lost + ": " + outside + "; approve to promote it: `tvillingctl failover approve " +
+                 "--group " + o_.group + " --site " + loose.winner + "`",
+             out);
+      plan = std::move(loose);
+      needs_approval = true;
+    }
+  }
   if (plan.winner.empty()) {
     Refuse("no-candidate:" + plan.Describe(), lost + ": " + plan.Describe(), out);
     return;
@@ -445,11 +490,12 @@ void FailoverMachine::Evaluate(Nanos now, std::vector<FailoverAction>& out) {
   // started, may hold reports from before the other sites had sessions (or none at all), and would
   // choose itself over a more advanced site that holds writes it lacks.
   if (!sites_read_ || *sites_read_ < *leaderless_since_ + o_.settle) return;
-  if (o_.policy == FailoverPolicy::kAutomatic) {
+  if (!needs_approval) {
+    if (state_ == State::kAwaitingApproval) out.push_back({K::kClearPending, {}, 0, "", {}});
     Campaign(out);
     return;
   }
-  const std::string msg = lost + ": " + plan.Describe() +
+  const std::string msg = lost + ": " + (outside.empty() ? plan.Describe() : outside) +
                           "; waiting for `tvillingctl failover approve --group " + o_.group +
                           " --site " + o_.site + "`";
   if (state_ != State::kAwaitingApproval || msg != pending_for_) {

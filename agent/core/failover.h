@@ -9,7 +9,7 @@
 // The rules (docs/coordinator.md has the argument):
 // - The primary of a group is the site whose value is in the group's leader key, written under
 //   that site's etcd lease ("session"). The key's create revision is the primary's epoch.
-// - A primary suspends client I/O once `suspend_after` (default TTL/2) has passed on ITS OWN
+// - A primary suspends client I/O once `suspend_after` (default 2/3 TTL) has passed on ITS OWN
 //   monotonic clock since it sent the last keep-alive that etcd answered. Its lease cannot end at
 //   etcd before `sent + TTL` (etcd renews it for TTL when it handles the request, after it was
 //   sent; etcd may extend a lease, never shorten it), so the primary stops before anyone can take
@@ -20,6 +20,9 @@
 //   is within the gate (bytes and seconds). Among the eligible sites the most advanced durable
 //   LSN wins (ties: the smaller site name); only the winner campaigns (the leader key's
 //   create-if-absent Txn decides races anyway).
+// - With the primary's sync set in etcd (EvSyncSet), automatic promotion is limited to the sites it
+//   allows (its members holding its floor; with no member, the sites holding the floor), so no
+//   write completed in sync mode is lost; a site it excludes needs an operator's approval.
 // - Candidates decide only on site reports that arrived at least `settle` after the leader key
 //   vanished (EvSites is re-read periodically): a site cut off from etcd, or just started, may
 //   hold an old view in which a more advanced site has no report.
@@ -57,14 +60,14 @@ struct FailoverOptions {
   FailoverPolicy policy = FailoverPolicy::kAutomatic;
   Nanos lease_ttl = 3'000'000'000;
   // Suspend I/O this long after the send time of the last answered keep-alive. Must be < TTL.
-  Nanos suspend_after = 1'500'000'000;
+  Nanos suspend_after = 2'000'000'000;
   // Lag gate for candidates (as of the primary's last report): both must hold.
   uint64_t max_lag_bytes = 1ull << 20;
   Nanos max_lag_time = 10'000'000'000;
   // No automatic promotion within this long of the last observed leader change.
   Nanos anti_flap = 60'000'000'000;
   // A leaderless group waits this long before candidates decide (site reports settle).
-  Nanos settle = 1'000'000'000;
+  Nanos settle = 500'000'000;
 };
 
 // The leader key as read or watched.
@@ -97,6 +100,16 @@ struct PrimaryReport {
   std::map<std::string, PeerLag> peers;
 };
 
+// The sync set in etcd (<prefix>/groups/<g>/sync), as a primary published it, guarded by its
+// epoch, before any write completed without a member it drops (docs/coordinator.md).
+struct PublishedSyncSet {
+  std::string site;    // the primary that published it
+  uint64_t epoch = 0;  // in its epoch
+  SyncSet set;
+  // "the sync set {a} floor 17 published by b in epoch 145"
+  std::string Describe() const;
+};
+
 // The data a promotion of `site` would lose, as of the primary's last report.
 struct LossBound {
   uint64_t from_lsn = 0;  // first LSN lost (durable + 1)
@@ -113,11 +126,16 @@ struct CandidatePlan {
   std::string Describe() const;
 };
 
-// The choice every site computes alike from the same reports (pure).
+// The choice every site computes alike from the same reports (pure). With a published sync set
+// (`sync`, the last one in etcd) a site other than its publisher is eligible only if its durable
+// LSN reaches the set's floor and, when the set has members, only if it is one (a member holds
+// every write completed in sync mode, so the lag gate does not apply to it); with no member the
+// lag gate decides as without a set.
 CandidatePlan ChooseCandidate(const FailoverOptions& o,
                               const std::map<std::string, SiteReport>& sites,
                               const std::optional<PrimaryReport>& primary,
-                              const std::string& exclude = {});
+                              const std::string& exclude = {},
+                              const std::optional<PublishedSyncSet>& sync = std::nullopt);
 
 // ---- events ----
 struct EvTick {};
@@ -165,9 +183,16 @@ struct EvPaused {
   bool paused = false;
   std::string by;  // who paused, as the key says
 };
+// The sync set key as read or watched (nullopt: absent). In automatic policy only the sites it
+// allows (ChooseCandidate) are promoted automatically; a site it excludes needs an operator's
+// `tvillingctl failover approve` (the plan and its loss bound are published as under the approve
+// policy) or `tvillingctl promote`.
+struct EvSyncSet {
+  std::optional<PublishedSyncSet> sync;
+};
 using FailoverEvent = std::variant<EvTick, EvSessionStarted, EvSessionRenewed, EvSessionLost,
                                    EvLeader, EvCampaignDone, EvSites, EvPrimaryReport, EvApprove,
-                                   EvPromote, EvHandover, EvPaused>;
+                                   EvPromote, EvHandover, EvPaused, EvSyncSet>;
 
 // ---- actions ----
 struct FailoverAction {
@@ -213,6 +238,7 @@ class FailoverMachine {
   const LeaderView& leader() const { return leader_; }
   const std::string& last_refusal() const { return last_refusal_; }
   bool paused() const { return paused_; }
+  const std::optional<PublishedSyncSet>& sync_set() const { return sync_set_; }
   const FailoverOptions& options() const { return o_; }
   // The instant I/O must be suspended at if no renewal comes (primary only).
   Nanos suspend_deadline() const { return last_renewal_sent_ + o_.suspend_after; }
@@ -248,6 +274,7 @@ class FailoverMachine {
   std::optional<Nanos> sites_read_;  // when the last EvSites arrived
   std::optional<PrimaryReport> primary_report_;
   bool primary_report_known_ = false;
+  std::optional<PublishedSyncSet> sync_set_;  // EvSyncSet
   std::string last_refusal_;
   std::string last_refusal_kind_;
   std::string pending_for_;  // kAwaitingApproval: the plan we published

@@ -364,6 +364,47 @@ struct PrimaryGroup::Impl {
   uint64_t durable = 0;
   uint64_t applied = 0;  // the local applier's LSN: a future copy's base is at least this
   std::map<std::string, Peer> peers;
+  // The sync set in etcd (GateOnPublishedSyncSet).
+  bool gated = false;
+  uint64_t gate_lsn = 0;    // the log's last LSN when gated: nothing after it completes unpublished
+  uint64_t sync_floor = 0;  // the highest floor sent
+  std::optional<SyncSet> published;
+  std::optional<SyncSet> sync_inflight;
+  // A set whose Txn failed without an answer: etcd may hold it until a later one succeeds.
+  std::optional<SyncSet> uncertain;
+
+  static bool Has(const std::optional<SyncSet>& s, const std::string& name) {
+    return s && std::binary_search(s->members.begin(), s->members.end(), name);
+  }
+  SyncSet Wanted() const {
+    SyncSet w;
+    for (auto& [n, p] : peers)
+      if (InSyncSet(p)) w.members.push_back(n);  // std::map: sorted
+    if (!w.members.empty()) {
+      w.floor_lsn = sync_floor;
+    } else if (published && published->members.empty()) {
+      w.floor_lsn = published->floor_lsn;  // still no member: nothing to publish again
+    } else {
+      w.floor_lsn = std::max(sync_floor, last);
+    }
+    return w;
+  }
+  // Writes wait for it: a member in memory, or in a set etcd may hold (a smaller one is not there
+  // yet).
+  // Every set etcd may hold counts: the published one, the one in flight, one whose Txn failed.
+  bool Counts(const Peer& p) const {
+    return InSyncSet(p) || (gated && (Has(published, p.name) || Has(sync_inflight, p.name) ||
+                                      Has(uncertain, p.name)));
+  }
+  // The cap of an unpublished or shrinking set (see GateOnPublishedSyncSet).
+  uint64_t GateCap() const {
+    uint64_t cap = std::numeric_limits<uint64_t>::max();
+    if (!gated) return cap;
+    if (!published) cap = gate_lsn;
+    for (const std::optional<SyncSet>* o : {&sync_inflight, &uncertain})
+      if (*o && (*o)->members.empty()) cap = std::min(cap, (*o)->floor_lsn);
+    return cap;
+  }
 
   uint64_t CumAt(uint64_t lsn) const {
     if (lsn <= base_lsn || recs.empty()) return base_cum;
@@ -379,15 +420,15 @@ struct PrimaryGroup::Impl {
   uint64_t WriteHeld(const Peer& p) const { return p.confirmed ? p.pos.received : 0; }
   uint64_t FlushHeld(const Peer& p) const { return p.confirmed ? p.pos.durable : 0; }
   uint64_t WriteReleased() const {
-    uint64_t r = last;
+    uint64_t r = std::min(last, GateCap());
     for (auto& [n, p] : peers)
-      if (InSyncSet(p)) r = std::min(r, WriteHeld(p));
+      if (Counts(p)) r = std::min(r, WriteHeld(p));
     return r;
   }
   uint64_t FlushReleased() const {
-    uint64_t r = durable;
+    uint64_t r = std::min(durable, GateCap());
     for (auto& [n, p] : peers)
-      if (InSyncSet(p)) r = std::min(r, FlushHeld(p));
+      if (Counts(p)) r = std::min(r, FlushHeld(p));
     return r;
   }
   // The copy is complete at the replica and its log reached the copy's end: it holds every record
@@ -766,6 +807,48 @@ uint64_t PrimaryGroup::write_released() const { return impl_->WriteReleased(); }
 
 uint64_t PrimaryGroup::flush_released() const { return impl_->FlushReleased(); }
 
+std::string DescribeSyncSet(const SyncSet& s) {
+  std::string out = "{";
+  for (size_t i = 0; i < s.members.size(); ++i) out += (i ? "," : "") + s.members[i];
+  return out + "} floor " + std::to_string(s.floor_lsn);
+}
+
+void PrimaryGroup::GateOnPublishedSyncSet() {
+  Impl& s = *impl_;
+  s.gated = true;
+  s.gate_lsn = s.last;
+  s.sync_floor = std::max(s.sync_floor, s.last);
+}
+
+std::optional<SyncSet> PrimaryGroup::SyncSetToPublish() const {
+  const Impl& s = *impl_;
+  if (!s.gated || s.sync_inflight) return std::nullopt;
+  SyncSet w = s.Wanted();
+  if (s.published && *s.published == w) return std::nullopt;
+  return w;
+}
+
+void PrimaryGroup::OnSyncSetSent(const SyncSet& set) {
+  Impl& s = *impl_;
+  s.sync_inflight = set;
+  s.sync_floor = std::max(s.sync_floor, set.floor_lsn);
+}
+
+bool PrimaryGroup::OnSyncSetPublished(const SyncSet& set, bool ok) {
+  Impl& s = *impl_;
+  if (!s.sync_inflight || !(*s.sync_inflight == set)) return false;
+  s.sync_inflight.reset();
+  if (ok) {
+    s.published = set;
+    s.uncertain.reset();
+  } else {
+    s.uncertain = set;  // it may still be applied: keep its cap until a later set is in etcd
+  }
+  return true;
+}
+
+std::optional<SyncSet> PrimaryGroup::published_sync_set() const { return impl_->published; }
+
 uint64_t PrimaryGroup::last_lsn() const { return impl_->last; }
 uint64_t PrimaryGroup::durable_lsn() const { return impl_->durable; }
 uint64_t PrimaryGroup::MinPeerDurable() const { return impl_->MinPeerDurable(); }
@@ -780,7 +863,7 @@ std::vector<PeerStatus> PrimaryGroup::Status(Nanos now) const {
     st.mode = p.options.mode;
     st.state = p.state;
     st.positions = p.pos;
-    st.in_sync_set = s.InSyncSet(p);
+    st.in_sync_set = s.Counts(p);
     st.degraded = p.degraded;
     st.confirmed = p.confirmed;
     st.copy_pending = p.copy_pending;

@@ -239,8 +239,10 @@ struct PeerStatus {
   Mode mode = Mode::kAsync;
   LinkState state = LinkState::kDisconnected;
   Positions positions;
-  bool in_sync_set = false;  // sync peers only: writes wait for it
-  bool degraded = false;     // a sync peer that left the sync set
+  // Sync peers only: writes wait for it (a member in memory, or in the published set while a set
+  // without it is not yet in etcd).
+  bool in_sync_set = false;
+  bool degraded = false;  // a sync peer that left the sync set
   // Its positions count for the release points: from a handshake of this PrimaryGroup that
   // decided to stream (the replica's log is the one they describe), or from the confirmed end of
   // a full copy (copy_pending). Until then it holds no record for the release points: a sync peer
@@ -257,6 +259,18 @@ struct PeerStatus {
   Lag lag;
   std::string last_error;  // the last disconnect or refusal reason
 };
+
+// The sync set as a primary publishes it to etcd (docs/coordinator.md, "Sync writes and the
+// election"): the peers client writes wait for (sorted names), and a floor. Every write that may
+// have completed in sync mode is on every member, and at or below floor_lsn (so with no member, a
+// site that holds floor_lsn holds every such write).
+struct SyncSet {
+  std::vector<std::string> members;
+  uint64_t floor_lsn = 0;
+  bool operator==(const SyncSet&) const = default;
+};
+// "{a,b} floor 17"
+std::string DescribeSyncSet(const SyncSet& s);
 
 // The primary's view of one group: the local log's progress, every peer, and the release points
 // that decide when client I/O may complete.
@@ -330,6 +344,27 @@ class PrimaryGroup {
   // durable LSN.
   uint64_t write_released() const;
   uint64_t flush_released() const;
+
+  // The sync set in etcd (with a coordinator; docs/coordinator.md, "Sync writes and the
+  // election"). The election trusts the set the primary last published, so once gated:
+  //   - nothing completes before the first set of this PrimaryGroup is published (the set in etcd
+  //     is then an older epoch's, whose members need not be this primary's sync peers);
+  //   - a member counts for the release points until a set without it is published (a degrade
+  //     takes effect in memory at once, on the release points only once etcd has it);
+  //   - while a set with no member is in flight, or failed without an answer (etcd may have
+  //     applied it), the release points stay at its floor until a later set is published;
+  //   - a member that rejoins counts at once and is published after.
+  // Call once, after the log's records were given to OnLocalAppend and before any client write.
+  void GateOnPublishedSyncSet();
+  // The set to publish now: nullopt if not gated, one is in flight, or etcd holds what is wanted.
+  // The caller publishes it (one at a time) and reports OnSyncSetSent, then OnSyncSetPublished.
+  std::optional<SyncSet> SyncSetToPublish() const;
+  void OnSyncSetSent(const SyncSet& s);
+  // The answer: `ok` = etcd holds `s` now; false = it may or may not (a later Txn of the same
+  // primary must not be overtaken by it: the caller's deadline exceeds any delay of a request).
+  // Returns true if a release point may have moved.
+  bool OnSyncSetPublished(const SyncSet& s, bool ok);
+  std::optional<SyncSet> published_sync_set() const;
 
   uint64_t last_lsn() const;
   uint64_t durable_lsn() const;

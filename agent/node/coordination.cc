@@ -41,6 +41,7 @@ absl::StatusOr<std::unique_ptr<coordinator::Coordinator>> StartCoordination(
   o.prefix = c.prefix;
   o.site = config.agent.site;
   o.lease_ttl = coordinator::Millis(c.lease_ttl_ms);
+  o.suspend_after = coordinator::Millis(c.suspend_after_ms);
 
   std::vector<coordinator::GroupBinding> bindings;
   for (size_t i = 0; i < config.groups.size(); ++i) {
@@ -61,7 +62,7 @@ absl::StatusOr<std::unique_ptr<coordinator::Coordinator>> StartCoordination(
     f.max_lag_bytes = c.max_lag_bytes;
     f.max_lag_time = c.max_lag_ms * kMsNs;
     f.anti_flap = c.anti_flap_ms * kMsNs;
-    f.settle = 1000 * kMsNs;
+    f.settle = 500 * kMsNs;
 
     const bool no_failover = c.no_failover;
     b.site_report = [ctl, no_failover] {
@@ -85,6 +86,10 @@ absl::StatusOr<std::unique_ptr<coordinator::Coordinator>> StartCoordination(
                                           static_cast<core::Nanos>(p.lag_seconds() * 1e9)};
       }
       return r;
+    };
+    b.take_sync_set = [ctl] { return ctl->TakeSyncSetToPublish(); };
+    b.sync_set_published = [ctl](uint64_t epoch, const core::SyncSet& s, bool ok) {
+      ctl->SyncSetPublished(epoch, s, ok);
     };
     const std::string group = g.name;
     // Runs under the coordinator's mutex: nothing here may block (a switch is queued on the
@@ -133,7 +138,13 @@ absl::StatusOr<std::unique_ptr<coordinator::Coordinator>> StartCoordination(
           g.name);
     }
   }
-  return coordinator::Coordinator::Start(std::move(o), std::move(bindings));
+  auto started = coordinator::Coordinator::Start(std::move(o), std::move(bindings));
+  if (!started.ok()) return started;
+  // A primary's sync set goes to etcd as soon as it is due (writes may wait for it). A primary
+  // promoted before this is wired is published on the worker's next round (report_interval).
+  coordinator::Coordinator* coord = started->get();
+  for (const auto& ctl : groups) ctl->SetSyncSetNotify([coord] { coord->SyncSetDue(); });
+  return started;
 }
 
 }  // namespace tvilling::node

@@ -130,6 +130,15 @@ absl::Status GroupController::PromoteLocked(uint64_t epoch, const std::string& w
     runtime_->SetCompletionGate(nullptr);
     PrimaryOptions po = options_.primary;
     po.epoch = epoch;
+    po.publish_sync_set = options_.coordinated;
+    po.sync_set_changed = [this] {
+      std::function<void()> notify;
+      {
+        std::lock_guard l(mu_);
+        notify = sync_set_notify_;
+      }
+      if (notify) notify();
+    };
     {
       std::lock_guard lock(mu_);
       for (PeerOptions& peer : po.peers) {
@@ -301,6 +310,32 @@ uint64_t GroupController::epoch() const {
 bool GroupController::switching() const {
   std::lock_guard l(mu_);
   return busy_ || !work_.empty();
+}
+
+void GroupController::SetSyncSetNotify(std::function<void()> notify) {
+  std::lock_guard l(mu_);
+  sync_set_notify_ = std::move(notify);
+}
+
+std::optional<std::pair<uint64_t, core::SyncSet>> GroupController::TakeSyncSetToPublish() {
+  std::shared_ptr<PrimaryReplicator> p;
+  {
+    std::lock_guard l(mu_);
+    p = primary_;
+  }
+  if (!p) return std::nullopt;
+  std::optional<core::SyncSet> s = p->TakeSyncSetToPublish();
+  if (!s) return std::nullopt;
+  return std::make_pair(p->epoch(), std::move(*s));
+}
+
+void GroupController::SyncSetPublished(uint64_t epoch, const core::SyncSet& set, bool ok) {
+  std::shared_ptr<PrimaryReplicator> p;
+  {
+    std::lock_guard l(mu_);
+    p = primary_;
+  }
+  if (p && p->epoch() == epoch) p->SyncSetPublished(set, ok);
 }
 
 void GroupController::FillStatus(v1::GroupStatus* out) const {

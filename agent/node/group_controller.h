@@ -119,6 +119,14 @@ class GroupController {
   // has no such peer.
   std::optional<uint64_t> SetRateLimit(const std::string& peer_site, uint64_t bytes_per_s);
 
+  // The sync set in etcd (docs/coordinator.md, "Sync writes and the election"), for the
+  // coordinator: `notify` is called (must not block) when the running primary has a set to
+  // publish; TakeSyncSetToPublish returns it with the primary's epoch (marked in flight);
+  // SyncSetPublished hands the answer to the primary of that epoch (ignored for an older one).
+  void SetSyncSetNotify(std::function<void()> notify);
+  std::optional<std::pair<uint64_t, core::SyncSet>> TakeSyncSetToPublish();
+  void SyncSetPublished(uint64_t epoch, const core::SyncSet& set, bool ok);
+
   // Shutdown: the replicator (writes waiting for sync peers fail), then the replica.
   void StopPrimary();
   void Stop();
@@ -147,6 +155,7 @@ class GroupController {
   std::vector<std::shared_ptr<PrimaryReplicator>> old_primaries_;
   std::vector<std::unique_ptr<ReplicaGroup>> replicas_;  // the current one is replicas_.back()
   std::map<std::string, uint64_t> rate_limits_;  // SetRateLimit's caps, over options_.primary's
+  std::function<void()> sync_set_notify_;
 
   std::condition_variable work_cv_;
   std::deque<std::function<void()>> work_;

@@ -265,6 +265,8 @@ absl::StatusOr<std::shared_ptr<PrimaryReplicator>> PrimaryReplicator::Start(Grou
   }
   r->core_.OnLocalDurable(log.durable_lsn());
   r->core_.OnLocalApplied(group->applied_lsn());
+  // Before any client write of this epoch: none completes until the first set is in etcd.
+  if (r->options_.publish_sync_set) r->core_.GateOnPublishedSyncSet();
 
   std::weak_ptr<PrimaryReplicator> weak = r;
   group->SetRecordsObserver([weak](std::span<const storage::LogRecordView> records) {
@@ -800,6 +802,12 @@ void PrimaryReplicator::WorkerLoop() {
     work_ = false;
     core_.OnTick(now);
     ReleaseLocked(lock);  // positions may also have moved through a decision or a copy
+    // A degrade (OnTick) or a rejoin (a position) may want a new set in etcd.
+    if (options_.sync_set_changed && core_.SyncSetToPublish()) {
+      lock.unlock();
+      options_.sync_set_changed();
+      lock.lock();
+    }
     core::Nanos deadline = now + 100 * kMs;
     for (auto& lp : links_) {
       Link& link = *lp;
@@ -846,6 +854,30 @@ void PrimaryReplicator::WorkerLoop() {
     const core::Nanos wait = deadline - MonotonicNow();
     if (wait > 0) cv_.wait_for(lock, std::chrono::nanoseconds(wait));
   }
+}
+
+std::optional<core::SyncSet> PrimaryReplicator::TakeSyncSetToPublish() {
+  std::lock_guard lock(mu_);
+  if (stopping_) return std::nullopt;
+  std::optional<core::SyncSet> s = core_.SyncSetToPublish();
+  if (s) core_.OnSyncSetSent(*s);
+  return s;
+}
+
+void PrimaryReplicator::SyncSetPublished(const core::SyncSet& set, bool ok) {
+  std::unique_lock lock(mu_);
+  if (!core_.OnSyncSetPublished(set, ok) || stopping_) return;
+  ReleaseLocked(lock);
+  const bool again = ok && core_.SyncSetToPublish().has_value();
+  lock.unlock();
+  // Changed while this one was in flight: publish the wanted set next. (After a failure the
+  // worker asks again on its next round, within 100 ms: no tight loop while etcd refuses.)
+  if (again && options_.sync_set_changed) options_.sync_set_changed();
+}
+
+std::optional<core::SyncSet> PrimaryReplicator::published_sync_set() const {
+  std::lock_guard lock(mu_);
+  return core_.published_sync_set();
 }
 
 void PrimaryReplicator::FillStatus(v1::GroupStatus* out) const {

@@ -85,6 +85,13 @@ struct PrimaryOptions {
   // the etcd leader key's create revision (docs/coordinator.md), which must be above every epoch
   // in the log's history and every epoch it has seen, or Start refuses (FailedPrecondition).
   uint64_t epoch = 0;
+  // With a coordinator: the sync set goes to etcd before a write completes without a member
+  // (core::PrimaryGroup::GateOnPublishedSyncSet; docs/coordinator.md, "Sync writes and the
+  // election"). `sync_set_changed` is called (not under the replicator's lock; it must not block)
+  // when a set is due: the coordinator then takes it (TakeSyncSetToPublish), publishes it and
+  // answers (SyncSetPublished).
+  bool publish_sync_set = false;
+  std::function<void()> sync_set_changed;
 };
 
 class PrimaryReplicator final : public CompletionGate,
@@ -111,6 +118,12 @@ class PrimaryReplicator final : public CompletionGate,
 
   uint64_t epoch() const { return epoch_; }
   void FillStatus(v1::GroupStatus* out) const;
+
+  // The sync set to publish now (marked in flight), or nullopt.
+  std::optional<core::SyncSet> TakeSyncSetToPublish();
+  // The publication's answer (`ok`: etcd holds `set`); completes what the release points allow.
+  void SyncSetPublished(const core::SyncSet& set, bool ok);
+  std::optional<core::SyncSet> published_sync_set() const;
 
  private:
   struct Link;

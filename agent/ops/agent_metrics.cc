@@ -175,6 +175,16 @@ void AppendStatusMetrics(const v1::StatusReply& status, Exposition& out) {
                 "1 while this site's last automatic fail-over decision was a refusal (the reason "
                 "is in tvillingctl status and the journal).",
                 l, B(!g.failover_refusal().empty()));
+      if (!g.sync_set().empty()) {
+        out.Gauge("tvilling_group_sync_set_epoch",
+                  "Epoch of the primary that published the group's sync set in etcd, as this site "
+                  "last read it.",
+                  l, D(g.sync_set_epoch()));
+        out.Gauge("tvilling_group_sync_set_members",
+                  "Members of the group's sync set in etcd (0: no site is known to hold every "
+                  "write completed in sync mode beyond the set's floor).",
+                  l, D(g.sync_set_members()));
+      }
     }
     out.Gauge("tvilling_group_last_lsn", "Last LSN in the local log.", l, D(g.last_lsn()));
     out.Gauge("tvilling_group_durable_lsn", "Last LSN fsynced in the local log.", l,

@@ -1264,13 +1264,15 @@ void ValidateCoordinator(Config& config, Errors& errors) {
                fmt::format("must be from {} to {} (etcd refuses shorter leases), got {}",
                            kMinLeaseTtlMs, kMaxLeaseTtlMs, c.lease_ttl_ms));
   } else if (c.suspend_after_ms == 0) {
-    c.suspend_after_ms = c.lease_ttl_ms / 2;
+    c.suspend_after_ms = c.lease_ttl_ms * 2 / 3;
   } else if (c.suspend_after_ms >= c.lease_ttl_ms || c.suspend_after_ms < c.lease_ttl_ms / 3) {
-    errors.Add("coordinator.suspend_after_ms",
-               fmt::format("must be at least lease_ttl_ms / 3 ({}: two keep-alives) and less than "
-                           "lease_ttl_ms ({}: a primary must stop before its lease can end), "
-                           "got {}",
-                           c.lease_ttl_ms / 3, c.lease_ttl_ms, c.suspend_after_ms));
+    errors.Add(
+        "coordinator.suspend_after_ms",
+        fmt::format("must be at least lease_ttl_ms / 3 ({}: shorter fences a primary on brief etcd "
+                    "hiccups) and less than "
+                    "lease_ttl_ms ({}: a primary must stop before its lease can end), "
+                    "got {}",
+                    c.lease_ttl_ms / 3, c.lease_ttl_ms, c.suspend_after_ms));
   }
   if (!c.witness.empty()) {
     if (!IsSiteName(c.witness)) {

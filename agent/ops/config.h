@@ -316,7 +316,7 @@ struct CoordinatorConfig {
   // `lease_ttl_ms`: TTL of this agent's etcd lease (its session). Default 3000.
   uint32_t lease_ttl_ms = 3000;
   // `suspend_after_ms`: a primary suspends client I/O this long after the send time of its last
-  // answered keep-alive. Default lease_ttl_ms / 2; at least lease_ttl_ms / 3 (two keep-alives)
+  // answered keep-alive. Default lease_ttl_ms * 2 / 3; at least lease_ttl_ms / 3
   // and less than lease_ttl_ms.
   uint32_t suspend_after_ms = 0;
   // `policy`: "automatic", "manual" or "approve". Default "automatic".

@@ -26,8 +26,32 @@ Scenarios (each is a ctest; see tests/integration/CMakeLists.txt):
   switchover_dry_run  `tvillingctl switchover --dry-run` on the primary prints a possible plan
                      (steps, target lag, expected pause) and changes nothing; on the replica it is
                      refused with the reason (exit 3)
+  switchover_under_load_checked  planned switchover A->B->A with three sites (site-a and site-b
+                     sync peers of each other, site-c async) and three etcd members, under load:
+                     fio's nbd engine on vol1 and tvilling-check writing unique blocks to vol0, both
+                     retrying at the new primary; afterwards the checker's log verifies (sync
+                     mode: no completed write missing, RPO 0) on the final primary and on both
+                     replicas, and vol0 and vol1 are identical on all three sites
+  evacuate_site      three groups, primary site-a: `switchover --all-groups --from site-a --to
+                     site-b --concurrency 2 --order g2,g0` (after a dry run that prints every
+                     plan and changes nothing) moves every group in that order under a write
+                     load on g0; every volume identical, one audited switchover per group
+  evacuate_aborts    site-b frozen (SIGSTOP): the first group rolls back, the others are not
+                     started, exit 3; an evacuation interrupted with SIGINT lets the group in
+                     flight roll back and starts no other; every group stays primary at site-a
+                     and takes writes (none left paused)
   etcd_unreachable   etcd never answers: the agent says so naming the endpoints, keeps the
                      primary's writes held (never completes one without etcd), and stops cleanly
+  sync_set_degrade_then_failover  three sites (site-b sync with a short sync_degrade_after_ms,
+                     site-c async), three etcd members: the primary publishes its sync set
+                     {site-b}; site-b frozen (SIGSTOP), a write waits for the degrade and
+                     completes only after the smaller set {} (with its floor) is in etcd (the
+                     agent's log time of the publication, the key read right after); the primary
+                     killed, site-c (holding the floor) is promoted and has every completed write
+  sync_set_refuses_outside  the same with a long degrade limit: site-b frozen and the primary
+                     killed while the set is {site-b}; site-c is not promoted automatically, its
+                     refusal names the set, status shows it; `tvillingctl failover approve` on
+                     site-c promotes it
 """
 
 import datetime
@@ -40,6 +64,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import nbd
 
@@ -48,7 +73,7 @@ from repl_lib import (TestFailure, assert_identical, free_port, log, run_main, u
                       wait_caught_up, wait_for)
 
 LEASE_TTL_MS = 3000
-SUSPEND_AFTER_MS = 1500
+SUSPEND_AFTER_MS = 2000  # the default (2/3 of the TTL)
 
 
 class Etcd:
@@ -303,9 +328,10 @@ def two_sites_refuse(c):
     a.kill9()
     log("site-a killed (-9)")
     msg = wait_for("site-b to refuse automatic fail-over",
-                   lambda: log_has(b, r"automatic fail-over is refused: the group has only two "
-                                   r"sites and no witness[^\n]*"), LEASE_TTL_MS / 1000 + 15, 0.2)
-    log(f"site-b: {msg}")
+                   lambda: log_has(b, r"the leader key is gone \(it was site-a's[^\0]*"
+                                   r"automatic fail-over is refused: the group has only two sites "
+                                   r"and no witness[^\n]*"), LEASE_TTL_MS / 1000 + 15, 0.2)
+    log(f"site-b: {msg.splitlines()[-1]}")
     if etcd.get("/tvilling/groups/g0/leader") not in ("",):
         raise TestFailure("someone holds the leader key after the refusal")
 
@@ -404,7 +430,8 @@ def elected_replica_takes_over(c):
         f"{t_write:.2f} s (polled)")
     if epoch_b <= epoch_a:
         raise TestFailure(f"the new epoch {epoch_b} is not above the old {epoch_a}")
-    # The lease ends at most TTL after the kill; the choice waits the settle time (1 s).
+    # The lease ends at most TTL after the kill, etcd revokes it within 0.5 s, and the choice
+    # waits the settle time (0.5 s).
     if t_promote > LEASE_TTL_MS / 1000 + 1 + 0.5:
         raise TestFailure(f"site-b was primary {t_promote:.2f} s after the kill: later than the "
                           f"lease TTL + 1 s (+ 0.5 s for scheduling)")
@@ -424,6 +451,165 @@ def elected_replica_takes_over(c):
         raise TestFailure("the restarted site-a took the leader key")
     st = a.group()
     log(f"site-a after restart: role {st.get('role')} epoch {st.get('epoch')}")
+
+
+def three_sites_sync(c, endpoints, degrade_ms):
+    """As three_sites, with site-a's sync peer site-b leaving the sync set after `degrade_ms`."""
+    a, b, cc = c.agent("site-a"), c.agent("site-b"), c.agent("site-c")
+    g = {"name": "g0", "primary": "site-a", "size": "64MiB"}
+    acl = [("site-a", "site-a", ["g0"]), ("site-b", "site-b", ["g0"]), ("site-c", "site-c", ["g0"])]
+    a.write_config([dict(g, peers=[(b, "sync", {"sync_degrade_after_ms": degrade_ms}),
+                                   (cc, "async", None)])], acl=acl)
+    b.write_config([dict(g, peers=[(a, "async", None), (cc, "async", None)])], acl=acl)
+    cc.write_config([dict(g, peers=[(a, "async", None), (b, "async", None)])], acl=acl)
+    for agent in (a, b, cc):
+        with open(agent.config_path, "a") as f:
+            f.write("\n[coordinator]\nendpoints = [" + ", ".join(f'"{e}"' for e in endpoints) +
+                    f"]\nlease_ttl_ms = {LEASE_TTL_MS}\nanti_flap_ms = 0\n")
+    cc.metrics_port = free_port()
+    with open(cc.config_path, "a") as f:
+        f.write(f'\n[metrics]\nlisten = "127.0.0.1:{cc.metrics_port}"\n')
+    return a, b, cc
+
+
+SYNC_KEY = "/tvilling/groups/g0/sync"
+
+
+def sync_set_started(c, degrade_ms):
+    etcd = EtcdCluster(c).start()
+    a, b, cc = three_sites_sync(c, etcd.endpoints, degrade_ms)
+    b.start()
+    cc.start()
+    a.start()
+    wait_for("site-a primary", lambda: a.group().get("role") == "primary", 30, 0.2)
+    epoch_a = etcd.create_revision("/tvilling/groups/g0/leader")
+    wait_for("site-a's sync set {site-b} in etcd", lambda: re.fullmatch(
+        r"site=site-a epoch=%d members=site-b floor=\d+" % epoch_a, etcd.get(SYNC_KEY)), 15, 0.1)
+    h = a.connect()
+    h.pwrite(b"\x55" * 65536, 0)
+    h.flush()
+    wait_for("the primary's report with both peers caught up",
+             lambda: re.search(r"last=(\d+) peer\.site-b=\1,0,\d+ peer\.site-c=\1,0,\d+",
+                               etcd.get("/tvilling/groups/g0/primary")), 30, 0.2)
+    wait_for("both replicas consistent", lambda: all(
+        "consistent=1" in etcd.get(f"/tvilling/groups/g0/sites/{s}") for s in ("site-b", "site-c")),
+        30, 0.2)
+    return etcd, a, b, cc, h, epoch_a
+
+
+def sync_set_degrade_then_failover(c):
+    degrade_ms = 1500
+    etcd, a, b, cc, h, epoch_a = sync_set_started(c, degrade_ms)
+    b.pause()
+    t_stop = time.monotonic()
+    log("site-b frozen (SIGSTOP)")
+    try:
+        payload = os.urandom(65536)
+        cookie = h.aio_pwrite(payload, 1 << 20)
+        # It waits for site-b until the degrade, and then until etcd holds the set without it.
+        # poll blocks until the reply arrives, so the time after it is the completion's (to a
+        # millisecond), not a polling interval's.
+        while True:
+            h.poll(1000)
+            if h.aio_command_completed(cookie):
+                break
+            if time.monotonic() - t_stop > 30:
+                raise TestFailure("the write did not complete within 30 s of freezing site-b")
+        t_done_wall = time.time()
+        waited = time.monotonic() - t_stop
+        h.flush()
+        key = etcd.get(SYNC_KEY)
+        log(f"write completed {waited:.2f} s after site-b was frozen; sync key: {key}")
+        m = re.fullmatch(r"site=site-a epoch=%d members= floor=(\d+)" % epoch_a, key)
+        if not m:
+            raise TestFailure(f"after the write completed without site-b, the sync key is {key!r}, "
+                              "not a set without site-b")
+        if waited < degrade_ms / 1000 - 0.1:
+            raise TestFailure(f"the write completed {waited:.2f} s after site-b was frozen, "
+                              f"before the degrade limit ({degrade_ms} ms)")
+        t_pub = log_time(a, r"sync set \{\} floor %s published in etcd \(epoch %d" %
+                         (m.group(1), epoch_a))
+        if t_pub > t_done_wall:
+            raise TestFailure(f"the write completed {t_pub - t_done_wall:.3f} s before etcd held "
+                              "the set without site-b")
+        log(f"MEASURED the write waited {waited:.2f} s for frozen site-b (degrade limit "
+            f"{degrade_ms} ms); the set without it was in etcd {t_done_wall - t_pub:.3f} s before "
+            "the completion was seen")
+        floor = int(m.group(1))
+        last = u64(a.group().get("last_lsn"))
+        if floor > last:
+            raise TestFailure(f"floor {floor} beyond the primary's last LSN {last}")
+        # More writes, now completing without site-b; site-c (async) catches up.
+        h.pwrite(b"\x66" * 65536, 2 << 20)
+        h.flush()
+        h.shutdown()
+        wait_for("the primary's report with site-c caught up",
+                 lambda: re.search(r"last=(\d+) .*peer\.site-c=\1,0,\d+",
+                                   etcd.get("/tvilling/groups/g0/primary")), 30, 0.2)
+        a.kill9()
+        log("site-a killed (-9); site-b still frozen")
+        wait_for("a new leader", lambda: etcd.get("/tvilling/groups/g0/leader") not in
+                 ("", "site-a"), LEASE_TTL_MS / 1000 + 15, 0.05)
+        leader = etcd.get("/tvilling/groups/g0/leader")
+        if leader != "site-c":
+            raise TestFailure(f"expected site-c (the set has no member, site-c holds the floor), "
+                              f"got {leader}")
+        wait_for("site-c primary", lambda: cc.group().get("role") == "primary", 15, 0.1)
+        wait_for("site-c's log applied", lambda: u64(cc.group().get("applied_lsn")) >=
+                 u64(cc.group().get("last_lsn")), 15, 0.1)
+        h = cc.connect()
+        if h.pread(65536, 1 << 20) != payload or h.pread(65536, 2 << 20) != b"\x66" * 65536:
+            raise TestFailure("site-c lacks a write that completed at site-a")
+        h.shutdown()
+    finally:
+        b.resume()
+
+
+def sync_set_refuses_outside(c):
+    etcd, a, b, cc, h, epoch_a = sync_set_started(c, 600000)
+    h.shutdown()
+    r = ctl(c, cc, "status")
+    if not re.search(r"sync-set:\{site-b\} floor \d+ \(site-a@%d\)" % epoch_a, r.stdout):
+        raise TestFailure(f"tvillingctl status on site-c does not show the sync set:\n{r.stdout}")
+    with urllib.request.urlopen(f"http://127.0.0.1:{cc.metrics_port}/metrics", timeout=10) as m:
+        text = m.read().decode("utf-8")
+    for name, value in (("tvilling_group_sync_set_members", 1),
+                        ("tvilling_group_sync_set_epoch", epoch_a)):
+        if not re.search(r"^%s\{[^}]*group=\"g0\"[^}]*\} %d$" % (name, value), text, re.M):
+            raise TestFailure(f"site-c's /metrics lacks {name} {value}")
+    b.pause()
+    try:
+        log("site-b frozen (SIGSTOP)")
+        a.kill9()
+        t_kill = time.monotonic()
+        log("site-a killed (-9)")
+        wait_for("site-c's refusal that names the sync set", lambda: log_has(
+            cc, r"site-c \(not in the sync set \{site-b\} floor \d+ published by site-a in "
+            r"epoch %d\)" % epoch_a), LEASE_TTL_MS / 1000 + 15, 0.2)
+        log("refusal: " + log_has(cc, r"the primary site-a is gone: .*"))
+        if not log_has(cc, r"tvillingctl failover approve --group g0 --site site-c"):
+            raise TestFailure("the refusal does not say how to approve site-c")
+        time.sleep(max(0.0, LEASE_TTL_MS / 1000 + 3 - (time.monotonic() - t_kill)))
+        if etcd.get("/tvilling/groups/g0/leader") != "":
+            raise TestFailure("a site outside the sync set took the leader key automatically")
+        if cc.group().get("role") != "replica":
+            raise TestFailure("site-c was promoted although it is not in the sync set")
+        if "site=site-c" not in etcd.get("/tvilling/groups/g0/pending"):
+            raise TestFailure("site-c's plan is not pending in etcd")
+        r = ctl(c, cc, "failover", "approve", "--group", "g0", "--site", "site-c")
+        if r.returncode != 0:
+            raise TestFailure(f"approve failed: rc {r.returncode} {r.stdout} {r.stderr}")
+        wait_for("site-c to take the key after the approval",
+                 lambda: etcd.get("/tvilling/groups/g0/leader") == "site-c", 15, 0.05)
+        wait_for("site-c primary", lambda: cc.group().get("role") == "primary", 15, 0.1)
+        wait_for("site-c's log applied", lambda: u64(cc.group().get("applied_lsn")) >=
+                 u64(cc.group().get("last_lsn")), 15, 0.1)
+        h = cc.connect()
+        if h.pread(65536, 0) != b"\x55" * 65536:
+            raise TestFailure("site-c lacks the write completed before site-b was frozen")
+        h.shutdown()
+    finally:
+        b.resume()
 
 
 def pause_holds_failover(c):
@@ -796,15 +982,342 @@ def switchover_rolls_back(c):
     assert_identical(a, [b])
 
 
+# ---- switchover A->B->A under fio load with the checker; site evacuation -------------------------
+
+CHECK = None  # tvilling-check (--check), for switchover_under_load_checked
+CHECK_SIZE = 16 << 20
+
+
+def three_sync_sites(c, endpoints, groups=("g0",), volumes=None):
+    """site-a primary of every group; site-a and site-b are each other's sync peers, site-c is an
+    async peer of both (and has both as async peers): the switchover target is always a sync
+    peer. `volumes`: group -> its volume names (default: group gN has one volume, volN).
+    Returns the three agents (not started)."""
+    volumes = volumes or {g: [group_volume(g)] for g in groups}
+    a, b, cc = c.agent("site-a"), c.agent("site-b"), c.agent("site-c")
+    acl = [(s, s, list(groups)) for s in ("site-a", "site-b", "site-c")]
+    for agent, peers in ((a, [(b, "sync"), (cc, "async")]), (b, [(a, "sync"), (cc, "async")]),
+                         (cc, [(a, "async"), (b, "async")])):
+        agent.write_config([{"name": g, "primary": "site-a", "size": "64MiB",
+                             "volumes": volumes[g], "peers": [(p, m, None) for p, m in peers]}
+                            for g in groups], acl=acl)
+        with open(agent.config_path, "a") as f:
+            f.write("\n[coordinator]\nendpoints = [" + ", ".join(f'"{e}"' for e in endpoints) +
+                    f"]\nlease_ttl_ms = {LEASE_TTL_MS}\nanti_flap_ms = 0\n")
+    return a, b, cc
+
+
+def group_volume(group):
+    return "vol" + group[1:]
+
+
+def start_three(c, etcd, agents, groups=("g0",)):
+    a, b, cc = agents
+    b.start()
+    cc.start()
+    a.start()
+    for g in groups:
+        wait_for(f"site-a to hold the leader key of {g}",
+                 lambda g=g: etcd.get(f"/tvilling/groups/{g}/leader") == "site-a", 30, 0.2)
+        wait_for(f"site-a primary of {g}", lambda g=g: a.group(g).get("role") == "primary", 15,
+                 0.1)
+        for r in (b, cc):
+            wait_for(f"{r.site} streaming {g}", lambda g=g, r=r: (a.peer(r.site, g) or {}).get(
+                "link_state") == "streaming", 30, 0.2)
+
+
+def primary_of(sites, group="g0"):
+    for s in sites:
+        for g in (s.try_status() or {}).get("groups", []):
+            if g.get("name") == group and g.get("role") == "primary":
+                return s
+    return None
+
+
+class FioLoop:
+    """fio's nbd engine (4 KiB randwrite, QD 8) on `export` of whichever site is primary, in runs
+    of a few seconds: fio stops at the first failed write (ESHUTDOWN when its primary is switched
+    over, or a refused read-only export), and the loop starts it again at the current primary, as
+    docs/operations.md tells clients to."""
+
+    def __init__(self, c, sites, export="vol1"):
+        import threading
+        self.c, self.sites, self.export = c, sites, export
+        self.runs_ok = 0
+        self.runs_failed = 0
+        self.run_sites = []  # the site of each run, in order
+        self.stop_flag = False
+        self.proc = None
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        c.on_exit(self.kill)
+
+    def run(self):
+        n = 0
+        while not self.stop_flag:
+            p = primary_of(self.sites)
+            if p is None:
+                time.sleep(0.05)
+                continue
+            n += 1
+            self.run_sites.append(p.site)
+            out = os.path.join(self.c.tmp, f"fio-{n}.txt")
+            self.proc = subprocess.Popen(
+                ["fio", "--name=load", "--ioengine=nbd", f"--uri={p.uri(self.export)}",
+                 "--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=32M", "--time_based",
+                 "--runtime=3", f"--output={out}"], stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True)
+            rc = self.proc.wait()
+            if rc == 0:
+                self.runs_ok += 1
+            else:
+                self.runs_failed += 1
+                time.sleep(0.05)
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.stop_flag = True
+        self.thread.join(30)
+        self.kill()
+        log(f"fio: {self.runs_ok} runs ended cleanly, {self.runs_failed} ended with an error and "
+            f"were restarted at the primary; runs at {','.join(self.run_sites)}")
+
+
+def check_verify(log_path, image, expect=0):
+    r = subprocess.run([CHECK, "verify", "--log", log_path, "--image", image, "--mode", "sync"],
+                       capture_output=True, text=True, timeout=120)
+    tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-4:])
+    log(f"verify {image}: rc {r.returncode}\n{tail}")
+    if r.returncode != expect:
+        raise TestFailure(f"tvilling-check verify of {image} exited {r.returncode} (expected "
+                          f"{expect}):\n{r.stdout[-3000:]}{r.stderr[-2000:]}")
+
+
+def switchover_group(c, from_agent, to_site, group="g0", timeout="10"):
+    r = ctl(c, from_agent, "switchover", "--group", group, "--to", to_site, "--timeout", timeout)
+    m = re.search(r"write pause: (\d+) ms", r.stdout)
+    if r.returncode != 0 or m is None:
+        raise TestFailure(f"switchover of {group} {from_agent.site}->{to_site} failed")
+    return int(m.group(1))
+
+
+def switchover_under_load_checked(c):
+    """Planned switchover A->B->A with three sites and a three-member etcd, under fio (vol1) and
+    the checker (vol0) that both retry at the new primary; RPO 0 on every site afterwards."""
+    if CHECK is None:
+        raise TestFailure("this scenario needs --check (tvilling-check)")
+    if shutil.which("fio") is None:
+        raise TestFailure("fio not found (Debian package fio)")
+    etcd = EtcdCluster(c).start()
+    a, b, cc = agents = three_sync_sites(c, etcd.endpoints, volumes={"g0": ["vol0", "vol1"]})
+    start_three(c, etcd, agents)
+    log_path = os.path.join(c.tmp, "checker.log")
+    out = open(os.path.join(c.tmp, "checker.out"), "w")
+    err = open(os.path.join(c.tmp, "checker.err"), "w")
+    checker = subprocess.Popen(
+        [CHECK, "write", "--uri", a.uri("vol0"), "--uri", b.uri("vol0"), "--uri", cc.uri("vol0"),
+         "--size", str(CHECK_SIZE), "--qd", "8", "--duration", "25", "--log", log_path,
+         "--seed", "11"], stdout=out, stderr=err, start_new_session=True)
+    c.on_exit(lambda: checker.poll() is None and os.killpg(checker.pid, signal.SIGKILL))
+    fio = FioLoop(c, agents).start()
+    wait_for("fio writing at site-a", lambda: u64(a.group().get("last_lsn")) > 2000, 30, 0.2)
+    pause_ab = switchover_group(c, a, "site-b")
+    wait_for("site-b primary", lambda: b.group().get("role") == "primary", 10, 0.05)
+    wait_for("site-a a replica", lambda: a.group().get("role") == "replica", 10, 0.05)
+    last = u64(b.group().get("last_lsn"))
+    wait_for("writes at site-b", lambda: u64(b.group().get("last_lsn")) > last + 2000, 30, 0.1)
+    wait_for("site-a streaming from site-b", lambda: (b.peer("site-a") or {}).get("link_state")
+             == "streaming", 30, 0.1)
+    if checker.poll() is not None or fio.stop_flag:
+        raise TestFailure("the checker ended before the switchover back: make its --duration "
+                          "longer")
+    pause_ba = switchover_group(c, b, "site-a")
+    wait_for("site-a primary again", lambda: a.group().get("role") == "primary", 10, 0.05)
+    last = u64(a.group().get("last_lsn"))
+    wait_for("writes at site-a again", lambda: u64(a.group().get("last_lsn")) > last + 2000, 30,
+             0.1)
+    log(f"MEASURED write pause under fio + checker: A->B {pause_ab} ms, B->A {pause_ba} ms")
+    try:
+        rc = checker.wait(60)
+    except subprocess.TimeoutExpired:
+        raise TestFailure("tvilling-check write did not end in time")
+    fio.stop()
+    with open(os.path.join(c.tmp, "checker.out")) as f:
+        counts = f.read().strip()
+    log(f"checker: rc {rc} {counts}")
+    if rc != 0:
+        with open(os.path.join(c.tmp, "checker.err")) as f:
+            raise TestFailure(f"tvilling-check write failed (rc {rc}): {f.read()[-2000:]}")
+    m = re.search(r'"completed":(\d+)', counts)
+    if not m or int(m.group(1)) < 500:
+        raise TestFailure(f"too few checker writes completed to prove anything: {counts}")
+    if not re.search(r'"failed":[1-9]|"failed_connects":[1-9]|"connects":([3-9]|\d\d)', counts):
+        raise TestFailure(f"the checker never followed the primary to another site: {counts}")
+    if "site-b" not in fio.run_sites or fio.run_sites[-1] != "site-a" or \
+            fio.run_sites.index("site-b") == 0:
+        raise TestFailure(f"fio did not follow the primary A->B->A: runs at {fio.run_sites}")
+    if etcd.get("/tvilling/groups/g0/leader") != "site-a":
+        raise TestFailure("site-a does not hold the leader key at the end")
+    wait_caught_up(a, [b, cc])
+    for agent in (a, b, cc):
+        check_verify(log_path, agent.uri("vol0"))  # RPO 0: every completed write is there
+    for export in ("vol0", "vol1"):
+        assert_identical(a, [b, cc], export)
+    hist = ctl(c, a, "history", "--group", "g0").stdout
+    if len(re.findall(r"switchover  ok", hist)) != 2:
+        raise TestFailure(f"the history lacks the two switchovers:\n{hist}")
+
+
+EVAC_GROUPS = ("g0", "g1", "g2")
+
+
+def evacuation_sites(c):
+    etcd = EtcdCluster(c).start()
+    agents = three_sync_sites(c, etcd.endpoints, groups=EVAC_GROUPS)
+    start_three(c, etcd, agents, EVAC_GROUPS)
+    a = agents[0]
+    for i, g in enumerate(EVAC_GROUPS):
+        h = a.connect(group_volume(g))
+        h.pwrite(bytes([0x41 + i]) * 65536, 4096 * i)
+        h.flush()
+        h.shutdown()
+    return etcd, agents
+
+
+def evacuate(c, agent, *args, timeout="10"):
+    return ctl(c, agent, "switchover", "--all-groups", "--from", agent.site, "--to", "site-b",
+               "--timeout", timeout, *args)
+
+
+def evacuate_site(c):
+    """Three groups, primary site-a, evacuated to site-b two at a time in the order g2, g0, g1
+    under a write load on g0: every group moves, every volume is identical afterwards, and each
+    move is in the audit log."""
+    etcd, (a, b, cc) = evacuation_sites(c)
+    r = evacuate(c, a, "--dry-run", "--order", "g2")
+    if r.returncode != 0 or r.stdout.count("dry run, nothing changed") != 3 or \
+            "in this order: g2,g0,g1" not in r.stdout:
+        raise TestFailure("the dry run did not print the plan of every group in order")
+    for g in EVAC_GROUPS:
+        if etcd.get(f"/tvilling/groups/{g}/leader") != "site-a":
+            raise TestFailure("the dry run moved a group")
+    load = WriteLoad([a, b]).start()
+    wait_for("writes flowing", lambda: load.count > 200, 30, 0.05)
+    r = evacuate(c, a, "--concurrency", "2", "--order", "g2,g0")
+    if r.returncode != 0 or "3 of 3 groups moved" not in r.stdout:
+        raise TestFailure(f"the evacuation did not move every group (rc {r.returncode})")
+    starts = re.findall(r"^(g\d): switching over", r.stdout, re.M)
+    if starts != ["g2", "g0", "g1"]:
+        raise TestFailure(f"groups started in the order {starts}, not g2, g0, g1")
+    for g in EVAC_GROUPS:
+        if etcd.get(f"/tvilling/groups/{g}/leader") != "site-b":
+            raise TestFailure(f"the leader key of {g} is not site-b's")
+        wait_for(f"site-b primary of {g}", lambda g=g: b.group(g).get("role") == "primary", 10,
+                 0.05)
+        wait_for(f"site-a replica of {g}", lambda g=g: a.group(g).get("role") == "replica", 10,
+                 0.05)
+    n = load.count
+    wait_for("writes flowing at site-b", lambda: load.count > n + 200, 30, 0.05)
+    load.stop()
+    for g in EVAC_GROUPS:
+        wait_caught_up(b, [a, cc], group=g)
+    load.check(b)
+    for g in EVAC_GROUPS:
+        assert_identical(b, [a, cc], group_volume(g))
+        hist = ctl(c, a, "history", "--group", g).stdout
+        if len(re.findall(r"switchover  ok .* to site-b \(evacuation of site-a to site-b, "
+                          r"group \d of 3\)", hist)) != 1:
+            raise TestFailure(f"the history of {g} lacks its switchover:\n{hist}")
+
+
+def evacuate_aborts(c):
+    """site-b frozen (SIGSTOP): the first group's switchover rolls back, the others are not
+    started, exit 3; an evacuation interrupted with SIGINT lets the group in flight roll back and
+    starts no other. Every group stays primary at site-a and takes writes (none left paused)."""
+    etcd, (a, b, cc) = evacuation_sites(c)
+    b.pause()
+    log("site-b frozen (SIGSTOP)")
+    # One write per group that site-b cannot have: each switchover has something to drain, so it
+    # rolls back. (Without one, the drain is instant and the key is handed to the frozen site.)
+    pending_writes = []
+    for i, g in enumerate(EVAC_GROUPS):
+        h = a.connect(group_volume(g))
+        pending_writes.append((g, h, h.aio_pwrite(bytes([0x71 + i]) * 4096, 2 << 20)))
+    try:
+        r = evacuate(c, a, "--order", "g1", timeout="1.5")
+        if r.returncode != 3:
+            raise TestFailure(f"the evacuation to a frozen site exited {r.returncode}, not 3")
+        for want in (r"g1: rolled back: site-b did not catch up", r"g0: not started",
+                     r"g2: not started", r"0 of 3 groups moved; aborted: group g1 rolled back"):
+            if not re.search(want, r.stdout):
+                raise TestFailure(f"the report lacks {want!r}")
+        # SIGINT while g0 is in flight (site-b still frozen: it waits for its --timeout).
+        p = subprocess.Popen([c.tvillingctl, "--socket", a.control_socket, "switchover",
+                              "--all-groups", "--from", "site-a", "--to", "site-b", "--timeout",
+                              "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        c.on_exit(lambda: p.poll() is None and p.kill())
+        first = p.stdout.readline()
+        if not first.startswith("evacuation of site-a to site-b"):
+            raise TestFailure(f"unexpected first line {first!r}")
+        if not p.stdout.readline().startswith("g0: switching over"):
+            raise TestFailure("g0 was not started first")
+        time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        log(f"interrupted evacuation -> rc {p.returncode}:\n{out}{err}")
+        if p.returncode != 3:
+            raise TestFailure(f"the interrupted evacuation exited {p.returncode}, not 3")
+        for want in (r"interrupted: no new group starts; waiting for 1 in flight",
+                     r"g0: rolled back", r"g1: not started", r"g2: not started",
+                     r"aborted: interrupted \(SIGINT\)"):
+            if not re.search(want, out):
+                raise TestFailure(f"the interrupted report lacks {want!r}")
+    finally:
+        b.resume()
+    log("site-b thawed (SIGCONT)")
+    for g, h, cookie in pending_writes:
+        wait_completed(h, cookie, 60, f"the write to {g} issued while site-b was frozen")
+        h.shutdown()
+    for i, g in enumerate(EVAC_GROUPS):
+        if etcd.get(f"/tvilling/groups/{g}/leader") != "site-a" or \
+                a.group(g).get("role") != "primary":
+            raise TestFailure(f"site-a is not the primary of {g} after the aborts")
+        h = a.connect(group_volume(g))  # not paused: a write completes
+        h.pwrite(bytes([0x61 + i]) * 4096, 1 << 20)
+        h.flush()
+        h.shutdown()
+    for g in EVAC_GROUPS:
+        wait_caught_up(a, [b, cc], group=g)
+        assert_identical(a, [b, cc], group_volume(g))
+    for g, n in (("g0", 1), ("g1", 1), ("g2", 0)):
+        hist = ctl(c, a, "history", "--group", g).stdout
+        if len(re.findall(r"switchover  refused", hist)) != n or "switchover  ok" in hist:
+            raise TestFailure(f"the history of {g} should hold {n} refused switchover(s):\n{hist}")
+
+
 SCENARIOS = {f.__name__: f for f in (elects_configured_primary, suspends_without_etcd,
                                      two_sites_refuse, etcd_unreachable, switchover_dry_run,
                                      elected_replica_takes_over, manual_promote_demote,
                                      pause_holds_failover,
                                      manual_policy_promote, switchover_there_and_back,
-                                     switchover_rolls_back)}
+                                     switchover_rolls_back, switchover_under_load_checked,
+                                     evacuate_site, evacuate_aborts,
+                                     sync_set_degrade_then_failover, sync_set_refuses_outside)}
 
 if __name__ == "__main__":
     if shutil.which("etcd") is None:
         print("etcd not found (Debian package etcd-server)", file=sys.stderr)
         sys.exit(1)
-    sys.exit(run_main(SCENARIOS))
+    argv = sys.argv[1:]
+    if "--check" in argv:  # tvilling-check, for switchover_under_load_checked
+        i = argv.index("--check")
+        CHECK = os.path.abspath(argv[i + 1])
+        del argv[i:i + 2]
+    sys.exit(run_main(SCENARIOS, argv))

@@ -22,7 +22,10 @@
 // The glue does what agent/coordinator and agent/node do with the machine's actions: kPromote makes
 // the site a primary in the key's epoch (a PrimaryGroup over its log, a new history entry),
 // kDemote makes it a replica again (held writes are failed, never completed), kResumeIo /
-// kSuspendIo gate client completions. A replica whose log diverged from the new primary (the old
+// kSuspendIo gate client completions, the primary publishes its sync set to etcd (one Txn at a
+// time, guarded by its epoch) before a write completes without a member, and each site reads the
+// set with the site reports (--no-sync-set: neither, the election by the lag gate alone, which
+// loses sync writes in mixed mode). A replica whose log diverged from the new primary (the old
 // primary's unreplicated tail) is refused as diverged; the sim then does what the operator's
 // rejoin does: its log is cut back to the common prefix, and it streams again.
 //
@@ -68,6 +71,7 @@ using core::EvSessionLost;
 using core::EvSessionRenewed;
 using core::EvSessionStarted;
 using core::EvSites;
+using core::EvSyncSet;
 using core::EvTick;
 using core::FailoverAction;
 using core::FailoverMachine;
@@ -81,6 +85,7 @@ using core::Positions;
 using core::PrimaryGroup;
 using core::PrimaryHello;
 using core::PrimaryReport;
+using core::PublishedSyncSet;
 using core::ReplicaReceiver;
 using core::ReplicaView;
 using core::SiteReport;
@@ -162,6 +167,7 @@ struct Site {
   uint64_t seen_write_released = 0, seen_flush_released = 0;
   std::map<std::string, Positions> seen_positions;
   Nanos next_primary_report = 0;
+  uint64_t sync_publishes = 0;  // the sync set Txn in flight (its answer or deadline must match)
   // As replica.
   std::unique_ptr<ReplicaReceiver> rx;
   int from = -1;  // the primary whose stream it accepted
@@ -179,11 +185,12 @@ struct Failure {
 
 class Sim {
  public:
-  Sim(uint64_t seed, Plant plant, bool trace, bool mixed, bool sync_check)
+  Sim(uint64_t seed, Plant plant, bool trace, bool mixed, bool sync_check, bool sync_set)
       : rng_{seed * 0x2545F4914F6CDD1Dull + 7},
         plant_(plant),
         trace_(trace),
-        sync_check_(sync_check) {
+        sync_check_(sync_check),
+        sync_set_(sync_set) {
     ttl_ = static_cast<Nanos>(rng_.Range(8, 20)) * 100 * kMs;
     max_delay_ = static_cast<Nanos>(rng_.Range(1, 15)) * 10 * kMs;
     loss_ = rng_.Chance(0.5) ? 0.02 : 0.08;
@@ -398,7 +405,7 @@ class Sim {
       return [this, i, id, sent] {
         sites_[i].session_pending = false;
         sites_[i].lease = id;
-        sites_[i].next_keepalive = now_ + ttl_ / 6;
+        sites_[i].next_keepalive = now_ + ttl_ / 4;  // 3/8 of suspend_after, as the coordinator
         Handle(i, EvSessionStarted{id, sent});
       };
     });
@@ -486,6 +493,7 @@ class Sim {
     for (const Rec& r : s.log) s.pg->OnLocalAppend(r.lsn, 4096, 1 + r.lsn, now_);
     s.pg->OnLocalDurable(s.durable);
     s.pg->OnLocalApplied(s.durable);
+    if (sync_set_) s.pg->GateOnPublishedSyncSet();
     s.next_primary_report = now_;
     Trace(s.name + " is primary in epoch " + std::to_string(epoch) + " with log " +
           std::to_string(s.last()) + " (durable " + std::to_string(s.durable) + ")");
@@ -510,7 +518,7 @@ class Sim {
     o.sites = {"a", "b", "c"};
     o.configured_primary = "a";
     o.lease_ttl = ttl_;
-    o.suspend_after = plant_ == Plant::kSuspendLate ? ttl_ * 2 : ttl_ / 2;
+    o.suspend_after = plant_ == Plant::kSuspendLate ? ttl_ * 2 : ttl_ * 2 / 3;
     o.max_lag_bytes = max_lag_bytes_;
     o.max_lag_time = 1000 * kMs * 1000;
     o.anti_flap = 2 * ttl_;
@@ -749,6 +757,7 @@ class Sim {
       }
     }
     s.pg->OnTick(now_);
+    PublishSyncSet(i);
     Complete(i);
     if (now_ >= s.next_primary_report) {
       s.next_primary_report = now_ + 250 * kMs;
@@ -811,6 +820,38 @@ class Sim {
         ++revision_;
       }
       return nullptr;
+    });
+  }
+
+  // What the node and the coordinator do with the sync set: one Txn at a time, guarded by the
+  // leader key's create revision and value like the primary report; no answer by the deadline
+  // (longer than any delay of a request) is a failure whose outcome is unknown.
+  void PublishSyncSet(int i) {
+    Site& s = sites_[i];
+    const std::optional<core::SyncSet> want = s.pg->SyncSetToPublish();
+    if (!want) return;
+    s.pg->OnSyncSetSent(*want);
+    const uint64_t nr = ++s.sync_publishes;
+    const uint64_t epoch = s.epoch;
+    const uint64_t inc = s.incarnation;
+    const std::string name = s.name;
+    const core::SyncSet set = *want;
+    auto done = [this, i, nr, epoch, inc, set](bool ok) {
+      Site& t = sites_[i];
+      if (!t.up || t.incarnation != inc || t.sync_publishes != nr || !t.pg || t.epoch != epoch)
+        return;
+      ++t.sync_publishes;  // answered: the deadline is void
+      Trace(t.name + ": sync set " + core::DescribeSyncSet(set) + (ok ? " published" : " failed"));
+      t.pg->OnSyncSetPublished(set, ok);
+    };
+    At(now_ + 10 * max_delay_ + 100 * kMs, [done] { done(false); });
+    Etcd(i, [this, epoch, name, set, done]() -> std::function<void()> {
+      const bool ok = key_.present && key_.epoch == epoch && key_.site == name;
+      if (ok) {
+        sync_key_ = PublishedSyncSet{name, epoch, set};
+        ++revision_;
+      }
+      return [done, ok] { done(ok); };
     });
   }
 
@@ -922,7 +963,7 @@ class Sim {
         NewSession(i);
       }
       if (s.lease != 0 && now_ >= s.next_keepalive) {
-        s.next_keepalive = now_ + ttl_ / 6;
+        s.next_keepalive = now_ + ttl_ / 4;  // 3/8 of suspend_after, as the coordinator
         KeepAlive(i);
       }
       if (now_ >= s.next_site_report) {
@@ -933,7 +974,14 @@ class Sim {
           for (const auto& [j, rl] : site_reports_) {
             if (LeaseAlive(rl.second)) alive[sites_[j].name] = rl.first;
           }
-          return [this, i, alive] { Handle(i, EvSites{alive}); };
+          // The sync set is read with the site reports (the coordinator does the same), so a
+          // candidate decides on a set read after the leader key vanished (only the key's holder
+          // writes it).
+          const std::optional<PublishedSyncSet> sync = sync_key_;
+          return [this, i, alive, sync] {
+            Handle(i, EvSyncSet{sync});
+            Handle(i, EvSites{alive});
+          };
         });
       }
     }
@@ -1053,6 +1101,7 @@ class Sim {
              std::to_string(lag.bytes) + " bytes";
       }
     }
+    if (sync_key_) r += "; " + sync_key_->Describe();
     r += "; lag gate " + std::to_string(max_lag_bytes_) + " bytes";
     return r;
   }
@@ -1061,6 +1110,7 @@ class Sim {
   Plant plant_;
   bool trace_;
   bool sync_check_;
+  bool sync_set_;  // the primary publishes its sync set and the election follows it
   Nanos ttl_ = 0, max_delay_ = 0, degrade_ = 0;
   double loss_ = 0;
   uint64_t max_lag_bytes_ = 0;
@@ -1084,6 +1134,7 @@ class Sim {
   std::map<int64_t, Nanos> leases_;  // id -> expiry
   LeaderView key_, watched_key_;
   std::optional<PrimaryReport> primary_report_, watched_report_;
+  std::optional<PublishedSyncSet> sync_key_;
   std::map<int, std::pair<SiteReport, int64_t>> site_reports_;  // site -> (report, lease)
   Nanos etcd_down_until_ = 0, etcd_down_since_ = 0;
   bool extend_leases_ = false;
@@ -1098,7 +1149,7 @@ class Sim {
 int Usage() {
   std::fprintf(stderr,
                "usage: tvilling_failover_sim [--seed N] [--seeds N|LO:HI] [--steps N] [--mixed]\n"
-               "         [--no-sync-check]\n"
+               "         [--no-sync-check] [--no-sync-set]\n"
                "         [--planted-bug suspend-late|no-sync-wait|rejoin-keeps-tail "
                "--expect-failure] [--trace]\n");
   return 2;
@@ -1108,7 +1159,7 @@ int Main(int argc, char** argv) {
   uint64_t seed = 1, seeds = 1;
   int steps = 4000;
   std::string plant_name = "none";
-  bool expect_failure = false, trace = false, mixed = false, sync_check = true;
+  bool expect_failure = false, trace = false, mixed = false, sync_check = true, sync_set = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
@@ -1137,6 +1188,8 @@ int Main(int argc, char** argv) {
       mixed = true;
     } else if (a == "--no-sync-check") {
       sync_check = false;
+    } else if (a == "--no-sync-set") {
+      sync_set = false;
     } else {
       return Usage();
     }
@@ -1145,7 +1198,7 @@ int Main(int argc, char** argv) {
   if (!plant || steps <= 0 || seeds == 0) return Usage();
   uint64_t promotions = 0, completions = 0, rejoins = 0, crashes = 0;
   for (uint64_t s = seed; s < seed + seeds; ++s) {
-    Sim sim(s, *plant, trace, mixed, sync_check);
+    Sim sim(s, *plant, trace, mixed, sync_check, sync_set);
     const std::optional<Failure> f = sim.Run(steps);
     promotions += sim.promotions();
     completions += sim.completions();
@@ -1154,10 +1207,11 @@ int Main(int argc, char** argv) {
     if (f) {
       std::printf(
           "seed %llu step %d: %s\n  (%s)\n  replay: tvilling_failover_sim --seed %llu "
-          "--steps %d%s%s%s%s --trace\n",
+          "--steps %d%s%s%s%s%s --trace\n",
           static_cast<unsigned long long>(s), f->step, f->what.c_str(), sim.Summary().c_str(),
           static_cast<unsigned long long>(s), steps, mixed ? " --mixed" : "",
-          sync_check ? "" : " --no-sync-check", plant_name == "none" ? "" : " --planted-bug ",
+          sync_check ? "" : " --no-sync-check", sync_set ? "" : " --no-sync-set",
+          plant_name == "none" ? "" : " --planted-bug ",
           plant_name == "none" ? "" : plant_name.c_str());
       if (expect_failure) {
         if (plant_name == "none") {

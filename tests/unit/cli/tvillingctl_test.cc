@@ -17,8 +17,10 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "agent/cli/ctl.h"
@@ -376,6 +378,146 @@ TEST_F(TvillingctlTest, SwitchoverDryRunPrintsThePlanOrWhyNot) {
               HasSubstr("switchover of group g0 to site-b could not be asked: gRPC code 12"));
   r = Ctl({"--socket", socket_, "switchover", "--to", "site-b", "--dry-run"});
   EXPECT_EQ(r.code, kExitUsage);
+}
+
+// An agent at site-a, primary of g0..g3 (site-b a streaming sync peer of each) and replica of r0,
+// that carries out Switchover by answering after a short while: OK, or for `fail` a roll-back.
+class EvacControl final : public v1::Control::Service {
+ public:
+  grpc::Status Status(grpc::ServerContext*, const v1::StatusRequest*,
+                      v1::StatusReply* reply) override {
+    reply->mutable_agent()->set_site("site-a");
+    for (const char* name : {"g3", "g1", "r0", "g0", "g2"}) {
+      v1::GroupStatus* g = reply->add_groups();
+      g->set_name(name);
+      g->set_role(name[0] == 'r' ? "replica" : "primary");
+      g->set_epoch(7);
+      g->set_last_lsn(100);
+      v1::PeerStatus* p = g->add_peers();
+      p->set_peer("site-b");
+      p->set_mode("sync");
+      p->set_link_state("streaming");
+      p->set_durable_lsn(100);
+    }
+    return grpc::Status::OK;
+  }
+  grpc::Status Switchover(grpc::ServerContext*, const v1::SwitchoverRequest* req,
+                          v1::SwitchoverReply* reply) override {
+    const int now = ++in_flight;
+    int seen = max_in_flight.load();
+    while (now > seen && !max_in_flight.compare_exchange_weak(seen, now)) {
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      calls.push_back(req->group());
+      contexts.push_back(req->context());
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(60));
+    --in_flight;
+    if (req->group() == fail) {
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                          "site-b did not catch up within 1500 ms (its durable LSN 90 of 100); "
+                          "rolled back: writes resumed on site-a after a pause of 1500 ms, "
+                          "nothing changed");
+    }
+    reply->set_message("site-b is the primary of group " + req->group());
+    reply->set_pause_ms(12);
+    return grpc::Status::OK;
+  }
+
+  std::string fail;
+  std::mutex mu;
+  std::vector<std::string> calls;     // GUARDED_BY(mu)
+  std::vector<std::string> contexts;  // GUARDED_BY(mu)
+  std::atomic<int> in_flight{0};
+  std::atomic<int> max_in_flight{0};
+};
+
+class EvacuateTest : public TvillingctlTest {
+ protected:
+  void StartEvac() {
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("unix:" + socket_, grpc::InsecureServerCredentials());
+    builder.RegisterService(&evac_);
+    server_ = builder.BuildAndStart();
+    ASSERT_NE(server_, nullptr) << socket_;
+  }
+  EvacControl evac_;
+};
+
+TEST_F(EvacuateTest, MovesEveryPrimaryGroupInOrder) {
+  StartEvac();
+  const Result r = Ctl({"--socket", socket_, "switchover", "--all-groups", "--from", "site-a",
+                        "--to", "site-b", "--order", "g2,r0"});
+  EXPECT_EQ(r.code, kExitOk) << r.out << r.err;
+  EXPECT_EQ(evac_.calls, (std::vector<std::string>{"g2", "g0", "g1", "g3"}));
+  EXPECT_EQ(evac_.max_in_flight.load(), 1);
+  ASSERT_EQ(evac_.contexts.size(), 4u);
+  EXPECT_EQ(evac_.contexts[0], "evacuation of site-a to site-b, group 1 of 4");
+  EXPECT_EQ(evac_.contexts[3], "evacuation of site-a to site-b, group 4 of 4");
+  EXPECT_THAT(r.out, HasSubstr("evacuation of site-a to site-b: 4 group(s) in this order: "
+                               "g2,g0,g1,g3; concurrency 1"));
+  EXPECT_THAT(r.out, HasSubstr("stays: r0: site site-a is its replica, not its primary"));
+  EXPECT_THAT(r.out, HasSubstr("  g1: moved: site-b is the primary of group g1 (write pause 12 "
+                               "ms)\n"));
+  EXPECT_THAT(r.out, HasSubstr("evacuation of site-a to site-b: 4 of 4 groups moved\n"));
+}
+
+TEST_F(EvacuateTest, ConcurrencyRunsSeveralAtATime) {
+  StartEvac();
+  const Result r = Ctl({"--socket", socket_, "switchover", "--all-groups", "--from", "site-a",
+                        "--to", "site-b", "--concurrency", "2"});
+  EXPECT_EQ(r.code, kExitOk) << r.out << r.err;
+  EXPECT_EQ(evac_.calls.size(), 4u);
+  EXPECT_EQ(evac_.max_in_flight.load(), 2);
+}
+
+TEST_F(EvacuateTest, FirstRollBackAbortsTheRest) {
+  evac_.fail = "g1";
+  StartEvac();
+  const Result r = Ctl(
+      {"--socket", socket_, "switchover", "--all-groups", "--from", "site-a", "--to", "site-b"});
+  EXPECT_EQ(r.code, kExitRefused) << r.out << r.err;
+  EXPECT_EQ(evac_.calls, (std::vector<std::string>{"g0", "g1"}));
+  EXPECT_THAT(r.out, HasSubstr("  g0: moved: "));
+  EXPECT_THAT(r.out, HasSubstr("  g1: rolled back: site-b did not catch up within 1500 ms"));
+  EXPECT_THAT(r.out, HasSubstr("  g2: not started\n  g3: not started\n"));
+  EXPECT_THAT(r.out, HasSubstr("1 of 4 groups moved; aborted: group g1 rolled back"));
+}
+
+TEST_F(EvacuateTest, DryRunPrintsEveryPlanAndChangesNothing) {
+  StartEvac();
+  const Result r = Ctl({"--socket", socket_, "switchover", "--all-groups", "--from", "site-a",
+                        "--to", "site-b", "--dry-run"});
+  EXPECT_EQ(r.code, kExitOk) << r.out << r.err;
+  EXPECT_TRUE(evac_.calls.empty());
+  for (const char* g : {"g0", "g1", "g2", "g3"}) {
+    EXPECT_THAT(r.out, HasSubstr(std::string("switchover of group ") + g +
+                                 " from site-a (epoch 7) to site-b: dry run"));
+  }
+  EXPECT_THAT(r.out, HasSubstr("every plan is possible now"));
+}
+
+TEST_F(EvacuateTest, UsageErrors) {
+  StartEvac();
+  // The agent asked is not the site to evacuate.
+  Result r = Ctl(
+      {"--socket", socket_, "switchover", "--all-groups", "--from", "site-c", "--to", "site-b"});
+  EXPECT_EQ(r.code, kExitUsage);
+  EXPECT_THAT(r.err, HasSubstr("is site site-a; run it on the agent of site site-c"));
+  r = Ctl({"--socket", socket_, "switchover", "--all-groups", "--from", "site-a", "--to", "site-b",
+           "--order", "g0,nope"});
+  EXPECT_EQ(r.code, kExitUsage);
+  EXPECT_THAT(r.err, HasSubstr("--order names group \"nope\", which site site-a does not have"));
+  r = Ctl({"--socket", socket_, "switchover", "--all-groups", "--to", "site-b"});
+  EXPECT_EQ(r.code, kExitUsage);
+  EXPECT_THAT(r.err, HasSubstr("needs --from SITE"));
+  r = Ctl({"--socket", socket_, "switchover", "--all-groups", "--group", "g0", "--from", "site-a",
+           "--to", "site-b"});
+  EXPECT_EQ(r.code, kExitUsage);
+  r = Ctl({"--socket", socket_, "switchover", "--from", "site-a", "--to", "site-b"});
+  EXPECT_EQ(r.code, kExitUsage);
+  EXPECT_TRUE(evac_.calls.empty());
 }
 
 v1::VerifyStatus VerifyResult(const std::string& state, uint64_t mismatches) {

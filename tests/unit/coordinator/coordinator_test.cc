@@ -53,5 +53,27 @@ TEST(CoordinatorReports, PrimaryReportRoundTripAndGarbage) {
   EXPECT_FALSE(DecodePrimaryReport("site=a epoch=1 last=2 peer.b=1,2,x").has_value());
 }
 
+TEST(CoordinatorReports, SyncSetRoundTripAndGarbage) {
+  EXPECT_EQ(SyncKey("/tvilling", "g1"), "/tvilling/groups/g1/sync");
+  core::PublishedSyncSet s{"site-a", 145, core::SyncSet{{"site-b", "site-c"}, 1000}};
+  const std::string v = EncodeSyncSet(s);
+  EXPECT_EQ(v, "site=site-a epoch=145 members=site-b,site-c floor=1000");
+  auto back = DecodeSyncSet(v);
+  ASSERT_TRUE(back.has_value());
+  EXPECT_EQ(back->site, "site-a");
+  EXPECT_EQ(back->epoch, 145u);
+  EXPECT_EQ(back->set, s.set);
+  // No member.
+  s.set.members.clear();
+  EXPECT_EQ(EncodeSyncSet(s), "site=site-a epoch=145 members= floor=1000");
+  back = DecodeSyncSet(EncodeSyncSet(s));
+  ASSERT_TRUE(back.has_value());
+  EXPECT_TRUE(back->set.members.empty());
+  EXPECT_FALSE(DecodeSyncSet("site=a epoch=1 floor=2").has_value()) << "members missing";
+  EXPECT_FALSE(DecodeSyncSet("site=a epoch=1 members=b,,c floor=2").has_value());
+  EXPECT_FALSE(DecodeSyncSet("site=a epoch=1 members=c,b floor=2").has_value()) << "unsorted";
+  EXPECT_FALSE(DecodeSyncSet("site=a epoch=x members=b floor=2").has_value());
+}
+
 }  // namespace
 }  // namespace tvilling::coordinator

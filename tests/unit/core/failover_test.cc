@@ -342,6 +342,64 @@ TEST(ChooseCandidate, LagGateEligibilityTiesAndLossBound) {
   EXPECT_EQ(p.winner, "c");
 }
 
+TEST(ChooseCandidate, SyncSetMembersOnlyAndTheFloor) {
+  FailoverOptions o = Opts("c");
+  // c is closest (async, within the gate), b is a member that lags more than the gate allows.
+  auto report = ReportFor(100, {90, 2 << 20, 1 * kS}, {99, 4096, 0});
+  const PublishedSyncSet sync{"a", 145, SyncSet{{"b"}, 40}};
+  CandidatePlan p = ChooseCandidate(o, Sites(90, 99), report, {}, sync);
+  EXPECT_EQ(p.winner, "b") << "a member holds every completed sync write: no lag gate";
+  EXPECT_THAT(p.refused.at("c"),
+              HasSubstr("not in the sync set {b} floor 40 published by a in epoch 145"));
+  EXPECT_EQ(ChooseCandidate(o, Sites(90, 99), report).winner, "c") << "without the set";
+  // A member that does not hold the floor (it joined this epoch's set before catching up).
+  p = ChooseCandidate(o, Sites(30, 99), report, {}, sync);
+  EXPECT_TRUE(p.winner.empty());
+  EXPECT_THAT(p.refused.at("b"), HasSubstr("durable LSN 30 is below the floor"));
+  // No member: the floor, then the lag gate as before.
+  const PublishedSyncSet none{"a", 145, SyncSet{{}, 95}};
+  p = ChooseCandidate(o, Sites(90, 99), report, {}, none);
+  EXPECT_EQ(p.winner, "c");
+  EXPECT_THAT(p.refused.at("b"), HasSubstr("below the floor"));
+}
+
+TEST(FailoverSyncSet, OutsideTheSetNeedsAnApprovalWithTheLossBound) {
+  auto report = ReportFor(100, {90, 40960, 1 * kS}, {97, 12288, 2 * kS});
+  const PublishedSyncSet sync{"a", 145, SyncSet{{"b"}, 50}};
+  // b, the member, has no session: c is within the gate but outside the set.
+  Replica c("c", Opts("c"), 103, {{"c", {97, true, false}}}, report);
+  c.f.m.Handle(0, EvSyncSet{sync});
+  const Nanos t = 100 * kS;
+  c.LoseLeader(t);
+  auto acts = c.Tick(t + 1 * kS);
+  ASSERT_THAT(Kinds(acts), ::testing::ElementsAre(K::kRefused, K::kPublishPending));
+  EXPECT_THAT(acts[0].message,
+              HasSubstr("c (not in the sync set {b} floor 50 published by a in epoch 145)"));
+  EXPECT_THAT(acts[0].message, HasSubstr("loses LSN 98..100, 12288 bytes"));
+  EXPECT_THAT(acts[0].message, HasSubstr("tvillingctl failover approve --group g --site c"));
+  EXPECT_EQ(acts[1].loss.from_lsn, 98u);
+  EXPECT_EQ(c.f.m.state(), S::kAwaitingApproval);
+  EXPECT_TRUE(c.Tick(t + 5 * kS).empty()) << "the refusal is said once";
+  // The operator approves: c campaigns.
+  acts = c.f.m.Handle(t + 6 * kS, EvApprove{"c", "CN=alice"});
+  EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kClearPending, K::kCampaign));
+
+  // The same without a set: c is elected automatically (today's lag gate).
+  Replica c2("c", Opts("c"), 103, {{"c", {97, true, false}}}, report);
+  c2.LoseLeader(t);
+  EXPECT_THAT(Kinds(c2.Tick(t + 1 * kS)), ::testing::ElementsAre(K::kCampaign));
+  // ... or with a set that has no member and a floor c holds.
+  Replica c3("c", Opts("c"), 103, {{"c", {97, true, false}}}, report);
+  c3.f.m.Handle(0, EvSyncSet{PublishedSyncSet{"a", 145, SyncSet{{}, 97}}});
+  c3.LoseLeader(t);
+  EXPECT_THAT(Kinds(c3.Tick(t + 1 * kS)), ::testing::ElementsAre(K::kCampaign));
+  // The member back: it is elected, and c's pending plan is not its business.
+  Replica b("b", Opts("b"), 102, {{"b", {90, true, false}}, {"c", {97, true, false}}}, report);
+  b.f.m.Handle(0, EvSyncSet{sync});
+  b.LoseLeader(t);
+  EXPECT_THAT(Kinds(b.Tick(t + 1 * kS)), ::testing::ElementsAre(K::kCampaign));
+}
+
 TEST(FailoverAutomatic, NobodyEligibleIsRefusedWithReasons) {
   auto report = ReportFor(100, {50, 5 << 20, 2 * kS}, {40, 6 << 20, 3 * kS});
   Replica b("b", Opts("b"), 102, Sites(50, 40), report);

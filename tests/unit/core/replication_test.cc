@@ -376,6 +376,84 @@ TEST(PrimaryGroup, DegradesDisconnectedSyncPeerAndRejoins) {
   EXPECT_EQ(g.write_released(), 6u);
 }
 
+// docs/coordinator.md, "Sync writes and the election": with the sync set in etcd, a degrade takes
+// effect on the release points only once a set without the member is published.
+TEST(PrimaryGroup, GatedDegradeWaitsForThePublishedSet) {
+  PrimaryGroup g;
+  g.AddPeer("s", Opts(Mode::kSync, 100 * kMs), {}, 0);
+  g.AddPeer("a", Opts(Mode::kAsync), {}, 0);
+  Append(g, 1, 3, 100, 0);  // the log before this epoch
+  g.OnLocalDurable(3);
+  g.GateOnPublishedSyncSet();
+  // Nothing of this epoch completes before its first set is in etcd.
+  Append(g, 4, 5, 100, 0);
+  g.OnLocalDurable(5);
+  Stream(g, "s", 6, 0);
+  g.OnPosition("s", {5, 5, 0}, 0);
+  EXPECT_EQ(g.write_released(), 3u);
+  std::optional<SyncSet> want = g.SyncSetToPublish();
+  ASSERT_TRUE(want);
+  EXPECT_EQ(*want, (SyncSet{{"s"}, 3}));
+  g.OnSyncSetSent(*want);
+  EXPECT_FALSE(g.SyncSetToPublish()) << "one at a time";
+  EXPECT_TRUE(g.OnSyncSetPublished(*want, true));
+  EXPECT_EQ(g.write_released(), 5u);
+  EXPECT_EQ(g.flush_released(), 5u);
+  EXPECT_FALSE(g.SyncSetToPublish()) << "etcd holds the wanted set";
+
+  // s goes away and degrades: writes keep waiting until the smaller set is published.
+  g.OnDisconnected("s", "gone", 10 * kMs);
+  Append(g, 6, 8, 100, 20 * kMs);
+  g.OnLocalDurable(8);
+  EXPECT_TRUE(g.OnTick(110 * kMs));
+  EXPECT_TRUE(StatusOf(g, "s").degraded);
+  EXPECT_TRUE(StatusOf(g, "s").in_sync_set) << "still in the published set";
+  EXPECT_EQ(g.write_released(), 5u);
+  want = g.SyncSetToPublish();
+  ASSERT_TRUE(want);
+  EXPECT_EQ(*want, (SyncSet{{}, 8}));  // no member: the floor is the last LSN
+  g.OnSyncSetSent(*want);
+  Append(g, 9, 9, 100, 120 * kMs);
+  g.OnLocalDurable(9);
+  EXPECT_EQ(g.write_released(), 5u);
+  // A failed Txn publishes nothing: still waiting, and the next attempt carries a new floor.
+  EXPECT_TRUE(g.OnSyncSetPublished(*want, false));
+  EXPECT_EQ(g.write_released(), 5u);
+  want = g.SyncSetToPublish();
+  ASSERT_TRUE(want);
+  EXPECT_EQ(*want, (SyncSet{{}, 9}));
+  g.OnSyncSetSent(*want);
+  Append(g, 10, 10, 100, 130 * kMs);
+  g.OnLocalDurable(10);
+  EXPECT_TRUE(g.OnSyncSetPublished(*want, true));
+  EXPECT_FALSE(StatusOf(g, "s").in_sync_set);
+  EXPECT_EQ(g.write_released(), 10u);
+  EXPECT_EQ(g.flush_released(), 10u);
+  EXPECT_FALSE(g.SyncSetToPublish()) << "no member still: nothing to publish for new writes";
+
+  // s catches up and rejoins: it counts at once, and is published after.
+  Stream(g, "s", 6, 200 * kMs);
+  EXPECT_TRUE(g.OnPosition("s", {10, 10, 0}, 200 * kMs));
+  EXPECT_TRUE(StatusOf(g, "s").in_sync_set);
+  Append(g, 11, 11, 100, 210 * kMs);
+  g.OnLocalDurable(11);
+  EXPECT_EQ(g.write_released(), 10u);
+  want = g.SyncSetToPublish();
+  ASSERT_TRUE(want);
+  EXPECT_EQ(*want, (SyncSet{{"s"}, 9}));
+}
+
+TEST(PrimaryGroup, UngatedDegradeActsAtOnceAndPublishesNothing) {
+  PrimaryGroup g;
+  g.AddPeer("s", Opts(Mode::kSync, 100 * kMs), {}, 0);
+  Append(g, 1, 5, 100, 0);
+  g.OnLocalDurable(5);
+  EXPECT_FALSE(g.SyncSetToPublish());
+  EXPECT_TRUE(g.OnTick(100 * kMs));
+  EXPECT_EQ(g.write_released(), 5u);
+  EXPECT_FALSE(g.SyncSetToPublish());
+}
+
 TEST(PrimaryGroup, DegradesConnectedSyncPeerThatDoesNotAck) {
   PrimaryGroup g;
   g.AddPeer("s", Opts(Mode::kSync, 100 * kMs), {}, 0);

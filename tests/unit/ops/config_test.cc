@@ -344,13 +344,13 @@ TEST(CoordinatorConfigTest, AbsentMeansStaticRolesAndDefaultsAreFilled) {
   EXPECT_EQ(c.endpoints, (std::vector<std::string>{"127.0.0.1:2379", "h2:2379"}));
   EXPECT_EQ(c.prefix, "/tvilling");
   EXPECT_EQ(c.lease_ttl_ms, 3000u);
-  EXPECT_EQ(c.suspend_after_ms, 1500u);
+  EXPECT_EQ(c.suspend_after_ms, 2000u);
   EXPECT_EQ(c.policy, FailoverPolicy::kAutomatic);
   EXPECT_EQ(c.max_lag_bytes, 1u << 20);
   EXPECT_TRUE(c.ca.empty());
   Config again = *config;
   ASSERT_TRUE(Validate(again).ok());
-  EXPECT_EQ(again.coordinator->suspend_after_ms, 1500u);
+  EXPECT_EQ(again.coordinator->suspend_after_ms, 2000u);
 }
 
 TEST(CoordinatorConfigTest, EveryKeyIsRead) {
