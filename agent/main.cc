@@ -39,6 +39,7 @@
 #include "agent/node/group_runtime.h"
 #include "agent/node/replication.h"
 #include "agent/node/replication_service.h"
+#include "agent/node/verify_command.h"
 #include "agent/ops/agent_metrics.h"
 #include "agent/ops/config.h"
 #include "agent/ops/logging.h"
@@ -480,6 +481,7 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
     coordinator = std::move(*c);
   }
   ops::NotifyStatus("starting listeners");
+  node::VerifyRegistry verify_registry;  // online verify results, for status and metrics
   const auto fill_status = [&](v1::StatusReply* out) {
     out->mutable_agent()->set_site(config.agent.site);
     out->mutable_agent()->set_version(TVILLING_VERSION);
@@ -492,6 +494,7 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
       v1::GroupStatus* gs = out->add_groups();
       gs->set_name(c->name());
       c->FillStatus(gs);
+      verify_registry.Fill(gs);
       for (const auto& v : views) {
         if (v.group != c->name()) continue;
         gs->set_coordinator_state(v.state);
@@ -687,6 +690,16 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
                  rec.detail());
     if (absl::Status st = (*audit)->Record(rec); !st.ok()) spdlog::error("audit: {}", Msg(st));
     return r;
+  };
+  handlers.verify = [&](const v1::VerifyRequest& req,
+                        const std::function<bool(const v1::VerifyProgress&)>& send) {
+    node::VerifyCommandContext vc;
+    vc.config = &config;
+    vc.controller = find_group(req.group());
+    vc.peer = replication ? replication->verify_peer() : nullptr;
+    vc.registry = &verify_registry;
+    vc.audit = audit->get();
+    return node::ServeVerify(vc, req, send);
   };
   auto control = node::ControlServer::Start(config.control.unix_socket, std::move(handlers));
   if (!control.ok()) {

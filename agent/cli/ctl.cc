@@ -22,6 +22,7 @@
 #include "agent/cli/divergent.h"
 #include "agent/cli/roles.h"
 #include "agent/cli/switchover.h"
+#include "agent/cli/verify.h"
 #include "tvilling/v1/control.grpc.pb.h"
 
 namespace tvilling::cli {
@@ -69,19 +70,8 @@ std::string PeerState(const v1::PeerStatus& peer) {
 
 std::string CopyProgress(const v1::PeerStatus& peer) {
   if (peer.copy_total_bytes() == 0) return "-";
-  const uint64_t done = std::min(peer.copy_done_bytes(), peer.copy_total_bytes());
-  const double fraction = static_cast<double>(done) / static_cast<double>(peer.copy_total_bytes());
-  // A 10-cell bar, then the figures: [####------] 45.0% (460.8 MiB of 1.0 GiB) 52.3 MiB/s ETA 11s
-  const size_t cells = static_cast<size_t>(fraction * 10.0);
-  std::string out = "[" + std::string(cells, '#') +
-                    std::string(10 - std::min<size_t>(cells, 10), '-') + "] " +
-                    fmt::format("{:.1f}% ({} of {})", 100.0 * fraction, FormatBytesIec(done),
-                                FormatBytesIec(peer.copy_total_bytes()));
-  if (peer.copy_bytes_per_s() > 0) {
-    out += fmt::format(" {}/s ETA {}", FormatBytesIec(peer.copy_bytes_per_s()),
-                       FormatUptime(static_cast<uint64_t>(peer.copy_eta_s() + 0.5)));
-  }
-  return out;
+  return FormatProgressBar(peer.copy_done_bytes(), peer.copy_total_bytes(), peer.copy_bytes_per_s(),
+                           peer.copy_eta_s());
 }
 
 // Exit code and message for a socket that is missing or is not a socket, before gRPC tries it
@@ -248,7 +238,38 @@ std::string FormatStatusText(const v1::StatusReply& reply) {
       if (!peer.last_error().empty()) {
         out += fmt::format("  {}: last error: {}\n", peer.peer(), peer.last_error());
       }
+      if (peer.has_verify() && !peer.verify().state().empty()) {
+        const v1::VerifyStatus& v = peer.verify();
+        out += fmt::format("  {}: verify: {}", peer.peer(), v.state());
+        if (v.state() == "running") {
+          out +=
+              " " + FormatProgressBar(v.done_bytes(), v.total_bytes(), v.bytes_per_s(), v.eta_s());
+        }
+        out += fmt::format(", {} of {} chunk(s) compared, {} mismatching, {} unverified",
+                           v.compared_chunks(), v.total_chunks(), v.mismatch_chunks(),
+                           v.unverified_chunks());
+        if (!v.resync().empty()) out += ", resync " + v.resync();
+        out += "\n";
+      }
     }
+  }
+  return out;
+}
+
+std::string FormatProgressBar(uint64_t done_bytes, uint64_t total_bytes, uint64_t bytes_per_s,
+                              double eta_s) {
+  const uint64_t done = std::min(done_bytes, total_bytes);
+  const double fraction =
+      total_bytes == 0 ? 1.0 : static_cast<double>(done) / static_cast<double>(total_bytes);
+  // A 10-cell bar, then the figures: [####------] 45.0% (460.8 MiB of 1.0 GiB) 52.3 MiB/s ETA 11s
+  const size_t cells = static_cast<size_t>(fraction * 10.0);
+  std::string out = "[" + std::string(std::min<size_t>(cells, 10), '#') +
+                    std::string(10 - std::min<size_t>(cells, 10), '-') + "] " +
+                    fmt::format("{:.1f}% ({} of {})", 100.0 * fraction, FormatBytesIec(done),
+                                FormatBytesIec(total_bytes));
+  if (bytes_per_s > 0) {
+    out += fmt::format(" {}/s ETA {}", FormatBytesIec(bytes_per_s),
+                       FormatUptime(static_cast<uint64_t>(eta_s + 0.5)));
   }
   return out;
 }
@@ -370,6 +391,27 @@ int RunTvillingctl(int argc, const char* const* argv, std::ostream& out, std::os
     history->add_option("--group", hist.group, "only this group");
     history->add_option("--limit", hist.limit, "the newest N records")->type_name("N");
     history->add_flag("--json", hist.json, "one JSON object per record and line");
+    VerifyArgs ver;
+    CLI::App* verify = app.add_subcommand(
+        "verify", "compare the group's volumes with its replicas' (on the primary; online)");
+    verify->add_option("--group", ver.group, "the group")->required();
+    verify->add_option("--volume", ver.volume, "only this volume (default: every volume)");
+    verify->add_option("--peer", ver.peer, "only this peer (default: every peer)")
+        ->type_name("SITE");
+    verify
+        ->add_option(
+            "--rate", ver.rate_mib_s,
+            "MiB/s read from the primary's volumes (default 64; the replica reads as much)")
+        ->type_name("MiB/s")
+        ->check(CLI::Range(0.001, 1e6));
+    verify->add_flag("--resync", ver.resync,
+                     "restore the mismatching ranges at the peer (through the copy path) and wait");
+    verify
+        ->add_option("--resync-timeout", ver.resync_timeout_s,
+                     "seconds a resync may take (default 600)")
+        ->type_name("SECONDS")
+        ->check(CLI::Range(1.0, 86400.0));
+    verify->add_flag("--json", ver.json, "one JSON object per peer and line (docs/tvillingctl.md)");
     app.require_subcommand(1);
     try {
       app.parse(argc, argv);
@@ -435,6 +477,15 @@ int RunTvillingctl(int argc, const char* const* argv, std::ostream& out, std::os
       return RoleCommand(path.string(), t, role, isatty(STDIN_FILENO) != 0, std::cin, out, err);
     }
     if (history->parsed()) return History(path.string(), timeout, hist, out, err);
+    if (verify->parsed()) {
+      if (std::string problem = CheckSocket(path.string()); !problem.empty()) {
+        err << "tvillingctl: " << problem << '\n';
+        return kExitUnreachable;
+      }
+      // The bar goes to stderr, only on a terminal (and only when `err` is the process's).
+      const bool bar = &err == &std::cerr && isatty(STDERR_FILENO) != 0;
+      return Verify(path.string(), ver, bar, out, err);
+    }
     err << "tvillingctl: no command\n";
     return kExitUsage;
   } catch (const std::exception& e) {

@@ -45,6 +45,12 @@ int RunTvillingctl(int argc, const char* const* argv, std::ostream& out, std::os
 // 0 B, 1023 B, 1.0 KiB, 1.5 MiB, ... (IEC units, one decimal from KiB on).
 [[nodiscard]] std::string FormatBytesIec(uint64_t bytes);
 
+// The progress bar of a copy (status) and of a verify: a 10-cell bar, the percentage, the bytes,
+// and the rate with the time left when the rate is known (bytes_per_s > 0):
+// [####------] 45.0% (460.8 MiB of 1.0 GiB) 52.3 MiB/s ETA 11s
+[[nodiscard]] std::string FormatProgressBar(uint64_t done_bytes, uint64_t total_bytes,
+                                            uint64_t bytes_per_s, double eta_s);
+
 // 250us, 12.5ms, 1.20s.
 [[nodiscard]] std::string FormatMicros(uint64_t micros);
 

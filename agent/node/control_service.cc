@@ -62,6 +62,15 @@ class ControlServer::Service final : public v1::Control::Service {
                           v1::SwitchoverReply* reply) override {
     return Answer(h_.switchover, *req, reply);
   }
+  grpc::Status Verify(grpc::ServerContext* ctx, const v1::VerifyRequest* req,
+                      grpc::ServerWriter<v1::VerifyProgress>* writer) override {
+    if (!h_.verify)
+      return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "not served by this agent");
+    const auto send = [ctx, writer](const v1::VerifyProgress& p) {
+      return !ctx->IsCancelled() && writer->Write(p);
+    };
+    return ToGrpc(h_.verify(*req, send));
+  }
 
  private:
   ControlHandlers h_;

@@ -25,6 +25,11 @@ struct ControlHandlers {
       pause, resume;
   std::function<absl::StatusOr<v1::HistoryReply>(const v1::HistoryRequest&)> history;
   std::function<absl::StatusOr<v1::SwitchoverReply>(const v1::SwitchoverRequest&)> switchover;
+  // Online verify: runs while the call lasts; `send` streams a progress message and returns false
+  // once the client went away (the verify then stops).
+  std::function<absl::Status(const v1::VerifyRequest&,
+                             const std::function<bool(const v1::VerifyProgress&)>& send)>
+      verify;
 };
 
 class ControlServer {

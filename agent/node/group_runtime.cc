@@ -8,6 +8,7 @@
 #include <chrono>
 #include <future>
 
+#include "agent/core/verify.h"
 #include "storage/thread_name.h"
 
 namespace tvilling::node {
@@ -269,6 +270,10 @@ absl::StatusOr<std::unique_ptr<GroupRuntime>> GroupRuntime::Open(storage::LogSto
                                       std::string(vol.status().message())));
     }
     g->volumes_.push_back(std::move(*vol));
+    const uint64_t blocks =
+        (g->volumes_.back()->size() + core::kWriteTrackBytes - 1) / core::kWriteTrackBytes;
+    g->last_write_.push_back(std::make_unique<std::atomic<uint64_t>[]>(blocks));
+    g->last_write_blocks_.push_back(blocks);
   }
 
   storage::GroupLogOptions log_options = g->options_.log;
@@ -294,6 +299,8 @@ absl::StatusOr<std::unique_ptr<GroupRuntime>> GroupRuntime::Open(storage::LogSto
   const uint64_t from = std::max(state.applied_lsn + 1, state.first_lsn);
   g->applied_lsn_ = state.applied_lsn;
   g->checkpointed_lsn_ = state.applied_lsn;
+  // The replay below and every later record are noted; what wrote the volumes before is unknown.
+  g->write_track_from_ = state.applied_lsn;
   if (from <= state.last_lsn && !g->apply_paused_) {
     spdlog::info("group {}: replaying log LSN {}..{} into {} volume(s)", group, from,
                  state.last_lsn, g->volumes_.size());
@@ -368,6 +375,8 @@ void GroupRuntime::ResetAppliedLsn(uint64_t lsn) {
   std::lock_guard lock(apply_mu_);
   applied_lsn_ = lsn;
   checkpointed_lsn_ = lsn;
+  // A copy's chunks were written without notes: the volumes are known from `lsn` on only.
+  if (lsn > write_track_from_.load()) write_track_from_.store(lsn);
 }
 
 absl::Status GroupRuntime::ResumeApply() {
@@ -404,6 +413,15 @@ absl::Status GroupRuntime::ApplyOne(const storage::LogRecordView& r) {
         "group {}: record LSN {} ({} {}+{}) is beyond volume {} of {} bytes", options_.name, r.lsn,
         storage::RecordTypeName(h.type), h.offset, h.length, h.volume, v.size()));
   }
+  // Noted before the write (core/verify.h): a verify reading the chunk meanwhile sees the note
+  // change and does not trust its bytes.
+  if (h.length > 0) {
+    std::atomic<uint64_t>* notes = last_write_[h.volume].get();
+    const uint64_t last = (h.offset + h.length - 1) / core::kWriteTrackBytes;
+    for (uint64_t b = h.offset / core::kWriteTrackBytes; b <= last; ++b) {
+      notes[b].store(r.lsn, std::memory_order_seq_cst);
+    }
+  }
   switch (h.type) {
     case storage::RecordType::kWrite:
       return v.Write(h.offset, r.payload);
@@ -414,6 +432,19 @@ absl::Status GroupRuntime::ApplyOne(const storage::LogRecordView& r) {
   }
   return absl::DataLossError(
       fmt::format("group {}: record LSN {} has unknown type", options_.name, r.lsn));
+}
+
+uint64_t GroupRuntime::LastWriteLsn(size_t volume, uint64_t offset, uint64_t length) const {
+  if (volume >= last_write_.size() || length == 0) return 0;
+  const std::atomic<uint64_t>* notes = last_write_[volume].get();
+  const uint64_t first = offset / core::kWriteTrackBytes;
+  const uint64_t last =
+      std::min((offset + length - 1) / core::kWriteTrackBytes, last_write_blocks_[volume] - 1);
+  uint64_t lsn = 0;
+  for (uint64_t b = first; b <= last; ++b) {
+    lsn = std::max(lsn, notes[b].load(std::memory_order_seq_cst));
+  }
+  return lsn;
 }
 
 absl::Status GroupRuntime::Checkpoint() {

@@ -135,6 +135,14 @@ class GroupRuntime {
   // Wraps a completion so that a success reported while suspended is held until ResumeIo.
   nbd::Export::Done GuardCompletion(nbd::Export::Done done);
 
+  // Online verify (core/verify.h): the largest LSN noted for the 1 MiB blocks of
+  // [offset, offset + length) of `volume`: the last record the applier wrote there since
+  // write_track_from() (noted before the write). 0 if none.
+  uint64_t LastWriteLsn(size_t volume, uint64_t offset, uint64_t length) const;
+  // Notes are complete for records after this LSN (the applied LSN at Open, raised by a copy's
+  // ResetAppliedLsn: chunks are written without notes).
+  uint64_t write_track_from() const { return write_track_from_.load(std::memory_order_acquire); }
+
   // Fsyncs the volumes, records the applied LSN, enforces retention. Also run by the checkpointer.
   absl::Status Checkpoint();
   // Stops the checkpointer and takes a final checkpoint; then makes the log durable.
@@ -165,6 +173,10 @@ class GroupRuntime {
   absl::Status apply_failed_;
   std::atomic<uint64_t> applied_lsn_{0};
   std::atomic<uint64_t> applied_bytes_since_checkpoint_{0};
+  // Per volume, per core::kWriteTrackBytes block: the LSN of the last record applied there.
+  std::vector<std::unique_ptr<std::atomic<uint64_t>[]>> last_write_;
+  std::vector<uint64_t> last_write_blocks_;
+  std::atomic<uint64_t> write_track_from_{0};
 
   mutable std::mutex fence_mu_;
   bool io_suspended_ = false;  // guarded by fence_mu_

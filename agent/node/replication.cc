@@ -9,7 +9,10 @@
 #include <algorithm>
 #include <future>
 #include <limits>
+#include <thread>
 
+#include "agent/core/verify.h"
+#include "agent/node/verify.h"
 #include "agent/transport/codec.h"
 #include "storage/divergent_file.h"
 #include "storage/thread_name.h"
@@ -1106,6 +1109,10 @@ void ReplicaGroup::HandleHello(Session& s, const v1::Hello& hello) {
   ph.first_lsn = hello.first_lsn();
   ph.last_lsn = hello.last_lsn();
 
+  if (absl::Status st = ApplyPendingResync(ph); !st.ok()) {
+    return Fail(s, absl::Status(st.code(), fmt::format("resync asked by a verify: {}",
+                                                       std::string(st.message()))));
+  }
   std::shared_ptr<Session> previous;
   v1::FromReplica out;
   core::HandshakeDecision d;
@@ -1288,6 +1295,181 @@ absl::Status ReplicaGroup::Rejoin(const core::HandshakeDecision& d,
   group_->ResetAppliedLsn(std::min(group_->applied_lsn(), plan.applied_lsn));
   spdlog::warn("group {}: rejoin at fork LSN {}: {}; log cut back to LSN {}; {}", log_->name(),
                fork, saved, fork, plan.reason);
+  return absl::OkStatus();
+}
+
+absl::Status ReplicaGroup::CheckVerifierLocked(const std::string& site, uint64_t epoch) const {
+  if (stopping_) {
+    return absl::UnavailableError(
+        fmt::format("group {}: this site no longer serves the group as a replica", log_->name()));
+  }
+  if (!active_ || active_peer_ != site || epoch_ != epoch) {
+    return absl::FailedPreconditionError(fmt::format(
+        "group {}: a verify from {} in epoch {} is refused: {}", log_->name(), site, epoch,
+        active_ ? fmt::format("the accepted stream is from {} in epoch {}", active_peer_, epoch_)
+                : std::string("no stream is accepted now")));
+  }
+  const storage::ReplicaMeta meta = log_->replica_meta();
+  if (meta.copy_in_progress || meta.restore_pending || pending_resync_ || !rx_.consistent()) {
+    return absl::FailedPreconditionError(fmt::format(
+        "group {}: the replica is not consistent ({}): nothing to verify until it is", log_->name(),
+        meta.copy_in_progress  ? "full copy in progress"
+        : meta.restore_pending ? "restore in progress"
+        : pending_resync_      ? "a resync is waiting for the next stream"
+                               : "catching up to its copy's end"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::VerifyChunksReply> ReplicaGroup::VerifyChunks(
+    const v1::VerifyChunksRequest& req, const std::function<bool()>& cancelled) {
+  if (req.chunks_size() == 0 ||
+      static_cast<size_t>(req.chunks_size()) > core::kVerifyMaxChunksPerRequest) {
+    return absl::InvalidArgumentError(
+        fmt::format("group {}: a verify request holds {} chunk(s); 1 to {} are allowed",
+                    log_->name(), req.chunks_size(), core::kVerifyMaxChunksPerRequest));
+  }
+  uint64_t bytes = 0;
+  uint64_t wait_for = 0;
+  for (const v1::VerifyChunkRequest& c : req.chunks()) {
+    if (c.volume() >= group_->volume_count() || c.length() == 0 ||
+        c.offset() > group_->volume(c.volume()).size() ||
+        c.length() > group_->volume(c.volume()).size() - c.offset()) {
+      return absl::InvalidArgumentError(
+          fmt::format("group {}: verify chunk volume {} {}+{} is not inside the group's volumes",
+                      log_->name(), c.volume(), c.offset(), c.length()));
+    }
+    bytes += c.length();
+    wait_for = std::max<uint64_t>(wait_for, c.valid_from());
+  }
+  if (bytes > core::kVerifyMaxRequestBytes) {
+    return absl::InvalidArgumentError(
+        fmt::format("group {}: a verify request of {} bytes; at most {}", log_->name(), bytes,
+                    core::kVerifyMaxRequestBytes));
+  }
+  {
+    std::lock_guard lock(mu_);
+    if (absl::Status st = CheckVerifierLocked(req.sender_site(), req.epoch()); !st.ok()) return st;
+  }
+  // Wait until the volumes hold the LSNs the primary's samples start at.
+  const core::Nanos deadline =
+      MonotonicNow() +
+      static_cast<core::Nanos>(std::min<uint32_t>(req.wait_ms(), 60'000)) * 1'000'000;
+  while (group_->applied_lsn() < wait_for) {
+    if (MonotonicNow() >= deadline) {
+      return absl::DeadlineExceededError(
+          fmt::format("group {}: the applied LSN {} did not reach {} within {} ms (replica behind)",
+                      log_->name(), group_->applied_lsn(), wait_for, req.wait_ms()));
+    }
+    {
+      std::lock_guard lock(mu_);
+      if (stopping_) return absl::UnavailableError("replica stopping");
+    }
+    if (cancelled && cancelled()) return absl::UnavailableError("the agent is stopping");
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  v1::VerifyChunksReply reply;
+  std::string buffer;
+  for (const v1::VerifyChunkRequest& c : req.chunks()) {
+    auto sample = SampleChunk(*group_, {c.volume(), c.offset(), c.length()}, buffer);
+    if (!sample.ok()) return sample.status();
+    *reply.add_hashes() = ToProto(*sample);
+  }
+  reply.set_applied_lsn(group_->applied_lsn());
+  {
+    // A copy or restore that began meanwhile wrote chunks without notes: the samples may lie.
+    std::lock_guard lock(mu_);
+    if (absl::Status st = CheckVerifierLocked(req.sender_site(), req.epoch()); !st.ok()) return st;
+  }
+  return reply;
+}
+
+absl::StatusOr<v1::MarkResyncReply> ReplicaGroup::MarkResync(const v1::MarkResyncRequest& req) {
+  std::vector<core::Extent> extents;
+  for (const v1::Extent& e : req.extents()) {
+    if (e.volume() >= group_->volume_count() || e.length() == 0 ||
+        e.offset() > group_->volume(e.volume()).size() ||
+        e.length() > group_->volume(e.volume()).size() - e.offset()) {
+      return absl::InvalidArgumentError(
+          fmt::format("group {}: resync range volume {} {}+{} is not inside the group's volumes",
+                      log_->name(), e.volume(), e.offset(), e.length()));
+    }
+    extents.push_back({e.volume(), e.offset(), e.length()});
+  }
+  extents = core::MergeExtents(std::move(extents));
+  if (extents.empty() || extents.size() > core::kMaxRestoreExtents) {
+    return absl::InvalidArgumentError(
+        fmt::format("group {}: a resync of {} range(s); 1 to {} are allowed", log_->name(),
+                    extents.size(), core::kMaxRestoreExtents));
+  }
+  uint64_t bytes = 0;
+  for (const core::Extent& e : extents) bytes += e.length;
+  const size_t count = extents.size();
+  std::shared_ptr<Session> previous;
+  {
+    std::lock_guard lock(mu_);
+    if (absl::Status st = CheckVerifierLocked(req.sender_site(), req.epoch()); !st.ok()) return st;
+    pending_resync_ = PendingResync{req.sender_site(), req.epoch(), std::move(extents)};
+    previous = std::move(active_);
+    previous->closed = true;
+  }
+  const std::string why = fmt::format(
+      "resync of {} range(s), {} bytes, asked by the verify of {}: reconnect to "
+      "restore them",
+      count, bytes, req.sender_site());
+  spdlog::warn("group {}: {}", log_->name(), why);
+  previous->stream().Close(absl::AbortedError(why));
+  v1::MarkResyncReply reply;
+  reply.set_message(why);
+  return reply;
+}
+
+absl::Status ReplicaGroup::ApplyPendingResync(const core::PrimaryHello& hello) {
+  PendingResync pending;
+  {
+    std::lock_guard lock(mu_);
+    if (!pending_resync_) return absl::OkStatus();
+    if (pending_resync_->site != hello.site || pending_resync_->epoch != hello.epoch) {
+      if (hello.epoch > pending_resync_->epoch) {
+        spdlog::warn(
+            "group {}: dropping the resync asked by {} in epoch {}: a stream of epoch {} "
+            "came first (verify again)",
+            log_->name(), pending_resync_->site, pending_resync_->epoch, hello.epoch);
+        pending_resync_.reset();
+      }
+      return absl::OkStatus();
+    }
+    pending = std::move(*pending_resync_);
+    pending_resync_.reset();
+  }
+  // As a rejoin's restore (Rejoin above): the earlier stream's appends land, the applier stops
+  // at its applied LSN A, and the decision below is a RESTORE of the extents; after CopyDone the
+  // records after A are replayed over the chunks.
+  if (absl::Status st = WaitLogIdle(*log_); !st.ok()) return st;
+  storage::ReplicaMeta meta = log_->replica_meta();
+  if (meta.copy_in_progress) return absl::OkStatus();  // a full copy replaces every byte anyway
+  std::vector<core::Extent> all = pending.extents;
+  for (const storage::VolumeExtent& e : meta.restore_extents) {
+    all.push_back({e.volume, e.offset, e.length});
+  }
+  all = core::MergeExtents(std::move(all));
+  group_->PauseApply();
+  meta.consistent = false;
+  meta.restore_pending = true;
+  meta.restore_epoch = 0;
+  meta.copy_volume = 0;
+  meta.copy_offset = 0;
+  meta.restore_extents.clear();
+  for (const core::Extent& e : all) meta.restore_extents.push_back({e.volume, e.offset, e.length});
+  if (absl::Status st = log_->SetReplicaMeta(meta); !st.ok()) {
+    // Nothing was persisted: the applier may go on.
+    (void)group_->ResumeApply();
+    return st;
+  }
+  spdlog::warn(
+      "group {}: restoring {} range(s) that a verify found different (applier paused at "
+      "LSN {}; inconsistent until the restore completes)",
+      log_->name(), all.size(), group_->applied_lsn());
   return absl::OkStatus();
 }
 

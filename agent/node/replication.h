@@ -25,6 +25,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -190,6 +191,20 @@ class ReplicaGroup {
                                 std::string peer_description);
 
   void FillStatus(v1::GroupStatus* out) const;
+
+  // Online verify (docs/replication.md, "Verify"), asked by the primary whose stream is accepted
+  // (same site and epoch) while this replica is consistent. Blocks: waits until the applied LSN
+  // reaches the request's largest valid_from (at most wait_ms, capped at 60 s), then samples each
+  // chunk (verify.h). FailedPrecondition names why a request is refused. The wait ends early
+  // (Unavailable) once `cancelled` returns true (the agent is stopping).
+  absl::StatusOr<v1::VerifyChunksReply> VerifyChunks(const v1::VerifyChunksRequest& req,
+                                                     const std::function<bool()>& cancelled);
+  // Notes `req.extents` to be restored from the primary at the next handshake of a stream from
+  // the same site and epoch (the rejoin's restore: applier paused, chunks copied, CopyDone, the
+  // log replayed over them) and closes the accepted stream so that the primary redials now. The
+  // note is in memory: a restart before that handshake forgets it (verify again).
+  absl::StatusOr<v1::MarkResyncReply> MarkResync(const v1::MarkResyncRequest& req);
+
   // Closes the accepted stream and refuses further messages; returns once no message of any
   // stream is being handled, and every append they queued is in the log (a promotion may then
   // begin a new epoch on this log).
@@ -214,6 +229,12 @@ class ReplicaGroup {
   void SendAck();                      // REQUIRES: not mu_
   void Fail(Session& s, absl::Status status);
   core::ReplicaView BuildView() const;
+  // REQUIRES: mu_. OK if `site` in `epoch` is the primary whose stream is accepted and the replica
+  // is consistent, with no copy or restore pending.
+  absl::Status CheckVerifierLocked(const std::string& site, uint64_t epoch) const;
+  // In HandleHello, before deciding: a pending resync for this Hello's site and epoch becomes a
+  // pending restore (persisted; applier paused). REQUIRES: mu_ not held.
+  absl::Status ApplyPendingResync(const core::PrimaryHello& hello);
 
   GroupRuntime* const group_;
   storage::GroupLog* const log_;
@@ -231,7 +252,13 @@ class ReplicaGroup {
   uint64_t copy_total_bytes_ = 0;
   std::string last_error_;
   bool stopping_ = false;
-  int handlers_running_ = 0;  // guarded by mu_
+  struct PendingResync {
+    std::string site;
+    uint64_t epoch = 0;
+    std::vector<core::Extent> extents;  // merged
+  };
+  std::optional<PendingResync> pending_resync_;  // guarded by mu_
+  int handlers_running_ = 0;                     // guarded by mu_
   std::condition_variable handlers_idle_cv_;
 };
 

@@ -5,8 +5,13 @@
 #include <grpcpp/grpcpp.h>
 #include <spdlog/spdlog.h>
 
+#include <condition_variable>
+#include <deque>
+#include <thread>
+
 #include "agent/transport/stream.h"
 #include "agent/transport/tls.h"
+#include "storage/thread_name.h"
 
 namespace tvilling::node {
 namespace {
@@ -96,9 +101,12 @@ ReplicaOptions ReplicaOptionsFor(const ops::Config& config, const ops::GroupConf
   return o;
 }
 
-class ReplicationService::Impl final : public Dialer, public transport::StreamAcceptor {
+class ReplicationService::Impl final : public Dialer,
+                                       public transport::StreamAcceptor,
+                                       public VerifyPeer {
  public:
   explicit Impl(const ops::Config& config) : config_(config) {}
+  ~Impl() override { StopVerifyWorker(); }
 
   absl::Status Init() {
     if (config_.tls.enabled()) {
@@ -125,19 +133,122 @@ class ReplicationService::Impl final : public Dialer, public transport::StreamAc
     return absl::OkStatus();
   }
 
-  // Dialer
-  std::shared_ptr<PrimaryStream> Dial(const std::string& site, Callbacks cb) override {
-    std::shared_ptr<grpc::Channel> channel;
+  std::shared_ptr<grpc::Channel> ChannelTo(const std::string& site) {
+    std::lock_guard lock(mu_);
+    auto& ch = channels_[site];
+    if (!ch) {
+      const Target& t = targets_[site];
+      ch = transport::MakeChannel(t.address, channel_creds_,
+                                  config_.tls.enabled() ? t.tls_name : std::string());
+    }
+    return ch;
+  }
+
+  // VerifyPeer
+  absl::StatusOr<v1::VerifyChunksReply> VerifyChunks(const std::string& site,
+                                                     const v1::VerifyChunksRequest& req,
+                                                     std::chrono::milliseconds timeout) override {
+    if (!targets_.count(site)) {
+      return absl::NotFoundError(fmt::format("site {} is not a peer in the config", site));
+    }
+    return transport::CallVerifyChunks(ChannelTo(site), req, timeout);
+  }
+  absl::StatusOr<v1::MarkResyncReply> MarkResync(const std::string& site,
+                                                 const v1::MarkResyncRequest& req,
+                                                 std::chrono::milliseconds timeout) override {
+    if (!targets_.count(site)) {
+      return absl::NotFoundError(fmt::format("site {} is not a peer in the config", site));
+    }
+    return transport::CallMarkResync(ChannelTo(site), req, timeout);
+  }
+
+  // StreamAcceptor: the replica's side of a verify. The work (waiting for the applied LSN,
+  // reading the volumes) runs on one worker thread, one request at a time.
+  void VerifyChunks(const v1::VerifyChunksRequest& req, std::vector<std::string> ids,
+                    std::string address, Done<v1::VerifyChunksReply> done) override {
+    Queue(
+        req.group(), req.sender_site(), std::move(ids), std::move(address),
+        [this, req, done](ReplicaGroup* g) {
+          if (g == nullptr) return done(absl::UnavailableError("the agent is stopping"));
+          done(g->VerifyChunks(req, [this] {
+            std::lock_guard lock(mu_);
+            return verify_stopping_;
+          }));
+        },
+        [done](absl::Status st) { done(std::move(st)); });
+  }
+  void MarkResync(const v1::MarkResyncRequest& req, std::vector<std::string> ids,
+                  std::string address, Done<v1::MarkResyncReply> done) override {
+    Queue(
+        req.group(), req.sender_site(), std::move(ids), std::move(address),
+        [req, done](ReplicaGroup* g) {
+          if (g == nullptr) return done(absl::UnavailableError("the agent is stopping"));
+          done(g->MarkResync(req));
+        },
+        [done](absl::Status st) { done(std::move(st)); });
+  }
+
+  // Checks the caller like a stream's Hello (ACL, group held as a replica here) and queues `work`
+  // for the worker; `refuse` answers at once otherwise.
+  void Queue(const std::string& group, const std::string& site, std::vector<std::string> ids,
+             const std::string& address, std::function<void(ReplicaGroup*)> work,
+             std::function<void(absl::Status)> refuse) {
+    const std::vector<std::string> checked =
+        config_.tls.enabled() ? ids : std::vector<std::string>{};
+    if (absl::Status st = ops::AuthorizePeer(config_, checked, site, group); !st.ok()) {
+      spdlog::error("replication: refusing a verify call from {} ({}): {}", address,
+                    ids.empty() ? "no certificate" : ids.front(), Msg(st));
+      return refuse(absl::PermissionDeniedError(Msg(st)));
+    }
+    std::lock_guard lock(mu_);
+    auto it = replicas_.find(group);
+    if (it == replicas_.end()) {
+      return refuse(absl::FailedPreconditionError(
+          fmt::format("group {} is not a replica on site {}", group, config_.agent.site)));
+    }
+    if (verify_stopping_) return refuse(absl::UnavailableError("the agent is stopping"));
+    if (verify_queue_.size() >= 16) {
+      return refuse(absl::ResourceExhaustedError("too many verify calls queued"));
+    }
+    ReplicaGroup* g = it->second;
+    verify_queue_.push_back([g, work = std::move(work)](bool run) { work(run ? g : nullptr); });
+    if (!verify_worker_.joinable()) {
+      verify_worker_ = std::thread([this] {
+        storage::SetThreadName("tvl-verify");
+        VerifyWorkerLoop();
+      });
+    }
+    verify_cv_.notify_one();
+  }
+
+  void VerifyWorkerLoop() {
+    std::unique_lock lock(mu_);
+    while (true) {
+      verify_cv_.wait(lock, [&] { return verify_stopping_ || !verify_queue_.empty(); });
+      if (verify_queue_.empty()) return;
+      auto job = std::move(verify_queue_.front());
+      verify_queue_.pop_front();
+      const bool run = !verify_stopping_;
+      lock.unlock();
+      job(run);
+      lock.lock();
+    }
+  }
+
+  // Answers what is queued (Unavailable) and joins the worker: the server's Shutdown waits for
+  // every call's answer. A request running now ends within its wait (the replica stops first).
+  void StopVerifyWorker() {
     {
       std::lock_guard lock(mu_);
-      auto& ch = channels_[site];
-      if (!ch) {
-        const Target& t = targets_[site];
-        ch = transport::MakeChannel(t.address, channel_creds_,
-                                    config_.tls.enabled() ? t.tls_name : std::string());
-      }
-      channel = ch;
+      verify_stopping_ = true;
     }
+    verify_cv_.notify_all();
+    if (verify_worker_.joinable()) verify_worker_.join();
+  }
+
+  // Dialer
+  std::shared_ptr<PrimaryStream> Dial(const std::string& site, Callbacks cb) override {
+    std::shared_ptr<grpc::Channel> channel = ChannelTo(site);
     auto s =
         transport::ClientStream::Open(channel, std::move(cb.on_message), std::move(cb.on_closed));
     return std::make_shared<ClientAdapter>(std::move(s));
@@ -252,6 +363,10 @@ class ReplicationService::Impl final : public Dialer, public transport::StreamAc
   std::map<std::string, ReplicaGroup*> replicas_;
   std::set<std::string> primaries_;
   std::unique_ptr<transport::ReplicationServer> server_;
+  std::deque<std::function<void(bool run)>> verify_queue_;  // guarded by mu_
+  bool verify_stopping_ = false;                            // guarded by mu_
+  std::condition_variable verify_cv_;
+  std::thread verify_worker_;
 };
 
 ReplicationService::ReplicationService(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -265,6 +380,7 @@ absl::StatusOr<std::unique_ptr<ReplicationService>> ReplicationService::Create(
 }
 
 Dialer* ReplicationService::dialer() { return impl_.get(); }
+VerifyPeer* ReplicationService::verify_peer() { return impl_.get(); }
 
 void ReplicationService::AddReplica(const std::string& group, ReplicaGroup* replica) {
   std::lock_guard lock(impl_->mu_);
@@ -295,6 +411,7 @@ absl::Status ReplicationService::ReloadTls() {
 }
 
 void ReplicationService::Shutdown() {
+  if (impl_) impl_->StopVerifyWorker();
   if (impl_ && impl_->server_) {
     impl_->server_->Shutdown();
     impl_->server_.reset();

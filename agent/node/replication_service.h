@@ -13,6 +13,7 @@
 #include <string>
 
 #include "agent/node/replication.h"
+#include "agent/node/verify.h"
 #include "agent/ops/config.h"
 
 namespace tvilling::transport {
@@ -36,6 +37,9 @@ class ReplicationService {
   ~ReplicationService();
 
   Dialer* dialer();
+  // The primary's side of an online verify: unary calls to a peer site's agent on the same
+  // channel (mutual TLS) as the streams (docs/replication.md, "Verify").
+  VerifyPeer* verify_peer();
   // Groups this agent holds: streams for them are accepted (replicas) or refused (primaries).
   // Either call replaces the group's earlier role (a role switch); a stream already handed to a
   // ReplicaGroup stays with it (ReplicaGroup::Stop ends it).

@@ -16,6 +16,9 @@ constexpr std::string_view kRoles[] = {"primary", "replica"};
 // core::LinkStateName's values on the primary, and the replica's view of its primary's stream.
 constexpr std::string_view kLinkStates[] = {"disconnected", "handshake", "copying", "streaming",
                                             "refused"};
+// An online verify's states (tvillingctl verify; node::RunVerify).
+constexpr std::string_view kVerifyStates[] = {"running",    "identical", "mismatches",
+                                              "incomplete", "failed",    "cancelled"};
 constexpr std::string_view kCoordinatorStates[] = {"starting",    "replica",           "leaderless",
                                                    "campaigning", "awaiting-approval", "primary",
                                                    "suspended"};
@@ -39,6 +42,33 @@ void AppendStateSet(std::string_view name, std::string_view help, const MetricLa
     out.Gauge(name, help, With(l, "state", std::string(s)), B(s == current));
   }
   if (!known && !current.empty()) out.Gauge(name, help, With(l, "state", current), 1);
+}
+
+// The running or last online verify of a peer (since the agent started; none before the first).
+void AppendVerify(const MetricLabels& l, const v1::VerifyStatus& v, Exposition& out) {
+  AppendStateSet("tvilling_verify_state",
+                 "State of the running or last online verify of the peer: 1 for the current one.",
+                 l, kVerifyStates, v.state(), out);
+  out.Gauge("tvilling_verify_total_bytes", "Bytes the running or last verify covers.", l,
+            D(v.total_bytes()));
+  out.Gauge("tvilling_verify_done_bytes", "Bytes the running or last verify has settled.", l,
+            D(v.done_bytes()));
+  out.Gauge("tvilling_verify_compared_chunks",
+            "Chunks compared at a common LSN by the running or last verify.", l,
+            D(v.compared_chunks()));
+  out.Gauge("tvilling_verify_mismatch_chunks",
+            "Chunks that differ from the primary's, found by the running or last verify.", l,
+            D(v.mismatch_chunks()));
+  out.Gauge("tvilling_verify_mismatch_bytes", "Bytes of those chunks.", l, D(v.mismatch_bytes()));
+  out.Gauge("tvilling_verify_unverified_chunks",
+            "Chunks never sampled at a common LSN (rewritten faster than applied) in the running "
+            "or last verify.",
+            l, D(v.unverified_chunks()));
+  out.Gauge("tvilling_verify_rate_bytes_per_second", "Rate of the running verify (0 when none).", l,
+            v.state() == "running" ? D(v.bytes_per_s()) : 0.0);
+  out.Gauge("tvilling_verify_last_finished_timestamp_seconds",
+            "Unix time the last verify of the peer finished (0 while the first runs).", l,
+            D(v.finished_unix_ms()) / 1e3);
 }
 
 void AppendPeer(const MetricLabels& group_labels, const v1::PeerStatus& p, bool sender,
@@ -105,6 +135,7 @@ void AppendPeer(const MetricLabels& group_labels, const v1::PeerStatus& p, bool 
               l, D(p.dials()));
   out.Counter("tvilling_peer_disconnects_total",
               "Streams to the peer that ended, failed dials included.", l, D(p.disconnects()));
+  if (p.has_verify() && !p.verify().state().empty()) AppendVerify(l, p.verify(), out);
 }
 
 }  // namespace

@@ -182,8 +182,34 @@ class Service final : public v1::Replication::CallbackService {
   Service(ServerImpl* server, StreamAcceptor* acceptor) : server_(server), acceptor_(acceptor) {}
   grpc::ServerBidiReactor<v1::ToReplica, v1::FromReplica>* Stream(
       grpc::CallbackServerContext* ctx) override;
+  grpc::ServerUnaryReactor* VerifyChunks(grpc::CallbackServerContext* ctx,
+                                         const v1::VerifyChunksRequest* req,
+                                         v1::VerifyChunksReply* reply) override {
+    return Unary(ctx, req, reply, &StreamAcceptor::VerifyChunks);
+  }
+  grpc::ServerUnaryReactor* MarkResync(grpc::CallbackServerContext* ctx,
+                                       const v1::MarkResyncRequest* req,
+                                       v1::MarkResyncReply* reply) override {
+    return Unary(ctx, req, reply, &StreamAcceptor::MarkResync);
+  }
 
  private:
+  template <class Request, class Reply, class Fn>
+  grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* ctx, const Request* req,
+                                  Reply* reply, Fn fn) {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    std::vector<std::string> ids;
+    if (auto auth = ctx->auth_context()) ids = PeerIdentities(*auth);
+    (acceptor_->*fn)(*req, std::move(ids), ctx->peer(), [reactor, reply](absl::StatusOr<Reply> r) {
+      if (r.ok()) {
+        *reply = std::move(*r);
+        reactor->Finish(grpc::Status::OK);
+      } else {
+        reactor->Finish(ToGrpc(r.status()));
+      }
+    });
+    return reactor;
+  }
   ServerImpl* server_;
   StreamAcceptor* acceptor_;
 };
@@ -519,6 +545,45 @@ std::shared_ptr<ClientStream> ClientStream::Open(std::shared_ptr<grpc::Channel> 
   auto r = std::make_shared<ClientReactor>(std::move(on_message), std::move(on_closed));
   r->Begin(std::move(channel));
   return r;
+}
+
+void StreamAcceptor::VerifyChunks(const v1::VerifyChunksRequest&, std::vector<std::string>,
+                                  std::string, Done<v1::VerifyChunksReply> done) {
+  done(absl::UnimplementedError("this agent does not serve verify"));
+}
+
+void StreamAcceptor::MarkResync(const v1::MarkResyncRequest&, std::vector<std::string>, std::string,
+                                Done<v1::MarkResyncReply> done) {
+  done(absl::UnimplementedError("this agent does not serve resync"));
+}
+
+namespace {
+
+template <class Reply, class Request, class Call>
+absl::StatusOr<Reply> CallUnary(const std::shared_ptr<grpc::Channel>& channel, const Request& req,
+                                std::chrono::milliseconds timeout, Call call) {
+  v1::Replication::Stub stub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + timeout);
+  Reply reply;
+  const grpc::Status s = (stub.*call)(&ctx, req, &reply);
+  if (!s.ok()) return FromGrpc(s);
+  return reply;
+}
+
+}  // namespace
+
+absl::StatusOr<v1::VerifyChunksReply> CallVerifyChunks(
+    const std::shared_ptr<grpc::Channel>& channel, const v1::VerifyChunksRequest& req,
+    std::chrono::milliseconds timeout) {
+  return CallUnary<v1::VerifyChunksReply>(channel, req, timeout,
+                                          &v1::Replication::Stub::VerifyChunks);
+}
+
+absl::StatusOr<v1::MarkResyncReply> CallMarkResync(const std::shared_ptr<grpc::Channel>& channel,
+                                                   const v1::MarkResyncRequest& req,
+                                                   std::chrono::milliseconds timeout) {
+  return CallUnary<v1::MarkResyncReply>(channel, req, timeout, &v1::Replication::Stub::MarkResync);
 }
 
 }  // namespace tvilling::transport

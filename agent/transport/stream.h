@@ -6,6 +6,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -53,6 +54,18 @@ class ServerStream {
 class StreamAcceptor {
  public:
   virtual ~StreamAcceptor() = default;
+  // Replication.VerifyChunks and MarkResync (unary, docs/replication.md "Verify"). Called on a
+  // gRPC thread with the caller's identities and address (as Accept); must not block: `done` is
+  // called exactly once, from any thread, with the answer (an error status is the RPC's status).
+  // The server's Shutdown waits for every `done`. Without an override: UNIMPLEMENTED.
+  template <class Reply>
+  using Done = std::function<void(absl::StatusOr<Reply>)>;
+  virtual void VerifyChunks(const v1::VerifyChunksRequest& req,
+                            std::vector<std::string> peer_identities, std::string peer_address,
+                            Done<v1::VerifyChunksReply> done);
+  virtual void MarkResync(const v1::MarkResyncRequest& req,
+                          std::vector<std::string> peer_identities, std::string peer_address,
+                          Done<v1::MarkResyncReply> done);
   // Called once per new stream, on a gRPC thread, before any message is read. `peer_identities` are
   // the verified client certificate's CN then SANs (empty without TLS); `peer_address` is gRPC's
   // peer string (e.g. "ipv4:127.0.0.1:5555"). Returning nullptr refuses the stream with
@@ -86,6 +99,14 @@ class ReplicationServer {
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,
                                            std::shared_ptr<grpc::ChannelCredentials> creds,
                                            const std::string& tls_name_override);
+
+// The unary verify calls on a channel from MakeChannel (sync; `timeout` is the deadline).
+absl::StatusOr<v1::VerifyChunksReply> CallVerifyChunks(
+    const std::shared_ptr<grpc::Channel>& channel, const v1::VerifyChunksRequest& req,
+    std::chrono::milliseconds timeout);
+absl::StatusOr<v1::MarkResyncReply> CallMarkResync(const std::shared_ptr<grpc::Channel>& channel,
+                                                   const v1::MarkResyncRequest& req,
+                                                   std::chrono::milliseconds timeout);
 
 // The client (primary) side of one stream.
 //

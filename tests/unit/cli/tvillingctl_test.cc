@@ -25,6 +25,7 @@
 
 #include "agent/cli/ctl.h"
 #include "agent/cli/switchover.h"
+#include "agent/cli/verify.h"
 #include "tvilling/v1/control.grpc.pb.h"
 
 namespace tvilling::cli {
@@ -546,6 +547,62 @@ TEST_F(EvacuateTest, UsageErrors) {
   r = Ctl({"--socket", socket_, "switchover", "--from", "site-a", "--to", "site-b"});
   EXPECT_EQ(r.code, kExitUsage);
   EXPECT_TRUE(evac_.calls.empty());
+}
+
+v1::VerifyStatus VerifyResult(const std::string& state, uint64_t mismatches) {
+  v1::VerifyStatus st;
+  st.set_state(state);
+  st.set_mismatch_chunks(mismatches);
+  return st;
+}
+
+TEST(VerifyTest, ExitCodesTellIdenticalMismatchesAndIncompleteApart) {
+  EXPECT_EQ(VerifyExitCode({VerifyResult("identical", 0)}), kExitOk);
+  EXPECT_EQ(VerifyExitCode({VerifyResult("identical", 0), VerifyResult("mismatches", 2)}),
+            kExitVerifyMismatch);
+  // A mismatch wins over a failure elsewhere: something differs.
+  EXPECT_EQ(VerifyExitCode({VerifyResult("failed", 0), VerifyResult("mismatches", 1)}),
+            kExitVerifyMismatch);
+  EXPECT_EQ(VerifyExitCode({VerifyResult("incomplete", 0)}), kExitVerifyIncomplete);
+  EXPECT_EQ(VerifyExitCode({VerifyResult("failed", 0)}), kExitVerifyIncomplete);
+  EXPECT_EQ(VerifyExitCode({VerifyResult("cancelled", 0)}), kExitVerifyIncomplete);
+  EXPECT_EQ(VerifyExitCode({}), kExitVerifyIncomplete);
+  v1::VerifyStatus resync_failed = VerifyResult("identical", 0);
+  resync_failed.set_resync("failed: x");
+  EXPECT_EQ(VerifyExitCode({resync_failed}), kExitVerifyIncomplete);
+  EXPECT_NE(kExitVerifyMismatch, kExitRefused);
+  EXPECT_NE(kExitVerifyIncomplete, kExitUnreachable);
+}
+
+TEST(VerifyTest, ResultListsTheRangesAndTheResync) {
+  v1::VerifyProgress p;
+  p.set_group("g0");
+  p.set_peer("site-b");
+  p.set_done(true);
+  v1::VerifyStatus* st = p.mutable_status();
+  *st = VerifyResult("mismatches", 1);
+  st->set_total_chunks(64);
+  st->set_compared_chunks(64);
+  st->set_total_bytes(64 << 20);
+  st->set_done_bytes(64 << 20);
+  st->set_mismatch_bytes(1 << 20);
+  v1::VerifyRange* r = st->add_mismatches();
+  r->set_volume("vol0");
+  r->set_offset(37 << 20);
+  r->set_length(1 << 20);
+  st->set_resync("done");
+  st->set_resynced_bytes(1 << 20);
+  const std::string text = FormatVerifyResult(p);
+  EXPECT_THAT(text, HasSubstr("group g0 peer site-b: mismatches: 64 of 64 chunk(s) compared"));
+  EXPECT_THAT(text, HasSubstr("1 mismatching (1.0 MiB)"));
+  EXPECT_THAT(text, HasSubstr("mismatch: volume vol0 offset 38797312 length 1048576 (1.0 MiB)"));
+  EXPECT_THAT(text, HasSubstr("resync: done (1.0 MiB restored from this site)"));
+}
+
+TEST(VerifyTest, ProgressBarIsTheCopysBar) {
+  EXPECT_EQ(FormatProgressBar(40 << 20, 64 << 20, 16 << 20, 1.5),
+            "[######----] 62.5% (40.0 MiB of 64.0 MiB) 16.0 MiB/s ETA 2s");
+  EXPECT_EQ(FormatProgressBar(0, 64 << 20, 0, 0), "[----------] 0.0% (0 B of 64.0 MiB)");
 }
 
 }  // namespace

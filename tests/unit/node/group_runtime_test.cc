@@ -93,6 +93,47 @@ TEST_F(GroupRuntimeTest, WritesGoThroughTheLogAndAreVisibleWhenComplete) {
   EXPECT_EQ(st.durable_lsn, 4u);
 }
 
+// Online verify's notes (core/verify.h): per 1 MiB block, the LSN of the last record applied there;
+// complete from the applied LSN at Open (records replayed then are noted too).
+TEST_F(GroupRuntimeTest, NotesTheLastWriteLsnOfEveryMiB) {
+  OpenStore();
+  {
+    auto g = OpenGroup();
+    ASSERT_TRUE(g.ok()) << g.status();
+    auto& exports = (*g)->exports();
+    EXPECT_EQ((*g)->write_track_from(), 0u);
+    EXPECT_EQ((*g)->LastWriteLsn(0, 0, 8 << 20), 0u);
+    // LSN 1: vol0, crossing from block 0 into block 1. LSN 2: vol1 block 3. LSN 3: vol0 block 1.
+    ASSERT_TRUE(Wait([&](auto d) {
+                  exports[0]->Write((1 << 20) - 4096, Bytes::Copy(std::string(8192, 'a')), false,
+                                    std::move(d));
+                }).ok());
+    ASSERT_TRUE(Wait([&](auto d) {
+                  exports[1]->Write(3 << 20, Bytes::Copy(std::string(4096, 'b')), false,
+                                    std::move(d));
+                }).ok());
+    ASSERT_TRUE(Wait([&](auto d) {
+                  exports[0]->Write((1 << 20) + 4096, Bytes::Copy(std::string(4096, 'c')), false,
+                                    std::move(d));
+                }).ok());
+    EXPECT_EQ((*g)->LastWriteLsn(0, 0, 1 << 20), 1u);
+    EXPECT_EQ((*g)->LastWriteLsn(0, 1 << 20, 1 << 20), 3u);
+    EXPECT_EQ((*g)->LastWriteLsn(0, 0, 2 << 20), 3u);  // a 2 MiB chunk: the larger note
+    EXPECT_EQ((*g)->LastWriteLsn(0, 2 << 20, 6 << 20), 0u);
+    EXPECT_EQ((*g)->LastWriteLsn(1, 3 << 20, 1 << 20), 2u);
+    EXPECT_EQ((*g)->LastWriteLsn(7, 0, 1), 0u);  // no such volume
+    ASSERT_TRUE((*g)->Checkpoint().ok());
+    ASSERT_TRUE((*g)->Stop().ok());
+  }
+  // After a restart the notes begin at the applied checkpoint: what came before is unknown.
+  store_.reset();
+  OpenStore();
+  auto g = OpenGroup();
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_EQ((*g)->write_track_from(), 3u);
+  EXPECT_EQ((*g)->LastWriteLsn(0, 0, 8 << 20), 0u);
+}
+
 TEST_F(GroupRuntimeTest, ReplaysRecordsTheVolumesDoNotHold) {
   // Records reach the log, but the process dies before the volume saw them: append with no applier.
   OpenStore();

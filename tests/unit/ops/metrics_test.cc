@@ -141,6 +141,39 @@ TEST(StatusMetricsTest, PrimaryRpoBoundIsTheMostCurrentPeersLagAndStatesAreSets)
   EXPECT_THAT(t, Not(HasSubstr("tvilling_group_rpo_bound_seconds{site=\"site-a\",group=\"g1\"}")));
 }
 
+// tvilling_verify_*: only for a peer that has a verify (none before the first since the start).
+TEST(StatusMetricsTest, VerifyResultOfAPeerIsExported) {
+  v1::StatusReply r;
+  r.mutable_agent()->set_site("site-a");
+  v1::GroupStatus* g = r.add_groups();
+  g->set_name("g0");
+  g->set_role("primary");
+  v1::PeerStatus* b = g->add_peers();
+  b->set_peer("site-b");
+  v1::VerifyStatus* v = b->mutable_verify();
+  v->set_state("mismatches");
+  v->set_total_bytes(64 << 20);
+  v->set_done_bytes(64 << 20);
+  v->set_compared_chunks(64);
+  v->set_mismatch_chunks(1);
+  v->set_mismatch_bytes(1 << 20);
+  v->set_finished_unix_ms(1'700'000'000'500);
+  g->add_peers()->set_peer("site-c");  // never verified
+  Exposition e;
+  AppendStatusMetrics(r, e);
+  const std::string t = e.Render();
+  const std::string l = "{site=\"site-a\",group=\"g0\",peer=\"site-b\"";
+  EXPECT_THAT(t, HasSubstr("tvilling_verify_mismatch_chunks" + l + "} 1\n"));
+  EXPECT_THAT(t, HasSubstr("tvilling_verify_mismatch_bytes" + l + "} 1048576\n"));
+  EXPECT_THAT(t, HasSubstr("tvilling_verify_compared_chunks" + l + "} 64\n"));
+  EXPECT_THAT(t, HasSubstr("tvilling_verify_state" + l + ",state=\"mismatches\"} 1\n"));
+  EXPECT_THAT(t, HasSubstr("tvilling_verify_state" + l + ",state=\"identical\"} 0\n"));
+  EXPECT_THAT(
+      t, HasSubstr("tvilling_verify_last_finished_timestamp_seconds" + l + "} 1700000000.5\n"));
+  EXPECT_THAT(t,
+              Not(HasSubstr("tvilling_verify_state{site=\"site-a\",group=\"g0\",peer=\"site-c\"")));
+}
+
 // One HTTP/1.1 exchange on a fresh connection; returns the whole response.
 std::string Http(uint16_t port, const std::string& request) {
   boost::asio::io_context io;
