@@ -16,9 +16,9 @@ constexpr std::string_view kRoles[] = {"primary", "replica"};
 // core::LinkStateName's values on the primary, and the replica's view of its primary's stream.
 constexpr std::string_view kLinkStates[] = {"disconnected", "handshake", "copying", "streaming",
                                             "refused"};
-// An online verify's states (tvillingctl verify; node::RunVerify).
-constexpr std::string_view kVerifyStates[] = {"running",    "identical", "mismatches",
-                                              "incomplete", "failed",    "cancelled"};
+// An online verify's states (tvillingctl verify; node::RunVerify); "none": not since the start.
+constexpr std::string_view kVerifyStates[] = {"none",       "running", "identical", "mismatches",
+                                              "incomplete", "failed",  "cancelled"};
 constexpr std::string_view kCoordinatorStates[] = {"starting",    "replica",           "leaderless",
                                                    "campaigning", "awaiting-approval", "primary",
                                                    "suspended"};
@@ -44,11 +44,12 @@ void AppendStateSet(std::string_view name, std::string_view help, const MetricLa
   if (!known && !current.empty()) out.Gauge(name, help, With(l, "state", current), 1);
 }
 
-// The running or last online verify of a peer (since the agent started; none before the first).
+// The running or last online verify of a peer since the agent started: state "none" and zeros
+// before the first, so that the series (and the alert on them) exist from the start.
 void AppendVerify(const MetricLabels& l, const v1::VerifyStatus& v, Exposition& out) {
   AppendStateSet("tvilling_verify_state",
                  "State of the running or last online verify of the peer: 1 for the current one.",
-                 l, kVerifyStates, v.state(), out);
+                 l, kVerifyStates, v.state().empty() ? std::string("none") : v.state(), out);
   out.Gauge("tvilling_verify_total_bytes", "Bytes the running or last verify covers.", l,
             D(v.total_bytes()));
   out.Gauge("tvilling_verify_done_bytes", "Bytes the running or last verify has settled.", l,
@@ -135,7 +136,7 @@ void AppendPeer(const MetricLabels& group_labels, const v1::PeerStatus& p, bool 
               l, D(p.dials()));
   out.Counter("tvilling_peer_disconnects_total",
               "Streams to the peer that ended, failed dials included.", l, D(p.disconnects()));
-  if (p.has_verify() && !p.verify().state().empty()) AppendVerify(l, p.verify(), out);
+  AppendVerify(l, p.verify(), out);  // the default (empty) status before the first verify
 }
 
 }  // namespace

@@ -141,7 +141,8 @@ TEST(StatusMetricsTest, PrimaryRpoBoundIsTheMostCurrentPeersLagAndStatesAreSets)
   EXPECT_THAT(t, Not(HasSubstr("tvilling_group_rpo_bound_seconds{site=\"site-a\",group=\"g1\"}")));
 }
 
-// tvilling_verify_*: only for a peer that has a verify (none before the first since the start).
+// tvilling_verify_*: for every peer of a primary; state "none" and zeros before the first verify
+// since the start (the alert rules' series exist from the start).
 TEST(StatusMetricsTest, VerifyResultOfAPeerIsExported) {
   v1::StatusReply r;
   r.mutable_agent()->set_site("site-a");
@@ -170,8 +171,11 @@ TEST(StatusMetricsTest, VerifyResultOfAPeerIsExported) {
   EXPECT_THAT(t, HasSubstr("tvilling_verify_state" + l + ",state=\"identical\"} 0\n"));
   EXPECT_THAT(
       t, HasSubstr("tvilling_verify_last_finished_timestamp_seconds" + l + "} 1700000000.5\n"));
-  EXPECT_THAT(t,
-              Not(HasSubstr("tvilling_verify_state{site=\"site-a\",group=\"g0\",peer=\"site-c\"")));
+  const std::string c = "{site=\"site-a\",group=\"g0\",peer=\"site-c\"";
+  EXPECT_THAT(t, HasSubstr("tvilling_verify_state" + c + ",state=\"none\"} 1\n"));
+  EXPECT_THAT(t, HasSubstr("tvilling_verify_state" + c + ",state=\"mismatches\"} 0\n"));
+  EXPECT_THAT(t, HasSubstr("tvilling_verify_mismatch_chunks" + c + "} 0\n"));
+  EXPECT_THAT(t, HasSubstr("tvilling_verify_state" + l + ",state=\"none\"} 0\n"));
 }
 
 // One HTTP/1.1 exchange on a fresh connection; returns the whole response.
