@@ -7,11 +7,14 @@
 #include "agent/transport/stream.h"
 
 #include <chrono>
+#include <condition_variable>
 #include <deque>
 #include <mutex>
 #include <optional>
 #include <set>
+#include <thread>
 #include <utility>
+#include <vector>
 
 #include "agent/transport/tls.h"
 #include "fmt/format.h"
@@ -336,6 +339,55 @@ grpc::ServerBidiReactor<v1::ToReplica, v1::FromReplica>* Service::Stream(
   return r.get();
 }
 
+// Destroys what a reaction must not destroy itself, on a thread of its own. A grpc::Channel's
+// destructor releases gRPC's callback completion queue, whose last release joins that queue's
+// threads; run on one of those threads (a stream's OnDone dropping the last reference to its
+// channel), the join fails and the queue is freed under the running thread: a double free
+// (grpc/grpc#32584; seen in CI under ASan at the exit of a test whose stream owned its channel).
+// A function-local static, so it is built after gRPC's own statics and drained before them.
+class Reaper {
+ public:
+  static Reaper& Get() {
+    static Reaper reaper;
+    return reaper;
+  }
+  void Drop(std::shared_ptr<void> p) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      queue_.push_back(std::move(p));
+    }
+    cv_.notify_one();
+  }
+  ~Reaper() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_one();
+    thread_.join();
+  }
+
+ private:
+  Reaper() : thread_([this] { Run(); }) {}
+  void Run() {
+    std::unique_lock<std::mutex> l(mu_);
+    for (;;) {
+      cv_.wait(l, [&] { return stopping_ || !queue_.empty(); });
+      std::vector<std::shared_ptr<void>> batch = std::move(queue_);
+      queue_.clear();
+      l.unlock();
+      batch.clear();  // the destructors run here, on no gRPC thread
+      l.lock();
+      if (stopping_ && queue_.empty()) return;
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::shared_ptr<void>> queue_;
+  bool stopping_ = false;
+  std::thread thread_;  // last: starts once the members above exist
+};
+
 class ClientReactor final : public grpc::ClientBidiReactor<v1::ToReplica, v1::FromReplica>,
                             public ClientStream,
                             public std::enable_shared_from_this<ClientReactor> {
@@ -462,7 +514,10 @@ class ClientReactor final : public grpc::ClientBidiReactor<v1::ToReplica, v1::Fr
       if (close_status_) status = *close_status_;
     }
     Deliver(std::move(status));
-    auto keep = std::move(self_);  // may destroy *this when `keep` goes out of scope
+    // The stub and the context hold the channel, maybe its last reference (a caller that did not
+    // keep it): if gRPC's side is the last owner, *this is destroyed on the reaper's thread, not
+    // on this gRPC thread (Reaper). Nothing touches *this after this line.
+    Reaper::Get().Drop(std::move(self_));
   }
 
  private:
