@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 #include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
+#include <pwd.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <iostream>
@@ -254,6 +256,12 @@ std::string FormatStatusText(const v1::StatusReply& reply) {
     }
   }
   return out;
+}
+
+std::string LocalUser() {
+  if (const char* s = std::getenv("SUDO_USER"); s != nullptr && *s != '\0') return s;
+  if (const passwd* pw = getpwuid(getuid()); pw != nullptr) return pw->pw_name;
+  return std::to_string(getuid());
 }
 
 std::string FormatProgressBar(uint64_t done_bytes, uint64_t total_bytes, uint64_t bytes_per_s,

@@ -51,6 +51,10 @@ int RunTvillingctl(int argc, const char* const* argv, std::ostream& out, std::os
 [[nodiscard]] std::string FormatProgressBar(uint64_t done_bytes, uint64_t total_bytes,
                                             uint64_t bytes_per_s, double eta_s);
 
+// Who runs the command, for the agent's audit records: the login behind sudo if any (the person,
+// not root), else this process's user name, else its uid.
+[[nodiscard]] std::string LocalUser();
+
 // 250us, 12.5ms, 1.20s.
 [[nodiscard]] std::string FormatMicros(uint64_t micros);
 

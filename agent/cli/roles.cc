@@ -16,13 +16,6 @@
 namespace tvilling::cli {
 namespace {
 
-std::string LocalUser() {
-  // The login behind sudo, if any: the person, not root.
-  if (const char* s = std::getenv("SUDO_USER"); s != nullptr && *s != '\0') return s;
-  if (const passwd* pw = getpwuid(getuid()); pw != nullptr) return pw->pw_name;
-  return std::to_string(getuid());
-}
-
 int ReportError(const grpc::Status& status, const std::string& socket, const std::string& what,
                 std::ostream& err) {
   if (status.error_code() == grpc::StatusCode::FAILED_PRECONDITION) {

@@ -23,12 +23,6 @@
 namespace tvilling::cli {
 namespace {
 
-std::string LocalUser() {
-  if (const char* s = std::getenv("SUDO_USER"); s != nullptr && *s != '\0') return s;
-  if (const passwd* pw = getpwuid(getuid()); pw != nullptr) return pw->pw_name;
-  return std::to_string(getuid());
-}
-
 // What core::PlanSwitchover needs, from the agent's status of the group.
 core::SwitchoverInput PlanInput(const std::string& site, const v1::GroupStatus& group,
                                 const std::string& to, double timeout_s) {
@@ -241,15 +235,9 @@ int Switchover(const std::string& socket, std::chrono::milliseconds rpc_timeout,
   if (!args.dry_run) return RunSwitchover(socket, args, out, err);
   auto channel = grpc::CreateChannel("unix:" + socket, grpc::InsecureChannelCredentials());
   auto stub = v1::Control::NewStub(channel);
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + rpc_timeout);
-  v1::StatusReply reply;
-  const grpc::Status status = stub->Status(&context, v1::StatusRequest(), &reply);
-  if (!status.ok()) {
-    err << fmt::format("tvillingctl: cannot reach tvillingd at unix socket {}: {}\n", socket,
-                       status.error_message());
-    return kExitUnreachable;
-  }
+  const std::optional<v1::StatusReply> status = AgentStatus(stub.get(), socket, rpc_timeout, err);
+  if (!status) return kExitUnreachable;
+  const v1::StatusReply& reply = *status;
   const v1::GroupStatus* group = nullptr;
   for (const v1::GroupStatus& g : reply.groups()) {
     if (g.name() == args.group) group = &g;

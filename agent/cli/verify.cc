@@ -16,12 +16,6 @@
 namespace tvilling::cli {
 namespace {
 
-std::string LocalUser() {
-  if (const char* s = std::getenv("SUDO_USER"); s != nullptr && *s != '\0') return s;
-  if (const passwd* pw = getpwuid(getuid()); pw != nullptr) return pw->pw_name;
-  return std::to_string(getuid());
-}
-
 std::string ProgressLine(const v1::VerifyProgress& p) {
   const v1::VerifyStatus& st = p.status();
   std::string line = fmt::format(
