@@ -160,10 +160,13 @@ class Etcd:
 
 
 class EtcdCluster:
-    """Three etcd members on 127.0.0.1 (one cluster); reads go to any member."""
+    """Three etcd members on 127.0.0.1, or where the cluster's placement puts them (one cluster).
+    The test's reads run where member `reader` runs (its namespace) and try it first, then the
+    members after it: a test that cuts one member off reads from the other side."""
 
-    def __init__(self, c, n=3):
+    def __init__(self, c, n=3, reader=0):
         self.members = [Etcd(c, f"m{i}") for i in range(n)]
+        self.reader = reader
         cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         for m in self.members:
             m.initial_cluster = cluster
@@ -180,8 +183,9 @@ class EtcdCluster:
         return [m.endpoint for m in self.members]
 
     def ctl(self, *args, check=True):
-        r = subprocess.run(netns_prefix(self.members[0].netns) + [
-            "etcdctl", "--endpoints", ",".join(self.endpoints), "--dial-timeout", "1s",
+        order = self.members[self.reader:] + self.members[:self.reader]
+        r = subprocess.run(netns_prefix(order[0].netns) + [
+            "etcdctl", "--endpoints", ",".join(m.endpoint for m in order), "--dial-timeout", "1s",
             "--command-timeout", "2s", *args], capture_output=True, text=True, timeout=10,
             env=dict(os.environ, ETCDCTL_API="3"))
         if r.returncode != 0:

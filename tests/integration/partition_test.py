@@ -48,7 +48,7 @@ import time
 import nbd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from coordinator_test import Etcd, EtcdCluster, ctl, log_has  # noqa: E402
+from coordinator_test import EtcdCluster, ctl, log_has  # noqa: E402
 from repl_lib import (TestFailure, assert_identical, log, run_main, u64,  # noqa: E402
                       wait_caught_up, wait_for)
 from repl_test import qemu_io  # noqa: E402
@@ -141,73 +141,13 @@ def netns_usable():
     return ""
 
 
-class NsEtcd(Etcd):
-    """An etcd member inside a site's namespace, on that site's address (fixed ports: the
-    namespace is the test's own)."""
-
-    def __init__(self, c, name, netns, host):
-        super().__init__(c, name)
-        self.netns, self.host = netns, host
-        self.client, self.peer = 2379, 2380
-
-    @property
-    def endpoint(self):
-        return f"{self.host}:{self.client}"
-
-    def start(self):
-        url_c, url_p = f"http://{self.host}:{self.client}", f"http://{self.host}:{self.peer}"
-        cmd = ["ip", "netns", "exec", self.netns, "etcd", "--name", self.name, "--data-dir",
-               os.path.join(self.dir, "data"), "--listen-client-urls", url_c,
-               "--advertise-client-urls", url_c, "--listen-peer-urls", url_p,
-               "--initial-advertise-peer-urls", url_p, "--initial-cluster", self.initial_cluster,
-               "--logger", "zap", "--log-outputs", os.path.join(self.dir, "etcd.log")]
-        os.makedirs(self.dir, exist_ok=True)
-        with open(os.path.join(self.dir, "etcd.out"), "a") as out:
-            # `ip netns exec` execs etcd: the PID is etcd's.
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        return self
-
-
-class NsEtcdCluster:
-    """One member per site, each in its site's namespace; the test reads etcd from site-b's
-    namespace (never partitioned), trying site-b's and site-c's members first (site-a's may be
-    cut off: a minority member answers nothing linearizable)."""
-
-    def __init__(self, c, lab):
-        self.members = [NsEtcd(c, f"m{i}", lab.ns[i], lab.addr[i]) for i in range(len(lab.ns))]
-        cluster = ",".join(f"{m.name}=http://{m.host}:{m.peer}" for m in self.members)
-        for m in self.members:
-            m.initial_cluster = cluster
-        self.reader_ns = lab.ns[1]
-
-    def start(self):
-        for m in self.members:
-            m.start()
-        # (etcdctl prints the health on stderr: success is the exit code)
-        wait_for("the etcd cluster to serve", lambda: self.ctl("endpoint", "health",
-                                                               check=False) is not None, 30, 0.2)
-        return self
-
-    def ctl(self, *args, check=True):
-        eps = ",".join(m.endpoint for m in self.members[1:] + self.members[:1])
-        r = subprocess.run(["ip", "netns", "exec", self.reader_ns, "etcdctl", "--endpoints", eps,
-                            "--dial-timeout", "1s", "--command-timeout", "2s", *args],
-                           capture_output=True, text=True, timeout=10,
-                           env=dict(os.environ, ETCDCTL_API="3"))
-        if r.returncode != 0:
-            if check:
-                raise TestFailure(f"etcdctl {args}: {r.stderr}")
-            return None
-        return r.stdout
-
-    def get(self, key):
-        out = self.ctl("get", "--print-value-only", key)
-        return out.strip() if out else ""
-
-    def create_revision(self, key):
-        kvs = json.loads(self.ctl("get", "-w", "json", key)).get("kvs") or []
-        return int(kvs[0]["create_revision"]) if kvs else 0
+def etcd_in_sites(c, lab):
+    """One etcd member per site, in the site's namespace on its address; the test reads from
+    site-b's namespace (never partitioned), trying site-b's and site-c's members first (site-a's
+    may be cut off: a minority member answers nothing linearizable)."""
+    for i, ns in enumerate(lab.ns):
+        c.placement[f"etcd-m{i}"] = {"netns": ns, "host": lab.addr[i]}
+    return EtcdCluster(c, n=len(lab.ns), reader=1)
 
 
 def configure(agents, peers_of, endpoints_of, coordinator_extra=""):
@@ -348,7 +288,7 @@ def primary_partitioned(c):
         log(f"SKIP primary_partitioned: network namespaces are not usable here: {why}")
         sys.exit(SKIP)
     lab = Lab(c, 3)
-    etcd = NsEtcdCluster(c, lab).start()
+    etcd = etcd_in_sites(c, lab).start()
     agents = [c.agent(s, netns=lab.ns[i], host=lab.addr[i]) for i, s in enumerate(SITES)]
     a, b, cc = agents
     members = {ag.site: m.endpoint for ag, m in zip(agents, etcd.members)}
