@@ -204,6 +204,26 @@ TEST_F(GroupControllerTest, PromotionBeginsTheGivenEpochAndRefusesOneTheLogHasSe
   EXPECT_EQ(rt_->log().State().history.back().first_lsn, 2u);
 }
 
+// A primary's peer positions hold back its log's retention until the peers have the records. As a
+// replica nothing advances them any more: a demoted primary (or one restarted as a replica) that
+// kept them would never drop a record again.
+TEST_F(GroupControllerTest, AReplicaForgetsPeerPositionsSoItsRetentionGoesOn) {
+  MakeController(/*has_peers=*/true, /*coordinated=*/false);
+  ASSERT_TRUE(ctl_->Start(GroupRole::kPrimary).ok());
+  ASSERT_TRUE(Write(0, 'a').ok());
+  ASSERT_TRUE(rt_->log().SetPeerPosition({.peer = "site-b", .durable_lsn = 1}).ok());
+  ASSERT_EQ(rt_->log().State().peers.size(), 1u);
+  ASSERT_TRUE(ctl_->Demote("switchover").ok());
+  EXPECT_TRUE(rt_->log().State().peers.empty()) << "the demoted primary kept site-b's position";
+
+  // Restarted as a replica with a position left in the log (by an older version).
+  ASSERT_TRUE(rt_->log().SetPeerPosition({.peer = "site-c", .durable_lsn = 1}).ok());
+  ctl_->Stop();
+  MakeController(/*has_peers=*/true, /*coordinated=*/false);
+  ASSERT_TRUE(ctl_->Start(GroupRole::kReplica).ok());
+  EXPECT_TRUE(rt_->log().State().peers.empty()) << "a replica kept site-c's position";
+}
+
 // Writers race a demotion: every write acknowledged OK is in the log (and on the volume), every
 // other one failed with Unavailable; nothing completes OK after the demotion.
 TEST_F(GroupControllerTest, DemotionUnderLoadKeepsEveryAcknowledgedWrite) {
