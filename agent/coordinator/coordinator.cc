@@ -242,6 +242,32 @@ absl::Status Coordinator::Handover(const std::string& group, uint64_t epoch,
   return absl::OkStatus();
 }
 
+void Coordinator::PromotionFailed(const std::string& group, uint64_t epoch,
+                                  const std::string& why) {
+  std::lock_guard l(mu_);
+  for (size_t i = 0; i < bindings_.size(); ++i) {
+    if (bindings_[i].failover.group == group) HandleLocked(i, core::EvPromotionFailed{epoch, why});
+  }
+}
+
+void Coordinator::Resign(size_t i, uint64_t epoch) {
+  const std::string& group = bindings_[i].failover.group;
+  const std::string leader = LeaderKey(options_.prefix, group);
+  // Only our key in that epoch: never one another site (or a later campaign of ours) holds.
+  auto r = client_->Txn(
+      {Compare::CreateRevision(leader, Compare::Result::kEqual, static_cast<int64_t>(epoch)),
+       Compare::Value(leader, Compare::Result::kEqual, options_.site)},
+      {TxnOp::Delete(leader)}, {});
+  if (!r.ok()) {
+    spdlog::warn(
+        "group {}: coordinator: resigning the leader key (epoch {}) failed, trying again: {}",
+        group, epoch, std::string(r.status().message()));
+  } else if (r->succeeded) {
+    spdlog::warn("group {}: coordinator: resigned the leader key (epoch {}): the promotion failed",
+                 group, epoch);
+  }
+}
+
 std::optional<core::LeaderView> Coordinator::Leader(const std::string& group) const {
   std::lock_guard l(mu_);
   for (const auto& m : machines_) {
@@ -279,6 +305,9 @@ std::vector<core::FailoverAction> Coordinator::HandleLocked(size_t i,
         break;
       case K::kClearPending:
         Enqueue({Work::Kind::kClearPending, i, {}});
+        break;
+      case K::kResign:
+        Enqueue({Work::Kind::kResign, i, a.message, a.epoch});
         break;
       default:
         break;
@@ -351,6 +380,9 @@ void Coordinator::WorkerLoop() {
                              {TxnOp::Delete(key)}, {});
           break;
         }
+        case Work::Kind::kResign:
+          Resign(w.group, w.epoch);
+          break;
       }
     }
     bool sync_due;
@@ -618,10 +650,17 @@ void Coordinator::PublishSiteReports() {
     session = session_;
   }
   if (session == 0) return;
-  for (const GroupBinding& b : bindings_) {
+  for (size_t i = 0; i < bindings_.size(); ++i) {
+    const GroupBinding& b = bindings_[i];
     if (!b.site_report) continue;
+    core::SiteReport report = b.site_report();
+    {
+      // After a failed promotion the other sites must choose someone else.
+      std::lock_guard l(mu_);
+      if (machines_[i]->promotion_refused(Now())) report.no_failover = true;
+    }
     (void)client_->Put(SitesPrefix(options_.prefix, b.failover.group) + options_.site,
-                       EncodeSiteReport(b.site_report()), session);
+                       EncodeSiteReport(report), session);
   }
 }
 

@@ -124,14 +124,27 @@ class Coordinator {
   // tvillingctl pause / resume: writes or deletes the group's paused key (no lease: it outlives
   // every agent); every site's machine learns it through the watch (core::EvPaused).
   absl::Status SetPaused(const std::string& group, bool paused, const std::string& who);
+  // The site's promotion in `epoch` failed (the node stayed a replica): core::EvPromotionFailed,
+  // which resigns the leader key if the site holds it in that epoch. Any thread; must not be
+  // called from inside a binding's callback (they run under the coordinator's mutex).
+  void PromotionFailed(const std::string& group, uint64_t epoch, const std::string& why);
 
  private:
   struct Work {
-    enum class Kind { kNewSession, kCampaign, kReadLeader, kPublishPending, kClearPending };
+    enum class Kind {
+      kNewSession,
+      kCampaign,
+      kReadLeader,
+      kPublishPending,
+      kClearPending,
+      kResign
+    };
     Kind kind;
     size_t group = 0;
     std::string message;
+    uint64_t epoch = 0;  // kResign
   };
+  void Resign(size_t i, uint64_t epoch);
   Coordinator(CoordinatorOptions options, std::vector<GroupBinding> groups);
   core::Nanos Now() const;
   // REQUIRES: mu_. Handles `event` for group `i` and dispatches the actions.

@@ -52,6 +52,8 @@ const char* ActionName(FailoverAction::Kind k) {
       return "publish-pending";
     case K::kClearPending:
       return "clear-pending";
+    case K::kResign:
+      return "resign";
     case K::kRefused:
       return "refused";
   }
@@ -201,6 +203,13 @@ std::vector<FailoverAction> FailoverMachine::Handle(Nanos now, const FailoverEve
   using K = FailoverAction::Kind;
   if (std::holds_alternative<EvTick>(event)) {
     CheckLease(now, out);
+    // A resign that etcd did not carry out (unreachable): again, once a second, while our lease
+    // keeps the key alive.
+    if (resigned_epoch_ != 0 && Ours(leader_) && leader_.epoch == resigned_epoch_ &&
+        now - resign_sent_at_ >= 1'000'000'000) {
+      resign_sent_at_ = now;
+      out.push_back({K::kResign, o_.site, resigned_epoch_, "the promotion failed", {}});
+    }
     Evaluate(now, out);
   } else if (auto* s = std::get_if<EvSessionStarted>(&event)) {
     session_ = s->lease;
@@ -248,6 +257,7 @@ std::vector<FailoverAction> FailoverMachine::Handle(Nanos now, const FailoverEve
     Evaluate(now, out);
   } else if (auto* a = std::get_if<EvApprove>(&event)) {
     if (a->site != o_.site) return out;
+    promotion_failed_at_.reset();  // the operator decides
     if (state_ == State::kAwaitingApproval) {
       out.push_back({K::kClearPending, {}, 0, "approved by " + a->who, {}});
       Campaign(out);
@@ -268,7 +278,31 @@ std::vector<FailoverAction> FailoverMachine::Handle(Nanos now, const FailoverEve
     handover_to_ = h->to;
     handover_at_ = now;
     Evaluate(now, out);
+  } else if (auto* pf = std::get_if<EvPromotionFailed>(&event)) {
+    promotion_failed_at_ = now;
+    promotion_failed_why_ = pf->why;
+    if ((state_ == State::kPrimary || state_ == State::kSuspended) && epoch_ == pf->epoch) {
+      if (!io_suspended_) {
+        io_suspended_ = true;
+        out.push_back({K::kSuspendIo, {}, epoch_, "the promotion failed", {}});
+      }
+      resigned_epoch_ = epoch_;
+      resign_sent_at_ = now;
+      out.push_back({K::kResign, o_.site, epoch_, pf->why, {}});
+      Refuse("",
+             "the promotion in epoch " + std::to_string(epoch_) + " failed (" + pf->why +
+                 "): resigning the leader key so that another site can be elected; this site "
+                 "does not campaign for " +
+                 Seconds(PromotionHold()),
+             out);
+      epoch_ = 0;
+      confirm_pending_ = false;
+      state_ = State::kLeaderless;
+      leaderless_since_ = now;
+      last_leader_change_ = now;
+    }
   } else if (auto* pr = std::get_if<EvPromote>(&event)) {
+    promotion_failed_at_.reset();  // the operator decides
     if (state_ == State::kPrimary || state_ == State::kSuspended) return out;
     if (leader_.present && !Ours(leader_)) {
       Refuse("",
@@ -313,6 +347,11 @@ void FailoverMachine::OnLeader(Nanos now, const LeaderView& v, std::vector<Failo
           out.push_back({K::kResumeIo, {}, epoch_, "lease renewed and leader key confirmed", {}});
         }
       }
+      return;
+    }
+    // The key we resigned, still seen until etcd deletes it: never promote in it again.
+    if (v.epoch == resigned_epoch_) {
+      state_ = State::kLeaderless;
       return;
     }
     // We hold the key (our campaign's answer, or a watch that saw it first).
@@ -406,6 +445,18 @@ void FailoverMachine::Evaluate(Nanos now, std::vector<FailoverAction>& out) {
   using K = FailoverAction::Kind;
   if (state_ != State::kLeaderless && state_ != State::kAwaitingApproval) return;
   if (session_ == 0) return;
+  if (promotion_refused(now)) {
+    if (state_ == State::kAwaitingApproval) {
+      state_ = State::kLeaderless;
+      out.push_back({K::kClearPending, {}, 0, "", {}});
+    }
+    Refuse("promotion-failed",
+           "this site's promotion failed " + Seconds(now - *promotion_failed_at_) + " ago (" +
+               promotion_failed_why_ + "): it does not campaign until " + Seconds(PromotionHold()) +
+               " have passed, and reports itself no-failover meanwhile",
+           out);
+    return;
+  }
   // A switchover's hand-over (EvHandover): only its target campaigns, at once.
   if (!handover_to_.empty() && now - handover_at_ < 2 * o_.lease_ttl) {
     if (handover_to_ == o_.site && state_ != State::kCampaigning) {

@@ -37,6 +37,7 @@
 //   configured primary campaigns at once.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <optional>
@@ -190,9 +191,20 @@ struct EvPaused {
 struct EvSyncSet {
   std::optional<PublishedSyncSet> sync;
 };
+// The site's promotion in `epoch` (after a kPromote) failed and it stayed a replica: its volumes
+// are not a consistent image, its log has seen a newer epoch, or a disk error. Holding the key in
+// that epoch, the machine resigns it (kResign) so that another site can be elected. For
+// max(anti_flap, 2 x lease TTL) after the failure the site then does not campaign on its own (not
+// under the bootstrap rule, nor as a switchover's target) and its site report says no-failover
+// (promotion_refused()), so that the other sites choose someone else. An operator's promote or
+// approve ends that hold.
+struct EvPromotionFailed {
+  uint64_t epoch = 0;
+  std::string why;
+};
 using FailoverEvent = std::variant<EvTick, EvSessionStarted, EvSessionRenewed, EvSessionLost,
                                    EvLeader, EvCampaignDone, EvSites, EvPrimaryReport, EvApprove,
-                                   EvPromote, EvHandover, EvPaused, EvSyncSet>;
+                                   EvPromote, EvHandover, EvPaused, EvSyncSet, EvPromotionFailed>;
 
 // ---- actions ----
 struct FailoverAction {
@@ -208,6 +220,7 @@ struct FailoverAction {
     kPublishPending,  // approve policy: publish `message` (plan, loss) and wait
     kClearPending,
     kRefused,  // an automatic fail-over was refused: `message` says why
+    kResign,   // Txn: delete the leader key if it holds this site in `epoch` (EvPromotionFailed)
   };
   Kind kind;
   std::string site;
@@ -253,6 +266,12 @@ class FailoverMachine {
   Nanos suspend_deadline() const { return last_renewal_sent_ + o_.suspend_after; }
   // Two sites and no witness: automatic fail-over is refused (docs/coordinator.md).
   bool automatic_refused_for_lack_of_witness() const;
+  // Within max(anti_flap, 2 x lease TTL) of a failed promotion (EvPromotionFailed): the site keeps
+  // out of elections and publishes its site report with no_failover set.
+  bool promotion_refused(Nanos now) const {
+    return promotion_failed_at_.has_value() && now - *promotion_failed_at_ < PromotionHold();
+  }
+  Nanos PromotionHold() const { return std::max(o_.anti_flap, 2 * o_.lease_ttl); }
 
  private:
   void OnLeader(Nanos now, const LeaderView& v, std::vector<FailoverAction>& out);
@@ -292,6 +311,10 @@ class FailoverMachine {
   std::string paused_by_;
   std::string handover_to_;  // a switchover's target, until a leader appears or it expires
   Nanos handover_at_ = 0;
+  std::optional<Nanos> promotion_failed_at_;  // EvPromotionFailed (promotion_refused())
+  std::string promotion_failed_why_;
+  uint64_t resigned_epoch_ = 0;  // the key we resign; never promoted in again
+  Nanos resign_sent_at_ = 0;     // kResign is repeated every second while the key stays
 };
 
 }  // namespace tvilling::core

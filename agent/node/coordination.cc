@@ -143,7 +143,13 @@ absl::StatusOr<std::unique_ptr<coordinator::Coordinator>> StartCoordination(
   // A primary's sync set goes to etcd as soon as it is due (writes may wait for it). A primary
   // promoted before this is wired is published on the worker's next round (report_interval).
   coordinator::Coordinator* coord = started->get();
-  for (const auto& ctl : groups) ctl->SetSyncSetNotify([coord] { coord->SyncSetDue(); });
+  for (const auto& ctl : groups) {
+    ctl->SetSyncSetNotify([coord] { coord->SyncSetDue(); });
+    ctl->SetPromotionFailedNotify(
+        [coord, group = ctl->name()](uint64_t epoch, const std::string& why) {
+          coord->PromotionFailed(group, epoch, why);
+        });
+  }
   return started;
 }
 

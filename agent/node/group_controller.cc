@@ -121,6 +121,7 @@ absl::Status GroupController::PromoteLocked(uint64_t epoch, const std::string& w
   if (absl::Status st = CheckPromotable(); !st.ok()) {
     spdlog::error("{}", Msg(st));
     if (options_.on_switch) options_.on_switch("promoted", false, Msg(st));
+    NotifyPromotionFailed(epoch, Msg(st));
     return st;
   }
   spdlog::info("group {}: promoting this site to primary ({}){}", name(), why,
@@ -164,6 +165,7 @@ absl::Status GroupController::PromoteLocked(uint64_t epoch, const std::string& w
       spdlog::error("group {}: promotion refused, staying a replica: {}", name(), Msg(p.status()));
       BecomeReplica();
       if (options_.on_switch) options_.on_switch("promoted", false, Msg(p.status()));
+      NotifyPromotionFailed(epoch, Msg(p.status()));
       return p.status();
     }
     started = *p;
@@ -326,6 +328,22 @@ bool GroupController::switching() const {
 void GroupController::SetSyncSetNotify(std::function<void()> notify) {
   std::lock_guard l(mu_);
   sync_set_notify_ = std::move(notify);
+}
+
+void GroupController::SetPromotionFailedNotify(
+    std::function<void(uint64_t epoch, const std::string& why)> notify) {
+  std::lock_guard l(mu_);
+  promotion_failed_notify_ = std::move(notify);
+}
+
+void GroupController::NotifyPromotionFailed(uint64_t epoch, const std::string& why) {
+  if (epoch == 0) return;  // an operator's promotion without a coordinator
+  std::function<void(uint64_t, const std::string&)> notify;
+  {
+    std::lock_guard l(mu_);
+    notify = promotion_failed_notify_;
+  }
+  if (notify) notify(epoch, why);
 }
 
 std::optional<std::pair<uint64_t, core::SyncSet>> GroupController::TakeSyncSetToPublish() {

@@ -126,6 +126,10 @@ class GroupController {
   // publish; TakeSyncSetToPublish returns it with the primary's epoch (marked in flight);
   // SyncSetPublished hands the answer to the primary of that epoch (ignored for an older one).
   void SetSyncSetNotify(std::function<void()> notify);
+  // A coordinated promotion (epoch != 0) that failed calls `notify(epoch, why)` on the
+  // controller's worker, outside its locks: the coordinator then resigns the leader key
+  // (core::EvPromotionFailed).
+  void SetPromotionFailedNotify(std::function<void(uint64_t epoch, const std::string& why)> notify);
   std::optional<std::pair<uint64_t, core::SyncSet>> TakeSyncSetToPublish();
   void SyncSetPublished(uint64_t epoch, const core::SyncSet& set, bool ok);
 
@@ -158,6 +162,8 @@ class GroupController {
   std::vector<std::unique_ptr<ReplicaGroup>> replicas_;  // the current one is replicas_.back()
   std::map<std::string, uint64_t> rate_limits_;  // SetRateLimit's caps, over options_.primary's
   std::function<void()> sync_set_notify_;
+  std::function<void(uint64_t, const std::string&)> promotion_failed_notify_;
+  void NotifyPromotionFailed(uint64_t epoch, const std::string& why);
 
   std::condition_variable work_cv_;
   std::deque<std::function<void()>> work_;

@@ -483,6 +483,60 @@ def elected_replica_takes_over(c):
     log(f"site-a after restart: role {st.get('role')} epoch {st.get('epoch')}")
 
 
+def promotion_failure_resigns(c):
+    """etcd rebuilt from scratch: its revisions (the epochs) start again below the epoch the
+    sites' logs have seen, so the configured primary wins the key but its promotion fails. It must
+    resign the key (a site that held it would leave the group without a primary for good), hold
+    off for 2 x TTL, and try again; once etcd's revision passes the old epoch it is primary again,
+    with every acknowledged write."""
+    etcd = Etcd(c).start()
+    # Push the revision up, so the first epoch is well above a fresh etcd's first revisions.
+    for i in range(40):
+        etcd.ctl("put", f"/filler/{i}", "x")
+    a, b, cc = three_sites(c, [etcd.endpoint])
+    for agent in (b, cc, a):
+        agent.start()
+    wait_for("site-a to hold the leader key", lambda: etcd.get("/tvilling/groups/g0/leader")
+             == "site-a", 30, 0.2)
+    old_epoch = etcd.create_revision_of("/tvilling/groups/g0/leader")
+    wait_for("site-a primary", lambda: a.group().get("role") == "primary", 15, 0.1)
+    h = a.connect()
+    payload = os.urandom(65536)
+    h.pwrite(payload, 0)
+    h.flush()
+    h.shutdown()
+    wait_caught_up(a, [b, cc])
+    for agent in (a, b, cc):
+        agent.stop()
+    etcd.stop()
+    shutil.rmtree(os.path.join(etcd.dir, "data"))
+    etcd.start()
+    log(f"etcd rebuilt empty; the sites' logs have seen epoch {old_epoch}")
+    for agent in (b, cc, a):
+        agent.start()
+    wait_for("site-a to resign a key it cannot promote in",
+             lambda: log_has(a, r"resigned the leader key \(epoch \d+\)"), 30, 0.2)
+    resigned = int(re.search(r"resigned the leader key \(epoch (\d+)\)", a.tail(400)).group(1))
+    if resigned >= old_epoch:
+        raise TestFailure(f"resigned epoch {resigned} is not below the old epoch {old_epoch}")
+    if not log_has(a, r"already seen epoch %d" % old_epoch):
+        raise TestFailure("site-a's log does not say why its promotion failed")
+    # Held off, then again, until etcd's revision is above the old epoch (site reports move it).
+    wait_for("site-a primary again in an epoch above the old one",
+             lambda: a.group().get("role") == "primary" and
+             u64(a.group().get("epoch")) > old_epoch, 90, 0.5)
+    epoch = etcd.create_revision_of("/tvilling/groups/g0/leader")
+    log(f"site-a resigned epoch {resigned}, primary again in epoch {epoch}")
+    h = a.connect()
+    if h.pread(65536, 0) != payload:
+        raise TestFailure("the acknowledged write before the rebuild is not there")
+    h.pwrite(payload[::-1], 1 << 20)
+    h.flush()
+    h.shutdown()
+    wait_caught_up(a, [b, cc])
+    assert_identical(a, [b, cc])
+
+
 def three_sites_sync(c, endpoints, degrade_ms):
     """As three_sites, with site-a's sync peer site-b leaving the sync set after `degrade_ms`."""
     a, b, cc = c.agent("site-a"), c.agent("site-b"), c.agent("site-c")
@@ -1364,7 +1418,8 @@ SCENARIOS = {f.__name__: f for f in (elects_configured_primary, suspends_without
                                      manual_policy_promote, switchover_there_and_back,
                                      switchover_rolls_back, switchover_under_load_checked,
                                      evacuate_site, evacuate_aborts,
-                                     sync_set_degrade_then_failover, sync_set_refuses_outside)}
+                                     sync_set_degrade_then_failover, sync_set_refuses_outside,
+                                     promotion_failure_resigns)}
 
 if __name__ == "__main__":
     if shutil.which("etcd") is None:

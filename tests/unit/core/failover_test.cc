@@ -870,3 +870,68 @@ TEST(FailoverHandover, OnlyTheTargetCampaignsAtOnceAndTheOldPrimaryWaits) {
 
 }  // namespace
 }  // namespace tvilling::core
+
+namespace tvilling::core {
+namespace {
+
+// docs/coordinator.md, "A failed promotion": the site that holds the key but cannot promote
+// resigns it, stays out of elections for anti_flap (even as the last primary) and says why; an
+// operator's promote ends the hold.
+TEST(FailoverPromotionFailed, ResignsTheKeyAndStaysOutUntilAntiFlapPasses) {
+  Fixture b(Opts("b"), 102);
+  auto acts = b.Start(0, Report("b", 500), LeaderView{});
+  ASSERT_THAT(Kinds(acts), ::testing::ElementsAre(K::kCampaign)) << "the last primary";
+  acts = b.m.Handle(10 * kMs, EvCampaignDone{true, Leader("b", 60, 102)});
+  ASSERT_THAT(Kinds(acts), ::testing::ElementsAre(K::kPromote, K::kResumeIo));
+
+  acts = b.m.Handle(100 * kMs, EvPromotionFailed{60, "its log has seen epoch 70"});
+  EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kSuspendIo, K::kResign, K::kRefused));
+  EXPECT_EQ(Find(acts, K::kResign)->epoch, 60u);
+  EXPECT_THAT(Find(acts, K::kRefused)->message, HasSubstr("its log has seen epoch 70"));
+  EXPECT_EQ(b.m.state(), S::kLeaderless);
+  EXPECT_TRUE(b.m.promotion_refused(100 * kMs));
+
+  // The watch still shows the key until etcd deletes it: no second promotion in it.
+  acts = b.m.Handle(150 * kMs, EvLeader{Leader("b", 60, 102)});
+  EXPECT_FALSE(Has(acts, K::kPromote));
+  EXPECT_FALSE(Has(acts, K::kCampaign));
+  // etcd did not delete it (unreachable): the resign is repeated after a second, not before.
+  EXPECT_FALSE(Has(b.m.Handle(500 * kMs, EvTick{}), K::kResign));
+  acts = b.m.Handle(1200 * kMs, EvTick{});
+  ASSERT_TRUE(Has(acts, K::kResign));
+  EXPECT_EQ(Find(acts, K::kResign)->epoch, 60u);
+
+  // Deleted: the last primary would take it back at once; after a failed promotion it does not.
+  acts = b.m.Handle(1300 * kMs, EvLeader{LeaderView{}});
+  EXPECT_FALSE(Has(acts, K::kCampaign));
+  EXPECT_FALSE(Has(b.m.Handle(30 * kS, EvTick{}), K::kCampaign));
+  EXPECT_THAT(b.m.last_refusal(), HasSubstr("promotion failed"));
+  EXPECT_TRUE(b.m.promotion_refused(30 * kS));
+  // Once anti_flap has passed it may try again.
+  acts = b.m.Handle(100 * kMs + 60 * kS, EvTick{});
+  EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kCampaign));
+  EXPECT_FALSE(b.m.promotion_refused(100 * kMs + 60 * kS));
+}
+
+TEST(FailoverPromotionFailed, AnOperatorsPromoteEndsTheHoldAndAnOldEpochResignsNothing) {
+  Fixture b(Opts("b"), 102);
+  b.Start(0, Report("b", 500), LeaderView{});
+  b.m.Handle(10 * kMs, EvCampaignDone{true, Leader("b", 60, 102)});
+  b.m.Handle(20 * kMs, EvSites{{{"b", {500, true, false}}}});
+  // A failure reported for an epoch the site does not hold (a late report): no resign, but the
+  // site still keeps out of elections.
+  auto acts = b.m.Handle(100 * kMs, EvPromotionFailed{59, "late"});
+  EXPECT_FALSE(Has(acts, K::kResign));
+  EXPECT_EQ(b.m.state(), S::kPrimary);
+  EXPECT_TRUE(b.m.promotion_refused(100 * kMs));
+
+  acts = b.m.Handle(200 * kMs, EvPromotionFailed{60, "disk error"});
+  ASSERT_TRUE(Has(acts, K::kResign));
+  b.m.Handle(300 * kMs, EvLeader{LeaderView{}});
+  acts = b.m.Handle(400 * kMs, EvPromote{"ops@host"});
+  EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kCampaign));
+  EXPECT_FALSE(b.m.promotion_refused(400 * kMs));
+}
+
+}  // namespace
+}  // namespace tvilling::core

@@ -176,6 +176,10 @@ TEST_F(GroupControllerTest, AnotherSitesElectionFailsTheWritesHeldForIt) {
 
 TEST_F(GroupControllerTest, PromotionBeginsTheGivenEpochAndRefusesOneTheLogHasSeen) {
   MakeController(/*has_peers=*/true, /*coordinated=*/false);
+  // The coordinator is told of a failed promotion in an etcd epoch (it then resigns the key).
+  std::vector<std::pair<uint64_t, std::string>> failed;
+  ctl_->SetPromotionFailedNotify(
+      [&](uint64_t epoch, const std::string& why) { failed.emplace_back(epoch, why); });
   ASSERT_TRUE(ctl_->Start(GroupRole::kReplica).ok());
   v1::GroupStatus s;
   ctl_->FillStatus(&s);
@@ -195,6 +199,9 @@ TEST_F(GroupControllerTest, PromotionBeginsTheGivenEpochAndRefusesOneTheLogHasSe
   EXPECT_NE(refused.message().find("already seen epoch 17"), std::string::npos) << refused;
   EXPECT_EQ(ctl_->role(), GroupRole::kReplica) << "a refused promotion stays a replica";
   EXPECT_EQ(Write(4096, 'b').code(), absl::StatusCode::kUnavailable);
+  ASSERT_EQ(failed.size(), 1u) << "the coordinator was not told of the failed promotion";
+  EXPECT_EQ(failed[0].first, 12u);
+  EXPECT_NE(failed[0].second.find("already seen epoch 17"), std::string::npos) << failed[0].second;
 
   // Without etcd: one above the newest seen.
   ASSERT_TRUE(ctl_->Promote(0, "operator").ok());
@@ -202,6 +209,7 @@ TEST_F(GroupControllerTest, PromotionBeginsTheGivenEpochAndRefusesOneTheLogHasSe
   ASSERT_TRUE(Write(4096, 'c').ok());
   EXPECT_EQ(rt_->log().State().history.back().epoch, 18u);
   EXPECT_EQ(rt_->log().State().history.back().first_lsn, 2u);
+  EXPECT_EQ(failed.size(), 1u) << "only failures of promotions in an etcd epoch are reported";
 }
 
 // A primary's peer positions hold back its log's retention until the peers have the records. As a
