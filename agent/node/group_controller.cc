@@ -127,6 +127,7 @@ absl::Status GroupController::PromoteLocked(uint64_t epoch, const std::string& w
   spdlog::info("group {}: promoting this site to primary ({}){}", name(), why,
                epoch ? fmt::format(" in etcd epoch {}", epoch) : std::string());
   std::shared_ptr<PrimaryReplicator> started;
+  std::map<std::string, uint64_t> start_caps;  // the rate cap each peer's link started with
   if (options_.has_peers) {
     // New streams are refused from here on; the replica ends the one it has and lets every
     // replicated append land, so the new epoch begins after the last replicated record.
@@ -157,6 +158,7 @@ absl::Status GroupController::PromoteLocked(uint64_t epoch, const std::string& w
         if (auto it = rate_limits_.find(peer.site); it != rate_limits_.end()) {
           peer.rate_limit_bytes_per_s = it->second;
         }
+        start_caps[peer.site] = peer.rate_limit_bytes_per_s;
       }
     }
     auto p = PrimaryReplicator::Start(runtime_, std::move(po),
@@ -170,6 +172,9 @@ absl::Status GroupController::PromoteLocked(uint64_t epoch, const std::string& w
     }
     started = *p;
   }
+  // Rate caps a SIGHUP changed while the replicator was starting (SetRateLimit found no primary
+  // to tell): applied now, or the new primary would keep the old cap until the next reload.
+  std::vector<std::pair<std::string, uint64_t>> changed_caps;
   {
     std::lock_guard l(mu_);
     primary_ = started;
@@ -179,7 +184,14 @@ absl::Status GroupController::PromoteLocked(uint64_t epoch, const std::string& w
     runtime_->SetWritable(true);
     // Resume under mu_: a CoordinatorSuspend that comes meanwhile waits, so it always wins.
     if (!paused_ && (!options_.coordinated || coordinator_allows_io_)) runtime_->ResumeIo();
+    for (const auto& [site, cap] : rate_limits_) {
+      auto it = start_caps.find(site);
+      if (started && it != start_caps.end() && it->second != cap) {
+        changed_caps.emplace_back(site, cap);
+      }
+    }
   }
+  for (const auto& [site, cap] : changed_caps) (void)started->SetRateLimit(site, cap);
   const std::string done =
       fmt::format("this site is primary{}",
                   started ? fmt::format(" in epoch {}", started->epoch()) : std::string());
