@@ -319,7 +319,9 @@ absl::StatusOr<v1::SwitchoverReply> RunSwitchover(const ops::Config& config,
     if (peer.durable_lsn() >= last && answered) break;
     if (Clock::now() - t0 > timeout) {
       c->Unpause();
-      return absl::FailedPreconditionError(fmt::format(
+      // ABORTED (not FAILED_PRECONDITION): the switchover began and was rolled back, nothing
+      // changed; `switchover --all-groups` stops the evacuation on it.
+      return absl::AbortedError(fmt::format(
           "{} did not catch up within {} ms (its durable LSN {} of {}{}); rolled back: writes "
           "resumed on {} after a pause of {} ms, nothing changed",
           req.to(), timeout.count(), peer.durable_lsn(), last,

@@ -71,6 +71,7 @@ int RunSwitchover(const std::string& socket, const SwitchoverArgs& args, std::os
       CallSwitchover(stub.get(), args.group, args.to, args.timeout_s, &reply);
   if (!status.ok()) {
     const bool refused = status.error_code() == grpc::StatusCode::FAILED_PRECONDITION ||
+                         status.error_code() == grpc::StatusCode::ABORTED ||
                          status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED ||
                          status.error_code() == grpc::StatusCode::NOT_FOUND;
     err << fmt::format("tvillingctl: switchover of group {} to {} {}: {}\n", args.group, args.to,
@@ -126,9 +127,9 @@ GroupResult ClassifySwitchover(const std::string& group, const std::string& sock
                               ? fmt::format("gRPC code {} from tvillingd at unix socket {}",
                                             static_cast<int>(status.error_code()), socket)
                               : status.error_message();
-  // RunSwitchover's roll-back: the target did not catch up, writes resumed here, nothing changed.
-  const bool rolled_back = status.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
-                           why.find("rolled back") != std::string::npos;
+  // RunSwitchover's roll-back (ABORTED): the target did not catch up, writes resumed here,
+  // nothing changed.
+  const bool rolled_back = status.error_code() == grpc::StatusCode::ABORTED;
   return {group, rolled_back ? core::EvacuationState::kRolledBack : core::EvacuationState::kFailed,
           why};
 }

@@ -444,7 +444,7 @@ class EvacControl final : public v1::Control::Service {
     std::this_thread::sleep_for(std::chrono::milliseconds(60));
     --in_flight;
     if (req->group() == fail) {
-      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+      return grpc::Status(grpc::StatusCode::ABORTED,
                           "site-b did not catch up within 1500 ms (its durable LSN 90 of 100); "
                           "rolled back: writes resumed on site-a after a pause of 1500 ms, "
                           "nothing changed");
