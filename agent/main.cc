@@ -483,7 +483,8 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
     coordinator = std::move(*c);
   }
   ops::NotifyStatus("starting listeners");
-  node::VerifyRegistry verify_registry;  // online verify results, for status and metrics
+  // Online verify results, for status and metrics; the last of each peer survives restarts.
+  node::VerifyRegistry verify_registry(config.agent.state_dir / "verify-results.pb");
   const auto fill_status = [&](v1::StatusReply* out) {
     out->mutable_agent()->set_site(config.agent.site);
     out->mutable_agent()->set_version(TVILLING_VERSION);

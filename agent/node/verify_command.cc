@@ -1,10 +1,78 @@
 // verify_command.cc: Control.Verify in the agent (verify_command.h).
 #include "agent/node/verify_command.h"
 
+#include <fcntl.h>
 #include <fmt/format.h>
+#include <google/protobuf/io/zero_copy_stream_impl_lite.h>
+#include <google/protobuf/util/delimited_message_util.h>
 #include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
 
 namespace tvilling::node {
+
+VerifyRegistry::VerifyRegistry(std::filesystem::path file) : file_(std::move(file)) {
+  std::ifstream in(file_, std::ios::binary);
+  if (!in) return;  // no verify finished yet
+  std::stringstream buf;
+  buf << in.rdbuf();
+  const std::string data = buf.str();
+  google::protobuf::io::ArrayInputStream stream(data.data(), static_cast<int>(data.size()));
+  size_t n = 0;
+  for (;;) {
+    v1::VerifyProgress p;
+    bool clean_eof = false;
+    if (!google::protobuf::util::ParseDelimitedFromZeroCopyStream(&p, &stream, &clean_eof)) {
+      if (!clean_eof) {
+        spdlog::warn(
+            "verify: {} does not parse after {} result(s) (damaged?): the rest of it is ignored "
+            "and the file is rewritten after the next verify",
+            file_.string(), n);
+      }
+      break;
+    }
+    if (p.group().empty() || p.peer().empty() || p.status().state() == "running") continue;
+    last_[{p.group(), p.peer()}] = p.status();
+    finished_[{p.group(), p.peer()}] = p.status();
+    ++n;
+  }
+}
+
+void VerifyRegistry::SaveLocked() {
+  if (file_.empty()) return;
+  std::string out;
+  {
+    google::protobuf::io::StringOutputStream stream(&out);
+    for (const auto& [key, status] : finished_) {
+      v1::VerifyProgress p;
+      p.set_group(key.first);
+      p.set_peer(key.second);
+      *p.mutable_status() = status;
+      p.set_done(true);
+      google::protobuf::util::SerializeDelimitedToZeroCopyStream(p, &stream);
+    }
+  }
+  const std::string tmp = file_.string() + ".tmp";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  bool ok = fd >= 0;
+  for (size_t off = 0; ok && off < out.size();) {
+    const ssize_t w = ::write(fd, out.data() + off, out.size() - off);
+    if (w < 0 && errno == EINTR) continue;
+    ok = w > 0;
+    if (ok) off += static_cast<size_t>(w);
+  }
+  ok = ok && ::fsync(fd) == 0;
+  const int err = errno;
+  if (fd >= 0) ::close(fd);
+  if (ok && ::rename(tmp.c_str(), file_.c_str()) == 0) return;
+  spdlog::warn("verify: cannot save the results to {}: {} (they are kept in memory)",
+               file_.string(), std::strerror(ok ? errno : err));
+  ::unlink(tmp.c_str());
+}
 
 void VerifyRegistry::Fill(v1::GroupStatus* group) const {
   std::lock_guard lock(mu_);
@@ -18,6 +86,9 @@ void VerifyRegistry::Update(const std::string& group, const std::string& peer,
                             const v1::VerifyStatus& status) {
   std::lock_guard lock(mu_);
   last_[{group, peer}] = status;
+  if (status.state() == "running") return;
+  finished_[{group, peer}] = status;
+  SaveLocked();
 }
 
 bool VerifyRegistry::TryBegin(const std::string& group) {

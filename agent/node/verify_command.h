@@ -5,6 +5,7 @@
 
 #include <absl/status/status.h>
 
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -19,9 +20,14 @@
 
 namespace tvilling::node {
 
-// The running and last verify of each (group, peer) since the agent started.
+// The running and last verify of each (group, peer). With a file, the last finished result of
+// each survives restarts (a verify of a large volume takes hours; its mismatches must not vanish
+// with an agent restart): written atomically after every finished verify, loaded at start. A file
+// that does not parse is reported (its path and why) and replaced by the next result.
 class VerifyRegistry {
  public:
+  VerifyRegistry() = default;
+  explicit VerifyRegistry(std::filesystem::path file);
   // Sets `verify` of every peer of `group` that has one.
   void Fill(v1::GroupStatus* group) const;
   void Update(const std::string& group, const std::string& peer, const v1::VerifyStatus& status);
@@ -30,8 +36,14 @@ class VerifyRegistry {
   void End(const std::string& group);
 
  private:
+  // Writes finished_ to file_ (tmp file, fsync, rename). REQUIRES: mu_ held.
+  void SaveLocked();
+
+  std::filesystem::path file_;  // empty: in memory only
   mutable std::mutex mu_;
   std::map<std::pair<std::string, std::string>, v1::VerifyStatus> last_;
+  // The last finished result of each (what the file holds while a new verify runs).
+  std::map<std::pair<std::string, std::string>, v1::VerifyStatus> finished_;
   std::set<std::string> running_;
 };
 

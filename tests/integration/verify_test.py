@@ -186,6 +186,14 @@ def corrupt_resync(c, mode="async"):
     if not any(json.loads(x).get("action") == "verify" and json.loads(x).get("outcome")
                == "mismatches" for x in hist.stdout.splitlines() if x.strip()):
         raise TestFailure(f"no verify in the audit log:\n{hist.stdout}")
+    # ... and it survives a restart of the primary's agent (kept in its state directory).
+    a.stop()
+    a.start()
+    pv = wait_for("the peer's status after the restart", lambda: a.peer("site-b"), 30, 0.2)
+    pv = pv.get("verify", {})
+    if pv.get("state") != "mismatches" or u64(pv.get("mismatch_chunks")) != 1:
+        raise TestFailure(f"the verify's result did not survive the restart: {pv}")
+    wait_caught_up(a, [b])
 
     # 3. Resync restores the range through the copy path.
     st = one_result(verify(c, a, "--resync", "--resync-timeout", "60", expect_rc=5))
