@@ -77,8 +77,8 @@ std::optional<core::PublishedSyncSet> DecodeSyncSet(const std::string& value) {
 }
 
 std::string EncodeSiteReport(const core::SiteReport& r) {
-  return fmt::format("durable={} consistent={} no_failover={}", r.durable_lsn, r.consistent ? 1 : 0,
-                     r.no_failover ? 1 : 0);
+  return fmt::format("durable={} consistent={} no_failover={} promotion_failed={}", r.durable_lsn,
+                     r.consistent ? 1 : 0, r.no_failover ? 1 : 0, r.promotion_failed ? 1 : 0);
 }
 
 std::optional<core::SiteReport> DecodeSiteReport(const std::string& value) {
@@ -91,6 +91,12 @@ std::optional<core::SiteReport> DecodeSiteReport(const std::string& value) {
   }
   r.consistent = consistent != 0;
   r.no_failover = no_failover != 0;
+  // Added later: an older agent's report has no promotion_failed.
+  int promotion_failed = 0;
+  if (f.count("promotion_failed") != 0 && !ParseNum(f["promotion_failed"], &promotion_failed)) {
+    return std::nullopt;
+  }
+  r.promotion_failed = promotion_failed != 0;
   return r;
 }
 
@@ -657,7 +663,7 @@ void Coordinator::PublishSiteReports() {
     {
       // After a failed promotion the other sites must choose someone else.
       std::lock_guard l(mu_);
-      if (machines_[i]->promotion_refused(Now())) report.no_failover = true;
+      if (machines_[i]->promotion_refused(Now())) report.promotion_failed = true;
     }
     (void)client_->Put(SitesPrefix(options_.prefix, b.failover.group) + options_.site,
                        EncodeSiteReport(report), session);

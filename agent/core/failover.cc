@@ -133,6 +133,10 @@ CandidatePlan ChooseCandidate(const FailoverOptions& o,
       plan.refused[site] = "marked no-failover";
       continue;
     }
+    if (r.promotion_failed) {
+      plan.refused[site] = "its promotion failed";
+      continue;
+    }
     if (!primary) {
       plan.refused[site] = "no report from a primary: its lag is unknown";
       continue;
@@ -178,6 +182,19 @@ CandidatePlan ChooseCandidate(const FailoverOptions& o,
     }
   }
   if (best != nullptr) {
+    // A site that cannot promote may still hold writes completed in sync mode that the winner
+    // lacks (it was a member the primary counted before etcd had the set with it): only an
+    // operator may give those up.
+    for (const std::string& site : order) {
+      auto it = sites.find(site);
+      if (site == exclude || it == sites.end() || !it->second.promotion_failed) continue;
+      if (it->second.durable_lsn > best->durable_lsn) {
+        plan.held_back = site + " (its promotion failed) holds records up to LSN " +
+                         std::to_string(it->second.durable_lsn) + " that " + plan.winner +
+                         " lacks (durable LSN " + std::to_string(best->durable_lsn) + ")";
+        break;
+      }
+    }
     plan.loss.from_lsn = best->durable_lsn + 1;
     plan.loss.to_lsn = primary->last_lsn;
     if (!plan.loss.none() && best_lag != nullptr) {
@@ -453,7 +470,7 @@ void FailoverMachine::Evaluate(Nanos now, std::vector<FailoverAction>& out) {
     Refuse("promotion-failed",
            "this site's promotion failed " + Seconds(now - *promotion_failed_at_) + " ago (" +
                promotion_failed_why_ + "): it does not campaign until " + Seconds(PromotionHold()) +
-               " have passed, and reports itself no-failover meanwhile",
+               " have passed, and says so in its site report meanwhile",
            out);
     return;
   }
@@ -535,6 +552,15 @@ void FailoverMachine::Evaluate(Nanos now, std::vector<FailoverAction>& out) {
   if (plan.winner.empty()) {
     Refuse("no-candidate:" + plan.Describe(), lost + ": " + plan.Describe(), out);
     return;
+  }
+  if (!plan.held_back.empty() && !needs_approval) {
+    needs_approval = true;
+    outside = plan.Describe() + "; but " + plan.held_back;
+    Refuse("held-back:" + plan.winner,
+           lost + ": " + outside + "; approve to promote " + plan.winner +
+               " anyway: `tvillingctl failover approve --group " + o_.group + " --site " +
+               plan.winner + "`",
+           out);
   }
   if (plan.winner != o_.site) return;  // the winner campaigns
   // ... on site reports read after the settle: a site that was cut off from etcd, or has just

@@ -85,6 +85,10 @@ struct SiteReport {
   uint64_t durable_lsn = 0;
   bool consistent = false;
   bool no_failover = false;
+  // Its promotion failed lately (EvPromotionFailed): not eligible, and while its durable LSN is
+  // above a candidate's, that candidate needs an operator's approval (it would lose what this
+  // site holds, which may be writes completed in sync mode).
+  bool promotion_failed = false;
 };
 
 struct PeerLag {
@@ -124,6 +128,9 @@ struct CandidatePlan {
   std::string winner;                          // "" if nobody is eligible
   LossBound loss;                              // if winner != ""
   std::map<std::string, std::string> refused;  // site -> why it is not eligible
+  // Why the winner needs an operator's approval although it is eligible ("" = it does not): a
+  // site whose promotion failed holds records the winner lacks.
+  std::string held_back;
   std::string Describe() const;
 };
 
@@ -195,7 +202,7 @@ struct EvSyncSet {
 // are not a consistent image, its log has seen a newer epoch, or a disk error. Holding the key in
 // that epoch, the machine resigns it (kResign) so that another site can be elected. For
 // max(anti_flap, 2 x lease TTL) after the failure the site then does not campaign on its own (not
-// under the bootstrap rule, nor as a switchover's target) and its site report says no-failover
+// under the bootstrap rule, nor as a switchover's target) and its site report says promotion_failed
 // (promotion_refused()), so that the other sites choose someone else. An operator's promote or
 // approve ends that hold.
 struct EvPromotionFailed {
@@ -267,7 +274,7 @@ class FailoverMachine {
   // Two sites and no witness: automatic fail-over is refused (docs/coordinator.md).
   bool automatic_refused_for_lack_of_witness() const;
   // Within max(anti_flap, 2 x lease TTL) of a failed promotion (EvPromotionFailed): the site keeps
-  // out of elections and publishes its site report with no_failover set.
+  // out of elections and publishes its site report with promotion_failed set.
   bool promotion_refused(Nanos now) const {
     return promotion_failed_at_.has_value() && now - *promotion_failed_at_ < PromotionHold();
   }

@@ -43,6 +43,11 @@
 // At the end the faults stop, and within a bounded time some site must be primary and complete
 // writes, with both others streaming (liveness).
 //
+// --promotion-failures: while the faults last, a promotion fails now and then (a disk error,
+// volumes found inconsistent): the site stays a replica and its machine gets EvPromotionFailed,
+// resigns the key (kResign, a Txn at etcd guarded by site and epoch), stays out of elections and
+// publishes no-failover for a while; the invariants and the liveness check hold with it.
+//
 // A failing seed prints itself and the command that replays it with a trace. --planted-bug makes
 // the glue misbehave, to show the invariants catch it.
 #include <algorithm>
@@ -67,6 +72,7 @@ namespace {
 using core::EvCampaignDone;
 using core::EvLeader;
 using core::EvPrimaryReport;
+using core::EvPromotionFailed;
 using core::EvSessionLost;
 using core::EvSessionRenewed;
 using core::EvSessionStarted;
@@ -97,9 +103,10 @@ constexpr int kSites = 3;
 
 enum class Plant {
   kNone,
-  kSuspendLate,      // the primary keeps I/O on past its lease (suspend_after > TTL)
-  kNoSyncWait,       // writes complete once local and durable, without the sync peers
-  kRejoinKeepsTail,  // a rejoin keeps the diverged tail and takes the primary's history
+  kSuspendLate,         // the primary keeps I/O on past its lease (suspend_after > TTL)
+  kNoSyncWait,          // writes complete once local and durable, without the sync peers
+  kRejoinKeepsTail,     // a rejoin keeps the diverged tail and takes the primary's history
+  kFailedAsNoFailover,  // a failed promotion is reported as no-failover, not promotion_failed
 };
 
 std::optional<Plant> ParsePlant(const std::string& s) {
@@ -107,6 +114,7 @@ std::optional<Plant> ParsePlant(const std::string& s) {
   if (s == "suspend-late") return Plant::kSuspendLate;
   if (s == "no-sync-wait") return Plant::kNoSyncWait;
   if (s == "rejoin-keeps-tail") return Plant::kRejoinKeepsTail;
+  if (s == "failed-as-no-failover") return Plant::kFailedAsNoFailover;
   return std::nullopt;
 }
 
@@ -139,6 +147,9 @@ struct Outbound {  // the primary's stream to one replica
 };
 
 struct Site {
+  // The last promotion failed (--promotion-failures): the node stays a replica, so a kResumeIo
+  // that came with the kPromote completes nothing (the node's exports are read-only).
+  bool promotion_failed = false;
   std::string name;
   bool up = true;
   Nanos restart_at = 0;
@@ -185,12 +196,15 @@ struct Failure {
 
 class Sim {
  public:
-  Sim(uint64_t seed, Plant plant, bool trace, bool mixed, bool sync_check, bool sync_set)
+  Sim(uint64_t seed, Plant plant, bool trace, bool mixed, bool sync_check, bool sync_set,
+      bool promotion_failures = false)
       : rng_{seed * 0x2545F4914F6CDD1Dull + 7},
         plant_(plant),
         trace_(trace),
         sync_check_(sync_check),
-        sync_set_(sync_set) {
+        sync_set_(sync_set),
+        promotion_failures_(promotion_failures),
+        promo_rng_{seed * 0x9E3779B97F4A7C15ull + 11} {  // its own: other runs stay as they were
     ttl_ = static_cast<Nanos>(rng_.Range(8, 20)) * 100 * kMs;
     max_delay_ = static_cast<Nanos>(rng_.Range(1, 15)) * 10 * kMs;
     loss_ = rng_.Chance(0.5) ? 0.02 : 0.08;
@@ -364,7 +378,7 @@ class Sim {
           Promote(i, a.epoch);
           break;
         case K::kResumeIo:
-          s.io = true;
+          if (!s.promotion_failed) s.io = true;
           break;
         case K::kSuspendIo:
           s.io = false;
@@ -380,6 +394,20 @@ class Sim {
           s.lease = 0;
           NewSession(i);
           break;
+        case K::kResign: {
+          const uint64_t epoch = a.epoch;
+          Etcd(i, [this, i, epoch]() -> std::function<void()> {
+            if (key_.present && key_.site == sites_[i].name && key_.epoch == epoch) {
+              ++resigns_;
+              Trace("etcd: " + sites_[i].name + " resigns the leader key, epoch " +
+                    std::to_string(epoch));
+              key_ = LeaderView{};
+              ++revision_;
+            }
+            return nullptr;
+          });
+          break;
+        }
         default:
           break;
       }
@@ -458,7 +486,21 @@ class Sim {
 
   void Promote(int i, uint64_t epoch) {
     Site& s = sites_[i];
+    if (promotion_failures_ && faults_on_ && promo_rng_.Chance(0.3)) {
+      // The node's promotion fails on its worker thread and tells the coordinator a little later.
+      ++failed_promotions_;
+      Trace(s.name + ": promotion in epoch " + std::to_string(epoch) + " fails (injected)");
+      s.promotion_failed = true;
+      const uint64_t inc = s.incarnation;
+      At(now_ + static_cast<Nanos>(promo_rng_.Range(0, 20)) * kMs, [this, i, inc, epoch] {
+        if (sites_[i].up && sites_[i].incarnation == inc) {
+          Handle(i, EvPromotionFailed{epoch, "injected"});
+        }
+      });
+      return;
+    }
     ++promotions_;
+    s.promotion_failed = false;
     // (sync): the new primary's durable log holds every write completed in sync mode.
     for (const auto& [lsn, rec] : sync_check_ ? sync_done_ : std::map<uint64_t, Rec>{}) {
       if (lsn > s.durable || !(s.log[lsn - 1] == rec)) {
@@ -859,7 +901,10 @@ class Sim {
     Site& s = sites_[i];
     if (s.lease == 0) return;
     const int64_t lease = s.lease;
-    const SiteReport r{s.durable, true, false};
+    // After a failed promotion the coordinator says so in the report (core::FailoverMachine).
+    const bool failed = s.m && s.m->promotion_refused(Local(i));
+    const bool planted = plant_ == Plant::kFailedAsNoFailover;
+    const SiteReport r{s.durable, true, failed && planted, failed && !planted};
     Etcd(i, [this, i, lease, r]() -> std::function<void()> {
       if (LeaseAlive(lease)) {
         site_reports_[i] = {r, lease};
@@ -915,6 +960,7 @@ class Sim {
   }
 
   void Step(bool faults) {
+    faults_on_ = faults;
     if (faults) Faults();
     for (int i = 0; i < kSites; ++i) {
       if (!sites_[i].up && now_ >= sites_[i].restart_at) {
@@ -1111,6 +1157,10 @@ class Sim {
   bool trace_;
   bool sync_check_;
   bool sync_set_;  // the primary publishes its sync set and the election follows it
+  bool promotion_failures_;
+  bool faults_on_ = true;  // Step(faults): failures are injected only while faults last
+  Rng promo_rng_;
+  uint64_t failed_promotions_ = 0, resigns_ = 0;
   Nanos ttl_ = 0, max_delay_ = 0, degrade_ = 0;
   double loss_ = 0;
   uint64_t max_lag_bytes_ = 0;
@@ -1144,13 +1194,18 @@ class Sim {
   std::map<uint64_t, Rec> sync_done_;  // LSN -> record of writes completed in sync mode
   uint64_t promotions_ = 0, completions_ = 0, sync_completions_ = 0, crashes_ = 0, rejoins_ = 0,
            etcd_changes_ = 0;
+
+ public:
+  uint64_t failed_promotions() const { return failed_promotions_; }
+  uint64_t resigns() const { return resigns_; }
 };
 
 int Usage() {
   std::fprintf(stderr,
                "usage: tvilling_failover_sim [--seed N] [--seeds N|LO:HI] [--steps N] [--mixed]\n"
-               "         [--no-sync-check] [--no-sync-set]\n"
-               "         [--planted-bug suspend-late|no-sync-wait|rejoin-keeps-tail "
+               "         [--no-sync-check] [--no-sync-set] [--promotion-failures]\n"
+               "         [--planted-bug suspend-late|no-sync-wait|rejoin-keeps-tail|"
+               "failed-as-no-failover "
                "--expect-failure] [--trace]\n");
   return 2;
 }
@@ -1159,7 +1214,8 @@ int Main(int argc, char** argv) {
   uint64_t seed = 1, seeds = 1;
   int steps = 4000;
   std::string plant_name = "none";
-  bool expect_failure = false, trace = false, mixed = false, sync_check = true, sync_set = true;
+  bool expect_failure = false, trace = false, mixed = false, sync_check = true, sync_set = true,
+       promotion_failures = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
@@ -1190,27 +1246,32 @@ int Main(int argc, char** argv) {
       sync_check = false;
     } else if (a == "--no-sync-set") {
       sync_set = false;
+    } else if (a == "--promotion-failures") {
+      promotion_failures = true;
     } else {
       return Usage();
     }
   }
   const std::optional<Plant> plant = ParsePlant(plant_name);
   if (!plant || steps <= 0 || seeds == 0) return Usage();
-  uint64_t promotions = 0, completions = 0, rejoins = 0, crashes = 0;
+  uint64_t promotions = 0, completions = 0, rejoins = 0, crashes = 0, failed = 0, resigns = 0;
   for (uint64_t s = seed; s < seed + seeds; ++s) {
-    Sim sim(s, *plant, trace, mixed, sync_check, sync_set);
+    Sim sim(s, *plant, trace, mixed, sync_check, sync_set, promotion_failures);
     const std::optional<Failure> f = sim.Run(steps);
     promotions += sim.promotions();
     completions += sim.completions();
     rejoins += sim.rejoins();
     crashes += sim.crashes();
+    failed += sim.failed_promotions();
+    resigns += sim.resigns();
     if (f) {
       std::printf(
           "seed %llu step %d: %s\n  (%s)\n  replay: tvilling_failover_sim --seed %llu "
-          "--steps %d%s%s%s%s%s --trace\n",
+          "--steps %d%s%s%s%s%s%s --trace\n",
           static_cast<unsigned long long>(s), f->step, f->what.c_str(), sim.Summary().c_str(),
           static_cast<unsigned long long>(s), steps, mixed ? " --mixed" : "",
           sync_check ? "" : " --no-sync-check", sync_set ? "" : " --no-sync-set",
+          promotion_failures ? " --promotion-failures" : "",
           plant_name == "none" ? "" : " --planted-bug ",
           plant_name == "none" ? "" : plant_name.c_str());
       if (expect_failure) {
@@ -1229,10 +1290,11 @@ int Main(int argc, char** argv) {
   }
   std::printf(
       "%llu seeds x %d steps ok (promotions %llu, writes completed %llu, crashes %llu, "
-      "rejoins %llu)\n",
+      "rejoins %llu, failed promotions %llu, resigned keys %llu)\n",
       static_cast<unsigned long long>(seeds), steps, static_cast<unsigned long long>(promotions),
       static_cast<unsigned long long>(completions), static_cast<unsigned long long>(crashes),
-      static_cast<unsigned long long>(rejoins));
+      static_cast<unsigned long long>(rejoins), static_cast<unsigned long long>(failed),
+      static_cast<unsigned long long>(resigns));
   if (expect_failure) {
     std::printf("expected failure (planted bug %s) NOT found in %llu seeds\n", plant_name.c_str(),
                 static_cast<unsigned long long>(seeds));

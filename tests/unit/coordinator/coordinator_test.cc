@@ -19,12 +19,23 @@ TEST(CoordinatorKeys, Layout) {
 TEST(CoordinatorReports, SiteReportRoundTripAndGarbage) {
   core::SiteReport r{12345, true, false};
   const std::string v = EncodeSiteReport(r);
-  EXPECT_EQ(v, "durable=12345 consistent=1 no_failover=0");
+  EXPECT_EQ(v, "durable=12345 consistent=1 no_failover=0 promotion_failed=0");
   auto back = DecodeSiteReport(v);
   ASSERT_TRUE(back.has_value());
   EXPECT_EQ(back->durable_lsn, 12345u);
   EXPECT_TRUE(back->consistent);
   EXPECT_FALSE(back->no_failover);
+  EXPECT_FALSE(back->promotion_failed);
+  r.promotion_failed = true;
+  back = DecodeSiteReport(EncodeSiteReport(r));
+  ASSERT_TRUE(back.has_value());
+  EXPECT_TRUE(back->promotion_failed);
+  // An older agent's report (no promotion_failed) still reads.
+  back = DecodeSiteReport("durable=7 consistent=1 no_failover=1");
+  ASSERT_TRUE(back.has_value());
+  EXPECT_TRUE(back->no_failover);
+  EXPECT_FALSE(back->promotion_failed);
+  EXPECT_FALSE(DecodeSiteReport("durable=7 consistent=1 no_failover=0 promotion_failed=x"));
   EXPECT_FALSE(DecodeSiteReport("").has_value());
   EXPECT_FALSE(DecodeSiteReport("durable=12x consistent=1 no_failover=0").has_value());
   EXPECT_FALSE(DecodeSiteReport("durable=1 consistent=1").has_value());

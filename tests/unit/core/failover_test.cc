@@ -400,6 +400,36 @@ TEST(FailoverSyncSet, OutsideTheSetNeedsAnApprovalWithTheLossBound) {
   EXPECT_THAT(Kinds(b.Tick(t + 1 * kS)), ::testing::ElementsAre(K::kCampaign));
 }
 
+// Found by tests/sim/failover_sim.cc (seed 795 --mixed --promotion-failures): b, a sync peer the
+// primary counted before etcd held the set with it, is the only site with the last writes; its
+// promotion fails. c holds the set's floor, but promoting it automatically would lose them.
+TEST(FailoverPromotionFailed, ALessAdvancedSiteNeedsAnApprovalWhileTheFailedOneHoldsMore) {
+  auto report = ReportFor(100, {100, 0, 0}, {100, 0, 0});
+  std::map<std::string, SiteReport> sites = {{"b", {130, true, false, true}},
+                                             {"c", {110, true, false}}};
+  CandidatePlan plan = ChooseCandidate(Opts("c"), sites, report);
+  EXPECT_EQ(plan.winner, "c");
+  EXPECT_EQ(plan.refused["b"], "its promotion failed");
+  EXPECT_THAT(plan.held_back, HasSubstr("b (its promotion failed) holds records up to LSN 130"));
+
+  Replica c("c", Opts("c"), 103, sites, report);
+  const Nanos t = 100 * kS;
+  c.LoseLeader(t);
+  auto acts = c.Tick(t + 1 * kS);
+  ASSERT_THAT(Kinds(acts), ::testing::ElementsAre(K::kRefused, K::kPublishPending));
+  EXPECT_THAT(acts[0].message, HasSubstr("holds records up to LSN 130 that c lacks"));
+  EXPECT_THAT(acts[0].message, HasSubstr("tvillingctl failover approve --group g --site c"));
+  EXPECT_EQ(c.f.m.state(), S::kAwaitingApproval);
+  EXPECT_THAT(Kinds(c.f.m.Handle(t + 2 * kS, EvApprove{"c", "CN=alice"})),
+              ::testing::ElementsAre(K::kClearPending, K::kCampaign));
+
+  // Once b holds no more than c (or its hold ended and it says so no longer), c goes ahead.
+  Replica c2("c", Opts("c"), 103, {{"b", {110, true, false, true}}, {"c", {110, true, false}}},
+             report);
+  c2.LoseLeader(t);
+  EXPECT_THAT(Kinds(c2.Tick(t + 1 * kS)), ::testing::ElementsAre(K::kCampaign));
+}
+
 TEST(FailoverAutomatic, NobodyEligibleIsRefusedWithReasons) {
   auto report = ReportFor(100, {50, 5 << 20, 2 * kS}, {40, 6 << 20, 3 * kS});
   Replica b("b", Opts("b"), 102, Sites(50, 40), report);
