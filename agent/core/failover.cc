@@ -90,7 +90,8 @@ std::string CandidatePlan::Describe() const {
       s += " (loses nothing)";
     } else {
       s += " (loses LSN " + std::to_string(loss.from_lsn) + ".." + std::to_string(loss.to_lsn) +
-           ", " + std::to_string(loss.bytes) + " bytes, " + Seconds(loss.age) + " of writes)";
+           ", " + std::to_string(loss.bytes) + " bytes, " + Seconds(loss.age) +
+           " of writes, as of the primary's last report: what it completed after that is lost too)";
     }
   }
   bool first = true;
@@ -539,8 +540,7 @@ void FailoverMachine::Evaluate(Nanos now, std::vector<FailoverAction>& out) {
       CandidatePlan winner_only = loose;
       winner_only.refused.clear();
       outside = plan.Describe() + "; " + winner_only.Describe() +
-                " as of the primary's last report could lose writes completed in sync mode " +
-                "(and those completed after the report)";
+                " could lose writes completed in sync mode";
       Refuse("sync-set:" + loose.winner,
              lost + ": " + outside + "; approve to promote it: `tvillingctl failover approve " +
                  "--group " + o_.group + " --site " + loose.winner + "`",

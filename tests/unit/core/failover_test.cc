@@ -525,7 +525,8 @@ TEST(FailoverPolicy, ApprovePublishesThePlanWithItsLossAndWaits) {
   EXPECT_EQ(b.f.m.state(), S::kAwaitingApproval);
   // tvillingctl status shows the plan and its bound while it waits.
   EXPECT_EQ(b.f.m.pending_plan(),
-            "the primary a is gone: promote b (loses LSN 96..100, 5000 bytes, 2.0 s of writes); "
+            "the primary a is gone: promote b (loses LSN 96..100, 5000 bytes, 2.0 s of writes, as "
+            "of the primary's last report: what it completed after that is lost too); "
             "not eligible: a (no report: its agent has no etcd session)");
   EXPECT_EQ(b.f.m.pending_loss().from_lsn, 96u);
   EXPECT_EQ(b.f.m.pending_loss().to_lsn, 100u);
