@@ -10,11 +10,17 @@
 // each without TLS and with mutual TLS (the dev PKI); repetitions interleaved (every variant once
 // per repetition), p50/p99 of each repetition, then the medians over repetitions.
 //
+// Each process also runs a sync gRPC server with one poller, as tvillingd does for its control
+// socket (--no-control-server: without). Reported: p50, p99 and the CPU time of both processes
+// per round trip.
+//
 //   stream_floor_bench --pki deploy/pki/make-dev-pki.sh [--rounds 3000] [--reps 5] [--only a,b]
+//                      [--one-process] [--no-control-server]
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -517,10 +523,34 @@ class ProductPair final : public Pair {
 // ---- driver ---------------------------------------------------------------------------------
 
 struct Figures {
-  double p50_us, p99_us;
+  double p50_us, p99_us, cpu_us;  // cpu: both processes, per round trip
 };
 
-Figures Run(Pair& p, int rounds) {
+// CPU seconds (user + system) of `pid`, or of this process for 0.
+double CpuSeconds(pid_t pid) {
+  if (pid == 0) {
+    rusage ru{};
+    getrusage(RUSAGE_SELF, &ru);
+    return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+           static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+  }
+  std::FILE* f = std::fopen(("/proc/" + std::to_string(pid) + "/stat").c_str(), "r");
+  if (f == nullptr) return 0;
+  char buf[2048] = {};
+  const size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+  std::fclose(f);
+  const char* p = std::strrchr(buf, ')');
+  if (n == 0 || p == nullptr) return 0;
+  // Fields after the command: state is field 3; utime and stime are fields 14 and 15.
+  unsigned long utime = 0, stime = 0;
+  if (std::sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &utime, &stime) !=
+      2) {
+    return 0;
+  }
+  return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+Figures Run(Pair& p, int rounds, pid_t child) {
   for (int i = 0; i < 200; ++i) {  // warm-up: connection, TLS handshake, allocations
     if (!p.RoundTrip(i)) {
       std::fprintf(stderr, "stream broke during warm-up\n");
@@ -529,6 +559,7 @@ Figures Run(Pair& p, int rounds) {
   }
   std::vector<double> us;
   us.reserve(rounds);
+  const double cpu0 = CpuSeconds(0) + (child > 0 ? CpuSeconds(child) : 0);
   for (int i = 0; i < rounds; ++i) {
     auto t0 = Clock::now();
     if (!p.RoundTrip(1000 + i)) {
@@ -537,8 +568,9 @@ Figures Run(Pair& p, int rounds) {
     }
     us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
   }
+  const double cpu1 = CpuSeconds(0) + (child > 0 ? CpuSeconds(child) : 0);
   std::sort(us.begin(), us.end());
-  return {us[us.size() / 2], us[us.size() * 99 / 100]};
+  return {us[us.size() / 2], us[us.size() * 99 / 100], (cpu1 - cpu0) * 1e6 / rounds};
 }
 
 double Median(std::vector<double> v) {
@@ -551,6 +583,7 @@ double Median(std::vector<double> v) {
 int main(int argc, char** argv) {
   int rounds = 3000, reps = 5;
   bool one_process = false;
+  bool control_server = true;
   std::string pki_script, pki_dir, only, serve;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -571,6 +604,8 @@ int main(int argc, char** argv) {
       only = next();  // comma-separated variant names, e.g. cb,cq-tls
     } else if (a == "--one-process") {
       one_process = true;  // both sides in this process (default: the server in a child)
+    } else if (a == "--no-control-server") {
+      control_server = false;
     } else if (a == "--serve") {
       serve = next();  // internal: the child process serving one variant
     } else if (a == "--pki-dir") {
@@ -618,6 +653,18 @@ int main(int argc, char** argv) {
       {"cq-tls", [&](int p) { return std::make_unique<CqPair>(tls, "site-b", p); }},
       {"product-tls", [&](int p) { return std::make_unique<ProductPair>(tls, "site-b", p); }},
   };
+  // Like tvillingd, each process also runs a sync gRPC server (the control socket, one poller):
+  // in gRPC 1.51 its threads poll the same fds as everything else and take part in the hand-offs.
+  v1::Replication::Service sync_service;
+  std::unique_ptr<grpc::Server> control;
+  if (control_server) {
+    grpc::ServerBuilder b;
+    b.AddListeningPort("unix:" + (dir.parent_path() / (serve.empty() ? "ctl-a" : "ctl-b")).string(),
+                       grpc::InsecureServerCredentials());
+    b.RegisterService(&sync_service);
+    b.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS, 1);
+    control = b.BuildAndStart();
+  }
   if (!serve.empty()) {  // the child: serve one variant until killed
     for (auto& [name, make] : variants) {
       if (name != serve) continue;
@@ -644,6 +691,7 @@ int main(int argc, char** argv) {
       close(fds[0]);
       close(fds[1]);
       execl("/proc/self/exe", argv[0], "--serve", name.c_str(), "--pki-dir", pki_dir.c_str(),
+            control_server ? static_cast<char*>(nullptr) : "--no-control-server",
             static_cast<char*>(nullptr));
       _exit(127);
     }
@@ -664,30 +712,35 @@ int main(int argc, char** argv) {
       int port = 0;
       if (!one_process) std::tie(child, port) = spawn(name);
       auto pair = make(port);
-      Figures f = Run(*pair, rounds);
+      Figures f = Run(*pair, rounds, child);
       pair.reset();
       if (child > 0) {
         kill(child, SIGKILL);
         waitpid(child, nullptr, 0);
       }
       results[name].push_back(f);
-      std::printf("rep %d %-12s p50 %7.1f us  p99 %7.1f us\n", r + 1, name.c_str(), f.p50_us,
-                  f.p99_us);
+      std::printf("rep %d %-12s p50 %7.1f us  p99 %7.1f us  cpu %6.1f us\n", r + 1, name.c_str(),
+                  f.p50_us, f.p99_us, f.cpu_us);
       std::fflush(stdout);
     }
   }
+  control.reset();
   std::printf(
-      "\n%s, %d round trips (4 KiB request, ~%zu-byte reply) x %d interleaved "
+      "\n%s, %s, %d round trips (4 KiB request, ~%zu-byte reply) x %d interleaved "
       "repetitions, medians:\n",
-      one_process ? "one process" : "server in a child process", rounds, kReplyBytes, reps);
-  std::printf("%-12s %10s %10s\n", "variant", "p50 us", "p99 us");
+      one_process ? "one process" : "server in a child process",
+      control_server ? "a sync control server in each process" : "no control server", rounds,
+      kReplyBytes, reps);
+  std::printf("%-12s %10s %10s %10s\n", "variant", "p50 us", "p99 us", "cpu us");
   for (auto& [name, make] : variants) {
-    std::vector<double> p50, p99;
+    std::vector<double> p50, p99, cpu;
     for (auto& f : results[name]) {
       p50.push_back(f.p50_us);
       p99.push_back(f.p99_us);
+      cpu.push_back(f.cpu_us);
     }
-    std::printf("%-12s %10.1f %10.1f\n", name.c_str(), Median(p50), Median(p99));
+    std::printf("%-12s %10.1f %10.1f %10.1f\n", name.c_str(), Median(p50), Median(p99),
+                Median(cpu));
   }
   std::filesystem::remove_all(tmpl);
   return 0;
