@@ -16,10 +16,14 @@
 //
 //   stream_floor_bench --pki deploy/pki/make-dev-pki.sh [--rounds 3000] [--reps 5] [--only a,b]
 //                      [--one-process] [--no-control-server]
+//
+// GRPC_POLL_STRATEGY=poll in the environment selects gRPC's poll engine for both processes (the
+// completion queue pays only with it; docs/benchmarks.md, "The round-trip floors").
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -685,8 +689,12 @@ int main(int argc, char** argv) {
   auto spawn = [&](const std::string& name) -> std::pair<pid_t, int> {
     int fds[2];
     if (pipe(fds) != 0) std::exit(1);
+    const pid_t parent = getpid();
     pid_t pid = fork();
     if (pid == 0) {
+      // The server dies with this process (e.g. killed by ctest's timeout), never orphaned.
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid() != parent) _exit(1);
       dup2(fds[1], 1);
       close(fds[0]);
       close(fds[1]);
