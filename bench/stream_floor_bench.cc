@@ -629,6 +629,11 @@ int main(int argc, char** argv) {
   char tmpl[] = "/tmp/tvl-floor-XXXXXX";
   if (serve.empty()) {
     if (mkdtemp(tmpl) == nullptr) return 1;
+    static std::string cleanup = tmpl;  // also on the std::exit of a broken stream
+    std::atexit([] {
+      std::error_code ec;
+      std::filesystem::remove_all(cleanup, ec);
+    });
     pki_dir = std::string(tmpl) + "/pki";
     if (std::system(("bash '" + pki_script + "' '" + pki_dir + "' >/dev/null").c_str()) != 0) {
       std::fprintf(stderr, "make-dev-pki.sh failed\n");
@@ -750,6 +755,5 @@ int main(int argc, char** argv) {
     std::printf("%-12s %10.1f %10.1f %10.1f\n", name.c_str(), Median(p50), Median(p99),
                 Median(cpu));
   }
-  std::filesystem::remove_all(tmpl);
   return 0;
 }
