@@ -88,6 +88,7 @@ class Setup:
     def _start(self, args, kind, mode, tls):
         self.a = self.c.agent("site-a")
         self.a.test_tuning = args.test_tuning
+        self.a.extra_log = "\n".join(args.log_option)
         self.b = None
         g = {"name": "g0", "primary": "site-a", "size": "2GiB"}
         if kind == "single":
@@ -95,6 +96,7 @@ class Setup:
         else:
             self.b = self.c.agent("site-b")
             self.b.test_tuning = args.test_tuning
+            self.b.extra_log = "\n".join(args.log_option)
             self.a.tls = self.b.tls = tls
             acl_b = [("site-a" if tls else "*", "site-a", ["g0"])]
             acl_a = [("site-b" if tls else "*", "site-b", ["g0"])]
@@ -235,6 +237,9 @@ def main():
                     help="run the lag figure at this rate instead of 50 %% of the throughput "
                     "measured first (with --only lag, the throughput figure is skipped): for "
                     "interleaved comparisons of two builds at one rate on a busy machine")
+    ap.add_argument("--log-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a line for both agents' [log] table, e.g. 'checkpoint_chunk = 0' "
+                    "(repeatable)")
     ap.add_argument("--lag-runtime", type=int, metavar="S",
                     help="seconds of load for the lag figure (default 30, --quick 8)")
     ap.add_argument("--test-tuning", action="store_true",
