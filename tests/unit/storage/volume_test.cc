@@ -583,6 +583,21 @@ TEST_F(VolumeLoopTest, DeviceIsClaimedExclusively) {
   EXPECT_TRUE(Volume::Open({.path = device_, .read_only = true}).ok());
 }
 
+// A checkpoint's paced writeback on a block device: the device's page cache is written back too.
+TEST_F(VolumeLoopTest, WriteBackOnTheDevice) {
+  auto v = Volume::Open({.path = device_});
+  ASSERT_TRUE(v.ok()) << v.status();
+  const std::string data = Pattern(13, 4 * kMiB);
+  ASSERT_TRUE((*v)->Write(2 * kMiB, data).ok());
+  ASSERT_TRUE((*v)->WriteBack(2 * kMiB, 4 * kMiB).ok());
+  if (auto d = DirtyPages(device_, 2 * kMiB, 4 * kMiB)) {
+    EXPECT_EQ(d->first + d->second, 0u) << "dirty or under writeback after WriteBack";
+  }
+  ASSERT_TRUE((*v)->WriteBack(0, 1ull << 40).ok());  // clamped to the device
+  ASSERT_TRUE((*v)->Flush().ok());
+  EXPECT_TRUE(SameBytes(ReadRange(**v, 2 * kMiB, 4 * kMiB), data));
+}
+
 TEST_F(VolumeLoopTest, RoundTripTrimAndZeroes) {
   auto v = Volume::Open({.path = device_});
   ASSERT_TRUE(v.ok()) << v.status();
@@ -655,6 +670,15 @@ TEST_F(VolumeTmpfsTest, EnospcIsResourceExhausted) {
   // Zeroing by writing runs out of space the same way.
   absl::Status z = (*v)->WriteZeroes(8 * kMiB, 6 * kMiB, /*may_trim=*/false);
   EXPECT_EQ(z.code(), absl::StatusCode::kResourceExhausted) << z;
+}
+
+// tmpfs has no writeback: WriteBack succeeds as a no-op (the checkpoint's Flush is what counts).
+TEST_F(VolumeTmpfsTest, WriteBackIsANoOp) {
+  auto v = Volume::Open({.path = dir_ / "vol.img", .size_bytes = 2 * kMiB});
+  ASSERT_TRUE(v.ok()) << v.status();
+  ASSERT_TRUE((*v)->Write(0, Pattern(22, kMiB)).ok());
+  EXPECT_TRUE((*v)->WriteBack(0, 2 * kMiB).ok());
+  EXPECT_TRUE((*v)->Flush().ok());
 }
 
 TEST_F(VolumeTmpfsTest, ZeroesFallBackToWritingWhereZeroRangeIsUnsupported) {
