@@ -541,6 +541,24 @@ absl::Status Volume::Flush() {
   return absl::OkStatus();
 }
 
+absl::Status Volume::WriteBack(uint64_t offset, uint64_t length) {
+  if (direct_io_ || offset >= size_ || length == 0) return absl::OkStatus();
+  length = std::min(length, size_ - offset);
+  constexpr unsigned kFlags =
+      SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER;
+  while (::sync_file_range(fd_, static_cast<off64_t>(offset), static_cast<off64_t>(length),
+                           kFlags) != 0) {
+    const int err = errno;
+    if (err == EINTR) continue;
+    // Nothing to pace on this file (e.g. ESPIPE, EINVAL on file systems without the call): the
+    // checkpoint's Flush() writes everything.
+    if (err == ESPIPE || err == EINVAL || Unsupported(err)) return absl::OkStatus();
+    return ErrnoStatus(err,
+                       RangeText("write back (sync_file_range)", path_.string(), offset, length));
+  }
+  return absl::OkStatus();
+}
+
 void Volume::DropCleanCache() {
   // Advisory: a failure only means the pages stay cached.
   (void)::posix_fadvise(fd_, 0, 0, POSIX_FADV_DONTNEED);

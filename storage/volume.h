@@ -54,6 +54,12 @@ class Volume {
   absl::Status WriteZeroes(uint64_t offset, uint64_t length, bool may_trim);
   // fdatasync: everything written before the call is durable when it returns OK.
   absl::Status Flush();
+  // Writes the range's dirty pages to the device and waits for them, and for writeback already
+  // running there (sync_file_range WAIT_BEFORE | WRITE | WAIT_AFTER). Not durable: no metadata, no
+  // device cache flush; Flush() after it is still required. It lets a checkpoint feed the disk in
+  // paced pieces (core/dirty_ranges.h). A no-op (OK) where the file system has no such writeback
+  // (tmpfs) or the volume uses O_DIRECT. The range is clamped to the volume.
+  absl::Status WriteBack(uint64_t offset, uint64_t length);
   // Drops the volume's clean pages from the page cache (after a Flush, that is all of them). The
   // applier calls it after each checkpoint: the group log holds everything newer, the client caches
   // what it reads, and cached pages grow into large folios that turn each later 4 KiB write into a

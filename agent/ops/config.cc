@@ -183,7 +183,7 @@ class Reader {
     const std::string path = "log";
     CheckKeys(t, path,
               {"dir", "write_buffer", "max_batch_bytes", "max_batch_records", "retention_bytes",
-               "retention_seconds", "hard_cap", "checkpoint_interval_ms"});
+               "retention_seconds", "hard_cap", "checkpoint_interval_ms", "checkpoint_chunk"});
     ReadPath(t, path, "dir", &log->dir);
     ReadSize(t, path, "write_buffer", &log->write_buffer_bytes);
     ReadSize(t, path, "max_batch_bytes", &log->max_batch_bytes);
@@ -192,6 +192,7 @@ class Reader {
     ReadUint(t, path, "retention_seconds", &log->retention_seconds);
     ReadSize(t, path, "hard_cap", &log->hard_cap_bytes);
     ReadUint(t, path, "checkpoint_interval_ms", &log->checkpoint_interval_ms);
+    ReadSize(t, path, "checkpoint_chunk", &log->checkpoint_chunk_bytes);
   }
 
   void ReadNbd(const toml::table& t, NbdConfig* nbd) {
@@ -731,6 +732,14 @@ void ValidateLog(LogConfig& log, const fs::path& state_dir, Errors& errors) {
   }
   CheckRange<uint32_t>(errors, "log.checkpoint_interval_ms", log.checkpoint_interval_ms, 1,
                        kMaxCheckpointIntervalMs, " ms");
+  if (log.checkpoint_chunk_bytes != 0 && (log.checkpoint_chunk_bytes < kMinCheckpointChunkBytes ||
+                                          log.checkpoint_chunk_bytes > kMaxCheckpointChunkBytes)) {
+    errors.Add(
+        "log.checkpoint_chunk",
+        fmt::format("must be 0 (unpaced) or between {} and {}, got {}",
+                    FormatSize(kMinCheckpointChunkBytes), FormatSize(kMaxCheckpointChunkBytes),
+                    FormatSize(log.checkpoint_chunk_bytes)));
+  }
 }
 
 void ValidateNbd(NbdConfig& nbd, const fs::path& state_dir, Errors& errors) {

@@ -57,6 +57,8 @@ inline constexpr uint64_t kMinBatchBytes = 4096;
 inline constexpr uint64_t kMaxBatchBytes = 1ull << 30;
 inline constexpr uint32_t kMaxBatchRecords = 1u << 20;
 inline constexpr uint32_t kMaxCheckpointIntervalMs = 3'600'000;  // 1 h
+inline constexpr uint64_t kMinCheckpointChunkBytes = 64ull << 10;
+inline constexpr uint64_t kMaxCheckpointChunkBytes = 1ull << 30;
 inline constexpr uint32_t kMaxInflightRequests = 65536;
 // One NBD request may carry up to 32 MiB (nbd::ExportInfo::max_payload_bytes); a per-connection
 // byte budget below that could never admit it.
@@ -115,6 +117,11 @@ struct LogConfig {
   // `checkpoint_interval_ms`: how often the applier fsyncs the volumes and records the applied LSN,
   // i.e. how much log a restart may replay. Default 1000.
   uint32_t checkpoint_interval_ms = 1000;
+  // `checkpoint_chunk`: a checkpoint writes the volumes' dirty ranges back in pieces of at most
+  // this many bytes, one at a time, before it fsyncs them, so a log fsync never waits behind a
+  // whole checkpoint (node::GroupRuntimeOptions::checkpoint_chunk_bytes). 0 = one unpaced fsync.
+  // Default 4 MiB.
+  uint64_t checkpoint_chunk_bytes = 4ull << 20;
 };
 
 // One TCP listener: an IP literal and a port (host names are not resolved; bind to what is

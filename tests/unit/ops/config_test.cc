@@ -83,6 +83,7 @@ TEST(ConfigTest, MinimalConfigGetsDefaults) {
   EXPECT_EQ(config->log.retention_seconds, 0u);
   EXPECT_EQ(config->log.hard_cap_bytes, 0u);
   EXPECT_EQ(config->log.checkpoint_interval_ms, 1000u);
+  EXPECT_EQ(config->log.checkpoint_chunk_bytes, 4ull << 20);
   ASSERT_EQ(config->nbd.listen.size(), 1u);
   EXPECT_EQ(config->nbd.listen[0], (ListenAddress{"127.0.0.1", 10809}));
   EXPECT_TRUE(config->nbd.unix_sockets.empty());
@@ -114,6 +115,7 @@ retention_bytes = "1GiB"
 retention_seconds = 3600
 hard_cap = "2GiB"
 checkpoint_interval_ms = 250
+checkpoint_chunk = "1MiB"
 [nbd]
 listen = ["[::1]:10810", "0.0.0.0:10809"]
 unix_sockets = ["run/nbd.sock", "/run/tv.sock"]
@@ -145,6 +147,7 @@ size = "512 MiB"
   EXPECT_EQ(config->log.retention_seconds, 3600u);
   EXPECT_EQ(config->log.hard_cap_bytes, 2ull << 30);
   EXPECT_EQ(config->log.checkpoint_interval_ms, 250u);
+  EXPECT_EQ(config->log.checkpoint_chunk_bytes, 1ull << 20);
   ASSERT_EQ(config->nbd.listen.size(), 2u);
   EXPECT_EQ(config->nbd.listen[0], (ListenAddress{"::1", 10810}));
   EXPECT_EQ(config->nbd.listen[0].ToString(), "[::1]:10810");
@@ -679,6 +682,11 @@ TEST(ConfigTest, RetentionAndDurations) {
       Parse(Append(kMinimal, "[log]\nretention_bytes = \"2GiB\"\nhard_cap = \"0\"\n")).ok());
   EXPECT_THAT(ErrorOf(Append(kMinimal, "[log]\ncheckpoint_interval_ms = 0\n")),
               HasSubstr("log.checkpoint_interval_ms: must be 1..3600000 ms, got 0"));
+  EXPECT_TRUE(Parse(Append(kMinimal, "[log]\ncheckpoint_chunk = 0\n")).ok());  // unpaced
+  EXPECT_THAT(
+      ErrorOf(Append(kMinimal, "[log]\ncheckpoint_chunk = \"4KiB\"\n")),
+      HasSubstr(
+          "log.checkpoint_chunk: must be 0 (unpaced) or between 64 KiB and 1 GiB, got 4 KiB"));
   EXPECT_THAT(ErrorOf(Append(kMinimal, "[log]\ndir = \"\"\n")),
               HasSubstr("log.dir: must not be empty"));
 }

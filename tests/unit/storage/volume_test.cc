@@ -8,6 +8,7 @@
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -16,6 +17,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -184,6 +186,47 @@ TEST_F(VolumeFileTest, DropCleanCacheEvictsFlushedPagesAndKeepsData) {
   std::string back(2 * kMiB, '\0');
   ASSERT_TRUE((*v)->Read(0, std::span<char>(back.data(), back.size())).ok());
   EXPECT_EQ(back, std::string(2 * kMiB, 'd'));
+}
+
+// Dirty and under-writeback pages of the file's [offset, offset + length): cachestat(2),
+// Linux 6.5+. nullopt where the kernel has no such call.
+std::optional<std::pair<uint64_t, uint64_t>> DirtyPages(const fs::path& p, uint64_t offset,
+                                                        uint64_t length) {
+  struct Range {
+    uint64_t off, len;
+  } range{offset, length};
+  struct Stat {
+    uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+  } cs{};
+  constexpr long kSysCachestat = 451;
+  const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
+  EXPECT_GE(fd, 0) << p;
+  const long rc = ::syscall(kSysCachestat, fd, &range, &cs, 0);
+  ::close(fd);
+  if (rc != 0) return std::nullopt;
+  return std::make_pair(cs.nr_dirty, cs.nr_writeback);
+}
+
+// The checkpoint's paced writeback (core/dirty_ranges.h): WriteBack leaves the range's pages
+// clean and written (not just queued), leaves other ranges alone, and clamps to the volume.
+TEST_F(VolumeFileTest, WriteBackCleansExactlyTheRangeAndWaitsForIt) {
+  auto v = Volume::Open({.path = Path(), .size_bytes = 16 * kMiB});
+  ASSERT_TRUE(v.ok());
+  ASSERT_TRUE((*v)->Write(0, std::string(8 * kMiB, 'a')).ok());
+  ASSERT_TRUE((*v)->Write(12 * kMiB, std::string(kMiB, 'b')).ok());
+  auto before = DirtyPages(Path(), 0, 8 * kMiB);
+  if (!before) GTEST_SKIP() << "no cachestat(2) on this kernel";
+  if (before->first == 0) GTEST_SKIP() << "the file system wrote the pages at once";
+  ASSERT_TRUE((*v)->WriteBack(0, 8 * kMiB).ok());
+  EXPECT_EQ(DirtyPages(Path(), 0, 8 * kMiB), std::make_pair(uint64_t{0}, uint64_t{0}))
+      << "dirty or still under writeback after WriteBack (was " << before->first << " dirty)";
+  EXPECT_GT(DirtyPages(Path(), 12 * kMiB, kMiB)->first, 0u) << "WriteBack wrote another range";
+  ASSERT_TRUE((*v)->WriteBack(12 * kMiB, 100 * kMiB).ok());  // past the end: clamped
+  EXPECT_EQ(DirtyPages(Path(), 12 * kMiB, kMiB)->first, 0u);
+  EXPECT_TRUE((*v)->WriteBack(20 * kMiB, 1).ok());  // outside: nothing to do
+  EXPECT_TRUE((*v)->WriteBack(0, 0).ok());
+  EXPECT_EQ(ReadRange(**v, 12 * kMiB, kMiB), std::string(kMiB, 'b'));
+  ASSERT_TRUE((*v)->Flush().ok());
 }
 
 TEST_F(VolumeFileTest, LargerExistingFileIsAnErrorNamingBothSizes) {
@@ -540,6 +583,21 @@ TEST_F(VolumeLoopTest, DeviceIsClaimedExclusively) {
   EXPECT_TRUE(Volume::Open({.path = device_, .read_only = true}).ok());
 }
 
+// A checkpoint's paced writeback on a block device: the device's page cache is written back too.
+TEST_F(VolumeLoopTest, WriteBackOnTheDevice) {
+  auto v = Volume::Open({.path = device_});
+  ASSERT_TRUE(v.ok()) << v.status();
+  const std::string data = Pattern(13, 4 * kMiB);
+  ASSERT_TRUE((*v)->Write(2 * kMiB, data).ok());
+  ASSERT_TRUE((*v)->WriteBack(2 * kMiB, 4 * kMiB).ok());
+  if (auto d = DirtyPages(device_, 2 * kMiB, 4 * kMiB)) {
+    EXPECT_EQ(d->first + d->second, 0u) << "dirty or under writeback after WriteBack";
+  }
+  ASSERT_TRUE((*v)->WriteBack(0, 1ull << 40).ok());  // clamped to the device
+  ASSERT_TRUE((*v)->Flush().ok());
+  EXPECT_TRUE(SameBytes(ReadRange(**v, 2 * kMiB, 4 * kMiB), data));
+}
+
 TEST_F(VolumeLoopTest, RoundTripTrimAndZeroes) {
   auto v = Volume::Open({.path = device_});
   ASSERT_TRUE(v.ok()) << v.status();
@@ -612,6 +670,15 @@ TEST_F(VolumeTmpfsTest, EnospcIsResourceExhausted) {
   // Zeroing by writing runs out of space the same way.
   absl::Status z = (*v)->WriteZeroes(8 * kMiB, 6 * kMiB, /*may_trim=*/false);
   EXPECT_EQ(z.code(), absl::StatusCode::kResourceExhausted) << z;
+}
+
+// tmpfs has no writeback: WriteBack succeeds as a no-op (the checkpoint's Flush is what counts).
+TEST_F(VolumeTmpfsTest, WriteBackIsANoOp) {
+  auto v = Volume::Open({.path = dir_ / "vol.img", .size_bytes = 2 * kMiB});
+  ASSERT_TRUE(v.ok()) << v.status();
+  ASSERT_TRUE((*v)->Write(0, Pattern(22, kMiB)).ok());
+  EXPECT_TRUE((*v)->WriteBack(0, 2 * kMiB).ok());
+  EXPECT_TRUE((*v)->Flush().ok());
 }
 
 TEST_F(VolumeTmpfsTest, ZeroesFallBackToWritingWhereZeroRangeIsUnsupported) {
