@@ -339,6 +339,7 @@ absl::Status GroupLog::Load() {
   } else {
     first_lsn_ = std::max(first, truncated_to);
   }
+  first_lsn_seen_.store(first_lsn_, std::memory_order_release);
   // Segments already truncated away are forgotten.
   while (!segments_.empty() && segments_.front().last_lsn < first_lsn_) segments_.pop_front();
   // A power cut may have kept WAL records whose external payloads never reached the disk: they
@@ -467,13 +468,12 @@ absl::StatusOr<std::string_view> GroupLog::Materialize(uint64_t lsn, std::string
   absl::Status st =
       payloads_->Read(ref.file_id, ref.offset, buf.data() + kRecordHeaderSize, h.payload_size);
   if (!st.ok()) {
-    {
-      std::lock_guard lock(mu_);
-      if (lsn < first_lsn_) {
-        return absl::OutOfRangeError(fmt::format(
-            "group {}: LSN {} was truncated while being read (the log now starts at LSN {})", name_,
-            lsn, first_lsn_));
-      }
+    // Not under mu_: CutBackTo scans with it held. A truncation stores first_lsn_seen_ before it
+    // removes files, so a file gone because of it is seen as such here.
+    if (const uint64_t first = first_lsn_seen_.load(std::memory_order_acquire); lsn < first) {
+      return absl::OutOfRangeError(fmt::format(
+          "group {}: LSN {} was truncated while being read (the log now starts at LSN {})", name_,
+          lsn, first));
     }
     return absl::DataLossError(
         fmt::format("group {}: payload of log record LSN {} (file {}, offset {}, {} bytes): {}",
@@ -1170,6 +1170,54 @@ absl::Status GroupLog::ReadRange(
   return absl::OkStatus();
 }
 
+absl::Status GroupLog::ReadHeaders(
+    uint64_t from_lsn, uint64_t to_lsn,
+    const std::function<absl::Status(uint64_t lsn, const RecordHeader& header)>& fn) const {
+  if (from_lsn > to_lsn) return absl::OkStatus();
+  rocksdb::ReadOptions ro;
+  ro.verify_checksums = true;
+  std::string lower = EncodeLogKey(group_id_, from_lsn);
+  std::string upper = EncodeLogKey(group_id_, to_lsn == UINT64_MAX ? to_lsn : to_lsn + 1);
+  rocksdb::Slice lb(lower), ub(upper);
+  ro.iterate_lower_bound = &lb;
+  ro.iterate_upper_bound = &ub;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro));
+  uint64_t expect = from_lsn;
+  for (it->Seek(lower); it->Valid(); it->Next()) {
+    uint32_t gid = 0;
+    uint64_t lsn = 0;
+    if (!DecodeLogKey(std::string_view(it->key().data(), it->key().size()), &gid, &lsn) ||
+        gid != group_id_) {
+      return absl::DataLossError(
+          fmt::format("group {}: malformed log key near LSN {}", name_, expect));
+    }
+    if (lsn != expect) {
+      return absl::DataLossError(fmt::format(
+          "group {}: log record LSN {} is missing (next record is LSN {})", name_, expect, lsn));
+    }
+    const std::string_view value(it->value().data(), it->value().size());
+    RecordHeader h;
+    if (IsExternalValue(value)) {
+      h = PeekRecordHeader(value);
+    } else {
+      auto rec = DecodeRecord(group_id_, lsn, value);
+      if (!rec.ok()) return RecordError(lsn, value, rec.status());
+      h = rec->header;
+    }
+    if (absl::Status st = fn(lsn, h); !st.ok()) return st;
+    ++expect;
+  }
+  if (!it->status().ok()) {
+    return FromRocks(it->status(),
+                     fmt::format("group {}: reading log record LSN {}", name_, expect));
+  }
+  if (expect <= to_lsn && to_lsn != UINT64_MAX) {
+    return absl::DataLossError(fmt::format(
+        "group {}: log record LSN {} is missing (log should reach LSN {})", name_, expect, to_lsn));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status GroupLog::ReadRaw(
     uint64_t from_lsn, uint64_t max_lsn, uint64_t max_bytes, uint32_t max_records,
     const std::function<absl::Status(uint64_t lsn, std::string_view stored_value)>& fn) const {
@@ -1458,6 +1506,7 @@ absl::Status GroupLog::CutBackTo(uint64_t fork_lsn, uint64_t expected_last_lsn,
   }
   meta_dirty_ = false;
   first_lsn_ = first;
+  first_lsn_seen_.store(first, std::memory_order_release);
   next_lsn_ = fork_lsn + 1;
   current_epoch_ = history.empty() ? 0 : history.back().epoch;
   pending_epoch_.reset();
@@ -1516,6 +1565,7 @@ absl::Status GroupLog::ResetForCopy(uint64_t log_start_lsn, std::vector<EpochSta
   }
   meta_dirty_ = false;
   first_lsn_ = log_start_lsn;
+  first_lsn_seen_.store(log_start_lsn, std::memory_order_release);
   next_lsn_ = log_start_lsn;
   current_epoch_ = history.empty() ? 0 : history.back().epoch;
   pending_epoch_.reset();
@@ -1597,6 +1647,7 @@ absl::Status GroupLog::TruncateBefore(uint64_t lsn) {
     return st;
   }
   first_lsn_ = lsn;
+  first_lsn_seen_.store(lsn, std::memory_order_release);
   // The payload files of the segments dropped: every record in them is below the first segment.
   const uint64_t keep_from = segments_.front().first_lsn;
   lock.unlock();

@@ -344,6 +344,12 @@ class GroupLog {
   absl::Status ReadRange(uint64_t from_lsn, uint64_t to_lsn,
                          const std::function<absl::Status(const LogRecordView&)>& fn) const;
 
+  // Like ReadRange, for a caller that needs only the headers (sizes, timestamps): external
+  // payloads are not read, so their checksums are not checked (inline records' are).
+  absl::Status ReadHeaders(
+      uint64_t from_lsn, uint64_t to_lsn,
+      const std::function<absl::Status(uint64_t lsn, const RecordHeader& header)>& fn) const;
+
   // Scans every record from first to last: checksums, no gap, epochs follow the history.
   absl::Status Verify() const;
 
@@ -504,6 +510,7 @@ class GroupLog {
   // fdatasync of the files, and payload_mark_, the value of the 'y' key written last.
   std::unique_ptr<PayloadFiles> payloads_;
   std::atomic<uint64_t> payload_written_lsn_{0};
+  std::atomic<uint64_t> first_lsn_seen_{1};  // first_lsn_, for readers that may not take mu_
   std::mutex payload_sync_mu_;
   uint64_t payload_synced_lsn_ = 0;
   uint64_t payload_mark_ = 0;
