@@ -277,6 +277,28 @@ TEST_F(PayloadTest, RetentionRemovesThePayloadFilesOfDroppedSegments) {
   EXPECT_EQ(PayloadFilesOf(StoreDir(), log_->group_id()).size(), 3u);
 }
 
+// TruncateBefore may cut inside the open segment (retention never does): after a reopen the rest
+// of that segment still finds its payloads, and a later truncation keeps them until they go.
+TEST_F(PayloadTest, TruncationInsideTheOpenSegmentKeepsItsFileAcrossReopen) {
+  Open(Options());
+  AppendSizes({4096, 4096, 4096, 4096});
+  ASSERT_TRUE(log_->SetAppliedLsn(4).ok());
+  ASSERT_TRUE(log_->TruncateBefore(3).ok());
+  ASSERT_TRUE(Reopen(Options()).ok());
+  AppendSizes({5000}, 10);
+  ASSERT_TRUE(log_->SetAppliedLsn(5).ok());
+  ASSERT_TRUE(log_->TruncateBefore(4).ok());
+  for (int i = 0; i < 2; ++i) {
+    auto payloads = ReadPayloads(log_);
+    ASSERT_TRUE(payloads.ok()) << payloads.status();
+    ASSERT_EQ(payloads->size(), 2u);
+    EXPECT_EQ((*payloads)[4], PayloadOf(3, 4096));
+    EXPECT_EQ((*payloads)[5], PayloadOf(10, 5000));
+    EXPECT_EQ(PayloadFilesOf(StoreDir(), log_->group_id()).size(), 1u);
+    ASSERT_TRUE(Reopen(Options()).ok());
+  }
+}
+
 TEST_F(PayloadTest, OpenRemovesPayloadFilesNoRecordReferences) {
   Open(Options());
   AppendSizes({4096, 4096});
