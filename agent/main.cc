@@ -93,6 +93,7 @@ storage::GroupLogOptions LogOptions(const ops::LogConfig& c) {
   storage::GroupLogOptions o;
   o.max_batch_bytes = c.max_batch_bytes;
   o.max_batch_records = c.max_batch_records;
+  o.external_payload_min_bytes = c.external_payload_min_bytes;
   o.retention.keep_bytes = c.retention_bytes;
   o.retention.keep_seconds = c.retention_seconds;
   o.retention.hard_cap_bytes = c.hard_cap_bytes;

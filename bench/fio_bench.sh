@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # bench/fio_bench.sh: tvillingd against baselines measured in the same run, on the same disk.
 #
-#   bench/fio_bench.sh [--quick] [--out DIR] [--tvillingd PATH] [--dir SCRATCH]
+#   bench/fio_bench.sh [--quick] [--out DIR] [--tvillingd PATH] [--dir SCRATCH] [--log-config TOML]
+#
+# --log-config: lines added to tvillingd's [log] table, e.g. 'external_payload_min = "4KiB"'.
 #
 # Figures (each a ratio to a baseline taken in this run; the median of the repetitions):
 #   1. fio nbd 4 KiB randwrite QD16, IOPS: tvillingd / `nbdkit file` on a file in the same directory
@@ -19,13 +21,16 @@ QUICK=0
 OUT=""
 TVILLINGD="$ROOT/build/agent/tvillingd"
 SCRATCH_PARENT="${TMPDIR:-/tmp}"
+LOG_CONFIG=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --out) OUT=$2; shift ;;
     --tvillingd) TVILLINGD=$2; shift ;;
     --dir) SCRATCH_PARENT=$2; shift ;;
-    *) echo "usage: $0 [--quick] [--out DIR] [--tvillingd PATH] [--dir SCRATCH]" >&2; exit 2 ;;
+    --log-config) LOG_CONFIG=$2; shift ;;
+    *) echo "usage: $0 [--quick] [--out DIR] [--tvillingd PATH] [--dir SCRATCH] [--log-config TOML]" >&2
+       exit 2 ;;
   esac
   shift
 done
@@ -57,6 +62,8 @@ mkdir -p "$S/tv" "$S/nbdkit"
 cat >"$S/tv/tvilling.toml" <<EOF
 [agent]
 site = "bench"
+[log]
+$LOG_CONFIG
 [nbd]
 listen = ["127.0.0.1:$TV_PORT"]
 [[group]]

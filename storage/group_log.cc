@@ -11,6 +11,9 @@
 //   'M' gid(BE32) 's' first(BE64) -> closed segment (last, bytes, first_ts, last_ts: 4 x u64 LE)
 //   'M' gid(BE32) 'r'           -> replica/role metadata (ReplicaMeta: 12 x u64 LE, then
 //                                  3 x u64 LE per restore extent)
+//   'M' gid(BE32) 'y'           -> payload sync mark (u64 LE): every external payload of a
+//                                  record <= it was fdatasynced
+// External payloads live in <store dir>/payload/<gid>/<segment's first LSN>.pay (payload_files.h).
 #include "storage/group_log.h"
 
 #include <fmt/format.h>
@@ -19,6 +22,7 @@
 #include <rocksdb/options.h>
 #include <rocksdb/slice.h>
 #include <rocksdb/write_batch.h>
+#include <spdlog/spdlog.h>
 #include <time.h>
 
 #include <algorithm>
@@ -217,7 +221,14 @@ absl::StatusOr<GroupLog*> LogStore::OpenGroup(const std::string& group,
     return FromRocks(s.ok() ? rocksdb::Status::Corruption("bad group id") : s,
                      fmt::format("looking up group {}", group));
   }
-  auto log = std::unique_ptr<GroupLog>(new GroupLog(db_.get(), &health_, group, gid, options));
+  if (options.external_payload_min_bytes != 0 &&
+      options.external_payload_min_bytes <= kPayloadRefSize) {
+    return absl::InvalidArgumentError(
+        fmt::format("group {}: external_payload_min_bytes must be 0 or more than {}, got {}", group,
+                    kPayloadRefSize, options.external_payload_min_bytes));
+  }
+  auto log = std::unique_ptr<GroupLog>(new GroupLog(db_.get(), &health_, group, gid, options,
+                                                    dir_ / "payload" / std::to_string(gid)));
   if (absl::Status st = log->Load(); !st.ok()) return st;
   log->committer_ = std::thread([l = log.get()] {
     SetThreadName("tvl-commit");
@@ -236,12 +247,13 @@ absl::StatusOr<GroupLog*> LogStore::OpenGroup(const std::string& group,
 // GroupLog: opening
 
 GroupLog::GroupLog(rocksdb::DB* db, StoreHealth* health, std::string name, uint32_t group_id,
-                   GroupLogOptions options)
+                   GroupLogOptions options, std::filesystem::path payload_dir)
     : db_(db),
       health_(health),
       name_(std::move(name)),
       group_id_(group_id),
-      options_(std::move(options)) {}
+      options_(std::move(options)),
+      payloads_(std::make_unique<PayloadFiles>(std::move(payload_dir), name_)) {}
 
 GroupLog::~GroupLog() { Stop(); }
 
@@ -276,6 +288,8 @@ absl::Status GroupLog::Load() {
   uint64_t truncated_to = 1;
   s = db_->Get(rocksdb::ReadOptions(), MetaKey(group_id_, 'f'), &v);
   if (s.ok()) truncated_to = U64At(v, 0);
+  s = db_->Get(rocksdb::ReadOptions(), MetaKey(group_id_, 'y'), &v);
+  if (s.ok()) payload_mark_ = U64At(v, 0);
   s = db_->Get(rocksdb::ReadOptions(), MetaKey(group_id_, 'r'), &v);
   if (s.ok()) {
     replica_meta_ = DecodeReplicaMeta(v);
@@ -325,25 +339,179 @@ absl::Status GroupLog::Load() {
   } else {
     first_lsn_ = std::max(first, truncated_to);
   }
+  first_lsn_seen_.store(first_lsn_, std::memory_order_release);
+  // Segments already truncated away are forgotten.
+  while (!segments_.empty() && segments_.front().last_lsn < first_lsn_) segments_.pop_front();
+  // A power cut may have kept WAL records whose external payloads never reached the disk: they
+  // are above the payload sync mark, none was acknowledged durable, and they go.
+  bool external_above_mark = false;
+  if (first != 0) {
+    auto cut =
+        CutTornPayloadTail(std::max(first_lsn_, payload_mark_ + 1), last, &external_above_mark);
+    if (!cut.ok()) return cut.status();
+    last = *cut;
+  }
   if (last < applied_lsn_) {
     return absl::DataLossError(fmt::format(
         "group {}: the log ends at LSN {} but the volumes were checkpointed at LSN {}; records "
         "that were applied are missing from the log store (lost WAL data?) -- refusing to continue",
         name_, last, applied_lsn_));
   }
-  // Segments already truncated away are forgotten; the open segment is rebuilt by a scan.
-  while (!segments_.empty() && segments_.front().last_lsn < first_lsn_) segments_.pop_front();
+  // The open segment is rebuilt by a scan.
   const uint64_t open_from = segments_.empty() ? first_lsn_ : segments_.back().last_lsn + 1;
   for (const Segment& seg : segments_) bytes_ += seg.bytes;
   auto open = ScanSegment(open_from, last);
   if (!open.ok()) return open.status();
   bytes_ += open->bytes;
+  // A truncation inside the open segment (TruncateBefore at any LSN) leaves records whose payloads
+  // are in the file of the segment's true first LSN, below open_from: the segment keeps that id,
+  // so its file is neither removed below nor replaced by a new one for the segment's next records.
+  {
+    rocksdb::ReadOptions sro;
+    std::string slo = EncodeLogKey(group_id_, open_from);
+    std::string shi = EncodeLogKey(group_id_, last == UINT64_MAX ? last : last + 1);
+    rocksdb::Slice sl(slo), sh(shi);
+    sro.iterate_lower_bound = &sl;
+    sro.iterate_upper_bound = &sh;
+    std::unique_ptr<rocksdb::Iterator> sit(db_->NewIterator(sro));
+    for (sit->Seek(slo); sit->Valid(); sit->Next()) {
+      const std::string_view value(sit->value().data(), sit->value().size());
+      if (IsExternalValue(value)) {
+        open->first_lsn = std::min(open->first_lsn, DecodePayloadRef(value).file_id);
+        break;  // file ids grow with LSNs
+      }
+    }
+    if (!sit->status().ok()) return FromRocks(sit->status(), ctx);
+  }
   segments_.push_back(*open);
+  // Payload files of no segment held (truncated, cut, or written after the last record that
+  // survived) go; the rest is made durable with the WAL that LogStore::Open synced, so durable_lsn
+  // can be last_lsn and the mark says so.
+  const uint64_t keep_from = segments_.front().first_lsn, keep_to = segments_.back().first_lsn;
+  if (absl::Status rm =
+          payloads_->RemoveIf([&](uint64_t id) { return id < keep_from || id > keep_to; });
+      !rm.ok()) {
+    return rm;
+  }
+  if (external_above_mark || payload_mark_ > last) {
+    if (absl::Status ps = payloads_->SyncAll(); !ps.ok()) return ps;
+    rocksdb::WriteOptions wo;
+    wo.sync = true;
+    s = db_->Put(wo, MetaKey(group_id_, 'y'), U64s({last}));
+    if (!s.ok()) return FromRocks(s, fmt::format("{}: writing the payload sync mark", ctx));
+    payload_mark_ = last;
+  }
+  payload_synced_lsn_ = payload_mark_;
+  payload_written_lsn_.store(payload_mark_);
   next_lsn_ = last + 1;
   last_lsn_.store(last, std::memory_order_release);
   durable_lsn_.store(last, std::memory_order_release);  // LogStore::Open synced the WAL
   notified_lsn_ = last;
   return absl::OkStatus();
+}
+
+absl::StatusOr<uint64_t> GroupLog::CutTornPayloadTail(uint64_t from, uint64_t last,
+                                                      bool* checked_any) {
+  if (from > last) return last;
+  rocksdb::ReadOptions ro;
+  ro.verify_checksums = true;
+  std::string lower = EncodeLogKey(group_id_, from);
+  std::string upper = EncodeLogKey(group_id_, last == UINT64_MAX ? last : last + 1);
+  rocksdb::Slice lb(lower), ub(upper);
+  ro.iterate_lower_bound = &lb;
+  ro.iterate_upper_bound = &ub;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro));
+  std::string buf;
+  uint64_t cut_at = 0;
+  absl::Status why;
+  for (it->Seek(lower); it->Valid(); it->Next()) {
+    const std::string_view value(it->value().data(), it->value().size());
+    if (!IsExternalValue(value)) continue;
+    *checked_any = true;
+    uint32_t gid = 0;
+    uint64_t lsn = 0;
+    DecodeLogKey(std::string_view(it->key().data(), it->key().size()), &gid, &lsn);
+    auto stored = Materialize(lsn, value, buf);
+    if (stored.ok()) {
+      auto rec = DecodeRecord(group_id_, lsn, *stored);
+      if (rec.ok()) continue;
+      why = rec.status();
+    } else {
+      why = stored.status();
+    }
+    cut_at = lsn;
+    break;
+  }
+  if (!it->status().ok()) {
+    return FromRocks(it->status(), fmt::format("group {}: checking external payloads", name_));
+  }
+  if (cut_at == 0) return last;
+  // Cut [cut_at, last] like CutBackTo: records, the segments and epochs that begin in the cut.
+  rocksdb::WriteBatch wb;
+  wb.DeleteRange(EncodeLogKey(group_id_, cut_at), EncodeLogKey(group_id_, UINT64_MAX));
+  while (!segments_.empty() && segments_.back().last_lsn >= cut_at) {
+    wb.Delete(MetaKey(group_id_, 's', segments_.back().first_lsn));
+    segments_.pop_back();
+  }
+  while (!history_.empty() && history_.back().first_lsn >= cut_at) {
+    wb.Delete(MetaKey(group_id_, 'h', history_.back().epoch));
+    history_.pop_back();
+  }
+  current_epoch_ = history_.empty() ? 0 : history_.back().epoch;
+  wb.Put(MetaKey(group_id_, 'f'), U64s({first_lsn_}));
+  rocksdb::WriteOptions wo;
+  wo.sync = true;
+  rocksdb::Status s = db_->Write(wo, &wb);
+  if (!s.ok()) {
+    return FromRocks(s, fmt::format("group {}: cutting the torn tail at LSN {}", name_, cut_at));
+  }
+  spdlog::warn(
+      "group {}: records LSN {}..{} were cut from the log at open: the payload of LSN {} does not "
+      "verify and it is above the payload sync mark (LSN {}), so a power cut left their log "
+      "records without their payloads; none of them was acknowledged durable ({})",
+      name_, cut_at, last, cut_at, payload_mark_, std::string(why.message()));
+  return cut_at - 1;
+}
+
+absl::StatusOr<std::string_view> GroupLog::Materialize(uint64_t lsn, std::string_view value,
+                                                       std::string& buf) const {
+  if (!IsExternalValue(value)) return value;
+  const RecordHeader h = PeekRecordHeader(value);
+  const PayloadRef ref = DecodePayloadRef(value);
+  if (h.payload_size > kMaxRecordPayload) {
+    return absl::DataLossError(fmt::format(
+        "group {}: log record LSN {} is corrupt: external payload of {} bytes (at most {})", name_,
+        lsn, h.payload_size, kMaxRecordPayload));
+  }
+  buf.resize(kRecordHeaderSize + h.payload_size);
+  std::memcpy(buf.data(), value.data(), kRecordHeaderSize);
+  absl::Status st =
+      payloads_->Read(ref.file_id, ref.offset, buf.data() + kRecordHeaderSize, h.payload_size);
+  if (!st.ok()) {
+    // Not under mu_: CutBackTo scans with it held. A truncation stores first_lsn_seen_ before it
+    // removes files, so a file gone because of it is seen as such here.
+    if (const uint64_t first = first_lsn_seen_.load(std::memory_order_acquire); lsn < first) {
+      return absl::OutOfRangeError(fmt::format(
+          "group {}: LSN {} was truncated while being read (the log now starts at LSN {})", name_,
+          lsn, first));
+    }
+    return absl::DataLossError(
+        fmt::format("group {}: payload of log record LSN {} (file {}, offset {}, {} bytes): {}",
+                    name_, lsn, payloads_->PathOf(ref.file_id).string(), ref.offset, h.payload_size,
+                    std::string(st.message())));
+  }
+  return std::string_view(buf);
+}
+
+absl::Status GroupLog::RecordError(uint64_t lsn, std::string_view value,
+                                   const absl::Status& st) const {
+  if (!IsExternalValue(value)) {
+    return absl::DataLossError(fmt::format("group {}: {}", name_, std::string(st.message())));
+  }
+  const PayloadRef ref = DecodePayloadRef(value);
+  return absl::DataLossError(fmt::format(
+      "group {}: {} (external payload of LSN {}: file {}, offset {})", name_,
+      std::string(st.message()), lsn, payloads_->PathOf(ref.file_id).string(), ref.offset));
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -520,9 +688,45 @@ void GroupLog::Sync(SyncDone done, bool fsync_here) {
   cv_.notify_one();
 }
 
+absl::Status GroupLog::SyncPayloadFilesLocked(uint64_t* mark) {
+  *mark = 0;
+  // Read before the fdatasync: every payload appended up to it is covered by the fdatasync.
+  const uint64_t target = payload_written_lsn_.load(std::memory_order_acquire);
+  if (target == payload_synced_lsn_) return absl::OkStatus();  // nothing appended since
+  if (absl::Status st = payloads_->SyncDirty(); !st.ok()) return st;
+  payload_synced_lsn_ = target;
+  if (target > payload_mark_) *mark = target;
+  return absl::OkStatus();
+}
+
+absl::Status GroupLog::SyncPayloads() {
+  std::lock_guard lock(payload_sync_mu_);
+  uint64_t mark = 0;
+  absl::Status st = SyncPayloadFilesLocked(&mark);
+  if (st.ok() && mark != 0) {
+    st = health_->status();
+    if (st.ok()) {
+      st = FromRocks(db_->Put(rocksdb::WriteOptions(), MetaKey(group_id_, 'y'), U64s({mark})),
+                     fmt::format("group {}: writing the payload sync mark", name_));
+      if (!st.ok()) health_->Fail(st);  // RocksDB takes no write after a failed one
+    }
+    if (st.ok()) payload_mark_ = mark;
+  }
+  return st;
+}
+
 absl::Status GroupLog::SyncWritten(uint64_t target) {
   if (absl::Status h = health_->status(); !h.ok()) return h;
   const auto started = std::chrono::steady_clock::now();
+  // The payloads first: once the WAL is fsynced, its records must find theirs on disk.
+  if (absl::Status ps = SyncPayloads(); !ps.ok()) {
+    absl::Status st =
+        absl::Status(ps.code(), fmt::format("group {}: syncing log at LSN {}: {}", name_, target,
+                                            std::string(ps.message())));
+    health_->Fail(st);
+    FailQueued(st);
+    return st;
+  }
   rocksdb::Status s = db_->FlushWAL(/*sync=*/true);
   fsync_latency_.RecordSince(started);
   if (!s.ok()) {
@@ -623,30 +827,33 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
                       bool write_meta) {
   // Reserve the whole batch, payloads included: growing WriteBatch's buffer by doubling copied
   // every payload again and faulted in fresh pages each time (a sixth of a replica's CPU).
+  // (External payloads go to their payload file instead: only a 16-byte reference.)
+  const uint64_t external_min = options_.external_payload_min_bytes;
+  auto is_external = [&](const Pending& p) {
+    return external_min != 0 && p.payload.size() >= external_min;
+  };
   size_t reserve = (1 << 10);
-  for (const Pending& p : batch) reserve += kLogKeySize + kRecordHeaderSize + 32 + p.payload.size();
+  bool any_external = false;
+  for (const Pending& p : batch) {
+    const bool external = is_external(p);
+    any_external |= external;
+    reserve +=
+        kLogKeySize + kRecordHeaderSize + 32 + (external ? kPayloadRefSize : p.payload.size());
+  }
   rocksdb::WriteBatch wb(reserve);
   std::vector<LogRecordView> views;
   views.reserve(batch.size());
   bool need_sync = !syncs.empty();
   absl::Status st;
   uint64_t batch_bytes = 0;
-  // The records (payload copies included) go into the batch without the lock: the batch is ours.
-  for (Pending& p : batch) {
-    char key[kLogKeySize];
-    EncodeLogKeyTo(group_id_, p.lsn, key);
-    rocksdb::Slice key_slice(key, kLogKeySize);
-    rocksdb::Slice value_parts[2] = {rocksdb::Slice(p.encoded.data(), kRecordHeaderSize),
-                                     rocksdb::Slice(p.payload.data(), p.payload.size())};
-    wb.Put(rocksdb::SliceParts(&key_slice, 1), rocksdb::SliceParts(value_parts, 2));
-    views.push_back({p.lsn, p.header, p.payload});
-    need_sync |= p.req.sync;
-    batch_bytes += kRecordHeaderSize + p.payload.size();
-  }
+  // The payload file of each external record: that of the segment it belongs to.
+  std::vector<uint64_t> file_ids(any_external ? batch.size() : 0);
   {
     // Metadata that describes these records goes into the same batch.
     std::lock_guard lock(mu_);
-    for (const Pending& p : batch) {
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const Pending& p = batch[i];
+      if (any_external) file_ids[i] = segments_.back().first_lsn;
       const RecordHeader& h = p.header;
       if (p.starts_epoch) {
         history_.push_back({h.epoch, p.lsn});
@@ -680,6 +887,58 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
       FailQueued(st);
     }
   }
+  // External payloads are appended to their files before the batch that refers to them is
+  // written: after a process crash no log record points at bytes the page cache does not hold.
+  std::vector<std::array<char, kPayloadRefSize>> refs(any_external ? batch.size() : 0);
+  if (st.ok() && any_external) {
+    std::vector<std::string_view> parts;
+    size_t i = 0;
+    while (st.ok() && i < batch.size()) {
+      if (!is_external(batch[i])) {
+        ++i;
+        continue;
+      }
+      // Every external payload of the batch in this file, with one pwritev.
+      const uint64_t file_id = file_ids[i];
+      parts.clear();
+      size_t j = i;
+      for (; j < batch.size() && file_ids[j] == file_id; ++j) {
+        if (is_external(batch[j])) parts.push_back(batch[j].payload);
+      }
+      auto at = payloads_->Append(file_id, parts);
+      if (!at.ok()) {
+        st = at.status();
+        health_->Fail(st);
+        FailQueued(st);
+        break;
+      }
+      uint64_t offset = *at;
+      for (size_t k = i; k < j; ++k) {
+        if (!is_external(batch[k])) continue;
+        EncodePayloadRef({file_id, offset}, refs[k].data());
+        offset += batch[k].payload.size();
+        payload_written_lsn_.store(batch[k].lsn, std::memory_order_release);
+      }
+      i = j;
+    }
+  }
+  // The records go into the batch without the lock: the batch is ours.
+  for (size_t i = 0; st.ok() && i < batch.size(); ++i) {
+    Pending& p = batch[i];
+    char key[kLogKeySize];
+    EncodeLogKeyTo(group_id_, p.lsn, key);
+    rocksdb::Slice key_slice(key, kLogKeySize);
+    const bool external = any_external && is_external(p);
+    rocksdb::Slice value_parts[2] = {rocksdb::Slice(p.encoded.data(), kRecordHeaderSize),
+                                     external ? rocksdb::Slice(refs[i].data(), kPayloadRefSize)
+                                              : rocksdb::Slice(p.payload.data(), p.payload.size())};
+    wb.Put(rocksdb::SliceParts(&key_slice, 1), rocksdb::SliceParts(value_parts, 2));
+  }
+  for (Pending& p : batch) {
+    views.push_back({p.lsn, p.header, p.payload});
+    need_sync |= p.req.sync;
+    batch_bytes += kRecordHeaderSize + p.payload.size();
+  }
 
   // The write and its fsync are two steps on two threads: the committer writes the batch (to the
   // page cache), applies it, completes what need not be durable, and hands the rest to the syncer.
@@ -701,7 +960,20 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
     rocksdb::WriteOptions wo;
     wo.sync = sync_here;
     const auto started = std::chrono::steady_clock::now();
-    const rocksdb::Status s = wb.Count() > 0 ? db_->Write(wo, &wb) : db_->FlushWAL(/*sync=*/true);
+    // A synced write makes the payloads durable first, and moves the mark in the same batch
+    // (payload_sync_mu_ held until it is written, so marks are written in increasing order).
+    std::unique_lock<std::mutex> payload_lock;
+    uint64_t mark = 0;
+    if (sync_here) {
+      payload_lock = std::unique_lock(payload_sync_mu_);
+      st = SyncPayloadFilesLocked(&mark);
+      if (mark != 0) wb.Put(MetaKey(group_id_, 'y'), U64s({mark}));
+    }
+    const rocksdb::Status s = !st.ok()         ? rocksdb::Status::IOError(std::string(st.message()))
+                              : wb.Count() > 0 ? db_->Write(wo, &wb)
+                                               : db_->FlushWAL(/*sync=*/true);
+    if (s.ok() && mark != 0) payload_mark_ = mark;
+    if (payload_lock.owns_lock()) payload_lock.unlock();
     if (sync_here) fsync_latency_.RecordSince(started);
     if (!s.ok()) {
       const uint64_t at = batch.empty() ? last_lsn_.load() + 1 : batch.front().lsn;
@@ -834,6 +1106,9 @@ void GroupLog::Stop() {
   }
   sync_cv_.notify_all();
   if (syncer_.joinable()) syncer_.join();
+  // A clean stop leaves every payload durable and the mark at the last one (LogStore then syncs
+  // the WAL), so the next open has nothing to check.
+  if (health_->status().ok()) SyncPayloads().IgnoreError();
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -883,6 +1158,7 @@ absl::Status GroupLog::ReadRange(
   ro.iterate_upper_bound = &ub;
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro));
   uint64_t expect = from_lsn;
+  std::string buf;  // an external record's header and payload
   for (it->Seek(lower); it->Valid(); it->Next()) {
     uint32_t gid = 0;
     uint64_t lsn = 0;
@@ -895,13 +1171,60 @@ absl::Status GroupLog::ReadRange(
       return absl::DataLossError(fmt::format(
           "group {}: log record LSN {} is missing (next record is LSN {})", name_, expect, lsn));
     }
-    auto rec =
-        DecodeRecord(group_id_, lsn, std::string_view(it->value().data(), it->value().size()));
-    if (!rec.ok()) {
-      return absl::DataLossError(
-          fmt::format("group {}: {}", name_, std::string(rec.status().message())));
-    }
+    const std::string_view value(it->value().data(), it->value().size());
+    auto stored = Materialize(lsn, value, buf);
+    if (!stored.ok()) return stored.status();
+    auto rec = DecodeRecord(group_id_, lsn, *stored);
+    if (!rec.ok()) return RecordError(lsn, value, rec.status());
     if (absl::Status st = fn(*rec); !st.ok()) return st;
+    ++expect;
+  }
+  if (!it->status().ok()) {
+    return FromRocks(it->status(),
+                     fmt::format("group {}: reading log record LSN {}", name_, expect));
+  }
+  if (expect <= to_lsn && to_lsn != UINT64_MAX) {
+    return absl::DataLossError(fmt::format(
+        "group {}: log record LSN {} is missing (log should reach LSN {})", name_, expect, to_lsn));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GroupLog::ReadHeaders(
+    uint64_t from_lsn, uint64_t to_lsn,
+    const std::function<absl::Status(uint64_t lsn, const RecordHeader& header)>& fn) const {
+  if (from_lsn > to_lsn) return absl::OkStatus();
+  rocksdb::ReadOptions ro;
+  ro.verify_checksums = true;
+  std::string lower = EncodeLogKey(group_id_, from_lsn);
+  std::string upper = EncodeLogKey(group_id_, to_lsn == UINT64_MAX ? to_lsn : to_lsn + 1);
+  rocksdb::Slice lb(lower), ub(upper);
+  ro.iterate_lower_bound = &lb;
+  ro.iterate_upper_bound = &ub;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro));
+  uint64_t expect = from_lsn;
+  for (it->Seek(lower); it->Valid(); it->Next()) {
+    uint32_t gid = 0;
+    uint64_t lsn = 0;
+    if (!DecodeLogKey(std::string_view(it->key().data(), it->key().size()), &gid, &lsn) ||
+        gid != group_id_) {
+      return absl::DataLossError(
+          fmt::format("group {}: malformed log key near LSN {}", name_, expect));
+    }
+    if (lsn != expect) {
+      return absl::DataLossError(fmt::format(
+          "group {}: log record LSN {} is missing (next record is LSN {})", name_, expect, lsn));
+    }
+    const std::string_view value(it->value().data(), it->value().size());
+    RecordHeader h;
+    if (IsExternalValue(value)) {
+      h = PeekRecordHeader(value);
+    } else {
+      auto rec = DecodeRecord(group_id_, lsn, value);
+      if (!rec.ok()) return RecordError(lsn, value, rec.status());
+      h = rec->header;
+    }
+    if (absl::Status st = fn(lsn, h); !st.ok()) return st;
     ++expect;
   }
   if (!it->status().ok()) {
@@ -948,6 +1271,7 @@ absl::Status GroupLog::ReadRaw(
   uint64_t expect = from_lsn;
   uint64_t bytes = 0;
   uint32_t count = 0;
+  std::string buf;  // an external record's header and payload
   auto missing = [&](std::string_view what) {
     std::lock_guard lock(mu_);
     if (expect < first_lsn_) {
@@ -973,17 +1297,19 @@ absl::Status GroupLog::ReadRaw(
     }
     if (lsn != expect) return missing(fmt::format("next record is LSN {}", lsn));
     const std::string_view value(it->value().data(), it->value().size());
-    if (count > 0 && bytes + value.size() > max_bytes) {
+    const uint64_t stored_size = IsExternalValue(value)
+                                     ? kRecordHeaderSize + PeekRecordHeader(value).payload_size
+                                     : value.size();
+    if (count > 0 && bytes + stored_size > max_bytes) {
       limited = true;
       break;
     }
-    auto rec = DecodeRecord(group_id_, lsn, value);
-    if (!rec.ok()) {
-      return absl::DataLossError(
-          fmt::format("group {}: {}", name_, std::string(rec.status().message())));
-    }
-    if (absl::Status st = fn(lsn, value); !st.ok()) return st;
-    bytes += value.size();
+    auto stored = Materialize(lsn, value, buf);
+    if (!stored.ok()) return stored.status();
+    auto rec = DecodeRecord(group_id_, lsn, *stored);
+    if (!rec.ok()) return RecordError(lsn, value, rec.status());
+    if (absl::Status st = fn(lsn, *stored); !st.ok()) return st;
+    bytes += stored_size;
     ++count;
     ++expect;
   }
@@ -1027,6 +1353,13 @@ absl::Status GroupLog::BeginEpoch(uint64_t epoch) {
 }
 
 absl::Status GroupLog::SetAppliedLsn(uint64_t lsn) {
+  // The applied LSN must never be durable in the WAL while a payload at or below it is not (a log
+  // cut below it at open refuses to start): the payloads and their mark go first.
+  if (absl::Status st = SyncPayloads(); !st.ok()) {
+    health_->Fail(st);
+    FailQueued(st);
+    return st;
+  }
   {
     std::lock_guard lock(mu_);
     if (lsn > last_lsn_.load()) {
@@ -1160,6 +1493,12 @@ absl::Status GroupLog::CutBackTo(uint64_t fork_lsn, uint64_t expected_last_lsn,
   for (const EpochStart& e : history) wb.Put(MetaKey(group_id_, 'h', e.epoch), U64s({e.first_lsn}));
   wb.Put(MetaKey(group_id_, 'f'), U64s({first}));
   wb.Put(MetaKey(group_id_, 'r'), EncodeReplicaMeta(meta));
+  // The payload sync mark must not cover the LSNs above the fork that new records will take. The
+  // payload files keep their bytes (the open segment's file is appended to after them); files of
+  // segments that begin after the fork hold only cut records and go after the write.
+  std::unique_lock payload_lock(payload_sync_mu_);
+  const uint64_t mark = std::min(payload_mark_, fork_lsn);
+  wb.Put(MetaKey(group_id_, 'y'), U64s({mark}));
   const uint64_t old_applied = applied_lsn_;
   applied_lsn_ = std::min(applied_lsn_, fork_lsn);
   (void)WriteMetaLocked(&wb);  // the applied LSN (and peers) with the cut
@@ -1174,8 +1513,20 @@ absl::Status GroupLog::CutBackTo(uint64_t fork_lsn, uint64_t expected_last_lsn,
     if (failed_.ok()) failed_ = st;  // nothing is queued, so nothing else to fail
     return st;
   }
+  payload_mark_ = mark;
+  payload_synced_lsn_ = std::min(payload_synced_lsn_, fork_lsn);
+  payload_written_lsn_.store(std::min(payload_written_lsn_.load(), fork_lsn),
+                             std::memory_order_release);
+  payload_lock.unlock();
+  const uint64_t open_first = segments.back().first_lsn;
+  if (absl::Status rm = payloads_->RemoveIf([&](uint64_t id) { return id > open_first; });
+      !rm.ok()) {
+    spdlog::warn("group {}: cutting the log back to LSN {}: {}", name_, fork_lsn,
+                 std::string(rm.message()));
+  }
   meta_dirty_ = false;
   first_lsn_ = first;
+  first_lsn_seen_.store(first, std::memory_order_release);
   next_lsn_ = fork_lsn + 1;
   current_epoch_ = history.empty() ? 0 : history.back().epoch;
   pending_epoch_.reset();
@@ -1209,6 +1560,9 @@ absl::Status GroupLog::ResetForCopy(uint64_t log_start_lsn, std::vector<EpochSta
   for (const EpochStart& e : history) wb.Put(MetaKey(group_id_, 'h', e.epoch), U64s({e.first_lsn}));
   wb.Put(MetaKey(group_id_, 'f'), U64s({log_start_lsn}));
   if (meta) wb.Put(MetaKey(group_id_, 'r'), EncodeReplicaMeta(*meta));
+  // No payload below the new start is referenced any more (its files go after the write).
+  std::unique_lock payload_lock(payload_sync_mu_);
+  wb.Put(MetaKey(group_id_, 'y'), U64s({last}));
   const uint64_t old_applied = applied_lsn_;
   applied_lsn_ = last;
   (void)WriteMetaLocked(&wb);  // the applied LSN (and peers) with the reset
@@ -1223,8 +1577,15 @@ absl::Status GroupLog::ResetForCopy(uint64_t log_start_lsn, std::vector<EpochSta
     if (failed_.ok()) failed_ = st;  // nothing is queued, so nothing else to fail
     return st;
   }
+  payload_mark_ = payload_synced_lsn_ = last;
+  payload_written_lsn_.store(last, std::memory_order_release);
+  payload_lock.unlock();
+  if (absl::Status rm = payloads_->RemoveAll(); !rm.ok()) {
+    spdlog::warn("group {}: reset for a full copy: {}", name_, std::string(rm.message()));
+  }
   meta_dirty_ = false;
   first_lsn_ = log_start_lsn;
+  first_lsn_seen_.store(log_start_lsn, std::memory_order_release);
   next_lsn_ = log_start_lsn;
   current_epoch_ = history.empty() ? 0 : history.back().epoch;
   pending_epoch_.reset();
@@ -1280,7 +1641,7 @@ absl::StatusOr<uint64_t> GroupLog::EnforceRetention(uint64_t now_ns) {
 }
 
 absl::Status GroupLog::TruncateBefore(uint64_t lsn) {
-  std::lock_guard lock(mu_);
+  std::unique_lock lock(mu_);
   if (lsn <= first_lsn_) return absl::OkStatus();
   if (lsn > applied_lsn_ + 1) {
     return absl::FailedPreconditionError(fmt::format(
@@ -1306,7 +1667,11 @@ absl::Status GroupLog::TruncateBefore(uint64_t lsn) {
     return st;
   }
   first_lsn_ = lsn;
-  return absl::OkStatus();
+  first_lsn_seen_.store(lsn, std::memory_order_release);
+  // The payload files of the segments dropped: every record in them is below the first segment.
+  const uint64_t keep_from = segments_.front().first_lsn;
+  lock.unlock();
+  return payloads_->RemoveIf([&](uint64_t id) { return id < keep_from; });
 }
 
 }  // namespace tvilling::storage

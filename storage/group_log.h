@@ -38,6 +38,7 @@
 #include "storage/bytes.h"
 #include "storage/latency_histogram.h"
 #include "storage/log_record.h"
+#include "storage/payload_files.h"
 
 namespace rocksdb {
 class DB;
@@ -127,6 +128,13 @@ struct GroupLogOptions {
   // Segments are the unit of retention: truncation removes whole segments with one range delete.
   uint64_t segment_bytes = 16ull << 20;
   uint32_t segment_records = 65536;
+  // A record whose payload has at least this many bytes keeps it in the payload file of its
+  // segment (`<store dir>/payload/<group id>/`), appended with one pwritev per batch, and RocksDB
+  // holds only its header and a 16-byte reference (docs/log-format.md, "External payloads"): the
+  // payload then costs one write to disk and no copy through the WriteBatch, WAL (with its
+  // software CRC32c), memtable and SST flush. 0 = every payload inline; otherwise it must be more
+  // than 16 (kPayloadRefSize). Only new records follow it: either kind is read at any setting.
+  uint64_t external_payload_min_bytes = 64ull << 10;
   // A Sync() that finds the log idle (nothing queued, no batch being written, no fsync in flight)
   // fsyncs on the caller's thread, saving two thread hand-offs on a FLUSH at queue depth 1;
   // otherwise the syncer does it.
@@ -336,6 +344,12 @@ class GroupLog {
   absl::Status ReadRange(uint64_t from_lsn, uint64_t to_lsn,
                          const std::function<absl::Status(const LogRecordView&)>& fn) const;
 
+  // Like ReadRange, for a caller that needs only the headers (sizes, timestamps): external
+  // payloads are not read, so their checksums are not checked (inline records' are).
+  absl::Status ReadHeaders(
+      uint64_t from_lsn, uint64_t to_lsn,
+      const std::function<absl::Status(uint64_t lsn, const RecordHeader& header)>& fn) const;
+
   // Scans every record from first to last: checksums, no gap, epochs follow the history.
   absl::Status Verify() const;
 
@@ -383,7 +397,7 @@ class GroupLog {
   };
 
   GroupLog(rocksdb::DB* db, StoreHealth* health, std::string name, uint32_t group_id,
-           GroupLogOptions options);
+           GroupLogOptions options, std::filesystem::path payload_dir);
   absl::Status Load();
   // The open segment from the records in [from, to] (empty if from > to), read and checked.
   absl::StatusOr<Segment> ScanSegment(uint64_t from, uint64_t to);
@@ -406,8 +420,28 @@ class GroupLog {
   // returns with it released.
   void CommitOnCallerThread(std::unique_lock<std::mutex>& lock);
   void SyncerLoop();
-  // Fsyncs the WAL now and advances durable_lsn to `target` (already written). Any thread.
+  // Fsyncs the payload files, then the WAL, and advances durable_lsn to `target` (already
+  // written). Any thread.
   absl::Status SyncWritten(uint64_t target);
+  // Payload durability (docs/log-format.md, "External payloads"). SyncPayloadFilesLocked
+  // fdatasyncs every payload file appended to since the last call and sets *mark to the LSN the
+  // 'y' key must now say (0: no change). SyncPayloads does that and writes the key (not synced:
+  // the next WAL fsync makes it durable together with the records it covers). REQUIRES (Locked):
+  // payload_sync_mu_ held.
+  absl::Status SyncPayloadFilesLocked(uint64_t* mark);
+  absl::Status SyncPayloads();
+  // The record's stored value as ReadRaw hands it out (header + payload): `value` itself if inline,
+  // else the header and the payload read from its file into `buf`. Errors name the group, LSN,
+  // file and offset: DataLoss, or OutOfRange if the record was truncated meanwhile.
+  absl::StatusOr<std::string_view> Materialize(uint64_t lsn, std::string_view value,
+                                               std::string& buf) const;
+  // `st` (a failed DecodeRecord of the record at `lsn` stored as `value`) as the log reports it:
+  // DataLoss naming the group, and the payload's file and offset if it is external.
+  absl::Status RecordError(uint64_t lsn, std::string_view value, const absl::Status& st) const;
+  // At open: verifies the external records in [from, last] (above the payload sync mark) and cuts
+  // the log at the first that does not verify (a torn tail after a power cut). Returns the new
+  // last LSN. REQUIRES: Load's history and segments are loaded.
+  absl::StatusOr<uint64_t> CutTornPayloadTail(uint64_t from, uint64_t last, bool* checked_any);
   // durable_lsn = max(durable_lsn, lsn): the committer and an inline Sync() may both advance it.
   void AdvanceDurable(uint64_t lsn);
   // Writes one batch (records, metadata, fsync if asked); completes what it covers.
@@ -469,6 +503,17 @@ class GroupLog {
   std::thread syncer_;              // fsyncs what the committer wrote (SyncerLoop)
   LatencyHistogram fsync_latency_;  // every fsync of the log (a synced write counts as one)
   Counters counters_;
+
+  // External payloads. payload_written_lsn_: the last LSN whose payload the committer appended
+  // (stored before the batch's WAL write). Under payload_sync_mu_ (taken after mu_ when both are
+  // held): payload_synced_lsn_, the value of payload_written_lsn_ at the start of the last
+  // fdatasync of the files, and payload_mark_, the value of the 'y' key written last.
+  std::unique_ptr<PayloadFiles> payloads_;
+  std::atomic<uint64_t> payload_written_lsn_{0};
+  std::atomic<uint64_t> first_lsn_seen_{1};  // first_lsn_, for readers that may not take mu_
+  std::mutex payload_sync_mu_;
+  uint64_t payload_synced_lsn_ = 0;
+  uint64_t payload_mark_ = 0;
 };
 
 }  // namespace tvilling::storage

@@ -127,6 +127,21 @@ RecordHeader PeekRecordHeader(std::string_view value) {
   return h;
 }
 
+void EncodePayloadRef(const PayloadRef& ref, char out[kPayloadRefSize]) {
+  PutLE<uint64_t>(out, ref.file_id);
+  PutLE<uint64_t>(out + 8, ref.offset);
+}
+
+bool IsExternalValue(std::string_view value) {
+  return value.size() == kExternalValueSize &&
+         GetLE<uint32_t>(value.data() + 28) != kPayloadRefSize;
+}
+
+PayloadRef DecodePayloadRef(std::string_view value) {
+  return {GetLE<uint64_t>(value.data() + kRecordHeaderSize),
+          GetLE<uint64_t>(value.data() + kRecordHeaderSize + 8)};
+}
+
 absl::StatusOr<LogRecordView> DecodeRecord(uint32_t group_id, uint64_t lsn, std::string_view value,
                                            uint64_t* payload_hash) {
   auto corrupt = [&](std::string_view what) {

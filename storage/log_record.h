@@ -33,6 +33,12 @@ inline constexpr uint8_t kRecordFormatVersion = 1;
 inline constexpr size_t kRecordHeaderSize = 48;
 inline constexpr size_t kLogKeySize = 13;  // 'L' + group id (u32 BE) + LSN (u64 BE)
 inline constexpr uint32_t kMaxRecordPayload = 32u << 20;
+// An external record's stored value: the header, then a reference to its payload in a payload file
+// of the group (docs/log-format.md, "External payloads"). External payloads are always larger than
+// the reference, so a value is external iff it is kExternalValueSize bytes and its header's payload
+// size is not kPayloadRefSize.
+inline constexpr size_t kPayloadRefSize = 16;  // file id (u64 LE), byte offset (u64 LE)
+inline constexpr size_t kExternalValueSize = kRecordHeaderSize + kPayloadRefSize;
 
 // Fixed-size header, little-endian on disk (layout in docs/log-format.md).
 struct RecordHeader {
@@ -81,6 +87,19 @@ void EncodeRecordHeader(uint32_t group_id, uint64_t lsn, RecordHeader& header,
 // against the batch and the group before appending them. REQUIRES: value.size() >=
 // kRecordHeaderSize.
 RecordHeader PeekRecordHeader(std::string_view value);
+
+// Where an external record's payload is: the payload file of the segment that begins at LSN
+// `file_id`, at byte `offset`.
+struct PayloadRef {
+  uint64_t file_id = 0;
+  uint64_t offset = 0;
+  bool operator==(const PayloadRef&) const = default;
+};
+void EncodePayloadRef(const PayloadRef& ref, char out[kPayloadRefSize]);
+// Whether `value` (a value stored in RocksDB under a log key) is an external record.
+bool IsExternalValue(std::string_view value);
+// The reference of an external value. REQUIRES: IsExternalValue(value).
+PayloadRef DecodePayloadRef(std::string_view value);
 
 // Parses and verifies a stored value. Errors are DataLoss and name the group id and LSN.
 // `payload_hash`, if given, receives PayloadHash(payload) (computed anyway for the checksum), so a

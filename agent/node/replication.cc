@@ -254,10 +254,11 @@ absl::StatusOr<std::shared_ptr<PrimaryReplicator>> PrimaryReplicator::Start(Grou
   }
   // The local log as it is now.
   if (state.last_lsn >= state.first_lsn) {
-    absl::Status st =
-        log.ReadRange(state.first_lsn, state.last_lsn, [&](const storage::LogRecordView& rec) {
-          r->core_.OnLocalAppend(rec.lsn, storage::kRecordHeaderSize + rec.payload.size(),
-                                 rec.header.timestamp_ns, now);
+    // Sizes and times only: the headers, without reading external payloads.
+    absl::Status st = log.ReadHeaders(
+        state.first_lsn, state.last_lsn, [&](uint64_t lsn, const storage::RecordHeader& h) {
+          r->core_.OnLocalAppend(lsn, storage::kRecordHeaderSize + h.payload_size, h.timestamp_ns,
+                                 now);
           return absl::OkStatus();
         });
     if (!st.ok()) return st;

@@ -182,12 +182,14 @@ class Reader {
   void ReadLog(const toml::table& t, LogConfig* log) {
     const std::string path = "log";
     CheckKeys(t, path,
-              {"dir", "write_buffer", "max_batch_bytes", "max_batch_records", "retention_bytes",
-               "retention_seconds", "hard_cap", "checkpoint_interval_ms", "checkpoint_chunk"});
+              {"dir", "write_buffer", "max_batch_bytes", "max_batch_records",
+               "external_payload_min", "retention_bytes", "retention_seconds", "hard_cap",
+               "checkpoint_interval_ms", "checkpoint_chunk"});
     ReadPath(t, path, "dir", &log->dir);
     ReadSize(t, path, "write_buffer", &log->write_buffer_bytes);
     ReadSize(t, path, "max_batch_bytes", &log->max_batch_bytes);
     ReadUint(t, path, "max_batch_records", &log->max_batch_records);
+    ReadSize(t, path, "external_payload_min", &log->external_payload_min_bytes);
     ReadSize(t, path, "retention_bytes", &log->retention_bytes);
     ReadUint(t, path, "retention_seconds", &log->retention_seconds);
     ReadSize(t, path, "hard_cap", &log->hard_cap_bytes);
@@ -725,6 +727,12 @@ void ValidateLog(LogConfig& log, const fs::path& state_dir, Errors& errors) {
                            FormatSize(log.write_buffer_bytes), FormatSize(log.max_batch_bytes)));
   }
   CheckRange<uint32_t>(errors, "log.max_batch_records", log.max_batch_records, 1, kMaxBatchRecords);
+  if (log.external_payload_min_bytes != 0 &&
+      (log.external_payload_min_bytes <= 16 || log.external_payload_min_bytes > (32ull << 20))) {
+    errors.Add("log.external_payload_min",
+               fmt::format("must be 0 (off) or from 17 bytes to 32 MiB, got {}",
+                           FormatSize(log.external_payload_min_bytes)));
+  }
   if (log.hard_cap_bytes != 0 && log.hard_cap_bytes < log.retention_bytes) {
     errors.Add("log.hard_cap",
                fmt::format("must be >= log.retention_bytes ({}) or 0 (no cap), got {}",

@@ -107,6 +107,10 @@ struct LogConfig {
   // at whichever comes first. Defaults 8 MiB and 4096.
   uint64_t max_batch_bytes = 8ull << 20;
   uint32_t max_batch_records = 4096;
+  // `external_payload_min`: bytes; a record whose payload is at least this big keeps it in a
+  // payload file next to RocksDB, which holds only a reference (docs/log-format.md, "External
+  // payloads"). 0 = every payload in RocksDB. Default 64 KiB; 0 or 17 B to 32 MiB.
+  uint64_t external_payload_min_bytes = 64ull << 10;
   // `retention_bytes` / `retention_seconds`: keep at least this much history even when no one needs
   // it. 0 (default) = none.
   uint64_t retention_bytes = 0;

@@ -138,6 +138,7 @@ state_dir = "{self.state}"
 [log]
 dir = "log"
 checkpoint_interval_ms = {self.args.checkpoint_interval_ms}
+external_payload_min = {self.args.external_payload_min}
 [nbd]
 listen = ["127.0.0.1:{self.port}"]
 [[group]]
@@ -531,6 +532,9 @@ def main():
     p.add_argument("--fua-fraction", type=float, default=0.1)
     p.add_argument("--checkpoint-interval-ms", type=int, default=200,
                    help="short, so crashes land before and after checkpoints")
+    p.add_argument("--external-payload-min", type=int, default=65536,
+                   help="[log] external_payload_min: writes this big keep their payload in a "
+                        "payload file (docs/log-format.md)")
     p.add_argument("--strict-acked", action="store_true",
                    help="also fail if an acknowledged but unflushed write is lost")
     p.add_argument("--keep", action="store_true", help="keep the temp dir on failure")

@@ -1,11 +1,15 @@
 // corrupt_record: flips one byte of a stored group-log record, to test that the agent notices.
 // It writes through RocksDB (the record's bytes change, RocksDB's own checksums stay valid), so
 // what is exercised is tvilling's record checksum, as for damage RocksDB cannot see (a bug, a bad
-// copy).
+// copy). A record whose payload is external (docs/log-format.md, "External payloads") gets the
+// byte flipped in its payload file instead, and the file and offset are printed to stderr.
 //
 // Usage: corrupt_record LOG_DIR GROUP [LSN]   (default LSN: the last record of the group)
 // Prints the LSN it corrupted.
+#include <fcntl.h>
+#include <fmt/format.h>
 #include <rocksdb/db.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <memory>
@@ -51,6 +55,24 @@ int main(int argc, char** argv) {
   if (!db->Get({}, key, &value).ok()) {
     fprintf(stderr, "no record LSN %llu\n", static_cast<unsigned long long>(lsn));
     return 1;
+  }
+  if (IsExternalValue(value)) {
+    const PayloadRef ref = DecodePayloadRef(value);
+    const std::string path = fmt::format("{}/payload/{}/{:020}.pay", argv[1], gid, ref.file_id);
+    const int fd = open(path.c_str(), O_RDWR);
+    char c = 0;
+    if (fd < 0 || pread(fd, &c, 1, static_cast<off_t>(ref.offset)) != 1) {
+      fprintf(stderr, "cannot read %s at offset %llu\n", path.c_str(),
+              static_cast<unsigned long long>(ref.offset));
+      return 1;
+    }
+    c ^= 0x5a;
+    if (pwrite(fd, &c, 1, static_cast<off_t>(ref.offset)) != 1 || fsync(fd) != 0) return 1;
+    close(fd);
+    fprintf(stderr, "flipped the payload byte at %s offset %llu\n", path.c_str(),
+            static_cast<unsigned long long>(ref.offset));
+    printf("%llu\n", static_cast<unsigned long long>(lsn));
+    return 0;
   }
   value[value.size() > kRecordHeaderSize ? kRecordHeaderSize : 20] ^= 0x5a;
   rocksdb::WriteOptions wo;

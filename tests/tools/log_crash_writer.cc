@@ -3,7 +3,8 @@
 // confirms durability. tests/unit/storage/log_crash_test.cc kills it with SIGKILL at random moments
 // and checks that everything it reported durable survived and that the log has no gap.
 //
-// Usage: log_crash_writer DIR SEED
+// Usage: log_crash_writer DIR SEED [EXTERNAL_PAYLOAD_MIN_BYTES]
+// (default 0: every payload in RocksDB; 4096 puts about half of them in payload files)
 #include <unistd.h>
 
 #include <atomic>
@@ -38,8 +39,8 @@ std::string PayloadFor(uint64_t offset, size_t size) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    fprintf(stderr, "usage: %s DIR SEED\n", argv[0]);
+  if (argc != 3 && argc != 4) {
+    fprintf(stderr, "usage: %s DIR SEED [EXTERNAL_PAYLOAD_MIN_BYTES]\n", argv[0]);
     return 2;
   }
   auto store = LogStore::Open({.dir = argv[1], .write_buffer_bytes = 8 << 20});
@@ -47,7 +48,10 @@ int main(int argc, char** argv) {
     fprintf(stderr, "%s\n", std::string(store.status().message()).c_str());
     return 1;
   }
-  auto log = (*store)->OpenGroup("g0", {.max_batch_records = 64});
+  GroupLogOptions options;
+  options.max_batch_records = 64;
+  options.external_payload_min_bytes = argc == 4 ? std::stoull(argv[3]) : 0;
+  auto log = (*store)->OpenGroup("g0", options);
   if (!log.ok()) {
     fprintf(stderr, "%s\n", std::string(log.status().message()).c_str());
     return 1;

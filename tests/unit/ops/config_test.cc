@@ -111,6 +111,7 @@ dir = "/fast/log"
 write_buffer = "64MiB"
 max_batch_bytes = 1048576
 max_batch_records = 100
+external_payload_min = "4KiB"
 retention_bytes = "1GiB"
 retention_seconds = 3600
 hard_cap = "2GiB"
@@ -143,6 +144,7 @@ size = "512 MiB"
   EXPECT_EQ(config->log.write_buffer_bytes, 64ull << 20);
   EXPECT_EQ(config->log.max_batch_bytes, 1048576u);
   EXPECT_EQ(config->log.max_batch_records, 100u);
+  EXPECT_EQ(config->log.external_payload_min_bytes, 4096u);
   EXPECT_EQ(config->log.retention_bytes, 1ull << 30);
   EXPECT_EQ(config->log.retention_seconds, 3600u);
   EXPECT_EQ(config->log.hard_cap_bytes, 2ull << 30);
@@ -662,6 +664,8 @@ TEST(ConfigTest, NbdLimits) {
 // ---- the group-log store ----
 
 TEST(ConfigTest, BatchLimits) {
+  EXPECT_THAT(ErrorOf(Append(kMinimal, "[log]\nexternal_payload_min = 16\n")),
+              HasSubstr("log.external_payload_min: must be 0 (off) or from 17 bytes to 32 MiB"));
   EXPECT_THAT(ErrorOf(Append(kMinimal, "[log]\nmax_batch_records = 0\n")),
               HasSubstr("test.toml:16:1: log.max_batch_records: must be 1..1048576, got 0"));
   EXPECT_THAT(ErrorOf(Append(kMinimal, "[log]\nmax_batch_bytes = 100\n")),
