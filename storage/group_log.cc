@@ -413,38 +413,19 @@ absl::Status GroupLog::Load() {
 absl::StatusOr<uint64_t> GroupLog::CutTornPayloadTail(uint64_t from, uint64_t last,
                                                       bool* checked_any) {
   if (from > last) return last;
-  rocksdb::ReadOptions ro;
-  ro.verify_checksums = true;
-  std::string lower = EncodeLogKey(group_id_, from);
-  std::string upper = EncodeLogKey(group_id_, last == UINT64_MAX ? last : last + 1);
-  rocksdb::Slice lb(lower), ub(upper);
-  ro.iterate_lower_bound = &lb;
-  ro.iterate_upper_bound = &ub;
-  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro));
   std::string buf;
   uint64_t cut_at = 0;
   absl::Status why;
-  for (it->Seek(lower); it->Valid(); it->Next()) {
-    const std::string_view value(it->value().data(), it->value().size());
-    if (!IsExternalValue(value)) continue;
+  const absl::Status scan = ForEachValue(from, last, [&](uint64_t lsn, std::string_view value) {
+    if (!IsExternalValue(value)) return absl::OkStatus();
     *checked_any = true;
-    uint32_t gid = 0;
-    uint64_t lsn = 0;
-    DecodeLogKey(std::string_view(it->key().data(), it->key().size()), &gid, &lsn);
     auto stored = Materialize(lsn, value, buf);
-    if (stored.ok()) {
-      auto rec = DecodeRecord(group_id_, lsn, *stored);
-      if (rec.ok()) continue;
-      why = rec.status();
-    } else {
-      why = stored.status();
-    }
+    why = stored.ok() ? DecodeRecord(group_id_, lsn, *stored).status() : stored.status();
+    if (why.ok()) return absl::OkStatus();
     cut_at = lsn;
-    break;
-  }
-  if (!it->status().ok()) {
-    return FromRocks(it->status(), fmt::format("group {}: checking external payloads", name_));
-  }
+    return absl::CancelledError("the torn tail starts here");  // ends the scan
+  });
+  if (cut_at == 0 && !scan.ok()) return scan;
   if (cut_at == 0) return last;
   // Cut [cut_at, last] like CutBackTo: records, the segments and epochs that begin in the cut.
   rocksdb::WriteBatch wb;
@@ -1145,9 +1126,9 @@ ReplicaMeta GroupLog::replica_meta() const {
   return replica_meta_;
 }
 
-absl::Status GroupLog::ReadRange(
+absl::Status GroupLog::ForEachValue(
     uint64_t from_lsn, uint64_t to_lsn,
-    const std::function<absl::Status(const LogRecordView&)>& fn) const {
+    const std::function<absl::Status(uint64_t lsn, std::string_view value)>& fn) const {
   if (from_lsn > to_lsn) return absl::OkStatus();
   rocksdb::ReadOptions ro;
   ro.verify_checksums = true;
@@ -1158,7 +1139,6 @@ absl::Status GroupLog::ReadRange(
   ro.iterate_upper_bound = &ub;
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro));
   uint64_t expect = from_lsn;
-  std::string buf;  // an external record's header and payload
   for (it->Seek(lower); it->Valid(); it->Next()) {
     uint32_t gid = 0;
     uint64_t lsn = 0;
@@ -1171,12 +1151,10 @@ absl::Status GroupLog::ReadRange(
       return absl::DataLossError(fmt::format(
           "group {}: log record LSN {} is missing (next record is LSN {})", name_, expect, lsn));
     }
-    const std::string_view value(it->value().data(), it->value().size());
-    auto stored = Materialize(lsn, value, buf);
-    if (!stored.ok()) return stored.status();
-    auto rec = DecodeRecord(group_id_, lsn, *stored);
-    if (!rec.ok()) return RecordError(lsn, value, rec.status());
-    if (absl::Status st = fn(*rec); !st.ok()) return st;
+    if (absl::Status st = fn(lsn, std::string_view(it->value().data(), it->value().size()));
+        !st.ok()) {
+      return st;
+    }
     ++expect;
   }
   if (!it->status().ok()) {
@@ -1190,52 +1168,28 @@ absl::Status GroupLog::ReadRange(
   return absl::OkStatus();
 }
 
+absl::Status GroupLog::ReadRange(
+    uint64_t from_lsn, uint64_t to_lsn,
+    const std::function<absl::Status(const LogRecordView&)>& fn) const {
+  std::string buf;  // an external record's header and payload
+  return ForEachValue(from_lsn, to_lsn, [&](uint64_t lsn, std::string_view value) {
+    auto stored = Materialize(lsn, value, buf);
+    if (!stored.ok()) return stored.status();
+    auto rec = DecodeRecord(group_id_, lsn, *stored);
+    if (!rec.ok()) return RecordError(lsn, value, rec.status());
+    return fn(*rec);
+  });
+}
+
 absl::Status GroupLog::ReadHeaders(
     uint64_t from_lsn, uint64_t to_lsn,
     const std::function<absl::Status(uint64_t lsn, const RecordHeader& header)>& fn) const {
-  if (from_lsn > to_lsn) return absl::OkStatus();
-  rocksdb::ReadOptions ro;
-  ro.verify_checksums = true;
-  std::string lower = EncodeLogKey(group_id_, from_lsn);
-  std::string upper = EncodeLogKey(group_id_, to_lsn == UINT64_MAX ? to_lsn : to_lsn + 1);
-  rocksdb::Slice lb(lower), ub(upper);
-  ro.iterate_lower_bound = &lb;
-  ro.iterate_upper_bound = &ub;
-  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro));
-  uint64_t expect = from_lsn;
-  for (it->Seek(lower); it->Valid(); it->Next()) {
-    uint32_t gid = 0;
-    uint64_t lsn = 0;
-    if (!DecodeLogKey(std::string_view(it->key().data(), it->key().size()), &gid, &lsn) ||
-        gid != group_id_) {
-      return absl::DataLossError(
-          fmt::format("group {}: malformed log key near LSN {}", name_, expect));
-    }
-    if (lsn != expect) {
-      return absl::DataLossError(fmt::format(
-          "group {}: log record LSN {} is missing (next record is LSN {})", name_, expect, lsn));
-    }
-    const std::string_view value(it->value().data(), it->value().size());
-    RecordHeader h;
-    if (IsExternalValue(value)) {
-      h = PeekRecordHeader(value);
-    } else {
-      auto rec = DecodeRecord(group_id_, lsn, value);
-      if (!rec.ok()) return RecordError(lsn, value, rec.status());
-      h = rec->header;
-    }
-    if (absl::Status st = fn(lsn, h); !st.ok()) return st;
-    ++expect;
-  }
-  if (!it->status().ok()) {
-    return FromRocks(it->status(),
-                     fmt::format("group {}: reading log record LSN {}", name_, expect));
-  }
-  if (expect <= to_lsn && to_lsn != UINT64_MAX) {
-    return absl::DataLossError(fmt::format(
-        "group {}: log record LSN {} is missing (log should reach LSN {})", name_, expect, to_lsn));
-  }
-  return absl::OkStatus();
+  return ForEachValue(from_lsn, to_lsn, [&](uint64_t lsn, std::string_view value) {
+    if (IsExternalValue(value)) return fn(lsn, PeekRecordHeader(value));
+    auto rec = DecodeRecord(group_id_, lsn, value);
+    if (!rec.ok()) return RecordError(lsn, value, rec.status());
+    return fn(lsn, rec->header);
+  });
 }
 
 absl::Status GroupLog::ReadRaw(

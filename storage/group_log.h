@@ -452,6 +452,12 @@ class GroupLog {
   // queued (else FailedPrecondition naming `what`). REQUIRES: `lock` holds mu_.
   absl::Status WaitIdleLocked(std::unique_lock<std::mutex>& lock, std::string_view what);
   absl::Status ValidateHistory(const std::vector<EpochStart>& history, uint64_t next_lsn) const;
+  // The stored values of [from_lsn, to_lsn] in LSN order (unverified), checking the keys and that
+  // LSNs are dense: a gap or a range that ends early is DataLoss naming the LSN. ReadRange and
+  // ReadHeaders decode what it hands out.
+  absl::Status ForEachValue(
+      uint64_t from_lsn, uint64_t to_lsn,
+      const std::function<absl::Status(uint64_t lsn, std::string_view value)>& fn) const;
   // Makes the log refuse further appends and fails everything queued (callbacks run unlocked).
   void FailQueued(absl::Status status);
   // Runs p's callback (if it has one) with its LSN or `st`.

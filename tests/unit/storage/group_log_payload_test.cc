@@ -15,6 +15,7 @@
 
 #include "storage/group_log.h"
 #include "tests/unit/storage/fault_env.h"
+#include "tests/unit/storage/log_wait.h"
 #include "tests/unit/storage/temp_dir.h"
 
 namespace tvilling::storage {
@@ -38,20 +39,6 @@ AppendRequest WriteReq(uint64_t tag, size_t size, bool sync = false) {
   r.payload = Bytes::Copy(PayloadOf(tag, size));
   r.sync = sync;
   return r;
-}
-
-absl::StatusOr<uint64_t> AppendWait(GroupLog* log, AppendRequest req) {
-  std::promise<absl::StatusOr<uint64_t>> p;
-  auto f = p.get_future();
-  log->Append(std::move(req), [&p](absl::StatusOr<uint64_t> lsn) { p.set_value(lsn); });
-  return f.get();
-}
-
-absl::Status SyncWait(GroupLog* log) {
-  std::promise<absl::Status> p;
-  auto f = p.get_future();
-  log->Sync([&p](absl::Status s) { p.set_value(s); });
-  return f.get();
 }
 
 // Every record's payload, by LSN, through ReadRange.

@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "storage/group_log.h"
+#include "tests/unit/storage/log_wait.h"
 #include "tests/unit/storage/temp_dir.h"
 
 namespace tvilling::storage {
@@ -25,26 +26,12 @@ AppendRequest WriteReq(uint64_t offset, std::string data, bool sync = false) {
   return r;
 }
 
-absl::StatusOr<uint64_t> AppendWait(GroupLog* log, AppendRequest req) {
-  std::promise<absl::StatusOr<uint64_t>> p;
-  auto f = p.get_future();
-  log->Append(std::move(req), [&p](absl::StatusOr<uint64_t> lsn) { p.set_value(lsn); });
-  return f.get();
-}
-
 absl::StatusOr<uint64_t> ReplicateWait(GroupLog* log, uint32_t sender_gid, uint64_t first_lsn,
                                        ShippedRecords records, bool sync = false) {
   std::promise<absl::StatusOr<uint64_t>> p;
   auto f = p.get_future();
   log->AppendReplicated(sender_gid, first_lsn, std::move(records), sync,
                         [&p](absl::StatusOr<uint64_t> lsn) { p.set_value(lsn); });
-  return f.get();
-}
-
-absl::Status SyncWait(GroupLog* log) {
-  std::promise<absl::Status> p;
-  auto f = p.get_future();
-  log->Sync([&p](absl::Status s) { p.set_value(s); });
   return f.get();
 }
 

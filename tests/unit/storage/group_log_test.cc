@@ -11,6 +11,7 @@
 #include <random>
 #include <thread>
 
+#include "tests/unit/storage/log_wait.h"
 #include "tests/unit/storage/temp_dir.h"
 
 namespace tvilling::storage {
@@ -24,21 +25,6 @@ AppendRequest WriteReq(uint64_t offset, std::string data, bool sync = false) {
   r.payload = Bytes::Copy(data);
   r.sync = sync;
   return r;
-}
-
-// Appends and waits for the LSN.
-absl::StatusOr<uint64_t> AppendWait(GroupLog* log, AppendRequest req) {
-  std::promise<absl::StatusOr<uint64_t>> p;
-  auto f = p.get_future();
-  log->Append(std::move(req), [&p](absl::StatusOr<uint64_t> lsn) { p.set_value(lsn); });
-  return f.get();
-}
-
-absl::Status SyncWait(GroupLog* log) {
-  std::promise<absl::Status> p;
-  auto f = p.get_future();
-  log->Sync([&p](absl::Status s) { p.set_value(s); });
-  return f.get();
 }
 
 std::vector<LogRecordView> ReadAll(GroupLog* log, std::vector<std::string>* payloads) {

@@ -12,6 +12,7 @@
 #include "storage/divergent_file.h"
 #include "storage/group_log.h"
 #include "tests/unit/storage/fault_env.h"
+#include "tests/unit/storage/log_wait.h"
 #include "tests/unit/storage/temp_dir.h"
 
 namespace tvilling::storage {
@@ -24,20 +25,6 @@ AppendRequest Write(uint32_t volume, uint64_t offset, std::string data) {
   r.length = static_cast<uint32_t>(data.size());
   r.payload = Bytes::Copy(data);
   return r;
-}
-
-absl::StatusOr<uint64_t> AppendWait(GroupLog* log, AppendRequest req) {
-  std::promise<absl::StatusOr<uint64_t>> p;
-  auto f = p.get_future();
-  log->Append(std::move(req), [&p](absl::StatusOr<uint64_t> lsn) { p.set_value(lsn); });
-  return f.get();
-}
-
-absl::Status SyncWait(GroupLog* log) {
-  std::promise<absl::Status> p;
-  auto f = p.get_future();
-  log->Sync([&p](absl::Status s) { p.set_value(s); });
-  return f.get();
 }
 
 class CutBackTest : public ::testing::Test {
