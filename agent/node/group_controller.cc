@@ -54,17 +54,6 @@ absl::Status GroupController::Start(GroupRole role, bool await_election) {
 }
 
 void GroupController::BecomeReplica() {
-  // A replica ships to nobody: peer positions are a primary's bookkeeping. Left in the log (a
-  // demoted primary's, or one restarted as a replica) they would stop advancing and hold back its
-  // retention for good, so its log would grow until the disk is full. A promotion registers its
-  // peers again (PrimaryReplicator::Start), and each reports its position in its handshake.
-  storage::GroupLog& log = runtime_->log();
-  for (const storage::PeerPosition& p : log.State().peers) {
-    if (absl::Status st = log.RemovePeer(p.peer); !st.ok()) {
-      spdlog::warn("group {}: forgetting peer {}'s position as a replica: {}", name(), p.peer,
-                   Msg(st));
-    }
-  }
   auto r = std::make_unique<ReplicaGroup>(runtime_, options_.replica);
   ReplicaGroup* raw = r.get();
   {

@@ -1222,6 +1222,16 @@ void ReplicaGroup::HandleHello(Session& s, const v1::Hello& hello) {
   }
   spdlog::info("group {}: accepted the stream from {} (epoch {}): {}", log_->name(), s.peer(),
                hello.epoch(), d.reason);
+  // Accepted: the handshake has settled this log against the primary's (a diverged tail is saved
+  // and cut by the rejoin above). Positions of peers this site recorded while it was primary
+  // held that tail in the log until now; nothing advances them on a replica, and kept they would
+  // stop its retention for good (the log of a former primary would grow until the disk is full).
+  for (const storage::PeerPosition& p : log_->State().peers) {
+    if (absl::Status st = log_->RemovePeer(p.peer); !st.ok()) {
+      spdlog::warn("group {}: forgetting peer {}'s position: {}", log_->name(), p.peer,
+                   std::string(st.message()));
+    }
+  }
   s.stream().Send(std::move(out));
   SendAck();
 }

@@ -34,8 +34,9 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from repl_lib import (MIB, TestFailure, assert_identical, log, run_main, u64,  # noqa: E402
-                      wait_caught_up, wait_for)
+from repl_lib import (MIB, TestFailure, assert_identical, free_port, log, run_main,  # noqa: E402
+                      u64, wait_caught_up, wait_for)
+import urllib.request  # noqa: E402
 
 
 def qemu_io(agent, *cmds, export="vol0", read_only=False):
@@ -592,7 +593,49 @@ def rate_limit(c):
     assert_identical(a, [b])
 
 
-SCENARIOS = {f.__name__: f for f in (link_cut, rate_limit,
+def log_first_lsn(agent):
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("tvilling_log_first_lsn{"):
+                return int(float(line.rsplit(" ", 1)[1]))
+    raise TestFailure(f"{agent.site}: no tvilling_log_first_lsn in /metrics")
+
+
+def replica_retention_after_switch(c):
+    """The old primary, demoted, keeps its peers' positions only until the new primary's stream is
+    accepted (they hold its unreplicated tail for the rejoin); after that its log's retention goes
+    on, instead of keeping every record it receives for good."""
+    a, b = pair(c, "async", size="256MiB")
+    for agent in (a, b):
+        agent.metrics_port = free_port()
+        with open(agent.config_path, "a") as f:
+            f.write(f'[metrics]\nlisten = "127.0.0.1:{agent.metrics_port}"\n')
+    b.start()
+    a.start()
+    fio(a, rw="write", bs="1M", size="40M", iodepth=4)
+    wait_caught_up(a, [b])
+
+    def ctl(agent, *args):
+        r = subprocess.run([c.tvillingctl, "--socket", agent.control_socket, *args, "--yes"],
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise TestFailure(f"tvillingctl {' '.join(args)} on {agent.site}: {r.stderr}")
+    ctl(a, "demote", "--group", "g0")
+    ctl(b, "promote", "--group", "g0")
+    wait_for("site-b streaming to site-a", lambda: (b.peer("site-a") or {}).get("link_state")
+             == "streaming", 30, 0.2)
+    switch_lsn = u64(b.group().get("last_lsn"))
+    # Three segments' worth (16 MiB each) through the new primary, then checkpoints at site-a.
+    fio(b, rw="write", bs="1M", size="64M", iodepth=4)
+    wait_caught_up(b, [a])
+    first = wait_for("site-a's log to drop records it received after the switch",
+                     lambda: (lambda f: f if f > switch_lsn + 1 else None)(log_first_lsn(a)),
+                     30, 0.5)
+    log(f"site-a (replica) log starts at LSN {first}, the switch was at LSN {switch_lsn}")
+    assert_identical(b, [a])
+
+
+SCENARIOS = {f.__name__: f for f in (link_cut, rate_limit, replica_retention_after_switch,
     two_sites_sync, three_sites, sync_waits_for_peer, replica_kill9, full_copy_new_replica,
     behind_retention, reconnect_after_copy, refuse_wrong_ca, refuse_expired_cert, refuse_other_tenant,
     refuse_stale_epoch, refuse_diverged, refuse_malformed_batch, refuse_oversized_message,
