@@ -366,23 +366,13 @@ absl::Status GroupLog::Load() {
   // A truncation inside the open segment (TruncateBefore at any LSN) leaves records whose payloads
   // are in the file of the segment's true first LSN, below open_from: the segment keeps that id,
   // so its file is neither removed below nor replaced by a new one for the segment's next records.
-  {
-    rocksdb::ReadOptions sro;
-    std::string slo = EncodeLogKey(group_id_, open_from);
-    std::string shi = EncodeLogKey(group_id_, last == UINT64_MAX ? last : last + 1);
-    rocksdb::Slice sl(slo), sh(shi);
-    sro.iterate_lower_bound = &sl;
-    sro.iterate_upper_bound = &sh;
-    std::unique_ptr<rocksdb::Iterator> sit(db_->NewIterator(sro));
-    for (sit->Seek(slo); sit->Valid(); sit->Next()) {
-      const std::string_view value(sit->value().data(), sit->value().size());
-      if (IsExternalValue(value)) {
+  const absl::Status first_ref =
+      ForEachValue(open_from, last, [&](uint64_t, std::string_view value) {
+        if (!IsExternalValue(value)) return absl::OkStatus();
         open->first_lsn = std::min(open->first_lsn, DecodePayloadRef(value).file_id);
-        break;  // file ids grow with LSNs
-      }
-    }
-    if (!sit->status().ok()) return FromRocks(sit->status(), ctx);
-  }
+        return absl::CancelledError("found");  // file ids grow with LSNs: the first is the least
+      });
+  if (!first_ref.ok() && !absl::IsCancelled(first_ref)) return first_ref;
   segments_.push_back(*open);
   // Payload files of no segment held (truncated, cut, or written after the last record that
   // survived) go; the rest is made durable with the WAL that LogStore::Open synced, so durable_lsn
