@@ -123,6 +123,23 @@ absl::Status FromRocks(const rocksdb::Status& s, std::string_view context) {
   return absl::InternalError(msg);
 }
 
+// Makes `call`, one RocksDB call that writes (kWrite) or syncs (kSync) the WAL, through the store's
+// gate (StoreHealth), or returns the store's earlier failure without making it.
+template <class Fn>
+rocksdb::Status GatedWal(StoreHealth* health, StoreHealth::Call kind, Fn&& call) {
+  if (absl::Status h = health->Enter(kind); !h.ok()) {
+    // Keeps the first failure's kind (FromRocks maps these back to the same codes).
+    const std::string msg =
+        fmt::format("the log store failed earlier: {}", std::string(h.message()));
+    if (h.code() == absl::StatusCode::kResourceExhausted) return rocksdb::Status::NoSpace(msg);
+    if (h.code() == absl::StatusCode::kDataLoss) return rocksdb::Status::Corruption(msg);
+    return rocksdb::Status::IOError(msg);
+  }
+  rocksdb::Status s = call();
+  health->Leave(kind, s.ok());
+  return s;
+}
+
 // Visits every key with `prefix`, in order.
 absl::Status ScanPrefix(
     rocksdb::DB* db, const std::string& prefix,
@@ -215,8 +232,12 @@ absl::StatusOr<GroupLog*> LogStore::OpenGroup(const std::string& group,
     value.assign(reinterpret_cast<const char*>(&gid), 4);
     rocksdb::WriteOptions wo;
     wo.sync = true;
-    s = db_->Put(wo, reg_key, value);
-    if (!s.ok()) return FromRocks(s, fmt::format("registering group {}", group));
+    s = GatedWal(&health_, StoreHealth::Call::kWrite, [&] { return db_->Put(wo, reg_key, value); });
+    if (!s.ok()) {
+      absl::Status failed = FromRocks(s, fmt::format("registering group {}", group));
+      health_.Fail(failed);
+      return failed;
+    }
   } else {
     return FromRocks(s.ok() ? rocksdb::Status::Corruption("bad group id") : s,
                      fmt::format("looking up group {}", group));
@@ -387,8 +408,13 @@ absl::Status GroupLog::Load() {
     if (absl::Status ps = payloads_->SyncAll(); !ps.ok()) return ps;
     rocksdb::WriteOptions wo;
     wo.sync = true;
-    s = db_->Put(wo, MetaKey(group_id_, 'y'), U64s({last}));
-    if (!s.ok()) return FromRocks(s, fmt::format("{}: writing the payload sync mark", ctx));
+    s = GatedWal(health_, StoreHealth::Call::kWrite,
+                 [&] { return db_->Put(wo, MetaKey(group_id_, 'y'), U64s({last})); });
+    if (!s.ok()) {
+      absl::Status failed = FromRocks(s, fmt::format("{}: writing the payload sync mark", ctx));
+      health_->Fail(failed);
+      return failed;
+    }
     payload_mark_ = last;
   }
   payload_synced_lsn_ = payload_mark_;
@@ -432,9 +458,13 @@ absl::StatusOr<uint64_t> GroupLog::CutTornPayloadTail(uint64_t from, uint64_t la
   wb.Put(MetaKey(group_id_, 'f'), U64s({first_lsn_}));
   rocksdb::WriteOptions wo;
   wo.sync = true;
-  rocksdb::Status s = db_->Write(wo, &wb);
+  rocksdb::Status s =
+      GatedWal(health_, StoreHealth::Call::kWrite, [&] { return db_->Write(wo, &wb); });
   if (!s.ok()) {
-    return FromRocks(s, fmt::format("group {}: cutting the torn tail at LSN {}", name_, cut_at));
+    absl::Status st =
+        FromRocks(s, fmt::format("group {}: cutting the torn tail at LSN {}", name_, cut_at));
+    health_->Fail(st);
+    return st;
   }
   spdlog::warn(
       "group {}: records LSN {}..{} were cut from the log at open: the payload of LSN {} does not "
@@ -675,12 +705,13 @@ absl::Status GroupLog::SyncPayloads() {
   uint64_t mark = 0;
   absl::Status st = SyncPayloadFilesLocked(&mark);
   if (st.ok() && mark != 0) {
-    st = health_->status();
-    if (st.ok()) {
-      st = FromRocks(db_->Put(rocksdb::WriteOptions(), MetaKey(group_id_, 'y'), U64s({mark})),
-                     fmt::format("group {}: writing the payload sync mark", name_));
-      if (!st.ok()) health_->Fail(st);  // RocksDB takes no write after a failed one
-    }
+    st = FromRocks(GatedWal(health_, StoreHealth::Call::kWrite,
+                            [&] {
+                              return db_->Put(rocksdb::WriteOptions(), MetaKey(group_id_, 'y'),
+                                              U64s({mark}));
+                            }),
+                   fmt::format("group {}: writing the payload sync mark", name_));
+    if (!st.ok()) health_->Fail(st);
     if (st.ok()) payload_mark_ = mark;
   }
   return st;
@@ -698,7 +729,8 @@ absl::Status GroupLog::SyncWritten(uint64_t target) {
     FailQueued(st);
     return st;
   }
-  rocksdb::Status s = db_->FlushWAL(/*sync=*/true);
+  rocksdb::Status s =
+      GatedWal(health_, StoreHealth::Call::kSync, [&] { return db_->FlushWAL(/*sync=*/true); });
   fsync_latency_.RecordSince(started);
   if (!s.ok()) {
     absl::Status st = FromRocks(s, fmt::format("group {}: syncing log at LSN {}", name_, target));
@@ -940,9 +972,12 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
       st = SyncPayloadFilesLocked(&mark);
       if (mark != 0) wb.Put(MetaKey(group_id_, 'y'), U64s({mark}));
     }
-    const rocksdb::Status s = !st.ok()         ? rocksdb::Status::IOError(std::string(st.message()))
-                              : wb.Count() > 0 ? db_->Write(wo, &wb)
-                                               : db_->FlushWAL(/*sync=*/true);
+    const rocksdb::Status s =
+        !st.ok() ? rocksdb::Status::IOError(std::string(st.message()))
+        : wb.Count() > 0
+            ? GatedWal(health_, StoreHealth::Call::kWrite, [&] { return db_->Write(wo, &wb); })
+            : GatedWal(health_, StoreHealth::Call::kSync,
+                       [&] { return db_->FlushWAL(/*sync=*/true); });
     if (s.ok() && mark != 0) payload_mark_ = mark;
     if (payload_lock.owns_lock()) payload_lock.unlock();
     if (sync_here) fsync_latency_.RecordSince(started);
@@ -1331,18 +1366,22 @@ absl::Status GroupLog::SetPeerPosition(const PeerPosition& position) {
 absl::Status GroupLog::RemovePeer(const std::string& peer) {
   std::lock_guard lock(mu_);
   if (peers_.erase(peer) == 0) return absl::OkStatus();
-  if (absl::Status h = health_->status(); !h.ok()) return h;
-  rocksdb::Status s = db_->Delete(rocksdb::WriteOptions(), MetaKey(group_id_, 'p', peer));
-  return FromRocks(s, fmt::format("group {}: removing peer {}", name_, peer));
+  rocksdb::Status s = GatedWal(health_, StoreHealth::Call::kWrite, [&] {
+    return db_->Delete(rocksdb::WriteOptions(), MetaKey(group_id_, 'p', peer));
+  });
+  absl::Status st = FromRocks(s, fmt::format("group {}: removing peer {}", name_, peer));
+  if (!st.ok()) health_->Fail(st);
+  return st;
 }
 
 absl::Status GroupLog::SetReplicaMeta(const ReplicaMeta& meta) {
   // Serialised so two callers' writes land in the order of their in-memory updates.
   std::lock_guard write_lock(replica_meta_write_mu_);
-  if (absl::Status h = health_->status(); !h.ok()) return h;
   rocksdb::WriteOptions wo;
   wo.sync = true;
-  rocksdb::Status s = db_->Put(wo, MetaKey(group_id_, 'r'), EncodeReplicaMeta(meta));
+  rocksdb::Status s = GatedWal(health_, StoreHealth::Call::kWrite, [&] {
+    return db_->Put(wo, MetaKey(group_id_, 'r'), EncodeReplicaMeta(meta));
+  });
   if (!s.ok()) {
     absl::Status st = FromRocks(s, fmt::format("group {}: writing replica metadata", name_));
     health_->Fail(st);
@@ -1448,7 +1487,8 @@ absl::Status GroupLog::CutBackTo(uint64_t fork_lsn, uint64_t expected_last_lsn,
   (void)WriteMetaLocked(&wb);  // the applied LSN (and peers) with the cut
   rocksdb::WriteOptions wo;
   wo.sync = true;
-  rocksdb::Status s = db_->Write(wo, &wb);
+  rocksdb::Status s =
+      GatedWal(health_, StoreHealth::Call::kWrite, [&] { return db_->Write(wo, &wb); });
   if (!s.ok()) {
     applied_lsn_ = old_applied;
     absl::Status st =
@@ -1512,7 +1552,8 @@ absl::Status GroupLog::ResetForCopy(uint64_t log_start_lsn, std::vector<EpochSta
   (void)WriteMetaLocked(&wb);  // the applied LSN (and peers) with the reset
   rocksdb::WriteOptions wo;
   wo.sync = true;
-  rocksdb::Status s = db_->Write(wo, &wb);
+  rocksdb::Status s =
+      GatedWal(health_, StoreHealth::Call::kWrite, [&] { return db_->Write(wo, &wb); });
   if (!s.ok()) {
     applied_lsn_ = old_applied;
     absl::Status st = FromRocks(
@@ -1603,8 +1644,8 @@ absl::Status GroupLog::TruncateBefore(uint64_t lsn) {
   // The applied LSN goes with the truncation, so the log never starts above an older checkpoint.
   (void)WriteMetaLocked(&wb);
   meta_dirty_ = false;
-  if (absl::Status h = health_->status(); !h.ok()) return h;
-  rocksdb::Status s = db_->Write(rocksdb::WriteOptions(), &wb);
+  rocksdb::Status s = GatedWal(health_, StoreHealth::Call::kWrite,
+                               [&] { return db_->Write(rocksdb::WriteOptions(), &wb); });
   if (!s.ok()) {
     absl::Status st = FromRocks(s, fmt::format("group {}: truncating below LSN {}", name_, lsn));
     health_->Fail(st);

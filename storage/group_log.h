@@ -51,23 +51,78 @@ namespace tvilling::storage {
 class GroupLog;
 struct GroupLogOptions;
 
-// The first write error of a RocksDB instance. RocksDB refuses (and, in Debian's build with
-// assertions on, aborts on) WAL writes and syncs after a failed one, so once any group's write
-// fails, no group of the store writes or syncs again until the agent restarts.
+// The first write error of a RocksDB instance, and the gate every call that writes or syncs its
+// WAL goes through. RocksDB refuses (and Debian's build, which keeps its assertions, aborts on) a
+// WAL sync that starts after a write to the same WAL failed (WritableFileWriter::
+// SyncWithoutFlush), and a failure is known only when the failing call returns. So a sync starts
+// only while no write is in flight, a write waits while a sync waits (a stream of writes from
+// several groups cannot starve the syncs), and nothing starts once a call failed. A write may
+// overlap a running sync: RocksDB supports that, and it is what lets the committer write the next
+// batch while the syncer fsyncs this one. Once any group's WAL call fails, no group of the store
+// writes or syncs again until the agent restarts.
 class StoreHealth {
  public:
+  enum class Call { kWrite, kSync };
+
+  // OK, or the first failure: the one a caller reported with Fail(), else that a WAL call failed
+  // (between its return and its caller's Fail()).
   absl::Status status() const {
     std::lock_guard lock(mu_);
-    return failed_;
+    return StatusLocked();
   }
   void Fail(const absl::Status& s) {
+    {
+      std::lock_guard lock(mu_);
+      if (failed_.ok()) failed_ = s;
+      call_failed_ = true;
+    }
+    cv_.notify_all();
+  }
+
+  // Before a WAL call: OK, and then Leave() is due after the call; or the earlier failure, and
+  // the call must not be made. A kSync waits for the writes in flight; a kWrite waits while a
+  // kSync does.
+  absl::Status Enter(Call call) {
+    std::unique_lock lock(mu_);
+    if (call == Call::kWrite) {
+      cv_.wait(lock, [&] { return syncs_waiting_ == 0 || call_failed_; });
+      if (call_failed_) return StatusLocked();
+      ++writes_;
+      return absl::OkStatus();
+    }
+    ++syncs_waiting_;
+    cv_.wait(lock, [&] { return writes_ == 0 || call_failed_; });
+    --syncs_waiting_;
+    absl::Status st = StatusLocked();
+    lock.unlock();
+    cv_.notify_all();  // writes held back for this sync may go on
+    return st;
+  }
+  int syncs_waiting() const {
     std::lock_guard lock(mu_);
-    if (failed_.ok()) failed_ = s;
+    return syncs_waiting_;
+  }
+  void Leave(Call call, bool ok) {
+    {
+      std::lock_guard lock(mu_);
+      if (call == Call::kWrite) --writes_;
+      if (!ok) call_failed_ = true;
+    }
+    cv_.notify_all();
   }
 
  private:
+  absl::Status StatusLocked() const {
+    if (!failed_.ok() || !call_failed_) return failed_;
+    return absl::InternalError("a write or sync of the log store failed");
+  }
+
   mutable std::mutex mu_;
+  std::condition_variable cv_;
   absl::Status failed_;
+  bool call_failed_ = false;
+  int writes_ = 0;         // WAL writes in flight
+  int syncs_waiting_ = 0;  // syncs waiting for them to finish
 };
 
 struct LogStoreOptions {

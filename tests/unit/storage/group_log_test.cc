@@ -363,5 +363,75 @@ TEST_F(GroupLogTest, AppendAfterStopFails) {
   EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
 }
 
+// The WAL gate: a sync never starts while a write is in flight, so a write that fails is never
+// followed by a sync of the same WAL (which Debian's RocksDB aborts on), and nothing starts after a
+// failure. `Returned` polls whether a thread got past Enter within a generous time.
+bool Returned(const std::atomic<bool>& flag, int ms = 200) {
+  for (int i = 0; i < ms; ++i) {
+    if (flag.load()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return flag.load();
+}
+
+TEST(StoreHealthTest, SyncWaitsForWritesAndNeverStartsAfterAFailedOne) {
+  using Call = StoreHealth::Call;
+  StoreHealth h;
+  ASSERT_TRUE(h.Enter(Call::kWrite).ok());
+  std::atomic<bool> sync_returned{false};
+  absl::Status sync_status;
+  std::thread sync([&] {
+    sync_status = h.Enter(Call::kSync);
+    sync_returned = true;
+  });
+  EXPECT_FALSE(Returned(sync_returned, 100)) << "a sync started while a write was in flight";
+  h.Leave(Call::kWrite, /*ok=*/false);
+  ASSERT_TRUE(Returned(sync_returned));
+  sync.join();
+  EXPECT_FALSE(sync_status.ok()) << "a sync started after a write failed";
+  EXPECT_FALSE(h.status().ok());
+  EXPECT_FALSE(h.Enter(Call::kWrite).ok());
+  EXPECT_FALSE(h.Enter(Call::kSync).ok());
+  // The caller's account of the failure, with its context, is what status() reports.
+  h.Fail(absl::InternalError("group g0: writing log at LSN 7: IO error"));
+  EXPECT_EQ(h.status().message(), "group g0: writing log at LSN 7: IO error");
+}
+
+TEST(StoreHealthTest, WritesWaitForAWaitingSyncAndMayOverlapARunningOne) {
+  using Call = StoreHealth::Call;
+  StoreHealth h;
+  ASSERT_TRUE(h.Enter(Call::kWrite).ok());  // write 1 in flight
+  std::atomic<bool> sync_returned{false}, write2_returned{false};
+  std::atomic<bool> write2_before_sync{false};
+  std::thread sync([&] {
+    EXPECT_TRUE(h.Enter(Call::kSync).ok());
+    sync_returned = true;
+  });
+  // Once the sync waits, a second write comes: it must not overtake the sync.
+  while (h.syncs_waiting() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  std::thread write2([&] {
+    EXPECT_TRUE(h.Enter(Call::kWrite).ok());
+    if (!sync_returned.load()) write2_before_sync = true;
+    write2_returned = true;
+  });
+  EXPECT_FALSE(Returned(write2_returned, 100)) << "a write overtook a waiting sync";
+  EXPECT_FALSE(sync_returned.load());
+  h.Leave(Call::kWrite, /*ok=*/true);  // write 1 done: the sync starts, then write 2
+  ASSERT_TRUE(Returned(sync_returned));
+  ASSERT_TRUE(Returned(write2_returned));
+  sync.join();
+  write2.join();
+  EXPECT_FALSE(write2_before_sync.load());
+  // Write 2 runs while the sync runs (the committer writes the next batch during an fsync).
+  h.Leave(Call::kWrite, /*ok=*/true);
+  h.Leave(Call::kSync, /*ok=*/true);
+  EXPECT_TRUE(h.status().ok());
+  ASSERT_TRUE(h.Enter(Call::kSync).ok());
+  ASSERT_TRUE(h.Enter(Call::kWrite).ok()) << "a write must not wait for a running sync";
+  h.Leave(Call::kWrite, true);
+  h.Leave(Call::kSync, /*ok=*/false);  // a failed sync stops later writes
+  EXPECT_FALSE(h.Enter(Call::kWrite).ok());
+}
+
 }  // namespace
 }  // namespace tvilling::storage
