@@ -496,6 +496,10 @@ struct PrimaryGroup::Impl {
     if (unsent_bytes >= p.options.max_batch_bytes ||
         unsent_records >= std::max<uint32_t>(p.options.max_batch_records, 1))
       return Due::kNow;
+    // A sync peer's writes wait for it: holding them to fill a batch adds the wait to every
+    // write's latency (at queue depth 16 on a 20 ms link, -9 % IOPS). What the committer wrote
+    // together still goes together; only the timer is skipped.
+    if (p.options.mode == Mode::kSync && !p.degraded) return Due::kNow;
     const Rec* oldest = RecAt(p.next_lsn);
     if (oldest == nullptr) return Due::kNow;  // pruned: let the shipper find out it is gone
     const Nanos due = oldest->appended_at + p.options.max_batch_delay;

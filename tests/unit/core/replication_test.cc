@@ -525,6 +525,27 @@ TEST(PrimaryGroup, SendsAtOnceWhenIdleThenCoalesces) {
   EXPECT_TRUE(g.NextSend("p", 13 * kMs));
 }
 
+TEST(PrimaryGroup, ASyncPeerIsNotHeldToCoalesceUnlessDegraded) {
+  PrimaryGroup g;
+  g.AddPeer("p", Opts(Mode::kSync, /*degrade_after=*/50 * kMs), {}, 0);
+  Stream(g, "p", 1, 0);
+  Append(g, 1, 1, 100, 0);
+  ASSERT_TRUE(g.NextSend("p", 0));
+  g.OnSent("p", 1, 1, 100, 0);
+  // In flight, and a write waits for this peer: it goes at once, no coalescing timer.
+  Append(g, 2, 2, 100, 1 * kMs);
+  std::optional<SendPlan> plan = g.NextSend("p", 1 * kMs);
+  ASSERT_TRUE(plan);
+  EXPECT_EQ(plan->from_lsn, 2u);
+  g.OnSent("p", 2, 2, 100, 1 * kMs);
+  // Degraded (it held writes back for 50 ms), it is batched like an async peer.
+  g.OnTick(60 * kMs);
+  ASSERT_TRUE(StatusOf(g, "p", 60 * kMs).degraded);
+  Append(g, 3, 3, 100, 60 * kMs);
+  EXPECT_EQ(g.NextSend("p", 60 * kMs), std::nullopt);
+  EXPECT_TRUE(g.NextSend("p", 61 * kMs));
+}
+
 TEST(PrimaryGroup, CoalescesOnRecordCount) {
   PrimaryGroup g;
   SenderOptions o = Opts(Mode::kAsync);
