@@ -47,7 +47,7 @@ def sh(*cmd, check=True, timeout=60, capture=True):
 
 
 class Lab:
-    def __init__(self, wanemu, tag, net_index=0, sites=2):
+    def __init__(self, wanemu, tag, net_index=0, sites=2, congestion_control="cubic"):
         if sites not in (2, 3):
             raise ValueError(f"Lab: sites must be 2 or 3, not {sites}")
         self.wanemu_bin = wanemu
@@ -61,11 +61,21 @@ class Lab:
         self.procs = []  # other servers started in the namespaces (iperf3, nbdkit, ...)
         self.profile = None
         self.sysctls = {}
-        for ns in self.ns:
-            sh("ip", "netns", "del", ns, check=False)  # left over by a killed run
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        self._tune_tcp()
+        self.host_sysctls = {}  # host values changed, restored by close()
+        # cubic, Linux's default, unless asked otherwise. Not bbr: BBR (v1) drops its window to 4
+        # packets for 200 ms every 10 s without a new minimum RTT (PROBE_RTT), which an
+        # application-limited replication stream does not refresh: a ~230 ms lag spike every 10-30 s
+        # on `regional` (docs/benchmarks.md, "Congestion control and the shared disk").
+        self.congestion_control = congestion_control
+        try:
+            for ns in self.ns:
+                sh("ip", "netns", "del", ns, check=False)  # left over by a killed run
+                sh("ip", "netns", "add", ns)
+                sh("ip", "-n", ns, "link", "set", "lo", "up")
+            self._tune_tcp()
+        except BaseException:
+            self.close()
+            raise
 
     # --- links ---
 
@@ -76,15 +86,19 @@ class Lab:
             for key, val in (("net.ipv4.tcp_rmem", f"4096 131072 {big}"),
                              ("net.ipv4.tcp_wmem", f"4096 16384 {big}")):
                 sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"{key}={val}")
-            cc = "bbr" if "bbr" in sh("ip", "netns", "exec", ns, "sysctl", "-n",
-                                      "net.ipv4.tcp_available_congestion_control").stdout else "cubic"
+            # A namespace may only pick an algorithm the host allows.
+            cc = self.congestion_control
+            key = "net.ipv4.tcp_allowed_congestion_control"
+            allowed = sh("sysctl", "-n", key).stdout.split()
+            if cc not in allowed:
+                self.host_sysctls.setdefault(key, " ".join(allowed))
+                sh("sysctl", "-q", "-w", f"{key}={' '.join(allowed + [cc])}")
             sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w",
                f"net.ipv4.tcp_congestion_control={cc}")
         # The socket buffer caps of net.core are not per namespace on every kernel: set them where
         # the namespace has them, else on the host, and record what is in force.
         # (sysctl exits 0 even when the namespace refuses the key: read the value back.) The host
         # values are restored by close().
-        self.host_sysctls = {}
         for key in ("net.core.rmem_max", "net.core.wmem_max"):
             sh("ip", "netns", "exec", self.ns[0], "sysctl", "-q", "-w", f"{key}={big}",
                check=False)
@@ -238,6 +252,29 @@ class Lab:
             rtts.append(float(m.group(1)))
         rtts.sort()
         return {"p50": statistics.median(rtts), "min": rtts[0], "max": rtts[-1]}
+
+    # The TCP counters of a site's namespace (what a run cost in retransmissions and timeouts) and
+    # the drops of its shaper: where a lag spike of ~200 ms comes from (a retransmission timeout).
+    TCP_COUNTERS = ("TcpRetransSegs", "TcpExtTCPTimeouts", "TcpExtTCPLossProbes",
+                    "TcpExtTCPFastRetrans", "TcpExtTCPSpuriousRTOs")
+
+    def net_counters(self, side=0):
+        out = {}
+        r = sh("ip", "netns", "exec", self.ns[side], "nstat", "-saz", check=False)
+        for line in r.stdout.splitlines():
+            f = line.split()
+            if len(f) >= 2 and f[0] in self.TCP_COUNTERS:
+                out[f[0]] = int(f[1])
+        devs = getattr(self, "devs", None) or self.dev
+        r = sh("ip", "netns", "exec", self.ns[side], "tc", "-s", "qdisc", "show", "dev",
+               devs[side], check=False)
+        m = re.search(r"dropped (\d+)", r.stdout)
+        out["qdisc_dropped"] = int(m.group(1)) if m else 0
+        return out
+
+    @staticmethod
+    def counters_delta(before, after):
+        return {k: after.get(k, 0) - before.get(k, 0) for k in after}
 
     def iperf3(self, seconds=5, streams=1):
         """Single-stream (or -P streams) TCP goodput from site A to site B, bytes per second."""

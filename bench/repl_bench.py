@@ -21,9 +21,11 @@ machine is shared and noisy.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -87,6 +89,14 @@ class Setup:
 
     def _start(self, args, kind, mode, tls):
         self.a = self.c.agent("site-a")
+        if args.primary_state_parent:
+            # Site A's state (log, volume, sockets) elsewhere, e.g. on a tmpfs: on one machine
+            # the two "sites" otherwise share a disk, which two real sites never do.
+            self.a.state_dir = tempfile.mkdtemp(prefix="site-a.", dir=args.primary_state_parent)
+            self.a.nbd_socket = os.path.join(self.a.state_dir, "nbd.sock")
+            self.a.control_socket = os.path.join(self.a.state_dir, "tvillingd.sock")
+            os.makedirs(os.path.join(self.a.state_dir, "volumes"))
+            self.c.on_exit(lambda d=self.a.state_dir: shutil.rmtree(d, ignore_errors=True))
         self.a.test_tuning = args.test_tuning
         self.a.extra_log = "\n".join(args.log_option)
         self.b = None
@@ -113,7 +123,7 @@ class Setup:
 
 
 def bench_throughput(args, reps):
-    size = "256M" if args.quick else "2G"
+    size = "128M" if args.quick else "2G"
     single, ingest, repl, cost = [], [], [], []
     for _ in range(reps):
         s = Setup(args, "single")
@@ -155,7 +165,7 @@ def bench_throughput(args, reps):
 
 
 def bench_sync_latency(args, reps):
-    runtime = 5 if args.quick else 10
+    runtime = 3 if args.quick else 10
     res = {"single": [], "sync": [], "sync_tls": []}
     for _ in range(reps):
         for name, kind, tls in (("single", "single", True), ("sync", "pair", False),
@@ -176,13 +186,14 @@ def bench_sync_latency(args, reps):
 
 
 def bench_lag(args, max_bw):
-    runtime = args.lag_runtime or (8 if args.quick else 30)
+    runtime = args.lag_runtime or (5 if args.quick else 30)
     rate = int(args.lag_rate * 2**20) if args.lag_rate else int(max_bw / 2)
+    region = "128M" if args.quick else LAG_REGION
     s = Setup(args, "pair", "async", tls=True)
     # Write the region once first: a fresh sparse volume allocates blocks on every write, and
     # ext4 (data=ordered) then makes each log fsync wait for that data too. A deployed volume is a
     # block device or a file written before; the measured run overwrites, as it would there.
-    run_fio(s.a.uri(), "write", "1m", 4, size=LAG_REGION)
+    run_fio(s.a.uri(), "write", "1m", 4, size=region)
     wait_caught_up(s.a, [s.b], timeout_s=600)
     samples = []
     # One tvillingctl reporting every 10 ms over one connection (JSON Lines).
@@ -205,7 +216,7 @@ def bench_lag(args, max_bw):
         t.start()
         time.sleep(0.5)
         skip = len(samples)  # only samples taken while fio runs
-        run_fio(s.a.uri(), "write", "64k", 8, runtime=runtime, rate=f"{rate}", region=LAG_REGION)
+        run_fio(s.a.uri(), "write", "64k", 8, runtime=runtime, rate=f"{rate}", region=region)
         stop_at = len(samples)
     finally:
         watch.terminate()
@@ -241,7 +252,10 @@ def main():
                     help="a line for both agents' [log] table, e.g. 'checkpoint_chunk = 0' "
                     "(repeatable)")
     ap.add_argument("--lag-runtime", type=int, metavar="S",
-                    help="seconds of load for the lag figure (default 30, --quick 8)")
+                    help="seconds of load for the lag figure (default 30, --quick 5)")
+    ap.add_argument("--primary-state-parent", metavar="DIR",
+                    help="keep site A's state (log and volume) in a new directory under DIR, e.g. "
+                    "/dev/shm, instead of beside site B's on the same disk")
     ap.add_argument("--test-tuning", action="store_true",
                     help="the integration tests' settings (checkpoints every 200 ms, 200 us batch "
                     "delay) instead of the product's defaults")

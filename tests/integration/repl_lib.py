@@ -75,6 +75,7 @@ class Agent:
         self.ca = "ca.pem"
         self.tls = True
         self.extra_log = ""
+        self.extra_replication = ""  # more lines for [replication] (benchmarks' experiments)
         # Test settings: frequent checkpoints and short batching delays exercise those paths in a
         # short test. Benchmarks set this to False to run the product's defaults.
         self.test_tuning = True
@@ -100,6 +101,7 @@ class Agent:
             "[replication]",
             f'listen = "{self.host}:{self.repl_port}"',
             "max_batch_delay_us = 200" if self.test_tuning else "",
+            self.extra_replication,
             "[control]",
             f'unix_socket = "{self.control_socket}"',
         ]
