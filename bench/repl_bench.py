@@ -21,11 +21,9 @@ machine is shared and noisy.
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -92,11 +90,7 @@ class Setup:
         if args.primary_state_parent:
             # Site A's state (log, volume, sockets) elsewhere, e.g. on a tmpfs: on one machine
             # the two "sites" otherwise share a disk, which two real sites never do.
-            self.a.state_dir = tempfile.mkdtemp(prefix="site-a.", dir=args.primary_state_parent)
-            self.a.nbd_socket = os.path.join(self.a.state_dir, "nbd.sock")
-            self.a.control_socket = os.path.join(self.a.state_dir, "tvillingd.sock")
-            os.makedirs(os.path.join(self.a.state_dir, "volumes"))
-            self.c.on_exit(lambda d=self.a.state_dir: shutil.rmtree(d, ignore_errors=True))
+            self.a.move_state_under(args.primary_state_parent)
         self.a.test_tuning = args.test_tuning
         self.a.extra_log = "\n".join(args.log_option)
         self.b = None

@@ -80,6 +80,16 @@ class Agent:
         # short test. Benchmarks set this to False to run the product's defaults.
         self.test_tuning = True
 
+    def move_state_under(self, parent):
+        """Keeps this agent's state (log, volumes, sockets) in a new directory under `parent`
+        (e.g. a tmpfs) instead of the cluster's temp dir; removed when the cluster closes. Call
+        before write_config."""
+        self.state_dir = tempfile.mkdtemp(prefix=f"{self.site}.", dir=parent)
+        os.makedirs(os.path.join(self.state_dir, "volumes"))
+        self.nbd_socket = os.path.join(self.state_dir, "nbd.sock")
+        self.control_socket = os.path.join(self.state_dir, "tvillingd.sock")
+        self.cluster.on_exit(lambda d=self.state_dir: shutil.rmtree(d, ignore_errors=True))
+
     @property
     def address(self):
         return f"{self.host}:{self.repl_port}"
