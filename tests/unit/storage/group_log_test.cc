@@ -411,7 +411,8 @@ TEST(StoreHealthTest, WritesWaitForAWaitingSyncAndMayOverlapARunningOne) {
   while (h.syncs_waiting() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   std::thread write2([&] {
     EXPECT_TRUE(h.Enter(Call::kWrite).ok());
-    if (!sync_returned.load()) write2_before_sync = true;
+    // The sync must have left its wait (it may not have returned to its thread yet).
+    if (h.syncs_waiting() != 0) write2_before_sync = true;
     write2_returned = true;
   });
   EXPECT_FALSE(Returned(write2_returned, 100)) << "a write overtook a waiting sync";
