@@ -54,7 +54,7 @@ fi
 
 if [ "${1:-}" != --no-build ]; then
   ./deploy/install-deps.sh
-  cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+  cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_UNITY_BUILD=ON >/dev/null
   cmake --build "$BUILD" -j "$(nproc)" --target tvillingd tvillingctl
 fi
 

@@ -4,7 +4,9 @@
 #   2. a RelWithDebInfo build and every ctest (unit, integration with real NBD clients, crash, bench smoke)
 #   3. the unit tests again under ASan+UBSan
 #   4. the NBD fuzzer (clang, libFuzzer) for a bounded time
-# Build trees: build/ (main), build-asan/, build-fuzz/. Exit status: non-zero if anything failed.
+# Build trees: build/ (main), build-asan/, build-fuzz/. The first two are unity builds (CMake batches
+# each target's sources: about a third less compile time on two cores). Exit status: non-zero if
+# anything failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -15,7 +17,7 @@ JOBS=${JOBS:-$(nproc)}
 step() { printf '\n=== %s\n' "$*"; }
 
 step "build (RelWithDebInfo)"
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_UNITY_BUILD=ON >/dev/null
 cmake --build build -j "$JOBS"
 
 step "tests: unit, integration, crash, bench smoke"
@@ -23,7 +25,7 @@ step "tests: unit, integration, crash, bench smoke"
 
 step "build with ASan+UBSan (unit tests)"
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DTVILLING_SANITIZE=address,undefined \
-  -DTVILLING_BENCH=OFF >/dev/null
+  -DTVILLING_BENCH=OFF -DCMAKE_UNITY_BUILD=ON >/dev/null
 cmake --build build-asan -j "$JOBS" --target tvilling_storage_tests tvilling_nbd_tests \
   tvilling_ops_tests tvilling_metrics_tests tvilling_node_tests tvilling_core_tests \
   tvilling_transport_tests tvilling_coordinator_tests \

@@ -54,7 +54,7 @@ absl::Status WaitLogIdle(storage::GroupLog& log) {
   return f.get();
 }
 
-v1::Decision ToProto(const core::HandshakeDecision& d, uint64_t epoch) {
+v1::Decision DecisionToProto(const core::HandshakeDecision& d, uint64_t epoch) {
   v1::Decision out;
   switch (d.kind) {
     case core::HandshakeDecision::Kind::kStreamFrom:
@@ -88,7 +88,7 @@ v1::Decision ToProto(const core::HandshakeDecision& d, uint64_t epoch) {
   return out;
 }
 
-core::HandshakeDecision FromProto(const v1::Decision& d) {
+core::HandshakeDecision DecisionFromProto(const v1::Decision& d) {
   core::HandshakeDecision out;
   switch (d.kind()) {
     case v1::Decision::STREAM_FROM:
@@ -482,7 +482,7 @@ void PrimaryReplicator::OnMessage(Link& link, uint64_t generation, v1::FromRepli
   link.last_heard = now;
   switch (msg.msg_case()) {
     case v1::FromReplica::kDecision: {
-      const core::HandshakeDecision d = FromProto(msg.decision());
+      const core::HandshakeDecision d = DecisionFromProto(msg.decision());
       if (d.kind == core::HandshakeDecision::Kind::kRefuse) {
         spdlog::error("group {}: peer {} refused the stream: {}", log_->name(), link.opt.site,
                       d.reason);
@@ -1205,7 +1205,7 @@ void ReplicaGroup::HandleHello(Session& s, const v1::Hello& hello) {
         rx_ = std::move(rx);
       }
     }
-    *out.mutable_decision() = ToProto(d, answer_epoch);
+    *out.mutable_decision() = DecisionToProto(d, answer_epoch);
   }
   if (previous) {
     previous->closed = true;

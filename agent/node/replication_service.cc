@@ -16,7 +16,7 @@
 namespace tvilling::node {
 namespace {
 
-std::string Msg(const absl::Status& s) { return std::string(s.message()); }
+std::string StatusText(const absl::Status& s) { return std::string(s.message()); }
 
 transport::TlsFiles Files(const ops::TlsConfig& t) {
   transport::TlsFiles f;
@@ -197,8 +197,8 @@ class ReplicationService::Impl final : public Dialer,
         config_.tls.enabled() ? ids : std::vector<std::string>{};
     if (absl::Status st = ops::AuthorizePeer(config_, checked, site, group); !st.ok()) {
       spdlog::error("replication: refusing a verify call from {} ({}): {}", address,
-                    ids.empty() ? "no certificate" : ids.front(), Msg(st));
-      return refuse(absl::PermissionDeniedError(Msg(st)));
+                    ids.empty() ? "no certificate" : ids.front(), StatusText(st));
+      return refuse(absl::PermissionDeniedError(StatusText(st)));
     }
     std::lock_guard lock(mu_);
     auto it = replicas_.find(group);
@@ -288,8 +288,8 @@ class ReplicationService::Impl final : public Dialer,
           impl_->config_.tls.enabled() ? identities_ : std::vector<std::string>{};
       if (absl::Status st = ops::AuthorizePeer(impl_->config_, ids, h.sender_site(), h.group());
           !st.ok()) {
-        spdlog::error("replication: refusing {}: {}", who, Msg(st));
-        return Refuse(core::RefuseCode::kNotAuthorised, Msg(st),
+        spdlog::error("replication: refusing {}: {}", who, StatusText(st));
+        return Refuse(core::RefuseCode::kNotAuthorised, StatusText(st),
                       absl::StatusCode::kPermissionDenied);
       }
       ReplicaGroup* group = nullptr;
@@ -322,7 +322,8 @@ class ReplicationService::Impl final : public Dialer,
       const bool chosen_here = done_ || (session_ && session_->closed);
       if (!status.ok() && !chosen_here) {
         spdlog::warn("replication: stream from {} ({}) ended: {}", address_,
-                     identities_.empty() ? "no certificate" : identities_.front(), Msg(status));
+                     identities_.empty() ? "no certificate" : identities_.front(),
+                     StatusText(status));
       }
       if (session_) session_->OnClosed(status);
     }

@@ -7,11 +7,10 @@
 #include <limits>
 #include <random>
 
+#include "tests/unit/core/units.h"
+
 namespace tvilling::core {
 namespace {
-
-constexpr uint64_t kKiB = 1024;
-constexpr uint64_t kMiB = 1024 * kKiB;
 
 TEST(DirtyRanges, WidensToPagesAndMergesOverlappingAndAdjacent) {
   DirtyRanges d;

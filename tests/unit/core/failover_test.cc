@@ -10,15 +10,14 @@
 #include <functional>
 #include <random>
 
+#include "tests/unit/core/units.h"
+
 namespace tvilling::core {
 namespace {
 
 using ::testing::HasSubstr;
 using K = FailoverAction::Kind;
 using S = FailoverMachine::State;
-
-constexpr Nanos kMs = 1'000'000;
-constexpr Nanos kS = 1'000'000'000;
 
 FailoverOptions Opts(std::string site, FailoverPolicy policy = FailoverPolicy::kAutomatic) {
   FailoverOptions o;

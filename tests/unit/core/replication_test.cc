@@ -5,12 +5,12 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "tests/unit/core/units.h"
+
 namespace tvilling::core {
 namespace {
 
 using ::testing::HasSubstr;
-
-constexpr Nanos kMs = 1'000'000;
 
 TEST(EpochAt, EdgeCases) {
   EXPECT_EQ(EpochAt({}, 5), 0u);

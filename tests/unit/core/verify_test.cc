@@ -4,10 +4,10 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/unit/core/units.h"
+
 namespace tvilling::core {
 namespace {
-
-constexpr uint64_t kMiB = 1ull << 20;
 
 TEST(VerifyPlan, CutsEveryVolumeIntoChunksWithAShortLastOne) {
   VerifyPlan plan({3 * kMiB + 4096, 0, 2 * kMiB}, std::nullopt, kMiB);

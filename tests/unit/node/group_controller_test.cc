@@ -11,24 +11,13 @@
 #include <mutex>
 #include <thread>
 
+#include "tests/unit/node/export_wait.h"
 #include "tests/unit/storage/temp_dir.h"
 
 namespace tvilling::node {
 namespace {
 
 using storage::Bytes;
-
-// Runs `op` and waits for its completion; a broken switch that leaves it hanging fails the test
-// (DeadlineExceeded) instead of hanging it.
-absl::Status Wait(const std::function<void(nbd::Export::Done)>& op) {
-  auto p = std::make_shared<std::promise<absl::Status>>();
-  auto f = p->get_future();
-  op([p](absl::Status s) { p->set_value(s); });
-  if (f.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
-    return absl::DeadlineExceededError("the operation did not complete within 10 s");
-  }
-  return f.get();
-}
 
 // A write whose completion the test polls.
 struct Pending {

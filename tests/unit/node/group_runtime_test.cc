@@ -11,19 +11,13 @@
 #include <optional>
 #include <thread>
 
+#include "tests/unit/node/export_wait.h"
 #include "tests/unit/storage/temp_dir.h"
 
 namespace tvilling::node {
 namespace {
 
 using storage::Bytes;
-
-absl::Status Wait(const std::function<void(nbd::Export::Done)>& op) {
-  std::promise<absl::Status> p;
-  auto f = p.get_future();
-  op([&p](absl::Status s) { p.set_value(s); });
-  return f.get();
-}
 
 class GroupRuntimeTest : public ::testing::Test {
  protected:

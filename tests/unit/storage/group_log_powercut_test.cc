@@ -15,7 +15,7 @@
 namespace tvilling::storage {
 namespace {
 
-AppendRequest Req(uint64_t tag, bool sync) {
+AppendRequest TaggedReq(uint64_t tag, bool sync) {
   AppendRequest r;
   r.offset = tag * 512;
   r.length = 1024;
@@ -63,7 +63,7 @@ TEST(GroupLogPowerCutTest, DurableRecordsSurviveUnsyncedOnesMayNot) {
       while (!stop.load()) {
         const bool fua = r() % 8 == 0;
         std::promise<void> done;
-        g->Append(Req(r() % 100000, fua), [&, fua](absl::StatusOr<uint64_t> lsn) {
+        g->Append(TaggedReq(r() % 100000, fua), [&, fua](absl::StatusOr<uint64_t> lsn) {
           if (lsn.ok() && fua) bump(*lsn);
           done.set_value();
         });

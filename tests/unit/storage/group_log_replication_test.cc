@@ -16,16 +16,6 @@
 namespace tvilling::storage {
 namespace {
 
-AppendRequest WriteReq(uint64_t offset, std::string data, bool sync = false) {
-  AppendRequest r;
-  r.type = RecordType::kWrite;
-  r.offset = offset;
-  r.length = static_cast<uint32_t>(data.size());
-  r.payload = Bytes::Copy(data);
-  r.sync = sync;
-  return r;
-}
-
 absl::StatusOr<uint64_t> ReplicateWait(GroupLog* log, uint32_t sender_gid, uint64_t first_lsn,
                                        ShippedRecords records, bool sync = false) {
   std::promise<absl::StatusOr<uint64_t>> p;
@@ -51,24 +41,6 @@ ShippedRecords Parsed(std::string buffer) {
   auto r = ShippedRecords::Parse(std::move(buffer));
   EXPECT_TRUE(r.ok()) << r.status();
   return r.ok() ? std::move(*r) : ShippedRecords();
-}
-
-std::vector<LogRecordView> ReadAll(const GroupLog* log, std::vector<std::string>* payloads) {
-  std::vector<LogRecordView> out;
-  const GroupLogState st = log->State();
-  payloads->reserve(st.last_lsn - st.first_lsn + 1);  // the views below point into it
-  absl::Status s = log->ReadRange(st.first_lsn, st.last_lsn, [&](const LogRecordView& r) {
-    payloads->emplace_back(r.payload);
-    out.push_back(r);
-    out.back().payload = payloads->back();
-    return absl::OkStatus();
-  });
-  EXPECT_TRUE(s.ok()) << s;
-  return out;
-}
-
-bool Contains(const absl::Status& s, const std::string& text) {
-  return std::string(s.message()).find(text) != std::string::npos;
 }
 
 // A primary store and a replica store in separate directories. The replica's store registers

@@ -20,6 +20,7 @@
 
 #include "storage/group_log.h"
 #include "tests/unit/storage/fault_env.h"
+#include "tests/unit/storage/log_wait.h"
 #include "tests/unit/storage/temp_dir.h"
 
 namespace tvilling::storage {
@@ -37,10 +38,6 @@ bool Eventually(Pred pred) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   return true;
-}
-
-bool Contains(const absl::Status& s, const std::string& text) {
-  return std::string(s.message()).find(text) != std::string::npos;
 }
 
 // What a callback of Append, AppendReplicated or Sync was given, and how many times it ran. Shared

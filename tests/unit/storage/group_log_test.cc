@@ -17,29 +17,6 @@
 namespace tvilling::storage {
 namespace {
 
-AppendRequest WriteReq(uint64_t offset, std::string data, bool sync = false) {
-  AppendRequest r;
-  r.type = RecordType::kWrite;
-  r.offset = offset;
-  r.length = static_cast<uint32_t>(data.size());
-  r.payload = Bytes::Copy(data);
-  r.sync = sync;
-  return r;
-}
-
-std::vector<LogRecordView> ReadAll(GroupLog* log, std::vector<std::string>* payloads) {
-  std::vector<LogRecordView> out;
-  auto st = log->State();
-  EXPECT_TRUE(log->ReadRange(st.first_lsn, st.last_lsn,
-                             [&](const LogRecordView& r) {
-                               payloads->emplace_back(r.payload);
-                               out.push_back(r);
-                               return absl::OkStatus();
-                             })
-                  .ok());
-  return out;
-}
-
 class GroupLogTest : public ::testing::Test {
  protected:
   void Open(GroupLogOptions opts = {}) {
