@@ -22,6 +22,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <functional>
 #include <future>
@@ -897,6 +898,12 @@ int main(int argc, char** argv) {
   // memory mapped; the high-water mark stays bounded by the batch and queue limits.
   mallopt(M_MMAP_THRESHOLD, 32 << 20);
   mallopt(M_TRIM_THRESHOLD, 256 << 20);
+  // gRPC's `poll` engine: a thread waiting on a completion queue polls the sockets of that queue's
+  // calls itself, so the replication streams' threads read their messages without a hand-off
+  // from gRPC's own pollers (agent/transport/stream.cc; with the default `epoll1` engine any
+  // polling thread in the process may read them). Read once, at gRPC's initialisation, which has
+  // not happened yet; an operator's own setting wins.
+  setenv("GRPC_POLL_STRATEGY", "poll", /*overwrite=*/0);
   CLI::App app{"tvillingd: mirrors block volumes between datacenters"};
   std::string config_file, state_dir, log_level = "info", log_format = "text";
   bool check_config = false, verify_log = false, version = false;

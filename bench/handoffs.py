@@ -13,7 +13,8 @@ Why counts: on this shared 2-vCPU machine the latency of a write moves with what
 but the number of times a write puts a thread to sleep and wakes another (each a futex wake-up
 and a scheduler round trip, tens of microseconds here) does not. A sync write's overhead over a
 single node is mostly those hand-offs (docs/benchmarks.md, "Where the time goes").
-The threads are named by tvillingd (tvl-commit, tvl-fsync, tvl-ship, tvl-checkpoint, tvl-nbd) and
+The threads are named by tvillingd (tvl-commit, tvl-fsync, tvl-ship, tvl-checkpoint, tvl-nbd, and
+tvl-grpc-srv / tvl-grpc-cli for the replication streams) and
 by gRPC (grpcpp_sync_ser, default-executo, ...); the main thread runs the NBD event loop.
 """
 

@@ -1,7 +1,10 @@
-// stream.h: the Replication.Stream bidi RPC on gRPC's callback API (no thread per stream): a server
+// stream.h: the Replication service on gRPC's completion-queue API (no thread per stream): a server
 // that hands each accepted stream to a StreamAcceptor, and a client stream for the primary. Both
 // sides queue outgoing messages (one write in flight) and deliver incoming ones one at a time, in
-// order: the next read starts only after the message callback returns.
+// order: the next read starts only after the message callback returns. Threads: a server's
+// streams and unary calls run on its one queue thread (`tvl-grpc-srv`), every client stream's
+// callbacks on the process's one client queue thread (`tvl-grpc-cli`); callbacks must not block
+// for long, as they hold up the other streams of that thread. stream.cc says why.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -54,8 +57,8 @@ class ServerStream {
 class StreamAcceptor {
  public:
   virtual ~StreamAcceptor() = default;
-  // Replication.VerifyChunks and MarkResync (unary, docs/replication.md "Verify"). Called on a
-  // gRPC thread with the caller's identities and address (as Accept); must not block: `done` is
+  // Replication.VerifyChunks and MarkResync (unary, docs/replication.md "Verify"). Called on the
+  // server's thread with the caller's identities and address (as Accept); must not block: `done` is
   // called exactly once, from any thread, with the answer (an error status is the RPC's status).
   // The server's Shutdown waits for every `done`. Without an override: UNIMPLEMENTED.
   template <class Reply>
@@ -66,11 +69,11 @@ class StreamAcceptor {
   virtual void MarkResync(const v1::MarkResyncRequest& req,
                           std::vector<std::string> peer_identities, std::string peer_address,
                           Done<v1::MarkResyncReply> done);
-  // Called once per new stream, on a gRPC thread, before any message is read. `peer_identities` are
-  // the verified client certificate's CN then SANs (empty without TLS); `peer_address` is gRPC's
-  // peer string (e.g. "ipv4:127.0.0.1:5555"). Returning nullptr refuses the stream with
-  // PERMISSION_DENIED (unless Close was already called on it). The handler is destroyed after
-  // OnClosed.
+  // Called once per new stream, on the server's thread, before any message is read.
+  // `peer_identities` are the verified client certificate's CN then SANs (empty without TLS);
+  // `peer_address` is gRPC's peer string (e.g. "ipv4:127.0.0.1:5555"). Returning nullptr refuses
+  // the stream with PERMISSION_DENIED (unless Close was already called on it). The handler is
+  // destroyed after OnClosed.
   virtual std::unique_ptr<ServerStreamHandler> Accept(std::shared_ptr<ServerStream> stream,
                                                       std::vector<std::string> peer_identities,
                                                       std::string peer_address) = 0;
@@ -110,11 +113,12 @@ absl::StatusOr<v1::MarkResyncReply> CallMarkResync(const std::shared_ptr<grpc::C
 
 // The client (primary) side of one stream.
 //
-// Callback rules: on_message and on_closed are called on gRPC threads, one at a time. on_closed is
-// called exactly once; after it, nothing else is called. Close(status) calls on_closed(status)
-// itself before returning (unless it was called already), so after Close returns no callback runs
-// any more; Close may be called from inside a callback. Without Close, the stream lives until the
-// RPC ends, even if every shared_ptr to it is dropped.
+// Callback rules: on_message and on_closed are called on the client queue's thread, one at a time
+// (on_closed also inside Close, see below). on_closed is called exactly once; after it, nothing
+// else is called. Close(status) calls on_closed(status) itself before returning (unless it was
+// called already), so after Close returns no callback runs any more; Close may be called from
+// inside a callback. Without Close, the stream lives until the RPC ends, even if every shared_ptr
+// to it is dropped.
 class ClientStream {
  public:
   static std::shared_ptr<ClientStream> Open(std::shared_ptr<grpc::Channel> channel,

@@ -456,6 +456,71 @@ TEST_F(StreamTest, ShutdownWithOpenStreamIsQuick) {
   EXPECT_EQ(c->queued_bytes(), 0u);
 }
 
+// The unary verify calls: answered from another thread after the handler returned, with the
+// caller's identity; an error status reaches the caller as it was; a method the acceptor does not
+// serve is UNIMPLEMENTED; and Shutdown waits for an answer that is still outstanding.
+class VerifyingAcceptor : public Acceptor {
+ public:
+  void VerifyChunks(const v1::VerifyChunksRequest& req, std::vector<std::string> ids, std::string,
+                    Done<v1::VerifyChunksReply> done) override {
+    std::thread([req, ids, done = std::move(done), this] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(req.wait_ms()));
+      answered.fetch_add(1);  // before `done`: once done is called the server may shut down
+      if (req.sender_site() == "refuse") {
+        done(absl::FailedPreconditionError("refused by the test"));
+      } else {
+        v1::VerifyChunksReply r;
+        r.set_applied_lsn(ids.empty() ? 0 : 7);
+        done(std::move(r));
+      }
+    }).detach();
+  }
+  std::atomic<int> answered{0};
+};
+
+TEST_F(StreamTest, UnaryCallsAreAnsweredFromOtherThreads) {
+  VerifyingAcceptor acceptor;
+  auto tls = LoadTls(Files("site-b"));
+  ASSERT_TRUE(tls.ok()) << tls.status();
+  auto s = ReplicationServer::Start("127.0.0.1:0", ServerCredentials(*tls), &acceptor);
+  ASSERT_TRUE(s.ok()) << s.status();
+  auto client_tls = LoadTls(Files("site-a"));
+  ASSERT_TRUE(client_tls.ok());
+  auto channel =
+      MakeChannel("127.0.0.1:" + std::to_string((*s)->port()), ChannelCredentials(*client_tls), "");
+  v1::VerifyChunksRequest req;
+  req.set_sender_site("site-a");
+  req.set_wait_ms(20);
+  auto r = CallVerifyChunks(channel, req, 10s);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->applied_lsn(), 7u);  // the handler saw the client's certificate
+  // Several in a row and at once: each call is re-armed for the next.
+  std::vector<std::thread> callers;
+  std::atomic<int> ok{0};
+  for (int i = 0; i < 4; ++i) {
+    callers.emplace_back([&] {
+      for (int j = 0; j < 5; ++j) ok += CallVerifyChunks(channel, req, 10s).ok() ? 1 : 0;
+    });
+  }
+  for (auto& t : callers) t.join();
+  EXPECT_EQ(ok.load(), 20);
+  req.set_sender_site("refuse");
+  r = CallVerifyChunks(channel, req, 10s);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
+  EXPECT_EQ(r.status().message(), "refused by the test");
+  auto m = CallMarkResync(channel, v1::MarkResyncRequest(), 10s);
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kUnimplemented) << m.status();
+  // An answer outstanding at Shutdown: Shutdown waits for it (the call holds the acceptor).
+  req.set_sender_site("site-a");
+  req.set_wait_ms(300);
+  std::thread late([&] { (void)CallVerifyChunks(channel, req, 10s); });
+  while (acceptor.answered.load() < 22) std::this_thread::sleep_for(1ms);
+  std::this_thread::sleep_for(100ms);  // the late call has reached the handler
+  (*s)->Shutdown();
+  EXPECT_EQ(acceptor.answered.load(), 23);
+  late.join();
+}
+
 TEST_F(StreamTest, ListenErrorIsReported) {
   StartServer(grpc::InsecureServerCredentials());
   Acceptor other;
