@@ -642,7 +642,7 @@ void GroupLog::AppendReplicated(uint32_t sender_group_id, uint64_t first_lsn,
   cv_.notify_one();
 }
 
-void GroupLog::Sync(SyncDone done, bool fsync_here) {
+void GroupLog::Sync(SyncDone done, bool fsync_here, std::chrono::microseconds within) {
   std::unique_lock lock(mu_);
   if (!failed_.ok()) {
     absl::Status st = failed_;
@@ -656,6 +656,7 @@ void GroupLog::Sync(SyncDone done, bool fsync_here) {
     std::move(done)(absl::OkStatus());
     return;
   }
+  if (within.count() > 0) fsync_here = false;
   if (fsync_here && options_.sync_inline_when_idle && queue_.empty() && !committing_ &&
       !meta_dirty_ && sync_waiters_.empty() && !syncing_ && sync_jobs_.empty() && !stopping_) {
     // Everything up to `target` is written (nothing queued, no batch in flight): only the fsync is
@@ -679,6 +680,7 @@ void GroupLog::Sync(SyncDone done, bool fsync_here) {
     SyncJob job;
     job.target_lsn = target;
     job.waiters.push_back({target, std::move(done)});
+    if (within.count() > 0) job.due = std::chrono::steady_clock::now() + within;
     sync_jobs_.push_back(std::move(job));
     lock.unlock();
     sync_cv_.notify_one();
@@ -1029,8 +1031,18 @@ void GroupLog::SyncerLoop() {
   for (;;) {
     {
       std::unique_lock lock(mu_);
-      sync_cv_.wait(lock, [&] { return syncer_stopping_ || !sync_jobs_.empty(); });
-      if (sync_jobs_.empty()) return;  // stopping, and the committer has stopped too
+      for (;;) {
+        sync_cv_.wait(lock, [&] { return syncer_stopping_ || !sync_jobs_.empty(); });
+        if (sync_jobs_.empty()) return;  // stopping, and the committer has stopped too
+        if (syncer_stopping_ || sync_expedite_) break;
+        // Jobs with a due time (Sync(within)) wait for it unless a job due at once came, or an
+        // idle waiter asked: one fsync then covers them all.
+        auto due = std::chrono::steady_clock::time_point::max();
+        for (const SyncJob& j : sync_jobs_) due = std::min(due, j.due);
+        if (due <= std::chrono::steady_clock::now()) break;
+        sync_cv_.wait_until(lock, due);
+      }
+      sync_expedite_ = false;
       for (SyncJob& j : sync_jobs_) jobs.push_back(std::move(j));
       sync_jobs_.clear();
       syncing_ = true;
@@ -1411,7 +1423,12 @@ absl::Status GroupLog::ValidateHistory(const std::vector<EpochStart>& history,
 
 absl::Status GroupLog::WaitIdleLocked(std::unique_lock<std::mutex>& lock, std::string_view what) {
   // A batch being written or a sync in flight would move last/durable afterwards: wait for them
-  // (they finish on their own). Queued records are the caller's to stop.
+  // (they finish on their own; an fsync not yet due is done now). Queued records are the caller's
+  // to stop.
+  if (!sync_jobs_.empty()) {
+    sync_expedite_ = true;
+    sync_cv_.notify_one();
+  }
   idle_cv_.wait(lock, [&] {
     return !failed_.ok() || stopping_ || !queue_.empty() ||
            (!committing_ && sync_waiters_.empty() && inline_syncs_ == 0 && !syncing_ &&

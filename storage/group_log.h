@@ -20,6 +20,7 @@
 
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -310,7 +311,12 @@ class GroupLog {
   // `done` runs once every record appended before this call is fsynced.
   // `fsync_here = false` never fsyncs on the caller's thread (the syncer does it), for a caller
   // that must not block, such as a replica's stream, which goes on receiving meanwhile.
-  void Sync(SyncDone done, bool fsync_here = true);
+  // `within` > 0 (only with fsync_here = false) lets the fsync wait up to that long for more to
+  // cover: a replica whose primary does not wait on a batch's durability fsyncs a burst once
+  // instead of once per batch. Any sooner fsync (another Sync, a synced append, a WaitIdle)
+  // covers it earlier.
+  void Sync(SyncDone done, bool fsync_here = true,
+            std::chrono::microseconds within = std::chrono::microseconds(0));
 
   // Replica: appends records shipped from another agent's log of the group. `records` are stored
   // values of the sender's log (its group id `sender_group_id`) for LSNs first_lsn, first_lsn+1,
@@ -464,6 +470,8 @@ class GroupLog {
   // fsynced (FUA appends) and Sync() callers.
   struct SyncJob {
     uint64_t target_lsn = 0;
+    // When the fsync is due; the epoch (time_point{}) = at once. Sync(within > 0) sets it.
+    std::chrono::steady_clock::time_point due{};
     std::vector<Pending> appends;
     std::vector<SyncWaiter> waiters;
   };
@@ -550,6 +558,7 @@ class GroupLog {
   std::deque<SyncJob> sync_jobs_;  // written, waiting for the syncer's fsync, in LSN order
   bool syncing_ = false;           // the syncer is between taking jobs and completing them
   bool syncer_stopping_ = false;   // set once the committer has stopped
+  bool sync_expedite_ = false;     // a waiter for idleness: fsync the jobs not yet due now
   bool meta_dirty_ = false;
   uint64_t first_lsn_ = 1;
   uint64_t applied_lsn_ = 0;

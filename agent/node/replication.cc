@@ -141,6 +141,9 @@ struct PrimaryReplicator::Link {
   // A thread is in Ship() for this link (the worker, or the committer's fast path): Ship() reads
   // and sends outside mu_, so only one may run per link or batches could go out of order.
   bool shipping = false;
+  // A batch went out without durable_requested since the last sync request on this stream: a
+  // FLUSH/FUA that begins to wait must ask the peer to fsync it (AskPeersToSyncLocked).
+  bool lazy_since_ask = false;
   // Token bucket for rate_limit_bytes_per_s: full at the start, at most 100 ms of the rate (or
   // 64 KiB). A message is sent whenever the bucket is not in debt, and what it costs beyond the
   // tokens is waited off afterwards (rate_wait_until), so a batch larger than the bucket still
@@ -362,8 +365,22 @@ void PrimaryReplicator::WriteInLog(uint64_t lsn, bool durable, nbd::Export::Done
   }
   if (durable) {
     flush_waiters_.emplace(lsn, std::move(done));
+    AskPeersToSyncLocked();
   } else {
     write_waiters_.emplace(lsn, std::move(done));
+  }
+}
+
+void PrimaryReplicator::AskPeersToSyncLocked() {
+  for (auto& l : links_) {
+    if (!l->stream || !l->lazy_since_ask) continue;
+    l->lazy_since_ask = false;
+    // After the lazy batches on the same stream: the replica fsyncs everything it holds then.
+    // No send time: it is not an RTT probe and needs no echo.
+    v1::ToReplica hb;
+    hb.mutable_heartbeat()->set_epoch(epoch_);
+    hb.mutable_heartbeat()->set_sync_requested(true);
+    l->stream->Send(std::move(hb));
   }
 }
 
@@ -379,6 +396,7 @@ void PrimaryReplicator::FlushedLocally(uint64_t lsn, nbd::Export::Done done) {
     return std::move(done)(absl::OkStatus());
   }
   flush_waiters_.emplace(lsn, std::move(done));
+  AskPeersToSyncLocked();
 }
 
 void PrimaryReplicator::ReleaseLocked(std::unique_lock<std::mutex>& lock) {
@@ -648,6 +666,14 @@ void PrimaryReplicator::ShipLocked(Link& link, core::Nanos now,
       return;
     }
     if (count == 0) return;
+    // A sync peer's batch that no FLUSH/FUA waits on may be fsynced lazily by the replica (its
+    // replica_sync_interval_ms): a sync WRITE waits only for `received`. An async peer's durable
+    // position is its lag, so its batches are always fsynced at once. Decided under mu_, where a
+    // FLUSH registers, so a FLUSH either sees this batch as lazy (and asks) or the batch sees it.
+    if (link.opt.sender.mode == core::Mode::kSync && flush_waiters_.empty()) {
+      msg.mutable_batch()->set_durable_requested(false);
+      link.lazy_since_ask = true;
+    }
     const uint64_t msg_bytes = msg.ByteSizeLong();
     stream->Send(std::move(msg));
     core_.OnSent(link.opt.site, first, last, bytes, now);
@@ -1061,6 +1087,8 @@ void ReplicaGroup::Session::Dispatch(v1::ToReplica& msg) {
     case v1::ToReplica::kCopyDone:
       return group_->HandleCopyDone(*this, msg.copy_done());
     case v1::ToReplica::kHeartbeat: {
+      if (msg.heartbeat().sync_requested() && accepted) group_->RequestSync();
+      if (msg.heartbeat().sent_unix_ns() == 0) return;  // a sync request only: nothing to echo
       v1::FromReplica out;
       out.mutable_heartbeat()->set_epoch(msg.heartbeat().epoch());
       out.mutable_heartbeat()->set_echo_unix_ns(msg.heartbeat().sent_unix_ns());
@@ -1571,15 +1599,35 @@ void ReplicaGroup::HandleBatch(Session& s, v1::Batch& batch) {
                            }
                            SendAck();
                          });
-  // Every batch is synced, durable_requested or not: nothing else would make it durable.
+  // Every batch is synced: nothing else would make it durable. At once when the primary waits
+  // on it (an async peer's lag, a FLUSH/FUA); otherwise within sync_interval, one fsync for the
+  // burst, and `durable` rides on the next `received` (or goes when that fsync is done). A FLUSH
+  // that comes later asks with a heartbeat (RequestSync).
+  const std::chrono::microseconds within =
+      batch.durable_requested() ? std::chrono::microseconds(0) : options_.sync_interval;
   log_->Sync(
       [this, fail, last](absl::Status st) {
         if (!st.ok()) return fail(st);
-        {
-          std::lock_guard lock(mu_);
-          rx_.OnDurable(last);
-        }
-        SendAck();
+        AckDurable(last);
+      },
+      /*fsync_here=*/false, within);
+}
+
+void ReplicaGroup::AckDurable(uint64_t lsn) {
+  {
+    std::lock_guard lock(mu_);
+    rx_.OnDurable(lsn);
+  }
+  SendAck();
+}
+
+void ReplicaGroup::RequestSync() {
+  // Covers every record accepted so far: the batches' own (maybe deferred) syncs complete in the
+  // same fsync, and core reports durable up to what was appended.
+  const uint64_t last = log_->last_lsn();
+  log_->Sync(
+      [this, last](absl::Status st) {
+        if (st.ok()) AckDurable(last);  // else the batches' own Syncs report the failure
       },
       /*fsync_here=*/false);
 }

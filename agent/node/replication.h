@@ -18,6 +18,7 @@
 #include <absl/status/statusor.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <filesystem>
@@ -142,6 +143,9 @@ class PrimaryReplicator final : public CompletionGate,
   void ShipLocked(Link& link, core::Nanos now, std::unique_lock<std::mutex>& lock);
   void CopyStep(Link& link, core::Nanos now);
   void Disconnect(Link& link, const std::string& reason, core::Nanos now);  // REQUIRES: mu_
+  // A FLUSH/FUA began to wait: asks every peer that got lazily synced batches on its current
+  // stream to fsync now (a heartbeat with sync_requested). REQUIRES: mu_.
+  void AskPeersToSyncLocked();
   // Completes client I/O that the release points now allow. REQUIRES: mu_ held via `lock`; unlocks
   // it to run the callbacks.
   void ReleaseLocked(std::unique_lock<std::mutex>& lock);
@@ -178,6 +182,10 @@ struct ReplicaOptions {
   core::OnDivergence on_divergence = core::OnDivergence::kRejoin;
   // Fsync the volumes and persist the copy's resume point after this many copied bytes.
   uint64_t copy_checkpoint_bytes = 64ull << 20;
+  // A batch the primary does not wait on (not durable_requested: a sync peer's writes with no
+  // FLUSH/FUA pending) is fsynced within this long, together with whatever else arrives meanwhile
+  // ([replication] replica_sync_interval_ms). 0 = every batch at once.
+  std::chrono::microseconds sync_interval{5000};
 };
 
 class ReplicaGroup {
@@ -227,6 +235,8 @@ class ReplicaGroup {
   void OnApplied(std::span<const storage::LogRecordView> records);
   void NoteApplied(uint64_t applied);  // REQUIRES: not mu_
   void SendAck();                      // REQUIRES: not mu_
+  void RequestSync();             // a FLUSH at the primary waits: fsync what is held now, then ack
+  void AckDurable(uint64_t lsn);  // an fsync covered the log up to lsn. REQUIRES: not mu_
   void Fail(Session& s, absl::Status status);
   core::ReplicaView BuildView() const;
   // REQUIRES: mu_. OK if `site` in `epoch` is the primary whose stream is accepted and the replica

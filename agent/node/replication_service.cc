@@ -95,6 +95,7 @@ ReplicaOptions ReplicaOptionsFor(const ops::Config& config, const ops::GroupConf
   ReplicaOptions o;
   o.site = config.agent.site;
   o.divergent_dir = config.agent.state_dir / "divergent";
+  o.sync_interval = std::chrono::milliseconds(config.replication.replica_sync_interval_ms);
   o.on_divergence = group.on_divergence == ops::GroupConfig::OnDivergence::kRefuse
                         ? core::OnDivergence::kRefuse
                         : core::OnDivergence::kRejoin;

@@ -277,8 +277,10 @@ struct ReplicationConfig {
   // `keepalive_ms`: a link silent this long is cut and redialled; heartbeats go out more often.
   // Default 10000.
   uint32_t keepalive_ms = 10000;
-  // `replica_sync_interval_ms`: reserved (accepted, no effect yet): a replica fsyncs every batch it
-  // receives. Default 5.
+  // `replica_sync_interval_ms`: as a replica, fsync a batch that its primary does not wait on (a
+  // sync peer's writes while no FLUSH/FUA is pending) within this long, one fsync for the burst;
+  // batches the primary waits on (an async peer's, any while a FLUSH/FUA waits) are fsynced at
+  // once. 1 to 60000, default 5.
   uint32_t replica_sync_interval_ms = 5;
 };
 

@@ -153,6 +153,46 @@ def sync_waits_for_peer(c):
     del nbd
 
 
+def lazy_replica_sync(c):
+    """A sync peer fsyncs batches that no FLUSH/FUA waits on lazily (replica_sync_interval_ms), and
+    a FLUSH or FUA asks it to fsync at once: with the interval at its maximum (60 s) they still
+    complete within seconds, and each is durable at the peer when it returns."""
+    import nbd
+    a = c.agent("site-a")
+    b = c.agent("site-b")
+    b.extra_replication = "replica_sync_interval_ms = 60000"
+    g = {"name": "g0", "primary": "site-a", "size": "256MiB"}
+    a.write_config([dict(g, peers=[(b, "sync", None)])], acl=[("site-b", "site-b", ["g0"])])
+    b.write_config([dict(g, peers=[(a, "sync", None)])], acl=[("site-a", "site-a", ["g0"])])
+    b.start()
+    a.start()
+    qemu_io(a, "write -P 0x11 0 64k", "flush")
+    wait_caught_up(a, [b])
+    h = a.connect()
+
+    def durable_at_peer(what, op):
+        t0 = time.monotonic()
+        op()
+        took = time.monotonic() - t0
+        last = u64(a.group("g0").get("last_lsn"))
+        durable = u64(a.peer("site-b").get("durable_lsn"))
+        log(f"{what}: {took * 1000:.0f} ms; last LSN {last}, durable at the peer {durable}")
+        if took > 5:
+            raise TestFailure(f"{what} took {took:.1f} s: the peer was not asked to fsync")
+        if durable < last:
+            raise TestFailure(f"{what} returned with durable {durable} < last {last} at the peer")
+
+    h.pwrite(b"\x22" * 4096, 1 * MIB)  # completes once the peer has it in its log
+    durable_at_peer("FLUSH after a write", h.flush)
+    durable_at_peer("FUA write", lambda: h.pwrite(b"\x33" * 4096, 2 * MIB, nbd.CMD_FLAG_FUA))
+    for i in range(200):
+        h.pwrite(bytes([i]) * 4096, 4 * MIB + i * 4096)
+    durable_at_peer("FLUSH after 200 writes", h.flush)
+    h.shutdown()
+    wait_caught_up(a, [b])
+    assert_identical(a, [b])
+
+
 def replica_kill9(c):
     a, b = pair(c, "async")
     b.start()
@@ -636,10 +676,10 @@ def replica_retention_after_switch(c):
 
 
 SCENARIOS = {f.__name__: f for f in (link_cut, rate_limit, replica_retention_after_switch,
-    two_sites_sync, three_sites, sync_waits_for_peer, replica_kill9, full_copy_new_replica,
-    behind_retention, reconnect_after_copy, refuse_wrong_ca, refuse_expired_cert, refuse_other_tenant,
-    refuse_stale_epoch, refuse_diverged, refuse_malformed_batch, refuse_oversized_message,
-    refuse_out_of_order)}
+    lazy_replica_sync, two_sites_sync, three_sites, sync_waits_for_peer, replica_kill9,
+    full_copy_new_replica, behind_retention, reconnect_after_copy, refuse_wrong_ca,
+    refuse_expired_cert, refuse_other_tenant, refuse_stale_epoch, refuse_diverged,
+    refuse_malformed_batch, refuse_oversized_message, refuse_out_of_order)}
 
 if __name__ == "__main__":
     sys.exit(run_main(SCENARIOS))

@@ -7,7 +7,9 @@
 #include <rocksdb/write_batch.h>
 
 #include <atomic>
+#include <chrono>
 #include <future>
+#include <memory>
 #include <random>
 #include <thread>
 
@@ -85,6 +87,50 @@ TEST_F(GroupLogTest, DurableLsnAdvancesOnlyWithSync) {
   auto lsn = AppendWait(log_, WriteReq(0, "z", /*sync=*/true));
   ASSERT_TRUE(lsn.ok());
   EXPECT_GE(log_->durable_lsn(), *lsn);
+}
+
+// Sync(within): the fsync may wait up to `within` for more to cover (a replica's batches that
+// its primary does not wait on); a Sync due at once covers it earlier, and so does Stop.
+TEST_F(GroupLogTest, DeferredSyncWaitsUpToItsDelayUnlessSomethingSoonerCoversIt) {
+  using namespace std::chrono_literals;
+  using Clock = std::chrono::steady_clock;
+  Open();
+  auto deferred = [&](std::chrono::microseconds within) {
+    auto p = std::make_shared<std::promise<Clock::time_point>>();
+    auto f = p->get_future();
+    log_->Sync(
+        [p](absl::Status st) {
+          EXPECT_TRUE(st.ok()) << st;
+          p->set_value(Clock::now());
+        },
+        /*fsync_here=*/false, within);
+    return f;
+  };
+  // Alone: done after about `within`, not before.
+  ASSERT_TRUE(AppendWait(log_, WriteReq(0, "a")).ok());
+  auto t0 = Clock::now();
+  auto f = deferred(300ms);
+  ASSERT_EQ(f.wait_for(150ms), std::future_status::timeout) << "fsynced before its time";
+  ASSERT_EQ(f.wait_for(10s), std::future_status::ready);
+  EXPECT_GE(f.get() - t0, 300ms);
+  EXPECT_EQ(log_->durable_lsn(), 1u);
+  // A Sync due at once, later, covers an earlier deferred one in the same fsync.
+  ASSERT_TRUE(AppendWait(log_, WriteReq(0, "b")).ok());
+  t0 = Clock::now();
+  auto slow = deferred(std::chrono::seconds(60));
+  ASSERT_TRUE(AppendWait(log_, WriteReq(0, "c")).ok());
+  auto now = deferred(0us);
+  ASSERT_EQ(now.wait_for(10s), std::future_status::ready);
+  ASSERT_EQ(slow.wait_for(10s), std::future_status::ready) << "not covered by the sooner fsync";
+  EXPECT_LT(slow.get() - t0, 10s);
+  EXPECT_EQ(log_->durable_lsn(), 3u);
+  // Stop does not wait for the delay either.
+  ASSERT_TRUE(AppendWait(log_, WriteReq(0, "d")).ok());
+  auto at_stop = deferred(std::chrono::seconds(60));
+  t0 = Clock::now();
+  log_->Stop();
+  ASSERT_EQ(at_stop.wait_for(10s), std::future_status::ready);
+  EXPECT_LT(at_stop.get() - t0, 10s);
 }
 
 TEST_F(GroupLogTest, GroupCommitBatchesConcurrentAppends) {
