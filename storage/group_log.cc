@@ -686,7 +686,11 @@ void GroupLog::Sync(SyncDone done, bool fsync_here, std::chrono::microseconds wi
     sync_cv_.notify_one();
     return;
   }
-  sync_waiters_.push_back({target, std::move(done)});
+  // Records are queued or being written: the committer hands this to the syncer with them, due
+  // when the caller asked (so a deferred Sync on a busy log still waits for its time).
+  sync_waiters_.push_back({target, std::move(done),
+                           within.count() > 0 ? std::chrono::steady_clock::now() + within
+                                              : std::chrono::steady_clock::time_point{}});
   lock.unlock();
   cv_.notify_one();
 }
@@ -849,6 +853,10 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
   std::vector<LogRecordView> views;
   views.reserve(batch.size());
   bool need_sync = !syncs.empty();
+  // Whether an fsync is wanted now: a FUA append or a Sync() due at once (not a deferred one).
+  bool sync_now = std::any_of(syncs.begin(), syncs.end(), [](const SyncWaiter& w) {
+    return w.due == std::chrono::steady_clock::time_point{};
+  });
   absl::Status st;
   uint64_t batch_bytes = 0;
   // The payload file of each external record: that of the segment it belongs to.
@@ -942,6 +950,7 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
   for (Pending& p : batch) {
     views.push_back({p.lsn, p.header, p.payload});
     need_sync |= p.req.sync;
+    sync_now |= p.req.sync;
     batch_bytes += kRecordHeaderSize + p.payload.size();
   }
 
@@ -955,7 +964,7 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
   // several times the raw write+fsync loop's time through the syncer on this 2-vCPU VM, where a
   // futex wake-up costs tens of microseconds).
   bool sync_here = false;
-  if (need_sync && options_.sync_on_committer_when_all_durable &&
+  if (sync_now && options_.sync_on_committer_when_all_durable &&
       std::all_of(batch.begin(), batch.end(),
                   [](const Pending& p) { return p.req.sync || (p.run && !p.done); })) {
     std::lock_guard lock(mu_);
@@ -1018,6 +1027,11 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
   }
   if (!need_sync) return;
   job.target_lsn = last_lsn_.load(std::memory_order_acquire);
+  if (!sync_now) {
+    // Only deferred Sync() callers: the fsync is due at the earliest of their times.
+    job.due = std::chrono::steady_clock::time_point::max();
+    for (const SyncWaiter& w : syncs) job.due = std::min(job.due, w.due);
+  }
   job.waiters = std::move(syncs);
   {
     std::lock_guard lock(mu_);

@@ -465,6 +465,8 @@ class GroupLog {
   struct SyncWaiter {
     uint64_t target_lsn;
     SyncDone done;
+    // When its fsync is due (Sync(within > 0)); the epoch = at once.
+    std::chrono::steady_clock::time_point due{};
   };
   // What the committer hands the syncer: records written up to target_lsn that complete only once
   // fsynced (FUA appends) and Sync() callers.

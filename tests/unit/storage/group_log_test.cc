@@ -114,6 +114,22 @@ TEST_F(GroupLogTest, DeferredSyncWaitsUpToItsDelayUnlessSomethingSoonerCoversIt)
   ASSERT_EQ(f.wait_for(10s), std::future_status::ready);
   EXPECT_GE(f.get() - t0, 300ms);
   EXPECT_EQ(log_->durable_lsn(), 1u);
+  // The same while records are queued or being written (the Sync then goes to the syncer with
+  // their batch, and keeps its time).
+  std::atomic<int> appended{0};
+  for (int i = 0; i < 64; ++i) {
+    log_->Append(WriteReq(65536ull * i, std::string(65536, 'q')), [&](absl::StatusOr<uint64_t> r) {
+      EXPECT_TRUE(r.ok()) << r.status();
+      ++appended;
+    });
+  }
+  t0 = Clock::now();
+  auto busy = deferred(300ms);
+  ASSERT_EQ(busy.wait_for(150ms), std::future_status::timeout) << "fsynced before its time (busy)";
+  ASSERT_EQ(busy.wait_for(10s), std::future_status::ready);
+  EXPECT_GE(busy.get() - t0, 300ms);
+  EXPECT_EQ(appended.load(), 64);
+  EXPECT_EQ(log_->durable_lsn(), 65u);
   // A Sync due at once, later, covers an earlier deferred one in the same fsync.
   ASSERT_TRUE(AppendWait(log_, WriteReq(0, "b")).ok());
   t0 = Clock::now();
@@ -123,7 +139,7 @@ TEST_F(GroupLogTest, DeferredSyncWaitsUpToItsDelayUnlessSomethingSoonerCoversIt)
   ASSERT_EQ(now.wait_for(10s), std::future_status::ready);
   ASSERT_EQ(slow.wait_for(10s), std::future_status::ready) << "not covered by the sooner fsync";
   EXPECT_LT(slow.get() - t0, 10s);
-  EXPECT_EQ(log_->durable_lsn(), 3u);
+  EXPECT_EQ(log_->durable_lsn(), 67u);
   // Stop does not wait for the delay either.
   ASSERT_TRUE(AppendWait(log_, WriteReq(0, "d")).ok());
   auto at_stop = deferred(std::chrono::seconds(60));
