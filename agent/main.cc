@@ -47,6 +47,7 @@
 #include "agent/ops/metrics.h"
 #include "agent/ops/metrics_server.h"
 #include "agent/ops/systemd.h"
+#include "agent/transport/stream.h"
 #include "storage/group_log.h"
 #include "storage/thread_name.h"
 
@@ -882,6 +883,11 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
   }
   groups.clear();
   store->reset();
+  // Closed replication streams let go of themselves on gRPC's schedule; their thread must be gone
+  // before static destructors run.
+  if (!transport::ClientStream::WaitAllReleased(std::chrono::seconds(5))) {
+    spdlog::warn("replication: client streams still open at exit after 5 s");
+  }
   spdlog::info("tvillingd stopped");
   return rc;
 }

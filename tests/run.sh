@@ -32,7 +32,9 @@ cmake --build build-asan -j "$JOBS" --target tvilling_storage_tests tvilling_nbd
   tvilling_cli_tests log_crash_writer
 
 step "unit tests under ASan+UBSan"
+lsan_supp="$PWD/tests/lsan.supp"  # absolute: ctest runs each test in its own directory
 (cd build-asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+  LSAN_OPTIONS="suppressions=$lsan_supp" \
   ctest -j "$JOBS" -L unit --output-on-failure --timeout 900)
 
 step "fuzz the NBD parser (clang + libFuzzer)"

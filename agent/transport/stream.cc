@@ -332,18 +332,25 @@ class ServerImpl final : public ReplicationServer {
     }
     for (auto& s : open) s->Cancel();
     open.clear();
-    // Calls still running after the deadline are cancelled by gRPC. Shutdown returns once every
-    // call is freed, which the queue's thread does as their last operations come back.
+    // Calls still running after the deadline are cancelled by gRPC; the requests for new calls
+    // come back.
     server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(1000));
     server_->Wait();
-    cq_->Shutdown();  // the pending requests for new calls come back, then Next returns false
+    // The queue is shut down only when nothing can start an operation on it any more (gRPC
+    // asserts on an operation started on a shut-down queue with nothing pending): every request
+    // for a call is back and every accepted call has ended, which the queue's thread does as
+    // their last operations come back (a unary call waits for its `done`).
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      idle_cv_.wait(l, [&] { return requests_ == 0 && live_calls_ == 0; });
+    }
+    cq_->Shutdown();
     thread_.join();
   }
 
-  // Asks for the next stream unless the server is shutting down (then no call is started on the
-  // queue any more: it is shut down once the server is).
+  // Asks for the next stream unless the server is shutting down.
   void RequestStream() {
-    if (shut()) return;
+    if (!Requesting()) return;
     std::make_shared<ServerCall>(this)->Request(&service_, cq_.get());
   }
   template <class Request, class Reply>
@@ -353,9 +360,24 @@ class ServerImpl final : public ReplicationServer {
                                                   grpc::ServerCompletionQueue*, void*),
                     grpc::ServerContext* ctx, Request* req,
                     grpc::ServerAsyncResponseWriter<Reply>* responder, void* tag) {
-    if (shut()) return false;
+    if (!Requesting()) return false;
     (service_.*request)(ctx, req, responder, cq_.get(), cq_.get(), tag);
     return true;
+  }
+  // A request for a call came back (accepted, or not: the server is shutting down). Returns
+  // whether the server is shutting down; an accepted call counts until Ended().
+  bool Accepted(bool ok) {
+    std::lock_guard<std::mutex> l(mu_);
+    --requests_;
+    if (ok) ++live_calls_;
+    if (requests_ == 0 && live_calls_ == 0) idle_cv_.notify_all();
+    return shut_;
+  }
+  // An accepted call has ended: it starts no more operations.
+  void Ended() {
+    std::lock_guard<std::mutex> l(mu_);
+    --live_calls_;
+    if (requests_ == 0 && live_calls_ == 0) idle_cv_.notify_all();
   }
 
   StreamAcceptor* acceptor() const { return acceptor_; }
@@ -375,12 +397,16 @@ class ServerImpl final : public ReplicationServer {
       }
     }
   }
-  bool shut() const {
-    std::lock_guard<std::mutex> l(mu_);
-    return shut_;
-  }
 
  private:
+  // Counts a request for a new call about to be made, unless the server is shutting down.
+  bool Requesting() {
+    std::lock_guard<std::mutex> l(mu_);
+    if (shut_) return false;
+    ++requests_;
+    return true;
+  }
+
   StreamAcceptor* acceptor_;
   AsyncService service_;
   std::unique_ptr<grpc::ServerCompletionQueue> cq_;
@@ -388,20 +414,27 @@ class ServerImpl final : public ReplicationServer {
   std::thread thread_;
   int port_ = 0;
   mutable std::mutex mu_;
+  std::condition_variable idle_cv_;
   bool shut_ = false;
+  int requests_ = 0;    // requests for new calls not yet back
+  int live_calls_ = 0;  // accepted calls not yet ended
   std::set<std::weak_ptr<ServerCall>, std::owner_less<std::weak_ptr<ServerCall>>> streams_;
 };
 
 void ServerCall::Complete(int op, bool ok) {
   switch (op) {
-    case kAccept:
+    case kAccept: {
+      const bool shutting_down = server_->Accepted(ok);
       if (!ok) {  // the server is shutting down; no other tag of this call comes back
         auto keep = std::move(self_);
         return;
       }
       server_->RequestStream();
+      // Accepted while the server shuts down: gRPC may have cancelled its calls already.
+      if (shutting_down) call_->ctx.TryCancel();
       Begin();
       break;
+    }
     case kRead:
       OnRead(ok);
       break;
@@ -456,6 +489,7 @@ void ServerCall::EndIfIdle() {
   }
   server_->Remove(this);
   call_.reset();
+  server_->Ended();              // the server may shut its queue down from here on
   auto keep = std::move(self_);  // may destroy *this when `keep` goes out of scope
 }
 
@@ -469,7 +503,14 @@ void UnaryCall<Request, Reply>::Start(ServerImpl* server, RequestFn request, Han
 
 template <class Request, class Reply>
 void UnaryCall<Request, Reply>::Complete(int op, bool ok) {
-  if (op == kFinish || !ok) {  // answered, or the server is shutting down
+  if (op == kFinish) {  // answered (or failed to: the call was cancelled)
+    ServerImpl* server = server_;
+    delete this;
+    server->Ended();
+    return;
+  }
+  server_->Accepted(ok);
+  if (!ok) {  // the server is shutting down
     delete this;
     return;
   }
@@ -542,13 +583,12 @@ class Reaper {
 class ClientQueue {
  public:
   static std::shared_ptr<ClientQueue> Get() {
-    static std::mutex mu;
-    static std::weak_ptr<ClientQueue> current;
-    std::lock_guard<std::mutex> l(mu);
-    auto q = current.lock();
+    std::lock_guard<std::mutex> l(Live().mu);
+    auto q = Live().current.lock();
     if (!q) {
       q = std::make_shared<ClientQueue>();
-      current = q;
+      Live().current = q;
+      ++Live().queues;
     }
     return q;
   }
@@ -556,10 +596,32 @@ class ClientQueue {
   ~ClientQueue() {
     cq_.Shutdown();  // every stream on it has ended: nothing is pending
     thread_.join();
+    {
+      std::lock_guard<std::mutex> l(Live().mu);
+      --Live().queues;
+    }
+    Live().cv.notify_all();
   }
   grpc::CompletionQueue* cq() { return &cq_; }
 
+  // Until no queue (so no client stream) is left.
+  static bool WaitNone(std::chrono::milliseconds timeout) {
+    std::unique_lock<std::mutex> l(Live().mu);
+    return Live().cv.wait_for(l, timeout, [] { return Live().queues == 0; });
+  }
+
  private:
+  struct LiveQueues {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::weak_ptr<ClientQueue> current;
+    int queues = 0;  // constructed and not yet destroyed (a new one may start as the last ends)
+  };
+  static LiveQueues& Live() {
+    static auto* live = new LiveQueues;  // never destroyed: used from threads that end at exit
+    return *live;
+  }
+
   grpc::CompletionQueue cq_;
   std::thread thread_;  // last: starts once the queue exists
 };
@@ -789,6 +851,10 @@ std::shared_ptr<ClientStream> ClientStream::Open(std::shared_ptr<grpc::Channel> 
   auto c = std::make_shared<ClientCall>(std::move(on_message), std::move(on_closed));
   c->Begin(std::move(channel));
   return c;
+}
+
+bool ClientStream::WaitAllReleased(std::chrono::milliseconds timeout) {
+  return ClientQueue::WaitNone(timeout);
 }
 
 void StreamAcceptor::VerifyChunks(const v1::VerifyChunksRequest&, std::vector<std::string>,

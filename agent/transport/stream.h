@@ -131,6 +131,12 @@ class ClientStream {
   // Cancels the RPC and reports `status` through on_closed (see above).
   virtual void Close(absl::Status status) = 0;
 
+  // Waits up to `timeout` until every client stream of the process has been released and their
+  // shared completion-queue thread has exited; returns whether it has. For the end of main: a
+  // closed stream lets go of itself only once gRPC has handed back its last operation, and that
+  // thread must not outlive main (static destructors run then).
+  static bool WaitAllReleased(std::chrono::milliseconds timeout);
+
  protected:
   ClientStream() = default;
 };

@@ -146,6 +146,8 @@ class StreamTest : public ::testing::Test {
   }
   void TearDown() override {
     if (server_) server_->Shutdown();
+    // Every client stream lets go of itself once its RPC is over, and their thread exits.
+    EXPECT_TRUE(ClientStream::WaitAllReleased(std::chrono::seconds(10)));
   }
 
   static v1::ToReplica Hello() {
