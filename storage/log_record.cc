@@ -162,6 +162,7 @@ absl::StatusOr<LogRecordView> DecodeRecord(uint32_t group_id, uint64_t lsn, std:
                                value.size() - kRecordHeaderSize, h.payload_size));
   }
   r.payload = value.substr(kRecordHeaderSize);
+  r.header_bytes = value.substr(0, kRecordHeaderSize);
   const uint64_t hash = PayloadHash(r.payload);
   if (payload_hash != nullptr) *payload_hash = hash;
   const uint64_t want = Checksum(group_id, lsn, p, hash);

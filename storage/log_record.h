@@ -59,6 +59,9 @@ struct LogRecordView {
   uint64_t lsn = 0;
   RecordHeader header;
   std::string_view payload;
+  // The header's kRecordHeaderSize encoded bytes (with the checksum): header_bytes + payload is
+  // the stored value ReadRaw hands out. Set by DecodeRecord and for a batch just written.
+  std::string_view header_bytes;
 };
 
 // Bytes the record takes as a stored value (header + payload): what the log's byte counts,

@@ -331,7 +331,7 @@ void PrimaryReplicator::OnRecords(std::span<const storage::LogRecordView> record
   // latency. Large batches (throughput) go to the worker so the committer keeps writing.
   const bool inline_ship = bytes <= kInlineShipBytes;
   if (inline_ship) {
-    for (auto& link : links_) Ship(*link, now);
+    for (auto& link : links_) Ship(*link, now, records);
   }
   {
     std::lock_guard lock(mu_);
@@ -610,16 +610,17 @@ void PrimaryReplicator::OnMessage(Link& link, uint64_t generation, v1::FromRepli
   cv_.notify_one();
 }
 
-void PrimaryReplicator::Ship(Link& link, core::Nanos now) {
+void PrimaryReplicator::Ship(Link& link, core::Nanos now,
+                             std::span<const storage::LogRecordView> fresh) {
   std::unique_lock lock(mu_);
   if (link.shipping) return;  // the other thread sends what is due (work_ brings the worker back)
   link.shipping = true;
-  ShipLocked(link, now, lock);
+  ShipLocked(link, now, lock, fresh);
   link.shipping = false;
 }
 
-void PrimaryReplicator::ShipLocked(Link& link, core::Nanos now,
-                                   std::unique_lock<std::mutex>& lock) {
+void PrimaryReplicator::ShipLocked(Link& link, core::Nanos now, std::unique_lock<std::mutex>& lock,
+                                   std::span<const storage::LogRecordView> fresh) {
   while (!stopping_ && link.stream) {
     std::optional<core::SendPlan> plan = core_.NextSend(link.opt.site, now);
     if (!plan) return;
@@ -633,22 +634,46 @@ void PrimaryReplicator::ShipLocked(Link& link, core::Nanos now,
     buf.reserve(std::min<uint64_t>(plan->max_bytes, kMaxReserveBytes));
     uint64_t first = 0, last = 0, batch_epoch = 0, bytes = 0;
     uint32_t count = 0;
-    absl::Status st =
-        log_->ReadRaw(plan->from_lsn, plan->to_lsn, plan->max_bytes, plan->max_records,
-                      [&](uint64_t lsn, std::string_view value) -> absl::Status {
-                        const uint64_t e = LoadLE64(value.data() + 8);
-                        if (count == 0) {
-                          batch_epoch = e;
-                          first = lsn;
-                        } else if (e != batch_epoch) {
-                          return kEpochBoundary;
-                        }
-                        buf.append(value);
-                        last = lsn;
-                        ++count;
-                        return absl::OkStatus();
-                      });
-    if (st == kEpochBoundary) st = absl::OkStatus();
+    // Appends one stored value (header + payload) to the batch, or says where the batch ends.
+    auto add = [&](uint64_t lsn, uint64_t epoch, std::string_view header,
+                   std::string_view payload) -> absl::Status {
+      if (count == 0) {
+        batch_epoch = epoch;
+        first = lsn;
+      } else if (epoch != batch_epoch) {
+        return kEpochBoundary;
+      }
+      buf.append(header);
+      buf.append(payload);
+      last = lsn;
+      ++count;
+      return absl::OkStatus();
+    };
+    absl::Status st;
+    const bool from_fresh = !fresh.empty() && plan->from_lsn == fresh.front().lsn &&
+                            fresh.front().header_bytes.size() == storage::kRecordHeaderSize;
+    if (from_fresh) {
+      // The batch the committer just wrote, still in memory: no read back from the log (a
+      // RocksDB iterator and a checksum per record, for every small batch). Same limits as
+      // ReadRaw: at least one record, then max_records / max_bytes / to_lsn / an epoch change.
+      for (const storage::LogRecordView& r : fresh) {
+        const uint64_t stored = storage::StoredSize(r);
+        if (r.lsn > plan->to_lsn || count == plan->max_records ||
+            (count > 0 && buf.size() + stored > plan->max_bytes)) {
+          break;
+        }
+        if (add(r.lsn, r.header.epoch, r.header_bytes, r.payload) == kEpochBoundary) break;
+      }
+    } else {
+      st = log_->ReadRaw(plan->from_lsn, plan->to_lsn, plan->max_bytes, plan->max_records,
+                         [&](uint64_t lsn, std::string_view value) -> absl::Status {
+                           return add(lsn, LoadLE64(value.data() + 8),
+                                      value.substr(0, storage::kRecordHeaderSize),
+                                      value.substr(storage::kRecordHeaderSize));
+                         });
+      if (st == kEpochBoundary) st = absl::OkStatus();
+    }
+    fresh = {};  // what follows (a batch cut by a limit, or more due) is read from the log
     bytes = buf.size();
     v1::ToReplica msg;
     if (st.ok() && count > 0) {

@@ -139,8 +139,11 @@ class PrimaryReplicator final : public CompletionGate,
   void OnMessage(Link& link, uint64_t generation, v1::FromReplica msg);
   void OnClosed(Link& link, uint64_t generation, const absl::Status& status);
   // Ships what core allows on `link`; returns false if it stopped on an error.
-  void Ship(Link& link, core::Nanos now);
-  void ShipLocked(Link& link, core::Nanos now, std::unique_lock<std::mutex>& lock);
+  // `fresh`: the records of the batch just written (the committer's OnRecords), valid during the
+  // call; a batch that starts with them is built from them instead of being read back from the log.
+  void Ship(Link& link, core::Nanos now, std::span<const storage::LogRecordView> fresh = {});
+  void ShipLocked(Link& link, core::Nanos now, std::unique_lock<std::mutex>& lock,
+                  std::span<const storage::LogRecordView> fresh = {});
   void CopyStep(Link& link, core::Nanos now);
   void Disconnect(Link& link, const std::string& reason, core::Nanos now);  // REQUIRES: mu_
   // A FLUSH/FUA began to wait: asks every peer that got lazily synced batches on its current
