@@ -748,6 +748,10 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
   for (const auto& p : config.nbd.unix_sockets) so.unix_sockets.push_back(p.string());
   so.max_inflight_requests = config.nbd.max_inflight_requests;
   so.max_inflight_bytes = config.nbd.max_inflight_bytes;
+  // A connection's burst of WRITEs becomes one batch of the log, written by the connection's
+  // thread when the log is idle (storage::AppendPlug).
+  so.burst_begin = &storage::AppendPlug::Engage;
+  so.burst_end = &storage::AppendPlug::Release;
   nbd::Frontend server(io, so);
   // Client I/O is counted per volume by a decorator around each export (for /metrics).
   std::map<std::string, std::vector<std::pair<std::string, std::shared_ptr<ops::VolumeIoMetrics>>>>

@@ -518,6 +518,51 @@ absl::Status GroupLog::RecordError(uint64_t lsn, std::string_view value,
 // ---------------------------------------------------------------------------------------------------
 // GroupLog: appending
 
+namespace {
+
+// AppendPlug's state: whether this thread holds a plug, and the logs it appended to meanwhile.
+struct AppendPlugState {
+  bool engaged = false;
+  std::vector<GroupLog*> logs;
+};
+thread_local AppendPlugState t_append_plug;
+
+// Whether an Append on this thread leaves the committer asleep (a plug is engaged); notes the log.
+bool AppendPlugDefers(GroupLog* log) {
+  AppendPlugState& s = t_append_plug;
+  if (!s.engaged) return false;
+  if (std::find(s.logs.begin(), s.logs.end(), log) == s.logs.end()) s.logs.push_back(log);
+  return true;
+}
+
+}  // namespace
+
+void AppendPlug::Engage() { t_append_plug.engaged = true; }
+
+bool AppendPlug::Engaged() { return t_append_plug.engaged; }
+
+void AppendPlug::Release() {
+  AppendPlugState& s = t_append_plug;
+  if (!s.engaged) return;
+  s.engaged = false;
+  // Writing may run callbacks (completions, on_batch_written); take the list before.
+  std::vector<GroupLog*> logs;
+  logs.swap(s.logs);
+  for (GroupLog* log : logs) log->Unplug();
+}
+
+void GroupLog::Unplug() {
+  std::unique_lock lock(mu_);
+  if (queue_.empty()) return;  // the committer took them meanwhile
+  if (options_.plugged_inline_when_idle && !committing_ && !stopping_ && failed_.ok()) {
+    // The fsync a FUA record or a Sync() wants stays the syncer's: this thread must not block.
+    CommitOnCallerThread(lock, /*may_fsync=*/false);
+    return;
+  }
+  lock.unlock();
+  cv_.notify_one();
+}
+
 void GroupLog::Append(AppendRequest req, AppendDone done) {
   // The expensive part of the checksum, on the caller's thread and outside the lock.
   const uint64_t payload_hash = PayloadHash(req.payload.view());
@@ -553,6 +598,7 @@ void GroupLog::Append(AppendRequest req, AppendDone done) {
   p.done = std::move(done);
   queue_.push_back(std::move(p));
   lock.unlock();
+  if (AppendPlugDefers(this)) return;  // the plug's release writes it
   cv_.notify_one();
 }
 
@@ -818,12 +864,12 @@ bool GroupLog::TakeBatchLocked(std::vector<Pending>& batch, std::vector<SyncWait
   return meta_dirty_;
 }
 
-void GroupLog::CommitOnCallerThread(std::unique_lock<std::mutex>& lock) {
+void GroupLog::CommitOnCallerThread(std::unique_lock<std::mutex>& lock, bool may_fsync) {
   std::vector<Pending> batch;
   std::vector<SyncWaiter> syncs;
   const bool write_meta = TakeBatchLocked(batch, syncs);
   lock.unlock();
-  Commit(batch, syncs, write_meta);
+  Commit(batch, syncs, write_meta, may_fsync);
   lock.lock();
   committing_ = false;
   const bool more = !queue_.empty() || !sync_waiters_.empty() || meta_dirty_ || stopping_;
@@ -832,8 +878,8 @@ void GroupLog::CommitOnCallerThread(std::unique_lock<std::mutex>& lock) {
   idle_cv_.notify_all();
 }
 
-void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& syncs,
-                      bool write_meta) {
+void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& syncs, bool write_meta,
+                      bool may_fsync) {
   // Reserve the whole batch, payloads included: growing WriteBatch's buffer by doubling copied
   // every payload again and faulted in fresh pages each time (a sixth of a replica's CPU).
   // (External payloads go to their payload file instead: only a 16-byte reference.)
@@ -965,7 +1011,7 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
   // several times the raw write+fsync loop's time through the syncer on this 2-vCPU VM, where a
   // futex wake-up costs tens of microseconds).
   bool sync_here = false;
-  if (sync_now && options_.sync_on_committer_when_all_durable &&
+  if (sync_now && may_fsync && options_.sync_on_committer_when_all_durable &&
       std::all_of(batch.begin(), batch.end(),
                   [](const Pending& p) { return p.req.sync || (p.run && !p.done); })) {
     std::lock_guard lock(mu_);

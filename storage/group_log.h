@@ -202,6 +202,10 @@ struct GroupLogOptions {
   // A batch in which every record waits for durability (FUA appends, Sync() callers) is written
   // with a synced write on the committer when the syncer is idle, instead of being handed to it.
   bool sync_on_committer_when_all_durable = true;
+  // Appends made under an AppendPlug are written by the plugging thread when the plug is released
+  // and the log is idle (no batch being written; the fsync, if one is wanted, stays the syncer's),
+  // instead of waking the committer. Off: they wake the committer at the release.
+  bool plugged_inline_when_idle = true;
   RetentionOptions retention;
   // Called on the committer thread after a batch is in the log (written, maybe not yet fsynced),
   // with the batch's records in LSN order, before any append callback of the batch runs. The
@@ -291,6 +295,20 @@ struct GroupLogState {
   ReplicaMeta replica;
 };
 
+// Batches the appends one thread makes in one go, such as an NBD connection dispatching the
+// requests it has already read: while the thread holds a plug, GroupLog::Append on that thread
+// queues its record without waking the committer, and the release writes everything queued in one
+// batch on this thread if the log is idle (no batch being written), else wakes the committer. That
+// saves the committer's wake-up and the completions' hand-back per burst. A plug must be released
+// before the thread blocks or goes on to unrelated work (a coroutine: before it suspends), because
+// until then nothing writes those records. Per thread; Engage while engaged is a no-op.
+class AppendPlug {
+ public:
+  static void Engage();
+  static void Release();
+  static bool Engaged();
+};
+
 class GroupLog {
  public:
   using AppendDone = absl::AnyInvocable<void(absl::StatusOr<uint64_t> lsn) &&>;
@@ -307,6 +325,8 @@ class GroupLog {
   // req.sync), or with the error that kept it out: on the committer thread, or on the syncer thread
   // once a req.sync record is fsynced. So a record without req.sync may complete before an earlier
   // one with it.
+  // Under an AppendPlug on this thread, the committer is not woken: the plug's release writes the
+  // records (see AppendPlug).
   void Append(AppendRequest req, AppendDone done);
   // `done` runs once every record appended before this call is fsynced.
   // `fsync_here = false` never fsyncs on the caller's thread (the syncer does it), for a caller
@@ -482,8 +502,13 @@ class GroupLog {
   // metadata must be written with it. REQUIRES: mu_ held, !committing_.
   bool TakeBatchLocked(std::vector<Pending>& batch, std::vector<SyncWaiter>& syncs);
   // Takes and commits a batch on the calling thread. REQUIRES: `lock` holds mu_, !committing_;
-  // returns with it released.
-  void CommitOnCallerThread(std::unique_lock<std::mutex>& lock);
+  // returns with it released. `may_fsync = false`: a batch that wants an fsync hands it to the
+  // syncer instead of writing it synced here.
+  void CommitOnCallerThread(std::unique_lock<std::mutex>& lock, bool may_fsync = true);
+  // An AppendPlug released: write what this thread queued, here if the log is idle, else wake the
+  // committer.
+  void Unplug();
+  friend class AppendPlug;
   void SyncerLoop();
   // Fsyncs the payload files, then the WAL, and advances durable_lsn to `target` (already
   // written). Any thread.
@@ -510,7 +535,8 @@ class GroupLog {
   // durable_lsn = max(durable_lsn, lsn): the committer and an inline Sync() may both advance it.
   void AdvanceDurable(uint64_t lsn);
   // Writes one batch (records, metadata, fsync if asked); completes what it covers.
-  void Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& syncs, bool write_meta);
+  void Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& syncs, bool write_meta,
+              bool may_fsync = true);
   absl::Status WriteMetaLocked(
       void* write_batch);  // REQUIRES: mu_ held; write_batch: rocksdb::WriteBatch*
   // Waits until no batch is being written and no sync is in flight; then OK if nothing is

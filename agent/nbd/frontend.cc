@@ -170,6 +170,7 @@ class Connection final : public ConnectionBase,
       // bad_alloc for a payload, or a bug: this connection ends, the agent goes on.
       spdlog::warn("nbd: closing connection from {} ({}): {}", peer_, phase, e.what());
     }
+    EndBurst();
     // Answer everything already read, and wait for every operation the Export still holds: slots
     // and completions refer to this connection until then.
     while (pending_ops_ > 0 || (!write_failed_ && (writing_ || !queued_.empty()))) {
@@ -289,8 +290,22 @@ class Connection final : public ConnectionBase,
         cstats_.bytes_written += h.length;
         fe_->stats.bytes_written.fetch_add(h.length);
       }
+      BeginBurst();
       Dispatch(h, std::move(payload));
     }
+  }
+
+  // See FrontendOptions::burst_begin. Every suspension of Transmission() goes through ReadExact
+  // or WaitForWake, which end the burst first.
+  void BeginBurst() {
+    if (in_burst_ || fe_->options.burst_begin == nullptr) return;
+    in_burst_ = true;
+    fe_->options.burst_begin();
+  }
+  void EndBurst() {
+    if (!in_burst_) return;
+    in_burst_ = false;
+    fe_->options.burst_end();
   }
 
   // Hands a valid request to the Export (a WRITE with its payload).
@@ -476,6 +491,7 @@ class Connection final : public ConnectionBase,
     n -= take;
     if (n == 0) co_return;
     rpos_ = rend_ = 0;
+    EndBurst();  // this coroutine may suspend below
     while (n > 0) {
       const std::array<asio::mutable_buffer, 2> bufs{asio::buffer(dst, n),
                                                      asio::buffer(rbuf_.get(), kReadAheadBytes)};
@@ -502,6 +518,7 @@ class Connection final : public ConnectionBase,
 
   // Sleeps until a completion, a finished write or RequestStop cancels the timer.
   awaitable<void> WaitForWake() {
+    EndBurst();
     wake_.expires_at(asio::steady_timer::time_point::max());
     boost::system::error_code ec;
     co_await wake_.async_wait(asio::redirect_error(use_awaitable, ec));
@@ -532,6 +549,7 @@ class Connection final : public ConnectionBase,
   std::mutex inbox_mu_;
   std::vector<Completion> inbox_;  // GUARDED_BY(inbox_mu_)
   bool inbox_posted_ = false;      // GUARDED_BY(inbox_mu_)
+  bool in_burst_ = false;          // between BeginBurst and EndBurst (the strand only)
   std::vector<Completion> draining_;
 
   // Write side: replies waiting, and those in the async_write under way.

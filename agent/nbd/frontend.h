@@ -36,6 +36,13 @@ struct FrontendOptions {
   std::vector<std::string> unix_sockets;  // paths; a stale socket file is replaced
   uint32_t max_inflight_requests = 256;   // per connection
   uint64_t max_inflight_bytes = 128ull << 20;
+  // Called around each burst of requests a connection hands to its Export without waiting in
+  // between (the requests already read): burst_begin before the first, burst_end before the
+  // connection waits for anything (a read, a completion) or ends, on the connection's thread.
+  // tvillingd sets them to storage::AppendPlug::Engage/Release, so that a burst of WRITEs becomes
+  // one batch of the group log, written on this thread when the log is idle.
+  void (*burst_begin)() = nullptr;
+  void (*burst_end)() = nullptr;
 };
 
 // Server-wide counters (monotonic unless noted). Each connection keeps the same counts for itself

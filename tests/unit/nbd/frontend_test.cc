@@ -9,6 +9,7 @@
 #include <spdlog/spdlog.h>
 #include <stdlib.h>
 
+#include <atomic>
 #include <filesystem>
 #include <random>
 
@@ -410,6 +411,91 @@ TEST_F(FrontendTest, PipelinedRequestsAreAnsweredOutOfOrderWithTheirOwnData) {
     EXPECT_EQ(r.cookie, 1000u + i) << "replies follow completion order";
     EXPECT_EQ(c.Recv(1), std::string(1, static_cast<char>('a' + i)));
   }
+}
+
+// FrontendOptions::burst_begin/burst_end (tvillingd: storage::AppendPlug): every request reaches
+// the Export inside a burst, bursts never nest, and a burst ends before the connection waits (for
+// the client's next request, a completion, or its end), so begins and ends stay balanced.
+namespace burst {
+std::atomic<int> begins{0}, ends{0}, nested{0}, stray_ends{0};
+thread_local bool in = false;
+void Begin() {
+  if (in) ++nested;
+  in = true;
+  ++begins;
+}
+void End() {
+  if (!in) ++stray_ends;
+  in = false;
+  ++ends;
+}
+}  // namespace burst
+
+class BurstCheckedExport : public Export {
+ public:
+  explicit BurstCheckedExport(std::shared_ptr<Export> e) : e_(std::move(e)) {}
+  const ExportInfo& info() const override { return e_->info(); }
+  void Read(uint64_t offset, uint32_t length, char* out, Done done) override {
+    Check();
+    e_->Read(offset, length, out, std::move(done));
+  }
+  void Write(uint64_t offset, storage::Bytes data, bool fua, Done done) override {
+    Check();
+    e_->Write(offset, std::move(data), fua, std::move(done));
+  }
+  void Flush(Done done) override {
+    Check();
+    e_->Flush(std::move(done));
+  }
+  void Trim(uint64_t offset, uint32_t length, bool fua, Done done) override {
+    Check();
+    e_->Trim(offset, length, fua, std::move(done));
+  }
+  void WriteZeroes(uint64_t offset, uint32_t length, bool fua, bool no_hole, Done done) override {
+    Check();
+    e_->WriteZeroes(offset, length, fua, no_hole, std::move(done));
+  }
+  std::atomic<int> outside{0}, calls{0};
+
+ private:
+  void Check() {
+    ++calls;
+    if (!burst::in) ++outside;
+  }
+  std::shared_ptr<Export> e_;
+};
+
+TEST_F(FrontendTest, RequestsReachTheExportInBurstsThatEndBeforeTheConnectionWaits) {
+  FrontendOptions o;
+  o.burst_begin = &burst::Begin;
+  o.burst_end = &burst::End;
+  auto checked = std::make_shared<BurstCheckedExport>(vol_);
+  {
+    TestServer s({checked}, o);
+    RawClient c(s.port());
+    ASSERT_NE(c.Connect("vol0"), 0);
+    // Pipelined, some completions held (the connection then waits for them with a burst ended).
+    vol_->set_hold(true);
+    for (int i = 0; i < 16; ++i) c.Request(kCmdWrite, 0, i, 4096 * i, 4, "abcd");
+    for (int i = 0; i < 200 && vol_->held() < 16; ++i) usleep(10000);
+    ASSERT_EQ(vol_->held(), 16u);
+    vol_->set_hold(false);
+    vol_->ReleaseReversed();
+    for (int i = 0; i < 16; ++i) EXPECT_EQ(c.ReadReply().error, 0u);
+    c.Request(kCmdRead, 0, 100, 0, 4);
+    EXPECT_EQ(c.ReadReply().error, 0u);
+    EXPECT_EQ(c.Recv(4), "abcd");
+    c.Request(kCmdFlush, 0, 101, 0, 0);
+    EXPECT_EQ(c.ReadReply().error, 0u);
+    c.Request(kCmdDisc, 0, 102, 0, 0);
+    EXPECT_TRUE(c.Closed());
+  }
+  EXPECT_EQ(checked->calls.load(), 18);
+  EXPECT_EQ(checked->outside.load(), 0) << "a request reached the Export outside a burst";
+  EXPECT_EQ(burst::nested.load(), 0);
+  EXPECT_EQ(burst::stray_ends.load(), 0);
+  EXPECT_GE(burst::begins.load(), 1);
+  EXPECT_EQ(burst::ends.load(), burst::begins.load()) << "a burst was left open";
 }
 
 TEST_F(FrontendTest, BackPressureStopsReadingRequestsAtTheLimit) {

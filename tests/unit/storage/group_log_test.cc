@@ -7,6 +7,7 @@
 #include <rocksdb/write_batch.h>
 
 #include <atomic>
+#include <mutex>
 #include <chrono>
 #include <future>
 #include <memory>
@@ -175,6 +176,80 @@ TEST_F(GroupLogTest, GroupCommitBatchesConcurrentAppends) {
   EXPECT_EQ(completed.load(), 2000);
   EXPECT_LT(batches.load(), 2000) << "every append got its own batch: no group commit";
   EXPECT_GT(max_batch.load(), 1u);
+}
+
+// AppendPlug (an NBD connection's burst): appends under a plug wait for its release, which writes
+// them as one batch on the releasing thread when the log is idle (their callbacks run before
+// Release returns). A FUA record under a plug is fsynced by the syncer, not by this thread. With
+// plugged_inline_when_idle off, the release wakes the committer instead.
+TEST_F(GroupLogTest, PluggedAppendsAreOneBatchWrittenByTheReleasingThread) {
+  using namespace std::chrono_literals;
+  for (const bool inline_when_idle : {true, false}) {
+    SCOPED_TRACE(inline_when_idle ? "inline when idle" : "through the committer");
+    std::mutex mu;
+    std::vector<std::pair<std::thread::id, size_t>> batches;
+    GroupLogOptions o;
+    o.plugged_inline_when_idle = inline_when_idle;
+    o.on_batch_written = [&](std::span<const LogRecordView> recs) {
+      std::lock_guard l(mu);
+      batches.emplace_back(std::this_thread::get_id(), recs.size());
+      return absl::OkStatus();
+    };
+    Open(o);
+    ASSERT_TRUE(AppendWait(log_, WriteReq(0, "warm")).ok());
+    const uint64_t base = log_->last_lsn();
+    std::this_thread::sleep_for(100ms);  // the committer is back waiting for work
+    {
+      std::lock_guard l(mu);
+      batches.clear();
+    }
+    std::atomic<int> completed{0};
+    std::atomic<bool> all_on_this_thread{true};
+    const std::thread::id me = std::this_thread::get_id();
+    AppendPlug::Engage();
+    EXPECT_TRUE(AppendPlug::Engaged());
+    for (int i = 0; i < 8; ++i) {
+      log_->Append(WriteReq(4096ull * i, "p"), [&](absl::StatusOr<uint64_t> l) {
+        EXPECT_TRUE(l.ok()) << l.status();
+        if (std::this_thread::get_id() != me) all_on_this_thread = false;
+        ++completed;
+      });
+    }
+    std::this_thread::sleep_for(100ms);
+    EXPECT_EQ(completed.load(), 0) << "written before the plug's release";
+    AppendPlug::Release();
+    EXPECT_FALSE(AppendPlug::Engaged());
+    if (inline_when_idle) {
+      EXPECT_EQ(completed.load(), 8) << "not written by Release";
+      EXPECT_TRUE(all_on_this_thread.load());
+    } else {
+      ASSERT_TRUE(SyncWait(log_).ok());
+      EXPECT_EQ(completed.load(), 8);
+      EXPECT_FALSE(all_on_this_thread.load()) << "written by the releasing thread";
+    }
+    {
+      std::lock_guard l(mu);
+      ASSERT_EQ(batches.size(), 1u) << "one batch for the burst";
+      EXPECT_EQ(batches[0].second, 8u);
+      EXPECT_EQ(batches[0].first == me, inline_when_idle);
+    }
+    // A FUA record: durable when it completes; Release returns before the fsync is needed.
+    auto fua = std::make_shared<std::promise<absl::StatusOr<uint64_t>>>();
+    AppendPlug::Engage();
+    log_->Append(WriteReq(0, "f", /*sync=*/true),
+                 [fua](absl::StatusOr<uint64_t> l) { fua->set_value(l); });
+    AppendPlug::Release();
+    auto f = fua->get_future();
+    ASSERT_EQ(f.wait_for(10s), std::future_status::ready);
+    auto lsn = f.get();
+    ASSERT_TRUE(lsn.ok()) << lsn.status();
+    EXPECT_GE(log_->durable_lsn(), *lsn);
+    EXPECT_EQ(log_->last_lsn(), base + 9);
+    // Release without a plug, or with nothing appended, does nothing.
+    AppendPlug::Release();
+    AppendPlug::Engage();
+    AppendPlug::Release();
+  }
 }
 
 TEST_F(GroupLogTest, ApplyHookRunsBeforeCompletionAndItsErrorFailsTheBatch) {
