@@ -549,6 +549,8 @@ void AppendPlug::Release() {
   std::vector<GroupLog*> logs;
   logs.swap(s.logs);
   for (GroupLog* log : logs) log->Unplug();
+  logs.clear();
+  if (s.logs.empty()) s.logs.swap(logs);  // keeps the capacity for the next burst
 }
 
 void GroupLog::Unplug() {
