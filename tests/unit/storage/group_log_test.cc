@@ -7,10 +7,10 @@
 #include <rocksdb/write_batch.h>
 
 #include <atomic>
-#include <mutex>
 #include <chrono>
 #include <future>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <thread>
 
