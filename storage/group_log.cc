@@ -704,6 +704,9 @@ void GroupLog::Sync(SyncDone done, bool fsync_here, std::chrono::microseconds wi
     std::move(done)(absl::OkStatus());
     return;
   }
+  // When the fsync is due; the epoch = at once.
+  const auto due = within.count() > 0 ? std::chrono::steady_clock::now() + within
+                                      : std::chrono::steady_clock::time_point{};
   if (within.count() > 0) fsync_here = false;
   if (fsync_here && options_.sync_inline_when_idle && queue_.empty() && !committing_ &&
       !meta_dirty_ && sync_waiters_.empty() && !syncing_ && sync_jobs_.empty() && !stopping_) {
@@ -727,8 +730,8 @@ void GroupLog::Sync(SyncDone done, bool fsync_here, std::chrono::microseconds wi
     // meanwhile would find the log busy and not be written on its caller's thread).
     SyncJob job;
     job.target_lsn = target;
-    job.waiters.push_back({target, std::move(done)});
-    if (within.count() > 0) job.due = std::chrono::steady_clock::now() + within;
+    job.due = due;
+    job.waiters.push_back({target, std::move(done), due});
     sync_jobs_.push_back(std::move(job));
     lock.unlock();
     sync_cv_.notify_one();
@@ -736,9 +739,7 @@ void GroupLog::Sync(SyncDone done, bool fsync_here, std::chrono::microseconds wi
   }
   // Records are queued or being written: the committer hands this to the syncer with them, due
   // when the caller asked (so a deferred Sync on a busy log still waits for its time).
-  sync_waiters_.push_back({target, std::move(done),
-                           within.count() > 0 ? std::chrono::steady_clock::now() + within
-                                              : std::chrono::steady_clock::time_point{}});
+  sync_waiters_.push_back({target, std::move(done), due});
   lock.unlock();
   cv_.notify_one();
 }
