@@ -109,6 +109,7 @@ node::GroupRuntimeOptions GroupOptions(const ops::Config& config, const ops::Gro
   o.exports_read_only = !g.IsPrimary(config.agent.site);
   o.log = LogOptions(config.log);
   o.checkpoint_interval_ms = config.log.checkpoint_interval_ms;
+  o.checkpoint_bytes = config.log.checkpoint_bytes;
   o.checkpoint_chunk_bytes = config.log.checkpoint_chunk_bytes;
   for (const ops::VolumeConfig& v : g.volumes) {
     node::VolumeSpec spec;

@@ -184,7 +184,7 @@ class Reader {
     CheckKeys(t, path,
               {"dir", "write_buffer", "max_batch_bytes", "max_batch_records",
                "external_payload_min", "retention_bytes", "retention_seconds", "hard_cap",
-               "checkpoint_interval_ms", "checkpoint_chunk"});
+               "checkpoint_interval_ms", "checkpoint_bytes", "checkpoint_chunk"});
     ReadPath(t, path, "dir", &log->dir);
     ReadSize(t, path, "write_buffer", &log->write_buffer_bytes);
     ReadSize(t, path, "max_batch_bytes", &log->max_batch_bytes);
@@ -194,6 +194,7 @@ class Reader {
     ReadUint(t, path, "retention_seconds", &log->retention_seconds);
     ReadSize(t, path, "hard_cap", &log->hard_cap_bytes);
     ReadUint(t, path, "checkpoint_interval_ms", &log->checkpoint_interval_ms);
+    ReadSize(t, path, "checkpoint_bytes", &log->checkpoint_bytes);
     ReadSize(t, path, "checkpoint_chunk", &log->checkpoint_chunk_bytes);
   }
 
@@ -740,6 +741,11 @@ void ValidateLog(LogConfig& log, const fs::path& state_dir, Errors& errors) {
   }
   CheckRange<uint32_t>(errors, "log.checkpoint_interval_ms", log.checkpoint_interval_ms, 1,
                        kMaxCheckpointIntervalMs, " ms");
+  if (log.checkpoint_bytes < kMinCheckpointBytes || log.checkpoint_bytes > kMaxCheckpointBytes) {
+    errors.Add("log.checkpoint_bytes",
+               fmt::format("must be between {} and {}, got {}", FormatSize(kMinCheckpointBytes),
+                           FormatSize(kMaxCheckpointBytes), FormatSize(log.checkpoint_bytes)));
+  }
   if (log.checkpoint_chunk_bytes != 0 && (log.checkpoint_chunk_bytes < kMinCheckpointChunkBytes ||
                                           log.checkpoint_chunk_bytes > kMaxCheckpointChunkBytes)) {
     errors.Add(

@@ -59,6 +59,8 @@ inline constexpr uint32_t kMaxBatchRecords = 1u << 20;
 inline constexpr uint32_t kMaxCheckpointIntervalMs = 3'600'000;  // 1 h
 inline constexpr uint64_t kMinCheckpointChunkBytes = 64ull << 10;
 inline constexpr uint64_t kMaxCheckpointChunkBytes = 1ull << 30;
+inline constexpr uint64_t kMinCheckpointBytes = 1ull << 20;
+inline constexpr uint64_t kMaxCheckpointBytes = 64ull << 30;
 inline constexpr uint32_t kMaxInflightRequests = 65536;
 // One NBD request may carry up to 32 MiB (nbd::ExportInfo::max_payload_bytes); a per-connection
 // byte budget below that could never admit it.
@@ -121,6 +123,10 @@ struct LogConfig {
   // `checkpoint_interval_ms`: how often the applier fsyncs the volumes and records the applied LSN,
   // i.e. how much log a restart may replay. Default 1000.
   uint32_t checkpoint_interval_ms = 1000;
+  // `checkpoint_bytes`: ... or sooner, once this many bytes were applied since the last checkpoint.
+  // The log is truncated only behind a checkpoint, so this also bounds how much of the log is
+  // still live when the memtable is flushed (and written to an SST). Default 32 MiB.
+  uint64_t checkpoint_bytes = 32ull << 20;
   // `checkpoint_chunk`: a checkpoint writes the volumes' dirty ranges back in pieces of at most
   // this many bytes, one at a time, before it fsyncs them, so a log fsync never waits behind a
   // whole checkpoint (node::GroupRuntimeOptions::checkpoint_chunk_bytes). 0 = one unpaced fsync.

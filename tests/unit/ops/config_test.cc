@@ -83,6 +83,7 @@ TEST(ConfigTest, MinimalConfigGetsDefaults) {
   EXPECT_EQ(config->log.retention_seconds, 0u);
   EXPECT_EQ(config->log.hard_cap_bytes, 0u);
   EXPECT_EQ(config->log.checkpoint_interval_ms, 1000u);
+  EXPECT_EQ(config->log.checkpoint_bytes, 32ull << 20);
   EXPECT_EQ(config->log.checkpoint_chunk_bytes, 4ull << 20);
   ASSERT_EQ(config->nbd.listen.size(), 1u);
   EXPECT_EQ(config->nbd.listen[0], (ListenAddress{"127.0.0.1", 10809}));
@@ -116,6 +117,7 @@ retention_bytes = "1GiB"
 retention_seconds = 3600
 hard_cap = "2GiB"
 checkpoint_interval_ms = 250
+checkpoint_bytes = "8MiB"
 checkpoint_chunk = "1MiB"
 [nbd]
 listen = ["[::1]:10810", "0.0.0.0:10809"]
@@ -149,6 +151,7 @@ size = "512 MiB"
   EXPECT_EQ(config->log.retention_seconds, 3600u);
   EXPECT_EQ(config->log.hard_cap_bytes, 2ull << 30);
   EXPECT_EQ(config->log.checkpoint_interval_ms, 250u);
+  EXPECT_EQ(config->log.checkpoint_bytes, 8ull << 20);
   EXPECT_EQ(config->log.checkpoint_chunk_bytes, 1ull << 20);
   ASSERT_EQ(config->nbd.listen.size(), 2u);
   EXPECT_EQ(config->nbd.listen[0], (ListenAddress{"::1", 10810}));
@@ -687,6 +690,8 @@ TEST(ConfigTest, RetentionAndDurations) {
   EXPECT_THAT(ErrorOf(Append(kMinimal, "[log]\ncheckpoint_interval_ms = 0\n")),
               HasSubstr("log.checkpoint_interval_ms: must be 1..3600000 ms, got 0"));
   EXPECT_TRUE(Parse(Append(kMinimal, "[log]\ncheckpoint_chunk = 0\n")).ok());  // unpaced
+  EXPECT_THAT(ErrorOf(Append(kMinimal, "[log]\ncheckpoint_bytes = \"512KiB\"\n")),
+              HasSubstr("log.checkpoint_bytes: must be between 1 MiB and 64 GiB, got 512 KiB"));
   EXPECT_THAT(
       ErrorOf(Append(kMinimal, "[log]\ncheckpoint_chunk = \"4KiB\"\n")),
       HasSubstr(
