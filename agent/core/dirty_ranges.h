@@ -1,7 +1,7 @@
 // dirty_ranges.h: the byte ranges of a volume the applier wrote since the last checkpoint, and how
 // to write them back in paced chunks (docs/operations.md, "Checkpoints and the log's fsyncs").
 //
-// Why: one fdatasync of a volume pushes every dirty page (up to checkpoint_bytes, 32 MiB) into the
+// Why: one fdatasync of a volume pushes every dirty page (up to checkpoint_bytes, 16 MiB) into the
 // disk's queue at once, and a log fsync issued meanwhile (a FLUSH, FUA, or a replica's `durable`
 // ack) waits behind all of it. Written back a chunk at a time, each chunk waited for before the
 // next is started, a log fsync waits for at most one chunk; the fdatasync that follows then has

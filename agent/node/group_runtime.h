@@ -43,7 +43,7 @@ struct GroupRuntimeOptions {
   // The checkpointer fsyncs the volumes and records the applied LSN this often, or sooner once this
   // many bytes were applied since the last checkpoint.
   uint64_t checkpoint_interval_ms = 1000;
-  uint64_t checkpoint_bytes = 32ull << 20;
+  uint64_t checkpoint_bytes = 16ull << 20;
   // A checkpoint writes the ranges the applier dirtied back in pieces of at most this many bytes,
   // each waited for before the next (Volume::WriteBack), and then fsyncs: a log fsync issued
   // meanwhile waits for one piece instead of the whole checkpoint (core/dirty_ranges.h). 0: one

@@ -125,8 +125,8 @@ struct LogConfig {
   uint32_t checkpoint_interval_ms = 1000;
   // `checkpoint_bytes`: ... or sooner, once this many bytes were applied since the last checkpoint.
   // The log is truncated only behind a checkpoint, so this also bounds how much of the log is
-  // still live when the memtable is flushed (and written to an SST). Default 32 MiB.
-  uint64_t checkpoint_bytes = 32ull << 20;
+  // still live when the memtable is flushed (and written to an SST). Default 16 MiB.
+  uint64_t checkpoint_bytes = 16ull << 20;
   // `checkpoint_chunk`: a checkpoint writes the volumes' dirty ranges back in pieces of at most
   // this many bytes, one at a time, before it fsyncs them, so a log fsync never waits behind a
   // whole checkpoint (node::GroupRuntimeOptions::checkpoint_chunk_bytes). 0 = one unpaced fsync.

@@ -83,7 +83,7 @@ TEST(ConfigTest, MinimalConfigGetsDefaults) {
   EXPECT_EQ(config->log.retention_seconds, 0u);
   EXPECT_EQ(config->log.hard_cap_bytes, 0u);
   EXPECT_EQ(config->log.checkpoint_interval_ms, 1000u);
-  EXPECT_EQ(config->log.checkpoint_bytes, 32ull << 20);
+  EXPECT_EQ(config->log.checkpoint_bytes, 16ull << 20);
   EXPECT_EQ(config->log.checkpoint_chunk_bytes, 4ull << 20);
   ASSERT_EQ(config->nbd.listen.size(), 1u);
   EXPECT_EQ(config->nbd.listen[0], (ListenAddress{"127.0.0.1", 10809}));
