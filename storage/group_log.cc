@@ -1249,6 +1249,12 @@ absl::Status GroupLog::ForEachValue(
           fmt::format("group {}: malformed log key near LSN {}", name_, expect));
     }
     if (lsn != expect) {
+      // The checkpointer may truncate the log while it is read (ReadRaw tells the two apart too).
+      if (const uint64_t first = first_lsn_seen_.load(std::memory_order_acquire); expect < first) {
+        return absl::OutOfRangeError(fmt::format(
+            "group {}: LSN {} was truncated while being read (the log now starts at LSN {})", name_,
+            expect, first));
+      }
       return absl::DataLossError(fmt::format(
           "group {}: log record LSN {} is missing (next record is LSN {})", name_, expect, lsn));
     }

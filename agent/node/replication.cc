@@ -255,19 +255,33 @@ absl::StatusOr<std::shared_ptr<PrimaryReplicator>> PrimaryReplicator::Start(Grou
     link->opt = p;
     r->links_.push_back(std::move(link));
   }
-  // The local log as it is now.
-  if (state.last_lsn >= state.first_lsn) {
-    // Sizes and times only: the headers, without reading external payloads.
+  // The local log as it is now: sizes and times only, the headers without external payloads.
+  // The checkpointer goes on truncating meanwhile (a replica being promoted checkpoints what it
+  // applied last), so a read that finds its first records truncated starts again from the log's
+  // new first LSN.
+  struct LocalRecord {
+    uint64_t lsn, bytes, timestamp_ns;
+  };
+  std::vector<LocalRecord> local;
+  storage::GroupLogState now_state = state;
+  for (int attempt = 1;; ++attempt) {
+    local.clear();
+    if (now_state.last_lsn < now_state.first_lsn) break;
     absl::Status st = log.ReadHeaders(
-        state.first_lsn, state.last_lsn, [&](uint64_t lsn, const storage::RecordHeader& h) {
-          r->core_.OnLocalAppend(lsn, storage::kRecordHeaderSize + h.payload_size, h.timestamp_ns,
-                                 now);
+        now_state.first_lsn, now_state.last_lsn, [&](uint64_t lsn, const storage::RecordHeader& h) {
+          local.push_back({lsn, storage::kRecordHeaderSize + h.payload_size, h.timestamp_ns});
           return absl::OkStatus();
         });
-    if (!st.ok()) return st;
-  } else if (state.last_lsn > 0) {
-    r->core_.OnLocalTruncate(state.first_lsn);
+    if (st.ok()) break;
+    if (!absl::IsOutOfRange(st) || attempt == 5) return st;
+    spdlog::debug("group {}: {}; reading the log's headers again", log.name(),
+                  std::string(st.message()));
+    now_state = log.State();
   }
+  for (const LocalRecord& rec : local) {
+    r->core_.OnLocalAppend(rec.lsn, rec.bytes, rec.timestamp_ns, now);
+  }
+  if (local.empty() && now_state.last_lsn > 0) r->core_.OnLocalTruncate(now_state.first_lsn);
   r->core_.OnLocalDurable(log.durable_lsn());
   r->core_.OnLocalApplied(group->applied_lsn());
   // Before any client write of this epoch: none completes until the first set is in etcd.

@@ -350,6 +350,33 @@ TEST_F(GroupLogTest, GapIsDetected) {
   EXPECT_NE(st.message().find("LSN 4 is missing"), absl::string_view::npos) << st;
 }
 
+// A reader that took the log's first LSN before the checkpointer truncated past it (a replica
+// being promoted reads its headers while its last records are checkpointed) is told the records
+// were truncated, OutOfRange, not that the log lost them: the caller reads again from the new
+// start. A record missing above the log's start is still DataLoss (GapIsDetected).
+TEST_F(GroupLogTest, ReadingRecordsTruncatedMeanwhileIsOutOfRangeNotDataLoss) {
+  Open();
+  for (int i = 0; i < 6; ++i) ASSERT_TRUE(AppendWait(log_, WriteReq(0, "r")).ok());
+  const GroupLogState before = log_->State();
+  ASSERT_EQ(before.first_lsn, 1u);
+  ASSERT_TRUE(log_->SetAppliedLsn(6).ok());
+  ASSERT_TRUE(log_->TruncateBefore(4).ok());
+  auto none = [](uint64_t, const RecordHeader&) { return absl::OkStatus(); };
+  absl::Status st = log_->ReadHeaders(before.first_lsn, before.last_lsn, none);
+  EXPECT_EQ(st.code(), absl::StatusCode::kOutOfRange) << st;
+  EXPECT_NE(st.message().find("LSN 1 was truncated while being read (the log now starts at LSN 4)"),
+            absl::string_view::npos)
+      << st;
+  std::vector<uint64_t> seen;
+  st = log_->ReadHeaders(log_->State().first_lsn, before.last_lsn,
+                         [&](uint64_t lsn, const RecordHeader&) {
+                           seen.push_back(lsn);
+                           return absl::OkStatus();
+                         });
+  ASSERT_TRUE(st.ok()) << st;
+  EXPECT_EQ(seen, (std::vector<uint64_t>{4, 5, 6}));
+}
+
 TEST_F(GroupLogTest, EpochHistoryIsPersistedWithTheFirstRecordOfTheEpoch) {
   Open();
   ASSERT_TRUE(AppendWait(log_, WriteReq(0, "e0")).ok());
