@@ -371,6 +371,23 @@ absl::StatusOr<v1::SwitchoverReply> RunSwitchover(const ops::Config& config,
   return out;
 }
 
+// What decides whether the memtable gets huge pages (see main): glibc's tunables, and the
+// kernel's transparent_hugepage mode (`madvise` or `always` is needed; `never` turns them off).
+void LogMemorySettings() {
+  const char* tunables = std::getenv("GLIBC_TUNABLES");
+  std::string thp = "unknown";
+  if (FILE* f = std::fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r")) {
+    char buf[128] = {};
+    if (std::fgets(buf, sizeof buf, f) != nullptr) {
+      thp = buf;
+      while (!thp.empty() && (thp.back() == '\n' || thp.back() == ' ')) thp.pop_back();
+    }
+    std::fclose(f);
+  }
+  spdlog::info("memory: GLIBC_TUNABLES='{}', transparent huge pages {}",
+               tunables != nullptr ? tunables : "(unset)", thp);
+}
+
 int Run(const ops::Config& config, const std::filesystem::path& config_file,
         const std::optional<std::filesystem::path>& state_dir_override,
         std::chrono::seconds status_interval) {
@@ -838,6 +855,7 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
   });
   spdlog::info("tvillingd {} site {} serving {} group(s); state in {}", TVILLING_VERSION,
                config.agent.site, groups.size(), config.agent.state_dir.string());
+  LogMemorySettings();
 
   // Every listener accepts and every log is replayed: only now is the agent ready.
   ops::Notify(fmt::format("READY=1\nSTATUS=serving {} group(s) as site {}", groups.size(),
@@ -902,6 +920,25 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
 
 int main(int argc, char** argv) {
   using namespace tvilling;
+  // Transparent huge pages for glibc's large allocations, the log's memtable above all (see
+  // storage's ConfigureRocksOptions): with 4 KiB pages every 4 KiB record copied into a fresh
+  // memtable page cost a page fault, a quarter of the CPU of a local write and ~80 µs of a
+  // replicated one on the VMs measured (docs/benchmarks.md). glibc reads its tunables only when a
+  // process starts, so tvillingd starts itself again with them once, unless the environment
+  // names tunables already (an operator's choice wins, an empty one too: GLIBC_TUNABLES= turns
+  // this off). Same PID, same arguments, the same file by its own path (so the process keeps its
+  // name for ps and pgrep; /proc/self/exe would rename it "exe"); if the exec fails (the file was
+  // replaced, say), it goes on without.
+  if (std::getenv("GLIBC_TUNABLES") == nullptr) {
+    char self[4096];
+    const ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n > 0) {
+      self[n] = '\0';
+      setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1", /*overwrite=*/1);
+      execv(self, argv);
+      unsetenv("GLIBC_TUNABLES");
+    }
+  }
   // The data path allocates and frees buffers of up to a batch (MiBs) many times a second: an NBD
   // request, a WriteBatch, a shipped batch. With glibc's defaults those come from fresh mmaps or
   // trimmed heaps, and every page of every buffer is faulted in again (a quarter of the CPU of a
