@@ -1249,6 +1249,18 @@ absl::Status GroupLog::ForEachValue(
   ro.iterate_upper_bound = &ub;
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro));
   uint64_t expect = from_lsn;
+  // A record not where it should be: below the log's start, truncated (the checkpointer may
+  // truncate while a reader that took the log's first LSN before reads; ReadRaw tells the two
+  // apart too), or above it and lost.
+  auto missing = [&](const std::string& what) {
+    if (const uint64_t first = first_lsn_seen_.load(std::memory_order_acquire); expect < first) {
+      return absl::OutOfRangeError(fmt::format(
+          "group {}: LSN {} is no longer in the log (truncated; it starts at LSN {} now)", name_,
+          expect, first));
+    }
+    return absl::DataLossError(
+        fmt::format("group {}: log record LSN {} is missing ({})", name_, expect, what));
+  };
   for (it->Seek(lower); it->Valid(); it->Next()) {
     uint32_t gid = 0;
     uint64_t lsn = 0;
@@ -1257,16 +1269,7 @@ absl::Status GroupLog::ForEachValue(
       return absl::DataLossError(
           fmt::format("group {}: malformed log key near LSN {}", name_, expect));
     }
-    if (lsn != expect) {
-      // The checkpointer may truncate the log while it is read (ReadRaw tells the two apart too).
-      if (const uint64_t first = first_lsn_seen_.load(std::memory_order_acquire); expect < first) {
-        return absl::OutOfRangeError(fmt::format(
-            "group {}: LSN {} was truncated while being read (the log now starts at LSN {})", name_,
-            expect, first));
-      }
-      return absl::DataLossError(fmt::format(
-          "group {}: log record LSN {} is missing (next record is LSN {})", name_, expect, lsn));
-    }
+    if (lsn != expect) return missing(fmt::format("next record is LSN {}", lsn));
     if (absl::Status st = fn(lsn, std::string_view(it->value().data(), it->value().size()));
         !st.ok()) {
       return st;
@@ -1278,8 +1281,7 @@ absl::Status GroupLog::ForEachValue(
                      fmt::format("group {}: reading log record LSN {}", name_, expect));
   }
   if (expect <= to_lsn && to_lsn != UINT64_MAX) {
-    return absl::DataLossError(fmt::format(
-        "group {}: log record LSN {} is missing (log should reach LSN {})", name_, expect, to_lsn));
+    return missing(fmt::format("log should reach LSN {}", to_lsn));
   }
   return absl::OkStatus();
 }

@@ -257,31 +257,27 @@ absl::StatusOr<std::shared_ptr<PrimaryReplicator>> PrimaryReplicator::Start(Grou
   }
   // The local log as it is now: sizes and times only, the headers without external payloads.
   // The checkpointer goes on truncating meanwhile (a replica being promoted checkpoints what it
-  // applied last), so a read that finds its first records truncated starts again from the log's
-  // new first LSN.
-  struct LocalRecord {
-    uint64_t lsn, bytes, timestamp_ns;
-  };
-  std::vector<LocalRecord> local;
+  // applied last), so a read that finds its first records truncated reads again from the log's
+  // new first LSN: the core ignores the records it has seen and forgets the truncated ones.
   storage::GroupLogState now_state = state;
-  for (int attempt = 1;; ++attempt) {
-    local.clear();
-    if (now_state.last_lsn < now_state.first_lsn) break;
+  bool truncated_meanwhile = false;
+  for (int attempt = 1; now_state.last_lsn >= now_state.first_lsn; ++attempt) {
     absl::Status st = log.ReadHeaders(
         now_state.first_lsn, now_state.last_lsn, [&](uint64_t lsn, const storage::RecordHeader& h) {
-          local.push_back({lsn, storage::kRecordHeaderSize + h.payload_size, h.timestamp_ns});
+          r->core_.OnLocalAppend(lsn, storage::kRecordHeaderSize + h.payload_size, h.timestamp_ns,
+                                 now);
           return absl::OkStatus();
         });
     if (st.ok()) break;
     if (!absl::IsOutOfRange(st) || attempt == 5) return st;
     spdlog::debug("group {}: {}; reading the log's headers again", log.name(),
                   std::string(st.message()));
+    truncated_meanwhile = true;
     now_state = log.State();
   }
-  for (const LocalRecord& rec : local) {
-    r->core_.OnLocalAppend(rec.lsn, rec.bytes, rec.timestamp_ns, now);
+  if (now_state.last_lsn > 0 && (truncated_meanwhile || now_state.last_lsn < now_state.first_lsn)) {
+    r->core_.OnLocalTruncate(now_state.first_lsn);
   }
-  if (local.empty() && now_state.last_lsn > 0) r->core_.OnLocalTruncate(now_state.first_lsn);
   r->core_.OnLocalDurable(log.durable_lsn());
   r->core_.OnLocalApplied(group->applied_lsn());
   // Before any client write of this epoch: none completes until the first set is in etcd.

@@ -364,7 +364,7 @@ TEST_F(GroupLogTest, ReadingRecordsTruncatedMeanwhileIsOutOfRangeNotDataLoss) {
   auto none = [](uint64_t, const RecordHeader&) { return absl::OkStatus(); };
   absl::Status st = log_->ReadHeaders(before.first_lsn, before.last_lsn, none);
   EXPECT_EQ(st.code(), absl::StatusCode::kOutOfRange) << st;
-  EXPECT_NE(st.message().find("LSN 1 was truncated while being read (the log now starts at LSN 4)"),
+  EXPECT_NE(st.message().find("LSN 1 is no longer in the log (truncated; it starts at LSN 4 now)"),
             absl::string_view::npos)
       << st;
   std::vector<uint64_t> seen;
@@ -375,6 +375,13 @@ TEST_F(GroupLogTest, ReadingRecordsTruncatedMeanwhileIsOutOfRangeNotDataLoss) {
                          });
   ASSERT_TRUE(st.ok()) << st;
   EXPECT_EQ(seen, (std::vector<uint64_t>{4, 5, 6}));
+  // Everything applied and truncated while a reader held the old range: nothing left to find.
+  ASSERT_TRUE(log_->TruncateBefore(7).ok());
+  st = log_->ReadHeaders(4, before.last_lsn, none);
+  EXPECT_EQ(st.code(), absl::StatusCode::kOutOfRange) << st;
+  EXPECT_NE(st.message().find("LSN 4 is no longer in the log (truncated; it starts at LSN 7 now)"),
+            absl::string_view::npos)
+      << st;
 }
 
 TEST_F(GroupLogTest, EpochHistoryIsPersistedWithTheFirstRecordOfTheEpoch) {
