@@ -69,7 +69,7 @@ import urllib.request
 import nbd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from repl_lib import (TestFailure, assert_identical, free_port, log, run_main, u64,  # noqa: E402
+from repl_lib import (TestFailure, assert_identical, free_port, freeze, log, run_main, u64,  # noqa: E402
                       wait_caught_up, wait_for)
 
 LEASE_TTL_MS = 3000
@@ -146,7 +146,7 @@ class Etcd:
         return int(kvs[0]["create_revision"]) if kvs else 0
 
     def pause(self):
-        os.kill(self.proc.pid, signal.SIGSTOP)
+        freeze(self.proc.pid)
 
     def resume(self):
         os.kill(self.proc.pid, signal.SIGCONT)

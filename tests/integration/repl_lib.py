@@ -52,6 +52,51 @@ def wait_for(what, fn, timeout_s, interval_s=0.1):
     raise TestFailure(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
 
 
+def _proc_state(stat_path):
+    """The state letter of /proc/PID[/task/TID]/stat (after the last ')': comm may hold any)."""
+    try:
+        with open(stat_path) as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None  # gone
+
+
+def _all_threads_stopped(pids):
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tids:
+            if _proc_state(f"/proc/{pid}/task/{tid}/stat") not in (None, "T", "t", "Z", "X"):
+                return False
+    return True
+
+
+def freeze(pid, group=False, timeout_s=10):
+    """SIGSTOP to a process (or the process group `pid` leads), returning once every thread of it
+    is stopped. kill() returns before that: a process-directed SIGSTOP wakes one thread, the group
+    stop begins when that thread runs, and until then the other threads go on. On a loaded machine
+    that was long enough for a frozen replica to receive, apply and acknowledge a batch (a CI run
+    of sync_waits_for_peer saw its write complete)."""
+    if group:
+        os.killpg(pid, signal.SIGSTOP)
+        pids = [int(d) for d in os.listdir("/proc") if d.isdigit() and _pgrp(int(d)) == pid]
+    else:
+        os.kill(pid, signal.SIGSTOP)
+        pids = [pid]
+    wait_for(f"every thread of process{' group' if group else ''} {pid} to stop",
+             lambda: _all_threads_stopped(pids), timeout_s, 0.001)
+
+
+def _pgrp(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[2])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
+
+
 def u64(v):
     """proto3 JSON prints 64-bit integers as strings."""
     return int(v) if v not in (None, "") else 0
@@ -209,7 +254,7 @@ class Agent:
         return self.stop(signal.SIGKILL)
 
     def pause(self):
-        os.killpg(self.proc.pid, signal.SIGSTOP)
+        freeze(self.proc.pid, group=True)
 
     def resume(self):
         os.killpg(self.proc.pid, signal.SIGCONT)

@@ -27,6 +27,7 @@ Scenarios (each is a ctest; see tests/integration/CMakeLists.txt):
                      primary then replicates to it again
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -138,7 +139,8 @@ def sync_waits_for_peer(c):
         while time.monotonic() < t_end:
             h.poll(0)
             if h.aio_command_completed(cookie):
-                raise TestFailure("a sync-mode write completed while the sync peer was stopped")
+                raise TestFailure("a sync-mode write completed while the sync peer was stopped; "
+                                  f"site-a's status: {json.dumps(a.try_status())}")
             time.sleep(0.05)
         log("write still pending after 3 s with the sync peer stopped (as it must be)")
     finally:
