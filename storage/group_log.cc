@@ -737,13 +737,18 @@ void GroupLog::Sync(SyncDone done, bool fsync_here, std::chrono::microseconds wi
     // Everything up to `target` is written: only an fsync is missing, which is the syncer's job.
     // Going through the committer would wake it for nothing (and a replicated append that comes
     // meanwhile would find the log busy and not be written on its caller's thread).
+    // The syncer sleeps until the earliest job is due and then takes every job: one due no
+    // earlier than a job already there needs no wake-up. A replica defers the fsync of each batch
+    // a sync peer's WRITE does not wait on, so this saves a context switch per replicated write.
+    const bool wake = std::none_of(sync_jobs_.begin(), sync_jobs_.end(),
+                                   [&](const SyncJob& j) { return j.due <= due; });
     SyncJob job;
     job.target_lsn = target;
     job.due = due;
     job.waiters.push_back({target, std::move(done), due});
     sync_jobs_.push_back(std::move(job));
     lock.unlock();
-    sync_cv_.notify_one();
+    if (wake) sync_cv_.notify_one();
     return;
   }
   // Records are queued or being written: the committer hands this to the syncer with them, due
