@@ -69,8 +69,8 @@ import urllib.request
 import nbd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from repl_lib import (TestFailure, assert_identical, free_port, freeze, log, run_main, u64,  # noqa: E402
-                      wait_caught_up, wait_for)
+from repl_lib import (TestFailure, assert_identical, free_port, freeze, log, run_main,  # noqa: E402
+                      u64, wait_caught_up, wait_for)
 
 LEASE_TTL_MS = 3000
 SUSPEND_AFTER_MS = 2000  # the default (2/3 of the TTL)
