@@ -225,11 +225,10 @@ int BlockRangeIoctl(int fd, unsigned long request, uint64_t offset, uint64_t len
 
 bool Unsupported(int err) { return err == EOPNOTSUPP || err == ENOSYS || err == ENOTTY; }
 
-absl::Status RejectIfReadOnly(int fd, const char* op, const std::string& path) {
-  // The access mode is read back from the descriptor (one cheap fcntl) because volume.h keeps no
-  // read-only flag; writes must be refused even when they would be no-ops.
-  const int flags = ::fcntl(fd, F_GETFL);
-  if (flags >= 0 && (flags & O_ACCMODE) == O_RDONLY) {
+// Writes must be refused even when they would be no-ops. (The flag is kept from the open: a
+// fcntl(F_GETFL) here was one more system call on every applied record.)
+absl::Status RejectIfReadOnly(bool read_only, const char* op, const std::string& path) {
+  if (read_only) {
     return absl::FailedPreconditionError(
         fmt::format("{} volume {}: volume is opened read-only", op, path));
   }
@@ -352,12 +351,14 @@ class FdGuard {
 
 }  // namespace
 
-Volume::Volume(std::filesystem::path path, int fd, uint64_t size, bool block_device, bool direct_io)
+Volume::Volume(std::filesystem::path path, int fd, uint64_t size, bool block_device, bool direct_io,
+               bool read_only)
     : path_(std::move(path)),
       fd_(fd),
       size_(size),
       block_device_(block_device),
-      direct_io_(direct_io) {}
+      direct_io_(direct_io),
+      read_only_(read_only) {}
 
 Volume::~Volume() {
   // No retry on EINTR: Linux releases the descriptor even then.
@@ -422,8 +423,8 @@ absl::StatusOr<std::unique_ptr<Volume>> Volume::Open(const VolumeOptions& option
         "volume {}: size {} bytes is not a multiple of {} bytes, required with direct_io", path,
         *size, kAlignBytes));
   }
-  return std::unique_ptr<Volume>(
-      new Volume(options.path, guard.release(), *size, block_device, options.direct_io));
+  return std::unique_ptr<Volume>(new Volume(options.path, guard.release(), *size, block_device,
+                                            options.direct_io, options.read_only));
 }
 
 bool Volume::IsAllZero(std::string_view data) {
@@ -452,7 +453,7 @@ absl::Status Volume::Read(uint64_t offset, std::span<char> out) const {
 
 absl::Status Volume::Write(uint64_t offset, std::string_view data) {
   const std::string path = path_.string();
-  absl::Status s = RejectIfReadOnly(fd_, "write", path);
+  absl::Status s = RejectIfReadOnly(read_only_, "write", path);
   if (s.ok()) s = CheckRange("write", offset, data.size());
   if (!s.ok() || data.empty()) return s;
   return WriteAt(fd_, path, direct_io_, offset, data.data(), data.size());
@@ -473,7 +474,7 @@ absl::Status Volume::WriteZeroesByWriting(uint64_t offset, uint64_t length) {
 
 absl::Status Volume::Trim(uint64_t offset, uint64_t length) {
   const std::string path = path_.string();
-  absl::Status s = RejectIfReadOnly(fd_, "trim", path);
+  absl::Status s = RejectIfReadOnly(read_only_, "trim", path);
   if (s.ok()) s = CheckRange("trim", offset, length);
   if (!s.ok() || length == 0) return s;
   if (!block_device_) {
@@ -499,7 +500,7 @@ absl::Status Volume::Trim(uint64_t offset, uint64_t length) {
 
 absl::Status Volume::WriteZeroes(uint64_t offset, uint64_t length, bool may_trim) {
   const std::string path = path_.string();
-  absl::Status s = RejectIfReadOnly(fd_, "write zeroes", path);
+  absl::Status s = RejectIfReadOnly(read_only_, "write zeroes", path);
   if (s.ok()) s = CheckRange("write zeroes", offset, length);
   if (!s.ok() || length == 0) return s;
   if (!block_device_) {

@@ -67,7 +67,8 @@ class Volume {
   void DropCleanCache();
 
  private:
-  Volume(std::filesystem::path path, int fd, uint64_t size, bool block_device, bool direct_io);
+  Volume(std::filesystem::path path, int fd, uint64_t size, bool block_device, bool direct_io,
+         bool read_only);
   absl::Status CheckRange(const char* op, uint64_t offset, uint64_t length) const;
   absl::Status WriteZeroesByWriting(uint64_t offset, uint64_t length);
 
@@ -76,6 +77,7 @@ class Volume {
   uint64_t size_ = 0;
   bool block_device_ = false;
   bool direct_io_ = false;
+  bool read_only_ = false;  // opened O_RDONLY
 };
 
 }  // namespace tvilling::storage
