@@ -1063,11 +1063,19 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
       FailQueued(st);
     }
   }
+  // Whether the batch's appends completed before on_batch_written (see the option).
+  bool completed = false;
   if (st.ok() && !batch.empty()) {
     last_lsn_.store(batch.back().lsn, std::memory_order_release);
     counters_.records.fetch_add(batch.size(), std::memory_order_relaxed);
     counters_.bytes.fetch_add(batch_bytes, std::memory_order_relaxed);
     counters_.commits.fetch_add(1, std::memory_order_relaxed);
+    if (options_.replicated_complete_before_apply && !sync_here &&
+        std::all_of(batch.begin(), batch.end(),
+                    [](const Pending& p) { return p.run && !p.req.sync; })) {
+      for (Pending& p : batch) Complete(p, st);
+      completed = true;
+    }
     if (options_.on_batch_written) st = options_.on_batch_written(views);
   }
   if (sync_here) {
@@ -1077,8 +1085,15 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
     for (SyncWaiter& w : syncs) std::move(w.done)(st);
     return;
   }
+  if (completed && !st.ok()) {
+    // Too late for these records' callbacks; a run that goes on in a later batch reports it.
+    for (Pending& p : batch) {
+      if (p.run && p.run->status.ok()) p.run->status = st;
+    }
+  }
   SyncJob job;
   for (Pending& p : batch) {
+    if (completed) break;  // none waits for the fsync, and every callback has run
     if (st.ok() && p.req.sync) {
       job.appends.push_back(std::move(p));
     } else {

@@ -206,12 +206,18 @@ struct GroupLogOptions {
   // and the log is idle (no batch being written; the fsync, if one is wanted, stays the syncer's),
   // instead of waking the committer. Off: they wake the committer at the release.
   bool plugged_inline_when_idle = true;
+  // A batch of replicated records none of which waits for its fsync completes (the replica's
+  // `received`) before on_batch_written applies it: the replica's readers see its volumes only, so
+  // nothing needs the apply first, and the primary's sync WRITE no longer waits for it. An error of
+  // on_batch_written then fails only the part of a replicated run still to come (GroupRuntime's
+  // applier also refuses every later batch once an apply failed). Off: after.
+  bool replicated_complete_before_apply = true;
   RetentionOptions retention;
   // Called on the committer thread after a batch is in the log (written, maybe not yet fsynced),
-  // with the batch's records in LSN order, before any append callback of the batch runs. The
-  // primary uses it to apply writes to its volume, so a completed write is visible to reads. An
-  // error fails the batch's appends with that error (the records stay in the log and are applied
-  // again at replay).
+  // with the batch's records in LSN order, before any append callback of the batch runs (except
+  // as replicated_complete_before_apply says). The primary uses it to apply writes to its volume,
+  // so a completed write is visible to reads. An error fails the batch's appends with that error
+  // (the records stay in the log and are applied again at replay).
   std::function<absl::Status(std::span<const LogRecordView> records)> on_batch_written;
   // Called every time durable_lsn advances, with the new value, outside the log's mutex. Calls
   // never overlap and their values strictly increase; a call may come from whichever thread

@@ -337,11 +337,15 @@ absl::StatusOr<std::unique_ptr<GroupRuntime>> GroupRuntime::Open(storage::LogSto
 
 absl::Status GroupRuntime::Apply(std::span<const storage::LogRecordView> records) {
   {
+    std::lock_guard lock(observer_mu_);
+    if (observer_) observer_(RecordsPhase::kWritten, records);
+  }
+  {
     std::lock_guard lock(apply_mu_);
     if (absl::Status st = ApplyLocked(records); !st.ok()) return st;
   }
   std::lock_guard lock(observer_mu_);
-  if (observer_) observer_(records);
+  if (observer_) observer_(RecordsPhase::kApplied, records);
   return absl::OkStatus();
 }
 

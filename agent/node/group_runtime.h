@@ -101,8 +101,12 @@ class GroupRuntime {
   // flight may still call it; a stopped replicator fails what it gets), and once
   // SetRecordsObserver returns the old observer is not running and will not run again.
   void SetCompletionGate(std::shared_ptr<CompletionGate> gate);
-  // Called on the committer thread after each batch is in the log and applied, with its records.
-  using RecordsObserver = std::function<void(std::span<const storage::LogRecordView> records)>;
+  // Called on the thread that wrote each batch to the log, twice: with kWritten once the batch is
+  // in the log, before it is applied to the volumes (the primary ships it then, so the network
+  // round trip overlaps the apply), and with kApplied after the apply.
+  enum class RecordsPhase { kWritten, kApplied };
+  using RecordsObserver =
+      std::function<void(RecordsPhase phase, std::span<const storage::LogRecordView> records)>;
   void SetRecordsObserver(RecordsObserver fn);
   CompletionGate* gate() const { return gate_.load(std::memory_order_acquire); }
 

@@ -284,9 +284,10 @@ absl::StatusOr<std::shared_ptr<PrimaryReplicator>> PrimaryReplicator::Start(Grou
   if (r->options_.publish_sync_set) r->core_.GateOnPublishedSyncSet();
 
   std::weak_ptr<PrimaryReplicator> weak = r;
-  group->SetRecordsObserver([weak](std::span<const storage::LogRecordView> records) {
-    if (auto self = weak.lock()) self->OnRecords(records);
-  });
+  group->SetRecordsObserver(
+      [weak](GroupRuntime::RecordsPhase phase, std::span<const storage::LogRecordView> records) {
+        if (auto self = weak.lock()) self->OnRecords(phase, records);
+      });
   if (r->has_sync_peer_) group->SetCompletionGate(r);
   r->worker_ = std::thread([raw = r.get()] {
     storage::SetThreadName("tvl-ship");
@@ -323,7 +324,16 @@ void PrimaryReplicator::Stop() {
   }
 }
 
-void PrimaryReplicator::OnRecords(std::span<const storage::LogRecordView> records) {
+void PrimaryReplicator::OnRecords(GroupRuntime::RecordsPhase phase,
+                                  std::span<const storage::LogRecordView> records) {
+  if (phase == GroupRuntime::RecordsPhase::kApplied) {
+    // A full copy's base is at least this: the volumes hold the batch now.
+    std::lock_guard lock(mu_);
+    if (!records.empty()) core_.OnLocalApplied(records.back().lsn);
+    return;
+  }
+  // Written to the log, not yet applied: shipped first, so that the peers' round trip overlaps
+  // this thread's apply (a sync WRITE waits for both).
   const core::Nanos now = MonotonicNow();
   uint64_t bytes = 0;
   {
@@ -333,8 +343,6 @@ void PrimaryReplicator::OnRecords(std::span<const storage::LogRecordView> record
       core_.OnLocalAppend(r.lsn, stored, r.header.timestamp_ns, now);
       bytes += stored;
     }
-    // The observer runs after the batch is applied: a full copy's base is at least this.
-    if (!records.empty()) core_.OnLocalApplied(records.back().lsn);
   }
   // A small batch is shipped right here on the committer thread, before its WRITEs wait for the
   // sync peers: at low queue depth the hand-off to the worker was a large part of a sync write's
@@ -1021,7 +1029,9 @@ ReplicaGroup::ReplicaGroup(GroupRuntime* group, ReplicaOptions options)
     : group_(group), log_(&group->log()), options_(std::move(options)), rx_(BuildView()) {
   rx_.OnApplied(group_->applied_lsn());
   group_->SetRecordsObserver(
-      [this](std::span<const storage::LogRecordView> records) { OnApplied(records); });
+      [this](GroupRuntime::RecordsPhase phase, std::span<const storage::LogRecordView> records) {
+        OnApplied(phase, records);
+      });
   // Volumes are served read-only by the runtime's exports (the node sets read_only).
 }
 
@@ -1822,7 +1832,9 @@ void ReplicaGroup::HandleCopyDone(Session& s, const v1::CopyDone& m) {
   SendAck();
 }
 
-void ReplicaGroup::OnApplied(std::span<const storage::LogRecordView> records) {
+void ReplicaGroup::OnApplied(GroupRuntime::RecordsPhase phase,
+                             std::span<const storage::LogRecordView> records) {
+  if (phase != GroupRuntime::RecordsPhase::kApplied) return;
   if (records.empty() || group_->apply_paused()) return;
   NoteApplied(records.back().lsn);
   // The applied LSN rides on the next ack: the durable one that follows every batch (its fsync

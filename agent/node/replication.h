@@ -133,7 +133,7 @@ class PrimaryReplicator final : public CompletionGate,
  private:
   struct Link;
   PrimaryReplicator(GroupRuntime* group, PrimaryOptions options, Dialer* dialer);
-  void OnRecords(std::span<const storage::LogRecordView> records);
+  void OnRecords(GroupRuntime::RecordsPhase phase, std::span<const storage::LogRecordView> records);
   void WorkerLoop();
   void Dial(Link& link, core::Nanos now);
   void OnMessage(Link& link, uint64_t generation, v1::FromReplica msg);
@@ -235,7 +235,7 @@ class ReplicaGroup {
   void HandleCopyBegin(Session& s, const v1::CopyBegin& m);
   void HandleCopyChunk(Session& s, const v1::CopyChunk& m);
   void HandleCopyDone(Session& s, const v1::CopyDone& m);
-  void OnApplied(std::span<const storage::LogRecordView> records);
+  void OnApplied(GroupRuntime::RecordsPhase phase, std::span<const storage::LogRecordView> records);
   void NoteApplied(uint64_t applied);  // REQUIRES: not mu_
   void SendAck();                      // REQUIRES: not mu_
   void RequestSync();             // a FLUSH at the primary waits: fsync what is held now, then ack

@@ -1,6 +1,7 @@
 // group_log_replication_test.cc: the group log's replication side on real RocksDB stores: shipping
 // records with ReadRaw from one store and appending them with AppendReplicated to another
 // (different group ids), the full-copy reset, replica metadata, and on_durable.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <rocksdb/db.h>
 
@@ -620,6 +621,42 @@ TEST_F(ReplicationLogTest, OnDurableMaySyncAndAppend) {
   }
   EXPECT_EQ(primary_->durable_lsn(), 4u);
   EXPECT_EQ(primary_->last_lsn(), 4u);
+}
+
+// A replica acknowledges `received` before it applies (replicated_complete_before_apply): the
+// primary's sync WRITE waits for the ack, not for the replica's volume write. A synced run (FUA)
+// completes only after its fsync, which comes after the apply.
+TEST_F(ReplicationLogTest, AReplicatedBatchCompletesBeforeItIsApplied) {
+  for (const bool early : {true, false}) {
+    for (const bool sync : {false, true}) {
+      SCOPED_TRACE(fmt::format("replicated_complete_before_apply={} sync={}", early, sync));
+      std::atomic<bool> completed{false};
+      std::atomic<int> batches{0}, applied_after_completion{0};
+      GroupLogOptions o;
+      o.replicated_complete_before_apply = early;
+      o.on_batch_written = [&](std::span<const LogRecordView>) {
+        ++batches;
+        if (completed.load()) ++applied_after_completion;
+        return absl::OkStatus();
+      };
+      OpenReplica(o);  // the same log, reopened with these options: it goes on where it was
+      FillPrimary(3);
+      const uint64_t first = replica_->last_lsn() + 1;
+      std::promise<absl::StatusOr<uint64_t>> p;
+      auto f = p.get_future();
+      replica_->AppendReplicated(primary_->group_id(), first,
+                                 Parsed(Ship(primary_, first, first + 2)), sync,
+                                 [&](absl::StatusOr<uint64_t> lsn) {
+                                   completed = true;
+                                   p.set_value(lsn);
+                                 });
+      auto r = f.get();
+      ASSERT_TRUE(r.ok()) << r.status();
+      EXPECT_EQ(*r, first + 2);
+      EXPECT_EQ(batches.load(), 1);
+      EXPECT_EQ(applied_after_completion.load(), early && !sync ? 1 : 0);
+    }
+  }
 }
 
 TEST_F(ReplicationLogTest, ARunWrittenByManyBatchesReportsAnErrorOfAnyOfThem) {
