@@ -43,6 +43,10 @@ struct FrontendOptions {
   // one batch of the group log, written on this thread when the log is idle.
   void (*burst_begin)() = nullptr;
   void (*burst_end)() = nullptr;
+  // A WRITE/FLUSH/TRIM/WRITE_ZEROES that completes as its connection's only outstanding request
+  // is answered by the completing thread with a non-blocking send (frontend.cc, "Direct
+  // replies"). Off: every reply is written by the connection's own thread.
+  bool direct_replies = true;
 };
 
 // Server-wide counters (monotonic unless noted). Each connection keeps the same counts for itself
@@ -57,6 +61,7 @@ struct FrontendStats {
   std::atomic<uint64_t> bytes_read{0};          // READ payload sent to clients
   std::atomic<uint64_t> bytes_written{0};       // WRITE payload received
   std::atomic<uint64_t> backpressure_waits{0};  // times a connection paused reading at its limit
+  std::atomic<uint64_t> direct_replies{0};      // replies sent by the completing thread
 };
 
 class Frontend {

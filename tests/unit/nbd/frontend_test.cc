@@ -10,8 +10,12 @@
 #include <stdlib.h>
 
 #include <atomic>
+#include <condition_variable>
+#include <deque>
 #include <filesystem>
+#include <map>
 #include <random>
+#include <set>
 
 #include "tests/unit/nbd/nbd_test_client.h"
 
@@ -579,6 +583,153 @@ TEST_F(FrontendTest, ManyConnectionsOnSeveralThreadsKeepTheirDataApart) {
     usleep(10000);
   }
   EXPECT_EQ(s.frontend().stats().connections_open.load(), 0u);
+}
+
+// Completes every operation of the export it wraps on one of its own threads, after a random
+// pause of up to `max_delay_us` (as a group log's committer or a replication stream does).
+class OffThreadExport : public Export {
+ public:
+  OffThreadExport(std::shared_ptr<Export> e, int max_delay_us)
+      : e_(std::move(e)), max_delay_us_(max_delay_us) {
+    for (int i = 0; i < 2; ++i) {
+      workers_.emplace_back([this, i] {
+        std::mt19937 rng(i);
+        std::unique_lock l(mu_);
+        for (;;) {
+          cv_.wait(l, [&] { return stop_ || !q_.empty(); });
+          if (q_.empty()) return;
+          auto fn = std::move(q_.front());
+          q_.pop_front();
+          l.unlock();
+          if (max_delay_us_ > 0) usleep(rng() % max_delay_us_);
+          fn();
+          l.lock();
+        }
+      });
+    }
+  }
+  ~OffThreadExport() override {
+    {
+      std::lock_guard l(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  const ExportInfo& info() const override { return e_->info(); }
+  void Read(uint64_t offset, uint32_t length, char* out, Done done) override {
+    e_->Read(offset, length, out, Later(std::move(done)));
+  }
+  void Write(uint64_t offset, storage::Bytes data, bool fua, Done done) override {
+    e_->Write(offset, std::move(data), fua, Later(std::move(done)));
+  }
+  void Flush(Done done) override { e_->Flush(Later(std::move(done))); }
+  void Trim(uint64_t offset, uint32_t length, bool fua, Done done) override {
+    e_->Trim(offset, length, fua, Later(std::move(done)));
+  }
+  void WriteZeroes(uint64_t offset, uint32_t length, bool fua, bool no_hole, Done done) override {
+    e_->WriteZeroes(offset, length, fua, no_hole, Later(std::move(done)));
+  }
+
+ private:
+  Done Later(Done done) {
+    return [this, d = std::make_shared<Done>(std::move(done))](absl::Status st) {
+      {
+        std::lock_guard l(mu_);
+        q_.push_back([d, st] { std::move (*d)(st); });
+      }
+      cv_.notify_one();
+    };
+  }
+  std::shared_ptr<Export> e_;
+  const int max_delay_us_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> q_;
+  bool stop_ = false;
+  std::vector<std::thread> workers_;
+};
+
+// Direct replies (frontend.cc): a WRITE/FLUSH that completes on another thread as the only
+// outstanding request is answered by that thread; deeper pipelines go through the connection's
+// thread. Both kinds, and READ replies with data, interleave on one socket: each reply must arrive
+// whole, once, with its own data.
+TEST_F(FrontendTest, DirectRepliesAndTheConnectionsRepliesNeverMix) {
+  for (const bool direct : {true, false}) {
+    SCOPED_TRACE(fmt::format("direct_replies={}", direct));
+    FrontendOptions o;
+    o.direct_replies = direct;
+    auto slow = std::make_shared<OffThreadExport>(vol_, 200);
+    TestServer s({slow}, o);
+    RawClient c(s.port());
+    // A small receive buffer, so that a large READ reply is written in several steps while other
+    // requests complete.
+    const int rcvbuf = 32768;
+    ASSERT_EQ(setsockopt(c.fd(), SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf), 0);
+    ASSERT_NE(c.Connect("vol0"), 0);
+    std::mt19937 rng(direct ? 1 : 2);
+    std::string shadow(kSize, '\0');
+    vol_->Fill(0, shadow);
+    uint64_t cookie = 0;
+    int bad = 0;
+    for (int round = 0; round < 300 && bad == 0; ++round) {
+      // Depth 1 most of the time (direct replies), sometimes a pipeline of up to 8 with READs.
+      const int depth = round % 4 == 0 ? 1 + static_cast<int>(rng() % 8) : 1;
+      std::map<uint64_t, std::pair<uint64_t, uint32_t>> reads;  // cookie -> offset, length
+      std::set<uint64_t> others;
+      for (int i = 0; i < depth; ++i) {
+        const uint64_t off = (rng() % 64) * 4096;
+        ++cookie;
+        switch (rng() % 4) {
+          case 0:
+            if (depth > 1 && reads.empty()) {  // a READ of 256 KiB that no WRITE touches
+              reads[cookie] = {kSize / 2, 256 << 10};
+              c.Request(kCmdRead, 0, cookie, kSize / 2, 256 << 10);
+              break;
+            }
+            [[fallthrough]];
+          case 1:
+          case 2: {
+            const std::string block(4096, static_cast<char>('a' + rng() % 26));
+            shadow.replace(off, 4096, block);
+            c.Request(kCmdWrite, 0, cookie, off, 4096, block);
+            others.insert(cookie);
+            break;
+          }
+          default:
+            c.Request(kCmdFlush, 0, cookie, 0, 0);
+            others.insert(cookie);
+        }
+      }
+      for (int i = 0; i < depth; ++i) {
+        auto r = c.ReadReply();
+        if (!r.ok || r.error != 0) {
+          ADD_FAILURE() << "round " << round << ": bad reply";
+          ++bad;
+          break;
+        }
+        if (auto it = reads.find(r.cookie); it != reads.end()) {
+          if (c.Recv(it->second.second) != shadow.substr(it->second.first, it->second.second)) {
+            ADD_FAILURE() << "round " << round << ": READ " << r.cookie << " got other data";
+            ++bad;
+          }
+          reads.erase(it);
+        } else if (others.erase(r.cookie) != 1) {
+          ADD_FAILURE() << "round " << round << ": unknown or repeated cookie " << r.cookie;
+          ++bad;
+        }
+      }
+    }
+    c.Request(kCmdRead, 0, ++cookie, 0, 64 * 4096);
+    auto r = c.ReadReply();
+    ASSERT_TRUE(r.ok);
+    EXPECT_EQ(c.Recv(64 * 4096), shadow.substr(0, 64 * 4096));
+    if (direct) {
+      EXPECT_GT(s.frontend().stats().direct_replies.load(), 100u);
+    } else {
+      EXPECT_EQ(s.frontend().stats().direct_replies.load(), 0u);
+    }
+  }
 }
 
 TEST_F(FrontendTest, StopClosesConnectionsStillInTheHandshake) {
