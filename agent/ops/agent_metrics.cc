@@ -278,6 +278,9 @@ void AppendNbdMetrics(const std::string& site, const nbd::FrontendStats& s, Expo
   out.Counter("tvilling_nbd_backpressure_waits_total",
               "Times an NBD connection paused reading at its in-flight limit.", l,
               load(s.backpressure_waits));
+  out.Counter("tvilling_nbd_direct_replies_total",
+              "NBD replies sent by the thread that completed the request (queue depth 1).", l,
+              load(s.direct_replies));
 }
 
 }  // namespace tvilling::ops
