@@ -452,8 +452,7 @@ class Connection final : public ConnectionBase,
   void FinishDirectReply(size_t sent) {
     asio::async_write(socket_, asio::buffer(direct_reply_ + sent, sizeof direct_reply_ - sent),
                       [self = this->shared_from_this()](boost::system::error_code ec, size_t) {
-                        self->sending_.clear();
-                        self->OnWritten(ec);
+                        self->OnWritten(ec);  // sending_ is empty: the write side was held
                       });
   }
 
@@ -473,8 +472,7 @@ class Connection final : public ConnectionBase,
     for (Completion& c : draining_) {
       Slot& s = slots_[c.slot];
       --pending_ops_;
-      if (c.replied) {
-        s.data = storage::Bytes();
+      if (c.replied) {  // no data (Deliver checked), already on the socket
         outstanding_requests_.fetch_sub(1, std::memory_order_relaxed);
         outstanding_bytes_ -= s.held_bytes;
         free_slots_.push_back(c.slot);
