@@ -63,8 +63,12 @@ def run_fio(uri, rw, bs, iodepth, size=None, runtime=None, rate=None, region="1G
     if r.returncode != 0:
         raise RuntimeError(f"fio failed: {r.stderr}")
     out = r.stdout[r.stdout.index("{"):]
-    job = json.loads(out)["jobs"][0]["write"]
+    j = json.loads(out)["jobs"][0]
+    job = j["write"]
     return {
+        # fio's own CPU (its NBD client included): percent of one CPU over the job's runtime.
+        "fio_cpu_s": (j["usr_cpu"] + j["sys_cpu"]) / 100 * j["job_runtime"] / 1000,
+        "runtime_s": j["job_runtime"] / 1000,
         "bw_bytes": job["bw_bytes"],
         "iops": job["iops"],
         "p50_us": job["clat_ns"]["percentile"]["50.000000"] / 1000,
@@ -118,12 +122,17 @@ class Setup:
 
 def bench_throughput(args, reps):
     size = "128M" if args.quick else "2G"
-    single, ingest, repl, cost = [], [], [], []
+    single, ingest, repl, cost, single_cost = [], [], [], [], []
     for _ in range(reps):
         s = Setup(args, "single")
         try:
+            cpu0 = cpu_seconds(s.a.proc.pid)
             r = run_fio(s.a.uri(), "write", "64k", 8, size=size)
             single.append(r["bw_bytes"])
+            gib = r["bytes"] / GIB
+            agent = cpu_seconds(s.a.proc.pid) - cpu0
+            single_cost.append({"agent": agent / gib, "fio": r["fio_cpu_s"] / gib,
+                                "vcpus": (agent + r["fio_cpu_s"]) / r["runtime_s"]})
         finally:
             s.close()
         s = Setup(args, "pair", "async", tls=True)
@@ -139,6 +148,7 @@ def bench_throughput(args, reps):
             cost.append({
                 "primary_cpu_s_per_gib": (cpu_seconds(s.a.proc.pid) - cpu_a0) / gib,
                 "replica_cpu_s_per_gib": (cpu_seconds(s.b.proc.pid) - cpu_b0) / gib,
+                "fio_cpu_s_per_gib": r["fio_cpu_s"] / gib,
                 "primary_peak_rss_mib": peak_rss_mib(s.a.proc.pid),
                 "replica_peak_rss_mib": peak_rss_mib(s.b.proc.pid),
             })
@@ -155,6 +165,23 @@ def bench_throughput(args, reps):
     for k in cost[0]:
         out[k] = statistics.median(c[k] for c in cost)
         print(f"  {k}: {out[k]:.2f}")
+    # Both agents and fio share this machine's CPUs: the pair cannot replicate faster than the
+    # CPUs divided by what the three spend per GiB. That rate over the single node's is a ceiling
+    # of the ratio above on this machine (not a goal); the single node's busy vCPUs say whether
+    # it, too, was bound by the CPUs.
+    for k in single_cost[0]:
+        out[f"single_{k}" + ("" if k == "vcpus" else "_cpu_s_per_gib")] = statistics.median(
+            c[k] for c in single_cost)
+    pair_total = (out["primary_cpu_s_per_gib"] + out["replica_cpu_s_per_gib"] +
+                  out["fio_cpu_s_per_gib"])
+    cpus = os.cpu_count() or 1
+    out["pair_cpu_bound_mib_s"] = cpus / pair_total * 1024
+    out["cpu_ceiling_ratio"] = out["pair_cpu_bound_mib_s"] / out["single_mib_s"]
+    print(f"  single node: agent {out['single_agent_cpu_s_per_gib']:.2f} + fio "
+          f"{out['single_fio_cpu_s_per_gib']:.2f} CPU s per GiB, {out['single_vcpus']:.2f} of "
+          f"{cpus} vCPUs busy; pair: primary + replica + fio {pair_total:.2f} CPU s per GiB, so at "
+          f"most {out['pair_cpu_bound_mib_s']:.0f} MiB/s on {cpus} vCPUs: a ceiling of "
+          f"{out['cpu_ceiling_ratio']:.2f} for the ratio on this machine")
     return med_r, out
 
 
