@@ -440,7 +440,7 @@ absl::Status Volume::CheckRange(const char* op, uint64_t offset, uint64_t length
   if (offset > size_ || length > size_ - offset) {
     return absl::InvalidArgumentError(
         fmt::format("{} volume {}: offset {} length {} is outside the volume (size {} bytes)", op,
-                    path_.string(), offset, length, size_));
+                    path_.native(), offset, length, size_));
   }
   return absl::OkStatus();
 }
@@ -448,11 +448,11 @@ absl::Status Volume::CheckRange(const char* op, uint64_t offset, uint64_t length
 absl::Status Volume::Read(uint64_t offset, std::span<char> out) const {
   absl::Status s = CheckRange("read", offset, out.size());
   if (!s.ok() || out.empty()) return s;
-  return ReadAt(fd_, path_.string(), direct_io_, offset, out.data(), out.size());
+  return ReadAt(fd_, path_.native(), direct_io_, offset, out.data(), out.size());
 }
 
 absl::Status Volume::Write(uint64_t offset, std::string_view data) {
-  const std::string path = path_.string();
+  const std::string& path = path_.native();  // no copy: POSIX paths are strings
   absl::Status s = RejectIfReadOnly(read_only_, "write", path);
   if (s.ok()) s = CheckRange("write", offset, data.size());
   if (!s.ok() || data.empty()) return s;
@@ -460,7 +460,7 @@ absl::Status Volume::Write(uint64_t offset, std::string_view data) {
 }
 
 absl::Status Volume::WriteZeroesByWriting(uint64_t offset, uint64_t length) {
-  const std::string path = path_.string();
+  const std::string& path = path_.native();  // no copy: POSIX paths are strings
   const uint64_t end = offset + length;
   for (uint64_t pos = offset; pos < end;) {
     // Chunks end on kChunkBytes boundaries, so with O_DIRECT only the first and last are unaligned.
@@ -473,7 +473,7 @@ absl::Status Volume::WriteZeroesByWriting(uint64_t offset, uint64_t length) {
 }
 
 absl::Status Volume::Trim(uint64_t offset, uint64_t length) {
-  const std::string path = path_.string();
+  const std::string& path = path_.native();  // no copy: POSIX paths are strings
   absl::Status s = RejectIfReadOnly(read_only_, "trim", path);
   if (s.ok()) s = CheckRange("trim", offset, length);
   if (!s.ok() || length == 0) return s;
@@ -499,7 +499,7 @@ absl::Status Volume::Trim(uint64_t offset, uint64_t length) {
 }
 
 absl::Status Volume::WriteZeroes(uint64_t offset, uint64_t length, bool may_trim) {
-  const std::string path = path_.string();
+  const std::string& path = path_.native();  // no copy: POSIX paths are strings
   absl::Status s = RejectIfReadOnly(read_only_, "write zeroes", path);
   if (s.ok()) s = CheckRange("write zeroes", offset, length);
   if (!s.ok() || length == 0) return s;
@@ -537,7 +537,7 @@ absl::Status Volume::Flush() {
   // fdatasync on a block device also flushes the device's volatile write cache.
   while (::fdatasync(fd_) != 0) {
     if (errno == EINTR) continue;
-    return ErrnoStatus(errno, fmt::format("flush (fdatasync) volume {}", path_.string()));
+    return ErrnoStatus(errno, fmt::format("flush (fdatasync) volume {}", path_.native()));
   }
   return absl::OkStatus();
 }
@@ -555,7 +555,7 @@ absl::Status Volume::WriteBack(uint64_t offset, uint64_t length) {
     // checkpoint's Flush() writes everything.
     if (err == ESPIPE || err == EINVAL || Unsupported(err)) return absl::OkStatus();
     return ErrnoStatus(err,
-                       RangeText("write back (sync_file_range)", path_.string(), offset, length));
+                       RangeText("write back (sync_file_range)", path_.native(), offset, length));
   }
   return absl::OkStatus();
 }
