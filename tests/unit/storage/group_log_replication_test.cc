@@ -675,6 +675,11 @@ TEST_F(ReplicationLogTest, ARunWrittenByManyBatchesReportsAnErrorOfAnyOfThem) {
   auto r = ReplicateWait(replica_, primary_->group_id(), 1, Parsed(Ship(primary_, 1, 7)));
   EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss) << r.status();
   EXPECT_TRUE(Contains(r.status(), "volume broke at LSN 3")) << r.status();
+  // The run completes when its last batch is written (replicated_complete_before_apply); that
+  // batch's apply may still be running on the committer.
+  for (int i = 0; i < 500 && batches.load() < 4; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
   EXPECT_GE(batches.load(), 4);
   EXPECT_EQ(replica_->last_lsn(), 7u) << "as with Append, the records stay in the log";
 }
