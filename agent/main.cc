@@ -96,6 +96,7 @@ storage::GroupLogOptions LogOptions(const ops::LogConfig& c) {
   o.max_batch_bytes = c.max_batch_bytes;
   o.max_batch_records = c.max_batch_records;
   o.external_payload_min_bytes = c.external_payload_min_bytes;
+  o.payload_writeback_bytes = c.writeback_bytes;
   o.retention.keep_bytes = c.retention_bytes;
   o.retention.keep_seconds = c.retention_seconds;
   o.retention.hard_cap_bytes = c.hard_cap_bytes;
@@ -111,6 +112,7 @@ node::GroupRuntimeOptions GroupOptions(const ops::Config& config, const ops::Gro
   o.checkpoint_interval_ms = config.log.checkpoint_interval_ms;
   o.checkpoint_bytes = config.log.checkpoint_bytes;
   o.checkpoint_chunk_bytes = config.log.checkpoint_chunk_bytes;
+  o.writeback_bytes = config.log.writeback_bytes;
   for (const ops::VolumeConfig& v : g.volumes) {
     node::VolumeSpec spec;
     spec.name = v.name;

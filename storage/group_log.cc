@@ -283,7 +283,8 @@ GroupLog::GroupLog(rocksdb::DB* db, StoreHealth* health, std::string name, uint3
       name_(std::move(name)),
       group_id_(group_id),
       options_(std::move(options)),
-      payloads_(std::make_unique<PayloadFiles>(std::move(payload_dir), name_)) {}
+      payloads_(std::make_unique<PayloadFiles>(std::move(payload_dir), name_,
+                                               options_.payload_writeback_bytes)) {}
 
 GroupLog::~GroupLog() { Stop(); }
 

@@ -191,6 +191,11 @@ struct GroupLogOptions {
   // software CRC32c), memtable and SST flush. 0 = every payload inline; otherwise it must be more
   // than 16 (kPayloadRefSize). Only new records follow it: either kind is read at any setting.
   uint64_t external_payload_min_bytes = 64ull << 10;
+  // Once this many bytes were appended to a payload file since its last writeback, the committer
+  // starts writing them back (sync_file_range(SYNC_FILE_RANGE_WRITE): no wait, no fsync), so a log
+  // that nobody fsyncs for a while (a primary in async mode) does not leave a segment's worth of
+  // dirty pages for the next fsync or the kernel's flusher to push out at once. 0 = never.
+  uint64_t payload_writeback_bytes = 1ull << 20;
   // A Sync() that finds the log idle (nothing queued, no batch being written, no fsync in flight)
   // fsyncs on the caller's thread, saving two thread hand-offs on a FLUSH at queue depth 1;
   // otherwise the syncer does it.

@@ -42,12 +42,13 @@ struct PayloadFiles::File {
     if (fd >= 0) close(fd);
   }
   int fd = -1;
-  uint64_t size = 0;   // end of the last append (appends are serialised by the committer)
-  bool dirty = false;  // appended to since the last SyncDirty (guarded by PayloadFiles::mu_)
+  uint64_t size = 0;          // end of the last append (appends are serialised by the committer)
+  uint64_t written_back = 0;  // writeback started up to here (touched by Append only)
+  bool dirty = false;         // appended to since the last SyncDirty (guarded by PayloadFiles::mu_)
 };
 
-PayloadFiles::PayloadFiles(std::filesystem::path dir, std::string group)
-    : dir_(std::move(dir)), group_(std::move(group)) {}
+PayloadFiles::PayloadFiles(std::filesystem::path dir, std::string group, uint64_t writeback_bytes)
+    : dir_(std::move(dir)), group_(std::move(group)), writeback_bytes_(writeback_bytes) {}
 
 PayloadFiles::~PayloadFiles() = default;
 
@@ -98,6 +99,7 @@ absl::StatusOr<std::shared_ptr<PayloadFiles::File>> PayloadFiles::Get(uint64_t f
                                            path.string(), ErrnoText(errno)));
   }
   f->size = static_cast<uint64_t>(st.st_size);
+  f->written_back = f->size;
   files_.emplace(file_id, f);
   return f;
 }
@@ -162,6 +164,17 @@ absl::StatusOr<uint64_t> PayloadFiles::Append(uint64_t file_id,
         iov[first].iov_len -= done;
       }
     }
+  }
+  if (writeback_bytes_ > 0 && pos - file.written_back >= writeback_bytes_) {
+    // Advisory: it only starts the writeback (durability is SyncDirty's fdatasync), so a failure
+    // changes nothing but the pacing.
+    while (::sync_file_range(file.fd, static_cast<off64_t>(file.written_back),
+                             static_cast<off64_t>(pos - file.written_back),
+                             SYNC_FILE_RANGE_WRITE) != 0 &&
+           errno == EINTR) {
+    }
+    file.written_back = pos;
+    writebacks_started_.fetch_add(1, std::memory_order_relaxed);
   }
   std::lock_guard lock(mu_);
   file.size = pos;

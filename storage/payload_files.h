@@ -15,6 +15,7 @@
 #include <absl/status/status.h>
 #include <absl/status/statusor.h>
 
+#include <atomic>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -31,7 +32,9 @@ namespace tvilling::storage {
 class PayloadFiles {
  public:
   // `dir` is created (with its parent) on the first Append. `group` names the group in errors.
-  PayloadFiles(std::filesystem::path dir, std::string group);
+  // Every `writeback_bytes` appended to a file (0: never), Append starts their writeback
+  // (sync_file_range(SYNC_FILE_RANGE_WRITE), which neither waits for it nor makes it durable).
+  PayloadFiles(std::filesystem::path dir, std::string group, uint64_t writeback_bytes = 0);
   ~PayloadFiles();
   PayloadFiles(const PayloadFiles&) = delete;
   PayloadFiles& operator=(const PayloadFiles&) = delete;
@@ -65,6 +68,8 @@ class PayloadFiles {
 
   // Bytes the file `file_id` holds (0 if missing); for tests.
   uint64_t SizeOf(uint64_t file_id) const;
+  // How many times Append started a writeback (writeback_bytes); for tests.
+  uint64_t writebacks_started() const { return writebacks_started_.load(); }
 
  private:
   struct File;
@@ -74,6 +79,8 @@ class PayloadFiles {
 
   const std::filesystem::path dir_;
   const std::string group_;
+  const uint64_t writeback_bytes_;
+  std::atomic<uint64_t> writebacks_started_{0};
   std::mutex sync_mu_;  // serialises SyncDirty/SyncAll; taken before mu_
   mutable std::mutex mu_;
   mutable std::map<uint64_t, std::shared_ptr<File>> files_;  // guarded by mu_

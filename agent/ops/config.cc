@@ -184,7 +184,7 @@ class Reader {
     CheckKeys(t, path,
               {"dir", "write_buffer", "max_batch_bytes", "max_batch_records",
                "external_payload_min", "retention_bytes", "retention_seconds", "hard_cap",
-               "checkpoint_interval_ms", "checkpoint_bytes", "checkpoint_chunk"});
+               "checkpoint_interval_ms", "checkpoint_bytes", "checkpoint_chunk", "writeback"});
     ReadPath(t, path, "dir", &log->dir);
     ReadSize(t, path, "write_buffer", &log->write_buffer_bytes);
     ReadSize(t, path, "max_batch_bytes", &log->max_batch_bytes);
@@ -196,6 +196,7 @@ class Reader {
     ReadUint(t, path, "checkpoint_interval_ms", &log->checkpoint_interval_ms);
     ReadSize(t, path, "checkpoint_bytes", &log->checkpoint_bytes);
     ReadSize(t, path, "checkpoint_chunk", &log->checkpoint_chunk_bytes);
+    ReadSize(t, path, "writeback", &log->writeback_bytes);
   }
 
   void ReadNbd(const toml::table& t, NbdConfig* nbd) {
@@ -753,6 +754,13 @@ void ValidateLog(LogConfig& log, const fs::path& state_dir, Errors& errors) {
         fmt::format("must be 0 (unpaced) or between {} and {}, got {}",
                     FormatSize(kMinCheckpointChunkBytes), FormatSize(kMaxCheckpointChunkBytes),
                     FormatSize(log.checkpoint_chunk_bytes)));
+  }
+  if (log.writeback_bytes != 0 && (log.writeback_bytes < kMinCheckpointChunkBytes ||
+                                   log.writeback_bytes > kMaxCheckpointChunkBytes)) {
+    errors.Add("log.writeback",
+               fmt::format("must be 0 (only at checkpoints) or between {} and {}, got {}",
+                           FormatSize(kMinCheckpointChunkBytes),
+                           FormatSize(kMaxCheckpointChunkBytes), FormatSize(log.writeback_bytes)));
   }
 }
 

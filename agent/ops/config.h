@@ -132,6 +132,12 @@ struct LogConfig {
   // whole checkpoint (node::GroupRuntimeOptions::checkpoint_chunk_bytes). 0 = one unpaced fsync.
   // Default 4 MiB.
   uint64_t checkpoint_chunk_bytes = 4ull << 20;
+  // `writeback`: the log's payload files and, between checkpoints, the volumes are written back
+  // once this many bytes were written to them, without an fsync, so the disk sees a steady stream
+  // rather than a checkpoint's worth at once (node::GroupRuntimeOptions::writeback_bytes,
+  // storage::GroupLogOptions::payload_writeback_bytes). 0 = only at checkpoints and fsyncs.
+  // Default 1 MiB.
+  uint64_t writeback_bytes = 1ull << 20;
 };
 
 // One TCP listener: an IP literal and a port (host names are not resolved; bind to what is

@@ -85,6 +85,7 @@ TEST(ConfigTest, MinimalConfigGetsDefaults) {
   EXPECT_EQ(config->log.checkpoint_interval_ms, 1000u);
   EXPECT_EQ(config->log.checkpoint_bytes, 16ull << 20);
   EXPECT_EQ(config->log.checkpoint_chunk_bytes, 4ull << 20);
+  EXPECT_EQ(config->log.writeback_bytes, 1ull << 20);
   ASSERT_EQ(config->nbd.listen.size(), 1u);
   EXPECT_EQ(config->nbd.listen[0], (ListenAddress{"127.0.0.1", 10809}));
   EXPECT_TRUE(config->nbd.unix_sockets.empty());
@@ -119,6 +120,7 @@ hard_cap = "2GiB"
 checkpoint_interval_ms = 250
 checkpoint_bytes = "8MiB"
 checkpoint_chunk = "1MiB"
+writeback = "2MiB"
 [nbd]
 listen = ["[::1]:10810", "0.0.0.0:10809"]
 unix_sockets = ["run/nbd.sock", "/run/tv.sock"]
@@ -153,6 +155,7 @@ size = "512 MiB"
   EXPECT_EQ(config->log.checkpoint_interval_ms, 250u);
   EXPECT_EQ(config->log.checkpoint_bytes, 8ull << 20);
   EXPECT_EQ(config->log.checkpoint_chunk_bytes, 1ull << 20);
+  EXPECT_EQ(config->log.writeback_bytes, 2ull << 20);
   ASSERT_EQ(config->nbd.listen.size(), 2u);
   EXPECT_EQ(config->nbd.listen[0], (ListenAddress{"::1", 10810}));
   EXPECT_EQ(config->nbd.listen[0].ToString(), "[::1]:10810");
@@ -696,6 +699,11 @@ TEST(ConfigTest, RetentionAndDurations) {
       ErrorOf(Append(kMinimal, "[log]\ncheckpoint_chunk = \"4KiB\"\n")),
       HasSubstr(
           "log.checkpoint_chunk: must be 0 (unpaced) or between 64 KiB and 1 GiB, got 4 KiB"));
+  EXPECT_TRUE(Parse(Append(kMinimal, "[log]\nwriteback = 0\n")).ok());  // only at checkpoints
+  EXPECT_THAT(
+      ErrorOf(Append(kMinimal, "[log]\nwriteback = \"2GiB\"\n")),
+      HasSubstr("log.writeback: must be 0 (only at checkpoints) or between 64 KiB and 1 GiB, got "
+                "2 GiB"));
   EXPECT_THAT(ErrorOf(Append(kMinimal, "[log]\ndir = \"\"\n")),
               HasSubstr("log.dir: must not be empty"));
 }

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "storage/group_log.h"
+#include "storage/payload_files.h"
 #include "tests/unit/storage/fault_env.h"
 #include "tests/unit/storage/log_wait.h"
 #include "tests/unit/storage/temp_dir.h"
@@ -188,6 +189,32 @@ TEST_F(PayloadTest, InlineAndExternalRecordsRoundTripThroughEveryReaderAndReopen
   auto more = AppendWait(log_, WriteReq(99, 8192));
   ASSERT_TRUE(more.ok());
   EXPECT_FALSE(IsExternalValue(RawValue(store_.get(), gid, *more)));
+}
+
+// Every writeback_bytes appended to a payload file, Append starts their writeback; a reopened
+// file counts from its end. The bytes read back the same either way.
+TEST(PayloadFilesTest, AppendStartsAWritebackEveryWritebackBytes) {
+  for (const uint64_t step : {uint64_t{1} << 20, uint64_t{0}}) {
+    SCOPED_TRACE(step);
+    TempDir dir;
+    const std::string part(64 << 10, 'p');
+    const std::string_view parts[] = {part};
+    {
+      PayloadFiles f(dir.path() / "payload", "g0", step);
+      for (int i = 0; i < 40; ++i) ASSERT_TRUE(f.Append(7, parts).ok());  // 2.5 MiB
+      EXPECT_EQ(f.writebacks_started(), step ? 2u : 0u);
+      ASSERT_TRUE(f.SyncDirty().ok());
+    }
+    PayloadFiles f(dir.path() / "payload", "g0", step);
+    for (int i = 0; i < 8; ++i) ASSERT_TRUE(f.Append(7, parts).ok());  // 0.5 MiB after the 2.5
+    EXPECT_EQ(f.writebacks_started(), 0u) << "counted from the end of the reopened file";
+    for (int i = 0; i < 8; ++i) ASSERT_TRUE(f.Append(7, parts).ok());
+    EXPECT_EQ(f.writebacks_started(), step ? 1u : 0u);
+    EXPECT_EQ(f.SizeOf(7), 56u * (64 << 10));
+    std::string back(64 << 10, '\0');
+    ASSERT_TRUE(f.Read(7, 55u * (64 << 10), back.data(), back.size()).ok());
+    EXPECT_EQ(back, part);
+  }
 }
 
 TEST_F(PayloadTest, ThresholdOfSixteenBytesOrLessIsRefused) {
