@@ -26,7 +26,7 @@ inline constexpr size_t kRecordPayloadSizeOffset = 28;
 // Fills *out from `records` (whole records as stored in the log, concatenated). Compresses with
 // `preferred` (lz4 default acceleration, zstd level 1) and keeps the result only if it is at most
 // 7/8 of the input; otherwise sends CODEC_NONE. InvalidArgument if records exceed kMaxBatchBytes or
-// record_count exceeds kMaxBatchRecords. A batch over 256 KiB whose first 64 KiB do not shrink
+// record_count exceeds kMaxBatchRecords. A batch over 16 KiB whose first 8 KiB do not shrink
 // is sent uncompressed without trying the rest. `records` is moved into *out when uncompressed.
 absl::Status EncodeBatch(uint64_t epoch, uint64_t first_lsn, uint32_t record_count,
                          std::string records, v1::Codec preferred, bool durable_requested,
