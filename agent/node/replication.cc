@@ -1264,6 +1264,7 @@ void ReplicaGroup::HandleHello(Session& s, const v1::Hello& hello) {
       active_ = s.shared_from_this();
       active_peer_ = hello.sender_site();
       active_mode_ = hello.mode() == v1::MODE_SYNC ? "sync" : "async";
+      active_async_ = hello.mode() != v1::MODE_SYNC;
       sender_group_id_ = hello.sender_group_id();
       epoch_ = hello.epoch();
       s.accepted = true;
@@ -1607,10 +1608,12 @@ void ReplicaGroup::HandleBatch(Session& s, v1::Batch& batch) {
   }
   core::ReplicaReceiver::BatchCheck check;
   uint32_t gid = 0;
+  bool async_link = false;
   {
     std::lock_guard lock(mu_);
     check = rx_.OnBatch(batch.epoch(), batch.first_lsn(), batch.record_count());
     gid = sender_group_id_;
+    async_link = active_async_;
   }
   if (check.verdict == core::ReplicaReceiver::BatchCheck::Verdict::kReject) {
     return Fail(s, absl::FailedPreconditionError(check.reason));
@@ -1635,14 +1638,23 @@ void ReplicaGroup::HandleBatch(Session& s, v1::Batch& batch) {
   // The two callbacks may run in either order (a Sync can find the batch written and fsync on its
   // own thread before the committer has run the append's callback); core keeps what was reported
   // fsynced and reports durable up to what was appended.
+  //
+  // An async link's batch asks for `durable` (its lag is measured on durable records) and nothing
+  // at the primary waits for its `received`: that ack is left out, and the `durable` one after
+  // the fsync carries both, one message per batch instead of two each way (each a wake-up and a
+  // TLS record on both sites). It still goes if the fsync was reported first, which then waited
+  // for this append to count.
+  const bool ack_received = !(async_link && batch.durable_requested());
   log_->AppendReplicated(gid, first, std::move(*records), /*sync=*/false,
-                         [this, fail](absl::StatusOr<uint64_t> appended) {
+                         [this, fail, ack_received](absl::StatusOr<uint64_t> appended) {
                            if (!appended.ok()) return fail(appended.status());
+                           bool send = ack_received;
                            {
                              std::lock_guard lock(mu_);
                              rx_.OnAppended(*appended);
+                             send = send || rx_.positions().durable >= *appended;
                            }
-                           SendAck();
+                           if (send) SendAck();
                          });
   // Every batch is synced: nothing else would make it durable. At once when the primary waits
   // on it (an async peer's lag, a FLUSH/FUA); otherwise within sync_interval, one fsync for the

@@ -604,6 +604,47 @@ def refuse_out_of_order(c):
     probe_refusals(c, OUT_OF_ORDER_CASES)
 
 
+def async_acks_once_per_batch(c):
+    """A replica answers an async link's batch (durable_requested) with one Position, after the
+    fsync, carrying received and durable together; a batch without durable_requested (a sync
+    link's WRITEs) still gets `received` at once, before its deferred fsync. repl_probe stands in
+    for the primary and prints every Position it gets."""
+    if not c.probe:
+        raise TestFailure("this scenario needs --probe (tests/tools/repl_probe)")
+    a, b = pair(c, "async")
+    b.start()
+    a.start()
+    qemu_io(a, "write -P 0x81 0 1M", "flush")
+    wait_caught_up(a, [b])
+    a.stop()
+    for case, early_received in (("acks_durable_requested", False), ("acks_lazy", True)):
+        g = b.group()
+        epoch, last = u64(g.get("epoch")), u64(g.get("last_lsn"))
+        cmd = [c.probe, "--target", b.address, "--ca", f"{c.pki}/ca.pem",
+               "--cert", f"{c.pki}/site-a.pem", "--key", f"{c.pki}/site-a.key",
+               "--tls-name", "site-b", "--group", "g0", "--site", "site-a",
+               "--epoch", str(epoch), "--history", f"{epoch}:1", "--volume", f"vol0:{256 * MIB}",
+               "--last-lsn", str(last), "--case", case, "--timeout-s", "20"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+        if r.returncode != 0 or f"done: durable={last + 8}" not in r.stdout:
+            raise TestFailure(f"{case}: probe rc {r.returncode}:\n{r.stdout}{r.stderr}")
+        positions = []
+        for line in r.stdout.splitlines():
+            if line.startswith("position: "):
+                kv = dict(x.split("=") for x in line.split()[1:])
+                positions.append((int(kv["received"]), int(kv["durable"])))
+        ahead = [p for p in positions if p[0] > p[1]]
+        log(f"{case}: {len(positions)} positions for 4 batches, {len(ahead)} with received ahead")
+        if early_received and not ahead:
+            raise TestFailure(f"{case}: no `received` ack before the fsync: {positions}")
+        if not early_received and ahead:
+            raise TestFailure(f"{case}: separate `received` acks on an async link: {positions}")
+        if not early_received and len(positions) > 5:  # 4 batches, maybe one Position at accept
+            raise TestFailure(f"{case}: more than one Position per batch: {positions}")
+        if b.proc.poll() is not None:
+            raise TestFailure(f"{case}: site-b exited with {b.proc.returncode}\n{b.tail()}")
+
+
 def rate_limit(c):
     """rate_limit caps what goes to the peer, the log stream and the full copy alike: 16 MiB of
     random data already on the primary's volume (the copy) and 16 MiB written afterwards (the
@@ -681,7 +722,8 @@ SCENARIOS = {f.__name__: f for f in (link_cut, rate_limit, replica_retention_aft
     lazy_replica_sync, two_sites_sync, three_sites, sync_waits_for_peer, replica_kill9,
     full_copy_new_replica, behind_retention, reconnect_after_copy, refuse_wrong_ca,
     refuse_expired_cert, refuse_other_tenant, refuse_stale_epoch, refuse_diverged,
-    refuse_malformed_batch, refuse_oversized_message, refuse_out_of_order)}
+    refuse_malformed_batch, refuse_oversized_message, refuse_out_of_order,
+    async_acks_once_per_batch)}
 
 if __name__ == "__main__":
     sys.exit(run_main(SCENARIOS))

@@ -69,6 +69,10 @@ const char* const kCases[] = {
     "empty_message",       // a ToReplica with no message set
     "copy_chunk",          // a CopyChunk while no copy is in progress
     "not_protobuf",        // bytes that do not parse as a ToReplica
+    // Not refusals: four good batches of two records, each sent once the previous one is durable,
+    // with durable_requested set (as to an async peer) or not; then the probe closes the stream.
+    "acks_durable_requested",
+    "acks_lazy",
 };
 
 struct Args {
@@ -427,6 +431,7 @@ int main(int argc, char** argv) {
   std::condition_variable cv;
   std::optional<v1::Decision> decision;
   std::optional<absl::Status> closed;
+  uint64_t durable = 0;
   auto stream = transport::ClientStream::Open(
       channel,
       [&](v1::FromReplica msg) {
@@ -443,6 +448,7 @@ int main(int argc, char** argv) {
                  static_cast<unsigned long long>(p.received_lsn()),
                  static_cast<unsigned long long>(p.durable_lsn()),
                  static_cast<unsigned long long>(p.applied_lsn()));
+          durable = std::max<uint64_t>(durable, p.durable_lsn());
         }
         fflush(stdout);
         cv.notify_all();
@@ -469,6 +475,27 @@ int main(int argc, char** argv) {
       return 3;
     }
     next = decision->start_lsn();
+  }
+
+  if (a.kase.starts_with("acks_")) {
+    for (int i = 0; i < 4; ++i, next += 2) {
+      v1::ToReplica m =
+          RawBatch(a.epoch, next, 2, MakeRecords(a.sender_group_id, next, 2, a.epoch));
+      m.mutable_batch()->set_durable_requested(a.kase == "acks_durable_requested");
+      stream->Send(std::move(m));
+      std::unique_lock l(mu);
+      if (!cv.wait_until(l, deadline, [&] { return durable >= next + 1 || closed.has_value(); }) ||
+          closed) {
+        printf("closed: %s\n",
+               closed ? std::string(closed->message()).c_str() : "(batch not durable in time)");
+        fflush(stdout);
+        return 1;
+      }
+    }
+    printf("done: durable=%llu\n", static_cast<unsigned long long>(next - 1));
+    fflush(stdout);
+    stream->Close(absl::CancelledError("probe done"));
+    return 0;
   }
 
   v1::ToReplica bad = BadMessage(a, next);
