@@ -812,6 +812,11 @@ absl::Status GroupLog::SyncWritten(uint64_t target) {
   return absl::OkStatus();
 }
 
+bool GroupLog::SyncBusy() const {
+  std::lock_guard lock(mu_);
+  return syncing_ || !sync_jobs_.empty() || inline_syncs_ > 0;
+}
+
 void GroupLog::AdvanceDurable(uint64_t lsn) {
   uint64_t d = durable_lsn_.load(std::memory_order_acquire);
   while (d < lsn && !durable_lsn_.compare_exchange_weak(d, lsn, std::memory_order_acq_rel)) {

@@ -411,6 +411,9 @@ class GroupLog {
 
   uint64_t last_lsn() const { return last_lsn_.load(std::memory_order_acquire); }
   uint64_t durable_lsn() const { return durable_lsn_.load(std::memory_order_acquire); }
+  // An fsync is running or written records wait for one: a Sync() issued now completes after
+  // that fsync and one more, not after one.
+  bool SyncBusy() const;
   GroupLogState State() const;
   // How long each fsync of this group's log took (the syncer's, an inline Sync()'s, or a synced
   // write on the committer, which includes the write). For the metrics endpoint.

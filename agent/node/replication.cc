@@ -1640,15 +1640,17 @@ void ReplicaGroup::HandleBatch(Session& s, v1::Batch& batch) {
   // fsynced and reports durable up to what was appended.
   //
   // An async link's batch asks for `durable` (its lag is measured on durable records) and nothing
-  // at the primary waits for its `received`: that ack is left out, and the `durable` one after
-  // the fsync carries both, one message per batch instead of two each way (each a wake-up and a
-  // TLS record on both sites). It still goes if the fsync was reported first, which then waited
-  // for this append to count.
-  const bool ack_received = !(async_link && batch.durable_requested());
+  // at the primary waits for its `received` but the window. When the syncer is idle, the batch's
+  // own fsync follows at once: its `received` ack is left out and the `durable` one carries both,
+  // one message per batch instead of two each way (each a wake-up and a TLS record on both sites).
+  // When an fsync is already running, `durable` is two fsyncs away and `received` goes now, so
+  // that the window (bytes not yet `received`) does not also hold the fsyncs at full speed. It
+  // also goes if the fsync was reported first, which then waited for this append to count.
+  const bool may_skip_received = async_link && batch.durable_requested();
   log_->AppendReplicated(gid, first, std::move(*records), /*sync=*/false,
-                         [this, fail, ack_received](absl::StatusOr<uint64_t> appended) {
+                         [this, fail, may_skip_received](absl::StatusOr<uint64_t> appended) {
                            if (!appended.ok()) return fail(appended.status());
-                           bool send = ack_received;
+                           bool send = !may_skip_received || log_->SyncBusy();
                            {
                              std::lock_guard lock(mu_);
                              rx_.OnAppended(*appended);

@@ -255,6 +255,20 @@ TEST_F(GroupLogSyncerTest, SyncWhileAnFsyncIsInFlightNeitherBlocksItsCallerNorFs
   EXPECT_EQ(fua->count(), 1);
 }
 
+// SyncBusy (a replica's cue to acknowledge `received` before the fsync): true while an fsync runs
+// or written records wait for one, false once it is done and on an idle log.
+TEST_F(GroupLogSyncerTest, SyncBusyWhileAnFsyncRunsOrIsOwed) {
+  Open();
+  EXPECT_FALSE(log_->SyncBusy());
+  fault_.HoldWalSyncs();
+  OutcomePtr fua = Append(1, /*fua=*/true);
+  ASSERT_TRUE(AwaitHeld());
+  EXPECT_TRUE(log_->SyncBusy()) << "the syncer's fsync is held";
+  fault_.ReleaseWalSyncs();
+  ASSERT_TRUE(Eventually([&] { return fua->done(); }));
+  EXPECT_TRUE(Eventually([&] { return !log_->SyncBusy(); }));
+}
+
 TEST_F(GroupLogSyncerTest, NonFuaAppendCompletesWhileAnEarlierFuaAppendsFsyncIsHeld) {
   Open();
   fault_.HoldWalSyncs();
