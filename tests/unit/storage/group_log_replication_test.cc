@@ -621,6 +621,10 @@ TEST_F(ReplicationLogTest, OnDurableMaySyncAndAppend) {
   }
   EXPECT_EQ(primary_->durable_lsn(), 4u);
   EXPECT_EQ(primary_->last_lsn(), 4u);
+  // The callback uses this test's locals: stop the log's threads before they go (TSan saw the
+  // syncer run it after the test body had returned).
+  primary_ = nullptr;
+  primary_store_.reset();
 }
 
 // A replica acknowledges `received` before it applies (replicated_complete_before_apply): the
