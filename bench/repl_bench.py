@@ -13,6 +13,9 @@ What it measures (issue 4; docs/benchmarks.md records the results):
   lag         fio at 50 % of the async throughput just measured (or at --lag-rate), with the
               peer's lag (age of the oldest record not yet durable at the peer) sampled every
               10 ms; p50/p99/max.   goal p99 <= 10 ms
+              Each sample over 10 ms is also split by where its records were: most of them not
+              yet `received` by the peer (the link, the window, the primary's shipping) or received
+              and waiting for the peer's fsync.
   cost        CPU seconds per replicated GiB on each side, and each agent's peak RSS.
 Repetitions are interleaved (baseline, candidate, baseline, ...) and medians reported, because this
 machine is shared and noisy.
@@ -217,6 +220,7 @@ def bench_lag(args, max_bw):
     run_fio(s.a.uri(), "write", "1m", 4, size=region)
     wait_caught_up(s.a, [s.b], timeout_s=600)
     samples = []
+    split = []  # (lag, records not yet received, records received but not durable) per sample
     # One tvillingctl reporting every 10 ms over one connection (JSON Lines).
     watch = subprocess.Popen([s.a.cluster.tvillingctl, "--socket", s.a.control_socket, "status",
                               "--json", "--watch", "0.01"], stdout=subprocess.PIPE, text=True)
@@ -231,6 +235,9 @@ def bench_lag(args, max_bw):
                 for p in g.get("peers", []):
                     if p.get("peer") == "site-b":
                         samples.append(float(p.get("lag_seconds", 0.0)))
+                        last, recv = u64(g.get("last_lsn")), u64(p.get("received_lsn"))
+                        split.append((float(p.get("lag_seconds", 0.0)), max(0, last - recv),
+                                      max(0, recv - u64(p.get("durable_lsn")))))
 
     try:
         t = threading.Thread(target=sample)
@@ -247,13 +254,18 @@ def bench_lag(args, max_bw):
     during = sorted(samples[skip:stop_at])
     if not during:
         raise RuntimeError("no lag samples")
+    slow = [x for x in split[skip:stop_at] if x[0] > 0.010]
+    unreceived = sum(1 for _, u, r in slow if u > r)
     p = lambda q: during[min(len(during) - 1, int(q * len(during)))] * 1000  # noqa: E731
     what = "given rate" if args.lag_rate else "50 % of the replicated maximum"
     print(f"async lag at {rate / 2**20:.0f} MiB/s ({what}), {len(during)} "
           f"samples every 10 ms: p50 {p(0.5):.2f} ms, p99 {p(0.99):.2f} ms (goal <= 10), "
           f"max {during[-1] * 1000:.2f} ms")
+    print(f"  samples over 10 ms: {len(slow)}, of which {unreceived} mostly not yet received by "
+          f"the peer and {len(slow) - unreceived} mostly received, waiting for its fsync")
     return {"lag_p50_ms": p(0.5), "lag_p99_ms": p(0.99), "lag_max_ms": during[-1] * 1000,
-            "rate_mib_s": rate / 2**20}
+            "rate_mib_s": rate / 2**20, "lag_samples_over_10ms": len(slow),
+            "lag_over_10ms_mostly_unreceived": unreceived}
 
 
 def main():
