@@ -530,6 +530,17 @@ OUT_OF_ORDER_CASES = [
 ]
 
 
+def run_probe(c, b, epoch, last, case):
+    """repl_probe as site-a (its certificate) against replica `b`, whose log is in `epoch` (the
+    whole history, from LSN 1) and ends at `last`."""
+    cmd = [c.probe, "--target", b.address, "--ca", f"{c.pki}/ca.pem",
+           "--cert", f"{c.pki}/site-a.pem", "--key", f"{c.pki}/site-a.key",
+           "--tls-name", "site-b", "--group", "g0", "--site", "site-a",
+           "--epoch", str(epoch), "--history", f"{epoch}:1", "--volume", f"vol0:{256 * MIB}",
+           "--last-lsn", str(last), "--case", case, "--timeout-s", "20"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+
+
 def probe_refusals(c, cases):
     """A -> B async over TLS with some data; A stops and repl_probe, with A's certificate, takes
     its place: a correct Hello, then one bad message per case. Each must end the stream with the
@@ -551,12 +562,7 @@ def probe_refusals(c, cases):
              "last": last}
     for case, code, status_texts, log_texts in cases:
         log_off = os.path.getsize(b.log_path)
-        cmd = [c.probe, "--target", b.address, "--ca", f"{c.pki}/ca.pem",
-               "--cert", f"{c.pki}/site-a.pem", "--key", f"{c.pki}/site-a.key",
-               "--tls-name", "site-b", "--group", "g0", "--site", "site-a",
-               "--epoch", str(epoch), "--history", f"{epoch}:1", "--volume", f"vol0:{256 * MIB}",
-               "--last-lsn", str(last), "--case", case, "--timeout-s", "20"]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+        r = run_probe(c, b, epoch, last, case)
         closed = [x for x in r.stdout.splitlines() if x.startswith("closed: ")]
         got = closed[-1] if closed else ""
         want = [t.format(**subst) for t in status_texts]
@@ -620,12 +626,7 @@ def async_acks_once_per_batch(c):
     for case, early_received in (("acks_durable_requested", False), ("acks_lazy", True)):
         g = b.group()
         epoch, last = u64(g.get("epoch")), u64(g.get("last_lsn"))
-        cmd = [c.probe, "--target", b.address, "--ca", f"{c.pki}/ca.pem",
-               "--cert", f"{c.pki}/site-a.pem", "--key", f"{c.pki}/site-a.key",
-               "--tls-name", "site-b", "--group", "g0", "--site", "site-a",
-               "--epoch", str(epoch), "--history", f"{epoch}:1", "--volume", f"vol0:{256 * MIB}",
-               "--last-lsn", str(last), "--case", case, "--timeout-s", "20"]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+        r = run_probe(c, b, epoch, last, case)
         if r.returncode != 0 or f"done: durable={last + 8}" not in r.stdout:
             raise TestFailure(f"{case}: probe rc {r.returncode}:\n{r.stdout}{r.stderr}")
         positions = []
