@@ -1264,7 +1264,6 @@ void ReplicaGroup::HandleHello(Session& s, const v1::Hello& hello) {
       active_ = s.shared_from_this();
       active_peer_ = hello.sender_site();
       active_mode_ = hello.mode() == v1::MODE_SYNC ? "sync" : "async";
-      active_async_ = hello.mode() != v1::MODE_SYNC;
       sender_group_id_ = hello.sender_group_id();
       epoch_ = hello.epoch();
       s.accepted = true;
@@ -1613,7 +1612,7 @@ void ReplicaGroup::HandleBatch(Session& s, v1::Batch& batch) {
     std::lock_guard lock(mu_);
     check = rx_.OnBatch(batch.epoch(), batch.first_lsn(), batch.record_count());
     gid = sender_group_id_;
-    async_link = active_async_;
+    async_link = active_mode_ == "async";
   }
   if (check.verdict == core::ReplicaReceiver::BatchCheck::Verdict::kReject) {
     return Fail(s, absl::FailedPreconditionError(check.reason));

@@ -257,8 +257,7 @@ class ReplicaGroup {
   core::ReplicaReceiver rx_;
   std::shared_ptr<Session> active_;  // the accepted stream, if any
   std::string active_peer_;
-  std::string active_mode_;    // the mode the primary runs this link in
-  bool active_async_ = false;  // active_mode_ == "async"
+  std::string active_mode_;  // the mode the primary runs this link in: "sync" or "async"
   uint32_t sender_group_id_ = 0;
   uint64_t epoch_ = 0;
   uint64_t copy_bytes_since_checkpoint_ = 0;

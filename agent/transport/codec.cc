@@ -19,8 +19,8 @@ uint64_t Checksum(std::string_view data) { return XXH3_64bits(data.data(), data.
 // A batch larger than twice this is first tried on its first kSampleBytes: data that does not
 // shrink (already compressed or encrypted, as most of a busy volume's writes are) then costs an
 // 8 KiB attempt instead of a whole one. With the sample at 64 KiB, a primary shipping 64 KiB
-// writes of such data at 100 MiB/s spent 14 % of its CPU in LZ4 (docs/benchmarks.md, "The
-// compression probe").
+// writes of such data at 100 MiB/s spent 14 % of its CPU in LZ4 (docs/benchmarks.md, "Steady
+// writeback, one ack per async batch").
 constexpr size_t kSampleBytes = 8u << 10;
 
 bool CompressWhole(v1::Codec codec, std::string_view in, std::string* out);
