@@ -19,6 +19,10 @@
 // gRPC status that ended the stream. Exit status: 0 if the replica ended the stream (the caller
 // checks the code and message), 1 if it did not end it within --timeout-s (the bad message was
 // accepted), 2 for a usage error, 3 if the Hello was not answered with STREAM_FROM.
+//
+// The cases acks_durable_requested and acks_lazy send good batches instead (the replica's log
+// grows by 8 records) and print "done: durable=N" once all are durable: the test
+// (async_acks_once_per_batch) looks at the Positions the replica sent for them.
 #include <grpcpp/generic/generic_stub.h>
 #include <xxhash.h>
 
