@@ -1028,6 +1028,11 @@ void ReplicaReceiver::OnDurable(uint64_t lsn) {
 
 void ReplicaReceiver::OnApplied(uint64_t lsn) { pos_.applied = std::max(pos_.applied, lsn); }
 
+bool ReplicaReceiver::AckAppendNow(bool async_link, bool durable_requested, bool fsync_busy,
+                                   uint64_t appended) const {
+  return !(async_link && durable_requested) || fsync_busy || pos_.durable >= appended;
+}
+
 std::optional<Positions> ReplicaReceiver::TakeAck() {
   if (awaiting_copy_begin_) return std::nullopt;
   if (acked_once_ && acked_ == pos_) return std::nullopt;

@@ -426,6 +426,13 @@ class ReplicaReceiver {
   void OnAppended(uint64_t last_lsn);
   void OnDurable(uint64_t lsn);
   void OnApplied(uint64_t lsn);
+  // After OnAppended(appended): whether to acknowledge that append now. Nothing at the primary
+  // waits for an async link's `received` but its window, so a batch that asked for `durable`
+  // whose fsync starts at once (`fsync_busy` false) is acknowledged by the `durable` ack alone: one
+  // Position per batch. Now otherwise: when an fsync is already running `durable` is two fsyncs
+  // away (the window would hold them), and when the fsync was reported first it waited for this.
+  bool AckAppendNow(bool async_link, bool durable_requested, bool fsync_busy,
+                    uint64_t appended) const;
 
   // The position to report if it changed since the last TakeAck, else nullopt. After OnHello the
   // next TakeAck always reports (the new stream's primary knows nothing yet), except after a

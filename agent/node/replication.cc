@@ -1637,26 +1637,23 @@ void ReplicaGroup::HandleBatch(Session& s, v1::Batch& batch) {
   // The two callbacks may run in either order (a Sync can find the batch written and fsync on its
   // own thread before the committer has run the append's callback); core keeps what was reported
   // fsynced and reports durable up to what was appended.
-  //
-  // An async link's batch asks for `durable` (its lag is measured on durable records) and nothing
-  // at the primary waits for its `received` but the window. When the syncer is idle, the batch's
-  // own fsync follows at once: its `received` ack is left out and the `durable` one carries both,
-  // one message per batch instead of two each way (each a wake-up and a TLS record on both sites).
-  // When an fsync is already running, `durable` is two fsyncs away and `received` goes now, so
-  // that the window (bytes not yet `received`) does not also hold the fsyncs at full speed. It
-  // also goes if the fsync was reported first, which then waited for this append to count.
-  const bool may_skip_received = async_link && batch.durable_requested();
-  log_->AppendReplicated(gid, first, std::move(*records), /*sync=*/false,
-                         [this, fail, may_skip_received](absl::StatusOr<uint64_t> appended) {
-                           if (!appended.ok()) return fail(appended.status());
-                           bool send = !may_skip_received || log_->SyncBusy();
-                           {
-                             std::lock_guard lock(mu_);
-                             rx_.OnAppended(*appended);
-                             send = send || rx_.positions().durable >= *appended;
-                           }
-                           if (send) SendAck();
-                         });
+  // An async link's batch may be acknowledged only by its `durable` ack (one Position per batch
+  // instead of two, each a wake-up and a TLS record on both sites): core decides
+  // (ReplicaReceiver::AckAppendNow), from whether the syncer already has an fsync to do.
+  const bool durable_requested = batch.durable_requested();
+  log_->AppendReplicated(
+      gid, first, std::move(*records), /*sync=*/false,
+      [this, fail, async_link, durable_requested](absl::StatusOr<uint64_t> appended) {
+        if (!appended.ok()) return fail(appended.status());
+        const bool fsync_busy = async_link && durable_requested && log_->SyncBusy();
+        bool send = false;
+        {
+          std::lock_guard lock(mu_);
+          rx_.OnAppended(*appended);
+          send = rx_.AckAppendNow(async_link, durable_requested, fsync_busy, *appended);
+        }
+        if (send) SendAck();
+      });
   // Every batch is synced: nothing else would make it durable. At once when the primary waits
   // on it (an async peer's lag, a FLUSH/FUA); otherwise within sync_interval, one fsync for the
   // burst, and `durable` rides on the next `received` (or goes when that fsync is done). A FLUSH

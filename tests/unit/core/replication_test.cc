@@ -926,6 +926,23 @@ TEST(ReplicaReceiver, DurableReportedBeforeItsAppendCountsOnceAppended) {
   EXPECT_EQ(r.positions().durable, 160u);
 }
 
+// An async link's batch that asked for durable is acknowledged by its durable ack alone when its
+// fsync starts at once; a sync link's, one that did not ask, or one behind a running fsync, at
+// once; and at once too if its fsync was reported before the append.
+TEST(ReplicaReceiver, AcknowledgesAnAsyncBatchOnceWhenItsFsyncStartsAtOnce) {
+  ReplicaReceiver r = Receiver();
+  ASSERT_EQ(r.OnBatch(3, 151, 10).verdict, ReplicaReceiver::BatchCheck::Verdict::kAppend);
+  r.OnAppended(160);
+  EXPECT_FALSE(r.AckAppendNow(/*async_link=*/true, /*durable_requested=*/true, false, 160));
+  EXPECT_TRUE(r.AckAppendNow(true, true, /*fsync_busy=*/true, 160));
+  EXPECT_TRUE(r.AckAppendNow(true, /*durable_requested=*/false, false, 160));
+  EXPECT_TRUE(r.AckAppendNow(/*async_link=*/false, true, false, 160));
+  ASSERT_EQ(r.OnBatch(3, 161, 10).verdict, ReplicaReceiver::BatchCheck::Verdict::kAppend);
+  r.OnDurable(170);  // the fsync came first
+  r.OnAppended(170);
+  EXPECT_TRUE(r.AckAppendNow(true, true, false, 170));
+}
+
 TEST(ReplicaReceiver, SkipsResentPrefix) {
   ReplicaReceiver r = Receiver();
   auto c = r.OnBatch(3, 141, 20);
