@@ -368,9 +368,11 @@ absl::Status GroupRuntime::ApplyLocked(std::span<const storage::LogRecordView> r
   const bool checkpoint_due =
       applied_bytes_since_checkpoint_.fetch_add(bytes) + bytes >= options_.checkpoint_bytes;
   // Woken once as the count crosses writeback_bytes, not for every batch after it.
-  const uint64_t wb = applied_bytes_since_writeback_.fetch_add(bytes);
-  const bool writeback_due =
-      WritebackPaced() && wb < options_.writeback_bytes && wb + bytes >= options_.writeback_bytes;
+  bool writeback_due = false;
+  if (WritebackPaced()) {
+    const uint64_t wb = applied_bytes_since_writeback_.fetch_add(bytes);
+    writeback_due = wb < options_.writeback_bytes && wb + bytes >= options_.writeback_bytes;
+  }
   if (checkpoint_due || writeback_due) cv_.notify_one();
   return absl::OkStatus();
 }
