@@ -45,6 +45,7 @@ namespace rocksdb {
 class DB;
 class Env;
 struct Options;
+class Status;
 }  // namespace rocksdb
 
 namespace tvilling::storage {
@@ -231,6 +232,9 @@ struct GroupLogOptions {
   // then equals last_lsn()) nor by ResetForCopy, which moves durable_lsn to a value the caller
   // chose. The replica acknowledges `durable` from it, the primary feeds its core with it.
   std::function<void(uint64_t durable_lsn)> on_durable;
+  // Called by the payload syncer before each round of payload fdatasyncs it runs beside a WAL
+  // fsync (tests hold it there to see the two overlap).
+  std::function<void()> before_payload_sync;
 };
 
 struct AppendRequest {
@@ -425,6 +429,7 @@ class GroupLog {
     std::atomic<uint64_t> records{0};
     std::atomic<uint64_t> bytes{0};
     std::atomic<uint64_t> commits{0};
+    std::atomic<uint64_t> payload_syncs{0};  // rounds of payload file fdatasyncs that succeeded
   };
   const Counters& counters() const { return counters_; }
   // The epoch of the newest record queued, or of the last history entry ResetForCopy installed (a
@@ -524,15 +529,23 @@ class GroupLog {
   void Unplug();
   friend class AppendPlug;
   void SyncerLoop();
-  // Fsyncs the payload files, then the WAL, and advances durable_lsn to `target` (already
-  // written). Any thread.
+  // Fsyncs the WAL and, beside it on the payload syncer, the payload files appended to since the
+  // last fdatasync; advances durable_lsn to `target` (already written) once both are done. Any
+  // thread.
   absl::Status SyncWritten(uint64_t target);
+  // The payload syncer (a thread started with the log): fdatasyncs the payload files when asked,
+  // so that a cycle of SyncWritten costs one device flush's time, not two in a row.
+  void PayloadSyncerLoop();
+  void StartPayloadSync();
+  absl::Status WaitPayloadSync();
   // Payload durability (docs/log-format.md, "External payloads"). SyncPayloadFilesLocked
-  // fdatasyncs every payload file appended to since the last call and sets *mark to the LSN the
-  // 'y' key must now say (0: no change). SyncPayloads does that and writes the key (not synced:
+  // fdatasyncs every payload file appended to since the last fdatasync and sets *mark to the LSN
+  // the 'y' key must now say (0: no change). SyncPayloads does that and writes the key (not synced:
   // the next WAL fsync makes it durable together with the records it covers). REQUIRES (Locked):
   // payload_sync_mu_ held.
   absl::Status SyncPayloadFilesLocked(uint64_t* mark);
+  // Writes the 'y' key (not synced) if payload_synced_lsn_ is above it. REQUIRES: payload_sync_mu_.
+  rocksdb::Status PutPayloadMarkLocked();
   absl::Status SyncPayloads();
   // The record's stored value as ReadRaw hands it out (header + payload): `value` itself if inline,
   // else the header and the payload read from its file into `buf`. Errors name the group, LSN,
@@ -626,6 +639,14 @@ class GroupLog {
   std::mutex payload_sync_mu_;
   uint64_t payload_synced_lsn_ = 0;
   uint64_t payload_mark_ = 0;
+  // The payload syncer: one request at a time (SyncWritten holds payload_sync_mu_ through it).
+  std::thread payload_syncer_;
+  std::mutex payload_syncer_mu_;
+  std::condition_variable payload_syncer_cv_;
+  bool payload_sync_requested_ = false;  // guarded by payload_syncer_mu_, like the two below
+  bool payload_sync_done_ = false;
+  bool payload_syncer_stopping_ = false;
+  absl::Status payload_sync_status_;
 };
 
 }  // namespace tvilling::storage

@@ -6,11 +6,15 @@
 #include <rocksdb/db.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <condition_variable>
 #include <filesystem>
 #include <fstream>
 #include <future>
 #include <map>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "storage/group_log.h"
@@ -388,6 +392,57 @@ TEST_F(PayloadTest, CorruptExternalPayloadIsDataLossNamingLsnAndFile) {
   // A payload file that is gone: DataLoss naming the LSN, file and offset.
   fs::remove(file);
   ASSERT_TRUE(Reopen(Options()).code() == absl::StatusCode::kDataLoss);
+}
+
+// The payload files are fdatasynced beside the WAL's fsync, not before it (one device flush's time
+// per cycle, not two), and durable_lsn waits for both.
+TEST_F(PayloadTest, PayloadFilesAreFdatasyncedWhileTheWalSyncRuns) {
+  auto wait_for = [](auto pred) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (!pred()) {
+      if (std::chrono::steady_clock::now() > deadline) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return true;
+  };
+  std::mutex mu;
+  std::condition_variable cv;
+  bool payload_sync_entered = false, payload_sync_released = false;
+  GroupLogOptions opts = Options();
+  opts.before_payload_sync = [&] {
+    std::unique_lock lock(mu);
+    payload_sync_entered = true;
+    cv.wait(lock, [&] { return payload_sync_released; });
+  };
+  auto release_payload_sync = [&] {
+    std::lock_guard lock(mu);
+    payload_sync_released = true;
+    cv.notify_all();
+  };
+  FaultEnv fault;
+  Open(opts, fault.env());
+  AppendSizes({4096, 4096});
+  fault.HoldWalSyncs();
+  // From a thread of its own: Sync() on an idle log may fsync on the caller's thread.
+  std::promise<absl::Status> synced;
+  std::thread caller([&] { log_->Sync([&synced](absl::Status s) { synced.set_value(s); }); });
+  // Both in flight at once: the payload round held in the hook, the WAL's fsync in the env.
+  const bool both = wait_for([&] {
+    std::lock_guard lock(mu);
+    return payload_sync_entered && fault.waiting_wal_syncs() == 1;
+  });
+  // The WAL's fsync done, the payloads' not: nothing is durable yet.
+  fault.ReleaseWalSyncs();
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const uint64_t durable_before_payloads = log_->State().durable_lsn;
+  release_payload_sync();
+  caller.join();
+  ASSERT_TRUE(synced.get_future().get().ok());
+  EXPECT_TRUE(both);
+  EXPECT_EQ(durable_before_payloads, 0u);
+  EXPECT_EQ(log_->State().durable_lsn, 2u);
+  log_ = nullptr;
+  store_.reset();  // before the env it runs on
 }
 
 // The torn-tail rule: a power cut that keeps the WAL's pages but not a payload file's.
