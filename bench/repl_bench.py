@@ -29,10 +29,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
                                 "integration"))
-from repl_lib import Cluster, u64, wait_caught_up  # noqa: E402
+from repl_lib import Cluster, free_port, u64, wait_caught_up  # noqa: E402
 
 GIB = 1 << 30
 LAG_REGION = "512M"
@@ -113,6 +114,10 @@ class Setup:
             acl_a = [("site-b" if tls else "*", "site-b", ["g0"])]
             self.a.write_config([dict(g, peers=[(self.b, mode, None)])], acl=acl_a)
             self.b.write_config([dict(g, peers=[(self.a, mode, None)])], acl=acl_b)
+            # The replica's /metrics, for its log fsync latency (replica_fsync_ms).
+            self.b.metrics_port = free_port()
+            with open(self.b.config_path, "a") as f:
+                f.write(f'[metrics]\nlisten = "127.0.0.1:{self.b.metrics_port}"\n')
             self.b.start()
         self.a.start()
         if self.b:
@@ -209,6 +214,43 @@ def bench_sync_latency(args, reps):
             "sync_tls_overhead_us": med["sync_tls"] - med["single"]}
 
 
+def fsync_histogram(agent):
+    """The agent's tvilling_log_fsync_duration_seconds: ({le (s): cumulative count}, sum (s))."""
+    url = f"http://127.0.0.1:{agent.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode("utf-8")
+    buckets, total_s = {}, 0.0
+    for line in text.splitlines():
+        if line.startswith("tvilling_log_fsync_duration_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("tvilling_log_fsync_duration_seconds_sum{"):
+            total_s = float(line.rsplit(" ", 1)[1])
+    return buckets, total_s
+
+
+def fsync_summary(before, after):
+    """Count, mean and p50/p99 (ms; linear within a bucket, as Prometheus' histogram_quantile)
+    of the fsyncs between two scrapes."""
+    (b0, s0), (b1, s1) = before, after
+    delta = sorted((le, b1[le] - b0.get(le, 0.0)) for le in b1)
+    n = delta[-1][1] if delta else 0
+
+    def quantile(q):
+        lower, below = 0.0, 0.0
+        for le, cum in delta:
+            if cum >= q * n:
+                if le == float("inf"):
+                    return lower * 1000
+                frac = (q * n - below) / (cum - below) if cum > below else 1.0
+                return (lower + (le - lower) * frac) * 1000
+            lower, below = le, cum
+        return float("nan")
+
+    mean = (s1 - s0) / n * 1000 if n else float("nan")
+    return n, mean, quantile(0.5), quantile(0.99)
+
+
 def bench_lag(args, max_bw):
     runtime = args.lag_runtime or (5 if args.quick else 30)
     rate = int(args.lag_rate * 2**20) if args.lag_rate else int(max_bw / 2)
@@ -244,8 +286,10 @@ def bench_lag(args, max_bw):
         t.start()
         time.sleep(0.5)
         skip = len(samples)  # only samples taken while fio runs
+        fsyncs_before = fsync_histogram(s.b)
         run_fio(s.a.uri(), "write", "64k", 8, runtime=runtime, rate=f"{rate}", region=region)
         stop_at = len(samples)
+        fsyncs_after = fsync_histogram(s.b)
     finally:
         watch.terminate()
         watch.wait()
@@ -263,9 +307,14 @@ def bench_lag(args, max_bw):
           f"max {during[-1] * 1000:.2f} ms")
     print(f"  samples over 10 ms: {len(slow)}, of which {unreceived} mostly not yet received by "
           f"the peer and {len(slow) - unreceived} mostly received, waiting for its fsync")
+    fsync_n, fsync_mean, fsync_p50, fsync_p99 = fsync_summary(fsyncs_before, fsyncs_after)
+    print(f"  the replica's log fsyncs meanwhile: {fsync_n:.0f}, mean {fsync_mean:.2f} ms, "
+          f"p50 {fsync_p50:.2f} ms, p99 {fsync_p99:.2f} ms (from its /metrics histogram)")
     return {"lag_p50_ms": p(0.5), "lag_p99_ms": p(0.99), "lag_max_ms": during[-1] * 1000,
             "rate_mib_s": rate / 2**20, "lag_samples_over_10ms": len(slow),
-            "lag_over_10ms_mostly_unreceived": unreceived}
+            "lag_over_10ms_mostly_unreceived": unreceived, "replica_fsyncs": fsync_n,
+            "replica_fsync_mean_ms": fsync_mean, "replica_fsync_p50_ms": fsync_p50,
+            "replica_fsync_p99_ms": fsync_p99}
 
 
 def main():
