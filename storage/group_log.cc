@@ -808,10 +808,10 @@ absl::Status GroupLog::SyncWritten(uint64_t target) {
   // Read before the fdatasync: every payload appended up to it is covered by the fdatasync.
   const uint64_t payload_target = payload_written_lsn_.load(std::memory_order_acquire);
   const bool sync_payloads = payload_target != payload_synced_lsn_;
-  if (sync_payloads) StartPayloadSync();
+  const bool side = sync_payloads && StartPayloadSync();
   rocksdb::Status s =
       GatedWal(health_, StoreHealth::Call::kSync, [&] { return db_->FlushWAL(/*sync=*/true); });
-  const absl::Status ps = sync_payloads ? WaitPayloadSync() : absl::OkStatus();
+  const absl::Status ps = sync_payloads ? WaitPayloadSync(side) : absl::OkStatus();
   if (ps.ok() && sync_payloads) payload_synced_lsn_ = payload_target;
   if (ps.ok() && s.ok()) s = PutPayloadMarkLocked();
   payload_lock.unlock();
@@ -861,16 +861,25 @@ void GroupLog::PayloadSyncerLoop() {
   }
 }
 
-void GroupLog::StartPayloadSync() {
+bool GroupLog::StartPayloadSync() {
   {
     std::lock_guard lock(payload_syncer_mu_);
+    // A request made before the syncer was told to stop is still served (its loop takes requests
+    // first); after that, the caller syncs the files itself.
+    if (payload_syncer_stopping_) return false;
     payload_sync_requested_ = true;
     payload_sync_done_ = false;
   }
   payload_syncer_cv_.notify_all();
+  return true;
 }
 
-absl::Status GroupLog::WaitPayloadSync() {
+absl::Status GroupLog::WaitPayloadSync(bool started) {
+  if (!started) {
+    absl::Status st = payloads_->SyncDirty();
+    if (st.ok()) counters_.payload_syncs.fetch_add(1, std::memory_order_relaxed);
+    return st;
+  }
   std::unique_lock lock(payload_syncer_mu_);
   payload_syncer_cv_.wait(lock, [&] { return payload_sync_done_; });
   return std::move(payload_sync_status_);
@@ -1113,19 +1122,19 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
     // order).
     std::unique_lock<std::mutex> payload_lock;
     uint64_t payload_target = 0;
-    bool sync_payloads = false;
+    bool sync_payloads = false, side = false;
     if (sync_here) {
       payload_lock = std::unique_lock(payload_sync_mu_);
       payload_target = payload_written_lsn_.load(std::memory_order_acquire);
       sync_payloads = payload_target != payload_synced_lsn_;
-      if (sync_payloads) StartPayloadSync();
+      side = sync_payloads && StartPayloadSync();
     }
     rocksdb::Status s = wb.Count() > 0 ? GatedWal(health_, StoreHealth::Call::kWrite,
                                                   [&] { return db_->Write(wo, &wb); })
                                        : GatedWal(health_, StoreHealth::Call::kSync,
                                                   [&] { return db_->FlushWAL(/*sync=*/true); });
     if (sync_payloads) {
-      if (absl::Status ps = WaitPayloadSync(); !ps.ok()) {
+      if (absl::Status ps = WaitPayloadSync(side); !ps.ok()) {
         if (s.ok()) s = rocksdb::Status::IOError(std::string(ps.message()));
       } else {
         payload_synced_lsn_ = payload_target;

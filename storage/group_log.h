@@ -535,9 +535,12 @@ class GroupLog {
   absl::Status SyncWritten(uint64_t target);
   // The payload syncer (a thread started with the log): fdatasyncs the payload files when asked,
   // so that a cycle of SyncWritten costs one device flush's time, not two in a row.
+  // StartPayloadSync asks it (false once it is stopping); WaitPayloadSync(started) waits for its
+  // answer, or fdatasyncs on the caller's thread if it was not started. REQUIRES:
+  // payload_sync_mu_ held from the start to the end of the wait.
   void PayloadSyncerLoop();
-  void StartPayloadSync();
-  absl::Status WaitPayloadSync();
+  bool StartPayloadSync();
+  absl::Status WaitPayloadSync(bool started);
   // Payload durability (docs/log-format.md, "External payloads"). SyncPayloadFilesLocked
   // fdatasyncs every payload file appended to since the last fdatasync and sets *mark to the LSN
   // the 'y' key must now say (0: no change). SyncPayloads does that and writes the key (not synced:
