@@ -797,24 +797,13 @@ absl::Status GroupLog::SyncPayloads() {
 absl::Status GroupLog::SyncWritten(uint64_t target) {
   if (absl::Status h = health_->status(); !h.ok()) return h;
   const auto started = std::chrono::steady_clock::now();
-  // The payload files' fdatasync runs beside the WAL's (each is a device cache flush on a disk
-  // with a volatile cache; one after the other doubled the replica's fsync cycle and with it the
-  // async lag's tail). durable_lsn advances only after both, so no record is acknowledged durable
-  // before its payload. The WAL may become durable first with records above the 'y' mark whose
-  // payloads are not: a power cut then leaves what open verifies and cuts (docs/log-format.md).
-  // The mark follows once both are done, written to the WAL unsynced: the next fsync of the WAL
-  // makes it durable, so at most the last cycle's records are above a durable mark.
-  std::unique_lock payload_lock(payload_sync_mu_);
-  // Read before the fdatasync: every payload appended up to it is covered by the fdatasync.
-  const uint64_t payload_target = payload_written_lsn_.load(std::memory_order_acquire);
-  const bool sync_payloads = payload_target != payload_synced_lsn_;
-  const bool side = sync_payloads && StartPayloadSync();
-  rocksdb::Status s =
-      GatedWal(health_, StoreHealth::Call::kSync, [&] { return db_->FlushWAL(/*sync=*/true); });
-  const absl::Status ps = sync_payloads ? WaitPayloadSync(side) : absl::OkStatus();
-  if (ps.ok() && sync_payloads) payload_synced_lsn_ = payload_target;
-  if (ps.ok() && s.ok()) s = PutPayloadMarkLocked();
-  payload_lock.unlock();
+  absl::Status ps;
+  const rocksdb::Status s = WithPayloadsSynced(
+      [&] {
+        return GatedWal(health_, StoreHealth::Call::kSync,
+                        [&] { return db_->FlushWAL(/*sync=*/true); });
+      },
+      &ps);
   fsync_latency_.RecordSince(started);
   if (!ps.ok()) {
     absl::Status st =
@@ -832,6 +821,28 @@ absl::Status GroupLog::SyncWritten(uint64_t target) {
   }
   AdvanceDurable(target);
   return absl::OkStatus();
+}
+
+rocksdb::Status GroupLog::WithPayloadsSynced(absl::FunctionRef<rocksdb::Status()> wal_op,
+                                             absl::Status* payloads) {
+  // The payload files' fdatasync runs beside the WAL's (each is a device cache flush on a disk
+  // with a volatile cache; one after the other doubled the replica's fsync cycle and with it the
+  // async lag's tail). The caller advances durable_lsn only after both, so no record is
+  // acknowledged durable before its payload. The WAL may become durable first with records above
+  // the 'y' mark whose payloads are not: a power cut then leaves what open verifies and cuts
+  // (docs/log-format.md). The mark follows once both are done, written to the WAL unsynced: the
+  // next fsync of the WAL makes it durable, so at most the last round's records are above a
+  // durable mark. payload_sync_mu_ is held throughout, so marks are written in increasing order.
+  std::lock_guard payload_lock(payload_sync_mu_);
+  // Read before the fdatasync: every payload appended up to it is covered by the fdatasync.
+  const uint64_t payload_target = payload_written_lsn_.load(std::memory_order_acquire);
+  const bool sync_payloads = payload_target != payload_synced_lsn_;
+  const bool side = sync_payloads && StartPayloadSync();
+  rocksdb::Status wal = wal_op();
+  *payloads = sync_payloads ? WaitPayloadSync(side) : absl::OkStatus();
+  if (payloads->ok() && sync_payloads) payload_synced_lsn_ = payload_target;
+  if (payloads->ok() && wal.ok()) wal = PutPayloadMarkLocked();
+  return wal;
 }
 
 rocksdb::Status GroupLog::PutPayloadMarkLocked() {
@@ -1117,31 +1128,21 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
     rocksdb::WriteOptions wo;
     wo.sync = sync_here;
     const auto started = std::chrono::steady_clock::now();
-    // A synced write fdatasyncs the payload files beside it and then moves the mark, as
-    // SyncWritten does (payload_sync_mu_ held throughout, so marks are written in increasing
-    // order).
-    std::unique_lock<std::mutex> payload_lock;
-    uint64_t payload_target = 0;
-    bool sync_payloads = false, side = false;
+    auto write = [&] {
+      return wb.Count() > 0
+                 ? GatedWal(health_, StoreHealth::Call::kWrite, [&] { return db_->Write(wo, &wb); })
+                 : GatedWal(health_, StoreHealth::Call::kSync,
+                            [&] { return db_->FlushWAL(/*sync=*/true); });
+    };
+    rocksdb::Status s;
     if (sync_here) {
-      payload_lock = std::unique_lock(payload_sync_mu_);
-      payload_target = payload_written_lsn_.load(std::memory_order_acquire);
-      sync_payloads = payload_target != payload_synced_lsn_;
-      side = sync_payloads && StartPayloadSync();
+      // A synced write fdatasyncs the payload files beside it, as SyncWritten's fsync does.
+      absl::Status ps;
+      s = WithPayloadsSynced(write, &ps);
+      if (s.ok() && !ps.ok()) s = rocksdb::Status::IOError(std::string(ps.message()));
+    } else {
+      s = write();
     }
-    rocksdb::Status s = wb.Count() > 0 ? GatedWal(health_, StoreHealth::Call::kWrite,
-                                                  [&] { return db_->Write(wo, &wb); })
-                                       : GatedWal(health_, StoreHealth::Call::kSync,
-                                                  [&] { return db_->FlushWAL(/*sync=*/true); });
-    if (sync_payloads) {
-      if (absl::Status ps = WaitPayloadSync(side); !ps.ok()) {
-        if (s.ok()) s = rocksdb::Status::IOError(std::string(ps.message()));
-      } else {
-        payload_synced_lsn_ = payload_target;
-      }
-    }
-    if (s.ok() && sync_here) s = PutPayloadMarkLocked();
-    if (payload_lock.owns_lock()) payload_lock.unlock();
     if (sync_here) fsync_latency_.RecordSince(started);
     if (!s.ok()) {
       const uint64_t at = batch.empty() ? last_lsn_.load() + 1 : batch.front().lsn;

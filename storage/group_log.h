@@ -15,6 +15,7 @@
 #pragma once
 
 #include <absl/functional/any_invocable.h>
+#include <absl/functional/function_ref.h>
 #include <absl/status/status.h>
 #include <absl/status/statusor.h>
 
@@ -549,6 +550,11 @@ class GroupLog {
   absl::Status SyncPayloadFilesLocked(uint64_t* mark);
   // Writes the 'y' key (not synced) if payload_synced_lsn_ is above it. REQUIRES: payload_sync_mu_.
   rocksdb::Status PutPayloadMarkLocked();
+  // Runs `wal_op` (a WAL fsync or a synced write) while the payload files appended to since the
+  // last round are fdatasynced beside it, then moves the mark. Returns wal_op's status (or the
+  // mark's write's) and sets *payloads to the payload round's. Takes payload_sync_mu_.
+  rocksdb::Status WithPayloadsSynced(absl::FunctionRef<rocksdb::Status()> wal_op,
+                                     absl::Status* payloads);
   absl::Status SyncPayloads();
   // The record's stored value as ReadRaw hands it out (header + payload): `value` itself if inline,
   // else the header and the payload read from its file into `buf`. Errors name the group, LSN,
