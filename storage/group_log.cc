@@ -768,8 +768,7 @@ absl::Status GroupLog::SyncPayloadFilesLocked(uint64_t* mark) {
   // Read before the fdatasync: every payload appended up to it is covered by the fdatasync.
   const uint64_t target = payload_written_lsn_.load(std::memory_order_acquire);
   if (target != payload_synced_lsn_) {  // else nothing appended since
-    if (absl::Status st = payloads_->SyncDirty(); !st.ok()) return st;
-    counters_.payload_syncs.fetch_add(1, std::memory_order_relaxed);
+    if (absl::Status st = FdatasyncPayloads(); !st.ok()) return st;
     payload_synced_lsn_ = target;
   }
   // The syncer's fdatasyncs (SyncWritten) leave the mark behind: it catches up here.
@@ -854,6 +853,12 @@ rocksdb::Status GroupLog::PutPayloadMarkLocked() {
   return s;
 }
 
+absl::Status GroupLog::FdatasyncPayloads() {
+  absl::Status st = payloads_->SyncDirty();
+  if (st.ok()) counters_.payload_syncs.fetch_add(1, std::memory_order_relaxed);
+  return st;
+}
+
 void GroupLog::PayloadSyncerLoop() {
   std::unique_lock lock(payload_syncer_mu_);
   for (;;) {
@@ -863,8 +868,7 @@ void GroupLog::PayloadSyncerLoop() {
     payload_sync_requested_ = false;
     lock.unlock();
     if (options_.before_payload_sync) options_.before_payload_sync();
-    absl::Status st = payloads_->SyncDirty();
-    if (st.ok()) counters_.payload_syncs.fetch_add(1, std::memory_order_relaxed);
+    absl::Status st = FdatasyncPayloads();
     lock.lock();
     payload_sync_status_ = std::move(st);
     payload_sync_done_ = true;
@@ -886,11 +890,7 @@ bool GroupLog::StartPayloadSync() {
 }
 
 absl::Status GroupLog::WaitPayloadSync(bool started) {
-  if (!started) {
-    absl::Status st = payloads_->SyncDirty();
-    if (st.ok()) counters_.payload_syncs.fetch_add(1, std::memory_order_relaxed);
-    return st;
-  }
+  if (!started) return FdatasyncPayloads();
   std::unique_lock lock(payload_syncer_mu_);
   payload_syncer_cv_.wait(lock, [&] { return payload_sync_done_; });
   return std::move(payload_sync_status_);

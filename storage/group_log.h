@@ -540,6 +540,8 @@ class GroupLog {
   // answer, or fdatasyncs on the caller's thread if it was not started. REQUIRES:
   // payload_sync_mu_ held from the start to the end of the wait.
   void PayloadSyncerLoop();
+  // One round of payload fdatasyncs (PayloadFiles::SyncDirty), counted in payload_syncs.
+  absl::Status FdatasyncPayloads();
   bool StartPayloadSync();
   absl::Status WaitPayloadSync(bool started);
   // Payload durability (docs/log-format.md, "External payloads"). SyncPayloadFilesLocked
