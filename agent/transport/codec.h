@@ -1,6 +1,6 @@
-// codec.h: a replication Batch on the wire: records compressed as a whole (lz4 or zstd) with an
-// XXH3-64 checksum of the uncompressed bytes, and the inverse with every field a peer sends
-// checked.
+// codec.h: a replication Batch on the wire: records compressed as a whole (lz4 or zstd), and the
+// inverse with every field a peer sends checked. The records' own checksums are the integrity
+// check; a batch checksum (XXH3-64 of the uncompressed bytes) is verified if a sender sets one.
 #pragma once
 
 #include <cstdint>
@@ -32,9 +32,10 @@ absl::Status EncodeBatch(uint64_t epoch, uint64_t first_lsn, uint32_t record_cou
                          std::string records, v1::Codec preferred, bool durable_requested,
                          v1::Batch* out);
 
-// Decompresses batch.records into *out and checks codec, size limits, decompressed size and
-// checksum. Errors are DataLoss (corrupt content) or InvalidArgument (fields out of range) and name
-// the batch's first LSN.
+// Decompresses batch.records into *out and checks codec, size limits, decompressed size and,
+// if the batch has one (nonzero), its checksum. Records are not verified here: the log does that
+// when it appends them. Errors are DataLoss (corrupt content) or InvalidArgument (fields out of
+// range) and name the batch's first LSN.
 absl::Status DecodeBatch(const v1::Batch& batch, std::string* out);
 // The same, moving the records out of `batch` instead of copying them when they are uncompressed
 // (batch->records() is then unspecified).

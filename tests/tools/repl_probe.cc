@@ -52,14 +52,14 @@ namespace storage = ::tvilling::storage;
 constexpr uint32_t kRecordPayload = 4096;
 
 const char* const kCases[] = {
-    "bad_checksum",        // batch checksum does not match the records
+    "bad_checksum",        // a batch checksum (optional) that does not match the records
     "truncated_header",    // records end inside a record header
     "truncated_payload",   // a header's payload size runs past the end of the records
     "record_count",        // record_count says more records than the batch holds
     "unknown_codec",       // codec 7
     "bad_lz4",             // CODEC_LZ4 with bytes that do not decompress
     "bad_zstd",            // CODEC_ZSTD with bytes that do not decompress
-    "bad_record",          // batch checksum fine, but a record's own checksum is wrong
+    "bad_record",          // no batch checksum (as sent), a record's own checksum is wrong
     "record_epoch",        // records written in another epoch than the batch says
     "record_range",        // a WRITE past the end of its volume (its checksum verifies)
     "record_volume",       // a WRITE to a volume the group does not have (its checksum verifies)
@@ -195,8 +195,8 @@ std::string MakeRecords(uint32_t gid, uint64_t first_lsn, uint32_t count, uint64
   return out;
 }
 
-// A Batch of `records` as sent (CODEC_NONE, checksum and sizes correct), without EncodeBatch's
-// limits so that oversized batches can be built too.
+// A Batch of `records` as tvillingd sends it (CODEC_NONE, sizes correct, no batch checksum),
+// without EncodeBatch's limits so that oversized batches can be built too.
 v1::ToReplica RawBatch(uint64_t epoch, uint64_t first_lsn, uint32_t count, std::string records) {
   v1::ToReplica m;
   v1::Batch* b = m.mutable_batch();
@@ -205,7 +205,6 @@ v1::ToReplica RawBatch(uint64_t epoch, uint64_t first_lsn, uint32_t count, std::
   b->set_record_count(count);
   b->set_codec(v1::CODEC_NONE);
   b->set_uncompressed_bytes(static_cast<uint32_t>(records.size()));
-  b->set_checksum(XXH3_64bits(records.data(), records.size()));
   b->set_records(std::move(records));
   return m;
 }
@@ -216,8 +215,11 @@ v1::ToReplica BadMessage(const Args& a, uint64_t next) {
   const uint32_t gid = a.sender_group_id;
   const std::string& k = a.kase;
   if (k == "bad_checksum") {
-    v1::ToReplica m = RawBatch(e, next, 2, MakeRecords(gid, next, 2, e));
-    m.mutable_batch()->set_checksum(m.batch().checksum() ^ 1);
+    // A sender that sets the optional batch checksum, wrongly.
+    const std::string r = MakeRecords(gid, next, 2, e);
+    const uint64_t wrong = XXH3_64bits(r.data(), r.size()) ^ 1;
+    v1::ToReplica m = RawBatch(e, next, 2, r);
+    m.mutable_batch()->set_checksum(wrong);
     return m;
   }
   if (k == "truncated_header") {
@@ -247,7 +249,7 @@ v1::ToReplica BadMessage(const Args& a, uint64_t next) {
   if (k == "bad_record") {
     std::string r = MakeRecords(gid, next, 2, e);
     r[r.size() - 1] ^= 0x01;  // the last payload byte of record 1: its record checksum fails
-    return RawBatch(e, next, 2, std::move(r));  // ... but the batch checksum is right
+    return RawBatch(e, next, 2, std::move(r));  // ... and no batch checksum, as tvillingd sends
   }
   if (k == "record_epoch") {
     // The batch says epoch e; its records (each verifying on its own) say e + 5.
