@@ -9,7 +9,6 @@
 // 2 usage or configuration error.
 #include <fcntl.h>
 #include <fmt/format.h>
-#include <malloc.h>
 #include <spdlog/spdlog.h>
 #include <sys/file.h>
 #include <unistd.h>
@@ -32,6 +31,7 @@
 #include <thread>
 #include <vector>
 
+#include "agent/allocator.h"
 #include "agent/nbd/frontend.h"
 #include "agent/node/audit_log.h"
 #include "agent/node/control_service.h"
@@ -373,10 +373,9 @@ absl::StatusOr<v1::SwitchoverReply> RunSwitchover(const ops::Config& config,
   return out;
 }
 
-// What decides whether the memtable gets huge pages (see main): glibc's tunables, and the
-// kernel's transparent_hugepage mode (`madvise` or `always` is needed; `never` turns them off).
+// The allocator (agent/allocator.cc) and the kernel's transparent_hugepage mode, for reports of
+// memory use or latency.
 void LogMemorySettings() {
-  const char* tunables = std::getenv("GLIBC_TUNABLES");
   std::string thp = "unknown";
   if (FILE* f = std::fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r")) {
     char buf[128] = {};
@@ -386,8 +385,7 @@ void LogMemorySettings() {
     }
     std::fclose(f);
   }
-  spdlog::info("memory: GLIBC_TUNABLES='{}', transparent huge pages {}",
-               tunables != nullptr ? tunables : "(unset)", thp);
+  spdlog::info("memory: {}; transparent huge pages {}", DescribeAllocator(), thp);
 }
 
 int Run(const ops::Config& config, const std::filesystem::path& config_file,
@@ -922,32 +920,6 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
 
 int main(int argc, char** argv) {
   using namespace tvilling;
-  // Transparent huge pages for glibc's large allocations, the log's memtable above all (see
-  // storage's ConfigureRocksOptions): with 4 KiB pages every 4 KiB record copied into a fresh
-  // memtable page cost a page fault, a quarter of the CPU of a local write and ~80 µs of a
-  // replicated one on the VMs measured (docs/benchmarks.md). glibc reads its tunables only when a
-  // process starts, so tvillingd starts itself again with them once, unless the environment
-  // names tunables already (an operator's choice wins, an empty one too: GLIBC_TUNABLES= turns
-  // this off). Same PID, same arguments, the same file by its own path (so the process keeps its
-  // name for ps and pgrep; /proc/self/exe would rename it "exe"); if the exec fails (the file was
-  // replaced, say), it goes on without.
-  if (std::getenv("GLIBC_TUNABLES") == nullptr) {
-    char self[4096];
-    const ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
-    if (n > 0) {
-      self[n] = '\0';
-      setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1", /*overwrite=*/1);
-      execv(self, argv);
-      unsetenv("GLIBC_TUNABLES");
-    }
-  }
-  // The data path allocates and frees buffers of up to a batch (MiBs) many times a second: an NBD
-  // request, a WriteBatch, a shipped batch. With glibc's defaults those come from fresh mmaps or
-  // trimmed heaps, and every page of every buffer is faulted in again (a quarter of the CPU of a
-  // replicated 64 KiB stream went to page faults). Keep such buffers in the heap and the heap's
-  // memory mapped; the high-water mark stays bounded by the batch and queue limits.
-  mallopt(M_MMAP_THRESHOLD, 32 << 20);
-  mallopt(M_TRIM_THRESHOLD, 256 << 20);
   // gRPC's `poll` engine: a thread waiting on a completion queue polls the sockets of that queue's
   // calls itself, so the replication streams' threads read their messages without a hand-off
   // from gRPC's own pollers (agent/transport/stream.cc; with the default `epoll1` engine any

@@ -167,14 +167,11 @@ void ConfigureRocksOptions(const LogStoreOptions& options, rocksdb::Options* out
   o.create_if_missing = true;
   o.write_buffer_size = options.write_buffer_bytes;
   o.max_write_buffer_number = options.max_write_buffers;
-  // The memtable's arena in blocks of 32 MiB (RocksDB's default: 1 MiB) so that each block is a
-  // mapping of its own (tvillingd sets glibc's mmap threshold to 32 MiB) that glibc can back with
-  // transparent huge pages (tvillingd runs with GLIBC_TUNABLES=glibc.malloc.hugetlb=1). Every
-  // record is copied into the memtable, and with 4 KiB pages each 4 KiB record faulted in a
-  // fresh page: one page fault per write, a quarter of a single node's CPU per 4 KiB write.
-  // Smaller blocks came from the heap of the allocating thread, which glibc does not madvise on
-  // threads other than the main one. A memtable flushes at most a block early (RocksDB's
-  // ShouldFlush), and an empty one maps a block it does not touch.
+  // The memtable's arena in blocks of 32 MiB (RocksDB's default: 1 MiB): a handful of allocations
+  // per memtable. Chosen when tvillingd ran on glibc's malloc with transparent huge pages (each
+  // block a mapping of its own); it now runs on jemalloc (agent/allocator.cc), and whether 32 MiB
+  // still beats smaller blocks there is not measured. A memtable flushes at most a block early
+  // (RocksDB's ShouldFlush), and an empty one reserves a block it does not touch.
   o.arena_block_size = std::min<uint64_t>(32ull << 20, options.write_buffer_bytes / 4);
   o.compression = rocksdb::kNoCompression;
   o.paranoid_checks = true;
