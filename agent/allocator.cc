@@ -14,6 +14,7 @@
 #include "agent/allocator.h"
 
 #include <fmt/format.h>
+#include <sys/types.h>
 
 #include <cstddef>
 
