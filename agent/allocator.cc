@@ -2,12 +2,13 @@
 // jemalloc's too), not glibc's malloc.
 //
 // Why (docs/benchmarks.md, "jemalloc"): every record is copied into RocksDB's memtable, which is
-// freed and allocated again every few hundred MiB of writes, and the data path allocates and frees
-// buffers of up to a batch many times a second. glibc returned those to the kernel and faulted
-// them in again; backing them with transparent huge pages cut the number of faults but not the
-// cost: on the VMs measured each fresh 2 MiB page was zeroed on the writing thread (a quarter of
-// the NBD thread's CPU at 4 KiB QD16). With jemalloc's defaults the same run spends a fraction of
-// that in page faults.
+// freed and allocated again every few hundred MiB of writes. On glibc's malloc each 32 MiB
+// memtable block was a mapping of its own, backed by transparent huge pages; glibc unmapped it when
+// the memtable went and the next memtable faulted in new huge pages, each zeroed on the writing
+// thread (a quarter of the NBD thread's CPU at 4 KiB QD16 on the VMs measured). With jemalloc's
+// defaults the same run spends under 1 % zeroing and a 4 KiB write about a quarter less CPU. The
+// price: a replicated GiB costs ~6 % more CPU (more page faults on the replication path's buffers)
+// and the resident size is higher.
 //
 // An operator's MALLOC_CONF applies as usual (jemalloc reads it at start); the start-up log line
 // shows what is in force.
