@@ -285,7 +285,8 @@ GroupLog::GroupLog(rocksdb::DB* db, StoreHealth* health, std::string name, uint3
       group_id_(group_id),
       options_(std::move(options)),
       payloads_(std::make_unique<PayloadFiles>(std::move(payload_dir), name_,
-                                               options_.payload_writeback_bytes)) {}
+                                               options_.payload_writeback_bytes,
+                                               options_.recycle_payload_files)) {}
 
 GroupLog::~GroupLog() { Stop(); }
 
@@ -1853,6 +1854,7 @@ absl::Status GroupLog::TruncateBefore(uint64_t lsn) {
   // The applied LSN goes with the truncation, so the log never starts above an older checkpoint.
   (void)WriteMetaLocked(&wb);
   meta_dirty_ = false;
+  const uint64_t keep_from = segments_.front().first_lsn;
   rocksdb::Status s = GatedWal(health_, StoreHealth::Call::kWrite,
                                [&] { return db_->Write(rocksdb::WriteOptions(), &wb); });
   if (!s.ok()) {
@@ -1862,9 +1864,20 @@ absl::Status GroupLog::TruncateBefore(uint64_t lsn) {
   }
   first_lsn_ = lsn;
   first_lsn_seen_.store(lsn, std::memory_order_release);
-  // The payload files of the segments dropped: every record in them is below the first segment.
-  const uint64_t keep_from = segments_.front().first_lsn;
   lock.unlock();
+  // The payload files of the segments dropped (every record in them is below the first segment)
+  // go, or are recycled and overwritten, only once the truncation is durable: a power cut that
+  // lost it would bring back records whose payloads are gone. The WAL is synced here, outside mu_,
+  // so appends do not wait for it; only when there are such files.
+  auto files = payloads_->List();
+  if (!files.ok()) return files.status();
+  if (files->empty() || files->front() >= keep_from) return absl::OkStatus();
+  s = GatedWal(health_, StoreHealth::Call::kWrite, [&] { return db_->FlushWAL(/*sync=*/true); });
+  if (!s.ok()) {
+    absl::Status st = FromRocks(s, fmt::format("group {}: truncating below LSN {}", name_, lsn));
+    health_->Fail(st);
+    return st;
+  }
   return payloads_->RemoveIf([&](uint64_t id) { return id < keep_from; });
 }
 

@@ -198,6 +198,10 @@ struct GroupLogOptions {
   // that nobody fsyncs for a while (a primary in async mode) does not leave a segment's worth of
   // dirty pages for the next fsync or the kernel's flusher to push out at once. 0 = never.
   uint64_t payload_writeback_bytes = 1ull << 20;
+  // Payload files of dropped segments kept for reuse by new segments (PayloadFiles, "Recycling"):
+  // overwriting a file the file system has allocated and the page cache holds costs a fraction
+  // of a new one. Each holds about a segment's bytes of disk. 0 = unlink them.
+  size_t recycle_payload_files = 4;
   // A Sync() that finds the log idle (nothing queued, no batch being written, no fsync in flight)
   // fsyncs on the caller's thread, saving two thread hand-offs on a FLUSH at queue depth 1;
   // otherwise the syncer does it.

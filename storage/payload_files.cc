@@ -17,6 +17,7 @@ namespace {
 
 constexpr std::string_view kSuffix = ".pay";
 constexpr size_t kIdDigits = 20;
+constexpr std::string_view kFreePrefix = "free-";  // recycled files: free-<n>, n decimal
 
 std::string ErrnoText(int e) { return std::strerror(e); }
 
@@ -47,8 +48,12 @@ struct PayloadFiles::File {
   bool dirty = false;         // appended to since the last SyncDirty (guarded by PayloadFiles::mu_)
 };
 
-PayloadFiles::PayloadFiles(std::filesystem::path dir, std::string group, uint64_t writeback_bytes)
-    : dir_(std::move(dir)), group_(std::move(group)), writeback_bytes_(writeback_bytes) {}
+PayloadFiles::PayloadFiles(std::filesystem::path dir, std::string group, uint64_t writeback_bytes,
+                           size_t recycle_files)
+    : dir_(std::move(dir)),
+      group_(std::move(group)),
+      writeback_bytes_(writeback_bytes),
+      recycle_files_(recycle_files) {}
 
 PayloadFiles::~PayloadFiles() = default;
 
@@ -104,6 +109,64 @@ absl::StatusOr<std::shared_ptr<PayloadFiles::File>> PayloadFiles::Get(uint64_t f
   return f;
 }
 
+void PayloadFiles::AdoptRecycledLocked() const {
+  if (free_adopted_) return;
+  free_adopted_ = true;
+  std::error_code ec;
+  if (!std::filesystem::exists(dir_, ec)) return;
+  std::vector<std::pair<uint64_t, std::filesystem::path>> found;
+  for (const auto& entry : std::filesystem::directory_iterator(dir_, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (!name.starts_with(kFreePrefix) || name.size() == kFreePrefix.size()) continue;
+    uint64_t n = 0;
+    bool digits = true;
+    for (size_t i = kFreePrefix.size(); i < name.size(); ++i) {
+      if (name[i] < '0' || name[i] > '9') digits = false;
+      n = n * 10 + static_cast<uint64_t>(name[i] - '0');
+    }
+    if (digits) found.emplace_back(n, entry.path());
+  }
+  std::sort(found.begin(), found.end());
+  for (const auto& [n, path] : found) {
+    free_seq_ = std::max(free_seq_, n + 1);
+    const int fd = free_.size() < recycle_files_ ? open(path.c_str(), O_RDWR | O_CLOEXEC) : -1;
+    if (fd < 0) {
+      (void)unlink(path.c_str());  // beyond the cap (or unusable): only space
+      continue;
+    }
+    auto f = std::make_shared<File>();
+    f->fd = fd;
+    free_.emplace_back(path, std::move(f));
+  }
+}
+
+std::shared_ptr<PayloadFiles::File> PayloadFiles::ReuseLocked(uint64_t file_id) {
+  AdoptRecycledLocked();
+  while (!free_.empty()) {
+    auto [path, f] = std::move(free_.front());
+    free_.erase(free_.begin());
+    if (rename(path.c_str(), PathOf(file_id).c_str()) != 0) {
+      (void)unlink(path.c_str());
+      continue;
+    }
+    // The old bytes stay until overwritten; appends start at 0 (no record refers past them).
+    f->size = 0;
+    f->written_back = 0;
+    f->dirty = false;
+    files_.emplace(file_id, f);
+    dir_dirty_ = true;  // the new name must be durable before a record refers to it
+    files_reused_.fetch_add(1, std::memory_order_relaxed);
+    return f;
+  }
+  return nullptr;
+}
+
+size_t PayloadFiles::recycled_files() const {
+  std::lock_guard lock(mu_);
+  AdoptRecycledLocked();
+  return free_.size();
+}
+
 absl::StatusOr<uint64_t> PayloadFiles::Append(uint64_t file_id,
                                               std::span<const std::string_view> parts) {
   {
@@ -125,7 +188,10 @@ absl::StatusOr<uint64_t> PayloadFiles::Append(uint64_t file_id,
       }
       dir_created_ = true;
     }
-    if (!files_.count(file_id) && !std::filesystem::exists(PathOf(file_id))) dir_dirty_ = true;
+    if (!files_.count(file_id) && !std::filesystem::exists(PathOf(file_id)) &&
+        ReuseLocked(file_id) == nullptr) {
+      dir_dirty_ = true;  // created below
+    }
   }
   auto f = Get(file_id, /*create=*/true);
   if (!f.ok()) return f.status();
@@ -277,11 +343,37 @@ absl::Status PayloadFiles::RemoveIf(const std::function<bool(uint64_t file_id)>&
   absl::Status first;
   for (uint64_t id : *ids) {
     if (!pred(id)) continue;
+    const std::filesystem::path path = PathOf(id);
     {
       std::lock_guard lock(mu_);
-      files_.erase(id);  // readers holding it keep their descriptor
+      AdoptRecycledLocked();
+      // A reader holding the file (a pread in flight) keeps its descriptor, so the file must not
+      // be overwritten under it: it is unlinked instead. Get opens by name under mu_, so nobody
+      // can take the file between this check and the rename.
+      std::shared_ptr<File> f;
+      bool held = false;
+      if (auto it = files_.find(id); it != files_.end()) {
+        held = it->second.use_count() > 1;
+        f = std::move(it->second);
+        files_.erase(it);
+      }
+      if (!held && free_.size() < recycle_files_) {
+        if (f == nullptr) {
+          const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+          if (fd >= 0) {
+            f = std::make_shared<File>();
+            f->fd = fd;
+          }
+        }
+        const std::filesystem::path to = dir_ / fmt::format("{}{}", kFreePrefix, free_seq_);
+        if (f != nullptr && rename(path.c_str(), to.c_str()) == 0) {
+          ++free_seq_;
+          free_.emplace_back(to, std::move(f));
+          continue;
+        }
+      }
     }
-    if (unlink(PathOf(id).c_str()) != 0 && errno != ENOENT && first.ok()) {
+    if (unlink(path.c_str()) != 0 && errno != ENOENT && first.ok()) {
       first = absl::InternalError(fmt::format("group {}: removing payload file {}: {}", group_,
                                               PathOf(id).string(), ErrnoText(errno)));
     }

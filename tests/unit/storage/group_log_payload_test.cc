@@ -2,8 +2,10 @@
 // payloads in the group's payload files, RocksDB holding a reference; round trips through every
 // reader and the replica, retention, reset and cut-back, and the torn-tail rule at open.
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <rocksdb/db.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -64,13 +66,23 @@ std::string RawValue(LogStore* store, uint32_t gid, uint64_t lsn) {
   return v;
 }
 
-std::vector<fs::path> PayloadFilesOf(const fs::path& store_dir, uint32_t gid) {
+// The segments' payload files (`<first LSN>.pay`), or the recycled ones (`free-<n>`).
+std::vector<fs::path> PayloadFilesOf(const fs::path& store_dir, uint32_t gid,
+                                     bool recycled = false) {
   std::vector<fs::path> out;
   const fs::path d = store_dir / "payload" / std::to_string(gid);
   if (!fs::exists(d)) return out;
-  for (const auto& e : fs::directory_iterator(d)) out.push_back(e.path());
+  for (const auto& e : fs::directory_iterator(d)) {
+    if (e.path().filename().string().starts_with("free-") == recycled) out.push_back(e.path());
+  }
   std::sort(out.begin(), out.end());
   return out;
+}
+
+ino_t InodeOf(const fs::path& p) {
+  struct stat st {};
+  EXPECT_EQ(stat(p.c_str(), &st), 0) << p;
+  return st.st_ino;
 }
 
 // Overwrites one byte of `path` at `offset` (through its own descriptor; the page cache is shared).
@@ -218,6 +230,112 @@ TEST(PayloadFilesTest, AppendStartsAWritebackEveryWritebackBytes) {
     std::string back(64 << 10, '\0');
     ASSERT_TRUE(f.Read(7, 55u * (64 << 10), back.data(), back.size()).ok());
     EXPECT_EQ(back, part);
+  }
+}
+
+// A removed file is kept as free-<n> (up to the cap) and becomes the next new file: same inode,
+// appends from offset 0 over the old bytes. Beyond the cap removed files are unlinked; a later
+// instance adopts what an earlier one kept, down to its own cap.
+TEST(PayloadFilesTest, RemovedFilesAreRecycledUpToTheCapAndOverwrittenFromTheStart) {
+  TempDir dir;
+  const fs::path d = dir.path() / "payload";
+  const std::string old_bytes(256 << 10, 'o');
+  const std::string_view old_parts[] = {old_bytes};
+  auto path = [&](uint64_t id) { return d / fmt::format("{:020}.pay", id); };
+  {
+    PayloadFiles f(d, "g0", 0, /*recycle_files=*/2);
+    for (uint64_t id : {1, 2, 3}) ASSERT_TRUE(f.Append(id, old_parts).ok());
+    const ino_t ino1 = InodeOf(path(1)), ino2 = InodeOf(path(2));
+    ASSERT_TRUE(f.RemoveIf([](uint64_t id) { return id < 3; }).ok());
+    EXPECT_FALSE(fs::exists(path(1)));
+    EXPECT_FALSE(fs::exists(path(2)));
+    EXPECT_EQ(f.recycled_files(), 2u);
+    auto ids = f.List();
+    ASSERT_TRUE(ids.ok());
+    EXPECT_EQ(*ids, std::vector<uint64_t>{3}) << "recycled files are no segment's";
+
+    const std::string a = "new bytes of file 4", b(100 << 10, 'b');
+    const std::string_view pa[] = {a}, pb[] = {b};
+    auto at = f.Append(4, pa);
+    ASSERT_TRUE(at.ok()) << at.status();
+    EXPECT_EQ(*at, 0u);
+    EXPECT_EQ(InodeOf(path(4)), ino1) << "the oldest recycled file is reused first";
+    at = f.Append(4, pb);
+    ASSERT_TRUE(at.ok());
+    EXPECT_EQ(*at, a.size());
+    EXPECT_EQ(f.SizeOf(4), a.size() + b.size());
+    EXPECT_EQ(fs::file_size(path(4)), old_bytes.size()) << "old bytes past the appends stay";
+    std::string back(a.size(), '\0');
+    ASSERT_TRUE(f.Read(4, 0, back.data(), back.size()).ok());
+    EXPECT_EQ(back, a);
+    back.assign(b.size(), '\0');
+    ASSERT_TRUE(f.Read(4, a.size(), back.data(), back.size()).ok());
+    EXPECT_EQ(back, b);
+    ASSERT_TRUE(f.SyncDirty().ok());
+    EXPECT_EQ(f.files_reused(), 1u);
+    EXPECT_EQ(f.recycled_files(), 1u);
+
+    ASSERT_TRUE(f.Append(5, pa).ok());  // takes the last recycled file (file 2's)
+    EXPECT_EQ(InodeOf(path(5)), ino2);
+    ASSERT_TRUE(f.Append(6, pa).ok());  // none left: created
+    EXPECT_EQ(f.files_reused(), 2u);
+    EXPECT_EQ(fs::file_size(path(6)), a.size());
+    // Four files go, two are kept.
+    ASSERT_TRUE(f.RemoveAll().ok());
+    EXPECT_EQ(f.recycled_files(), 2u);
+    size_t entries = 0;
+    for ([[maybe_unused]] const auto& e : fs::directory_iterator(d)) ++entries;
+    EXPECT_EQ(entries, 2u);
+  }
+  {
+    PayloadFiles f(d, "g0", 0, /*recycle_files=*/2);
+    EXPECT_EQ(f.recycled_files(), 2u) << "kept across instances";
+    const std::string c = "c";
+    const std::string_view pc[] = {c};
+    auto at = f.Append(9, pc);
+    ASSERT_TRUE(at.ok());
+    EXPECT_EQ(*at, 0u);
+    EXPECT_EQ(f.files_reused(), 1u);
+  }
+  {
+    PayloadFiles f(d, "g0", 0, /*recycle_files=*/0);
+    EXPECT_EQ(f.recycled_files(), 0u);
+    ASSERT_TRUE(f.RemoveAll().ok());
+    EXPECT_TRUE(fs::is_empty(d)) << "with recycling off, kept files and removed ones go";
+  }
+}
+
+// Retention drops segments while new ones are written: their files come back as the new
+// segments' files, and every payload reads back, before and after a reopen.
+TEST_F(PayloadTest, NewSegmentsReuseTheFilesOfDroppedOnes) {
+  GroupLogOptions o = Options();
+  o.segment_bytes = 64 << 10;
+  o.recycle_payload_files = 2;
+  Open(o);
+  // 20 KiB records: a segment closes every 4 records, so 24 records are 6 segments and files.
+  AppendSizes(std::vector<size_t>(24, 20 << 10));
+  const fs::path d = StoreDir() / "payload" / std::to_string(log_->group_id());
+  auto name = [&](uint64_t first_lsn) { return d / fmt::format("{:020}.pay", first_lsn); };
+  const ino_t ino1 = InodeOf(name(1)), ino5 = InodeOf(name(5));
+  ASSERT_TRUE(log_->SetAppliedLsn(14).ok());
+  ASSERT_TRUE(log_->EnforceRetention(0).ok());
+  EXPECT_EQ(PayloadFilesOf(StoreDir(), log_->group_id()).size(), 3u);
+  EXPECT_EQ(PayloadFilesOf(StoreDir(), log_->group_id(), /*recycled=*/true).size(), 2u);
+  // Smaller records, three new segments: two on recycled files (whose old bytes lie past the new
+  // appends), one created.
+  AppendSizes(std::vector<size_t>(12, 17000), 100);
+  EXPECT_EQ(PayloadFilesOf(StoreDir(), log_->group_id()).size(), 6u);
+  EXPECT_EQ(InodeOf(name(25)), ino1);
+  EXPECT_EQ(InodeOf(name(29)), ino5);
+  EXPECT_TRUE(PayloadFilesOf(StoreDir(), log_->group_id(), /*recycled=*/true).empty());
+  ASSERT_TRUE(SyncWait(log_).ok());
+  for (int round = 0; round < 2; ++round) {
+    auto payloads = ReadPayloads(log_);
+    ASSERT_TRUE(payloads.ok()) << payloads.status();
+    ASSERT_EQ(payloads->size(), 24u);
+    EXPECT_EQ((*payloads)[13], PayloadOf(12, 20 << 10));
+    for (uint64_t i = 0; i < 12; ++i) EXPECT_EQ((*payloads)[25 + i], PayloadOf(100 + i, 17000));
+    ASSERT_TRUE(Reopen(o).ok());
   }
 }
 
@@ -492,6 +610,58 @@ TEST_F(PayloadPowerCutTest, RecordAboveTheSyncMarkWithoutItsPayloadIsCutWithItsS
   ASSERT_TRUE(payloads.ok()) << payloads.status();
   EXPECT_EQ(payloads->size(), 5u);
   EXPECT_EQ((*payloads)[5], PayloadOf(50, 4096));
+}
+
+// A recycled file holds old bytes where a lost write would have gone: a record above the mark
+// that finds them instead of its payload fails its checksum and is cut like a torn one.
+TEST_F(PayloadPowerCutTest, StaleBytesOfARecycledFileAboveTheMarkAreCutLikeATornTail) {
+  WriteAndCut();
+  {
+    std::fstream f(file_, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(4 * 4096);
+    const std::string stale = PayloadOf(77, 2 * 4096);  // LSNs 5 and 6: another segment's bytes
+    f.write(stale.data(), static_cast<std::streamsize>(stale.size()));
+  }
+  ASSERT_TRUE(Reopen(Options(), fault_.env()).ok());
+  EXPECT_EQ(log_->State().last_lsn, 4u);
+  EXPECT_EQ(log_->State().durable_lsn, 4u);
+  auto payloads = ReadPayloads(log_);
+  ASSERT_TRUE(payloads.ok()) << payloads.status();
+  EXPECT_EQ(payloads->size(), 4u);
+}
+
+// Retention removes (or recycles and overwrites) payload files only once the truncation that
+// dropped their records is durable: after a power cut the log starts where the truncation put it,
+// and no record whose payload file went comes back.
+TEST_F(PayloadPowerCutTest, TruncationIsDurableBeforeItsPayloadFilesGo) {
+  for (const size_t recycle : {size_t{0}, size_t{4}}) {
+    SCOPED_TRACE(recycle);
+    GroupLogOptions o = Options();
+    o.segment_bytes = 64 << 10;
+    o.recycle_payload_files = recycle;
+    fs::remove_all(StoreDir());
+    Open(o, fault_.env());
+    AppendSizes(std::vector<size_t>(24, 20 << 10));
+    ASSERT_TRUE(SyncWait(log_).ok());
+    ASSERT_TRUE(log_->SetAppliedLsn(14).ok());
+    auto first = log_->EnforceRetention(0);
+    ASSERT_TRUE(first.ok()) << first.status();
+    ASSERT_EQ(*first, 13u);
+    // New records overwrite what was recycled; none of them is synced.
+    AppendSizes(std::vector<size_t>(8, 20 << 10), 200);
+    fault_.Crash();
+    log_ = nullptr;
+    store_.reset();
+    ASSERT_TRUE(fault_.DropUnsyncedData().ok());
+    ASSERT_TRUE(Reopen(o, fault_.env()).ok());
+    EXPECT_EQ(log_->State().first_lsn, 13u);
+    auto payloads = ReadPayloads(log_);
+    ASSERT_TRUE(payloads.ok()) << payloads.status();
+    ASSERT_GE(payloads->size(), 12u);
+    EXPECT_EQ((*payloads)[13], PayloadOf(12, 20 << 10));
+    log_ = nullptr;
+    store_.reset();
+  }
 }
 
 TEST_F(PayloadPowerCutTest, IntactPayloadsAboveTheMarkStay) {
