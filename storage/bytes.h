@@ -2,7 +2,9 @@
 //
 // Write payloads travel from the NBD socket to the group log in one of these: the socket reads
 // straight into it, the log hands it to RocksDB's WriteBatch (the one copy on the write path we
-// accept), and nobody zero-fills it first.
+// accept), and nobody zero-fills it first. The log can share the buffer (owner()) with a reader
+// that keeps a just-written record beyond its callback: the primary's replicator ships large
+// writes from memory instead of reading them back (LogRecordView::payload_owner).
 #pragma once
 
 #include <cstddef>
@@ -17,7 +19,7 @@ class Bytes {
   Bytes() = default;
   static Bytes Allocate(size_t size) {
     Bytes b;
-    b.data_ = std::make_unique_for_overwrite<char[]>(size);
+    b.data_ = std::make_shared_for_overwrite<char[]>(size);
     b.size_ = size;
     return b;
   }
@@ -39,9 +41,11 @@ class Bytes {
   const char* data() const { return data_.get(); }
   size_t size() const { return size_; }
   std::string_view view() const { return {data_.get(), size_}; }
+  // Keeps the bytes alive for whoever holds it (null for an empty Bytes).
+  std::shared_ptr<const void> owner() const { return data_; }
 
  private:
-  std::unique_ptr<char[]> data_;
+  std::shared_ptr<char[]> data_;
   size_t size_ = 0;
 };
 

@@ -1099,8 +1099,9 @@ void GroupLog::Commit(std::vector<Pending>& batch, std::vector<SyncWaiter>& sync
     wb.Put(rocksdb::SliceParts(&key_slice, 1), rocksdb::SliceParts(value_parts, 2));
   }
   for (Pending& p : batch) {
-    views.push_back(
-        {p.lsn, p.header, p.payload, std::string_view(p.encoded.data(), kRecordHeaderSize)});
+    views.push_back({p.lsn, p.header, p.payload,
+                     std::string_view(p.encoded.data(), kRecordHeaderSize),
+                     p.run ? nullptr : p.req.payload.owner()});
     need_sync |= p.req.sync;
     sync_now |= p.req.sync;
     batch_bytes += kRecordHeaderSize + p.payload.size();

@@ -62,6 +62,9 @@ struct LogRecordView {
   // The header's kRecordHeaderSize encoded bytes (with the checksum): header_bytes + payload is
   // the stored value ReadRaw hands out. Set by DecodeRecord and for a batch just written.
   std::string_view header_bytes;
+  // For a record just written by Append (GroupLogOptions::on_batch_written): the buffer `payload`
+  // points into, which a reader may keep to use `payload` after the callback. Null otherwise.
+  std::shared_ptr<const void> payload_owner;
 };
 
 // Bytes the record takes as a stored value (header + payload): what the log's byte counts,

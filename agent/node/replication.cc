@@ -30,6 +30,9 @@ constexpr core::Nanos kPersistPositionsEvery = kSecond;
 constexpr uint64_t kInlineShipBytes = 256u << 10;
 // The shipper reserves the batch buffer up front (no regrowth copies) up to this size.
 constexpr uint64_t kMaxReserveBytes = 8ull << 20;
+// Records kept in memory for shipping (PrimaryReplicator::ship_cache_): a few batches' worth. A
+// link that falls further behind reads back from the log.
+constexpr uint64_t kShipCacheBytes = 32ull << 20;
 
 // Records of one batch share an epoch; ReadRaw stops at an epoch change with this.
 const absl::Status kEpochBoundary = absl::CancelledError("epoch boundary");
@@ -187,9 +190,11 @@ struct PrimaryReplicator::Link {
   // Counters since the replicator started (metrics: tvilling_peer_sent_*_total, ...).
   uint64_t sent_batches = 0;
   uint64_t sent_records = 0;
-  uint64_t sent_log_bytes = 0;   // records as they are in the log (before compression)
-  uint64_t sent_wire_bytes = 0;  // batch messages as serialised (after compression)
-  uint64_t sent_copy_bytes = 0;  // full-copy messages as serialised
+  uint64_t sent_log_bytes = 0;          // records as they are in the log (before compression)
+  uint64_t sent_wire_bytes = 0;         // batch messages as serialised (after compression)
+  uint64_t sent_copy_bytes = 0;         // full-copy messages as serialised
+  uint64_t sent_records_read_back = 0;  // records read back from the log to be sent
+  uint64_t shipped_through = 0;         // last LSN sent on the current stream (0: none)
   uint64_t dials = 0;
   uint64_t disconnects = 0;
 };
@@ -343,6 +348,7 @@ void PrimaryReplicator::OnRecords(GroupRuntime::RecordsPhase phase,
       core_.OnLocalAppend(r.lsn, stored, r.header.timestamp_ns, now);
       bytes += stored;
     }
+    CacheRecordsLocked(records);
   }
   // A small batch is shipped right here on the committer thread, before its WRITEs wait for the
   // sync peers: at low queue depth the hand-off to the worker was a large part of a sync write's
@@ -357,6 +363,45 @@ void PrimaryReplicator::OnRecords(GroupRuntime::RecordsPhase phase,
     work_ = true;
   }
   cv_.notify_one();
+}
+
+void PrimaryReplicator::CacheRecordsLocked(std::span<const storage::LogRecordView> records) {
+  for (const storage::LogRecordView& r : records) {
+    if ((!r.payload.empty() && r.payload_owner == nullptr) ||
+        r.header_bytes.size() != storage::kRecordHeaderSize ||
+        (!ship_cache_.empty() && r.lsn != ship_cache_.back().lsn + 1)) {
+      // Not kept (or not following what is): what is kept must stay contiguous.
+      ship_cache_.clear();
+      ship_cache_bytes_ = 0;
+      if (!r.payload.empty() && r.payload_owner == nullptr) return;
+      if (r.header_bytes.size() != storage::kRecordHeaderSize) return;
+    }
+    CachedRecord& c = ship_cache_.emplace_back();
+    c.lsn = r.lsn;
+    c.epoch = r.header.epoch;
+    std::copy(r.header_bytes.begin(), r.header_bytes.end(), c.header.begin());
+    c.payload = r.payload;
+    c.owner = r.payload_owner;
+    ship_cache_bytes_ += storage::StoredSize(r);
+  }
+  TrimShipCacheLocked();
+}
+
+void PrimaryReplicator::TrimShipCacheLocked() {
+  // What every connected link has sent goes (a reconnecting link resends from its durable LSN,
+  // usually older: it reads back); so does whatever is beyond the cap.
+  uint64_t sent_by_all = 0;
+  bool any = false;
+  for (const auto& link : links_) {
+    if (!link->stream) continue;
+    sent_by_all = any ? std::min(sent_by_all, link->shipped_through) : link->shipped_through;
+    any = true;
+  }
+  while (!ship_cache_.empty() &&
+         ((any && ship_cache_.front().lsn <= sent_by_all) || ship_cache_bytes_ > kShipCacheBytes)) {
+    ship_cache_bytes_ -= storage::kRecordHeaderSize + ship_cache_.front().payload.size();
+    ship_cache_.pop_front();
+  }
 }
 
 bool PrimaryReplicator::WorkerHasWorkLocked(core::Nanos now) const {
@@ -438,6 +483,7 @@ void PrimaryReplicator::ReleaseLocked(std::unique_lock<std::mutex>& lock) {
 void PrimaryReplicator::Dial(Link& link, core::Nanos now) {
   // REQUIRES: mu_ held by the caller (the worker), released around the dial itself.
   const uint64_t gen = ++link.generation;
+  link.shipped_through = 0;  // the new stream resends from the peer's position
   ++link.dials;
   Dialer::Callbacks cb;
   std::weak_ptr<PrimaryReplicator> weak = weak_from_this();
@@ -646,6 +692,27 @@ void PrimaryReplicator::ShipLocked(Link& link, core::Nanos now, std::unique_lock
     if (stream->queued_bytes() >= options_.max_queued_bytes) return;
     if (link.rate_wait_until > now) return;
     const uint64_t gen = link.generation;
+    const bool from_fresh = !fresh.empty() && plan->from_lsn == fresh.front().lsn &&
+                            fresh.front().header_bytes.size() == storage::kRecordHeaderSize;
+    // Otherwise from the records kept in memory, if they start the batch: the references are
+    // taken here, under mu_, and the batch is built from them after it is released. The limits
+    // are ReadRaw's (at least one record, then max_records / max_bytes / to_lsn / an epoch change).
+    std::vector<CachedRecord> kept;
+    if (!from_fresh && !ship_cache_.empty() && plan->from_lsn >= ship_cache_.front().lsn &&
+        plan->from_lsn <= ship_cache_.back().lsn) {
+      uint64_t kept_bytes = 0;
+      for (size_t i = plan->from_lsn - ship_cache_.front().lsn; i < ship_cache_.size(); ++i) {
+        const CachedRecord& c = ship_cache_[i];
+        const uint64_t stored = storage::kRecordHeaderSize + c.payload.size();
+        if (c.lsn > plan->to_lsn || kept.size() == plan->max_records ||
+            (!kept.empty() &&
+             (kept_bytes + stored > plan->max_bytes || c.epoch != kept.front().epoch))) {
+          break;
+        }
+        kept.push_back(c);
+        kept_bytes += stored;
+      }
+    }
     lock.unlock();
 
     std::string buf;
@@ -668,8 +735,7 @@ void PrimaryReplicator::ShipLocked(Link& link, core::Nanos now, std::unique_lock
       return absl::OkStatus();
     };
     absl::Status st;
-    const bool from_fresh = !fresh.empty() && plan->from_lsn == fresh.front().lsn &&
-                            fresh.front().header_bytes.size() == storage::kRecordHeaderSize;
+    bool read_back = false;
     if (from_fresh) {
       // The batch the committer just wrote, still in memory: no read back from the log (a
       // RocksDB iterator and a checksum per record, for every small batch). Same limits as
@@ -682,7 +748,13 @@ void PrimaryReplicator::ShipLocked(Link& link, core::Nanos now, std::unique_lock
         }
         if (add(r.lsn, r.header.epoch, r.header_bytes, r.payload) == kEpochBoundary) break;
       }
+    } else if (!kept.empty()) {
+      for (const CachedRecord& c : kept) {
+        (void)add(c.lsn, c.epoch, std::string_view(c.header.data(), c.header.size()), c.payload);
+      }
+      kept.clear();  // the buffers may go as soon as the batch holds the bytes
     } else {
+      read_back = true;
       st = log_->ReadRaw(plan->from_lsn, plan->to_lsn, plan->max_bytes, plan->max_records,
                          [&](uint64_t lsn, std::string_view value) -> absl::Status {
                            return add(lsn, LoadLE64(value.data() + 8),
@@ -723,6 +795,9 @@ void PrimaryReplicator::ShipLocked(Link& link, core::Nanos now, std::unique_lock
     link.ChargeRate(msg_bytes, now);
     ++link.sent_batches;
     link.sent_records += count;
+    if (read_back) link.sent_records_read_back += count;
+    link.shipped_through = last;
+    TrimShipCacheLocked();
     link.sent_log_bytes += bytes;
     link.sent_wire_bytes += msg_bytes;
   }
@@ -1016,6 +1091,7 @@ void PrimaryReplicator::FillStatus(v1::GroupStatus* out) const {
       ps->set_sent_log_bytes(l->sent_log_bytes);
       ps->set_sent_wire_bytes(l->sent_wire_bytes);
       ps->set_sent_copy_bytes(l->sent_copy_bytes);
+      ps->set_sent_records_read_back(l->sent_records_read_back);
       ps->set_dials(l->dials);
       ps->set_disconnects(l->disconnects);
     }

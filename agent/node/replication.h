@@ -17,17 +17,21 @@
 #include <absl/status/status.h>
 #include <absl/status/statusor.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -157,6 +161,22 @@ class PrimaryReplicator final : public CompletionGate,
   // wake the worker only then (each needless wake-up is a futex round trip per write).
   bool WorkerHasWorkLocked(core::Nanos now) const;
   void PersistPeerPositions();
+
+  // Records just written, kept (by reference to their write buffers) until every connected link
+  // has sent them, so that a batch is built from memory instead of being read back from the log
+  // (RocksDB iterator, pread of payload files, checksums). Contiguous LSNs, at most
+  // kShipCacheBytes of stored bytes. REQUIRES: mu_ for all three.
+  struct CachedRecord {
+    uint64_t lsn = 0;
+    uint64_t epoch = 0;
+    std::array<char, storage::kRecordHeaderSize> header{};
+    std::string_view payload;           // into owner's buffer
+    std::shared_ptr<const void> owner;  // null for an empty payload
+  };
+  void CacheRecordsLocked(std::span<const storage::LogRecordView> records);
+  void TrimShipCacheLocked();
+  std::deque<CachedRecord> ship_cache_;
+  uint64_t ship_cache_bytes_ = 0;
 
   GroupRuntime* const group_;
   storage::GroupLog* const log_;

@@ -123,6 +123,10 @@ void AppendPeer(const MetricLabels& group_labels, const v1::PeerStatus& p, bool 
               D(p.sent_batches()));
   out.Counter("tvilling_peer_sent_records_total", "Log records sent to the peer (resends count).",
               l, D(p.sent_records()));
+  out.Counter("tvilling_peer_sent_records_read_back_total",
+              "Of the records sent, those read back from the log instead of sent from memory "
+              "right after they were written (a link behind by more than a few batches, resends).",
+              l, D(p.sent_records_read_back()));
   out.Counter("tvilling_peer_sent_log_bytes_total",
               "Bytes of the log records sent to the peer, as in the log (before compression).", l,
               D(p.sent_log_bytes()));

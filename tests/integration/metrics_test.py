@@ -198,6 +198,9 @@ def replication(c):
                           f"fewer than the {last} records / {WRITES * 2 * MIB} bytes written")
     if not 1 <= batches <= sent_records:
         raise TestFailure(f"{batches} batches for {sent_records} records")
+    read_back = v(fams, "tvilling_peer_sent_records_read_back_total", group="g0", peer="site-b")
+    if not 0 <= read_back <= sent_records:
+        raise TestFailure(f"{read_back} records read back of {sent_records} sent")
     if not log_bytes <= wire_bytes <= 1.01 * log_bytes + 4096 * batches:
         raise TestFailure(f"random data went out as {wire_bytes} wire bytes for {log_bytes} "
                           "log bytes (no compression can shrink it; overhead must be small)")
