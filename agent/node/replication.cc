@@ -367,15 +367,14 @@ void PrimaryReplicator::OnRecords(GroupRuntime::RecordsPhase phase,
 
 void PrimaryReplicator::CacheRecordsLocked(std::span<const storage::LogRecordView> records) {
   for (const storage::LogRecordView& r : records) {
-    if ((!r.payload.empty() && r.payload_owner == nullptr) ||
-        r.header_bytes.size() != storage::kRecordHeaderSize ||
-        (!ship_cache_.empty() && r.lsn != ship_cache_.back().lsn + 1)) {
-      // Not kept (or not following what is): what is kept must stay contiguous.
+    const bool keepable = (r.payload.empty() || r.payload_owner != nullptr) &&
+                          r.header_bytes.size() == storage::kRecordHeaderSize;
+    // What is kept stays contiguous: a record that cannot be kept, or does not follow, ends it.
+    if (!keepable || (!ship_cache_.empty() && r.lsn != ship_cache_.back().lsn + 1)) {
       ship_cache_.clear();
       ship_cache_bytes_ = 0;
-      if (!r.payload.empty() && r.payload_owner == nullptr) return;
-      if (r.header_bytes.size() != storage::kRecordHeaderSize) return;
     }
+    if (!keepable) return;  // the next batch starts anew
     CachedRecord& c = ship_cache_.emplace_back();
     c.lsn = r.lsn;
     c.epoch = r.header.epoch;
@@ -388,17 +387,14 @@ void PrimaryReplicator::CacheRecordsLocked(std::span<const storage::LogRecordVie
 }
 
 void PrimaryReplicator::TrimShipCacheLocked() {
-  // What every connected link has sent goes (a reconnecting link resends from its durable LSN,
-  // usually older: it reads back); so does whatever is beyond the cap.
-  uint64_t sent_by_all = 0;
-  bool any = false;
+  // What every connected link has sent goes, and whatever is beyond the cap. With no link
+  // connected nothing is kept: a link that connects resends from its durable LSN, reading back.
+  uint64_t sent_by_all = UINT64_MAX;
   for (const auto& link : links_) {
-    if (!link->stream) continue;
-    sent_by_all = any ? std::min(sent_by_all, link->shipped_through) : link->shipped_through;
-    any = true;
+    if (link->stream) sent_by_all = std::min(sent_by_all, link->shipped_through);
   }
   while (!ship_cache_.empty() &&
-         ((any && ship_cache_.front().lsn <= sent_by_all) || ship_cache_bytes_ > kShipCacheBytes)) {
+         (ship_cache_.front().lsn <= sent_by_all || ship_cache_bytes_ > kShipCacheBytes)) {
     ship_cache_bytes_ -= storage::kRecordHeaderSize + ship_cache_.front().payload.size();
     ship_cache_.pop_front();
   }

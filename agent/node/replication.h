@@ -163,9 +163,9 @@ class PrimaryReplicator final : public CompletionGate,
   void PersistPeerPositions();
 
   // Records just written, kept (by reference to their write buffers) until every connected link
-  // has sent them, so that a batch is built from memory instead of being read back from the log
-  // (RocksDB iterator, pread of payload files, checksums). Contiguous LSNs, at most
-  // kShipCacheBytes of stored bytes. REQUIRES: mu_ for all three.
+  // has sent them (nothing while none is connected), so that a batch is built from memory instead
+  // of being read back from the log (RocksDB iterator, pread of payload files, checksums).
+  // Contiguous LSNs, at most kShipCacheBytes of stored bytes. REQUIRES: mu_ for all three.
   struct CachedRecord {
     uint64_t lsn = 0;
     uint64_t epoch = 0;
