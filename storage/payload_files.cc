@@ -21,6 +21,18 @@ constexpr std::string_view kFreePrefix = "free-";  // recycled files: free-<n>, 
 
 std::string ErrnoText(int e) { return std::strerror(e); }
 
+// The number `s` spells in decimal: false if it is empty or holds anything but digits.
+bool ParseDecimal(std::string_view s, uint64_t* out) {
+  if (s.empty()) return false;
+  uint64_t n = 0;
+  for (const char c : s) {
+    if (c < '0' || c > '9') return false;
+    n = n * 10 + static_cast<uint64_t>(c - '0');
+  }
+  *out = n;
+  return true;
+}
+
 absl::Status FsyncPath(const std::filesystem::path& p) {
   const int fd = open(p.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) {
@@ -69,12 +81,7 @@ absl::StatusOr<std::vector<uint64_t>> PayloadFiles::List() const {
     const std::string name = entry.path().filename().string();
     if (name.size() != kIdDigits + kSuffix.size() || !name.ends_with(kSuffix)) continue;
     uint64_t id = 0;
-    bool digits = true;
-    for (size_t i = 0; i < kIdDigits; ++i) {
-      if (name[i] < '0' || name[i] > '9') digits = false;
-      id = id * 10 + static_cast<uint64_t>(name[i] - '0');
-    }
-    if (digits) ids.push_back(id);
+    if (ParseDecimal(std::string_view(name).substr(0, kIdDigits), &id)) ids.push_back(id);
   }
   if (ec) {
     return absl::InternalError(fmt::format("group {}: listing payload files in {}: {}", group_,
@@ -117,14 +124,11 @@ void PayloadFiles::AdoptRecycledLocked() const {
   std::vector<std::pair<uint64_t, std::filesystem::path>> found;
   for (const auto& entry : std::filesystem::directory_iterator(dir_, ec)) {
     const std::string name = entry.path().filename().string();
-    if (!name.starts_with(kFreePrefix) || name.size() == kFreePrefix.size()) continue;
     uint64_t n = 0;
-    bool digits = true;
-    for (size_t i = kFreePrefix.size(); i < name.size(); ++i) {
-      if (name[i] < '0' || name[i] > '9') digits = false;
-      n = n * 10 + static_cast<uint64_t>(name[i] - '0');
+    if (name.starts_with(kFreePrefix) &&
+        ParseDecimal(std::string_view(name).substr(kFreePrefix.size()), &n)) {
+      found.emplace_back(n, entry.path());
     }
-    if (digits) found.emplace_back(n, entry.path());
   }
   std::sort(found.begin(), found.end());
   for (const auto& [n, path] : found) {
