@@ -8,7 +8,7 @@ BUILD_PKGS=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   librocksdb-dev libboost-dev libssl-dev openssl
   libabsl-dev libtomlplusplus-dev libspdlog-dev libfmt-dev libcli11-dev
-  libxxhash-dev libzstd-dev liblz4-dev libsystemd-dev libnbd-dev libjemalloc-dev
+  libxxhash-dev libzstd-dev liblz4-dev libsystemd-dev libnbd-dev libjemalloc-dev libisal-dev
   libgtest-dev libgmock-dev libbenchmark-dev prometheus-cpp-dev help2man
   clang libclang-rt-14-dev clang-format
 )

@@ -29,7 +29,9 @@
 #include <cassert>
 #include <chrono>
 #include <cstring>
+#include <mutex>
 
+#include "storage/rocksdb_crc32c.h"
 #include "storage/thread_name.h"
 
 namespace tvilling::storage {
@@ -192,6 +194,16 @@ absl::StatusOr<std::unique_ptr<LogStore>> LogStore::Open(const LogStoreOptions& 
     return absl::FailedPreconditionError(
         fmt::format("cannot create log directory {}: {}", options.dir.string(), ec.message()));
   }
+  static std::once_flag crc_noted;
+  std::call_once(crc_noted, [] {
+    if (RocksDbCrc32cAccelerated()) {
+      spdlog::debug("RocksDB's CRC32C runs on ISA-L (storage/rocksdb_crc32c.h)");
+    } else {
+      spdlog::warn(
+          "RocksDB's CRC32C runs its portable software loop: this executable does not export "
+          "rocksdb::crc32c::Extend (link it with the storage library's options)");
+    }
+  });
   rocksdb::Options o;
   ConfigureRocksOptions(options, &o);
   rocksdb::DB* raw = nullptr;
