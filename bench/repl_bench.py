@@ -101,6 +101,7 @@ class Setup:
             self.a.move_state_under(args.primary_state_parent)
         self.a.test_tuning = args.test_tuning
         self.a.extra_log = "\n".join(args.log_option)
+        self.a.extra_replication = "\n".join(getattr(args, "replication_option", []))
         self.b = None
         g = {"name": "g0", "primary": "site-a", "size": "2GiB"}
         if kind == "single":
@@ -109,6 +110,7 @@ class Setup:
             self.b = self.c.agent("site-b")
             self.b.test_tuning = args.test_tuning
             self.b.extra_log = "\n".join(args.log_option)
+            self.b.extra_replication = self.a.extra_replication
             self.a.tls = self.b.tls = tls
             acl_b = [("site-a" if tls else "*", "site-a", ["g0"])]
             acl_a = [("site-b" if tls else "*", "site-b", ["g0"])]
@@ -337,6 +339,9 @@ def main():
     ap.add_argument("--log-option", action="append", default=[], metavar="KEY=VALUE",
                     help="a line for both agents' [log] table, e.g. 'checkpoint_chunk = 0' "
                     "(repeatable)")
+    ap.add_argument("--replication-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a line for both agents' [replication] table, e.g. "
+                    "'max_batch_bytes = \"1MiB\"' (repeatable)")
     ap.add_argument("--lag-runtime", type=int, metavar="S",
                     help="seconds of load for the lag figure (default 30, --quick 5)")
     ap.add_argument("--primary-state-parent", metavar="DIR",
