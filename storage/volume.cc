@@ -451,6 +451,14 @@ absl::Status Volume::Read(uint64_t offset, std::span<char> out) const {
   return ReadAt(fd_, path_.native(), direct_io_, offset, out.data(), out.size());
 }
 
+uint64_t Volume::HoleBytesAt(uint64_t offset, uint64_t max) const {
+  if (block_device_ || offset >= size_) return 0;
+  max = std::min(max, size_ - offset);
+  const off64_t data = ::lseek64(fd_, static_cast<off64_t>(offset), SEEK_DATA);
+  if (data < 0) return errno == ENXIO ? max : 0;  // ENXIO: no data from offset to the end
+  return std::min<uint64_t>(static_cast<uint64_t>(data) - offset, max);
+}
+
 absl::Status Volume::Write(uint64_t offset, std::string_view data) {
   const std::string& path = path_.native();  // no copy: POSIX paths are strings
   absl::Status s = RejectIfReadOnly(read_only_, "write", path);

@@ -46,6 +46,11 @@ class Volume {
 
   // REQUIRES: offset + out.size() <= size().
   absl::Status Read(uint64_t offset, std::span<char> out) const;
+  // How many bytes from `offset` on, at most `max`, are a hole of a sparse file: they read as
+  // zeroes without a read (lseek SEEK_DATA; file systems count written pages not yet allocated as
+  // data). 0 if data starts at offset, on a block device, or where the file system cannot tell
+  // (then the caller reads). Holes found are whole file system blocks.
+  uint64_t HoleBytesAt(uint64_t offset, uint64_t max) const;
   // REQUIRES: offset + data.size() <= size().
   absl::Status Write(uint64_t offset, std::string_view data);
   // Deallocates; reads of the range return zeroes afterwards.

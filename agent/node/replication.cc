@@ -26,6 +26,10 @@ constexpr core::Nanos kMinBackoff = 100 * kMs;
 constexpr core::Nanos kMaxBackoff = 5 * kSecond;
 constexpr core::Nanos kRefusedBackoff = 5 * kSecond;
 constexpr core::Nanos kPersistPositionsEvery = kSecond;
+// The longest a copy keeps the worker before its loop runs again (heartbeats, timeouts, shipping).
+constexpr core::Nanos kCopyStepBudget = 20 * kMs;
+// The largest zero chunk a copy sends for a hole (the replica's default copy checkpoint step).
+constexpr uint64_t kMaxZeroChunkBytes = 64ull << 20;
 // The committer ships batches of at most this many bytes itself (PrimaryReplicator::OnRecords).
 constexpr uint64_t kInlineShipBytes = 256u << 10;
 // The shipper reserves the batch buffer up front (no regrowth copies) up to this size.
@@ -801,10 +805,18 @@ void PrimaryReplicator::ShipLocked(Link& link, core::Nanos now, std::unique_lock
 
 void PrimaryReplicator::CopyStep(Link& link, core::Nanos now) {
   std::unique_lock lock(mu_);
+  const core::Nanos step_start = MonotonicNow();
   while (!stopping_ && link.stream && link.copying) {
     std::shared_ptr<PrimaryStream> stream = link.stream;
     if (stream->queued_bytes() >= options_.max_queued_bytes) return;
     if (link.rate_wait_until > now) return;  // the copy shares the link's rate_limit
+    if (MonotonicNow() - step_start >= kCopyStepBudget) {
+      // Back to the worker loop, which comes straight back here: a sparse volume's chunks are
+      // tiny messages that never fill the queue, and a copy that kept this thread would send no
+      // heartbeat, so the link's own timeout would cut it once the copy ends.
+      work_ = true;
+      return;
+    }
     const uint64_t gen = link.generation;
     uint32_t vi = link.copy_volume;
     uint64_t off = link.copy_offset;
@@ -845,15 +857,24 @@ void PrimaryReplicator::CopyStep(Link& link, core::Nanos now) {
       finished = true;
     } else {
       storage::Volume& v = group_->volume(vi);
-      len = std::min<uint64_t>({options_.copy_chunk_bytes, v.size() - off, max_len});
-      std::string data(len, '\0');
-      st = v.Read(off, std::span<char>(data.data(), data.size()));
+      // A hole of a sparse volume goes as one zero chunk of up to kMaxZeroChunkBytes, unread
+      // (reading it would fill the page cache with zeroed pages): a thin volume copies in about
+      // the time its data takes. Data is read in chunks of copy_chunk_bytes, up to the next hole.
+      const uint64_t hole =
+          v.HoleBytesAt(off, std::min<uint64_t>({kMaxZeroChunkBytes, v.size() - off, max_len}));
+      len = hole > 0 ? hole
+                     : std::min<uint64_t>({options_.copy_chunk_bytes, v.size() - off, max_len});
       v1::CopyChunk* c = msg.mutable_copy_chunk();
       c->set_epoch(epoch_);
       c->set_volume(vi);
       c->set_offset(off);
       c->set_length(static_cast<uint32_t>(len));
-      if (storage::Volume::IsAllZero(data)) {
+      std::string data;
+      if (hole == 0) {
+        data.resize(len);
+        st = v.Read(off, std::span<char>(data.data(), data.size()));
+      }
+      if (hole > 0 || storage::Volume::IsAllZero(data)) {
         c->set_zero(true);
       } else {
         c->set_checksum(XXH3_64bits(data.data(), data.size()));

@@ -13,6 +13,9 @@ Scenarios (each is a ctest; see tests/integration/CMakeLists.txt):
   replica_kill9      kill -9 of the replica mid-stream under load, restart, identical
   full_copy_new_replica  a replica that joins late (after data was written) gets a full copy while
                      writes continue, is inconsistent until it completes, then identical
+  sparse_copy_keeps_link  the full copy of a 64 GiB thin volume (holes sent unread as "zero"
+                     chunks) takes seconds and keeps the link's heartbeats going: no disconnect,
+                     nothing sent twice, the replica's volume as thin as the primary's
   behind_retention   a replica that fell behind the primary's hard cap gets a full copy, identical
   reconnect_after_copy  a replica that got a full copy with base L0 > 0 (of a primary whose history
                      has two epochs) streams again after its restarts (SIGTERM, kill -9) and after
@@ -247,6 +250,40 @@ def full_copy_new_replica(c):
     assert_identical(a, [b])
     if not saw_inconsistent:
         raise TestFailure("the new replica never reported itself inconsistent during its copy")
+
+
+def sparse_copy_keeps_link(c):
+    """A new replica's full copy of a large, thin volume: the primary sends each hole as "zero"
+    chunks of up to 64 MiB without reading it, so the copy takes about the time of its data, and
+    the link's heartbeats (keepalive_ms = 2000: one every 400 ms) keep going throughout. Reading
+    the holes took minutes here and ended with the link cut for silence (the copy kept the
+    primary's worker from sending heartbeats) and the copy's tail sent again."""
+    a = c.agent("site-a")
+    b = c.agent("site-b")
+    for agent in (a, b):
+        agent.extra_replication = "keepalive_ms = 2000"
+    g = {"name": "g0", "primary": "site-a", "size": "64GiB"}
+    a.write_config([dict(g, peers=[(b, "async", None)])], acl=[("site-b", "site-b", ["g0"])])
+    b.write_config([dict(g, peers=[(a, "async", None)])], acl=[("site-a", "site-a", ["g0"])])
+    b.start()  # first: no failed dials to count below
+    t0 = time.monotonic()
+    a.start()
+    qemu_io(a, "write -P 0x5c 0 1M", "write -P 0x5d 40G 1M", "flush")
+    wait_caught_up(a, [b], timeout_s=240)
+    log(f"MEASURED full copy of a 64 GiB volume holding 2 MiB: {time.monotonic() - t0:.1f} s")
+    # Not assert_identical: hashing 2 x 64 GiB of holes takes minutes. The replica holds the data
+    # and no more than it: the rest of its volume is still a hole.
+    qemu_io(b, "read -P 0x5c 0 1M", "read -P 0x5d 40G 1M", "read -P 0 1M 1M", "read -P 0 63G 1M",
+            read_only=True)
+    allocated = os.stat(os.path.join(b.state_dir, "volumes", "vol0.img")).st_blocks * 512
+    if allocated > 64 * MIB:
+        raise TestFailure(f"site-b's volume has {allocated} bytes allocated for 2 MiB of data")
+    p = a.peer("site-b") or {}
+    with open(b.log_path) as f:
+        resumed = [line.strip() for line in f if "resuming the interrupted copy" in line]
+    if u64(p.get("disconnects")) != 0 or resumed:
+        raise TestFailure(f"the copy's link was cut: {u64(p.get('disconnects'))} disconnect(s), "
+                          f"last error {p.get('last_error')!r}; site-b: {resumed}")
 
 
 def behind_retention(c):
@@ -735,7 +772,7 @@ def replica_retention_after_switch(c):
 
 SCENARIOS = {f.__name__: f for f in (link_cut, rate_limit, replica_retention_after_switch,
     lazy_replica_sync, two_sites_sync, three_sites, sync_waits_for_peer, replica_kill9,
-    full_copy_new_replica, behind_retention, reconnect_after_copy, refuse_wrong_ca,
+    full_copy_new_replica, sparse_copy_keeps_link, behind_retention, reconnect_after_copy, refuse_wrong_ca,
     refuse_expired_cert, refuse_other_tenant, refuse_stale_epoch, refuse_diverged,
     refuse_malformed_batch, refuse_oversized_message, refuse_out_of_order,
     async_acks_once_per_batch)}

@@ -145,6 +145,24 @@ TEST_F(VolumeFileTest, CreatesSparseFileOfTheGivenSize) {
   EXPECT_TRUE(AllZero(ReadRange(**v, 0, kMiB)));
 }
 
+TEST_F(VolumeFileTest, HoleBytesAtFindsWhereDataBeginsBeforeAnyFsync) {
+  auto v = Volume::Open({.path = Path(), .size_bytes = 64 * kMiB});
+  ASSERT_TRUE(v.ok()) << v.status();
+  if ((*v)->HoleBytesAt(0, 64 * kMiB) != 64 * kMiB) {
+    GTEST_SKIP() << "the file system under " << Path() << " does not report holes (SEEK_DATA)";
+  }
+  const std::string data(4096, 'x');
+  ASSERT_TRUE((*v)->Write(8 * kMiB, data).ok());  // in the page cache only: not yet allocated
+  EXPECT_EQ((*v)->HoleBytesAt(0, 64 * kMiB), 8 * kMiB);  // up to the data
+  EXPECT_EQ((*v)->HoleBytesAt(0, kMiB), kMiB);           // capped
+  EXPECT_EQ((*v)->HoleBytesAt(8 * kMiB, 64 * kMiB), 0u);
+  EXPECT_EQ((*v)->HoleBytesAt(8 * kMiB - 4096, 64 * kMiB), 4096u);
+  EXPECT_EQ((*v)->HoleBytesAt(9 * kMiB, 64 * kMiB), 55 * kMiB);  // to the end, not beyond
+  EXPECT_EQ((*v)->HoleBytesAt(64 * kMiB, kMiB), 0u);
+  ASSERT_TRUE((*v)->WriteZeroes(8 * kMiB, kMiB, /*may_trim=*/true).ok());  // punched out again
+  EXPECT_EQ((*v)->HoleBytesAt(0, 64 * kMiB), 64 * kMiB);
+}
+
 TEST_F(VolumeFileTest, ReopenKeepsDataAndSizeZeroMeansWholeFile) {
   const std::string data = Pattern(1, 12345);
   {
