@@ -137,6 +137,14 @@ class ReplicationService::Impl final : public Dialer,
   std::shared_ptr<grpc::Channel> ChannelTo(const std::string& site) {
     std::lock_guard lock(mu_);
     auto& ch = channels_[site];
+    // A channel whose last connection attempt failed is replaced: gRPC fails calls on it at once
+    // with that attempt's error until its own reconnect backoff ends, and advances that backoff
+    // only while someone polls the channel, so a peer that was away kept being "refused" for
+    // seconds after it listened again. A new channel (its own subchannel: MakeChannel) connects
+    // at its first call.
+    if (ch && ch->GetState(/*try_to_connect=*/false) == GRPC_CHANNEL_TRANSIENT_FAILURE) {
+      ch.reset();
+    }
     if (!ch) {
       const Target& t = targets_[site];
       ch = transport::MakeChannel(t.address, channel_creds_,

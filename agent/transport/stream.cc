@@ -839,6 +839,10 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,
   args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 5000);
   args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  // A subchannel of its own, not one from gRPC's process-wide pool: a new channel to a peer then
+  // starts without the reconnect backoff of an earlier one (ReplicationService::ChannelTo
+  // replaces a channel whose connection failed).
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   args.SetMaxSendMessageSize(kMaxMessageBytes);
   args.SetMaxReceiveMessageSize(kMaxMessageBytes);
   if (!tls_name_override.empty()) args.SetSslTargetNameOverride(tls_name_override);

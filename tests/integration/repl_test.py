@@ -16,6 +16,8 @@ Scenarios (each is a ctest; see tests/integration/CMakeLists.txt):
   sparse_copy_keeps_link  the full copy of a 64 GiB thin volume (holes sent unread as "zero"
                      chunks) takes seconds and keeps the link's heartbeats going: no disconnect,
                      nothing sent twice, the replica's volume as thin as the primary's
+  peer_back_after_outage  a replica away for 20 s streams again at the primary's next dial after
+                     it is back (no dials failing with gRPC's stale "Connection refused")
   behind_retention   a replica that fell behind the primary's hard cap gets a full copy, identical
   reconnect_after_copy  a replica that got a full copy with base L0 > 0 (of a primary whose history
                      has two epochs) streams again after its restarts (SIGTERM, kill -9) and after
@@ -284,6 +286,30 @@ def sparse_copy_keeps_link(c):
     if u64(p.get("disconnects")) != 0 or resumed:
         raise TestFailure(f"the copy's link was cut: {u64(p.get('disconnects'))} disconnect(s), "
                           f"last error {p.get('last_error')!r}; site-b: {resumed}")
+
+
+def peer_back_after_outage(c):
+    """A replica whose agent was away for a while (every dial refused meanwhile) streams again at
+    the primary's next dial after it is back. gRPC keeps its own reconnect backoff per channel (up
+    to 120 s by default, and advanced only while someone polls the channel) and fails calls fast
+    with the last error until it ends: the primary's dials kept failing with "Connection refused"
+    for seconds after the replica listened again."""
+    a, b = pair(c, "async")
+    a.start()
+    time.sleep(20)  # a dozen refused dials, and gRPC's backoff grows meanwhile
+    b.start()  # returns once b serves its control socket: it listens for replication before that
+    ready = time.monotonic()
+    dials0 = u64((a.peer("site-b") or {}).get("dials"))
+    wait_for("site-a streaming to site-b",
+             lambda: (a.peer("site-b") or {}).get("link_state") == "streaming", 60, 0.05)
+    took = time.monotonic() - ready
+    dials = u64((a.peer("site-b") or {}).get("dials")) - dials0
+    log(f"MEASURED site-b streaming {took:.1f} s after it served, {dials} dial(s) meanwhile")
+    # The primary redials at most every 5 s (its backoff's cap): the first dial after b is back
+    # must connect; one more is allowed for a dial already on its way when b came up.
+    if dials > 2:
+        raise TestFailure(f"site-a dialled {dials} times over {took:.1f} s before it connected to "
+                          f"site-b, which was listening all along")
 
 
 def behind_retention(c):
@@ -772,7 +798,7 @@ def replica_retention_after_switch(c):
 
 SCENARIOS = {f.__name__: f for f in (link_cut, rate_limit, replica_retention_after_switch,
     lazy_replica_sync, two_sites_sync, three_sites, sync_waits_for_peer, replica_kill9,
-    full_copy_new_replica, sparse_copy_keeps_link, behind_retention, reconnect_after_copy, refuse_wrong_ca,
+    full_copy_new_replica, sparse_copy_keeps_link, peer_back_after_outage, behind_retention, reconnect_after_copy, refuse_wrong_ca,
     refuse_expired_cert, refuse_other_tenant, refuse_stale_epoch, refuse_diverged,
     refuse_malformed_batch, refuse_oversized_message, refuse_out_of_order,
     async_acks_once_per_batch)}
