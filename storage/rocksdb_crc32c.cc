@@ -4,7 +4,6 @@
 #include <dlfcn.h>
 #include <isa-l/crc.h>
 
-#include <climits>
 #include <cstddef>
 #include <cstdint>
 

@@ -49,7 +49,7 @@ class Volume {
   // How many bytes from `offset` on, at most `max`, are a hole of a sparse file: they read as
   // zeroes without a read (lseek SEEK_DATA; file systems count written pages not yet allocated as
   // data). 0 if data starts at offset, on a block device, or where the file system cannot tell
-  // (then the caller reads). Holes found are whole file system blocks.
+  // (then the caller reads). A hole found ends where data begins, on a file system block boundary.
   uint64_t HoleBytesAt(uint64_t offset, uint64_t max) const;
   // REQUIRES: offset + data.size() <= size().
   absl::Status Write(uint64_t offset, std::string_view data);
