@@ -296,7 +296,7 @@ def peer_back_after_outage(c):
     for seconds after the replica listened again."""
     a, b = pair(c, "async")
     a.start()
-    time.sleep(20)  # a dozen refused dials, and gRPC's backoff grows meanwhile
+    time.sleep(20)  # about ten refused dials, and gRPC's backoff grows meanwhile
     b.start()  # returns once b serves its control socket: it listens for replication before that
     ready = time.monotonic()
     dials0 = u64((a.peer("site-b") or {}).get("dials"))
@@ -798,8 +798,9 @@ def replica_retention_after_switch(c):
 
 SCENARIOS = {f.__name__: f for f in (link_cut, rate_limit, replica_retention_after_switch,
     lazy_replica_sync, two_sites_sync, three_sites, sync_waits_for_peer, replica_kill9,
-    full_copy_new_replica, sparse_copy_keeps_link, peer_back_after_outage, behind_retention, reconnect_after_copy, refuse_wrong_ca,
-    refuse_expired_cert, refuse_other_tenant, refuse_stale_epoch, refuse_diverged,
+    full_copy_new_replica, sparse_copy_keeps_link, peer_back_after_outage, behind_retention,
+    reconnect_after_copy, refuse_wrong_ca, refuse_expired_cert, refuse_other_tenant,
+    refuse_stale_epoch, refuse_diverged,
     refuse_malformed_batch, refuse_oversized_message, refuse_out_of_order,
     async_acks_once_per_batch)}
 
