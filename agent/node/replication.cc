@@ -1874,7 +1874,10 @@ void ReplicaGroup::HandleCopyChunk(Session& s, const v1::CopyChunk& m) {
     std::lock_guard lock(mu_);
     rx_.OnCopyChunk(m.volume(), m.offset() + m.length());
     copy_done_bytes_ += m.length();
-    copy_bytes_since_checkpoint_ += m.length();
+    // Zero chunks do not count towards a checkpoint (an fsync of the volumes and a synced write):
+    // a thin volume's holes come as thousands of them, each a hole punched in a moment, and what
+    // an interruption makes the primary send again of them costs it no read.
+    if (!m.zero()) copy_bytes_since_checkpoint_ += m.length();
     if (copy_bytes_since_checkpoint_ >= options_.copy_checkpoint_bytes) {
       copy_bytes_since_checkpoint_ = 0;
       checkpoint = true;

@@ -13,8 +13,8 @@ Scenarios (each is a ctest; see tests/integration/CMakeLists.txt):
   replica_kill9      kill -9 of the replica mid-stream under load, restart, identical
   full_copy_new_replica  a replica that joins late (after data was written) gets a full copy while
                      writes continue, is inconsistent until it completes, then identical
-  sparse_copy_keeps_link  the full copy of a 64 GiB thin volume (holes sent unread as "zero"
-                     chunks) takes seconds and keeps the link's heartbeats going: no disconnect,
+  sparse_copy_keeps_link  the full copy of a 1 TiB thin volume (holes sent unread as "zero"
+                     chunks) takes about a second and keeps the link's heartbeats going: no disconnect,
                      nothing sent twice, the replica's volume as thin as the primary's
   peer_back_after_outage  a replica away for 20 s streams again at the primary's next dial after
                      it is back (no dials failing with gRPC's stale "Connection refused")
@@ -256,26 +256,28 @@ def full_copy_new_replica(c):
 
 def sparse_copy_keeps_link(c):
     """A new replica's full copy of a large, thin volume: the primary sends each hole as "zero"
-    chunks of up to 64 MiB without reading it, so the copy takes about the time of its data, and
-    the link's heartbeats (keepalive_ms = 2000: one every 400 ms) keep going throughout. Reading
-    the holes took minutes here and ended with the link cut for silence (the copy kept the
-    primary's worker from sending heartbeats) and the copy's tail sent again."""
+    chunks of up to 64 MiB without reading it, and the replica punches them without a checkpoint
+    each, so the copy takes about the time of its data, and the link's heartbeats (keepalive_ms =
+    2000: one every 400 ms) keep going throughout. Reading the holes took minutes (64 GiB: 166 s)
+    and ended with the link cut for silence (the copy kept the primary's worker from sending
+    heartbeats); with a checkpoint per zero chunk, 1 TiB took 10 s and the heartbeats waited
+    behind the checkpoints at the replica until the link was cut."""
     a = c.agent("site-a")
     b = c.agent("site-b")
     for agent in (a, b):
         agent.extra_replication = "keepalive_ms = 2000"
-    g = {"name": "g0", "primary": "site-a", "size": "64GiB"}
+    g = {"name": "g0", "primary": "site-a", "size": "1TiB"}
     a.write_config([dict(g, peers=[(b, "async", None)])], acl=[("site-b", "site-b", ["g0"])])
     b.write_config([dict(g, peers=[(a, "async", None)])], acl=[("site-a", "site-a", ["g0"])])
     b.start()  # first: no failed dials to count below
     t0 = time.monotonic()
     a.start()
-    qemu_io(a, "write -P 0x5c 0 1M", "write -P 0x5d 40G 1M", "flush")
+    qemu_io(a, "write -P 0x5c 0 1M", "write -P 0x5d 700G 1M", "flush")
     wait_caught_up(a, [b], timeout_s=240)
-    log(f"MEASURED full copy of a 64 GiB volume holding 2 MiB: {time.monotonic() - t0:.1f} s")
-    # Not assert_identical: hashing 2 x 64 GiB of holes takes minutes. The replica holds the data
+    log(f"MEASURED full copy of a 1 TiB volume holding 2 MiB: {time.monotonic() - t0:.1f} s")
+    # Not assert_identical: hashing 2 x 1 TiB of holes takes hours. The replica holds the data
     # and no more than it: the rest of its volume is still a hole.
-    qemu_io(b, "read -P 0x5c 0 1M", "read -P 0x5d 40G 1M", "read -P 0 1M 1M", "read -P 0 63G 1M",
+    qemu_io(b, "read -P 0x5c 0 1M", "read -P 0x5d 700G 1M", "read -P 0 1M 1M", "read -P 0 1023G 1M",
             read_only=True)
     allocated = os.stat(os.path.join(b.state_dir, "volumes", "vol0.img")).st_blocks * 512
     if allocated > 64 * MIB:
