@@ -10,6 +10,11 @@ What it measures (issue 4; docs/benchmarks.md records the results):
               until the peer has the last byte durable, not only until fio finished.   goal >= 0.8
   sync_lat    fio nbd 4 KiB randwrite QD1 latency p50: single node (baseline), sync peer without TLS,
               sync peer with TLS. Reported as the difference in us.   goals <= 150 us / <= 200 us
+              With --floor-bench (build/bench/stream_floor_bench), each repetition also measures
+              the machine's round-trip floors in the same run: a plain TCP ping-pong between two
+              processes and a bare gRPC stream with and without TLS (4 KiB out, ~32 bytes back).
+              A sync write carries one such round trip more than a single node's, and on a
+              virtual machine the floors move several-fold between hosts (docs/benchmarks.md).
   lag         fio at 50 % of the async throughput just measured (or at --lag-rate), with the
               peer's lag (age of the oldest record not yet durable at the peer) sampled every
               10 ms; p50/p99/max.   goal p99 <= 10 ms
@@ -195,9 +200,32 @@ def bench_throughput(args, reps):
     return med_r, out
 
 
+FLOOR_VARIANTS = ("tcp", "product", "product-tls")
+
+
+def round_trip_floors(args):
+    """p50 round trips (us) of stream_floor_bench's variants, one repetition."""
+    rounds = 300 if args.quick else 2000
+    r = subprocess.run([args.floor_bench, "--pki", args.pki, "--rounds", str(rounds), "--reps", "1",
+                        "--only", ",".join(FLOOR_VARIANTS)], capture_output=True, text=True,
+                       timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"{args.floor_bench} failed: {r.stderr.strip()}")
+    floors = {}
+    table = r.stdout[r.stdout.rfind("variant"):].splitlines()[1:]  # the medians' table
+    for line in table:
+        f = line.split()
+        if len(f) >= 2 and f[0] in FLOOR_VARIANTS:
+            floors[f[0]] = float(f[1])
+    if set(floors) != set(FLOOR_VARIANTS):
+        raise RuntimeError(f"{args.floor_bench}: no p50 for {set(FLOOR_VARIANTS) - set(floors)}")
+    return floors
+
+
 def bench_sync_latency(args, reps):
     runtime = 3 if args.quick else 10
     res = {"single": [], "sync": [], "sync_tls": []}
+    floors = {v: [] for v in FLOOR_VARIANTS}
     for _ in range(reps):
         for name, kind, tls in (("single", "single", True), ("sync", "pair", False),
                                 ("sync_tls", "pair", True)):
@@ -206,14 +234,27 @@ def bench_sync_latency(args, reps):
                 res[name].append(run_fio(s.a.uri(), "randwrite", "4k", 1, runtime=runtime)["p50_us"])
             finally:
                 s.close()
+        if args.floor_bench:
+            for v, us in round_trip_floors(args).items():
+                floors[v].append(us)
     med = {k: statistics.median(v) for k, v in res.items()}
     print(f"sync 4k QD1 write p50 ({reps} interleaved runs, medians): single {med['single']:.0f} us, "
           f"sync {med['sync']:.0f} us (+{med['sync'] - med['single']:.0f} us, goal <= 150), "
           f"sync+TLS {med['sync_tls']:.0f} us (+{med['sync_tls'] - med['single']:.0f} us, "
           f"goal <= 200)")
-    return {"single_p50_us": med["single"], "sync_p50_us": med["sync"],
-            "sync_tls_p50_us": med["sync_tls"], "sync_overhead_us": med["sync"] - med["single"],
-            "sync_tls_overhead_us": med["sync_tls"] - med["single"]}
+    out = {"single_p50_us": med["single"], "sync_p50_us": med["sync"],
+           "sync_tls_p50_us": med["sync_tls"], "sync_overhead_us": med["sync"] - med["single"],
+           "sync_tls_overhead_us": med["sync_tls"] - med["single"]}
+    if args.floor_bench:
+        fm = {v: statistics.median(x) for v, x in floors.items()}
+        print(f"  this machine's round-trip floors in the same run (p50, 4 KiB out, ~32 B back, two "
+              f"processes): TCP {fm['tcp']:.0f} us, gRPC stream {fm['product']:.0f} us, with TLS "
+              f"{fm['product-tls']:.0f} us; sync over single minus the stream's round trip: "
+              f"{med['sync'] - med['single'] - fm['product']:+.0f} us, with TLS "
+              f"{med['sync_tls'] - med['single'] - fm['product-tls']:+.0f} us")
+        out.update({"floor_tcp_p50_us": fm["tcp"], "floor_grpc_p50_us": fm["product"],
+                    "floor_grpc_tls_p50_us": fm["product-tls"]})
+    return out
 
 
 def fsync_histogram(agent):
@@ -347,6 +388,9 @@ def main():
     ap.add_argument("--primary-state-parent", metavar="DIR",
                     help="keep site A's state (log and volume) in a new directory under DIR, e.g. "
                     "/dev/shm, instead of beside site B's on the same disk")
+    ap.add_argument("--floor-bench", metavar="PATH",
+                    help="build/bench/stream_floor_bench: with the sync figure, also measure the "
+                    "machine's TCP and gRPC round-trip floors in the same run")
     ap.add_argument("--test-tuning", action="store_true",
                     help="the integration tests' settings (checkpoints every 200 ms, 200 us batch "
                     "delay) instead of the product's defaults")
