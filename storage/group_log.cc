@@ -32,6 +32,7 @@
 #include <mutex>
 
 #include "storage/rocksdb_crc32c.h"
+#include "storage/rocksdb_logger.h"
 #include "storage/thread_name.h"
 
 namespace tvilling::storage {
@@ -162,6 +163,27 @@ absl::Status ScanPrefix(
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------
+// StoreHealth
+
+void StoreHealth::Fail(const absl::Status& s) {
+  bool first = false;
+  {
+    std::lock_guard lock(mu_);
+    first = failed_.ok();
+    if (first) failed_ = s;
+    call_failed_ = true;
+  }
+  cv_.notify_all();
+  if (first) {
+    spdlog::error(
+        "log store stopped writing: {}. Every later write of its groups is refused (a full disk: "
+        "ENOSPC to NBD clients) until tvillingd restarts; what was acknowledged stays in the log "
+        "and reads go on. Free space on (or repair) the log's file system, then restart tvillingd",
+        std::string(s.message()));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // LogStore
 
 void ConfigureRocksOptions(const LogStoreOptions& options, rocksdb::Options* out) {
@@ -179,8 +201,10 @@ void ConfigureRocksOptions(const LogStoreOptions& options, rocksdb::Options* out
   o.paranoid_checks = true;
   o.wal_recovery_mode = rocksdb::WALRecoveryMode::kPointInTimeRecovery;
   o.max_background_jobs = 2;
+  // RocksDB's warnings and errors go to the agent's log, never to a LOG file beside the WAL
+  // (storage/rocksdb_logger.h: on a full disk that file's writer made RocksDB abort).
   o.info_log_level = rocksdb::InfoLogLevel::WARN_LEVEL;
-  o.keep_log_file_num = 4;
+  o.info_log = std::make_shared<SpdlogRocksLogger>(options.dir.string(), o.info_log_level);
   o.recycle_log_file_num = options.recycle_wal_files;
   o.allow_fallocate = false;
 

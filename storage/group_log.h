@@ -73,14 +73,8 @@ class StoreHealth {
     std::lock_guard lock(mu_);
     return StatusLocked();
   }
-  void Fail(const absl::Status& s) {
-    {
-      std::lock_guard lock(mu_);
-      if (failed_.ok()) failed_ = s;
-      call_failed_ = true;
-    }
-    cv_.notify_all();
-  }
+  // Records the first failure (and says once, in the agent's log, what it means for writes).
+  void Fail(const absl::Status& s);
 
   // Before a WAL call: OK, and then Leave() is due after the call; or the earlier failure, and
   // the call must not be made. A kSync waits for the writes in flight; a kWrite waits while a

@@ -524,6 +524,12 @@ void GroupRuntime::CheckpointerLoop() {
   std::unique_lock lock(mu_);
   const auto interval = std::chrono::milliseconds(options_.checkpoint_interval_ms);
   auto next_checkpoint = std::chrono::steady_clock::now() + interval;
+  // A failure that repeats (a log store that stopped writing fails every checkpoint until the
+  // restart) is logged when it first appears and then once a minute with the count, not every
+  // interval.
+  std::string last_error;
+  auto last_error_logged = std::chrono::steady_clock::time_point();
+  uint64_t repeats = 0;
   while (!stopping_) {
     cv_.wait_until(lock, next_checkpoint, [&] {
       return stopping_ || applied_bytes_since_checkpoint_.load() >= options_.checkpoint_bytes ||
@@ -538,8 +544,27 @@ void GroupRuntime::CheckpointerLoop() {
     // the checkpoint that follows finds little left to write.
     absl::Status st = checkpoint ? Checkpoint() : WriteBackBetweenCheckpoints();
     if (!st.ok()) {
-      spdlog::error("group {}: {} failed (will retry): {}", options_.name,
-                    checkpoint ? "checkpoint" : "writeback", std::string(st.message()));
+      std::string what =
+          fmt::format("{} failed (will retry): {}", checkpoint ? "checkpoint" : "writeback",
+                      std::string(st.message()));
+      const auto now = std::chrono::steady_clock::now();
+      if (what != last_error || now - last_error_logged >= std::chrono::minutes(1)) {
+        if (repeats > 0 && what == last_error) {
+          spdlog::error("group {}: {} ({} more times since the last report)", options_.name, what,
+                        repeats);
+        } else {
+          spdlog::error("group {}: {}", options_.name, what);
+        }
+        last_error = std::move(what);
+        last_error_logged = now;
+        repeats = 0;
+      } else {
+        ++repeats;
+      }
+    } else if (!last_error.empty()) {
+      spdlog::info("group {}: checkpoints succeed again", options_.name);
+      last_error.clear();
+      repeats = 0;
     }
     if (checkpoint) next_checkpoint = std::chrono::steady_clock::now() + interval;
     lock.lock();
