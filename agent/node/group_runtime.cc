@@ -359,7 +359,10 @@ absl::Status GroupRuntime::ApplyLocked(std::span<const storage::LogRecordView> r
       apply_failed_ = absl::Status(
           st.code(), fmt::format("group {}: applying LSN {} failed, writes suspended: {}",
                                  options_.name, r.lsn, std::string(st.message())));
-      spdlog::error("{}", std::string(apply_failed_.message()));
+      spdlog::error(
+          "{}. Reads go on; the log keeps LSN {} and later. Fix the volume's storage (a full file "
+          "system: free space on it), then restart tvillingd, which applies them again",
+          std::string(apply_failed_.message()), r.lsn);
       return apply_failed_;
     }
     bytes += r.header.length;

@@ -1,13 +1,15 @@
 #!/usr/bin/python3
-"""full_disk_test.py: the log's file system fills up under a client's writes.
+"""full_disk_test.py: the log's (or the volume's) file system fills up under a client's writes.
 
-  /usr/bin/python3 full_disk_test.py --tvillingd build/agent/tvillingd   (root: it mounts a tmpfs)
+  /usr/bin/python3 full_disk_test.py --tvillingd build/agent/tvillingd [--full log|volume]
+  (root: it mounts a tmpfs)
 
-The agent's state directory (the log) is a 32 MiB tmpfs the test mounts; the volume is a file on
-the ordinary temp directory. A libnbd client writes 4 KiB blocks, each with its own content, and
+--full log: the agent's state directory (the log) is a 32 MiB tmpfs the test mounts, the volume a
+file on the ordinary temp directory; --full volume: the other way round (the volume file is sparse,
+so it fills its tmpfs after 32 MiB of writes). A libnbd client writes 4 KiB blocks, each with its own content, and
 flushes every 256 of them, until a write fails. Then:
 1. the failure is ENOSPC, the agent is still running, and its log says once that the log store
-   stopped writing, naming the WAL file and the cure;
+   stopped writing (or that writes are suspended), naming the full file and the cure;
 2. a further write fails with ENOSPC at once (no hang), and every acknowledged block reads back
    while the disk is full;
 3. SIGTERM stops the agent within 30 s;
@@ -71,6 +73,9 @@ def connect(uri, deadline_s=30):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tvillingd", required=True)
+    ap.add_argument("--full", choices=["log", "volume"], default="log",
+                    help="which file system is the small tmpfs: the state directory (the log) or "
+                    "the volume's directory")
     args = ap.parse_args()
     if os.geteuid() != 0:
         fail(f"needs root to mount a tmpfs (CI runs as root); uid is {os.geteuid()}")
@@ -79,7 +84,8 @@ def main():
     state = os.path.join(tmp, "state")
     os.makedirs(state)
     os.makedirs(os.path.join(tmp, "volumes"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tvilling-fulldisk", state],
+    small = state if args.full == "log" else os.path.join(tmp, "volumes")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tvilling-fulldisk", small],
                    check=True)
     port = free_port()
     uri = f"nbd://127.0.0.1:{port}/vol0"
@@ -136,12 +142,16 @@ size = "{VOLUME_BYTES}"
 
         # 1. Said once, with the file and the cure.
         text = read_log()
-        stopped = [line for line in text.splitlines() if "log store stopped writing" in line]
-        if len(stopped) != 1:
-            fail(f"expected one 'log store stopped writing' line, found {len(stopped)}:\n{text}")
-        for want in ("No space left on device", os.path.join(state, "log"), "restart"):
-            if want not in stopped[0]:
-                fail(f"the line does not name {want!r}: {stopped[0]}")
+        if args.full == "log":
+            marker, where = "log store stopped writing", os.path.join(state, "log")
+        else:
+            marker, where = "writes suspended", os.path.join(small, "vol0.img")
+        said = [line for line in text.splitlines() if marker in line and " error " in line]
+        if len(said) != 1:
+            fail(f"expected one error line with {marker!r}, found {len(said)}:\n{text}")
+        for want in ("No space left on device", where, "restart tvillingd"):
+            if want not in said[0]:
+                fail(f"the line does not name {want!r}: {said[0]}")
 
         # 2. Further writes are refused at once; acknowledged blocks read back meanwhile.
         t = time.monotonic()
@@ -169,7 +179,7 @@ size = "{VOLUME_BYTES}"
             fail(f"the agent died of signal {-rc} while stopping:\n{read_log()}")
 
         # 4. More room, a restart, everything acknowledged is there.
-        subprocess.run(["mount", "-o", "remount,size=512m", state], check=True)
+        subprocess.run(["mount", "-o", "remount,size=512m", small], check=True)
         agent = start()
         h = connect(uri)
         for i in range(acked):
@@ -187,7 +197,7 @@ size = "{VOLUME_BYTES}"
         if agent is not None and agent.poll() is None:
             agent.kill()
             agent.wait()
-        subprocess.run(["umount", state], check=False)
+        subprocess.run(["umount", small], check=False)
         subprocess.run(["rm", "-rf", tmp], check=False)
 
 
