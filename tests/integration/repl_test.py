@@ -36,6 +36,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -226,6 +227,62 @@ def replica_kill9(c):
     time.sleep(1)
     b.start()
     load.join()
+    qemu_io(a, "flush")
+    wait_caught_up(a, [b])
+    assert_identical(a, [b])
+
+
+def replica_disk_full(c):
+    """The replica's state (its log and its sparse volume) is a 48 MiB tmpfs, and an async
+    primary's writes fill it. The replica agent stays up and says once why it stopped taking
+    batches (its log store, or its volume's file system, full), the primary keeps taking writes
+    and reports the peer's error; once the tmpfs has room and the replica is restarted, it
+    catches up from its own log and ends identical. Before storage/rocksdb_logger.h the replica
+    died of SIGABRT (RocksDB's LOG file on the full file system)."""
+    mnt = tempfile.mkdtemp(prefix="tvilling-replica-full-")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tvilling-replica-full", mnt],
+                   check=True)
+    c.on_exit(lambda: (subprocess.run(["umount", mnt], check=False), os.rmdir(mnt)))
+    a = c.agent("site-a")
+    b = c.agent("site-b")
+    b.move_state_under(mnt)  # after the umount's registration: cleanups run in reverse
+    g = {"name": "g0", "primary": "site-a", "size": "128MiB"}
+    a.write_config([dict(g, peers=[(b, "async", None)])], acl=[("site-b", "site-b", ["g0"])])
+    b.write_config([dict(g, peers=[(a, "async", None)])], acl=[("site-a", "site-a", ["g0"])])
+    b.start()
+    a.start()
+    wait_caught_up(a, [b])
+    # 96 MiB of 4 KiB writes into 64 MiB: the replica's log (inline records) and volume fill 48 MiB.
+    fio(a, size="64M", iodepth=8, extra=("--io_size=96M",))
+
+    def said():
+        lines = [ln for ln in b.tail(400).splitlines()
+                 if " error " in ln and ("log store stopped writing" in ln or
+                                         "writes suspended" in ln)]
+        return lines or None
+    lines = wait_for("site-b to report its full file system", said, 60, 0.3)
+    log(f"site-b: {lines[0][:300]}")
+    if len(lines) != 1:
+        raise TestFailure(f"site-b reported the full file system {len(lines)} times:\n" +
+                          "\n".join(lines))
+    if "No space left on device" not in lines[0] or mnt not in lines[0]:
+        raise TestFailure(f"site-b's error does not name the full file system: {lines[0]}")
+    time.sleep(2)  # RocksDB's error handler and the primary's retries run meanwhile
+    if b.proc.poll() is not None:
+        raise TestFailure(f"site-b exited with {b.proc.returncode} when its disk filled:\n"
+                          f"{b.tail()}")
+    # The primary is unaffected (async): it takes writes and names the peer's trouble.
+    qemu_io(a, "write -P 0x77 100M 1M", "flush")
+    err = wait_for("site-a to report site-b's error",
+                   lambda: (a.peer("site-b") or {}).get("last_error") or None, 30, 0.3)
+    log(f"site-a reports for site-b: {err}")
+
+    subprocess.run(["mount", "-o", "remount,size=512m", mnt], check=True)
+    rc = b.stop()
+    log(f"site-b stopped with exit code {rc}")
+    if rc is not None and rc < 0:
+        raise TestFailure(f"site-b died of signal {-rc} while stopping:\n{b.tail()}")
+    b.start()
     qemu_io(a, "flush")
     wait_caught_up(a, [b])
     assert_identical(a, [b])
@@ -800,7 +857,7 @@ def replica_retention_after_switch(c):
 
 SCENARIOS = {f.__name__: f for f in (link_cut, rate_limit, replica_retention_after_switch,
     lazy_replica_sync, two_sites_sync, three_sites, sync_waits_for_peer, replica_kill9,
-    full_copy_new_replica, sparse_copy_keeps_link, peer_back_after_outage, behind_retention,
+    full_copy_new_replica, replica_disk_full, sparse_copy_keeps_link, peer_back_after_outage, behind_retention,
     reconnect_after_copy, refuse_wrong_ca, refuse_expired_cert, refuse_other_tenant,
     refuse_stale_epoch, refuse_diverged,
     refuse_malformed_batch, refuse_oversized_message, refuse_out_of_order,
