@@ -126,14 +126,16 @@ absl::Status FromRocks(const rocksdb::Status& s, std::string_view context) {
   return absl::InternalError(msg);
 }
 
+// How a call the gate refused begins its message (StoreHealth::Fail tells it from the failure).
+constexpr std::string_view kFailedEarlier = "the log store failed earlier";
+
 // Makes `call`, one RocksDB call that writes (kWrite) or syncs (kSync) the WAL, through the store's
 // gate (StoreHealth), or returns the store's earlier failure without making it.
 template <class Fn>
 rocksdb::Status GatedWal(StoreHealth* health, StoreHealth::Call kind, Fn&& call) {
   if (absl::Status h = health->Enter(kind); !h.ok()) {
     // Keeps the first failure's kind (FromRocks maps these back to the same codes).
-    const std::string msg =
-        fmt::format("the log store failed earlier: {}", std::string(h.message()));
+    const std::string msg = fmt::format("{}: {}", kFailedEarlier, std::string(h.message()));
     if (h.code() == absl::StatusCode::kResourceExhausted) return rocksdb::Status::NoSpace(msg);
     if (h.code() == absl::StatusCode::kDataLoss) return rocksdb::Status::Corruption(msg);
     return rocksdb::Status::IOError(msg);
@@ -166,19 +168,25 @@ absl::Status ScanPrefix(
 // StoreHealth
 
 void StoreHealth::Fail(const absl::Status& s) {
+  // A call the gate refused (GatedWal: "the log store failed earlier") may be reported before the
+  // call that failed is: only the latter says what went wrong (e.g. ENOSPC and the file).
+  const bool refusal =
+      std::string_view(s.message().data(), s.message().size()).find(kFailedEarlier) !=
+      std::string_view::npos;
   bool first = false;
   {
     std::lock_guard lock(mu_);
-    first = failed_.ok();
+    first = failed_.ok() && !refusal;
     if (first) failed_ = s;
     call_failed_ = true;
   }
   cv_.notify_all();
   if (first) {
     spdlog::error(
-        "log store stopped writing: {}. Every later write of its groups is refused (a full disk: "
-        "ENOSPC to NBD clients) until tvillingd restarts; what was acknowledged stays in the log "
-        "and reads go on. Free space on (or repair) the log's file system, then restart tvillingd",
+        "log store stopped writing: {}. Every later write of its groups fails with this error "
+        "(ENOSPC to NBD clients if the disk is full) until tvillingd restarts; what was "
+        "acknowledged stays in the log and reads go on. Free space on (or repair) the log's file "
+        "system, then restart tvillingd",
         std::string(s.message()));
   }
 }

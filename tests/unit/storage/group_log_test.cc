@@ -2,6 +2,7 @@
 // bookkeeping, reopen, corruption and gap detection, epochs, retention.
 #include "storage/group_log.h"
 
+#include <absl/strings/str_cat.h>
 #include <gtest/gtest.h>
 #include <rocksdb/db.h>
 #include <rocksdb/write_batch.h>
@@ -543,6 +544,24 @@ TEST(StoreHealthTest, SyncWaitsForWritesAndNeverStartsAfterAFailedOne) {
   // The caller's account of the failure, with its context, is what status() reports.
   h.Fail(absl::InternalError("group g0: writing log at LSN 7: IO error"));
   EXPECT_EQ(h.status().message(), "group g0: writing log at LSN 7: IO error");
+}
+
+TEST(StoreHealthTest, ARefusedCallReportedFirstDoesNotHideTheFailure) {
+  using Call = StoreHealth::Call;
+  StoreHealth h;
+  ASSERT_TRUE(h.Enter(Call::kWrite).ok());
+  h.Leave(Call::kWrite, /*ok=*/false);  // the WAL write failed; its caller has not said why yet
+  absl::Status refused = h.Enter(Call::kSync);
+  ASSERT_FALSE(refused.ok());
+  // The syncer reports the refusal (as GatedWal words it) before the writer reports its failure.
+  h.Fail(absl::InternalError(
+      absl::StrCat("group g0: syncing log at LSN 8: IO error: the log store failed earlier: ",
+                   refused.message())));
+  h.Fail(absl::ResourceExhaustedError(
+      "group g0: writing log at LSN 8: IO error: No space left on device: While appending to file: "
+      "/var/lib/tvilling/log/000004.log"));
+  EXPECT_EQ(h.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(h.status().message().find("No space left on device"), absl::string_view::npos);
 }
 
 TEST(StoreHealthTest, WritesWaitForAWaitingSyncAndMayOverlapARunningOne) {
