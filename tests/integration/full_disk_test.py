@@ -124,12 +124,12 @@ size = "{VOLUME_BYTES}"
         while acked < limit:
             try:
                 h.pwrite(block(acked), acked * BLOCK)
+                acked += 1
+                if acked % 256 == 0:
+                    h.flush()  # a failed FLUSH ends the loop too: its writes were acknowledged
             except nbd.Error as e:
                 error = e
                 break
-            acked += 1
-            if acked % 256 == 0:
-                h.flush()
         print(f"{acked} blocks acknowledged in {time.monotonic() - t0:.1f} s, then: {error}",
               flush=True)
         if error is None:
