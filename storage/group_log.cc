@@ -938,6 +938,14 @@ absl::Status GroupLog::WaitPayloadSync(bool started) {
   return std::move(payload_sync_status_);
 }
 
+absl::Status GroupLog::write_error() const {
+  {
+    std::lock_guard lock(mu_);
+    if (!failed_.ok()) return failed_;
+  }
+  return health_->status();
+}
+
 bool GroupLog::SyncBusy() const {
   std::lock_guard lock(mu_);
   return syncing_ || !sync_jobs_.empty() || inline_syncs_ > 0;

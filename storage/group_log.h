@@ -417,6 +417,8 @@ class GroupLog {
   // An fsync is running or written records wait for one: a Sync() issued now completes after
   // that fsync and one more, not after one.
   bool SyncBusy() const;
+  // Why this log takes no more writes (its own sticky failure, else its store's), or OK.
+  absl::Status write_error() const;
   GroupLogState State() const;
   // How long each fsync of this group's log took (the syncer's, an inline Sync()'s, or a synced
   // write on the committer, which includes the write). For the metrics endpoint.

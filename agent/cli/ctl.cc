@@ -201,6 +201,9 @@ std::string FormatStatusText(const v1::StatusReply& reply) {
       }
     }
     out += "\n";
+    if (!group.write_error().empty()) {
+      out += fmt::format("  WRITES REFUSED until tvillingd restarts: {}\n", group.write_error());
+    }
     if (group.failover_paused()) {
       out += "  automatic fail-over paused (tvillingctl resume to let it act)\n";
     }

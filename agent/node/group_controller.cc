@@ -378,6 +378,9 @@ void GroupController::FillStatus(v1::GroupStatus* out) const {
     r = replica_;
     role = role_;
   }
+  if (absl::Status st = runtime_->write_error(); !st.ok()) {
+    out->set_write_error(std::string(st.message()));
+  }
   if (p) return p->FillStatus(out);
   if (r != nullptr) return r->FillStatus(out);
   // No replication object: a group without peers.

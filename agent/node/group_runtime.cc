@@ -380,6 +380,14 @@ absl::Status GroupRuntime::ApplyLocked(std::span<const storage::LogRecordView> r
   return absl::OkStatus();
 }
 
+absl::Status GroupRuntime::write_error() const {
+  {
+    std::lock_guard lock(apply_mu_);
+    if (!apply_failed_.ok()) return apply_failed_;
+  }
+  return log_ != nullptr ? log_->write_error() : absl::OkStatus();
+}
+
 void GroupRuntime::PauseApply() {
   std::lock_guard lock(apply_mu_);
   apply_paused_ = true;

@@ -100,6 +100,9 @@ class GroupRuntime {
   GroupRuntimeStats Stats() const;
   // The LSN the volumes hold (page cache; durable after the next checkpoint).
   uint64_t applied_lsn() const { return applied_lsn_.load(std::memory_order_acquire); }
+  // Why the group refuses writes for good until a restart (its log store failed, or applying a
+  // record to a volume did), or OK. Not the fencing of io_suspended().
+  absl::Status write_error() const;
   storage::Volume& volume(size_t i) { return *volumes_[i]; }
   size_t volume_count() const { return volumes_.size(); }
 
@@ -192,7 +195,7 @@ class GroupRuntime {
   std::atomic<bool> writable_{true};
 
   // Applier state: touched on the committer thread (and by Open / ResumeApply under apply_mu_).
-  std::mutex apply_mu_;
+  mutable std::mutex apply_mu_;
   std::atomic<bool> apply_paused_{false};
   absl::Status apply_failed_;
   std::atomic<uint64_t> applied_lsn_{0};

@@ -10,6 +10,7 @@ so it fills its tmpfs after 32 MiB of writes). A libnbd client writes 4 KiB bloc
 flushes every 256 of them, until a write fails. Then:
 1. the failure is ENOSPC, the agent is still running, and its log says once that the log store
    stopped writing (or that writes are suspended), naming the full file and the cure;
+   `tvillingctl status` shows the same as the group's write_error;
 2. a further write fails with ENOSPC at once (no hang), and every acknowledged block reads back
    while the disk is full;
 3. SIGTERM stops the agent within 30 s;
@@ -21,6 +22,7 @@ file system: WritableFileWriter::AssertFalseAndGetStatusForPrevError).
 
 import argparse
 import errno
+import json
 import os
 import signal
 import socket
@@ -73,6 +75,7 @@ def connect(uri, deadline_s=30):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tvillingd", required=True)
+    ap.add_argument("--tvillingctl", required=True)
     ap.add_argument("--full", choices=["log", "volume"], default="log",
                     help="which file system is the small tmpfs: the state directory (the log) or "
                     "the volume's directory")
@@ -109,6 +112,17 @@ size = "{VOLUME_BYTES}"
         out = open(log_path, "a")
         return subprocess.Popen([args.tvillingd, "--config", config, "--state-dir", state,
                                  "--status-interval", "0"], stdout=out, stderr=subprocess.STDOUT)
+
+    def status_text(json_out):
+        r = subprocess.run([args.tvillingctl, "--socket", os.path.join(state, "tvillingd.sock"),
+                            "status"] + (["--json"] if json_out else []),
+                           capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            fail(f"tvillingctl status failed: {r.stderr}")
+        return r.stdout
+
+    def write_error():
+        return json.loads(status_text(True))["groups"][0].get("write_error", "")
 
     def read_log():
         with open(log_path, errors="replace") as f:
@@ -153,6 +167,13 @@ size = "{VOLUME_BYTES}"
             if want not in said[0]:
                 fail(f"the line does not name {want!r}: {said[0]}")
 
+        # ... and `tvillingctl status` says it too, in JSON and in text.
+        werr = write_error()
+        if "No space left on device" not in werr or where not in werr:
+            fail(f"status's write_error does not name the full file system: {werr!r}")
+        if "WRITES REFUSED" not in status_text(False):
+            fail(f"tvillingctl status (text) does not say writes are refused:\n{status_text(False)}")
+
         # 2. Further writes are refused at once; acknowledged blocks read back meanwhile.
         t = time.monotonic()
         try:
@@ -185,6 +206,8 @@ size = "{VOLUME_BYTES}"
         for i in range(acked):
             if h.pread(BLOCK, i * BLOCK) != block(i):
                 fail(f"block {i} of {acked} acknowledged ones is lost or wrong after the restart")
+        if write_error() != "":
+            fail(f"after the restart status still reports a write error: {write_error()!r}")
         extra = acked + 1
         h.pwrite(block(extra), extra * BLOCK)
         h.flush()

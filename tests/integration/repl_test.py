@@ -275,6 +275,9 @@ def replica_disk_full(c):
     if b.proc.poll() is not None:
         raise TestFailure(f"site-b exited with {b.proc.returncode} when its disk filled:\n"
                           f"{b.tail()}")
+    werr = b.group().get("write_error", "")
+    if "No space left on device" not in werr:
+        raise TestFailure(f"site-b's status does not report its write error: {werr!r}")
     # The primary is unaffected (async): it takes writes and names the peer's trouble.
     qemu_io(a, "write -P 0x77 100M 1M", "flush")
     err = wait_for("site-a to report site-b's error",
@@ -290,6 +293,8 @@ def replica_disk_full(c):
     qemu_io(a, "flush")
     wait_caught_up(a, [b])
     assert_identical(a, [b])
+    if b.group().get("write_error", ""):
+        raise TestFailure(f"site-b still reports a write error: {b.group()['write_error']!r}")
 
 
 def full_copy_new_replica(c):
