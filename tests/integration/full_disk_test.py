@@ -25,13 +25,15 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 import nbd
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from repl_lib import free_port  # noqa: E402
 
 BLOCK = 4096
 VOLUME_BYTES = 256 << 20
@@ -51,12 +53,6 @@ def is_enospc(e):
     # libnbd's Python binding gives the errno's name (e.g. "ENOSPC") in some versions, the number
     # in others.
     return e.errno in (errno.ENOSPC, "ENOSPC")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def connect(uri, deadline_s=30):
