@@ -176,6 +176,7 @@ class TimedWriter:
         self.outcome = None  # how the last write ended, if it did not complete
         self.pending_k = None
         self.stop_flag = False
+        self.drain_until = 0.0  # set by stop(): how long a write in flight may still take
         self.error = None
         self.thread = threading.Thread(target=self.run, daemon=True)
 
@@ -202,16 +203,16 @@ class TimedWriter:
                     break
                 self.pending_k = k
                 cookie = h.aio_pwrite(self.data(k), (self.first + k) * BLOCK)
-                while not self.stop_flag:
+                while True:
                     try:
                         if h.aio_command_completed(cookie):
                             break
                     except nbd.Error as e:
                         self.outcome = e
                         return
+                    if self.stop_flag and time.monotonic() >= self.drain_until:
+                        return  # stopped with a write still in flight
                     h.poll(20)
-                else:
-                    return  # stopped with a write in flight
                 self.done.append((k, time.monotonic()))
                 self.pending_k = None
                 time.sleep(self.interval)
@@ -224,10 +225,17 @@ class TimedWriter:
         return self
 
     def stop(self, timeout_s=5):
+        """Stops after the write in flight, if any, completes or fails (a fence may hold it): the
+        volumes compared next must not change under the comparison. A write still in flight after
+        most of `timeout_s` is an error (the writer's own outcome when it failed is not)."""
+        self.drain_until = time.monotonic() + max(0.0, timeout_s - 1.0)
         self.stop_flag = True
         self.thread.join(timeout_s)
         if self.error:
             raise TestFailure(f"{self.name}: {self.error}")
+        if self.thread.is_alive() or (self.pending_k is not None and self.outcome is None):
+            raise TestFailure(f"{self.name}: write {self.pending_k} still in flight "
+                              f"{timeout_s} s after the writer was stopped")
 
 
 def primary_among(agents):
