@@ -422,25 +422,35 @@ def differing_blocks(a, b, export="vol0", block=4096, chunk=4 * MIB, limit=8):
 
 
 def _last_lsns(agent):
-    return {g.get("name"): u64(g.get("last_lsn")) for g in agent.status().get("groups", [])}
+    """The last LSN of each group `agent` is the primary of."""
+    return {g.get("name"): u64(g.get("last_lsn")) for g in agent.status().get("groups", [])
+            if g.get("role") == "primary"}
 
 
 def assert_identical(primary, replicas, export="vol0"):
     """The replicas' `export` reads the same as the primary's. A write that lands at the primary
     while the volumes are read (a client stopped with a write still in flight, held by a fence)
     voids the comparison: then the replicas apply it and the volumes are read once more."""
+    def applied_all(lsns):
+        for r in replicas:
+            have = {g.get("name"): u64(g.get("applied_lsn"))
+                    for g in r.status().get("groups", [])}
+            if any(name in have and have[name] < last for name, last in lsns.items()):
+                return False
+        return True
+
     for attempt in (1, 2):
         before = _last_lsns(primary)
+        # The caller waited for the replicas; a write may have landed since.
+        wait_for(f"the replicas to apply {primary.site}'s log up to {before}",
+                 lambda: applied_all(before), 60, 0.2)
         want = primary.digest(export)
         got = {r.site: r.digest(export) for r in replicas}
         after = _last_lsns(primary)
         if after == before or attempt == 2:
             break
         log(f"{primary.site}'s log moved while the volumes were read ({before} -> {after}): "
-            f"reading them again once the replicas have applied it")
-        for name, last in after.items():
-            wait_for(f"replicas to apply {name} up to LSN {last}", lambda n=name, l=last: all(
-                u64(r.group(n).get("applied_lsn")) >= l for r in replicas), 60, 0.2)
+            f"reading them again")
     for r in replicas:
         if got[r.site] != want:
             # Which blocks, and whether a second look (after a pause) still finds them: a late
