@@ -133,9 +133,17 @@ class GroupRuntime {
   void PauseApply();
   absl::Status ResumeApply();
   bool apply_paused() const { return apply_paused_.load(std::memory_order_acquire); }
-  // Tells the applier that the log was reset to start after `lsn` (ResetForCopy): the volumes are
-  // as of `lsn` as far as the log is concerned.
+  // Tells the applier that the log was reset to start after `lsn` (ResetForCopy) or cut back to
+  // it (CutBackTo): the volumes are as of `lsn` as far as the log is concerned. Call it with
+  // checkpoints held (HoldCheckpoints) from before the log is reset or cut.
   void ResetAppliedLsn(uint64_t lsn);
+  // Holds off checkpoints while it lives. A checkpoint takes the applied LSN, fsyncs the volumes
+  // and then records that LSN in the log: one that took it before a cut of the log and recorded
+  // it after would mark records of the new log applied that never were (a restart or the log's
+  // retention would skip them).
+  [[nodiscard]] std::unique_lock<std::mutex> HoldCheckpoints() {
+    return std::unique_lock<std::mutex>(checkpoint_mu_);
+  }
 
   // I/O fencing (docs/coordinator.md). While suspended, client writes, trims, write-zeroes and
   // flushes are held, not failed: a new one waits before it reaches the log, and one already in the

@@ -1461,6 +1461,7 @@ absl::Status ReplicaGroup::Rejoin(const core::HandshakeDecision& d,
   }
   std::vector<storage::EpochStart> history;
   for (const core::EpochStart& e : plan.history) history.push_back({e.epoch, e.first_lsn});
+  auto hold = group_->HoldCheckpoints();
   // Refused if anything was appended after the save (nothing is cut that is not in the file).
   if (absl::Status st = log_->CutBackTo(fork, state.last_lsn, std::move(history), meta); !st.ok()) {
     return st;
@@ -1470,6 +1471,7 @@ absl::Status ReplicaGroup::Rejoin(const core::HandshakeDecision& d,
   // as in a full copy (a restart keeps it stopped: GroupRuntime::Open).
   group_->PauseApply();
   group_->ResetAppliedLsn(std::min(group_->applied_lsn(), plan.applied_lsn));
+  hold.unlock();
   spdlog::warn("group {}: rejoin at fork LSN {}: {}; log cut back to LSN {}; {}", log_->name(),
                fork, saved, fork, plan.reason);
   return absl::OkStatus();
@@ -1809,10 +1811,15 @@ void ReplicaGroup::HandleCopyBegin(Session& s, const v1::CopyBegin& m) {
   const core::History copied = core::HistoryUpTo(s.history, m.log_start_lsn() - 1);
   std::vector<storage::EpochStart> history;
   for (const core::EpochStart& e : copied) history.push_back({e.epoch, e.first_lsn});
-  if (absl::Status st = log_->ResetForCopy(m.log_start_lsn(), std::move(history), meta); !st.ok()) {
-    return Fail(s, st);
+  {
+    auto hold = group_->HoldCheckpoints();
+    if (absl::Status st = log_->ResetForCopy(m.log_start_lsn(), std::move(history), meta);
+        !st.ok()) {
+      hold.unlock();
+      return Fail(s, st);
+    }
+    group_->ResetAppliedLsn(m.log_start_lsn() - 1);
   }
-  group_->ResetAppliedLsn(m.log_start_lsn() - 1);
   {
     std::lock_guard lock(mu_);
     rx_.OnCopyBegin(m.epoch(), m.log_start_lsn(), s.history);

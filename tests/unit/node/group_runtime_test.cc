@@ -212,6 +212,33 @@ TEST_F(GroupRuntimeTest, CheckpointRecordsAppliedLsnAndTruncatesAppliedSegments)
   EXPECT_EQ((*g)->Stats().checkpoints, 1u);
 }
 
+// A rejoin cuts the log back and lowers the applied LSN with checkpoints held: a checkpoint that
+// took the applied LSN before the cut must not record it after (the new log's records up to it
+// would count as applied). Here the held checkpoint waits, then finds nothing above the reset.
+TEST_F(GroupRuntimeTest, CheckpointWaitsWhileHeldAndRecordsNothingAboveAReset) {
+  OpenStore();
+  auto g = OpenGroup();
+  ASSERT_TRUE(g.ok());
+  auto e = (*g)->exports()[0];
+  for (int i = 0; i < 10; ++i) {
+    ASSERT_TRUE(Wait([&](auto d) {
+                  e->Write(4096ull * i, Bytes::Copy(std::string(4096, 'h')), false, std::move(d));
+                }).ok());
+  }
+  ASSERT_EQ((*g)->applied_lsn(), 10u);
+  auto hold = (*g)->HoldCheckpoints();
+  auto checkpoint = std::async(std::launch::async, [&] { return (*g)->Checkpoint(); });
+  EXPECT_EQ(checkpoint.wait_for(std::chrono::milliseconds(200)), std::future_status::timeout)
+      << "a checkpoint ran while checkpoints were held";
+  (*g)->PauseApply();
+  (*g)->ResetAppliedLsn(4);
+  hold.unlock();
+  ASSERT_TRUE(checkpoint.get().ok());
+  EXPECT_EQ((*g)->log().State().applied_lsn, 0u)
+      << "recorded an applied LSN taken before the reset";
+  EXPECT_EQ((*g)->Stats().checkpoints, 0u);
+}
+
 // Issue 4 (async lag tail): a checkpoint writes back what the applier wrote, in pieces of at most
 // checkpoint_chunk_bytes, before its fsync; unpaced (0) it only fsyncs.
 TEST_F(GroupRuntimeTest, CheckpointWritesBackTheAppliedRangesInChunks) {
