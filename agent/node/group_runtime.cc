@@ -393,12 +393,17 @@ void GroupRuntime::PauseApply() {
   apply_paused_ = true;
 }
 
-void GroupRuntime::ResetAppliedLsn(uint64_t lsn) {
+absl::Status GroupRuntime::ResetLog(uint64_t applied_lsn,
+                                    const std::function<absl::Status()>& reset) {
+  std::lock_guard hold(checkpoint_mu_);
+  if (absl::Status st = reset(); !st.ok()) return st;
   std::lock_guard lock(apply_mu_);
-  applied_lsn_ = lsn;
-  checkpointed_lsn_ = lsn;
-  // A copy's chunks were written without notes: the volumes are known from `lsn` on only.
-  if (lsn > write_track_from_.load()) write_track_from_.store(lsn);
+  apply_paused_ = true;
+  applied_lsn_ = applied_lsn;
+  checkpointed_lsn_ = applied_lsn;
+  // A copy's chunks were written without notes: the volumes are known from `applied_lsn` on.
+  if (applied_lsn > write_track_from_.load()) write_track_from_.store(applied_lsn);
+  return absl::OkStatus();
 }
 
 absl::Status GroupRuntime::ResumeApply() {

@@ -133,17 +133,13 @@ class GroupRuntime {
   void PauseApply();
   absl::Status ResumeApply();
   bool apply_paused() const { return apply_paused_.load(std::memory_order_acquire); }
-  // Tells the applier that the log was reset to start after `lsn` (ResetForCopy) or cut back to
-  // it (CutBackTo): the volumes are as of `lsn` as far as the log is concerned. Call it with
-  // checkpoints held (HoldCheckpoints) from before the log is reset or cut.
-  void ResetAppliedLsn(uint64_t lsn);
-  // Holds off checkpoints while it lives. A checkpoint takes the applied LSN, fsyncs the volumes
-  // and then records that LSN in the log: one that took it before a cut of the log and recorded
-  // it after would mark records of the new log applied that never were (a restart or the log's
-  // retention would skip them).
-  [[nodiscard]] std::unique_lock<std::mutex> HoldCheckpoints() {
-    return std::unique_lock<std::mutex>(checkpoint_mu_);
-  }
+  // Runs `reset`, a reset of the log for a full copy (ResetForCopy) or a cut back to a fork
+  // (CutBackTo), either of which lowers the log's applied LSN; if it succeeds, pauses the applier
+  // and tells it the volumes are as of `applied_lsn` as far as the log is concerned. Checkpoints
+  // wait meanwhile: a checkpoint takes the applied LSN, fsyncs the volumes and then records that
+  // LSN in the log, and one that took it before the reset and recorded it after would mark
+  // records of the new log applied that never were (a restart or the retention would skip them).
+  absl::Status ResetLog(uint64_t applied_lsn, const std::function<absl::Status()>& reset);
 
   // I/O fencing (docs/coordinator.md). While suspended, client writes, trims, write-zeroes and
   // flushes are held, not failed: a new one waits before it reaches the log, and one already in the
@@ -169,7 +165,7 @@ class GroupRuntime {
   // write_track_from() (noted before the write). 0 if none.
   uint64_t LastWriteLsn(size_t volume, uint64_t offset, uint64_t length) const;
   // Notes are complete for records after this LSN (the applied LSN at Open, raised by a copy's
-  // ResetAppliedLsn: chunks are written without notes).
+  // ResetLog: chunks are written without notes).
   uint64_t write_track_from() const { return write_track_from_.load(std::memory_order_acquire); }
 
   // Fsyncs the volumes, records the applied LSN, enforces retention. Also run by the checkpointer.

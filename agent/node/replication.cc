@@ -1461,17 +1461,16 @@ absl::Status ReplicaGroup::Rejoin(const core::HandshakeDecision& d,
   }
   std::vector<storage::EpochStart> history;
   for (const core::EpochStart& e : plan.history) history.push_back({e.epoch, e.first_lsn});
-  auto hold = group_->HoldCheckpoints();
   // Refused if anything was appended after the save (nothing is cut that is not in the file).
-  if (absl::Status st = log_->CutBackTo(fork, state.last_lsn, std::move(history), meta); !st.ok()) {
-    return st;
-  }
   // Nothing is appended until the decision goes out. The applier stays stopped until the restore
   // (or copy) is done: the restored chunks and the records after the applied LSN are merged then,
   // as in a full copy (a restart keeps it stopped: GroupRuntime::Open).
-  group_->PauseApply();
-  group_->ResetAppliedLsn(std::min(group_->applied_lsn(), plan.applied_lsn));
-  hold.unlock();
+  if (absl::Status st = group_->ResetLog(
+          std::min(group_->applied_lsn(), plan.applied_lsn),
+          [&] { return log_->CutBackTo(fork, state.last_lsn, std::move(history), meta); });
+      !st.ok()) {
+    return st;
+  }
   spdlog::warn("group {}: rejoin at fork LSN {}: {}; log cut back to LSN {}; {}", log_->name(),
                fork, saved, fork, plan.reason);
   return absl::OkStatus();
@@ -1811,14 +1810,11 @@ void ReplicaGroup::HandleCopyBegin(Session& s, const v1::CopyBegin& m) {
   const core::History copied = core::HistoryUpTo(s.history, m.log_start_lsn() - 1);
   std::vector<storage::EpochStart> history;
   for (const core::EpochStart& e : copied) history.push_back({e.epoch, e.first_lsn});
-  {
-    auto hold = group_->HoldCheckpoints();
-    if (absl::Status st = log_->ResetForCopy(m.log_start_lsn(), std::move(history), meta);
-        !st.ok()) {
-      hold.unlock();
-      return Fail(s, st);
-    }
-    group_->ResetAppliedLsn(m.log_start_lsn() - 1);
+  if (absl::Status st = group_->ResetLog(
+          m.log_start_lsn() - 1,
+          [&] { return log_->ResetForCopy(m.log_start_lsn(), std::move(history), meta); });
+      !st.ok()) {
+    return Fail(s, st);
   }
   {
     std::lock_guard lock(mu_);

@@ -212,10 +212,11 @@ TEST_F(GroupRuntimeTest, CheckpointRecordsAppliedLsnAndTruncatesAppliedSegments)
   EXPECT_EQ((*g)->Stats().checkpoints, 1u);
 }
 
-// A rejoin cuts the log back and lowers the applied LSN with checkpoints held: a checkpoint that
-// took the applied LSN before the cut must not record it after (the new log's records up to it
-// would count as applied). Here the held checkpoint waits, then finds nothing above the reset.
-TEST_F(GroupRuntimeTest, CheckpointWaitsWhileHeldAndRecordsNothingAboveAReset) {
+// A rejoin cuts the log back (a full copy resets it) and lowers the applied LSN with checkpoints
+// held: a checkpoint that took the applied LSN before the cut must not record it after (the new
+// log's records up to it would count as applied). Here one starts during the reset, waits for it,
+// then finds nothing above the reset's applied LSN to record.
+TEST_F(GroupRuntimeTest, ResetLogHoldsCheckpointsAndPausesTheApplier) {
   OpenStore();
   auto g = OpenGroup();
   ASSERT_TRUE(g.ok());
@@ -226,17 +227,43 @@ TEST_F(GroupRuntimeTest, CheckpointWaitsWhileHeldAndRecordsNothingAboveAReset) {
                 }).ok());
   }
   ASSERT_EQ((*g)->applied_lsn(), 10u);
-  auto hold = (*g)->HoldCheckpoints();
-  auto checkpoint = std::async(std::launch::async, [&] { return (*g)->Checkpoint(); });
-  EXPECT_EQ(checkpoint.wait_for(std::chrono::milliseconds(200)), std::future_status::timeout)
-      << "a checkpoint ran while checkpoints were held";
-  (*g)->PauseApply();
-  (*g)->ResetAppliedLsn(4);
-  hold.unlock();
+  std::future<absl::Status> checkpoint;
+  ASSERT_TRUE((*g)->ResetLog(4,
+                             [&] {
+                               checkpoint = std::async(std::launch::async,
+                                                       [&] { return (*g)->Checkpoint(); });
+                               EXPECT_EQ(checkpoint.wait_for(std::chrono::milliseconds(200)),
+                                         std::future_status::timeout)
+                                   << "a checkpoint ran during the reset";
+                               return absl::OkStatus();
+                             })
+                  .ok());
+  EXPECT_TRUE((*g)->apply_paused());
+  EXPECT_EQ((*g)->applied_lsn(), 4u);
   ASSERT_TRUE(checkpoint.get().ok());
   EXPECT_EQ((*g)->log().State().applied_lsn, 0u)
       << "recorded an applied LSN taken before the reset";
   EXPECT_EQ((*g)->Stats().checkpoints, 0u);
+}
+
+// A reset that fails (the log is unchanged) leaves the applier running at its applied LSN.
+TEST_F(GroupRuntimeTest, AFailedResetLogLeavesTheApplierAsItWas) {
+  OpenStore();
+  auto g = OpenGroup();
+  ASSERT_TRUE(g.ok());
+  auto e = (*g)->exports()[0];
+  ASSERT_TRUE(Wait([&](auto d) {
+                e->Write(0, Bytes::Copy(std::string(4096, 'f')), false, std::move(d));
+              }).ok());
+  absl::Status st =
+      (*g)->ResetLog(0, [] { return absl::FailedPreconditionError("the log moved on"); });
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_FALSE((*g)->apply_paused());
+  EXPECT_EQ((*g)->applied_lsn(), 1u);
+  ASSERT_TRUE(Wait([&](auto d) {
+                e->Write(4096, Bytes::Copy(std::string(4096, 'g')), false, std::move(d));
+              }).ok());
+  EXPECT_EQ((*g)->applied_lsn(), 2u);
 }
 
 // Issue 4 (async lag tail): a checkpoint writes back what the applier wrote, in pieces of at most
