@@ -70,46 +70,77 @@ AuditLog::~AuditLog() {
 }
 
 void AuditLog::RecordLater(v1::AuditRecord r) {
+  // Stamped now, kept later: the record's time is the event's, and its etcd key stays the same
+  // through retries (a Put that timed out but landed is not doubled by the next).
+  Prepared p = Stamp(std::move(r));
   std::lock_guard l(queue_mu_);
   if (stopping_) return;
   if (queue_.size() >= kMaxQueued) {
-    spdlog::error("audit: {} records wait already; dropping: {} {} {}", queue_.size(), r.group(),
-                  r.action(), r.detail());
+    spdlog::error("audit: {} records wait already; dropping: {}", queue_.size(), p.line);
     return;
   }
-  queue_.push_back(std::move(r));
-  if (!thread_.joinable()) {
-    thread_ = std::thread([this] {
-      std::unique_lock lk(queue_mu_);
-      for (;;) {
-        queue_cv_.wait(lk, [&] { return stopping_ || !queue_.empty(); });
-        if (queue_.empty()) return;  // stopping, everything written
-        v1::AuditRecord next = std::move(queue_.front());
-        queue_.pop_front();
-        lk.unlock();
-        if (absl::Status st = Record(next); !st.ok()) {
-          spdlog::error("audit: {}", std::string(st.message()));
-        }
-        lk.lock();
-      }
-    });
-  }
+  queue_.push_back(std::move(p));
+  if (!thread_.joinable()) thread_ = std::thread([this] { KeepQueued(); });
   queue_cv_.notify_one();
 }
 
-absl::Status AuditLog::Record(v1::AuditRecord r) {
+void AuditLog::KeepQueued() {
+  std::unique_lock lk(queue_mu_);
+  auto delay = kRetryFirst;
+  uint32_t failures = 0;  // of the record at the head
+  for (;;) {
+    queue_cv_.wait(lk, [&] { return stopping_ || !queue_.empty(); });
+    if (queue_.empty()) return;  // stopping, everything kept
+    const Prepared next = queue_.front();
+    lk.unlock();
+    const absl::Status st = Keep(next);
+    lk.lock();
+    if (st.ok()) {
+      if (failures > 0) {
+        spdlog::info("audit: record {} kept after {} failed attempt(s)", next.key, failures);
+      }
+      queue_.pop_front();
+      failures = 0;
+      delay = kRetryFirst;
+      continue;
+    }
+    if (stopping_) {
+      // Shutting down with etcd (or the file) away: each record waiting goes to this log instead.
+      spdlog::error("audit: {}; shutting down, so {} record(s) are not kept there:",
+                    std::string(st.message()), queue_.size());
+      for (const Prepared& p : queue_) spdlog::error("audit: not kept: {}", p.line);
+      queue_.clear();
+      return;
+    }
+    if (failures++ == 0) {
+      spdlog::warn("audit: {}; trying again until it is kept (the record: {})",
+                   std::string(st.message()), next.line);
+    }
+    queue_cv_.wait_for(lk, delay, [&] { return stopping_; });
+    delay = std::min(delay * 2, kRetryMax);
+  }
+}
+
+AuditLog::Prepared AuditLog::Stamp(v1::AuditRecord r) const {
   const auto now = std::chrono::system_clock::now().time_since_epoch();
   const uint64_t ns =
       static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(now).count());
   r.set_unix_ms(ns / 1'000'000);
   r.set_site(site_);
   r.set_identity(identity_);
-  const std::string line = ToJson(r);
+  Prepared p;
+  p.line = ToJson(r);
+  if (etcd_) p.key = fmt::format("{}{:020}-{}", AuditPrefix(prefix_, r.group()), ns, site_);
+  return p;
+}
+
+absl::Status AuditLog::Record(v1::AuditRecord r) { return Keep(Stamp(std::move(r))); }
+
+absl::Status AuditLog::Keep(const Prepared& p) {
   if (etcd_) {
-    const std::string key = fmt::format("{}{:020}-{}", AuditPrefix(prefix_, r.group()), ns, site_);
-    auto put = etcd_->Put(key, line);
+    auto put = etcd_->Put(p.key, p.line);
     if (!put.ok()) {
-      return absl::UnavailableError(fmt::format("audit record {} not kept in etcd: {}", key,
+      return absl::UnavailableError(fmt::format("audit record {} not kept in etcd: {}", p.key,
                                                 std::string(put.status().message())));
     }
     return absl::OkStatus();
@@ -120,7 +151,7 @@ absl::Status AuditLog::Record(v1::AuditRecord r) {
     return absl::UnavailableError(
         fmt::format("audit file {}: cannot open: {}", file_.string(), std::strerror(errno)));
   }
-  const std::string text = line + "\n";
+  const std::string text = p.line + "\n";
   const bool ok =
       write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) && fsync(fd) == 0;
   const int err = errno;

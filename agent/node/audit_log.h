@@ -11,6 +11,7 @@
 #include <absl/status/status.h>
 #include <absl/status/statusor.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -33,8 +34,11 @@ class AuditLog {
 
   // Fills the time, this site and its identity, and keeps `r`. An error names where.
   absl::Status Record(v1::AuditRecord r);
-  // Record on the log's own thread (for callers that must not wait for etcd, e.g. a role switch);
-  // a failure is logged. At most kMaxQueued wait; more are dropped with an error in the log.
+  // Record on the log's own thread (for callers that must not wait for etcd, e.g. a role switch),
+  // stamped now. A record etcd (or the file) does not take is tried again, 0.5 s later and then
+  // up to every 30 s, until it is kept; the records after it wait. Its first failure is logged
+  // with the record. At most kMaxQueued wait; more are dropped, each written to the agent's log
+  // instead, as is every record still waiting when the agent stops.
   void RecordLater(v1::AuditRecord r);
   static constexpr size_t kMaxQueued = 1000;
   // The records of `group` ("" = every group), oldest first; the newest `limit` (0 = all).
@@ -44,6 +48,16 @@ class AuditLog {
 
  private:
   AuditLog() = default;
+  // A record stamped with its time, site and identity: its etcd key (empty for the file) and JSON.
+  struct Prepared {
+    std::string key;
+    std::string line;
+  };
+  Prepared Stamp(v1::AuditRecord r) const;
+  absl::Status Keep(const Prepared& p);
+  void KeepQueued();  // the thread RecordLater starts
+  static constexpr std::chrono::milliseconds kRetryFirst{500};
+  static constexpr std::chrono::milliseconds kRetryMax{30000};
   std::string site_;
   std::string identity_;
   std::string prefix_;
@@ -53,7 +67,7 @@ class AuditLog {
 
   std::mutex queue_mu_;
   std::condition_variable queue_cv_;
-  std::deque<v1::AuditRecord> queue_;
+  std::deque<Prepared> queue_;
   bool stopping_ = false;
   std::thread thread_;
 };
