@@ -391,6 +391,32 @@ def primary_partitioned(c):
     assert_identical(new, [a, third])
     check_divergent(c, a, new, wa, base, epoch_a)
     check_new_writes(new, wb)
+    check_audited(etcd, a, new)
+
+
+def check_audited(etcd, a, new):
+    """Both role switches are in the audit log in etcd: the new primary's promotion and the old
+    primary's demotion, which it made right after the heal, when its own etcd member may still have
+    been rejoining (a record etcd does not take is tried again until it does)."""
+    def records():
+        out = etcd.ctl("get", "--prefix", "--print-value-only", "/tvilling/groups/g0/audit/",
+                       check=False) or ""
+        recs = []
+        for line in out.splitlines():
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return recs
+
+    def switched(recs, site, action):
+        return any(r.get("site") == site and r.get("action") == action for r in recs)
+
+    recs = wait_for("the audit records of both role switches in etcd", lambda: (
+        lambda rs: rs if switched(rs, a.site, "demoted") and switched(rs, new.site, "promoted")
+        else None)(records()), 40, 0.5)
+    log(f"audit log in etcd: {len(recs)} record(s), {a.site}'s demotion and {new.site}'s "
+        f"promotion among them")
 
 
 def check_divergent(c, a, new, wa, base, epoch_a):
