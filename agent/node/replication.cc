@@ -1789,7 +1789,6 @@ void ReplicaGroup::HandleCopyBegin(Session& s, const v1::CopyBegin& m) {
     return Fail(s, absl::InvalidArgumentError("CopyBegin with log_start_lsn 0"));
   }
   if (absl::Status st = WaitLogIdle(*log_); !st.ok()) return Fail(s, st);
-  group_->PauseApply();
   storage::ReplicaMeta meta = log_->replica_meta();
   meta.copy_in_progress = true;
   meta.copy_volume = 0;
