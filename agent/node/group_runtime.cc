@@ -526,13 +526,14 @@ absl::Status GroupRuntime::WriteBackDirty(size_t i) {
 absl::Status GroupRuntime::WriteBackBetweenCheckpoints() {
   std::lock_guard lock(checkpoint_mu_);
   applied_bytes_since_writeback_.store(0);
-  writebacks_.fetch_add(1, std::memory_order_relaxed);
   for (size_t i = 0; i < volumes_.size(); ++i) {
     if (absl::Status st = WriteBackDirty(i); !st.ok()) {
       return absl::Status(st.code(), fmt::format("group {}: writeback: {}", options_.name,
                                                  std::string(st.message())));
     }
   }
+  // Counted once done: a reader that sees the pass sees its chunks too.
+  writebacks_.fetch_add(1, std::memory_order_release);
   return absl::OkStatus();
 }
 
@@ -609,8 +610,9 @@ GroupRuntimeStats GroupRuntime::Stats() const {
   GroupRuntimeStats s;
   s.replayed_records = replayed_records_;
   s.checkpoints = checkpoints_.load();
+  // The passes first: a pass counted is one whose chunks are counted (WriteBackBetweenCheckpoints).
+  s.writebacks = writebacks_.load(std::memory_order_acquire);
   s.writeback_chunks = writeback_chunks_.load(std::memory_order_relaxed);
-  s.writebacks = writebacks_.load(std::memory_order_relaxed);
   s.applied_lsn = applied_lsn_.load();
   s.checkpointed_lsn = checkpointed_lsn_.load();
   return s;
