@@ -948,7 +948,7 @@ absl::Status GroupLog::write_error() const {
 
 bool GroupLog::SyncBusy() const {
   std::lock_guard lock(mu_);
-  return syncing_ || !sync_jobs_.empty() || inline_syncs_ > 0;
+  return fsyncing_ || !sync_jobs_.empty() || inline_syncs_ > 0;
 }
 
 void GroupLog::AdvanceDurable(uint64_t lsn) {
@@ -1278,10 +1278,17 @@ void GroupLog::SyncerLoop() {
       for (SyncJob& j : sync_jobs_) jobs.push_back(std::move(j));
       sync_jobs_.clear();
       syncing_ = true;
+      fsyncing_ = true;
     }
     // One fsync for every job taken: the WAL holds all of their records (written in LSN order).
     const uint64_t target = jobs.back().target_lsn;
     absl::Status st = SyncWritten(target);
+    {
+      // Done before the callbacks run: one of them may append and ask SyncBusy() (a replica's
+      // next batch), and a Sync() issued now needs one fsync, not this one and another.
+      std::lock_guard lock(mu_);
+      fsyncing_ = false;
+    }
     for (SyncJob& j : jobs) {
       for (Pending& p : j.appends) Complete(p, st);
       for (SyncWaiter& w : j.waiters) std::move(w.done)(st);

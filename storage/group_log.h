@@ -623,6 +623,7 @@ class GroupLog {
   int inline_syncs_ = 0;           // Sync() calls fsyncing on their own thread
   std::deque<SyncJob> sync_jobs_;  // written, waiting for the syncer's fsync, in LSN order
   bool syncing_ = false;           // the syncer is between taking jobs and completing them
+  bool fsyncing_ = false;          // the syncer's fsync runs (SyncBusy; its callbacks are not)
   bool syncer_stopping_ = false;   // set once the committer has stopped
   bool sync_expedite_ = false;     // a waiter for idleness: fsync the jobs not yet due now
   bool meta_dirty_ = false;

@@ -269,6 +269,21 @@ TEST_F(GroupLogSyncerTest, SyncBusyWhileAnFsyncRunsOrIsOwed) {
   EXPECT_TRUE(Eventually([&] { return !log_->SyncBusy(); }));
 }
 
+// A Sync's callback runs after its fsync: a replica that appends the next batch from there (the
+// primary answered the `durable` ack at once) must not see that finished fsync as busy, or it
+// sends an extra `received` ack (integration.repl.async_acks_once_per_batch saw one under load).
+TEST_F(GroupLogSyncerTest, SyncBusyIsFalseInTheCallbackOfTheSyncersFsync) {
+  Open();
+  OutcomePtr w = Append(1, /*fua=*/false);
+  ASSERT_TRUE(Eventually([&] { return w->done(); }));
+  std::promise<bool> busy_in_callback;
+  log_->Sync([&](absl::Status st) { busy_in_callback.set_value(!st.ok() || log_->SyncBusy()); },
+             /*fsync_here=*/false);
+  auto f = busy_in_callback.get_future();
+  ASSERT_EQ(f.wait_for(std::chrono::seconds(30)), std::future_status::ready);
+  EXPECT_FALSE(f.get()) << "SyncBusy() in the callback of the fsync that just completed";
+}
+
 TEST_F(GroupLogSyncerTest, NonFuaAppendCompletesWhileAnEarlierFuaAppendsFsyncIsHeld) {
   Open();
   fault_.HoldWalSyncs();
