@@ -6,18 +6,27 @@
 // memtable block was a mapping of its own, backed by transparent huge pages; glibc unmapped it when
 // the memtable went and the next memtable faulted in new huge pages, each zeroed on the writing
 // thread (a quarter of the NBD thread's CPU at 4 KiB QD16 on the VMs measured). With jemalloc's
-// defaults the same run spends under 1 % zeroing and a 4 KiB write about a quarter less CPU. The
-// price: a replicated GiB costs ~6 % more CPU (more page faults on the replication path's buffers)
-// and the resident size is higher.
+// defaults the same run spends under 1 % zeroing and a 4 KiB write about a quarter less CPU.
 //
-// An operator's MALLOC_CONF applies as usual (jemalloc reads it at start); the start-up log line
-// shows what is in force.
+// jemalloc puts allocations of oversize_threshold (8 MiB) and more, the memtable's blocks, in an
+// arena of their own, and without background threads purges that arena at once (decay 0): each
+// new memtable still faulted in every page, one minor fault per 4 KiB write, ~20 % of the agent's
+// CPU (docs/benchmarks.md, "Keeping the memtable's pages"). ConfigureAllocator makes that arena
+// keep its pages (dirty_decay_ms -1): the blocks are few and of one size, so the next memtable
+// takes the last one's. Every other arena keeps jemalloc's decay: with -1 everywhere the
+// replication path's buffers grew the resident size by GiBs. What the oversize arena keeps goes
+// back when tvillingd is quiet or holds more than 1 GiB unused (ShouldReleaseMemory).
+//
+// An operator's MALLOC_CONF applies as usual (jemalloc reads it at start), and then tvillingd
+// changes nothing; the start-up log line shows what is in force.
 #include "agent/allocator.h"
 
 #include <fmt/format.h>
 #include <sys/types.h>
 
 #include <cstddef>
+#include <cstdlib>
+#include <string>
 
 #if defined(TVILLING_JEMALLOC)
 #include <jemalloc/jemalloc.h>
@@ -34,7 +43,29 @@ bool Read(const char* name, T* out) {
   return mallctl(name, out, &len, nullptr, 0) == 0 && len == sizeof(T);
 }
 
+// The oversize arena's index once ConfigureAllocator has set it up, else -1.
+int oversize_arena = -1;
+
 }  // namespace
+
+void ConfigureAllocator() {
+  if (std::getenv("MALLOC_CONF") != nullptr) return;  // the operator's settings, as they are
+  size_t threshold = 0;
+  if (!Read("opt.oversize_threshold", &threshold) || threshold == 0) return;
+  // The arena is made on the first oversize allocation: make one, and ask where it went.
+  void* p = mallocx(threshold, 0);
+  if (p == nullptr) return;
+  unsigned ind = 0;
+  size_t len = sizeof(ind);
+  const int rc = mallctl("arenas.lookup", &ind, &len, &p, sizeof(p));
+  dallocx(p, 0);
+  if (rc != 0) return;
+  ssize_t keep = -1;
+  const std::string name = fmt::format("arena.{}.dirty_decay_ms", ind);
+  if (mallctl(name.c_str(), nullptr, nullptr, &keep, sizeof(keep)) == 0) {
+    oversize_arena = static_cast<int>(ind);
+  }
+}
 
 std::string DescribeAllocator() {
   const char* version = nullptr;
@@ -48,13 +79,44 @@ std::string DescribeAllocator() {
   Read("opt.oversize_threshold", &oversize);
   Read("opt.narenas", &arenas);
   Read("opt.thp", &thp);
-  return fmt::format(
+  std::string out = fmt::format(
       "jemalloc {}, dirty_decay_ms {}, muzzy_decay_ms {}, oversize_threshold {}, narenas {}, thp "
       "{}",
       version, dirty_ms, muzzy_ms, oversize, arenas, thp != nullptr ? thp : "?");
+  ssize_t oversize_ms = 0;
+  if (oversize_arena >= 0 &&
+      Read(fmt::format("arena.{}.dirty_decay_ms", oversize_arena).c_str(), &oversize_ms)) {
+    out += fmt::format(", oversize arena {} dirty_decay_ms {} (memtable blocks kept for reuse)",
+                       oversize_arena, oversize_ms);
+  }
+  return out;
+}
+
+AllocatorSample SampleAllocator() {
+  AllocatorSample out;
+  uint64_t epoch = 1;
+  size_t len = sizeof(epoch);
+  // Refreshes the statistics read below.
+  if (mallctl("epoch", &epoch, &len, &epoch, len) != 0) return out;
+  uint64_t small = 0, large = 0;
+  size_t dirty_pages = 0, page = 0;
+  Read("stats.arenas.4096.small.nmalloc", &small);
+  Read("stats.arenas.4096.large.nmalloc", &large);
+  Read("stats.arenas.4096.pdirty", &dirty_pages);
+  Read("arenas.page", &page);
+  out.allocations = small + large;
+  out.unused_bytes = uint64_t{dirty_pages} * page;
+  return out;
+}
+
+bool ReleaseUnusedMemory() {
+  return mallctl("arena.4096.purge", nullptr, nullptr, nullptr, 0) == 0;
 }
 #else
+void ConfigureAllocator() {}
 std::string DescribeAllocator() { return "the sanitizer's allocator (no jemalloc in this build)"; }
+AllocatorSample SampleAllocator() { return {}; }
+bool ReleaseUnusedMemory() { return false; }
 #endif
 
 }  // namespace tvilling

@@ -163,6 +163,39 @@ int VerifyLogs(const ops::Config& config) {
 }
 
 // Logs one line per group every `interval` while something changed: what an operator watches.
+// Gives the pages the allocator keeps (agent/allocator.h) back to the kernel once tvillingd has
+// been quiet for kReleaseInterval, or holds more than kMaxUnusedBytes unused.
+class MemoryReleaser {
+ public:
+  explicit MemoryReleaser(boost::asio::io_context& io) : timer_(io) {}
+  void Start() {
+    last_ = SampleAllocator();
+    Arm();
+  }
+  void Stop() { timer_.cancel(); }
+
+ private:
+  void Arm() {
+    timer_.expires_after(kReleaseInterval);
+    timer_.async_wait([this](const boost::system::error_code& ec) {
+      if (ec) return;
+      const AllocatorSample now = SampleAllocator();
+      if (ShouldReleaseMemory(last_, now) && ReleaseUnusedMemory()) {
+        spdlog::debug(
+            "memory: returned {} MiB of freed pages to the kernel ({} allocations in "
+            "the last {} s)",
+            now.unused_bytes >> 20, now.allocations - last_.allocations, kReleaseInterval.count());
+        last_ = SampleAllocator();
+      } else {
+        last_ = now;
+      }
+      Arm();
+    });
+  }
+  boost::asio::steady_timer timer_;
+  AllocatorSample last_;
+};
+
 class StatusReporter {
  public:
   StatusReporter(boost::asio::io_context& io, std::chrono::seconds interval,
@@ -830,6 +863,8 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
   }
   StatusReporter status(io, status_interval, groups, server);
   status.Start();
+  MemoryReleaser releaser(io);
+  releaser.Start();
   // Writes waiting for a sync peer that does not answer would hold the drain forever: after a
   // grace period the replicators fail them (the client sees an error, as with a lost site).
   std::mutex drain_mu;
@@ -843,6 +878,7 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
     ops::Notify(fmt::format("STOPPING=1\nSTATUS=signal {}: draining in-flight requests", signo));
     reload_signals.cancel();
     status.Stop();
+    releaser.Stop();
     server.Stop();
     // Writes held by a suspended primary (lease not renewed) cannot complete now.
     for (auto& g : groups) g->FailHeldIo(absl::UnavailableError("tvillingd is shutting down"));
@@ -931,6 +967,8 @@ int main(int argc, char** argv) {
   // Lock/Unlock of gRPC's mutexes then updates a process-wide lock graph (about 1.5 % of a
   // replicating pair's CPU samples, docs/benchmarks.md). Release builds of Abseil have it off.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+  // jemalloc's oversize arena keeps the memtable's pages (agent/allocator.cc).
+  ConfigureAllocator();
   CLI::App app{"tvillingd: mirrors block volumes between datacenters"};
   std::string config_file, state_dir, log_level = "info", log_format = "text";
   bool check_config = false, verify_log = false, version = false;
