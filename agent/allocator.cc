@@ -22,11 +22,14 @@
 #include "agent/allocator.h"
 
 #include <fmt/format.h>
+#include <pthread.h>
+#include <spdlog/spdlog.h>
 #include <sys/types.h>
 
 #include <cstddef>
 #include <cstdlib>
 #include <string>
+#include <utility>
 
 #if defined(TVILLING_JEMALLOC)
 #include <jemalloc/jemalloc.h>
@@ -98,13 +101,9 @@ AllocatorSample SampleAllocator() {
   size_t len = sizeof(epoch);
   // Refreshes the statistics read below.
   if (mallctl("epoch", &epoch, &len, &epoch, len) != 0) return out;
-  uint64_t small = 0, large = 0;
   size_t dirty_pages = 0, page = 0;
-  Read("stats.arenas.4096.small.nmalloc", &small);
-  Read("stats.arenas.4096.large.nmalloc", &large);
   Read("stats.arenas.4096.pdirty", &dirty_pages);
   Read("arenas.page", &page);
-  out.allocations = small + large;
   out.unused_bytes = uint64_t{dirty_pages} * page;
   return out;
 }
@@ -118,5 +117,43 @@ std::string DescribeAllocator() { return "the sanitizer's allocator (no jemalloc
 AllocatorSample SampleAllocator() { return {}; }
 bool ReleaseUnusedMemory() { return false; }
 #endif
+
+MemoryReleaser::MemoryReleaser(std::function<uint64_t()> records,
+                               std::chrono::milliseconds interval)
+    : records_(std::move(records)), interval_(interval) {}
+
+MemoryReleaser::~MemoryReleaser() { Stop(); }
+
+void MemoryReleaser::Start() {
+  if (thread_.joinable()) return;
+  thread_ = std::thread([this] { Run(); });
+}
+
+void MemoryReleaser::Stop() {
+  {
+    std::lock_guard l(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void MemoryReleaser::Run() {
+  pthread_setname_np(pthread_self(), "tvl-memory");
+  uint64_t last = records_();
+  std::unique_lock l(mu_);
+  while (!cv_.wait_for(l, interval_, [this] { return stop_; })) {
+    l.unlock();
+    const uint64_t now = records_();
+    const AllocatorSample sample = SampleAllocator();
+    if (ShouldReleaseMemory(last, now, sample) && ReleaseUnusedMemory()) {
+      releases_.fetch_add(1, std::memory_order_relaxed);
+      spdlog::debug("memory: returned {} MiB of freed pages to the kernel ({} records in {} ms)",
+                    sample.unused_bytes >> 20, now - last, interval_.count());
+    }
+    last = now;
+    l.lock();
+  }
+}
 
 }  // namespace tvilling

@@ -163,39 +163,6 @@ int VerifyLogs(const ops::Config& config) {
 }
 
 // Logs one line per group every `interval` while something changed: what an operator watches.
-// Gives the pages the allocator keeps (agent/allocator.h) back to the kernel once tvillingd has
-// been quiet for kReleaseInterval, or holds more than kMaxUnusedBytes unused.
-class MemoryReleaser {
- public:
-  explicit MemoryReleaser(boost::asio::io_context& io) : timer_(io) {}
-  void Start() {
-    last_ = SampleAllocator();
-    Arm();
-  }
-  void Stop() { timer_.cancel(); }
-
- private:
-  void Arm() {
-    timer_.expires_after(kReleaseInterval);
-    timer_.async_wait([this](const boost::system::error_code& ec) {
-      if (ec) return;
-      const AllocatorSample now = SampleAllocator();
-      if (ShouldReleaseMemory(last_, now) && ReleaseUnusedMemory()) {
-        spdlog::debug(
-            "memory: returned {} MiB of freed pages to the kernel ({} allocations in "
-            "the last {} s)",
-            now.unused_bytes >> 20, now.allocations - last_.allocations, kReleaseInterval.count());
-        last_ = SampleAllocator();
-      } else {
-        last_ = now;
-      }
-      Arm();
-    });
-  }
-  boost::asio::steady_timer timer_;
-  AllocatorSample last_;
-};
-
 class StatusReporter {
  public:
   StatusReporter(boost::asio::io_context& io, std::chrono::seconds interval,
@@ -863,7 +830,15 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
   }
   StatusReporter status(io, status_interval, groups, server);
   status.Start();
-  MemoryReleaser releaser(io);
+  // Gives the pages the allocator keeps back to the kernel once tvillingd is quiet
+  // (agent/allocator.h).
+  MemoryReleaser releaser([&groups] {
+    uint64_t records = 0;
+    for (const auto& g : groups) {
+      records += g->log().counters().records.load(std::memory_order_relaxed);
+    }
+    return records;
+  });
   releaser.Start();
   // Writes waiting for a sync peer that does not answer would hold the drain forever: after a
   // grace period the replicators fail them (the client sees an error, as with a lost site).

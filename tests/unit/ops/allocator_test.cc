@@ -6,26 +6,22 @@
 namespace tvilling {
 namespace {
 
-TEST(ShouldReleaseMemoryTest, KeepsFreedPagesWhileBusy) {
-  const AllocatorSample before{1'000'000, 0};
-  const AllocatorSample now{1'000'000 + kQuietAllocations, 300ull << 20};
-  EXPECT_FALSE(ShouldReleaseMemory(before, now));
+TEST(ShouldReleaseMemoryTest, KeepsFreedPagesWhileRecordsAreAppended) {
+  EXPECT_FALSE(ShouldReleaseMemory(1'000'000, 1'000'000 + kQuietRecords, {300ull << 20}));
 }
 
 TEST(ShouldReleaseMemoryTest, ReleasesWhenQuietForAnInterval) {
-  const AllocatorSample before{1'000'000, 300ull << 20};
-  const AllocatorSample now{1'000'000 + kQuietAllocations - 1, 300ull << 20};
-  EXPECT_TRUE(ShouldReleaseMemory(before, now));
+  EXPECT_TRUE(ShouldReleaseMemory(1'000'000, 1'000'000 + kQuietRecords - 1, {300ull << 20}));
+  EXPECT_TRUE(ShouldReleaseMemory(7, 7, {1}));
 }
 
 TEST(ShouldReleaseMemoryTest, NothingToReleaseWhenNothingIsKept) {
-  EXPECT_FALSE(ShouldReleaseMemory({5, 0}, {5, 0}));
+  EXPECT_FALSE(ShouldReleaseMemory(5, 5, {0}));
 }
 
 TEST(ShouldReleaseMemoryTest, ReleasesOverTheCapEvenWhileBusy) {
-  const AllocatorSample before{0, 0};
-  EXPECT_FALSE(ShouldReleaseMemory(before, {10 * kQuietAllocations, kMaxUnusedBytes}));
-  EXPECT_TRUE(ShouldReleaseMemory(before, {10 * kQuietAllocations, kMaxUnusedBytes + 1}));
+  EXPECT_FALSE(ShouldReleaseMemory(0, 10 * kQuietRecords, {kMaxUnusedBytes}));
+  EXPECT_TRUE(ShouldReleaseMemory(0, 10 * kQuietRecords, {kMaxUnusedBytes + 1}));
 }
 
 }  // namespace
