@@ -20,7 +20,8 @@ What it measures (issue 4; docs/benchmarks.md records the results):
               10 ms; p50/p99/max.   goal p99 <= 10 ms
               Each sample over 10 ms is also split by where its records were: most of them not
               yet `received` by the peer (the link, the window, the primary's shipping) or received
-              and waiting for the peer's fsync.
+              and waiting for the peer's fsync. The page cache is synced first, so that the
+              writeback of the phases before does not count.
   cost        CPU seconds per replicated GiB on each side, and each agent's peak RSS.
 Repetitions are interleaved (baseline, candidate, baseline, ...) and medians reported, because this
 machine is shared and noisy.
@@ -306,6 +307,14 @@ def bench_lag(args, max_bw):
     # block device or a file written before; the measured run overwrites, as it would there.
     run_fio(s.a.uri(), "write", "1m", 4, size=region)
     wait_caught_up(s.a, [s.b], timeout_s=600)
+    # Start with the page cache's dirty data on disk: in a full run the phases before wrote
+    # ~12 GiB, and only this phase's own writes should count. (A full run on 2026-12-04 had p99
+    # 1.4 s here against 10-80 ms for the phase alone; how long this sync takes says whether
+    # leftover writeback can have been the cause.)
+    t_sync = time.monotonic()
+    os.sync()
+    print(f"  lag: sync before the measurement took {time.monotonic() - t_sync:.1f} s",
+          file=sys.stderr)
     samples = []
     split = []  # (lag, records not yet received, records received but not durable) per sample
     # One tvillingctl reporting every 10 ms over one connection (JSON Lines).
