@@ -4,6 +4,10 @@
 #include <fmt/format.h>
 #define XXH_STATIC_LINKING_ONLY
 #include <xxhash.h>
+// The library's run-time dispatch (SSE2 / AVX2 / AVX-512), called by name where payloads are
+// hashed; plain XXH3_64bits in Debian's build is the SSE2 path only.
+#define XXH_DISPATCH_DISABLE_REPLACE
+#include <xxh_x86dispatch.h>
 
 #include <algorithm>
 #include <bit>
@@ -86,7 +90,10 @@ bool DecodeLogKey(std::string_view key, uint32_t* group_id, uint64_t* lsn) {
 }
 
 uint64_t PayloadHash(std::string_view payload) {
-  return XXH3_64bits(payload.data(), payload.size());
+  // Same function, same value: XXH3 is defined bit for bit whatever the vector width. On the
+  // VMs measured the dispatched AVX2/AVX-512 path hashes 64 KiB ~4x as fast as Debian's default
+  // SSE2 one (38 against 8 GB/s), and every payload is hashed once on each site.
+  return XXH3_64bits_dispatch(payload.data(), payload.size());
 }
 
 void EncodeRecordHeader(uint32_t group_id, uint64_t lsn, RecordHeader& h, std::string_view payload,

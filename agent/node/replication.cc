@@ -4,7 +4,6 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 #include <time.h>
-#include <xxhash.h>
 
 #include <algorithm>
 #include <future>
@@ -877,7 +876,7 @@ void PrimaryReplicator::CopyStep(Link& link, core::Nanos now) {
       if (hole > 0 || storage::Volume::IsAllZero(data)) {
         c->set_zero(true);
       } else {
-        c->set_checksum(XXH3_64bits(data.data(), data.size()));
+        c->set_checksum(storage::PayloadHash(data));
         c->set_codec(v1::CODEC_NONE);
         c->set_data(std::move(data));
       }
@@ -1863,7 +1862,7 @@ void ReplicaGroup::HandleCopyChunk(Session& s, const v1::CopyChunk& m) {
     st = v.WriteZeroes(m.offset(), m.length(), /*may_trim=*/true);
   } else {
     if (m.codec() != v1::CODEC_NONE || m.data().size() != m.length() ||
-        XXH3_64bits(m.data().data(), m.data().size()) != m.checksum()) {
+        storage::PayloadHash(m.data()) != m.checksum()) {
       return Fail(s, absl::DataLossError(
                          fmt::format("copy chunk volume {} offset {}: size or checksum mismatch",
                                      m.volume(), m.offset())));
