@@ -615,19 +615,13 @@ TEST(PrimaryGroup, WindowFollowsRttAndDeliveryRate) {
   EXPECT_EQ(StatusOf(g, "p").rtt, 40 * kMs);
 }
 
-// An async peer "p" streaming from LSN 1, whose link a heartbeat sent with nothing in flight
-// measured at 2 ms (sent at 1 ms, echoed at 3 ms).
-void StreamOnAMeasuredLink(PrimaryGroup& g) {
-  g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
-  Stream(g, "p", 1, 0);
-  g.OnHeartbeatSent("p", 1 * kMs);
-  g.OnRttSample("p", 2 * kMs, 3 * kMs);
-  EXPECT_EQ(StatusOf(g, "p").rtt, 2 * kMs);
-}
-
 TEST(PrimaryGroup, AHeartbeatQueuedBehindTheWindowCannotGrowIt) {
   PrimaryGroup g;
-  StreamOnAMeasuredLink(g);
+  g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
+  Stream(g, "p", 1, 0);
+  g.OnHeartbeatSent("p", 1 * kMs);  // nothing in flight: it measures the link
+  g.OnRttSample("p", 2 * kMs, 3 * kMs);
+  EXPECT_EQ(StatusOf(g, "p").rtt, 2 * kMs);
   Append(g, 1, 100, 1000, 3 * kMs);
   g.OnSent("p", 1, 50, 50'000, 3 * kMs);  // 50 000 bytes in flight
   g.OnHeartbeatSent("p", 4 * kMs);
@@ -658,7 +652,10 @@ TEST(PrimaryGroup, AHeartbeatQueuedBehindTheWindowCannotGrowIt) {
 
 TEST(PrimaryGroup, AHeartbeatBehindAStalledReplicaCannotGrowTheWindow) {
   PrimaryGroup g;
-  StreamOnAMeasuredLink(g);
+  g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
+  Stream(g, "p", 1, 0);
+  g.OnHeartbeatSent("p", 1 * kMs);
+  g.OnRttSample("p", 2 * kMs, 3 * kMs);
   // Less than min_window in flight, and the replica stops reading for 5 s (paused, or its disk
   // stalled): the heartbeat behind the batch comes back 5 s later.
   Append(g, 1, 4, 1000, 10 * kMs);
