@@ -311,7 +311,7 @@ namespace {
 
 constexpr Nanos kSecond = 1'000'000'000;
 constexpr Nanos kFilterWindow = 10 * kSecond;   // rtt min filter and delivery-rate max filter
-constexpr size_t kMaxHeartbeatsKept = 64;       // unanswered heartbeats remembered per peer
+constexpr size_t kMaxHeartbeatsKept = 64;        // unanswered heartbeats remembered per peer
 constexpr Nanos kMinRateInterval = 10'000'000;  // 10 ms: shortest delivery-rate sample
 
 bool Connected(LinkState s) { return s == LinkState::kStreaming || s == LinkState::kCopying; }
@@ -337,8 +337,8 @@ struct PrimaryGroup::Impl {
     // drives the release points; after the replica lost an unsynced tail in a crash it is ahead
     // of the replica's log, so sending and in-flight accounting use this one.
     uint64_t conn_received = 0;
-    Nanos down_since = 0;                             // valid while not Connected(state)
-    std::deque<std::pair<Nanos, Nanos>> rtt_samples;  // (time, rtt)
+    Nanos down_since = 0;                                 // valid while not Connected(state)
+    std::deque<std::pair<Nanos, Nanos>> rtt_samples;      // (time, rtt)
     // Heartbeats sent and not yet echoed: (send time, bytes in flight then). See OnRttSample.
     std::deque<std::pair<Nanos, uint64_t>> heartbeats;
     std::deque<std::pair<Nanos, uint64_t>> rate_samples;  // (time, bytes/s)
