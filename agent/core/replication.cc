@@ -311,7 +311,6 @@ namespace {
 
 constexpr Nanos kSecond = 1'000'000'000;
 constexpr Nanos kFilterWindow = 10 * kSecond;   // rtt min filter and delivery-rate max filter
-constexpr size_t kMaxHeartbeatsKept = 64;        // unanswered heartbeats remembered per peer
 constexpr Nanos kMinRateInterval = 10'000'000;  // 10 ms: shortest delivery-rate sample
 
 bool Connected(LinkState s) { return s == LinkState::kStreaming || s == LinkState::kCopying; }
@@ -339,8 +338,6 @@ struct PrimaryGroup::Impl {
     uint64_t conn_received = 0;
     Nanos down_since = 0;                                 // valid while not Connected(state)
     std::deque<std::pair<Nanos, Nanos>> rtt_samples;      // (time, rtt)
-    // Heartbeats sent and not yet echoed: (send time, bytes in flight then). See OnRttSample.
-    std::deque<std::pair<Nanos, uint64_t>> heartbeats;
     std::deque<std::pair<Nanos, uint64_t>> rate_samples;  // (time, bytes/s)
     Nanos rate_interval_start = -1;
     uint64_t rate_interval_bytes = 0;
@@ -741,35 +738,10 @@ bool PrimaryGroup::OnPosition(const std::string& peer, const Positions& pos, Nan
   return moved;
 }
 
-void PrimaryGroup::OnHeartbeatSent(const std::string& peer, Nanos now) {
-  auto it = impl_->peers.find(peer);
-  if (it == impl_->peers.end()) return;
-  auto& hb = it->second.heartbeats;
-  hb.emplace_back(now, impl_->Inflight(it->second));
-  while (hb.size() > kMaxHeartbeatsKept) hb.pop_front();
-}
-
 void PrimaryGroup::OnRttSample(const std::string& peer, Nanos rtt, Nanos now) {
   auto it = impl_->peers.find(peer);
   if (it == impl_->peers.end() || rtt <= 0) return;
-  Impl::Peer& p = it->second;
-  // A heartbeat sent while bytes were in flight waited behind them (at the replica, when it is
-  // the slower end: its queue, not the network), so its round trip is only an upper bound of the
-  // link's. It may lower the estimate, never raise it; otherwise a replica that falls behind
-  // grows the window that keeps it behind (on loopback a catching-up replica had 30-55 MiB in
-  // flight against a 130 MiB window, and spent 2-3x the CPU per GiB on page faults of the
-  // buffers holding them: docs/benchmarks.md, "The window and a replica behind"). A link is
-  // measured again whenever a heartbeat leaves with nothing in flight.
-  bool loaded = false;
-  const Nanos sent = now - rtt;
-  auto& hb = p.heartbeats;
-  while (!hb.empty() && hb.front().first < sent) hb.pop_front();  // lost or echoed before
-  if (!hb.empty() && hb.front().first == sent) {
-    loaded = hb.front().second > 0;
-    hb.pop_front();
-  }
-  if (loaded && !p.rtt_samples.empty() && rtt >= impl_->Rtt(p)) return;
-  auto& samples = p.rtt_samples;
+  auto& samples = it->second.rtt_samples;
   samples.emplace_back(now, rtt);
   while (samples.size() > 1 && samples.front().first < now - kFilterWindow) samples.pop_front();
 }

@@ -327,12 +327,6 @@ class PrimaryGroup {
   // A position update. Values below what is known are ignored (never go backwards). Returns true
   // if a release point may have moved.
   bool OnPosition(const std::string& peer, const Positions& p, Nanos now);
-  // A heartbeat went out at `now` (the time its echo will carry). Remembers how many bytes were
-  // in flight then, which says whether its round trip measures the link or the replica's queue.
-  void OnHeartbeatSent(const std::string& peer, Nanos now);
-  // A heartbeat sent at now - rtt was echoed. The window is 2 x the minimum RTT (over 10 s) x the
-  // delivery rate; a heartbeat that left while bytes were in flight can only lower that minimum.
-  // Samples of heartbeats not reported to OnHeartbeatSent always count.
   void OnRttSample(const std::string& peer, Nanos rtt, Nanos now);
   // Timers: degrading sync peers, batch delays. Returns true if a release point may have moved.
   bool OnTick(Nanos now);

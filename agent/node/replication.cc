@@ -143,10 +143,6 @@ struct PrimaryReplicator::Link {
   core::Nanos last_heard = 0;
   core::Nanos last_heartbeat = 0;
   core::Nanos last_echo = 0;  // send time of the newest heartbeat the peer echoed
-  // When this stream's Hello went out (0 once answered): the Hello and its decision cross an
-  // idle stream, so their round trip is the link's first RTT sample (with the connection's set-up,
-  // an upper bound). Heartbeats sent with bytes in flight can only lower it (core::PrimaryGroup).
-  core::Nanos hello_sent = 0;
   core::Nanos rate_wait_until = 0;
   // A thread is in Ship() for this link (the worker, or the committer's fast path): Ship() reads
   // and sends outside mu_, so only one may run per link or batches could go out of order.
@@ -532,7 +528,6 @@ void PrimaryReplicator::Dial(Link& link, core::Nanos now) {
   h->set_last_lsn(state.last_lsn);
   h->set_mode(link.opt.sender.mode == core::Mode::kSync ? v1::MODE_SYNC : v1::MODE_ASYNC);
   stream->Send(std::move(msg));
-  link.hello_sent = now;
 }
 
 void PrimaryReplicator::Disconnect(Link& link, const std::string& reason, core::Nanos now) {
@@ -579,13 +574,6 @@ void PrimaryReplicator::OnMessage(Link& link, uint64_t generation, v1::FromRepli
       }
       link.backoff = kMinBackoff;
       link.restore = false;
-      if (link.hello_sent > 0 && now > link.hello_sent) {
-        core_.OnRttSample(link.opt.site, now - link.hello_sent, now);
-        // And a heartbeat at once, likely with nothing in flight yet: the Hello's round trip
-        // carried the connection's set-up (16 ms on loopback, against ~0.1 ms for the link).
-        link.last_heartbeat = 0;
-      }
-      link.hello_sent = 0;
       if (d.kind == core::HandshakeDecision::Kind::kRestore) {
         const uint64_t base = d.start_lsn == 0 ? 0 : d.start_lsn - 1;
         if (base > log_->last_lsn()) {
@@ -1012,7 +1000,6 @@ void PrimaryReplicator::WorkerLoop() {
         v1::ToReplica hb;
         hb.mutable_heartbeat()->set_epoch(epoch_);
         hb.mutable_heartbeat()->set_sent_unix_ns(static_cast<uint64_t>(now));
-        core_.OnHeartbeatSent(link.opt.site, now);
         link.stream->Send(std::move(hb));
         link.last_heartbeat = now;
       }

@@ -801,7 +801,6 @@ class Sim {
     if (now_ >= l.next_ping) {
       Msg m{Msg::Kind::kPing};
       m.ping_sent = now_;
-      pg_.OnHeartbeatSent(r.name, now_);
       Send(r, true, std::move(m));
       l.next_ping = now_ + 20 * kMs;
     }

@@ -615,68 +615,6 @@ TEST(PrimaryGroup, WindowFollowsRttAndDeliveryRate) {
   EXPECT_EQ(StatusOf(g, "p").rtt, 40 * kMs);
 }
 
-TEST(PrimaryGroup, AHeartbeatQueuedBehindTheWindowCannotGrowIt) {
-  PrimaryGroup g;
-  g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
-  Stream(g, "p", 1, 0);
-  g.OnHeartbeatSent("p", 1 * kMs);  // nothing in flight: it measures the link
-  g.OnRttSample("p", 2 * kMs, 3 * kMs);
-  EXPECT_EQ(StatusOf(g, "p").rtt, 2 * kMs);
-  Append(g, 1, 100, 1000, 3 * kMs);
-  g.OnSent("p", 1, 50, 50'000, 3 * kMs);  // 50 000 bytes in flight
-  g.OnHeartbeatSent("p", 4 * kMs);
-  g.OnRttSample("p", 300 * kMs, 304 * kMs);  // it waited behind those bytes at the replica
-  EXPECT_EQ(StatusOf(g, "p").rtt, 2 * kMs);
-  // Nor do such heartbeats for longer than the minimum filter's 10 s: while the replica stays
-  // behind, each waits as long, and the link's own RTT is the last one measured.
-  for (Nanos t = 5'000 * kMs; t <= 25'000 * kMs; t += 5'000 * kMs) {
-    g.OnHeartbeatSent("p", t);
-    g.OnRttSample("p", 300 * kMs, t + 300 * kMs);
-  }
-  EXPECT_EQ(StatusOf(g, "p").rtt, 2 * kMs);
-  // Such a round trip is still an upper bound of the link's: it may lower the estimate.
-  g.OnHeartbeatSent("p", 26'000 * kMs);
-  g.OnRttSample("p", 1 * kMs, 26'001 * kMs);
-  EXPECT_EQ(StatusOf(g, "p").rtt, 1 * kMs);
-  // Once the bytes are acknowledged a heartbeat measures the link again, a slower one too when
-  // the old minimum has expired; a heartbeat never echoed (the first here) changes nothing.
-  g.OnPosition("p", {50, 0, 0}, 26'500 * kMs);
-  EXPECT_EQ(StatusOf(g, "p").inflight_bytes, 0u);
-  g.OnSent("p", 51, 100, 50'000, 36'990 * kMs);
-  g.OnHeartbeatSent("p", 36'990 * kMs);  // lost with its link, say
-  g.OnPosition("p", {100, 0, 0}, 36'995 * kMs);
-  g.OnHeartbeatSent("p", 37'000 * kMs);
-  g.OnRttSample("p", 30 * kMs, 37'030 * kMs);
-  EXPECT_EQ(StatusOf(g, "p").rtt, 30 * kMs);
-}
-
-TEST(PrimaryGroup, AHeartbeatBehindAStalledReplicaCannotGrowTheWindow) {
-  PrimaryGroup g;
-  g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
-  Stream(g, "p", 1, 0);
-  g.OnHeartbeatSent("p", 1 * kMs);
-  g.OnRttSample("p", 2 * kMs, 3 * kMs);
-  // Less than min_window in flight, and the replica stops reading for 5 s (paused, or its disk
-  // stalled): the heartbeat behind the batch comes back 5 s later.
-  Append(g, 1, 4, 1000, 10 * kMs);
-  g.OnSent("p", 1, 4, 4'000, 10 * kMs);
-  g.OnHeartbeatSent("p", 11 * kMs);
-  g.OnRttSample("p", 5'000 * kMs, 5'011 * kMs);
-  EXPECT_EQ(StatusOf(g, "p").rtt, 2 * kMs);
-  EXPECT_EQ(StatusOf(g, "p").window_bytes, 10'000u);
-}
-
-TEST(PrimaryGroup, WithNoEstimateYetAQueuedHeartbeatCounts) {
-  PrimaryGroup g;
-  g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
-  Stream(g, "p", 1, 0);
-  Append(g, 1, 100, 1000, 0);
-  g.OnSent("p", 1, 50, 50'000, 0);
-  g.OnHeartbeatSent("p", 1 * kMs);
-  g.OnRttSample("p", 40 * kMs, 41 * kMs);
-  EXPECT_EQ(StatusOf(g, "p").rtt, 40 * kMs);
-}
-
 TEST(PrimaryGroup, LagIsExact) {
   PrimaryGroup g;
   g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
