@@ -30,6 +30,7 @@
 #include <cstdlib>
 #include <string>
 #include <utility>
+#include <vector>
 
 #if defined(TVILLING_JEMALLOC)
 #include <jemalloc/jemalloc.h>
@@ -95,32 +96,71 @@ std::string DescribeAllocator() {
   return out;
 }
 
-AllocatorSample SampleAllocator() {
-  AllocatorSample out;
+namespace {
+
+// Refreshes the statistics read by DirtyBytes.
+bool RefreshStats() {
   uint64_t epoch = 1;
   size_t len = sizeof(epoch);
-  // Refreshes the statistics read below.
-  if (mallctl("epoch", &epoch, &len, &epoch, len) != 0) return out;
+  return mallctl("epoch", &epoch, &len, &epoch, len) == 0;
+}
+
+// Dirty (freed, resident) bytes of one arena, or of all of them (4096, MALLCTL_ARENAS_ALL).
+uint64_t DirtyBytes(unsigned arena) {
   size_t dirty_pages = 0, page = 0;
-  Read("stats.arenas.4096.pdirty", &dirty_pages);
-  Read("arenas.page", &page);
-  out.unused_bytes = uint64_t{dirty_pages} * page;
+  if (!Read(fmt::format("stats.arenas.{}.pdirty", arena).c_str(), &dirty_pages)) return 0;
+  if (!Read("arenas.page", &page)) return 0;
+  return uint64_t{dirty_pages} * page;
+}
+
+}  // namespace
+
+AllocatorSample SampleAllocator() {
+  AllocatorSample out;
+  if (!RefreshStats()) return out;
+  out.unused_bytes = DirtyBytes(4096);
+  if (oversize_arena >= 0) out.oversize_unused_bytes = DirtyBytes(oversize_arena);
   return out;
 }
 
-bool ReleaseUnusedMemory() {
-  return mallctl("arena.4096.purge", nullptr, nullptr, nullptr, 0) == 0;
+bool ReleaseUnusedMemory(const MemoryKeep& keep) {
+  // What to keep is taken out of the arena for the purge and handed back after it: jemalloc
+  // serves each block from the freed (dirty) blocks first, and a block freed into the oversize
+  // arena keeps its pages (dirty_decay_ms -1). A block that does not come from the freed pages
+  // (their count does not fall) has none to keep and goes back at once.
+  std::vector<void*> held;
+  size_t threshold = 0;
+  if (oversize_arena >= 0 && keep.bytes > 0 && Read("opt.oversize_threshold", &threshold) &&
+      keep.block_bytes >= threshold && RefreshStats()) {
+    uint64_t dirty = DirtyBytes(oversize_arena);
+    for (uint64_t held_bytes = 0;
+         held_bytes + keep.block_bytes <= keep.bytes && dirty >= keep.block_bytes;
+         held_bytes += keep.block_bytes) {
+      void* p = mallocx(keep.block_bytes, 0);
+      if (p == nullptr) break;
+      const uint64_t after = RefreshStats() ? DirtyBytes(oversize_arena) : dirty;
+      if (after + keep.block_bytes / 2 > dirty) {
+        dallocx(p, 0);
+        break;
+      }
+      held.push_back(p);
+      dirty = after;
+    }
+  }
+  const bool ok = mallctl("arena.4096.purge", nullptr, nullptr, nullptr, 0) == 0;
+  for (void* p : held) dallocx(p, 0);
+  return ok;
 }
 #else
 void ConfigureAllocator() {}
 std::string DescribeAllocator() { return "the sanitizer's allocator (no jemalloc in this build)"; }
 AllocatorSample SampleAllocator() { return {}; }
-bool ReleaseUnusedMemory() { return false; }
+bool ReleaseUnusedMemory(const MemoryKeep&) { return false; }
 #endif
 
-MemoryReleaser::MemoryReleaser(std::function<uint64_t()> records,
+MemoryReleaser::MemoryReleaser(std::function<uint64_t()> records, MemoryKeep keep,
                                std::chrono::milliseconds interval)
-    : records_(std::move(records)), interval_(interval) {}
+    : records_(std::move(records)), keep_(keep), interval_(interval) {}
 
 MemoryReleaser::~MemoryReleaser() { Stop(); }
 
@@ -146,10 +186,14 @@ void MemoryReleaser::Run() {
     l.unlock();
     const uint64_t now = records_();
     const AllocatorSample sample = SampleAllocator();
-    if (ShouldReleaseMemory(last, now, sample) && ReleaseUnusedMemory()) {
+    if (ShouldReleaseMemory(last, now, sample, keep_) && ReleaseUnusedMemory(keep_)) {
       releases_.fetch_add(1, std::memory_order_relaxed);
-      spdlog::debug("memory: returned {} MiB of freed pages to the kernel ({} records in {} ms)",
-                    sample.unused_bytes >> 20, now - last, interval_.count());
+      const AllocatorSample after = SampleAllocator();
+      spdlog::info(
+          "memory: returned {} MiB of freed pages to the kernel, kept {} MiB for the next "
+          "memtable ({} log records in {} ms)",
+          (sample.unused_bytes - std::min(sample.unused_bytes, after.unused_bytes)) >> 20,
+          after.oversize_unused_bytes >> 20, now - last, interval_.count());
     }
     last = now;
     l.lock();

@@ -2,6 +2,7 @@
 // back to the kernel.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -26,31 +27,48 @@ std::string DescribeAllocator();
 
 // The freed memory the allocator holds: dirty pages, resident but unused.
 struct AllocatorSample {
-  uint64_t unused_bytes = 0;
+  uint64_t unused_bytes = 0;           // all arenas
+  uint64_t oversize_unused_bytes = 0;  // of those, the oversize arena's (the memtable's blocks)
+};
+
+// What the releaser keeps resident when it gives memory back: up to `bytes` of the oversize
+// arena's freed pages, in pieces of `block_bytes` (the memtable's arena block, the size RocksDB
+// asks for). One memtable's worth: when writes resume after a quiet spell the next memtable fills
+// without faulting its pages in again (on the VMs measured a fault costs ~20 us, and a 256 MiB
+// memtable of 4 KiB writes takes ~65k of them: docs/benchmarks.md, "Keeping a memtable's pages
+// through a quiet spell"). Zero keeps nothing.
+struct MemoryKeep {
+  uint64_t bytes = 0;
+  uint64_t block_bytes = 0;
 };
 
 // The pages the oversize arena keeps go back to the kernel when tvillingd has been quiet for a
-// whole interval (fewer than kQuietRecords log records appended in all groups: at that rate a
-// memtable takes minutes to fill, so faulting its pages in again costs nothing that shows), and
-// at once when the allocator holds more than kMaxUnusedBytes unused (MemoryReleaser, every
-// kReleaseInterval). Quiet is judged by the log, not by the allocator's own counters: those
-// count an allocation that a thread's cache serves only when the cache is refilled or flushed, so
-// a thread allocating and freeing the same sizes at any rate can look idle to them.
+// whole interval (fewer than kQuietRecords log records appended in all groups), and at once when
+// the allocator holds more than kMaxUnusedBytes unused beyond what it keeps (MemoryReleaser,
+// every kReleaseInterval); either way up to one memtable's worth stays (MemoryKeep). Quiet is
+// judged by the log, not by the allocator's own counters: those count an allocation that a
+// thread's cache serves only when the cache is refilled or flushed, so a thread allocating and
+// freeing the same sizes at any rate can look idle to them.
 inline constexpr std::chrono::seconds kReleaseInterval{10};
 inline constexpr uint64_t kQuietRecords = 1000;
 inline constexpr uint64_t kMaxUnusedBytes = 1ull << 30;
+// Less than this to give back is not worth a purge (and would log one every interval while idle).
+inline constexpr uint64_t kMinReleaseBytes = 4ull << 20;
 // `records_before` and `records_now`: a running count of records appended, an interval apart.
 inline bool ShouldReleaseMemory(uint64_t records_before, uint64_t records_now,
-                                const AllocatorSample& now) {
-  if (now.unused_bytes == 0) return false;
-  if (now.unused_bytes > kMaxUnusedBytes) return true;
+                                const AllocatorSample& now, const MemoryKeep& keep = {}) {
+  const uint64_t kept = std::min(now.oversize_unused_bytes, keep.bytes);
+  const uint64_t releasable = now.unused_bytes > kept ? now.unused_bytes - kept : 0;
+  if (releasable < kMinReleaseBytes) return false;
+  if (releasable > kMaxUnusedBytes) return true;
   return records_now - records_before < kQuietRecords;
 }
 
 // The allocator's unused bytes now; 0 where they cannot be read (no jemalloc).
 AllocatorSample SampleAllocator();
-// Returns every unused page to the kernel (jemalloc: purges all arenas). False if not supported.
-bool ReleaseUnusedMemory();
+// Returns every unused page to the kernel (jemalloc: purges all arenas) but those `keep` names.
+// False if not supported.
+bool ReleaseUnusedMemory(const MemoryKeep& keep = {});
 
 // Checks every `interval`, on a thread of its own, whether ShouldReleaseMemory, and if so
 // releases. `records` returns the running count of log records appended (all groups) and must be
@@ -59,7 +77,7 @@ bool ReleaseUnusedMemory();
 // should wait for.
 class MemoryReleaser {
  public:
-  explicit MemoryReleaser(std::function<uint64_t()> records,
+  explicit MemoryReleaser(std::function<uint64_t()> records, MemoryKeep keep = {},
                           std::chrono::milliseconds interval = kReleaseInterval);
   ~MemoryReleaser();
   MemoryReleaser(const MemoryReleaser&) = delete;
@@ -73,6 +91,7 @@ class MemoryReleaser {
   void Run();
 
   const std::function<uint64_t()> records_;
+  const MemoryKeep keep_;
   const std::chrono::milliseconds interval_;
   std::mutex mu_;
   std::condition_variable cv_;

@@ -830,15 +830,18 @@ int Run(const ops::Config& config, const std::filesystem::path& config_file,
   }
   StatusReporter status(io, status_interval, groups, server);
   status.Start();
-  // Gives the pages the allocator keeps back to the kernel once tvillingd is quiet
-  // (agent/allocator.h).
-  MemoryReleaser releaser([&groups] {
-    uint64_t records = 0;
-    for (const auto& g : groups) {
-      records += g->log().counters().records.load(std::memory_order_relaxed);
-    }
-    return records;
-  });
+  // Gives the pages the allocator keeps back to the kernel once tvillingd is quiet, but one
+  // memtable's worth (agent/allocator.h).
+  MemoryReleaser releaser(
+      [&groups] {
+        uint64_t records = 0;
+        for (const auto& g : groups) {
+          records += g->log().counters().records.load(std::memory_order_relaxed);
+        }
+        return records;
+      },
+      MemoryKeep{config.log.write_buffer_bytes,
+                 storage::MemtableBlockBytes(config.log.write_buffer_bytes)});
   releaser.Start();
   // Writes waiting for a sync peer that does not answer would hold the drain forever: after a
   // grace period the replicators fail them (the client sees an error, as with a lost site).

@@ -205,7 +205,7 @@ void ConfigureRocksOptions(const LogStoreOptions& options, rocksdb::Options* out
   // (2026-12-04); what mattered was that freed blocks keep their pages (agent/allocator.cc). A
   // memtable flushes at most a block early (RocksDB's ShouldFlush), and an empty one reserves a
   // block it does not touch.
-  o.arena_block_size = std::min<uint64_t>(32ull << 20, options.write_buffer_bytes / 4);
+  o.arena_block_size = MemtableBlockBytes(options.write_buffer_bytes);
   o.compression = rocksdb::kNoCompression;
   o.paranoid_checks = true;
   o.wal_recovery_mode = rocksdb::WALRecoveryMode::kPointInTimeRecovery;

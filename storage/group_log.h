@@ -19,6 +19,7 @@
 #include <absl/status/status.h>
 #include <absl/status/statusor.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -135,6 +136,12 @@ struct LogStoreOptions {
   // For tests: an Env that can drop unsynced data. nullptr = rocksdb::Env::Default().
   rocksdb::Env* env = nullptr;
 };
+
+// The size of the memtable's arena blocks for a memtable of `write_buffer_bytes` (the allocation
+// RocksDB makes as a memtable fills; what agent/allocator.h keeps resident through a quiet spell).
+inline uint64_t MemtableBlockBytes(uint64_t write_buffer_bytes) {
+  return std::min<uint64_t>(32ull << 20, write_buffer_bytes / 4);
+}
 
 // The RocksDB options the log store runs with (also the baseline of bench/log_append_bench).
 void ConfigureRocksOptions(const LogStoreOptions& options, rocksdb::Options* out);

@@ -2,12 +2,14 @@
 // is): the oversize arena keeps freed pages, and the releaser gives them back when no records are
 // appended, never while they are, however busy or idle the allocator itself looks.
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
+#include <vector>
 
 #include "agent/allocator.h"
 
@@ -44,10 +46,54 @@ TEST_F(MemoryReleaseTest, TheOversizeArenaKeepsFreedPagesUntilReleased) {
   EXPECT_LT(SampleAllocator().unused_bytes, kKept / 4);
 }
 
+// Minor page faults of the calling thread so far.
+long ThreadMinorFaults() {
+  rusage u{};
+  getrusage(RUSAGE_THREAD, &u);
+  return u.ru_minflt;
+}
+
+// Pages the test's thread faults in to allocate and write `blocks` blocks of `block` bytes.
+long FaultsToFill(size_t blocks, size_t block) {
+  std::vector<char*> ps;
+  const long before = ThreadMinorFaults();
+  for (size_t i = 0; i < blocks; ++i) {
+    ps.push_back(static_cast<char*>(std::malloc(block)));
+    std::memset(ps.back(), 2, block);
+    sink = ps.back();
+  }
+  const long faults = ThreadMinorFaults() - before;
+  for (char* p : ps) std::free(p);
+  return faults;
+}
+
+TEST_F(MemoryReleaseTest, KeepsOneMemtablesBlocksThroughARelease) {
+  constexpr size_t kBlock = 16u << 20;
+  constexpr MemoryKeep kKeep{2 * kBlock, kBlock};
+  ASSERT_TRUE(ReleaseUnusedMemory());
+  // Four blocks written and freed (a memtable of 4 x 16 MiB flushed): the arena holds 64 MiB.
+  FaultsToFill(4, kBlock);
+  const AllocatorSample before = SampleAllocator();
+  ASSERT_GE(before.oversize_unused_bytes, 4 * kBlock);
+  ASSERT_TRUE(ReleaseUnusedMemory(kKeep));
+  const AllocatorSample after = SampleAllocator();
+  // Two blocks stay, the rest is gone.
+  EXPECT_GE(after.oversize_unused_bytes, 2 * kBlock);
+  EXPECT_LT(after.oversize_unused_bytes, 3 * kBlock);
+  // The next two blocks reuse the kept pages: next to no faults (4,096 pages would fault if
+  // they had gone back), and the two after them fault as new memory does.
+  const long reused = FaultsToFill(2, kBlock);
+  EXPECT_LT(reused, 400) << "the kept blocks were faulted in again";
+  ASSERT_TRUE(ReleaseUnusedMemory(kKeep));
+  EXPECT_GT(FaultsToFill(4, kBlock), 2 * static_cast<long>(kBlock / 4096) / 2)
+      << "the faults of new memory were not seen: the test cannot tell kept from released";
+}
+
 TEST_F(MemoryReleaseTest, ReleasesWhenNoRecordsAreAppended) {
   LeaveKeptPages(kKept);
   std::atomic<uint64_t> records{5'000'000};
-  MemoryReleaser releaser([&] { return records.load(); }, std::chrono::milliseconds(100));
+  MemoryReleaser releaser([&] { return records.load(); }, MemoryKeep{},
+                          std::chrono::milliseconds(100));
   releaser.Start();
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   while (releaser.releases() == 0 && std::chrono::steady_clock::now() < deadline) {
@@ -70,7 +116,8 @@ TEST_F(MemoryReleaseTest, KeepsThePagesWhileRecordsAreAppended) {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
   });
-  MemoryReleaser releaser([&] { return records.load(); }, std::chrono::milliseconds(500));
+  MemoryReleaser releaser([&] { return records.load(); }, MemoryKeep{},
+                          std::chrono::milliseconds(500));
   releaser.Start();
   std::this_thread::sleep_for(std::chrono::milliseconds(2000));
   releaser.Stop();
@@ -81,7 +128,7 @@ TEST_F(MemoryReleaseTest, KeepsThePagesWhileRecordsAreAppended) {
 }
 
 TEST_F(MemoryReleaseTest, StopsPromptlyAndTwice) {
-  MemoryReleaser releaser([] { return uint64_t{0}; }, std::chrono::hours(1));
+  MemoryReleaser releaser([] { return uint64_t{0}; }, MemoryKeep{}, std::chrono::hours(1));
   releaser.Start();
   const auto start = std::chrono::steady_clock::now();
   releaser.Stop();
