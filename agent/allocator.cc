@@ -15,7 +15,8 @@
 // keep its pages (dirty_decay_ms -1): the blocks are few and of one size, so the next memtable
 // takes the last one's. Every other arena keeps jemalloc's decay: with -1 everywhere the
 // replication path's buffers grew the resident size by GiBs. What the oversize arena keeps goes
-// back when tvillingd is quiet or holds more than 1 GiB unused (ShouldReleaseMemory).
+// back when tvillingd is quiet or holds more than 1 GiB unused (ShouldReleaseMemory), all but one
+// memtable's worth (MemoryKeep), which the next writes would otherwise fault in again.
 //
 // An operator's MALLOC_CONF applies as usual (jemalloc reads it at start), and then tvillingd
 // changes nothing; the start-up log line shows what is in force.
