@@ -8,12 +8,14 @@ docs/benchmarks.md, "jemalloc" and "Keeping the memtable's pages").
 
 allocator: a primary (site-a) with a sync replica (site-b), and two single nodes with a 64 MiB
 memtable (in blocks of 16 MiB, as the shipped 256 MiB memtable's are of 32 MiB: over jemalloc's
-oversize_threshold): site-c as shipped, site-d with `MALLOC_CONF=dirty_decay_ms:10000` (jemalloc's
-own default; with MALLOC_CONF set tvillingd leaves jemalloc as it is). All but site-d start with
+oversize_threshold): site-c as shipped, site-d with `MALLOC_CONF=thp:default,dirty_decay_ms:10000`
+(jemalloc's own defaults, over tvillingd's compiled-in thp:always; with MALLOC_CONF set tvillingd
+changes nothing at run time). All but site-d start with
 no MALLOC_CONF (as systemd and the quick start run them).
 1. Each process has libjemalloc mapped and says in its log which jemalloc runs with which
-   settings: jemalloc's decay (dirty_decay_ms 10000) and an oversize arena that keeps its pages
-   (dirty_decay_ms -1) on site-a, site-b and site-c; no such arena on site-d.
+   settings: jemalloc's decay (dirty_decay_ms 10000), huge pages (thp always) and an oversize arena
+   that keeps its pages (dirty_decay_ms -1) on site-a, site-b and site-c; on site-d thp default
+   and no such arena.
 2. 64 MiB of 4 KiB random writes (fio's nbd engine, QD16) through site-a (each in site-b's log
    before it completes), and through site-c and site-d after 256 MiB of warm-up, complete; the
    minor page faults and transparent huge pages each agent took are reported. site-c, reusing the
@@ -105,7 +107,7 @@ def allocator(c):
     single.write_config([{"name": "g0", "primary": "site-c", "size": "256MiB"}])
     default.write_config([{"name": "g0", "primary": "site-d", "size": "256MiB"}])
     with_malloc_conf(None, lambda: (b.start(), a.start(), single.start()))
-    with_malloc_conf("dirty_decay_ms:10000", default.start)
+    with_malloc_conf("thp:default,dirty_decay_ms:10000", default.start)
     wait_caught_up(a, [b], timeout_s=120)
 
     for x, keeps in ((a, True), (b, True), (single, True), (default, False)):
@@ -117,6 +119,9 @@ def allocator(c):
             raise TestFailure(f"{x.site}'s log does not name its allocator:\n{x.tail()}")
         if "dirty_decay_ms 10000," not in lines[0]:
             raise TestFailure(f"{x.site}: expected dirty_decay_ms 10000 in {lines[0]!r}")
+        thp = "thp always" if keeps else "thp default"
+        if not re.search(rf"\b{thp}[,;]", lines[0]):
+            raise TestFailure(f"{x.site}: expected {thp} in {lines[0]!r}")
         kept = "dirty_decay_ms -1 (memtable blocks kept for reuse)" in lines[0]
         if kept != keeps:
             raise TestFailure(f"{x.site}: the oversize arena should {'' if keeps else 'not '}keep "
@@ -130,7 +135,7 @@ def allocator(c):
         single_faults.append(f)
     f_c, f_d = single_faults
     log(f"minor page faults per 4 KiB write: primary {f_a:.3f}, sync replica {f_b:.3f}; single "
-        f"nodes with a 64 MiB memtable: as shipped {f_c:.3f}, with dirty_decay_ms:10000 "
+        f"nodes with a 64 MiB memtable: as shipped {f_c:.3f}, with jemalloc's defaults "
         f"{f_d:.3f}; anonymous huge pages {anon_huge_kib(a.proc.pid)} / "
         f"{anon_huge_kib(b.proc.pid)} / {anon_huge_kib(single.proc.pid)} KiB")
     if not f_c < 0.5 * f_d:
