@@ -1247,9 +1247,29 @@ void ReplicaGroup::Session::OnClosed(const absl::Status& status) {
   }
 }
 
+void ReplicaGroup::LogFailure(std::string_view what, const absl::Status& st) {
+  // The volume's error comes first in write_error(), but the log may fail after it (a replica
+  // whose applier stopped still appends).
+  auto is_cause = [&st](const absl::Status& cause) {
+    return !cause.ok() && st.message().find(cause.message()) != std::string_view::npos;
+  };
+  if (!is_cause(group_->write_error()) && !is_cause(log_->write_error())) {
+    spdlog::error("group {}: {}: {}", log_->name(), what, std::string(st.message()));
+    return;
+  }
+  if (suspension_logged_.exchange(true)) {
+    spdlog::debug("group {}: {}: {}", log_->name(), what, std::string(st.message()));
+    return;
+  }
+  spdlog::warn(
+      "group {}: {}: this site's writes are suspended by the failure logged before; every "
+      "later batch and stream is refused the same way (the primary keeps the records) until "
+      "tvillingd restarts",
+      log_->name(), what);
+}
+
 void ReplicaGroup::Fail(Session& s, absl::Status status) {
-  spdlog::error("group {}: stream from {}: {}", log_->name(), s.peer(),
-                std::string(status.message()));
+  LogFailure(fmt::format("stream from {}", s.peer()), status);
   {
     std::lock_guard lock(mu_);
     last_error_ = std::string(status.message());
@@ -1723,8 +1743,7 @@ void ReplicaGroup::HandleBatch(Session& s, v1::Batch& batch) {
       std::lock_guard lock(mu_);
       a = active_;
     }
-    spdlog::error("group {}: appending replicated records from LSN {}: {}", log_->name(), first,
-                  std::string(st.message()));
+    LogFailure(fmt::format("appending replicated records from LSN {}", first), st);
     if (a) Fail(*a, st);
   };
   // The two callbacks may run in either order (a Sync can find the batch written and fsync on its

@@ -261,6 +261,11 @@ class ReplicaGroup {
   void RequestSync();             // a FLUSH at the primary waits: fsync what is held now, then ack
   void AckDurable(uint64_t lsn);  // an fsync covered the log up to lsn. REQUIRES: not mu_
   void Fail(Session& s, absl::Status status);
+  // Logs `what` failing with `st` at error, unless `st` is the group's own write error (its log
+  // store or its volume failed; sticky until a restart), which was logged once where it happened:
+  // then every later batch fails with it (the primary's window, its reconnects), and one warning
+  // says so for all of them (the rest go to debug).
+  void LogFailure(std::string_view what, const absl::Status& st);
   core::ReplicaView BuildView() const;
   // REQUIRES: mu_. OK if `site` in `epoch` is the primary whose stream is accepted and the replica
   // is consistent, with no copy or restore pending.
@@ -284,6 +289,7 @@ class ReplicaGroup {
   uint64_t copy_done_bytes_ = 0;
   uint64_t copy_total_bytes_ = 0;
   std::string last_error_;
+  std::atomic<bool> suspension_logged_{false};  // LogFailure said the writes are suspended
   bool stopping_ = false;
   struct PendingResync {
     std::string site;

@@ -239,6 +239,18 @@ def replica_disk_full(c):
     and reports the peer's error; once the tmpfs has room and the replica is restarted, it
     catches up from its own log and ends identical. Before storage/rocksdb_logger.h the replica
     died of SIGABRT (RocksDB's LOG file on the full file system)."""
+    _replica_full(c, volume_fs=False)
+
+
+def replica_volume_full(c):
+    """As replica_disk_full, with the replica's volume alone on an 8 MiB tmpfs, so that its
+    applier fails first (in replica_disk_full either may): the replica says once that its writes
+    are suspended, not again for each batch of the primary's window and each reconnect (CI saw
+    39 such lines in 10 ms)."""
+    _replica_full(c, volume_fs=True)
+
+
+def _replica_full(c, volume_fs):
     mnt = tempfile.mkdtemp(prefix="tvilling-replica-full-")
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tvilling-replica-full", mnt],
                    check=True)
@@ -246,6 +258,13 @@ def replica_disk_full(c):
     a = c.agent("site-a")
     b = c.agent("site-b")
     b.move_state_under(mnt)  # after the umount's registration: cleanups run in reverse
+    mounts = [mnt]
+    if volume_fs:
+        vols = os.path.join(b.state_dir, "volumes")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tvilling-replica-vol", vols],
+                       check=True)
+        c.on_exit(lambda: subprocess.run(["umount", vols], check=False))
+        mounts.append(vols)
     g = {"name": "g0", "primary": "site-a", "size": "128MiB"}
     a.write_config([dict(g, peers=[(b, "async", None)])], acl=[("site-b", "site-b", ["g0"])])
     b.write_config([dict(g, peers=[(a, "async", None)])], acl=[("site-a", "site-a", ["g0"])])
@@ -269,6 +288,9 @@ def replica_disk_full(c):
         n = sum(marker in ln for ln in lines)
         if n > 1:
             raise TestFailure(f"site-b said {marker!r} {n} times:\n" + "\n".join(lines))
+    if volume_fs and not any("writes suspended" in ln for ln in lines):
+        raise TestFailure("site-b's volume is on its own 8 MiB tmpfs but its applier did not "
+                          "fail first:\n" + "\n".join(lines))
     for ln in lines:
         if "No space left on device" not in ln or mnt not in ln:
             raise TestFailure(f"site-b's error does not name the full file system: {ln}")
@@ -278,13 +300,18 @@ def replica_disk_full(c):
     werr = b.group().get("write_error", "")
     if "No space left on device" not in werr:
         raise TestFailure(f"site-b's status does not report its write error: {werr!r}")
+    said_once = [ln for ln in b.tail(400).splitlines() if "writes are suspended" in ln]
+    if len(said_once) != 1:
+        raise TestFailure(f"site-b should say once that it refuses batches, said it "
+                          f"{len(said_once)} times:\n" + "\n".join(said_once))
     # The primary is unaffected (async): it takes writes and names the peer's trouble.
     qemu_io(a, "write -P 0x77 100M 1M", "flush")
     err = wait_for("site-a to report site-b's error",
                    lambda: (a.peer("site-b") or {}).get("last_error") or None, 30, 0.3)
     log(f"site-a reports for site-b: {err}")
 
-    subprocess.run(["mount", "-o", "remount,size=512m", mnt], check=True)
+    for m in mounts:
+        subprocess.run(["mount", "-o", "remount,size=512m", m], check=True)
     rc = b.stop()
     log(f"site-b stopped with exit code {rc}")
     if rc is not None and rc < 0:
@@ -866,7 +893,7 @@ def replica_retention_after_switch(c):
 
 SCENARIOS = {f.__name__: f for f in (link_cut, rate_limit, replica_retention_after_switch,
     lazy_replica_sync, two_sites_sync, three_sites, sync_waits_for_peer, replica_kill9,
-    full_copy_new_replica, replica_disk_full, sparse_copy_keeps_link, peer_back_after_outage, behind_retention,
+    full_copy_new_replica, replica_disk_full, replica_volume_full, sparse_copy_keeps_link, peer_back_after_outage, behind_retention,
     reconnect_after_copy, refuse_wrong_ca, refuse_expired_cert, refuse_other_tenant,
     refuse_stale_epoch, refuse_diverged,
     refuse_malformed_batch, refuse_oversized_message, refuse_out_of_order,
