@@ -312,6 +312,15 @@ namespace {
 constexpr Nanos kSecond = 1'000'000'000;
 constexpr Nanos kFilterWindow = 10 * kSecond;   // rtt min filter and delivery-rate max filter
 constexpr Nanos kMinRateInterval = 10'000'000;  // 10 ms: shortest delivery-rate sample
+// RTT probe (as BBR's PROBE_RTT): an async link whose samples have all been above 2 x its RTT
+// without a queue for 100 of those RTTs (at least 2 s, at most 8 s: below kFilterWindow, so the
+// probe's sample lands before the one the estimate rests on ages out) stops sending until nothing
+// is in flight, then times one heartbeat. A queue up to one RTT deep (a long link's own buffers)
+// is let be: with 1.25 x, probes every 5 s cost the continental lab 6-7 % of its throughput.
+constexpr Nanos kProbeAfterMin = 2 * kSecond;
+constexpr Nanos kProbeAfterMax = 8 * kSecond;
+constexpr Nanos kProbeAfterRtts = 100;
+constexpr Nanos kProbeMax = 2 * kSecond;  // a probe that has not drained by then is given up
 
 bool Connected(LinkState s) { return s == LinkState::kStreaming || s == LinkState::kCopying; }
 
@@ -339,6 +348,13 @@ struct PrimaryGroup::Impl {
     Nanos down_since = 0;                                 // valid while not Connected(state)
     std::deque<std::pair<Nanos, Nanos>> rtt_samples;      // (time, rtt)
     std::deque<std::pair<Nanos, uint64_t>> rate_samples;  // (time, bytes/s)
+    // The link's RTT without a queue (0: not known yet): the newest clean sample, or a lower one
+    // since. A clean sample is the echo of a heartbeat sent with nothing in flight.
+    Nanos rtt_base = 0;
+    Nanos clean_sent_at = 0;     // the newest heartbeat sent with nothing in flight
+    Nanos rtt_confirmed_at = 0;  // the last clean sample or one within 2 x rtt_base
+    Nanos probe_since = 0;       // != 0: probing, sending held until nothing is in flight
+    Nanos probe_sent_at = 0;     // != 0: the probe's heartbeat went at this time
     Nanos rate_interval_start = -1;
     uint64_t rate_interval_bytes = 0;
     std::string last_error;
@@ -471,6 +487,12 @@ struct PrimaryGroup::Impl {
     if (bdp2 >= static_cast<double>(hi)) return hi;
     return static_cast<uint64_t>(bdp2);
   }
+  // Only where a standing queue can build behind the window: not a sync peer in the sync set
+  // (its client's queue depth bounds what is in flight, and a pause would hold its writes).
+  bool MayProbe(const Peer& p) const {
+    return p.state == LinkState::kStreaming && p.next_lsn != 0 &&
+           (p.options.mode == Mode::kAsync || p.degraded);
+  }
   uint64_t Inflight(const Peer& p) const {
     if (p.sent_last <= p.conn_received) return 0;
     return CumAt(p.sent_last) - CumAt(p.conn_received);
@@ -488,6 +510,7 @@ struct PrimaryGroup::Impl {
   enum class Due { kNo, kNow, kLater };
   Due SendDue(const Peer& p, Nanos now, Nanos* deadline) const {
     if (!Connected(p.state) || p.next_lsn == 0 || p.next_lsn > last) return Due::kNo;
+    if (p.probe_since != 0) return Due::kNo;  // draining for an RTT probe
     const uint64_t inflight = Inflight(p);
     if (inflight >= Window(p)) return Due::kNo;
     if (inflight == 0) return Due::kNow;
@@ -683,6 +706,8 @@ void PrimaryGroup::OnDisconnected(const std::string& peer, const std::string& re
   p.conn_received = 0;
   p.rate_interval_start = -1;
   p.rate_interval_bytes = 0;
+  p.probe_since = 0;
+  p.probe_sent_at = 0;
 }
 
 bool PrimaryGroup::OnPosition(const std::string& peer, const Positions& pos, Nanos now) {
@@ -741,15 +766,60 @@ bool PrimaryGroup::OnPosition(const std::string& peer, const Positions& pos, Nan
 void PrimaryGroup::OnRttSample(const std::string& peer, Nanos rtt, Nanos now) {
   auto it = impl_->peers.find(peer);
   if (it == impl_->peers.end() || rtt <= 0) return;
-  auto& samples = it->second.rtt_samples;
+  Impl::Peer& p = it->second;
+  const Nanos sent = now - rtt;
+  if (p.clean_sent_at != 0 && sent == p.clean_sent_at) {
+    // Sent with nothing in flight: the link's RTT without a queue, now.
+    p.rtt_base = rtt;
+    p.rtt_confirmed_at = now;
+    p.clean_sent_at = 0;
+  } else if (p.rtt_base != 0 && rtt <= 2 * p.rtt_base) {
+    p.rtt_confirmed_at = now;
+    p.rtt_base = std::min(p.rtt_base, rtt);
+  }
+  if (p.probe_sent_at != 0 && sent >= p.probe_sent_at) {
+    p.probe_since = 0;  // its echo (clean, above) or a later one
+    p.probe_sent_at = 0;
+  } else if (p.probe_since == 0 && impl_->MayProbe(p) &&
+             now - p.rtt_confirmed_at >=
+                 std::clamp(kProbeAfterRtts * p.rtt_base, kProbeAfterMin, kProbeAfterMax)) {
+    // Every sample for a while measured a queue behind the window (a replica slower than the
+    // primary, queueing what the window lets through): the window grew from it, and the queue
+    // with it. Drain it and time a heartbeat alone.
+    p.probe_since = now;
+  }
+  auto& samples = p.rtt_samples;
   samples.emplace_back(now, rtt);
   while (samples.size() > 1 && samples.front().first < now - kFilterWindow) samples.pop_front();
+}
+
+bool PrimaryGroup::RttProbeReady(const std::string& peer) const {
+  auto it = impl_->peers.find(peer);
+  if (it == impl_->peers.end()) return false;
+  const Impl::Peer& p = it->second;
+  return p.probe_since != 0 && p.probe_sent_at == 0 && impl_->Inflight(p) == 0;
+}
+
+void PrimaryGroup::OnHeartbeatSent(const std::string& peer, Nanos now) {
+  auto it = impl_->peers.find(peer);
+  if (it == impl_->peers.end()) return;
+  Impl::Peer& p = it->second;
+  // Copy chunks are not counted in flight: only a streaming link's heartbeat can be clean.
+  if (p.state != LinkState::kStreaming || impl_->Inflight(p) != 0) return;
+  p.clean_sent_at = now;
+  if (p.probe_since != 0 && p.probe_sent_at == 0) p.probe_sent_at = now;
 }
 
 bool PrimaryGroup::OnTick(Nanos now) {
   Impl& s = *impl_;
   bool moved = false;
   for (auto& [name, p] : s.peers) {
+    if (p.probe_since != 0 && now - p.probe_since >= kProbeMax) {
+      // Not drained (or its echo lost) in time: send again, and probe again later.
+      p.probe_since = 0;
+      p.probe_sent_at = 0;
+      p.rtt_confirmed_at = now;
+    }
     if (s.MaybeRejoin(p)) {
       moved = true;
       continue;

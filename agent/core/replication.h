@@ -327,7 +327,18 @@ class PrimaryGroup {
   // A position update. Values below what is known are ignored (never go backwards). Returns true
   // if a release point may have moved.
   bool OnPosition(const std::string& peer, const Positions& p, Nanos now);
+  // A heartbeat with an echo request went at `now` (every one, so that those sent with nothing in
+  // flight time the link's RTT without a queue).
+  void OnHeartbeatSent(const std::string& peer, Nanos now);
+  // A heartbeat's echo, `rtt` after it was sent. Also starts and ends RTT probes (as BBR's
+  // PROBE_RTT): when an async (or degraded) streaming link's samples have all been over 2 x
+  // its RTT without a queue (from a heartbeat sent with nothing in flight) for 100 such RTTs
+  // (2-8 s), or no such RTT is known, it stops sending until nothing is in flight
+  // (RttProbeReady); the caller then sends a heartbeat, whose echo ends the probe (OnTick gives
+  // a probe up after 2 s). The window (2 x rtt x rate) then no longer grows from a queue the
+  // window itself let build at a slow replica.
   void OnRttSample(const std::string& peer, Nanos rtt, Nanos now);
+  bool RttProbeReady(const std::string& peer) const;
   // Timers: degrading sync peers, batch delays. Returns true if a release point may have moved.
   bool OnTick(Nanos now);
 

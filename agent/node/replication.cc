@@ -408,6 +408,7 @@ bool PrimaryReplicator::WorkerHasWorkLocked(core::Nanos now) const {
     if (!link->stream) continue;  // the worker's redial timer covers it
     if (link->copying || link->shipping) return true;
     if (core_.NextSend(link->opt.site, now)) return true;
+    if (core_.RttProbeReady(link->opt.site)) return true;
   }
   return core_.NextDeadline().has_value();
 }
@@ -996,12 +997,14 @@ void PrimaryReplicator::WorkerLoop() {
                    now);
         continue;
       }
-      if (now - link.last_heartbeat >= options_.heartbeat_interval) {
+      if (core_.RttProbeReady(link.opt.site) ||
+          now - link.last_heartbeat >= options_.heartbeat_interval) {
         v1::ToReplica hb;
         hb.mutable_heartbeat()->set_epoch(epoch_);
         hb.mutable_heartbeat()->set_sent_unix_ns(static_cast<uint64_t>(now));
         link.stream->Send(std::move(hb));
         link.last_heartbeat = now;
+        core_.OnHeartbeatSent(link.opt.site, now);
       }
       deadline = std::min(deadline, link.last_heartbeat + options_.heartbeat_interval);
       lock.unlock();

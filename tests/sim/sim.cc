@@ -798,9 +798,10 @@ class Sim {
                " bytes in flight, window " + std::to_string(st.window_bytes));
       Send(r, true, std::move(m));
     }
-    if (now_ >= l.next_ping) {
+    if (now_ >= l.next_ping || pg_.RttProbeReady(r.name)) {
       Msg m{Msg::Kind::kPing};
       m.ping_sent = now_;
+      pg_.OnHeartbeatSent(r.name, now_);
       Send(r, true, std::move(m));
       l.next_ping = now_ + 20 * kMs;
     }

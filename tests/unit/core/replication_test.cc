@@ -615,6 +615,102 @@ TEST(PrimaryGroup, WindowFollowsRttAndDeliveryRate) {
   EXPECT_EQ(StatusOf(g, "p").rtt, 40 * kMs);
 }
 
+// A replica slower than the primary queues what the window lets through; every heartbeat then
+// waits behind that queue, and the window (2 x rtt x rate) grew from it: on loopback 54-183 MiB
+// in flight, held in memory at both ends. After 100 RTTs (at least 2 s) of such samples the link
+// drains and times one heartbeat alone.
+TEST(PrimaryGroup, RttProbeDrainsAQueueBehindTheWindow) {
+  PrimaryGroup g;
+  g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
+  Stream(g, "p", 1, 0);
+  g.OnHeartbeatSent("p", 1 * kMs);  // nothing in flight: its echo is the link's RTT
+  g.OnRttSample("p", 1 * kMs, 2 * kMs);
+  Append(g, 1, 1000, 1000, 0);
+  g.OnSent("p", 1, 5, 5'000, 1 * kMs);
+  g.OnRttSample("p", 100 * kMs, 1 * kS);  // queued behind the records
+  g.OnRttSample("p", 100 * kMs, 2 * kS);
+  EXPECT_TRUE(g.NextSend("p", 2 * kS));  // not yet: the RTT was confirmed 1.998 s ago
+  g.OnRttSample("p", 100 * kMs, 2'100 * kMs);
+  EXPECT_FALSE(g.NextSend("p", 2'100 * kMs)) << "probing: nothing new goes until drained";
+  EXPECT_FALSE(g.RttProbeReady("p"));  // 5 records still in flight
+  g.OnPosition("p", {5, 0, 0}, 2'150 * kMs);
+  ASSERT_TRUE(g.RttProbeReady("p"));
+  g.OnHeartbeatSent("p", 2'150 * kMs);
+  EXPECT_FALSE(g.RttProbeReady("p"));  // one heartbeat per probe
+  // An echo of a heartbeat sent before the probe's does not end it.
+  g.OnRttSample("p", 100 * kMs, 2'200 * kMs);
+  EXPECT_FALSE(g.NextSend("p", 2'200 * kMs));
+  g.OnRttSample("p", 2 * kMs, 2'152 * kMs);  // the probe's echo
+  EXPECT_TRUE(g.NextSend("p", 2'152 * kMs));
+  EXPECT_EQ(StatusOf(g, "p").rtt, 1 * kMs);
+  // The next probe comes 2 s after the probe's sample.
+  g.OnRttSample("p", 100 * kMs, 4'100 * kMs);
+  EXPECT_TRUE(g.NextSend("p", 4'100 * kMs));
+  g.OnRttSample("p", 100 * kMs, 4'200 * kMs);
+  EXPECT_FALSE(g.NextSend("p", 4'200 * kMs));
+  // Not drained within 2 s (or its echo lost): sending resumes, the next probe is 2 s later.
+  g.OnSent("p", 6, 6, 1'000, 4'200 * kMs);
+  g.OnTick(6'100 * kMs);
+  EXPECT_FALSE(g.NextSend("p", 6'100 * kMs));
+  g.OnTick(6'200 * kMs);
+  EXPECT_TRUE(g.NextSend("p", 6'200 * kMs));
+  g.OnRttSample("p", 100 * kMs, 8'100 * kMs);
+  EXPECT_TRUE(g.NextSend("p", 8'100 * kMs));
+  g.OnRttSample("p", 100 * kMs, 8'300 * kMs);
+  EXPECT_FALSE(g.NextSend("p", 8'300 * kMs));
+  // A disconnect ends a probe.
+  g.OnDisconnected("p", "cut", 8'400 * kMs);
+  Stream(g, "p", 7, 8'500 * kMs);
+  EXPECT_TRUE(g.NextSend("p", 8'500 * kMs));
+}
+
+// A heartbeat sent behind records in flight does not time the link: with no RTT without a queue
+// known, the link probes once samples have come for 2 s.
+TEST(PrimaryGroup, RttProbeWhenNoCleanSampleIsKnown) {
+  PrimaryGroup g;
+  g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
+  Stream(g, "p", 1, 0);
+  Append(g, 1, 10, 1000, 0);
+  g.OnSent("p", 1, 5, 5'000, 0);
+  g.OnHeartbeatSent("p", 1 * kMs);
+  g.OnRttSample("p", 300 * kMs, 301 * kMs);
+  EXPECT_TRUE(g.NextSend("p", 301 * kMs));
+  g.OnRttSample("p", 300 * kMs, 2'100 * kMs);
+  EXPECT_FALSE(g.NextSend("p", 2'100 * kMs));
+  g.OnPosition("p", {5, 0, 0}, 2'200 * kMs);
+  EXPECT_TRUE(g.RttProbeReady("p"));
+}
+
+// On a long link a probe waits 100 RTTs (at most 8 s), so its two idle RTTs cost ~2 %.
+TEST(PrimaryGroup, RttProbeOnALongLinkWaitsAHundredRtts) {
+  PrimaryGroup g;
+  g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
+  Stream(g, "p", 1, 0);
+  g.OnHeartbeatSent("p", 1 * kMs);
+  g.OnRttSample("p", 50 * kMs, 51 * kMs);
+  Append(g, 1, 10, 1000, 0);
+  for (Nanos t = 1; t <= 4; ++t) g.OnRttSample("p", 60 * kMs, t * kS);  // within 2 x
+  g.OnRttSample("p", 200 * kMs, 5 * kS);
+  g.OnRttSample("p", 200 * kMs, 8'900 * kMs);
+  EXPECT_TRUE(g.NextSend("p", 8'900 * kMs));  // 4.9 s since the last confirming sample
+  g.OnRttSample("p", 200 * kMs, 9 * kS);
+  EXPECT_FALSE(g.NextSend("p", 9 * kS));
+  EXPECT_TRUE(g.RttProbeReady("p"));
+}
+
+// A sync peer in the sync set is not probed: its client's queue depth bounds what is in flight,
+// and its writes wait while it does not send.
+TEST(PrimaryGroup, SyncPeerIsNotProbed) {
+  PrimaryGroup g;
+  g.AddPeer("p", Opts(Mode::kSync), {}, 0);
+  Stream(g, "p", 1, 0);
+  g.OnRttSample("p", 1 * kMs, 0);
+  Append(g, 1, 10, 1000, 0);
+  for (Nanos t = 1; t <= 12; ++t) g.OnRttSample("p", 100 * kMs, t * kS);
+  EXPECT_TRUE(g.NextSend("p", 12 * kS));
+  EXPECT_FALSE(g.RttProbeReady("p"));
+}
+
 TEST(PrimaryGroup, LagIsExact) {
   PrimaryGroup g;
   g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
