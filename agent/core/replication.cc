@@ -797,7 +797,10 @@ bool PrimaryGroup::RttProbeReady(const std::string& peer) const {
   auto it = impl_->peers.find(peer);
   if (it == impl_->peers.end()) return false;
   const Impl::Peer& p = it->second;
-  return p.probe_since != 0 && p.probe_sent_at == 0 && impl_->Inflight(p) == 0;
+  // Streaming, as OnHeartbeatSent needs to take the heartbeat as the probe's (else the caller
+  // would send one on every pass until the probe is given up).
+  return p.probe_since != 0 && p.probe_sent_at == 0 && p.state == LinkState::kStreaming &&
+         impl_->Inflight(p) == 0;
 }
 
 void PrimaryGroup::OnHeartbeatSent(const std::string& peer, Nanos now) {
