@@ -21,7 +21,9 @@ What it measures (issue 4; docs/benchmarks.md records the results):
               Each sample over 10 ms is also split by where its records were: most of them not
               yet `received` by the peer (the link, the window, the primary's shipping) or received
               and waiting for the peer's fsync. The page cache is synced first, so that the
-              writeback of the phases before does not count.
+              writeback of the phases before does not count. Printed with it: the kernel's
+              DAMON monitors that run (a VM platform's memory reclaim; on the VMs measured each
+              of its samples stalls the pipeline) and whether the two sites share a file system.
   cost        CPU seconds per replicated GiB on each side, and each agent's peak RSS.
 Repetitions are interleaved (baseline, candidate, baseline, ...) and medians reported, because this
 machine is shared and noisy.
@@ -297,6 +299,38 @@ def fsync_summary(before, after):
     return n, mean, quantile(0.5), quantile(0.99), n - le50
 
 
+def damon_monitors():
+    """The kernel's DAMON monitors that are running (/sys/kernel/mm/damon/admin), each as
+    {"kdamond", "operations", "sample_us", "actions"}. Some VM platforms run one to reclaim cold
+    guest memory; on the VMs measured each of its samples (every 500 ms) stalled the replication
+    pipeline for 10-40 ms, the lag's periodic episodes (docs/benchmarks.md, "The lag's
+    half-second episodes")."""
+    base = "/sys/kernel/mm/damon/admin/kdamonds"
+
+    def read(path):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    out = []
+    for k in range(int(read(f"{base}/nr_kdamonds") or 0)):
+        if read(f"{base}/{k}/state") != "on":
+            continue
+        for c in range(int(read(f"{base}/{k}/contexts/nr_contexts") or 0)):
+            ctx = f"{base}/{k}/contexts/{c}"
+            nr_schemes = int(read(f"{ctx}/schemes/nr_schemes") or 0)
+            out.append({"kdamond": k, "operations": read(f"{ctx}/operations"),
+                        "sample_us": int(read(f"{ctx}/monitoring_attrs/intervals/sample_us") or 0),
+                        "actions": [read(f"{ctx}/schemes/{i}/action") for i in range(nr_schemes)]})
+    return out
+
+
+def same_device(a, b):
+    return os.stat(a).st_dev == os.stat(b).st_dev
+
+
 def bench_lag(args, max_bw):
     runtime = args.lag_runtime or (5 if args.quick else 30)
     rate = int(args.lag_rate * 2**20) if args.lag_rate else int(max_bw / 2)
@@ -315,6 +349,15 @@ def bench_lag(args, max_bw):
     os.sync()
     print(f"  lag: sync before the measurement took {time.monotonic() - t_sync:.1f} s",
           file=sys.stderr)
+    # What on this machine, outside tvillingd, sets the tail: printed with every run.
+    damon = damon_monitors()
+    shared_disk = same_device(s.a.state_dir, s.b.state_dir)
+    for m in damon:
+        print(f"  lag: the kernel's DAMON monitor {m['kdamond']} is on ({m['operations']}, a sample "
+              f"every {m['sample_us'] / 1000:.0f} ms, schemes {', '.join(m['actions']) or 'none'}): "
+              "on the VMs measured each sample stalls the pipeline", file=sys.stderr)
+    where = "the same file system as" if shared_disk else "another file system than"
+    print(f"  lag: site A's state is on {where} site B's", file=sys.stderr)
     samples = []
     split = []  # (lag, records not yet received, records received but not durable) per sample
     # One tvillingctl reporting every 10 ms over one connection (JSON Lines).
@@ -370,7 +413,8 @@ def bench_lag(args, max_bw):
             "rate_mib_s": rate / 2**20, "lag_samples_over_10ms": len(slow),
             "lag_over_10ms_mostly_unreceived": unreceived, "replica_fsyncs": fsync_n,
             "replica_fsync_mean_ms": fsync_mean, "replica_fsync_p50_ms": fsync_p50,
-            "replica_fsync_p99_ms": fsync_p99, "replica_fsyncs_over_50ms": fsync_long}
+            "replica_fsync_p99_ms": fsync_p99, "replica_fsyncs_over_50ms": fsync_long,
+            "damon_monitors": damon, "sites_share_a_file_system": shared_disk}
 
 
 def main():
