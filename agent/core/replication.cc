@@ -357,6 +357,14 @@ struct PrimaryGroup::Impl {
     Nanos probe_sent_at = 0;     // != 0: the probe's heartbeat went at this time
     Nanos rate_interval_start = -1;
     uint64_t rate_interval_bytes = 0;
+    Nanos rate_interval_sent = 0;  // send time of the batch acknowledged at the interval's start
+    // The batches sent on this connection and not yet wholly received, for the delivery rate's
+    // send-side bound (SentAt).
+    struct Sent {
+      uint64_t first, last;
+      Nanos at;
+    };
+    std::deque<Sent> sends;
     std::string last_error;
     // Its positions count for the release points (PeerStatus::confirmed). Until then it holds
     // back every write not released when it stopped counting.
@@ -473,6 +481,12 @@ struct PrimaryGroup::Impl {
     for (auto& [t, r] : p.rtt_samples)
       if (t >= newest - kFilterWindow) best = std::min(best, r);
     return best;
+  }
+  // Send time of the batch that holds `lsn` on this connection (0 if none does: the replica may
+  // have had it before); forgets the batches wholly below `lsn` (received only grows).
+  static Nanos SentAt(Peer& p, uint64_t lsn) {
+    while (!p.sends.empty() && p.sends.front().last < lsn) p.sends.pop_front();
+    return p.sends.empty() || p.sends.front().first > lsn ? 0 : p.sends.front().at;
   }
   uint64_t Rate(const Peer& p) const {
     uint64_t best = 0;
@@ -676,6 +690,7 @@ uint64_t PrimaryGroup::OnDecision(const std::string& peer, const HandshakeDecisi
   p.conn_received = p.next_lsn - 1;
   p.rate_interval_start = -1;
   p.rate_interval_bytes = 0;
+  p.sends.clear();
   (void)now;
   return p.next_lsn;
 }
@@ -706,6 +721,7 @@ void PrimaryGroup::OnDisconnected(const std::string& peer, const std::string& re
   p.conn_received = 0;
   p.rate_interval_start = -1;
   p.rate_interval_bytes = 0;
+  p.sends.clear();
   p.probe_since = 0;
   p.probe_sent_at = 0;
 }
@@ -724,21 +740,31 @@ bool PrimaryGroup::OnPosition(const std::string& peer, const Positions& pos, Nan
     const uint64_t acked = s.CumAt(pos.received) - s.CumAt(p.conn_received);
     p.conn_received = pos.received;
     // Delivery rate: bytes acknowledged per interval of at least max(rtt, 10 ms); the max of
-    // the samples over 10 s (idle time lowers a sample, it must not shrink the window).
+    // the samples over 10 s (idle time lowers a sample, it must not shrink the window). As in
+    // BBR, a sample is also divided by no less than the time over which its bytes were sent:
+    // a replica that stalled (an fsync, its CPU) and then acknowledges its backlog at once
+    // would otherwise read as a link several times faster than it is, and the window would
+    // grow into a standing queue (on the WAN lab's 50 ms link, up to 3-4x the link's rate).
+    const Nanos sent = s.SentAt(p, pos.received);
     if (p.rate_interval_start < 0) {
       p.rate_interval_start = now;
       p.rate_interval_bytes = 0;
+      p.rate_interval_sent = sent;
     } else {
       p.rate_interval_bytes += acked;
       const Nanos dt = now - p.rate_interval_start;
       if (dt >= std::max(s.Rtt(p), kMinRateInterval)) {
+        Nanos span = dt;
+        if (p.rate_interval_sent > 0 && sent > p.rate_interval_sent)
+          span = std::max(span, sent - p.rate_interval_sent);
         const uint64_t rate =
-            static_cast<uint64_t>(static_cast<double>(p.rate_interval_bytes) * kSecond / dt);
+            static_cast<uint64_t>(static_cast<double>(p.rate_interval_bytes) * kSecond / span);
         p.rate_samples.emplace_back(now, rate);
         while (!p.rate_samples.empty() && p.rate_samples.front().first < now - kFilterWindow)
           p.rate_samples.pop_front();
         p.rate_interval_start = now;
         p.rate_interval_bytes = 0;
+        p.rate_interval_sent = sent;
       }
     }
   }
@@ -857,14 +883,15 @@ std::optional<SendPlan> PrimaryGroup::NextSend(const std::string& peer, Nanos no
 
 void PrimaryGroup::OnSent(const std::string& peer, uint64_t first_lsn, uint64_t last_lsn,
                           uint64_t bytes, Nanos now) {
-  (void)first_lsn;
   (void)bytes;  // in-flight bytes come from the per-record sizes, which the batch matches
-  (void)now;
   auto it = impl_->peers.find(peer);
   if (it == impl_->peers.end()) return;
   Impl::Peer& p = it->second;
   if (!Connected(p.state)) return;
   p.next_lsn = std::max(p.next_lsn, last_lsn + 1);
+  if (last_lsn > p.sent_last && last_lsn > p.conn_received) {
+    p.sends.push_back({std::max({first_lsn, p.sent_last + 1, p.conn_received + 1}), last_lsn, now});
+  }
   p.sent_last = std::max(p.sent_last, last_lsn);
 }
 

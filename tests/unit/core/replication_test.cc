@@ -615,6 +615,47 @@ TEST(PrimaryGroup, WindowFollowsRttAndDeliveryRate) {
   EXPECT_EQ(StatusOf(g, "p").rtt, 40 * kMs);
 }
 
+// A replica that stalls and then acknowledges its backlog at once (ack compression): the bytes
+// acknowledged in an interval were sent over a longer time, and the rate must not exceed the rate
+// they were sent at. Before, the sample after such a burst read as several times the link's rate
+// (up to 3-4x on the WAN lab's 50 ms link) and the window grew into a standing queue.
+TEST(PrimaryGroup, DeliveryRateIsBoundedByTheRateTheBytesWereSentAt) {
+  PrimaryGroup g;
+  SenderOptions o = Opts(Mode::kAsync);
+  o.max_window_bytes = 100'000'000;
+  g.AddPeer("p", o, {}, 0);
+  Stream(g, "p", 1, 1 * kMs);
+  g.OnRttSample("p", 20 * kMs, 1 * kMs);
+  Append(g, 1, 3000, 1000, 1 * kMs);
+  // Batch k (k = 0..29): records 100k+1 .. 100k+100, sent at 10k + 1 ms: 10 MB/s.
+  for (uint64_t k = 0; k < 30; ++k)
+    g.OnSent("p", 100 * k + 1, 100 * k + 100, 100'000, (10 * k + 1) * kMs);
+  g.OnPosition("p", {100, 0, 0}, 5 * kMs);  // the first batch; the interval starts
+  // Nothing until 200 ms: the replica stalled. Then the backlog, acknowledged in a burst.
+  g.OnPosition("p", {1000, 0, 0}, 200 * kMs);  // closes the interval: 900 kB over 195 ms
+  g.OnPosition("p", {1500, 0, 0}, 200'500'000);
+  g.OnPosition("p", {1900, 0, 0}, 201 * kMs);
+  g.OnPosition("p", {2100, 0, 0}, 210 * kMs);
+  g.OnPosition("p", {2200, 0, 0}, 220 * kMs);  // 1.2 MB acknowledged in 20 ms: 60 MB/s
+  // ... but sent between 91 ms (batch 9, holding LSN 1000) and 211 ms (batch 21): 10 MB/s.
+  EXPECT_EQ(StatusOf(g, "p").delivery_rate, 10'000'000u);
+  EXPECT_EQ(StatusOf(g, "p").window_bytes, 400'000u);  // 2 x 20 ms x 10 MB/s
+}
+
+// Acknowledgements of records the replica had before this connection sent them (it may be ahead
+// of the decision) have no send time: the acknowledgements' own interval counts.
+TEST(PrimaryGroup, DeliveryRateWithoutSendTimesUsesTheAckInterval) {
+  PrimaryGroup g;
+  g.AddPeer("p", Opts(Mode::kAsync), {}, 0);
+  Stream(g, "p", 1, 1 * kMs);
+  g.OnRttSample("p", 20 * kMs, 1 * kMs);
+  Append(g, 1, 1000, 1000, 1 * kMs);
+  g.OnSent("p", 301, 400, 100'000, 2 * kMs);
+  g.OnPosition("p", {100, 0, 0}, 10 * kMs);
+  g.OnPosition("p", {300, 0, 0}, 30 * kMs);  // 200 kB in 20 ms, none of it sent here
+  EXPECT_EQ(StatusOf(g, "p").delivery_rate, 10'000'000u);
+}
+
 // A replica slower than the primary queues what the window lets through; every heartbeat then
 // waits behind that queue, and the window (2 x rtt x rate) grew from it: on loopback 54-183 MiB
 // in flight, held in memory at both ends. After 100 RTTs (at least 2 s) of such samples the link
