@@ -327,6 +327,11 @@ def damon_monitors():
     return out
 
 
+def describe_damon(m):
+    return (f"the kernel's DAMON monitor {m['kdamond']} is on ({m['operations']}, a sample every "
+            f"{m['sample_us'] / 1000:.0f} ms, schemes {', '.join(m['actions']) or 'none'})")
+
+
 def same_device(a, b):
     return os.stat(a).st_dev == os.stat(b).st_dev
 
@@ -353,9 +358,8 @@ def bench_lag(args, max_bw):
     damon = damon_monitors()
     shared_disk = same_device(s.a.state_dir, s.b.state_dir)
     for m in damon:
-        print(f"  lag: the kernel's DAMON monitor {m['kdamond']} is on ({m['operations']}, a sample "
-              f"every {m['sample_us'] / 1000:.0f} ms, schemes {', '.join(m['actions']) or 'none'}): "
-              "on the VMs measured each sample stalls the pipeline", file=sys.stderr)
+        print(f"  lag: {describe_damon(m)}: on the VMs measured each sample stalls the pipeline",
+              file=sys.stderr)
     where = "the same file system as" if shared_disk else "another file system than"
     print(f"  lag: site A's state is on {where} site B's", file=sys.stderr)
     samples = []
