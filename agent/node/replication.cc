@@ -1087,6 +1087,7 @@ void PrimaryReplicator::FillStatus(v1::GroupStatus* out) const {
     ps->set_rtt_us(static_cast<uint64_t>(p.rtt / 1000));
     ps->set_window_bytes(p.window_bytes);
     ps->set_inflight_bytes(p.inflight_bytes);
+    ps->set_delivery_rate_bytes_per_s(p.delivery_rate);
     for (const auto& l : links_) {
       if (l->opt.site != p.peer) continue;
       ps->set_heartbeat_echo_age_us(l->last_echo == 0 ? -1 : (now - l->last_echo) / 1000);

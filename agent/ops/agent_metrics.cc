@@ -106,6 +106,9 @@ void AppendPeer(const MetricLabels& group_labels, const v1::PeerStatus& p, bool 
             D(p.window_bytes()));
   out.Gauge("tvilling_peer_inflight_bytes", "Bytes sent to the peer and not yet received.", l,
             D(p.inflight_bytes()));
+  out.Gauge("tvilling_peer_delivery_rate_bytes_per_second",
+            "Delivery-rate estimate the window is sized from (0 = not yet).", l,
+            D(p.delivery_rate_bytes_per_s()));
   out.Gauge("tvilling_peer_copy_total_bytes",
             "Size of the running full copy to or from the peer (0 when none runs).", l,
             D(p.copy_total_bytes()));

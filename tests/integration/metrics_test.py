@@ -120,7 +120,8 @@ def replication(c):
                  "tvilling_group_durable_lsn", "tvilling_group_applied_lsn", "tvilling_log_bytes",
                  "tvilling_log_retained_records", "tvilling_log_fsync_duration_seconds",
                  "tvilling_client_io_duration_seconds", "tvilling_peer_rtt_seconds",
-                 "tvilling_peer_window_bytes", "tvilling_peer_copy_done_bytes",
+                 "tvilling_peer_window_bytes", "tvilling_peer_delivery_rate_bytes_per_second",
+                 "tvilling_peer_copy_done_bytes",
                  "tvilling_group_rpo_bound_seconds", "tvilling_nbd_connections_total"]:
         if name not in fams:
             raise TestFailure(f"site-a's /metrics has no {name}")
@@ -163,6 +164,9 @@ def replication(c):
     # must still learn that the last record was applied.
     wait_for("site-a to see site-b's applied LSN reach the last LSN", lambda: v(
         scrape(a), "tvilling_peer_applied_lsn", group="g0", peer="site-b") == last, 15, 0.25)
+    # The delivery-rate estimate the window is sized from: measured from the acknowledgements.
+    if not v(fams, "tvilling_peer_delivery_rate_bytes_per_second", group="g0", peer="site-b") > 0:
+        raise TestFailure("no delivery rate was measured for site-b after it caught up")
     for name in ["tvilling_group_rpo_bound_records", "tvilling_group_rpo_bound_bytes",
                  "tvilling_group_rpo_bound_seconds"]:
         if v(fams, name, group="g0") != 0:

@@ -100,6 +100,7 @@ TEST(StatusMetricsTest, PrimaryRpoBoundIsTheMostCurrentPeersLagAndStatesAreSets)
   b->set_lag_bytes(8192);
   b->set_lag_seconds(0.25);
   b->set_rtt_us(1500);
+  b->set_delivery_rate_bytes_per_s(125'000'000);
   v1::PeerStatus* c = g->add_peers();
   c->set_peer("site-c");
   c->set_mode("async");
@@ -132,6 +133,8 @@ TEST(StatusMetricsTest, PrimaryRpoBoundIsTheMostCurrentPeersLagAndStatesAreSets)
   EXPECT_THAT(t,
               HasSubstr("tvilling_peer_rtt_seconds{site=\"site-a\",group=\"g0\",peer=\"site-b\"} "
                         "0.0015\n"));
+  EXPECT_THAT(t, HasSubstr("tvilling_peer_delivery_rate_bytes_per_second{site=\"site-a\","
+                           "group=\"g0\",peer=\"site-b\"} 125000000\n"));
   EXPECT_THAT(
       t, HasSubstr("tvilling_peer_sync_mode{site=\"site-a\",group=\"g0\",peer=\"site-b\"} 1\n"));
   // The replica's unnamed peer is left out; its role is.
