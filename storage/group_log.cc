@@ -18,6 +18,8 @@
 
 #include <fmt/format.h>
 #include <rocksdb/db.h>
+#include <rocksdb/env.h>
+#include <rocksdb/file_system.h>
 #include <rocksdb/iterator.h>
 #include <rocksdb/options.h>
 #include <rocksdb/slice.h>
@@ -140,10 +142,99 @@ rocksdb::Status GatedWal(StoreHealth* health, StoreHealth::Call kind, Fn&& call)
     if (h.code() == absl::StatusCode::kDataLoss) return rocksdb::Status::Corruption(msg);
     return rocksdb::Status::IOError(msg);
   }
+  if (kind == StoreHealth::Call::kSync && health->before_wal_sync) health->before_wal_sync();
   rocksdb::Status s = call();
   health->Leave(kind, s.ok());
   return s;
 }
+
+// RocksDB's WAL file numbers: `<number>.log` in the store's directory (RocksDB's own info log is
+// `LOG`, and the store sends it to spdlog anyway).
+std::optional<uint64_t> WalNumber(const std::string& fname) {
+  const std::string name = std::filesystem::path(fname).filename().string();
+  constexpr std::string_view kSuffix = ".log";
+  if (name.size() <= kSuffix.size() || !name.ends_with(kSuffix)) return std::nullopt;
+  uint64_t n = 0;
+  for (size_t i = 0; i + kSuffix.size() < name.size(); ++i) {
+    if (name[i] < '0' || name[i] > '9') return std::nullopt;
+    n = n * 10 + static_cast<uint64_t>(name[i] - '0');
+  }
+  return n;
+}
+
+// A WAL file that tells the store's gate when a sync of the newest WAL starts (StoreHealth::
+// WalSyncStarting): RocksDB's SyncWAL syncs the WALs oldest first and checks each writer for an
+// earlier failed write just before its fsync, and only the newest WAL is written to meanwhile.
+class WalSyncFile : public rocksdb::FSWritableFileOwnerWrapper {
+ public:
+  WalSyncFile(std::unique_ptr<rocksdb::FSWritableFile> file, uint64_t number,
+              const std::atomic<uint64_t>* newest, StoreHealth* health)
+      : FSWritableFileOwnerWrapper(std::move(file)),
+        number_(number),
+        newest_(newest),
+        health_(health) {}
+
+  rocksdb::IOStatus Sync(const rocksdb::IOOptions& options, rocksdb::IODebugContext* dbg) override {
+    Starting();
+    return target()->Sync(options, dbg);
+  }
+  rocksdb::IOStatus Fsync(const rocksdb::IOOptions& options,
+                          rocksdb::IODebugContext* dbg) override {
+    Starting();
+    return target()->Fsync(options, dbg);
+  }
+  void SetIOPriority(rocksdb::Env::IOPriority pri) override { target()->SetIOPriority(pri); }
+  rocksdb::Env::IOPriority GetIOPriority() override { return target()->GetIOPriority(); }
+
+ private:
+  void Starting() {
+    if (number_ >= newest_->load(std::memory_order_acquire)) health_->WalSyncStarting();
+  }
+
+  const uint64_t number_;
+  const std::atomic<uint64_t>* newest_;
+  StoreHealth* health_;
+};
+
+// The store's file system: its base, with the WAL files opened for writing wrapped in WalSyncFile.
+class WalSyncFs : public rocksdb::FileSystemWrapper {
+ public:
+  WalSyncFs(const std::shared_ptr<rocksdb::FileSystem>& base, StoreHealth* health)
+      : FileSystemWrapper(base), health_(health) {}
+  const char* Name() const override { return "TvillingWalSyncFs"; }
+
+  rocksdb::IOStatus NewWritableFile(const std::string& fname, const rocksdb::FileOptions& opts,
+                                    std::unique_ptr<rocksdb::FSWritableFile>* result,
+                                    rocksdb::IODebugContext* dbg) override {
+    return Wrap(fname, target()->NewWritableFile(fname, opts, result, dbg), result);
+  }
+  rocksdb::IOStatus ReopenWritableFile(const std::string& fname, const rocksdb::FileOptions& opts,
+                                       std::unique_ptr<rocksdb::FSWritableFile>* result,
+                                       rocksdb::IODebugContext* dbg) override {
+    return Wrap(fname, target()->ReopenWritableFile(fname, opts, result, dbg), result);
+  }
+  rocksdb::IOStatus ReuseWritableFile(const std::string& fname, const std::string& old_fname,
+                                      const rocksdb::FileOptions& opts,
+                                      std::unique_ptr<rocksdb::FSWritableFile>* result,
+                                      rocksdb::IODebugContext* dbg) override {
+    return Wrap(fname, target()->ReuseWritableFile(fname, old_fname, opts, result, dbg), result);
+  }
+
+ private:
+  rocksdb::IOStatus Wrap(const std::string& fname, rocksdb::IOStatus s,
+                         std::unique_ptr<rocksdb::FSWritableFile>* result) {
+    const std::optional<uint64_t> number = WalNumber(fname);
+    if (!s.ok() || !number) return s;
+    uint64_t newest = newest_.load(std::memory_order_relaxed);
+    while (*number > newest && !newest_.compare_exchange_weak(newest, *number)) {
+    }
+    *result = std::make_unique<WalSyncFile>(std::move(*result), *number, &newest_, health_);
+    return s;
+  }
+
+  StoreHealth* health_;
+  std::atomic<uint64_t> newest_{0};
+};
 
 // Visits every key with `prefix`, in order.
 absl::Status ScanPrefix(
@@ -237,13 +328,17 @@ absl::StatusOr<std::unique_ptr<LogStore>> LogStore::Open(const LogStoreOptions& 
           "rocksdb::crc32c::Extend (link it with the storage library's options)");
     }
   });
+  auto store = std::unique_ptr<LogStore>(new LogStore());
+  store->dir_ = options.dir;
+  store->health_.before_wal_sync = options.before_wal_sync;
   rocksdb::Options o;
   ConfigureRocksOptions(options, &o);
+  store->env_ = rocksdb::NewCompositeEnv(
+      std::make_shared<WalSyncFs>(o.env->GetFileSystem(), &store->health_));
+  o.env = store->env_.get();
   rocksdb::DB* raw = nullptr;
   rocksdb::Status s = rocksdb::DB::Open(o, options.dir.string(), &raw);
   if (!s.ok()) return FromRocks(s, fmt::format("opening log store {}", options.dir.string()));
-  auto store = std::unique_ptr<LogStore>(new LogStore());
-  store->dir_ = options.dir;
   store->db_.reset(raw);
   // Whatever survived a crash in the WAL's page cache is made durable now, so durable_lsn can start
   // at last_lsn.

@@ -57,13 +57,15 @@ struct GroupLogOptions;
 
 // The first write error of a RocksDB instance, and the gate every call that writes or syncs its
 // WAL goes through. RocksDB refuses (and Debian's build, which keeps its assertions, aborts on) a
-// WAL sync that starts after a write to the same WAL failed (WritableFileWriter::
-// SyncWithoutFlush), and a failure is known only when the failing call returns. So a sync starts
-// only while no write is in flight, a write waits while a sync waits (a stream of writes from
-// several groups cannot starve the syncs), and nothing starts once a call failed. A write may
-// overlap a running sync: RocksDB supports that, and it is what lets the committer write the next
-// batch while the syncer fsyncs this one. Once any group's WAL call fails, no group of the store
-// writes or syncs again until the agent restarts.
+// WAL sync that finds a failed write on the WAL it is about to sync (WritableFileWriter::
+// SyncWithoutFlush checks the writer's error just before its fsync), and a failure is known only
+// when the failing call returns. So a sync starts only while no write is in flight, a write waits
+// while a sync waits (a stream of writes from several groups cannot starve the syncs) and while an
+// entered sync has not yet reached the fsync of the newest WAL (past every check it makes: the
+// store's WAL files report that moment, WalSyncStarting), and nothing starts once a call failed. A
+// write may overlap the fsync itself: RocksDB supports that, and it is what lets the committer
+// write the next batch while the syncer fsyncs this one. Once any group's WAL call fails, no group
+// of the store writes or syncs again until the agent restarts.
 class StoreHealth {
  public:
   enum class Call { kWrite, kSync };
@@ -79,11 +81,12 @@ class StoreHealth {
 
   // Before a WAL call: OK, and then Leave() is due after the call; or the earlier failure, and
   // the call must not be made. A kSync waits for the writes in flight; a kWrite waits while a
-  // kSync does.
+  // kSync does, and while an entered kSync has neither reached its fsync (WalSyncStarting, on the
+  // kSync's thread) nor left.
   absl::Status Enter(Call call) {
     std::unique_lock lock(mu_);
     if (call == Call::kWrite) {
-      cv_.wait(lock, [&] { return syncs_waiting_ == 0 || call_failed_; });
+      cv_.wait(lock, [&] { return (syncs_waiting_ == 0 && syncs_checking_ == 0) || call_failed_; });
       if (call_failed_) return StatusLocked();
       ++writes_;
       return absl::OkStatus();
@@ -92,9 +95,24 @@ class StoreHealth {
     cv_.wait(lock, [&] { return writes_ == 0 || call_failed_; });
     --syncs_waiting_;
     absl::Status st = StatusLocked();
+    if (st.ok()) {
+      ++syncs_checking_;
+      checking_sync_ = this;
+    }
     lock.unlock();
-    cv_.notify_all();  // writes held back for this sync may go on
+    cv_.notify_all();
     return st;
+  }
+  // A sync of the store's newest WAL file starts on this thread: if it is the sync this thread
+  // entered (Enter(kSync)), it is past RocksDB's checks, and writes may go on beside its fsync.
+  void WalSyncStarting() {
+    if (checking_sync_ != this) return;
+    {
+      std::lock_guard lock(mu_);
+      checking_sync_ = nullptr;
+      --syncs_checking_;
+    }
+    cv_.notify_all();
   }
   int syncs_waiting() const {
     std::lock_guard lock(mu_);
@@ -104,10 +122,18 @@ class StoreHealth {
     {
       std::lock_guard lock(mu_);
       if (call == Call::kWrite) --writes_;
+      if (call == Call::kSync && checking_sync_ == this) {  // it never reached the newest WAL
+        checking_sync_ = nullptr;
+        --syncs_checking_;
+      }
       if (!ok) call_failed_ = true;
     }
     cv_.notify_all();
   }
+
+  // For tests: called on the syncing thread after a sync entered the gate, before its RocksDB
+  // call (LogStoreOptions::before_wal_sync).
+  std::function<void()> before_wal_sync;
 
  private:
   absl::Status StatusLocked() const {
@@ -119,8 +145,11 @@ class StoreHealth {
   std::condition_variable cv_;
   absl::Status failed_;
   bool call_failed_ = false;
-  int writes_ = 0;         // WAL writes in flight
-  int syncs_waiting_ = 0;  // syncs waiting for them to finish
+  int writes_ = 0;          // WAL writes in flight
+  int syncs_waiting_ = 0;   // syncs waiting for them to finish
+  int syncs_checking_ = 0;  // entered syncs not yet at the newest WAL's fsync
+  // The store whose gate this thread's sync entered and that has not yet reached that fsync.
+  static inline thread_local const StoreHealth* checking_sync_ = nullptr;
 };
 
 struct LogStoreOptions {
@@ -135,6 +164,9 @@ struct LogStoreOptions {
   int recycle_wal_files = 4;
   // For tests: an Env that can drop unsynced data. nullptr = rocksdb::Env::Default().
   rocksdb::Env* env = nullptr;
+  // For tests: runs on the syncing thread each time a WAL sync has passed the store's gate
+  // (StoreHealth), just before RocksDB's SyncWAL.
+  std::function<void()> before_wal_sync;
 };
 
 // The size of the memtable's arena blocks for a memtable of `write_buffer_bytes` (the allocation
@@ -164,8 +196,11 @@ class LogStore {
  private:
   LogStore() = default;
   std::filesystem::path dir_;
-  std::unique_ptr<rocksdb::DB> db_;
   StoreHealth health_;
+  // RocksDB's file system with the WAL files reporting their syncs to health_ (WalSyncFs in
+  // group_log.cc); outlives db_.
+  std::unique_ptr<rocksdb::Env> env_;
+  std::unique_ptr<rocksdb::DB> db_;
   std::mutex mu_;
   std::map<std::string, std::unique_ptr<GroupLog>> groups_;
 };

@@ -564,38 +564,60 @@ TEST(StoreHealthTest, ARefusedCallReportedFirstDoesNotHideTheFailure) {
   EXPECT_NE(h.status().message().find("No space left on device"), absl::string_view::npos);
 }
 
-TEST(StoreHealthTest, WritesWaitForAWaitingSyncAndMayOverlapARunningOne) {
+TEST(StoreHealthTest, WritesWaitForASyncUntilItReachesItsFsyncThenOverlapIt) {
   using Call = StoreHealth::Call;
   StoreHealth h;
   ASSERT_TRUE(h.Enter(Call::kWrite).ok());  // write 1 in flight
-  std::atomic<bool> sync_returned{false}, write2_returned{false};
-  std::atomic<bool> write2_before_sync{false};
+  std::atomic<bool> sync_entered{false}, let_fsync{false}, fsync_started{false};
+  std::atomic<bool> write2_returned{false}, write2_early{false};
   std::thread sync([&] {
     EXPECT_TRUE(h.Enter(Call::kSync).ok());
-    sync_returned = true;
+    sync_entered = true;
+    while (!let_fsync) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    fsync_started = true;
+    h.WalSyncStarting();  // what the store's newest WAL file says when RocksDB fsyncs it
   });
   // Once the sync waits, a second write comes: it must not overtake the sync.
   while (h.syncs_waiting() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   std::thread write2([&] {
     EXPECT_TRUE(h.Enter(Call::kWrite).ok());
-    // The sync must have left its wait (it may not have returned to its thread yet).
-    if (h.syncs_waiting() != 0) write2_before_sync = true;
+    if (!fsync_started) write2_early = true;
     write2_returned = true;
   });
   EXPECT_FALSE(Returned(write2_returned, 100)) << "a write overtook a waiting sync";
-  EXPECT_FALSE(sync_returned.load());
-  h.Leave(Call::kWrite, /*ok=*/true);  // write 1 done: the sync starts, then write 2
-  ASSERT_TRUE(Returned(sync_returned));
-  ASSERT_TRUE(Returned(write2_returned));
+  EXPECT_FALSE(sync_entered.load());
+  h.Leave(Call::kWrite, /*ok=*/true);  // write 1 done: the sync enters
+  ASSERT_TRUE(Returned(sync_entered, 10000));
+  // Between entering and its fsync, RocksDB checks the WAL for a failed write: none may start.
+  EXPECT_FALSE(Returned(write2_returned, 100)) << "a write started before the sync's fsync did";
+  let_fsync = true;
+  ASSERT_TRUE(Returned(write2_returned, 10000));
   sync.join();
   write2.join();
-  EXPECT_FALSE(write2_before_sync.load());
-  // Write 2 runs while the sync runs (the committer writes the next batch during an fsync).
+  EXPECT_FALSE(write2_early.load());
+  // Write 2 runs while the fsync runs (the committer writes the next batch during an fsync).
   h.Leave(Call::kWrite, /*ok=*/true);
   h.Leave(Call::kSync, /*ok=*/true);
   EXPECT_TRUE(h.status().ok());
+
+  // A WAL fsync on a thread that entered no sync (a synced write's own) releases nothing; a sync
+  // that returns without reaching the newest WAL's fsync releases the writes it held.
   ASSERT_TRUE(h.Enter(Call::kSync).ok());
-  ASSERT_TRUE(h.Enter(Call::kWrite).ok()) << "a write must not wait for a running sync";
+  std::thread([&] { h.WalSyncStarting(); }).join();
+  std::atomic<bool> write3_returned{false};
+  std::thread write3([&] {
+    EXPECT_TRUE(h.Enter(Call::kWrite).ok());
+    write3_returned = true;
+  });
+  EXPECT_FALSE(Returned(write3_returned, 100)) << "another thread's fsync released a sync's writes";
+  h.Leave(Call::kSync, /*ok=*/true);
+  ASSERT_TRUE(Returned(write3_returned, 10000));
+  write3.join();
+  h.Leave(Call::kWrite, /*ok=*/true);
+
+  ASSERT_TRUE(h.Enter(Call::kSync).ok());
+  h.WalSyncStarting();
+  ASSERT_TRUE(h.Enter(Call::kWrite).ok()) << "a write must not wait for a running fsync";
   h.Leave(Call::kWrite, true);
   h.Leave(Call::kSync, /*ok=*/false);  // a failed sync stops later writes
   EXPECT_FALSE(h.Enter(Call::kWrite).ok());
