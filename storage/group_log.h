@@ -62,9 +62,10 @@ struct GroupLogOptions;
 // when the failing call returns. So a sync starts only while no write is in flight, a write waits
 // while a sync waits (a stream of writes from several groups cannot starve the syncs) and while an
 // entered sync has not yet reached the fsync of the newest WAL (past every check it makes: the
-// store's WAL files report that moment, WalSyncStarting), and nothing starts once a call failed. A
-// write may overlap the fsync itself: RocksDB supports that, and it is what lets the committer
-// write the next batch while the syncer fsyncs this one. Once any group's WAL call fails, no group
+// store's WAL files report that moment, WalSyncStarting), and nothing starts once a call failed.
+// Syncs go one at a time, so a sync waiting for another's fsync holds no write back. A write may
+// overlap the fsync itself: RocksDB supports that, and it is what lets the committer write the
+// next batch while the syncer fsyncs this one. Once any group's WAL call fails, no group
 // of the store writes or syncs again until the agent restarts.
 class StoreHealth {
  public:
@@ -80,24 +81,30 @@ class StoreHealth {
   void Fail(const absl::Status& s);
 
   // Before a WAL call: OK, and then Leave() is due after the call; or the earlier failure, and
-  // the call must not be made. A kSync waits for the writes in flight; a kWrite waits while a
-  // kSync does, and while an entered kSync has neither reached its fsync (WalSyncStarting, on the
-  // kSync's thread) nor left.
+  // the call must not be made. One kSync at a time (RocksDB runs one SyncWAL at a time anyway; one
+  // waiting for another holds no write back); it then waits for the writes in flight. A kWrite
+  // waits from then until the kSync reaches its fsync (WalSyncStarting, on the kSync's thread) or
+  // leaves.
   absl::Status Enter(Call call) {
     std::unique_lock lock(mu_);
     if (call == Call::kWrite) {
-      cv_.wait(lock, [&] { return (syncs_waiting_ == 0 && syncs_checking_ == 0) || call_failed_; });
+      cv_.wait(lock, [&] { return !sync_ || sync_at_fsync_ || call_failed_; });
       if (call_failed_) return StatusLocked();
       ++writes_;
       return absl::OkStatus();
     }
+    cv_.wait(lock, [&] { return !sync_ || call_failed_; });
+    if (call_failed_) return StatusLocked();
+    sync_ = true;
+    sync_at_fsync_ = false;
     ++syncs_waiting_;
     cv_.wait(lock, [&] { return writes_ == 0 || call_failed_; });
     --syncs_waiting_;
     absl::Status st = StatusLocked();
     if (st.ok()) {
-      ++syncs_checking_;
       checking_sync_ = this;
+    } else {
+      sync_ = false;
     }
     lock.unlock();
     cv_.notify_all();
@@ -107,10 +114,10 @@ class StoreHealth {
   // entered (Enter(kSync)), it is past RocksDB's checks, and writes may go on beside its fsync.
   void WalSyncStarting() {
     if (checking_sync_ != this) return;
+    checking_sync_ = nullptr;
     {
       std::lock_guard lock(mu_);
-      checking_sync_ = nullptr;
-      --syncs_checking_;
+      sync_at_fsync_ = true;
     }
     cv_.notify_all();
   }
@@ -121,10 +128,12 @@ class StoreHealth {
   void Leave(Call call, bool ok) {
     {
       std::lock_guard lock(mu_);
-      if (call == Call::kWrite) --writes_;
-      if (call == Call::kSync && checking_sync_ == this) {  // it never reached the newest WAL
-        checking_sync_ = nullptr;
-        --syncs_checking_;
+      if (call == Call::kWrite) {
+        --writes_;
+      } else {
+        sync_ = false;
+        sync_at_fsync_ = false;
+        if (checking_sync_ == this) checking_sync_ = nullptr;  // it never reached the newest WAL
       }
       if (!ok) call_failed_ = true;
     }
@@ -145,9 +154,10 @@ class StoreHealth {
   std::condition_variable cv_;
   absl::Status failed_;
   bool call_failed_ = false;
-  int writes_ = 0;          // WAL writes in flight
-  int syncs_waiting_ = 0;   // syncs waiting for them to finish
-  int syncs_checking_ = 0;  // entered syncs not yet at the newest WAL's fsync
+  int writes_ = 0;              // WAL writes in flight
+  int syncs_waiting_ = 0;       // a sync waiting for them to finish (0 or 1)
+  bool sync_ = false;           // a sync is waiting for writes or running
+  bool sync_at_fsync_ = false;  // and has reached the newest WAL's fsync
   // The store whose gate this thread's sync entered and that has not yet reached that fsync.
   static inline thread_local const StoreHealth* checking_sync_ = nullptr;
 };

@@ -615,6 +615,28 @@ TEST(StoreHealthTest, WritesWaitForASyncUntilItReachesItsFsyncThenOverlapIt) {
   write3.join();
   h.Leave(Call::kWrite, /*ok=*/true);
 
+  // One sync at a time: a second waits for the first to return, holding no write back meanwhile.
+  ASSERT_TRUE(h.Enter(Call::kSync).ok());
+  h.WalSyncStarting();
+  std::atomic<bool> sync2_entered{false}, write4_returned{false};
+  std::thread sync2([&] {
+    EXPECT_TRUE(h.Enter(Call::kSync).ok());
+    sync2_entered = true;
+    h.WalSyncStarting();
+    h.Leave(Call::kSync, /*ok=*/true);
+  });
+  EXPECT_FALSE(Returned(sync2_entered, 100)) << "two syncs entered at once";
+  std::thread write4([&] {
+    EXPECT_TRUE(h.Enter(Call::kWrite).ok());
+    write4_returned = true;
+  });
+  EXPECT_TRUE(Returned(write4_returned, 10000)) << "a sync waiting for another held a write back";
+  write4.join();
+  h.Leave(Call::kWrite, /*ok=*/true);
+  h.Leave(Call::kSync, /*ok=*/true);
+  ASSERT_TRUE(Returned(sync2_entered, 10000));
+  sync2.join();
+
   ASSERT_TRUE(h.Enter(Call::kSync).ok());
   h.WalSyncStarting();
   ASSERT_TRUE(h.Enter(Call::kWrite).ok()) << "a write must not wait for a running fsync";
