@@ -11,6 +11,7 @@
 #include <mutex>
 #include <random>
 #include <thread>
+#include <vector>
 
 #include "storage/group_log.h"
 #include "tests/unit/storage/fault_env.h"
@@ -31,45 +32,53 @@ AppendRequest TaggedReq(uint64_t tag, bool sync) {
   return r;
 }
 
-TEST(GroupLogPowerCutTest, DurableRecordsSurviveUnsyncedOnesMayNot) {
+// Power cuts under `groups` groups of one store, two writer threads each (appends, some FUA, and
+// Syncs); after each cut every group has what it confirmed durable, dense and intact.
+void RunPowerCuts(int groups) {
   TempDir dir;
   FaultEnv fault;
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
-  uint64_t durable_floor = 0;  // highest LSN the log ever confirmed durable
+  std::vector<uint64_t> durable_floor(groups, 0);  // highest LSN each log confirmed durable
   for (int round = 0; round < 20; ++round) {
     auto store = LogStore::Open({.dir = dir.path() / "log", .env = fault.env()});
     ASSERT_TRUE(store.ok()) << store.status();
-    auto log = (*store)->OpenGroup("g0", {.max_batch_records = 16});
-    ASSERT_TRUE(log.ok()) << log.status();
-    GroupLog* g = *log;
-    // After the previous cut: everything confirmed durable is here, dense and intact.
-    const GroupLogState st = g->State();
-    ASSERT_GE(st.last_lsn, durable_floor) << "round " << round << ": lost durable records";
-    ASSERT_TRUE(g->Verify().ok()) << g->Verify();
-    ASSERT_TRUE(g->ReadRange(1, st.last_lsn, [](const LogRecordView& r) {
-                   uint64_t tag;
-                   std::memcpy(&tag, r.payload.data(), 8);
-                   return tag == r.header.offset / 512 ? absl::OkStatus()
-                                                       : absl::DataLossError("mixed payload");
-                 }).ok());
+    std::vector<GroupLog*> logs;
+    for (int gi = 0; gi < groups; ++gi) {
+      auto log = (*store)->OpenGroup("g" + std::to_string(gi), {.max_batch_records = 16});
+      ASSERT_TRUE(log.ok()) << log.status();
+      GroupLog* g = *log;
+      logs.push_back(g);
+      // After the previous cut: everything confirmed durable is here, dense and intact.
+      const GroupLogState st = g->State();
+      ASSERT_GE(st.last_lsn, durable_floor[gi])
+          << "round " << round << ", group " << gi << ": lost durable records";
+      ASSERT_TRUE(g->Verify().ok()) << g->Verify();
+      ASSERT_TRUE(g->ReadRange(1, st.last_lsn, [](const LogRecordView& r) {
+                     uint64_t tag;
+                     std::memcpy(&tag, r.payload.data(), 8);
+                     return tag == r.header.offset / 512 ? absl::OkStatus()
+                                                         : absl::DataLossError("mixed payload");
+                   }).ok());
+    }
 
-    // Appends from two threads, some FUA, with Syncs; the cut comes at a random moment.
-    std::atomic<uint64_t> confirmed{0};
-    auto bump = [&](uint64_t lsn) {
-      uint64_t c = confirmed.load();
-      while (lsn > c && !confirmed.compare_exchange_weak(c, lsn)) {
+    // The cut comes at a random moment.
+    std::vector<std::atomic<uint64_t>> confirmed(groups);
+    auto bump = [&](int gi, uint64_t lsn) {
+      uint64_t c = confirmed[gi].load();
+      while (lsn > c && !confirmed[gi].compare_exchange_weak(c, lsn)) {
       }
     };
     std::atomic<bool> stop{false};
-    auto writer = [&](uint64_t s) {
+    auto writer = [&](int gi, uint64_t s) {
+      GroupLog* g = logs[gi];
       std::mt19937_64 r(s);
       while (!stop.load()) {
         const bool fua = r() % 8 == 0;
         std::promise<void> done;
         g->Append(TaggedReq(r() % 100000, fua), [&, fua](absl::StatusOr<uint64_t> lsn) {
-          if (lsn.ok() && fua) bump(*lsn);
+          if (lsn.ok() && fua) bump(gi, *lsn);
           done.set_value();
         });
         done.get_future().wait();
@@ -77,25 +86,39 @@ TEST(GroupLogPowerCutTest, DurableRecordsSurviveUnsyncedOnesMayNot) {
           const uint64_t target = g->last_lsn();
           std::promise<void> synced;
           g->Sync([&, target](absl::Status sync_status) {
-            if (sync_status.ok()) bump(target);
+            if (sync_status.ok()) bump(gi, target);
             synced.set_value();
           });
           synced.get_future().wait();
         }
       }
     };
-    std::thread a(writer, rng()), b(writer, rng());
+    std::vector<std::thread> writers;
+    for (int gi = 0; gi < groups; ++gi) {
+      writers.emplace_back(writer, gi, rng());
+      writers.emplace_back(writer, gi, rng());
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(5 + rng() % 60));
     fault.Crash();
     stop = true;
-    a.join();
-    b.join();
-    durable_floor = std::max(durable_floor, confirmed.load());
+    for (std::thread& t : writers) t.join();
+    for (int gi = 0; gi < groups; ++gi) {
+      durable_floor[gi] = std::max(durable_floor[gi], confirmed[gi].load());
+    }
     store->reset();
     ASSERT_TRUE(fault.DropUnsyncedData().ok());
   }
-  EXPECT_GT(durable_floor, 0u) << "no round confirmed anything durable: the test proved nothing";
+  for (int gi = 0; gi < groups; ++gi) {
+    EXPECT_GT(durable_floor[gi], 0u)
+        << "group " << gi << ": no round confirmed anything durable: the test proved nothing";
+  }
 }
+
+TEST(GroupLogPowerCutTest, DurableRecordsSurviveUnsyncedOnesMayNot) { RunPowerCuts(1); }
+
+// Three groups share the store's WAL and its gate: their syncs take turns, each group's writes
+// run beside the others' fsyncs, and the first failure stops them all.
+TEST(GroupLogPowerCutTest, ThreeGroupsOnOneStoreKeepWhatTheyConfirmed) { RunPowerCuts(3); }
 
 // A WAL sync that has passed the store's gate holds writes back until RocksDB has checked the WAL
 // it syncs: a write failing in between (here: the power cut) would make that check fail, and
