@@ -12,6 +12,7 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
@@ -263,7 +264,14 @@ std::string FormatStatusText(const v1::StatusReply& reply) {
 
 std::string LocalUser() {
   if (const char* s = std::getenv("SUDO_USER"); s != nullptr && *s != '\0') return s;
-  if (const passwd* pw = getpwuid(getuid()); pw != nullptr) return pw->pw_name;
+  // getpwuid_r: evacuate asks for several switchovers at once, each from its own thread, and
+  // getpwuid's answer lives in one static buffer.
+  passwd pw{};
+  passwd* found = nullptr;
+  std::array<char, 4096> buf{};
+  if (getpwuid_r(getuid(), &pw, buf.data(), buf.size(), &found) == 0 && found != nullptr) {
+    return found->pw_name;
+  }
   return std::to_string(getuid());
 }
 
