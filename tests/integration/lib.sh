@@ -146,16 +146,22 @@ tv_init() {
 # status in TV_KILL_RC ("timeout:<rc>" when SIGKILL was needed). Not for use in $(...): wait only
 # works in the shell that started PID.
 TV_KILL_RC=""
+# Whether PID still runs: one look at its state. (A zombie still answers kill -0, and bash reaps
+# its children whenever SIGCHLD comes, so "kill -0, then ps" could see a zombie and then nothing:
+# a process that had exited looked alive.)
+_tv_running() {
+  local st
+  st="$(ps -o stat= -p "$1" 2> /dev/null)" || return 1
+  [[ -n "$st" && "$st" != Z* ]]
+}
 _tv_kill_bounded() {
   local pid="$1" sig="$2" i rc
   kill -"$sig" "$pid" 2> /dev/null || true
   for ((i = 0; i < TV_STOP_TIMEOUT_S * 10; i++)); do
-    kill -0 "$pid" 2> /dev/null || break
-    # A zombie child still answers kill -0; reap it through wait below.
-    if [[ "$(ps -o stat= -p "$pid" 2> /dev/null)" == Z* ]]; then break; fi
+    _tv_running "$pid" || break
     sleep 0.1
   done
-  if kill -0 "$pid" 2> /dev/null && [[ "$(ps -o stat= -p "$pid" 2> /dev/null)" != Z* ]]; then
+  if _tv_running "$pid"; then
     tv_log "pid $pid did not exit within ${TV_STOP_TIMEOUT_S}s of SIG$sig; sending SIGKILL"
     kill -KILL "$pid" 2> /dev/null || true
     rc=0
@@ -203,7 +209,7 @@ tv_start() {
 _tv_wait_ready() {
   local deadline=$((SECONDS + TV_START_TIMEOUT_S))
   while ((SECONDS < deadline)); do
-    if ! kill -0 "$TV_PID" 2> /dev/null || [[ "$(ps -o stat= -p "$TV_PID" 2> /dev/null)" == Z* ]]; then
+    if ! _tv_running "$TV_PID"; then
       local rc=0
       wait "$TV_PID" 2> /dev/null || rc=$?
       tv_log "server pid $TV_PID exited with status $rc before serving"
