@@ -396,6 +396,13 @@ struct PrimaryGroup::Impl {
   std::optional<SyncSet> sync_inflight;
   // A set whose Txn failed without an answer: etcd may hold it until a later one succeeds.
   std::optional<SyncSet> uncertain;
+  // A member rejoined while etcd holds a set with none. That set promises that every write which
+  // may have completed in sync mode is at or below its floor, and lets the election choose any
+  // site holding the floor: writes completed with the member would be lost there. So the release
+  // points stay where they were at the rejoin (degraded writes, completed without a member) until
+  // a set with a member is in etcd (one Txn).
+  std::optional<uint64_t> rejoin_write_cap;
+  std::optional<uint64_t> rejoin_flush_cap;
 
   static bool Has(const std::optional<SyncSet>& s, const std::string& name) {
     return s && std::binary_search(s->members.begin(), s->members.end(), name);
@@ -444,13 +451,13 @@ struct PrimaryGroup::Impl {
   uint64_t WriteHeld(const Peer& p) const { return p.confirmed ? p.pos.received : 0; }
   uint64_t FlushHeld(const Peer& p) const { return p.confirmed ? p.pos.durable : 0; }
   uint64_t WriteReleased() const {
-    uint64_t r = std::min(last, GateCap());
+    uint64_t r = std::min({last, GateCap(), rejoin_write_cap.value_or(last)});
     for (auto& [n, p] : peers)
       if (Counts(p)) r = std::min(r, WriteHeld(p));
     return r;
   }
   uint64_t FlushReleased() const {
-    uint64_t r = std::min(durable, GateCap());
+    uint64_t r = std::min({durable, GateCap(), rejoin_flush_cap.value_or(durable)});
     for (auto& [n, p] : peers)
       if (Counts(p)) r = std::min(r, FlushHeld(p));
     return r;
@@ -568,6 +575,10 @@ struct PrimaryGroup::Impl {
   }
   bool MaybeRejoin(Peer& p) {
     if (!p.degraded || !p.confirmed || p.pos.durable < last || p.pos.received < last) return false;
+    if (gated && published && published->members.empty() && !rejoin_write_cap) {
+      rejoin_write_cap = WriteReleased();
+      rejoin_flush_cap = FlushReleased();
+    }
     p.degraded = false;
     return true;
   }
@@ -862,6 +873,14 @@ bool PrimaryGroup::OnTick(Nanos now) {
       moved = true;
     }
   }
+  // Every member that rejoined has left again: what completes now completes without one, as
+  // before the rejoin (a set with it that etcd may hold still makes writes wait for it).
+  if (s.rejoin_write_cap && std::none_of(s.peers.begin(), s.peers.end(),
+                                         [&](const auto& e) { return s.InSyncSet(e.second); })) {
+    s.rejoin_write_cap.reset();
+    s.rejoin_flush_cap.reset();
+    moved = true;
+  }
   return moved;
 }
 
@@ -945,6 +964,10 @@ bool PrimaryGroup::OnSyncSetPublished(const SyncSet& set, bool ok) {
   if (ok) {
     s.published = set;
     s.uncertain.reset();
+    if (!set.members.empty()) {
+      s.rejoin_write_cap.reset();
+      s.rejoin_flush_cap.reset();
+    }
   } else {
     s.uncertain = set;  // it may still be applied: keep its cap until a later set is in etcd
   }

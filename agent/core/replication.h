@@ -364,7 +364,9 @@ class PrimaryGroup {
   //     takes effect in memory at once, on the release points only once etcd has it);
   //   - while a set with no member is in flight, or failed without an answer (etcd may have
   //     applied it), the release points stay at its floor until a later set is published;
-  //   - a member that rejoins counts at once and is published after.
+  //   - a member that rejoins counts at once and is published after; but under a published set
+  //     with no member (which lets the election choose any site holding its floor) the release
+  //     points stay where they were at the rejoin until a set with a member is in etcd.
   // Call once, after the log's records were given to OnLocalAppend and before any client write.
   void GateOnPublishedSyncSet();
   // The set to publish now: nullopt if not gated, one is in flight, or etcd holds what is wanted.
