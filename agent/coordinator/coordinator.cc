@@ -402,7 +402,9 @@ void Coordinator::WorkerLoop() {
     // Every site publishes its position as soon as it sees the leader key vanish, so that the
     // candidates' read at the end of the settle time finds every reachable site's final report
     // (the periodic one may be a report interval old, or missing for a site that just started).
-    if (publish) PublishSiteReports();
+    // It reads the reports again too: the last primary takes its key back only on a primary
+    // report read after the key vanished (core::FailoverMachine).
+    if (publish) PublishAndReadReports();
     const auto now = Clock::now();
     if (now >= next_reports || now >= early) {
       if (now >= early) early = kNone;
@@ -473,9 +475,11 @@ void Coordinator::NewSession() {
     session_requested_ = false;
     HandleAllLocked(core::EvSessionStarted{id, sent});
   }
-  // What etcd holds now; the watch continues from there.
-  PublishAndReadReports();
+  // What etcd holds now, the leader keys first: the machine decides only on reports read after
+  // it saw a key missing (and in this session), so the reports come second. The watch continues
+  // from the keys' read.
   const bool watching = ReadLeadersAndWatch();
+  PublishAndReadReports();
   std::lock_guard l(mu_);
   need_watch_ = !watching;
 }
@@ -498,7 +502,7 @@ bool Coordinator::ReadLeadersAndWatch() {
         if (kv.key == paused) pause = {true, kv.value};
       }
       HandleLocked(i, pause);  // before the leader: a missing key must not start an election
-      HandleLocked(i, core::EvLeader{v});
+      HandleLocked(i, core::EvLeader{v, r->revision});
     }
   }
   StartWatcher(r->revision + 1);
@@ -558,8 +562,9 @@ void Coordinator::OnWatch(const std::vector<WatchEvent>& events) {
         publish_now_ = true;
         cv_.notify_all();
       }
-      HandleLocked(i, core::EvLeader{e.type == WatchEvent::Type::kDelete ? core::LeaderView{}
-                                                                         : ViewOf(e.kv)});
+      HandleLocked(
+          i, core::EvLeader{e.type == WatchEvent::Type::kDelete ? core::LeaderView{} : ViewOf(e.kv),
+                            e.kv.mod_revision});
     }
   }
 }
@@ -579,6 +584,7 @@ void Coordinator::Campaign(size_t i) {
                      {TxnOp::Put(key, options_.site, session),
                       TxnOp::Delete(HandoverKey(options_.prefix, bindings_[i].failover.group))},
                      {TxnOp::Get(key)});
+    if (r.ok()) done.revision = r->revision;
     if (r.ok() && r->succeeded) {
       done.won = true;
       done.leader = {true, options_.site, static_cast<uint64_t>(r->revision), session};
@@ -587,6 +593,7 @@ void Coordinator::Campaign(size_t i) {
     } else if (!r.ok()) {
       // The Txn may have been applied: read the key to find out.
       auto g = client_->Get(key);
+      if (g.ok()) done.revision = g->revision;
       if (g.ok() && !g->kvs.empty()) done.leader = ViewOf(g->kvs[0]);
       done.won =
           done.leader.present && done.leader.site == options_.site && done.leader.lease == session;
@@ -600,7 +607,8 @@ void Coordinator::ReadLeader(size_t i) {
   auto r = client_->Get(LeaderKey(options_.prefix, bindings_[i].failover.group));
   if (!r.ok()) return;  // the machine asks again on the next renewal
   std::lock_guard l(mu_);
-  HandleLocked(i, core::EvLeader{r->kvs.empty() ? core::LeaderView{} : ViewOf(r->kvs[0])});
+  HandleLocked(
+      i, core::EvLeader{r->kvs.empty() ? core::LeaderView{} : ViewOf(r->kvs[0]), r->revision});
 }
 
 void Coordinator::SyncSetDue() {

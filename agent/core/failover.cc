@@ -232,6 +232,10 @@ std::vector<FailoverAction> FailoverMachine::Handle(Nanos now, const FailoverEve
   } else if (auto* s = std::get_if<EvSessionStarted>(&event)) {
     session_ = s->lease;
     last_renewal_sent_ = s->sent;
+    // What was read before this session may be stale by however long it took to get one: decide
+    // only on what is read again.
+    primary_report_read_.reset();
+    sites_read_.reset();
     if (leader_known_) OnLeader(now, leader_, out);
   } else if (auto* r = std::get_if<EvSessionRenewed>(&event)) {
     if (session_ != 0 && r->sent > last_renewal_sent_) last_renewal_sent_ = r->sent;
@@ -252,8 +256,18 @@ std::vector<FailoverAction> FailoverMachine::Handle(Nanos now, const FailoverEve
     state_ = State::kStarting;
     out.push_back({K::kNewSession, {}, 0, "the etcd lease is gone", {}});
   } else if (auto* l = std::get_if<EvLeader>(&event)) {
+    if (StaleView(l->revision)) return out;
     OnLeader(now, l->leader, out);
   } else if (auto* c = std::get_if<EvCampaignDone>(&event)) {
+    if (StaleView(c->revision)) {
+      // Overtaken by a newer view (a watch event handled first): that one decides.
+      if (state_ == State::kCampaigning) {
+        state_ = State::kLeaderless;
+        if (!leaderless_since_) leaderless_since_ = now;
+        if (leader_known_) OnLeader(now, leader_, out);
+      }
+      return out;
+    }
     if (state_ != State::kCampaigning) {
       OnLeader(now, c->leader, out);
     } else if (c->won && Ours(c->leader)) {
@@ -272,6 +286,8 @@ std::vector<FailoverAction> FailoverMachine::Handle(Nanos now, const FailoverEve
   } else if (auto* p = std::get_if<EvPrimaryReport>(&event)) {
     primary_report_ = p->report;
     primary_report_known_ = true;
+    primary_report_read_ = now;
+    if (p->report) NoteEpoch(p->report->epoch, p->report->site);
     Evaluate(now, out);
   } else if (auto* a = std::get_if<EvApprove>(&event)) {
     if (a->site != o_.site) return out;
@@ -287,6 +303,7 @@ std::vector<FailoverAction> FailoverMachine::Handle(Nanos now, const FailoverEve
     }
   } else if (auto* ss = std::get_if<EvSyncSet>(&event)) {
     sync_set_ = ss->sync;
+    if (sync_set_) NoteEpoch(sync_set_->epoch, sync_set_->site);
     Evaluate(now, out);
   } else if (auto* pz = std::get_if<EvPaused>(&event)) {
     paused_ = pz->paused;
@@ -345,6 +362,7 @@ void FailoverMachine::OnLeader(Nanos now, const LeaderView& v, std::vector<Failo
   const bool prev_known = leader_known_;
   leader_known_ = true;
   leader_ = v;
+  if (v.present) NoteEpoch(v.epoch, v.site);
   if (v.present && prev_known && prev.present && prev.epoch != v.epoch) last_leader_change_ = now;
   if (v.present && prev_known && !prev.present && state_ != State::kStarting) {
     last_leader_change_ = now;
@@ -485,9 +503,22 @@ void FailoverMachine::Evaluate(Nanos now, std::vector<FailoverAction>& out) {
   }
   if (!primary_report_known_) return;
   // Bootstrap: a new group (no primary ever reported) starts on its configured primary, and the
-  // last primary may always take its key back (nobody can be ahead of it).
-  if ((!primary_report_ && o_.site == o_.configured_primary) ||
-      (primary_report_ && primary_report_->site == o_.site)) {
+  // last primary may always take its key back (nobody can be ahead of it). Only on a report read
+  // after the key vanished: only the key's holder writes the report, so that one is the last
+  // primary's last word. A report read before may predate whole reigns of other sites that this
+  // one missed while it was cut off from etcd (its own report, while a site it could not see was
+  // promoted, completed writes in sync mode and was lost in turn).
+  // And only if no newer primary is known than the report's: one that was lost within a report
+  // interval of its promotion never published a report, but its leader key or its sync set may
+  // have been seen (the sync set is published before any write completes in sync mode).
+  const bool report_fresh =
+      primary_report_read_ && leaderless_since_ && *primary_report_read_ >= *leaderless_since_;
+  // (A group with no report: a sync set that another site published says that site may have
+  // completed writes in sync mode.)
+  const bool new_group = !primary_report_ && o_.site == o_.configured_primary &&
+                         (!sync_set_ || sync_set_->site == o_.site);
+  const bool last_primary = newest_epoch_ > 0 && newest_site_ == o_.site;
+  if (report_fresh && (new_group || last_primary)) {
     if (state_ == State::kAwaitingApproval) out.push_back({K::kClearPending, {}, 0, "", {}});
     Campaign(out);
     return;
@@ -566,7 +597,11 @@ void FailoverMachine::Evaluate(Nanos now, std::vector<FailoverAction>& out) {
   // ... on site reports read after the settle: a site that was cut off from etcd, or has just
   // started, may hold reports from before the other sites had sessions (or none at all), and would
   // choose itself over a more advanced site that holds writes it lacks.
-  if (!sites_read_ || *sites_read_ < *leaderless_since_ + o_.settle) return;
+  // The same for the primary report (the coordinator reads both in one pass): the lag gate and
+  // the loss bound come from it, and one read before may name this site as the last primary.
+  const Nanos settled = *leaderless_since_ + o_.settle;
+  if (!sites_read_ || *sites_read_ < settled) return;
+  if (!primary_report_read_ || *primary_report_read_ < settled) return;
   if (!needs_approval) {
     if (state_ == State::kAwaitingApproval) out.push_back({K::kClearPending, {}, 0, "", {}});
     Campaign(out);

@@ -34,7 +34,11 @@
 //   same from either side); the refusal says so.
 // - Bootstrap: with no leader key and no primary report in etcd (a new group), or when the last
 //   primary report names this site (it was the last primary, so nothing can be ahead of it), the
-//   configured primary campaigns at once.
+//   configured primary campaigns at once; but only on a report read in this session after the key
+//   vanished, and only if no newer primary is known (a leader key, a sync set of a later epoch).
+//   A report read earlier may be stale: a primary cut off from etcd still holds its own report
+//   while another site is promoted, completes writes in sync mode and is lost in turn; and a
+//   primary lost within a report interval of its promotion never published one.
 #pragma once
 
 #include <algorithm>
@@ -155,12 +159,18 @@ struct EvSessionRenewed {  // a keep-alive answered with TTL > 0; `sent` = when 
   Nanos sent = 0;
 };
 struct EvSessionLost {};  // etcd says the lease is gone
-struct EvLeader {         // the leader key as read or watched
+// `revision`: the etcd store revision the view is as of (a read's header revision, a watch
+// event's mod revision); 0 = unknown, taken as new. A view older than one already handled is
+// ignored: a read answered before a watch event but handled after it (two threads) must not undo
+// what the event said (a deletion, another site's key, our own key deleted and re-created).
+struct EvLeader {  // the leader key as read or watched
   LeaderView leader;
+  int64_t revision = 0;
 };
 struct EvCampaignDone {  // answer of a kCampaign Txn; `leader` = the key after it
   bool won = false;
   LeaderView leader;
+  int64_t revision = 0;
 };
 struct EvSites {
   std::map<std::string, SiteReport> sites;
@@ -300,6 +310,13 @@ class FailoverMachine {
   Nanos last_renewal_sent_ = 0;
   bool leader_known_ = false;
   LeaderView leader_;
+  int64_t view_revision_ = 0;  // the newest revision of a leader view handled
+  // Whether a view as of `revision` is older than one already handled; if not, it is the newest.
+  bool StaleView(int64_t revision) {
+    if (revision != 0 && revision < view_revision_) return true;
+    view_revision_ = std::max(view_revision_, revision);
+    return false;
+  }
   uint64_t epoch_ = 0;  // ours, while primary/suspended
   bool io_suspended_ = true;
   bool confirm_pending_ = false;  // kReadLeader sent while suspended
@@ -309,6 +326,19 @@ class FailoverMachine {
   std::optional<Nanos> sites_read_;  // when the last EvSites arrived
   std::optional<PrimaryReport> primary_report_;
   bool primary_report_known_ = false;
+  // When the last EvPrimaryReport arrived in this session (reset by EvSessionStarted): the
+  // bootstrap decides only on a report read after the key vanished.
+  std::optional<Nanos> primary_report_read_;
+  // The newest primary this site has heard of (epoch, site): from the leader keys it saw, the
+  // sync sets and the primary reports it read. Only that site is "the last primary".
+  uint64_t newest_epoch_ = 0;
+  std::string newest_site_;
+  void NoteEpoch(uint64_t epoch, const std::string& site) {
+    if (epoch > newest_epoch_) {
+      newest_epoch_ = epoch;
+      newest_site_ = site;
+    }
+  }
   std::optional<PublishedSyncSet> sync_set_;  // EvSyncSet
   std::string last_refusal_;
   std::string last_refusal_kind_;

@@ -366,10 +366,11 @@ class Sim {
                     std::to_string(key_.epoch));
             }
             const LeaderView v = key_;
-            return [this, i, won, v, nr] {
+            const int64_t rev = static_cast<int64_t>(revision_);
+            return [this, i, won, v, nr, rev] {
               if (sites_[i].campaigns != nr) return;
               ++sites_[i].campaigns;  // answered: the deadline is void
-              Handle(i, EvCampaignDone{won, v});
+              Handle(i, EvCampaignDone{won, v, rev});
             };
           });
           break;
@@ -414,10 +415,32 @@ class Sim {
     }
   }
 
+  // Answers overtake each other here (each has its own delay); the revision lets the machine
+  // drop a view older than one it has.
   void ReadLeader(int i) {
     Etcd(i, [this, i]() -> std::function<void()> {
       const LeaderView v = key_;
-      return [this, i, v] { Handle(i, EvLeader{v}); };
+      const int64_t rev = static_cast<int64_t>(revision_);
+      return [this, i, v, rev] { Handle(i, EvLeader{v, rev}); };
+    });
+  }
+
+  // The reports, as the coordinator reads them in one pass: the sync set, the site reports, the
+  // primary report. (The sync set and the primary report are written only by the key's holder,
+  // so a candidate decides on what it read after the key vanished.)
+  void ReadReports(int i) {
+    Etcd(i, [this, i]() -> std::function<void()> {
+      std::map<std::string, SiteReport> alive;
+      for (const auto& [j, rl] : site_reports_) {
+        if (LeaseAlive(rl.second)) alive[sites_[j].name] = rl.first;
+      }
+      const std::optional<PublishedSyncSet> sync = sync_key_;
+      const std::optional<PrimaryReport> primary = primary_report_;
+      return [this, i, alive, sync, primary] {
+        Handle(i, EvSyncSet{sync});
+        Handle(i, EvSites{alive});
+        Handle(i, EvPrimaryReport{primary});
+      };
     });
   }
 
@@ -435,6 +458,9 @@ class Sim {
         sites_[i].lease = id;
         sites_[i].next_keepalive = now_ + ttl_ / 4;  // 3/8 of suspend_after, as the coordinator
         Handle(i, EvSessionStarted{id, sent});
+        // As the coordinator: what etcd holds now, the key first, then the reports.
+        ReadLeader(i);
+        ReadReports(i);
       };
     });
   }
@@ -983,7 +1009,15 @@ class Sim {
       for (int i = 0; i < kSites; ++i) {
         Etcd(i, [this, i]() -> std::function<void()> {
           const LeaderView v = key_;
-          return [this, i, v] { Handle(i, EvLeader{v}); };
+          const int64_t rev = static_cast<int64_t>(revision_);
+          return [this, i, v, rev] {
+            Handle(i, EvLeader{v, rev});
+            // The coordinator publishes and reads the reports as soon as it sees the key vanish.
+            if (!v.present && sites_[i].up) {
+              PublishSiteReport(i);
+              ReadReports(i);
+            }
+          };
         });
       }
     }
@@ -1015,20 +1049,7 @@ class Sim {
       if (now_ >= s.next_site_report) {
         s.next_site_report = now_ + 200 * kMs;
         PublishSiteReport(i);
-        Etcd(i, [this, i]() -> std::function<void()> {
-          std::map<std::string, SiteReport> alive;
-          for (const auto& [j, rl] : site_reports_) {
-            if (LeaseAlive(rl.second)) alive[sites_[j].name] = rl.first;
-          }
-          // The sync set is read with the site reports (the coordinator does the same), so a
-          // candidate decides on a set read after the leader key vanished (only the key's holder
-          // writes it).
-          const std::optional<PublishedSyncSet> sync = sync_key_;
-          return [this, i, alive, sync] {
-            Handle(i, EvSyncSet{sync});
-            Handle(i, EvSites{alive});
-          };
-        });
+        ReadReports(i);
       }
     }
     // Deliver what is due, in time order.

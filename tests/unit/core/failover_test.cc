@@ -139,6 +139,9 @@ TEST(FailoverBootstrap, OwnKeyFromAnEarlierRunIsNotOurs) {
   EXPECT_TRUE(acts.empty());
   EXPECT_EQ(a.m.state(), S::kReplica);
   acts = a.m.Handle(3 * kS, EvLeader{LeaderView{}});
+  EXPECT_TRUE(acts.empty()) << "the report it holds was read before the key vanished";
+  // The coordinator reads the reports as it sees the key vanish: still the last primary.
+  acts = a.m.Handle(3 * kS + 5 * kMs, EvPrimaryReport{Report("a", 10)});
   EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kCampaign));
 }
 
@@ -218,8 +221,11 @@ TEST(FailoverLease, LeaseLostOrKeyDeletedDemotesAtOnce) {
   {
     Fixture a = Primary();
     auto acts = a.m.Handle(100 * kMs, EvLeader{LeaderView{}});
-    EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kSuspendIo, K::kDemote, K::kCampaign))
-        << "deleted key: suspend and demote; as the last primary it may campaign again";
+    EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kSuspendIo, K::kDemote))
+        << "deleted key: suspend and demote";
+    acts = a.m.Handle(105 * kMs, EvPrimaryReport{Report("a", 10)});
+    EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kCampaign))
+        << "as the last primary (in a report read since) it may campaign again";
   }
   {
     Fixture a = Primary();
@@ -228,22 +234,141 @@ TEST(FailoverLease, LeaseLostOrKeyDeletedDemotesAtOnce) {
   }
 }
 
+// Found by tests/sim/failover_sim.cc (seed 2321 --mixed): a, primary, was cut off from etcd and
+// suspended its I/O; b was promoted, completed writes in sync mode with c, and was lost in turn.
+// a then saw the key vanish while it still held its own primary report from before b's reign. It
+// took the key back as "the last primary" and lost those writes. It must decide on reports read
+// after the key vanished, in its current session.
+TEST(FailoverBootstrap, AReportReadBeforeTheKeyVanishedDoesNotMakeTheLastPrimary) {
+  Fixture a = Primary();
+  a.m.Handle(200 * kMs, EvPrimaryReport{Report("a", 160)});
+  ASSERT_TRUE(Has(a.m.Handle(2 * kS, EvTick{}), K::kSuspendIo)) << "cut off: no renewal";
+  // (b reigns and is lost; a sees none of it.) The key's deletion reaches a:
+  auto acts = a.m.Handle(10 * kS, EvLeader{LeaderView{}});
+  EXPECT_TRUE(Has(acts, K::kDemote));
+  EXPECT_FALSE(Has(acts, K::kCampaign)) << "on its own report, read before b's reign";
+  // Its lease is gone too; in a new session the old reads count for nothing either.
+  EXPECT_TRUE(Has(a.m.Handle(10 * kS, EvSessionLost{}), K::kNewSession));
+  EXPECT_FALSE(Has(a.m.Handle(11 * kS, EvSessionStarted{111, 11 * kS}), K::kCampaign));
+  EXPECT_FALSE(Has(a.m.Handle(11 * kS, EvLeader{LeaderView{}}), K::kCampaign));
+  // What the new session reads: b's sync set {c} and b's report; c is down (no site report). a
+  // is not eligible: only an operator may promote it, knowing what it lacks.
+  const PrimaryReport b_report{"b", 60, 410, {{"a", {160, 1 << 20, kS}}, {"c", {407, 12288, 0}}}};
+  const std::map<std::string, SiteReport> sites = {{"a", {160, true, false}}};
+  for (Nanos t : {11 * kS, 13 * kS, 80 * kS}) {
+    EXPECT_FALSE(Has(a.m.Handle(t, EvSyncSet{PublishedSyncSet{"b", 60, SyncSet{{"c"}, 160}}}),
+                     K::kCampaign));
+    EXPECT_FALSE(Has(a.m.Handle(t, EvSites{sites}), K::kCampaign));
+    acts = a.m.Handle(t, EvPrimaryReport{b_report});
+    EXPECT_FALSE(Has(acts, K::kCampaign)) << t / kS << " s";
+    EXPECT_FALSE(Has(a.m.Handle(t, EvTick{}), K::kCampaign)) << t / kS << " s";
+  }
+  EXPECT_THAT(a.m.last_refusal(), HasSubstr("not in the sync set {c} floor 160"));
+  EXPECT_EQ(a.m.state(), S::kAwaitingApproval);
+}
+
+// Found by tests/sim/failover_sim.cc (seed 216 --mixed --promotion-failures): c was the last
+// primary to publish a report (epoch 91); b was promoted after it (epoch 195), published its
+// sync set {a}, completed writes in sync mode, and was lost before its first report. c, reading
+// its own report as the last one, took the key back and lost those writes. A newer epoch seen
+// anywhere (b's key, b's sync set) means the report is not the last word.
+TEST(FailoverBootstrap, ANewerPrimaryThanTheReportsMakesItNotTheLastWord) {
+  const PrimaryReport c_report{"c", 91, 1651, {{"a", {1600, 1 << 20, kS}}, {"b", {1649, 0, 0}}}};
+  const PublishedSyncSet b_set{"b", 195, SyncSet{{"a"}, 1695}};
+  for (bool saw_key : {true, false}) {
+    SCOPED_TRACE(saw_key ? "c followed b" : "c only read b's sync set");
+    Fixture c(Opts("c"), 103);
+    // (Without seeing b's key: c's own key from an earlier run is still there at the start.)
+    c.Start(0, c_report, saw_key ? Leader("b", 195, 102) : Leader("c", 91, 77));
+    if (!saw_key) c.m.Handle(0, EvSyncSet{b_set});
+    auto acts = c.m.Handle(10 * kS, EvLeader{LeaderView{}});
+    EXPECT_FALSE(Has(acts, K::kCampaign));
+    // The reports read after the key vanished: still c's report, and b's set.
+    EXPECT_FALSE(Has(c.m.Handle(10 * kS, EvSyncSet{b_set}), K::kCampaign));
+    EXPECT_FALSE(Has(c.m.Handle(10 * kS, EvSites{{{"c", {1695, true, false}}}}), K::kCampaign));
+    EXPECT_FALSE(Has(c.m.Handle(10 * kS, EvPrimaryReport{c_report}), K::kCampaign))
+        << "not the last primary: b came after it";
+    EXPECT_NE(c.m.state(), S::kCampaigning);
+  }
+  // Without the newer epoch, c is the last primary and takes its key back.
+  Fixture c(Opts("c"), 103);
+  c.Start(0, c_report, Leader("c", 91, 77));
+  c.m.Handle(10 * kS, EvLeader{LeaderView{}});
+  EXPECT_TRUE(Has(c.m.Handle(10 * kS, EvPrimaryReport{c_report}), K::kCampaign));
+}
+
+// Found by tests/sim/failover_sim.cc (seed 3348 --mixed --promotion-failures, once its sites read
+// the key on every new session): a read answered before a watch event but handled after it
+// must not undo what the event said. The coordinator handles reads on its worker thread and
+// watch events on the watcher's; each view carries the store revision it is as of.
+TEST(FailoverLeaderViews, AViewOlderThanOneHandledIsIgnored) {
+  {
+    // The primary's key is deleted and b takes one (watch); then a read from before both
+    // arrives, showing a's own key: a must not promote in it again.
+    Fixture a(Opts("a"), 101);
+    a.Start(0, std::nullopt, LeaderView{});
+    a.m.Handle(10 * kMs, EvCampaignDone{true, Leader("a", 42, 101), 42});
+    ASSERT_EQ(a.m.state(), S::kPrimary);
+    auto acts = a.m.Handle(1 * kS, EvLeader{LeaderView{}, 50});
+    EXPECT_TRUE(Has(acts, K::kDemote));
+    acts = a.m.Handle(1 * kS, EvLeader{Leader("b", 51, 102), 51});
+    EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kFollow));
+    acts = a.m.Handle(1100 * kMs, EvLeader{Leader("a", 42, 101), 45});
+    EXPECT_TRUE(acts.empty()) << "a stale read of its own key";
+    EXPECT_EQ(a.m.state(), S::kReplica);
+  }
+  {
+    // A campaign's answer overtaken by the watch: the key the campaign won was deleted since.
+    Fixture a(Opts("a"), 101);
+    ASSERT_THAT(Kinds(a.Start(0, std::nullopt, LeaderView{})),
+                ::testing::ElementsAre(K::kCampaign));
+    a.m.Handle(20 * kMs, EvLeader{Leader("a", 42, 101), 42});
+    ASSERT_EQ(a.m.state(), S::kPrimary);
+    a.m.Handle(30 * kMs, EvLeader{LeaderView{}, 44});
+    auto acts = a.m.Handle(40 * kMs, EvCampaignDone{true, Leader("a", 42, 101), 42});
+    EXPECT_FALSE(Has(acts, K::kPromote));
+    EXPECT_NE(a.m.state(), S::kPrimary);
+  }
+  {
+    // A replica: the key vanished (watch), then a stale read shows it again: still leaderless.
+    Fixture b(Opts("b"), 102);
+    b.Start(0, Report("a", 500), Leader("a", 42, 101));
+    b.m.Handle(0, EvLeader{Leader("a", 42, 101), 43});
+    b.m.Handle(1 * kS, EvLeader{LeaderView{}, 60});
+    EXPECT_EQ(b.m.state(), S::kLeaderless);
+    EXPECT_TRUE(b.m.Handle(1 * kS, EvLeader{Leader("a", 42, 101), 55}).empty());
+    EXPECT_EQ(b.m.state(), S::kLeaderless);
+    // Views without a revision (0) are taken as they come.
+    EXPECT_THAT(Kinds(b.m.Handle(2 * kS, EvLeader{Leader("c", 70, 103)})),
+                ::testing::ElementsAre(K::kFollow));
+  }
+}
+
 // A replica b of primary a, with reports from all three sites; a then vanishes.
 struct Replica {
   Fixture f;
   std::map<std::string, SiteReport> sites;
+  PrimaryReport report;
   explicit Replica(std::string /*site*/, FailoverOptions o, int64_t lease,
-                   std::map<std::string, SiteReport> s, PrimaryReport report)
-      : f(std::move(o), lease), sites(std::move(s)) {
+                   std::map<std::string, SiteReport> s, PrimaryReport r)
+      : f(std::move(o), lease), sites(std::move(s)), report(std::move(r)) {
     f.Start(0, report, Leader("a", 42, 101));
     f.m.Handle(0, EvSites{sites});
   }
   std::vector<FailoverAction> LoseLeader(Nanos at) {
     return f.m.Handle(at, EvLeader{LeaderView{}});
   }
-  // What the coordinator does every second: read the site reports again, then tick.
-  std::vector<FailoverAction> Tick(Nanos at) {
+  // The coordinator's read of the reports: the site reports, then the primary report.
+  std::vector<FailoverAction> Read(Nanos at, std::map<std::string, SiteReport> s) {
+    sites = std::move(s);
     std::vector<FailoverAction> all = f.m.Handle(at, EvSites{sites});
+    std::vector<FailoverAction> p = f.m.Handle(at, EvPrimaryReport{report});
+    all.insert(all.end(), p.begin(), p.end());
+    return all;
+  }
+  // What the coordinator does every second: read the reports again, then tick.
+  std::vector<FailoverAction> Tick(Nanos at) {
+    std::vector<FailoverAction> all = Read(at, sites);
     std::vector<FailoverAction> t = f.m.Handle(at, EvTick{});
     all.insert(all.end(), t.begin(), t.end());
     return all;
@@ -291,13 +416,13 @@ TEST(FailoverAutomatic, DecidesOnlyOnSiteReportsReadAfterSettling) {
   EXPECT_TRUE(c.f.m.Handle(t + 5 * kS, EvTick{}).empty());
   EXPECT_EQ(c.f.m.state(), S::kLeaderless);
   // The fresh read shows b, more advanced: c does not run.
-  EXPECT_TRUE(c.f.m.Handle(t + 5100 * kMs, EvSites{Sites(100, 90)}).empty());
+  EXPECT_TRUE(c.Read(t + 5100 * kMs, Sites(100, 90)).empty());
   EXPECT_EQ(c.f.m.state(), S::kLeaderless);
   // Had the fresh read shown c alone, c would run.
   Replica c2("c", Opts("c"), 103, {{"c", {90, true, false}}}, report);
   c2.LoseLeader(t);
   EXPECT_TRUE(c2.f.m.Handle(t + 2 * kS, EvTick{}).empty());
-  EXPECT_THAT(Kinds(c2.f.m.Handle(t + 2100 * kMs, EvSites{{{"c", {90, true, false}}}})),
+  EXPECT_THAT(Kinds(c2.Read(t + 2100 * kMs, {{"c", {90, true, false}}})),
               ::testing::ElementsAre(K::kCampaign));
 }
 
@@ -442,7 +567,7 @@ TEST(FailoverAutomatic, NobodyEligibleIsRefusedWithReasons) {
   EXPECT_TRUE(b.Tick(103 * kS).empty());
   // c catches up (its report now within what a had): still not eligible for lag? The report is
   // the primary's last one, and c's durable is below its last LSN: the gate stands.
-  EXPECT_TRUE(b.f.m.Handle(104 * kS, EvSites{Sites(50, 60)}).empty());
+  EXPECT_TRUE(b.Read(104 * kS, Sites(50, 60)).empty());
 }
 
 TEST(FailoverAutomatic, AntiFlappingHoldsPromotionAfterARecentLeaderChange) {
@@ -589,6 +714,10 @@ TEST(FailoverSession, NothingHappensWithoutASession) {
   EXPECT_TRUE(m.Handle(5 * kS, EvTick{}).empty());
   EXPECT_EQ(m.state(), S::kStarting);
   auto acts = m.Handle(6 * kS, EvSessionStarted{9, 6 * kS});
+  EXPECT_TRUE(acts.empty()) << "the report was read before the session";
+  // The coordinator reads the key, then the reports, once it has a session.
+  EXPECT_TRUE(m.Handle(6 * kS, EvLeader{LeaderView{}}).empty());
+  acts = m.Handle(6 * kS, EvPrimaryReport{std::nullopt});
   EXPECT_THAT(Kinds(acts), ::testing::ElementsAre(K::kCampaign));
 }
 
@@ -651,6 +780,7 @@ SimResult Simulate(uint64_t seed, Nanos suspend_after, Nanos max_delay,
   }
   PrimaryReport report =
       Report("a", 100, {{"a", {100, 0, 0}}, {"b", {100, 0, 0}}, {"c", {100, 0, 0}}});
+  std::optional<PrimaryReport> published;  // the last primary's report in etcd
   std::function<void(int, std::vector<FailoverAction>)> act;
   auto send = [&](int site, std::function<void()> fn) {
     if (sites[site].partitioned || chance(0.05)) return;  // lost
@@ -757,6 +887,7 @@ SimResult Simulate(uint64_t seed, Nanos suspend_after, Nanos max_delay,
       if (key.present) {
         // The new primary's report (lag 0 for all: the simulation checks fencing, not choice).
         report.site = key.site;
+        published = report;
         for (int i = 0; i < 3; ++i) {
           send(i, [&, i, r = report] { act(i, sites[i].m->Handle(now, EvPrimaryReport{r})); });
         }
@@ -773,14 +904,18 @@ SimResult Simulate(uint64_t seed, Nanos suspend_after, Nanos max_delay,
         if (sites[i].lease == 0 && now - sites[i].session_requested > 1 * kS) new_session(i);
       }
     }
-    // Site reports live under their site's lease: every 500 ms each site reads those alive.
+    // Site reports live under their site's lease: every 500 ms each site reads those alive, and
+    // the primary report with them (as the coordinator does).
     if (now % (500 * kMs) == 0) {
       std::map<std::string, SiteReport> alive;
       for (int j = 0; j < 3; ++j) {
         if (sites[j].lease != 0 && lease_alive(sites[j].lease)) alive[names[j]] = reports[names[j]];
       }
       for (int i = 0; i < 3; ++i) {
-        send(i, [&, i, alive] { act(i, sites[i].m->Handle(now, EvSites{alive})); });
+        send(i, [&, i, alive, r = published] {
+          act(i, sites[i].m->Handle(now, EvSites{alive}));
+          act(i, sites[i].m->Handle(now, EvPrimaryReport{r}));
+        });
       }
     }
     // Keep-alives.
@@ -873,6 +1008,8 @@ TEST(FailoverHandover, OnlyTheTargetCampaignsAtOnceAndTheOldPrimaryWaits) {
   auto acts = a.m.Handle(1 * kS, EvLeader{LeaderView{}});
   EXPECT_TRUE(Has(acts, K::kDemote));
   EXPECT_FALSE(Has(acts, K::kCampaign)) << "the old primary must leave the key to the target";
+  // ... also once it read the reports again (it is still the last primary).
+  EXPECT_FALSE(Has(a.m.Handle(1 * kS + 5 * kMs, EvPrimaryReport{Report("a", 500)}), K::kCampaign));
   EXPECT_FALSE(Has(a.m.Handle(2 * kS, EvTick{}), K::kCampaign));
 
   Fixture b(Opts("b", FailoverPolicy::kManual), 102);
@@ -934,6 +1071,7 @@ TEST(FailoverPromotionFailed, ResignsTheKeyAndStaysOutUntilAntiFlapPasses) {
   // Deleted: the last primary would take it back at once; after a failed promotion it does not.
   acts = b.m.Handle(1300 * kMs, EvLeader{LeaderView{}});
   EXPECT_FALSE(Has(acts, K::kCampaign));
+  EXPECT_FALSE(Has(b.m.Handle(1305 * kMs, EvPrimaryReport{Report("b", 500)}), K::kCampaign));
   EXPECT_FALSE(Has(b.m.Handle(30 * kS, EvTick{}), K::kCampaign));
   EXPECT_THAT(b.m.last_refusal(), HasSubstr("promotion failed"));
   EXPECT_TRUE(b.m.promotion_refused(30 * kS));
