@@ -459,6 +459,16 @@ TEST(PrimaryGroup, GatedDegradeWaitsForThePublishedSet) {
   EXPECT_EQ(g.flush_released(), 11u);
 }
 
+// The set the group wants, published by one Txn that succeeds.
+SyncSet PublishWanted(PrimaryGroup& g) {
+  std::optional<SyncSet> want = g.SyncSetToPublish();
+  EXPECT_TRUE(want);
+  if (!want) return {};
+  g.OnSyncSetSent(*want);
+  EXPECT_TRUE(g.OnSyncSetPublished(*want, true));
+  return *want;
+}
+
 // A member that rejoins under a set with none and leaves again before a set with it is sent: the
 // writes held for that set complete without it again (degraded), they are not held forever.
 TEST(PrimaryGroup, ARejoinThatLeavesBeforeItsSetIsSentHoldsNothingForever) {
@@ -467,16 +477,9 @@ TEST(PrimaryGroup, ARejoinThatLeavesBeforeItsSetIsSentHoldsNothingForever) {
   Append(g, 1, 3, 100, 0);
   g.OnLocalDurable(3);
   g.GateOnPublishedSyncSet();
-  std::optional<SyncSet> want = g.SyncSetToPublish();
-  ASSERT_TRUE(want);
-  g.OnSyncSetSent(*want);
-  g.OnSyncSetPublished(*want, true);
+  EXPECT_EQ(PublishWanted(g), (SyncSet{{"s"}, 3}));
   EXPECT_TRUE(g.OnTick(100 * kMs));  // s never came: degraded
-  want = g.SyncSetToPublish();
-  ASSERT_TRUE(want);
-  EXPECT_EQ(*want, (SyncSet{{}, 3}));
-  g.OnSyncSetSent(*want);
-  g.OnSyncSetPublished(*want, true);
+  EXPECT_EQ(PublishWanted(g), (SyncSet{{}, 3}));
   Append(g, 4, 5, 100, 110 * kMs);
   g.OnLocalDurable(5);
   EXPECT_EQ(g.write_released(), 5u) << "degraded: without s";
