@@ -32,13 +32,13 @@
 //   an approval naming this site; kManual never campaigns on its own (only an operator's promote).
 // - Two sites without a witness refuse automatic fail-over (a partition and a lost site look the
 //   same from either side); the refusal says so.
-// - Bootstrap: with no leader key and no primary report in etcd (a new group), or when the last
-//   primary report names this site (it was the last primary, so nothing can be ahead of it), the
-//   configured primary campaigns at once; but only on a report read in this session after the key
-//   vanished, and only if no newer primary is known (a leader key, a sync set of a later epoch).
-//   A report read earlier may be stale: a primary cut off from etcd still holds its own report
-//   while another site is promoted, completes writes in sync mode and is lost in turn; and a
-//   primary lost within a report interval of its promotion never published one.
+// - Bootstrap: with no leader key and no primary report in etcd (a new group), the configured
+//   primary campaigns at once; so does the last primary (nothing can be ahead of it): the site
+//   of the newest epoch this site has heard of (leader keys seen, the sync set and the primary
+//   report read). Only on a primary report read in this session after the key vanished: one read
+//   earlier may be stale (a primary cut off from etcd still holds its own report while another
+//   site is promoted, completes writes in sync mode and is lost in turn), and a primary lost
+//   within a report interval of its promotion never published one (its sync set names it).
 #pragma once
 
 #include <algorithm>
