@@ -413,7 +413,7 @@ struct PrimaryGroup::Impl {
       if (InSyncSet(p)) w.members.push_back(n);  // std::map: sorted
     if (!w.members.empty()) {
       w.floor_lsn = sync_floor;
-    } else if (published && published->members.empty()) {
+    } else if (published && published->members.empty() && !uncertain) {
       w.floor_lsn = published->floor_lsn;  // still no member: nothing to publish again
     } else {
       w.floor_lsn = std::max(sync_floor, last);
@@ -947,7 +947,9 @@ std::optional<SyncSet> PrimaryGroup::SyncSetToPublish() const {
   const Impl& s = *impl_;
   if (!s.gated || s.sync_inflight) return std::nullopt;
   SyncSet w = s.Wanted();
-  if (s.published && *s.published == w) return std::nullopt;
+  // The same as published is sent again only to replace a set that failed without an answer
+  // (etcd may hold it, and writes wait for its members: one that left would hold them forever).
+  if (s.published && *s.published == w && !s.uncertain) return std::nullopt;
   return w;
 }
 

@@ -369,7 +369,8 @@ class PrimaryGroup {
   //     points stay where they were at the rejoin until a set with a member is in etcd.
   // Call once, after the log's records were given to OnLocalAppend and before any client write.
   void GateOnPublishedSyncSet();
-  // The set to publish now: nullopt if not gated, one is in flight, or etcd holds what is wanted.
+  // The set to publish now: nullopt if not gated, one is in flight, or etcd holds what is wanted
+  // (and no set that failed without an answer is left to replace).
   // The caller publishes it (one at a time) and reports OnSyncSetSent, then OnSyncSetPublished.
   std::optional<SyncSet> SyncSetToPublish() const;
   void OnSyncSetSent(const SyncSet& s);

@@ -502,6 +502,41 @@ TEST(PrimaryGroup, ARejoinThatLeavesBeforeItsSetIsSentHoldsNothingForever) {
   EXPECT_EQ(g.flush_released(), 7u);
 }
 
+// The set with a rejoined member fails without an answer (etcd may hold it), and the member
+// leaves again: the set etcd may hold makes writes wait for it, so the set without it is sent
+// again to replace that one, although it equals the last one published; then writes complete
+// without the member.
+TEST(PrimaryGroup, AnUncertainSetWithAMemberWhoLeftIsReplaced) {
+  PrimaryGroup g;
+  g.AddPeer("s", Opts(Mode::kSync, 100 * kMs), {}, 0);
+  Append(g, 1, 3, 100, 0);
+  g.OnLocalDurable(3);
+  g.GateOnPublishedSyncSet();
+  PublishWanted(g);
+  EXPECT_TRUE(g.OnTick(100 * kMs));  // s never came: degraded
+  const SyncSet empty = PublishWanted(g);
+  EXPECT_EQ(empty, (SyncSet{{}, 3}));
+  Stream(g, "s", 1, 200 * kMs);
+  g.OnPosition("s", {3, 3, 0}, 200 * kMs);  // rejoins
+  std::optional<SyncSet> want = g.SyncSetToPublish();
+  ASSERT_TRUE(want);
+  EXPECT_EQ(*want, (SyncSet{{"s"}, 3}));
+  g.OnSyncSetSent(*want);
+  EXPECT_TRUE(g.OnSyncSetPublished(*want, false));  // no answer: etcd may hold {s}
+  g.OnDisconnected("s", "gone", 210 * kMs);
+  Append(g, 4, 4, 100, 220 * kMs);
+  g.OnLocalDurable(4);
+  EXPECT_TRUE(g.OnTick(310 * kMs));  // degraded again
+  EXPECT_EQ(g.write_released(), 3u) << "{s} may be in etcd: writes wait for s";
+  want = g.SyncSetToPublish();
+  ASSERT_TRUE(want) << "the set without s must replace the one that may be in etcd";
+  EXPECT_TRUE(want->members.empty());
+  g.OnSyncSetSent(*want);
+  EXPECT_TRUE(g.OnSyncSetPublished(*want, true));
+  EXPECT_EQ(g.write_released(), 4u);
+  EXPECT_EQ(g.flush_released(), 4u);
+}
+
 TEST(PrimaryGroup, UngatedDegradeActsAtOnceAndPublishesNothing) {
   PrimaryGroup g;
   g.AddPeer("s", Opts(Mode::kSync, 100 * kMs), {}, 0);
