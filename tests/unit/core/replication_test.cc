@@ -469,17 +469,23 @@ SyncSet PublishWanted(PrimaryGroup& g) {
   return *want;
 }
 
-// A member that rejoins under a set with none and leaves again before a set with it is sent: the
-// writes held for that set complete without it again (degraded), they are not held forever.
-TEST(PrimaryGroup, ARejoinThatLeavesBeforeItsSetIsSentHoldsNothingForever) {
-  PrimaryGroup g;
+// A gated group whose sync peer s never came: {s} floor 3 published, s degraded, {} floor 3
+// published.
+void DegradeToTheEmptySet(PrimaryGroup& g) {
   g.AddPeer("s", Opts(Mode::kSync, 100 * kMs), {}, 0);
   Append(g, 1, 3, 100, 0);
   g.OnLocalDurable(3);
   g.GateOnPublishedSyncSet();
   EXPECT_EQ(PublishWanted(g), (SyncSet{{"s"}, 3}));
-  EXPECT_TRUE(g.OnTick(100 * kMs));  // s never came: degraded
+  EXPECT_TRUE(g.OnTick(100 * kMs));
   EXPECT_EQ(PublishWanted(g), (SyncSet{{}, 3}));
+}
+
+// A member that rejoins under a set with none and leaves again before a set with it is sent: the
+// writes held for that set complete without it again (degraded), they are not held forever.
+TEST(PrimaryGroup, ARejoinThatLeavesBeforeItsSetIsSentHoldsNothingForever) {
+  PrimaryGroup g;
+  DegradeToTheEmptySet(g);
   Append(g, 4, 5, 100, 110 * kMs);
   g.OnLocalDurable(5);
   EXPECT_EQ(g.write_released(), 5u) << "degraded: without s";
@@ -508,14 +514,7 @@ TEST(PrimaryGroup, ARejoinThatLeavesBeforeItsSetIsSentHoldsNothingForever) {
 // without the member.
 TEST(PrimaryGroup, AnUncertainSetWithAMemberWhoLeftIsReplaced) {
   PrimaryGroup g;
-  g.AddPeer("s", Opts(Mode::kSync, 100 * kMs), {}, 0);
-  Append(g, 1, 3, 100, 0);
-  g.OnLocalDurable(3);
-  g.GateOnPublishedSyncSet();
-  PublishWanted(g);
-  EXPECT_TRUE(g.OnTick(100 * kMs));  // s never came: degraded
-  const SyncSet empty = PublishWanted(g);
-  EXPECT_EQ(empty, (SyncSet{{}, 3}));
+  DegradeToTheEmptySet(g);
   Stream(g, "s", 1, 200 * kMs);
   g.OnPosition("s", {3, 3, 0}, 200 * kMs);  // rejoins
   std::optional<SyncSet> want = g.SyncSetToPublish();
